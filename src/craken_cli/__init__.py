@@ -1,0 +1,3 @@
+"""craken: train language models with DeepSpeed ZeRO through Accelerate, from one validated spec."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,92 @@
+"""`craken config render|show|validate|schema`: the run's files, its values and their sources."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..options import SpecArgs, load_run, spec_flags
+
+app = typer.Typer(help="Render, show, validate and describe run configurations.", no_args_is_help=True)
+
+
+@app.command(epilog="Example: craken config render --zero 2 --out configs/ --force")
+@spec_flags
+def render(
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder to write into (default: the run folder).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing files.")] = False,
+    *,
+    spec_args: SpecArgs,
+) -> None:
+    """Write ds_config.json, accelerate.yaml and run.yaml without launching anything."""
+    from ..console import err
+    from ..render import rendered_files, write_files
+
+    resolved, decisions = load_run(spec_args)
+    target = out if out is not None else Path(resolved.spec.output.run_dir())
+    written = write_files(rendered_files(resolved.spec, resolved.sources, target), target, force=force)
+    for warning in decisions.warnings:
+        err.print(f"[yellow]warning:[/] {warning}")
+    for path in written:
+        typer.echo(str(path))
+
+
+@app.command(epilog="Example: craken config show --zero 3 --sources")
+@spec_flags
+def show(
+    show_sources: Annotated[bool, typer.Option("--sources", help="Also show where each value came from.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    *,
+    spec_args: SpecArgs,
+) -> None:
+    """Print the resolved settings (after presets, craken.yaml, CRAKEN_* and flags)."""
+    from rich.table import Table
+
+    from ..console import out
+    from ..sources import flatten
+
+    resolved, _ = load_run(spec_args)
+    values = flatten(resolved.spec.model_dump(mode="json"))
+    if as_json:
+        payload = {"spec": resolved.spec.model_dump(mode="json")}
+        if show_sources:
+            payload["sources"] = resolved.sources
+        typer.echo(json.dumps(payload, indent=2))
+        return
+    table = Table("setting", "value", *(["source"] if show_sources else []), box=None, pad_edge=False)
+    for path, value in values.items():
+        row = [path, json.dumps(value)]
+        if show_sources:
+            row.append(resolved.sources.get(path, "default"))
+        table.add_row(*row)
+    out.print(table)
+
+
+@app.command(epilog="Example: craken config validate ds_config.json accelerate.yaml")
+def validate(
+    files: Annotated[list[Path], typer.Argument(help="craken.yaml, or a DeepSpeed JSON and/or accelerate YAML.")],
+    num_processes: Annotated[Optional[int], typer.Option(
+        "--num-processes", help="World size to check a lone DeepSpeed JSON's batch triple against.")] = None,
+) -> None:
+    """Check files and list every problem at once, each with the key and the fix."""
+    from ..console import out
+    from ..errors import CrakenError
+    from ..validate import validate_files
+
+    report = validate_files(files, num_processes=num_processes)
+    for note in report.notes:
+        out.print(f"note: {note}", markup=False)
+    if report.problems:
+        raise CrakenError(report.problems, title="validation failed")
+    out.print(f"ok: {', '.join(str(f) for f in files)}", markup=False)
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of the run file (craken.yaml / run.yaml)."""
+    from ..spec import RunSpec
+
+    typer.echo(json.dumps(RunSpec.model_json_schema(), indent=2))

@@ -1,0 +1,40 @@
+"""Hand a rendered DeepSpeed config to DeepSpeed's own parser, as the engine would see it.
+
+`DeepSpeedConfig` takes its world size from an initialised process group, so this sets up a
+one-process gloo group once and states the data-parallel size through a minimal `mpu`. Imports
+deepspeed: only `config validate` and the tests call it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+
+class _DataParallel:
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.world_size
+
+
+def _ensure_process_group() -> None:
+    import deepspeed.comm as dist
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+
+
+def parse_deepspeed_config(cfg: dict, world_size: int):
+    """DeepSpeed's parsed config; raises what DeepSpeed raises for a bad one."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    _ensure_process_group()
+    return DeepSpeedConfig(dict(cfg), mpu=_DataParallel(world_size))

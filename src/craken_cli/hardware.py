@@ -1,0 +1,174 @@
+"""What this machine has: GPUs (through NVML, no torch import), links, CPU, RAM, /dev/shm, disk.
+
+`detect()` is the only entry point. GPU facts come from a `GpuProbe`; the real one talks to NVML
+and tests pass a fake (`FakeProbe`), the one place where a GPU is mocked. A machine without GPUs or
+without NVML is a normal case: zero GPUs, never an error.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class GPU:
+    index: int
+    name: str
+    memory_total: int  # bytes
+    memory_free: int  # bytes
+    capability: tuple[int, int]
+
+    @property
+    def bf16(self) -> bool:
+        return self.capability >= (8, 0)
+
+    @property
+    def fp8(self) -> bool:
+        return self.capability >= (8, 9)
+
+
+@dataclass(frozen=True)
+class Hardware:
+    gpus: tuple[GPU, ...] = ()
+    # unordered GPU index pairs joined by NVLink
+    nvlink_pairs: frozenset[tuple[int, int]] = frozenset()
+    # pairs that can reach each other peer-to-peer (NVLink or PCIe P2P)
+    p2p_pairs: frozenset[tuple[int, int]] = frozenset()
+    driver_version: str | None = None
+    cuda_driver_version: tuple[int, int] | None = None  # highest CUDA the driver supports
+    cpu_count: int = 1
+    ram_total: int = 0  # bytes
+    ram_available: int = 0
+    shm_total: int | None = None  # bytes of /dev/shm, None where it does not exist
+    disk_free: dict[str, int] = field(default_factory=dict)  # path -> free bytes at its nearest existing parent
+    nvml_error: str | None = None  # why NVML gave nothing (no driver, no library): informational
+
+    @property
+    def gpu_count(self) -> int:
+        return len(self.gpus)
+
+    @property
+    def all_bf16(self) -> bool:
+        return bool(self.gpus) and all(g.bf16 for g in self.gpus)
+
+    def nvlink_between(self, a: int, b: int) -> bool:
+        return (min(a, b), max(a, b)) in self.nvlink_pairs
+
+
+class GpuProbe(Protocol):
+    """The small interface behind which GPU facts come; NVML in real life, a fake in tests."""
+
+    def read(self) -> tuple[list[GPU], set[tuple[int, int]], set[tuple[int, int]], str | None,
+                            tuple[int, int] | None]:
+        """(gpus, nvlink pairs, p2p pairs, driver version, CUDA driver version); raise OSError if absent."""
+        ...
+
+
+class NvmlProbe:
+    def read(self):
+        try:
+            import pynvml
+        except ImportError as exc:  # nvidia-ml-py not installed
+            raise OSError(f"nvidia-ml-py is not installed ({exc})") from None
+        try:
+            pynvml.nvmlInit()
+        except pynvml.NVMLError as exc:
+            raise OSError(f"NVML unavailable: {exc}") from None
+        try:
+            driver = _text(pynvml.nvmlSystemGetDriverVersion())
+            cuda = pynvml.nvmlSystemGetCudaDriverVersion_v2()
+            cuda_version = (cuda // 1000, (cuda % 1000) // 10)
+            handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+            gpus = []
+            for i, h in enumerate(handles):
+                mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+                gpus.append(GPU(i, _text(pynvml.nvmlDeviceGetName(h)), int(mem.total), int(mem.free),
+                                tuple(pynvml.nvmlDeviceGetCudaComputeCapability(h))))
+            nvlink, p2p = set(), set()
+            for i in range(len(handles)):
+                for j in range(i + 1, len(handles)):
+                    try:
+                        status = pynvml.nvmlDeviceGetP2PStatus(handles[i], handles[j],
+                                                               pynvml.NVML_P2P_CAPS_INDEX_NVLINK)
+                        if status == pynvml.NVML_P2P_STATUS_OK:
+                            nvlink.add((i, j))
+                        status = pynvml.nvmlDeviceGetP2PStatus(handles[i], handles[j],
+                                                               pynvml.NVML_P2P_CAPS_INDEX_READ)
+                        if status == pynvml.NVML_P2P_STATUS_OK:
+                            p2p.add((i, j))
+                    except pynvml.NVMLError:
+                        pass
+            return gpus, nvlink, p2p, driver, cuda_version
+        finally:
+            pynvml.nvmlShutdown()
+
+
+@dataclass
+class FakeProbe:
+    """Hardware that this machine does not have, for tests and `craken plan --gpus N`."""
+
+    gpus: list[GPU] = field(default_factory=list)
+    nvlink: set[tuple[int, int]] = field(default_factory=set)
+    p2p: set[tuple[int, int]] = field(default_factory=set)
+    driver: str | None = "550.54.15"
+    cuda: tuple[int, int] | None = (12, 4)
+
+    def read(self):
+        return list(self.gpus), set(self.nvlink), set(self.p2p | self.nvlink), self.driver, self.cuda
+
+
+def _text(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _meminfo() -> tuple[int, int]:
+    total = avail = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key == "MemTotal":
+                total = int(rest.split()[0]) * 1024
+            elif key == "MemAvailable":
+                avail = int(rest.split()[0]) * 1024
+    except OSError:
+        pass
+    return total, avail
+
+
+def free_disk(path: str | os.PathLike) -> int:
+    """Free bytes where `path` would be created (its nearest existing parent)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def detect(probe: GpuProbe | None = None, paths: tuple[str, ...] = ()) -> Hardware:
+    probe = NvmlProbe() if probe is None else probe
+    gpus: list[GPU] = []
+    nvlink: set = set()
+    p2p: set = set()
+    driver = cuda = error = None
+    try:
+        gpus, nvlink, p2p, driver, cuda = probe.read()
+    except OSError as exc:
+        error = str(exc)
+    ram_total, ram_avail = _meminfo()
+    shm = shutil.disk_usage("/dev/shm").total if os.path.isdir("/dev/shm") else None
+    disk = {}
+    for p in paths:
+        try:
+            disk[p] = free_disk(p)
+        except OSError:
+            pass
+    return Hardware(
+        gpus=tuple(gpus), nvlink_pairs=frozenset(nvlink), p2p_pairs=frozenset(p2p), driver_version=driver,
+        cuda_driver_version=cuda, cpu_count=os.cpu_count() or 1, ram_total=ram_total, ram_available=ram_avail,
+        shm_total=shm, disk_free=disk, nvml_error=error,
+    )

@@ -1,0 +1,131 @@
+"""The spec flags shared by `config render/show`, `train` and `plan`, built from the run model.
+
+`spec_flags` appends one Typer option per entry of `sources.FLAGS` to a command; the option's help
+is the field's description, its type the field's. The wrapped command receives them gathered in
+one `SpecArgs` value, and `load_run()` turns that into a resolved run.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from . import sources
+from .sources import FLAGS, NVME_PATH_FLAG, Layer, Resolved
+
+_PANEL = "Run settings (override craken.yaml, CRAKEN_* and the --zero preset)"
+
+
+@dataclass
+class SpecArgs:
+    flags: dict[str, Any] = field(default_factory=dict)  # flag -> value or None
+    config: Path | None = None
+    sets: list[str] = field(default_factory=list)
+    nvme_path: str | None = None
+
+
+def _python_type(annotation) -> type:
+    """The scalar type Typer should parse for a field annotation (Literals stay strings/ints)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return _python_type(args[0])
+    if origin is typing.Literal:
+        return type(args[0])
+    if origin is Annotated:
+        return _python_type(args[0])
+    return annotation if annotation in (int, float, str, bool) else str
+
+
+def _param_name(flag: str) -> str:
+    return "flag_" + flag.lstrip("-").replace("-", "_")
+
+
+def _spec_parameters() -> list[inspect.Parameter]:
+    paths = sources.field_paths()
+    params = []
+    for flag, path in FLAGS.items():
+        info = paths[path]
+        typ = _python_type(info.annotation)
+        decl = f"{flag}/--no-{flag[2:]}" if typ is bool else flag
+        opt = typer.Option(decl, help=info.description, rich_help_panel=_PANEL, show_default=False)
+        params.append(inspect.Parameter(_param_name(flag), inspect.Parameter.KEYWORD_ONLY, default=None,
+                                        annotation=Annotated[Optional[typ], opt]))
+    params += [
+        inspect.Parameter("spec_config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+            Optional[Path], typer.Option("--config", "-c", help="Project file (default: ./craken.yaml if present).",
+                                         rich_help_panel=_PANEL)]),
+        inspect.Parameter("spec_set", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+            Optional[list[str]], typer.Option("--set", help="Any field: --set zero.reduce_bucket_size=2e8 "
+                                              "(repeatable).", rich_help_panel=_PANEL)]),
+        inspect.Parameter("spec_nvme_path", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+            Optional[str], typer.Option(NVME_PATH_FLAG, help=sources.describe("offload.optimizer.nvme_path"),
+                                        rich_help_panel=_PANEL)]),
+    ]
+    return params
+
+
+def spec_flags(func):
+    """Decorator: `func(..., spec_args: SpecArgs)` gains every run flag as a Typer option."""
+    sig = inspect.signature(func)
+    own = [p for p in sig.parameters.values() if p.name != "spec_args"]
+    extra = _spec_parameters()
+    names = {p.name for p in extra}
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        spec_args = SpecArgs(
+            flags={flag: kwargs.pop(_param_name(flag), None) for flag in FLAGS},
+            config=kwargs.pop("spec_config", None),
+            sets=list(kwargs.pop("spec_set", None) or []),
+            nvme_path=kwargs.pop("spec_nvme_path", None),
+        )
+        return func(*args, spec_args=spec_args, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=own + extra)
+    wrapper.__annotations__ = {**{k: v for k, v in func.__annotations__.items() if k != "spec_args"},
+                               **{p.name: p.annotation for p in extra}}
+    del wrapper.__wrapped__  # Typer must read the new signature, not the original one
+    assert not names & set(sig.parameters)
+    return wrapper
+
+
+def layers(args: SpecArgs, environ=None) -> list[Layer]:
+    """defaults < preset < project file < env < flags."""
+    from .importers import PRESETS, preset_values
+
+    out = [Layer("default", "default", {})]
+    zero = args.flags.get("--zero")
+    if zero in PRESETS:
+        out.append(Layer("preset", PRESETS[zero], preset_values(zero)))
+    config = args.config
+    if config is None and Path(sources.PROJECT_FILE).is_file():
+        config = Path(sources.PROJECT_FILE)
+    if config is not None:
+        out.append(sources.file_layer(config))
+    out.append(sources.env_layer(environ))
+    out.append(sources.flag_layer(args.flags, args.sets))
+    return out
+
+
+def load_spec(args: SpecArgs, environ=None) -> Resolved:
+    """The spec from every source, validated, before hardware is looked at."""
+    return sources.build_spec(layers(args, environ), nvme_path=args.nvme_path)
+
+
+def load_run(args: SpecArgs, hardware=None, environ=None):
+    """Spec from every source, resolved against `hardware` (detected when None). -> (Resolved, Decisions)."""
+    from . import hardware as hw_mod
+    from .resolve import resolve
+
+    resolved = load_spec(args, environ)
+    if hardware is None:
+        hardware = hw_mod.detect()
+    return resolve(resolved, hardware)

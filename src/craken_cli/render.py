@@ -1,0 +1,164 @@
+"""Render a resolved spec into the files its consumers read.
+
+`deepspeed_config` and `accelerate_config` are pure (spec -> dict). Each value lives in exactly
+one file: the accelerate YAML only points at the DeepSpeed JSON and carries the launch shape,
+because accelerate refuses grad-accum, clipping, ZeRO stage, offload or mixed precision beside a
+`deepspeed_config_file`. `write_run_files` writes all three files or none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from . import yamlio
+from .errors import CrakenError
+from .spec import STAGE3_FIELDS, RunSpec
+
+DS_FILE = "ds_config.json"
+ACCELERATE_FILE = "accelerate.yaml"
+RUN_FILE = "run.yaml"
+SOURCE_ORDER = "default < preset < file < env < flag; detected = filled from the hardware, auto = chosen by the planner"
+
+
+def _offload(target) -> dict:
+    out = {"device": target.device, "pin_memory": target.pin_memory}
+    if target.device == "nvme":
+        out["nvme_path"] = target.nvme_path
+    return out
+
+
+def _scheduler(spec: RunSpec) -> dict:
+    s, lr, total = spec.schedule, spec.optimizer.lr, spec.train.max_steps
+    warmup = min(s.warmup_steps, total)
+    if s.kind == "cosine":
+        return {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": total, "warmup_num_steps": warmup, "warmup_min_ratio": 0.0,
+            "cos_min_ratio": s.min_lr_ratio, "warmup_type": "linear"}}
+    if s.kind == "linear":
+        return {"type": "WarmupDecayLR", "params": {
+            "total_num_steps": total, "warmup_num_steps": warmup, "warmup_min_lr": 0.0,
+            "warmup_max_lr": lr, "warmup_type": "linear"}}
+    return {"type": "WarmupLR", "params": {
+        "warmup_num_steps": warmup, "warmup_min_lr": 0.0, "warmup_max_lr": lr, "warmup_type": "linear"}}
+
+
+def deepspeed_config(spec: RunSpec) -> dict:
+    """The DeepSpeed JSON. Every batch number is written out; nothing is left "auto"."""
+    z, o = spec.zero, spec.optimizer
+    zero: dict = {"stage": z.stage}
+    if z.stage >= 1:
+        zero["offload_optimizer"] = _offload(spec.offload.optimizer)
+    if z.stage == 3:
+        zero["offload_param"] = _offload(spec.offload.param)
+    zero.update(overlap_comm=z.overlap_comm, contiguous_gradients=z.contiguous_gradients,
+                reduce_bucket_size=z.reduce_bucket_size)
+    if z.stage in (1, 2):
+        zero["allgather_bucket_size"] = z.allgather_bucket_size
+    if z.stage == 3:
+        for key in STAGE3_FIELDS:
+            zero[key] = getattr(z, key)
+        zero["stage3_gather_16bit_weights_on_model_save"] = z.gather_16bit_weights_on_save
+    cfg = {
+        "train_batch_size": spec.train_batch_size,
+        "train_micro_batch_size_per_gpu": spec.batch.micro_batch,
+        "gradient_accumulation_steps": spec.grad_accum,
+        "gradient_clipping": o.clip,
+        "steps_per_print": spec.logging.steps_per_print,
+        "wall_clock_breakdown": spec.logging.wall_clock_breakdown,
+        "bf16": {"enabled": spec.precision == "bf16"},
+        "fp16": {"enabled": spec.precision == "fp16"},
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
+            "torch_adam": not o.fused}},
+        "scheduler": _scheduler(spec),
+        "zero_optimization": zero,
+    }
+    if spec.precision == "fp16":
+        cfg["fp16"].update(loss_scale=0, initial_scale_power=16, loss_scale_window=1000, hysteresis=2,
+                           min_loss_scale=1)
+    if spec.offload.optimizer.device != "none" and not o.fused:
+        # Offloaded states are stepped by DeepSpeed's CPU Adam; torch_adam would be refused there.
+        del cfg["optimizer"]["params"]["torch_adam"]
+    return cfg
+
+
+def accelerate_config(spec: RunSpec, ds_config_path: str | os.PathLike) -> dict:
+    """The accelerate YAML: launch shape plus a pointer to the DeepSpeed JSON, nothing it repeats."""
+    c = spec.cluster
+    ds: dict = {"deepspeed_config_file": str(Path(ds_config_path).absolute()),
+                "zero3_init_flag": spec.zero.stage == 3}
+    if c.num_machines > 1:
+        # "standard" = torchrun on each machine; pdsh (DeepSpeed's default) needs ssh everywhere.
+        ds["deepspeed_multinode_launcher"] = "standard" if c.launcher == "accelerate" else "pdsh"
+    cfg = {
+        "compute_environment": "LOCAL_MACHINE",
+        "debug": False,
+        "distributed_type": "DEEPSPEED",
+        "deepspeed_config": ds,
+        "downcast_bf16": "no",
+        "machine_rank": c.machine_rank,
+        "num_machines": c.num_machines,
+        "num_processes": c.num_processes,
+        "main_process_port": c.main_process_port,
+        "rdzv_backend": c.rdzv_backend,
+        "same_network": True,
+        "use_cpu": bool(c.use_cpu),
+    }
+    if c.num_machines > 1:
+        cfg["main_process_ip"] = c.main_process_ip
+    return cfg
+
+
+def run_file_text(spec: RunSpec, sources: dict[str, str]) -> str:
+    """run.yaml: the resolved spec (loadable again with --config) and, as comments, each value's source."""
+    lines = ["# craken run file: the resolved spec of this run. Reuse it with `craken train --config run.yaml`.",
+             yamlio.dumps(spec.model_dump(mode="json")).rstrip(),
+             "", f"# where each value came from ({SOURCE_ORDER}):"]
+    lines += [f"#   {path}: {label}" for path, label in sorted(sources.items()) if label != "default"]
+    return "\n".join(lines) + "\n"
+
+
+def rendered_files(spec: RunSpec, sources: dict[str, str], out_dir: str | os.PathLike) -> dict[str, str]:
+    """File name -> text, for everything `config render` writes."""
+    out = Path(out_dir)
+    return {
+        DS_FILE: json.dumps(deepspeed_config(spec), indent=2) + "\n",
+        ACCELERATE_FILE: yamlio.dumps(accelerate_config(spec, out / DS_FILE)),
+        RUN_FILE: run_file_text(spec, sources),
+    }
+
+
+def write_files(files: dict[str, str], out_dir: str | os.PathLike, force: bool = False) -> list[Path]:
+    """Write all files or none: existing files are refused without `force`, each write is atomic."""
+    out = Path(out_dir)
+    targets = [out / name for name in files]
+    existing = [str(t) for t in targets if t.exists()]
+    if existing and not force:
+        raise CrakenError(f"{', '.join(existing)} already exist(s): pass --force to overwrite, or choose --out DIR",
+                          title="refusing to overwrite")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=out, prefix=".craken-", delete=True)
+        probe.close()
+    except OSError as exc:
+        raise CrakenError(f"cannot write into {out} ({exc.strerror or exc}): choose a writable --out DIR",
+                          title="cannot write") from None
+    for target, text in zip(targets, files.values()):
+        atomic_write(target, text)
+    return targets
+
+
+def atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

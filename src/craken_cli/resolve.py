@@ -1,0 +1,111 @@
+"""Fill what the user left to craken (None / "auto") from the hardware, and check the result.
+
+Pure: `resolve(resolved, hardware)` returns a new `Resolved` whose spec has no unresolved value, so
+the renderers never emit an "auto" that DeepSpeed or Accelerate would have to guess.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import CrakenError
+from .hardware import Hardware
+from .sources import Layer, Resolved, build_spec, merge
+
+# Stage-3 knobs craken fills when the user leaves them at None (DeepSpeed's own defaults).
+STAGE3_DEFAULTS = {
+    "stage3_prefetch_bucket_size": 50_000_000,
+    "stage3_param_persistence_threshold": 100_000,
+    "stage3_max_live_parameters": 1_000_000_000,
+    "stage3_max_reuse_distance": 1_000_000_000,
+    "gather_16bit_weights_on_save": True,
+}
+CPU_PROCESSES = 2  # processes per machine on a machine without GPUs
+
+
+@dataclass
+class Decisions:
+    """What resolution decided, for printing: dotted path -> (value, why)."""
+
+    made: dict[str, tuple[object, str]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def hardware_values(spec, hw: Hardware) -> tuple[dict, Decisions]:
+    """Dotted path -> value for everything left to craken, with a reason for each."""
+    d = Decisions()
+    c = spec.cluster
+    use_cpu = c.use_cpu
+    if use_cpu is None:
+        use_cpu = hw.gpu_count == 0
+        d.made["cluster.use_cpu"] = (use_cpu, "no GPU found" if use_cpu else f"{hw.gpu_count} GPU(s) found")
+    num = c.num_processes
+    if num is None:
+        per_machine = CPU_PROCESSES if use_cpu else hw.gpu_count
+        num = per_machine * c.num_machines
+        d.made["cluster.num_processes"] = (
+            num, f"{per_machine} {'CPU process' if use_cpu else 'GPU'}(s) per machine x {c.num_machines} machine(s)")
+    precision = spec.precision
+    if precision == "auto":
+        if use_cpu:
+            precision, why = "bf16", "CPU processes (DeepSpeed's CPU accelerator runs bf16)"
+        elif hw.all_bf16:
+            precision, why = "bf16", f"{hw.gpus[0].name} supports bf16 (compute capability >= 8.0)"
+        else:
+            old = next(g for g in hw.gpus if not g.bf16)
+            precision, why = "fp16", f"{old.name} (compute capability {old.capability[0]}.{old.capability[1]}) has no bf16"
+            d.warnings.append(f"precision auto -> fp16: {why}; fp16 uses loss scaling and can overflow, "
+                              "watch for skipped steps")
+        d.made["precision"] = (precision, why)
+    if spec.optimizer.fused is None:
+        d.made["optimizer.fused"] = (not use_cpu, "GPU: DeepSpeed's fused Adam" if not use_cpu
+                                     else "CPU processes: torch AdamW (no op to build)")
+    if spec.zero.stage == 3:
+        for key, value in STAGE3_DEFAULTS.items():
+            if getattr(spec.zero, key) is None:
+                d.made[f"zero.{key}"] = (value, "stage 3 default")
+    if spec.batch.grad_accum is None:
+        why = "from --global-batch" if spec.batch.global_batch is not None else "default"
+        d.made["batch.grad_accum"] = (spec.batch.accumulation(num), why)
+    return {k: v for k, (v, _) in d.made.items()}, d
+
+
+def hardware_problems(spec, hw: Hardware) -> list[str]:
+    """What the resolved spec asks of this machine that it cannot give."""
+    out = []
+    c = spec.cluster
+    if not c.use_cpu:
+        if hw.gpu_count == 0:
+            out.append("GPU training was asked for (--cpu false) but no GPU was found: drop it to train on CPU")
+        else:
+            per_machine = c.num_processes // c.num_machines
+            if per_machine > hw.gpu_count:
+                out.append(f"{per_machine} processes per machine but only {hw.gpu_count} GPU(s) here: "
+                           f"set --num-processes {hw.gpu_count * c.num_machines} or fewer")
+            if spec.precision == "bf16" and not hw.all_bf16:
+                old = next(g for g in hw.gpus if not g.bf16)
+                out.append(f"bf16 was asked for but {old.name} (compute capability "
+                           f"{old.capability[0]}.{old.capability[1]}) has no bf16: use --precision fp16 or auto")
+    return out
+
+
+def resolve(resolved: Resolved, hw: Hardware, extra_layers: tuple[Layer, ...] = ()) -> tuple[Resolved, Decisions]:
+    """Fill the spec's open values from `hw`, revalidate, and check it against the machine."""
+    from .sources import unflatten
+
+    values, decisions = hardware_values(resolved.spec, hw)
+    base = Layer("default", "resolved", resolved.spec.model_dump(mode="json"))
+    detected = Layer("detected", "detected", unflatten(values))
+    out = build_spec([base, detected, *extra_layers])
+    _, origin = merge([detected, *extra_layers])
+    sources = dict(resolved.sources)
+    for path in values:
+        sources[path] = "detected"
+    for path, label in origin.items():
+        if path not in values:
+            sources[path] = label
+    out = Resolved(out.spec, sources)
+    problems = hardware_problems(out.spec, hw)
+    if problems:
+        raise CrakenError(problems, title="this machine cannot run that")
+    return out, decisions

@@ -1,0 +1,286 @@
+"""The run model: one Pydantic description of a training run.
+
+Every file craken writes (DeepSpeed JSON, accelerate YAML, run.yaml, launch argv) is a view of a
+`RunSpec`; no value is typed twice. Field descriptions are the only help text: `--help`, the JSON
+Schema and docs/configuration.md all read them.
+
+Values left as `None` (or "auto") are filled by `resolve.resolve()` from the detected hardware
+before anything is rendered, so a rendered file never carries an "auto" that its consumer cannot
+fill.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+Precision = Literal["bf16", "fp16", "fp32", "auto"]
+OffloadDevice = Literal["none", "cpu", "nvme"]
+
+
+def _integral_float_to_int(value):
+    # DeepSpeed JSONs write sizes as 5e8, which JSON and YAML read as floats.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Count = Annotated[int, BeforeValidator(_integral_float_to_int)]
+
+# Stage-3-only knobs; setting one at stage 0-2 is a mistake DeepSpeed silently ignores.
+STAGE3_FIELDS = (
+    "stage3_prefetch_bucket_size",
+    "stage3_param_persistence_threshold",
+    "stage3_max_live_parameters",
+    "stage3_max_reuse_distance",
+)
+
+
+class Section(BaseModel):
+    # strict: "8" in a YAML file is a string, not a number; env values are YAML-parsed first.
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+
+class ModelSection(Section):
+    name_or_path: str = Field(
+        "builtin:tiny",
+        description="Model to train: a hub id, a local folder with config.json, or 'builtin:tiny' "
+        "(a small Llama built from a config, no download).",
+    )
+    tokenizer: str | None = Field(
+        None, description="Tokenizer hub id or folder; defaults to the model's own (built-in: trained locally)."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run model code shipped with a hub repository. Only set this for code you trust."
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel passed to transformers."
+    )
+    activation_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, about 30% more compute."
+    )
+    compile: bool = Field(
+        False, description="torch.compile each decoder layer (regional compilation; GPU only, ~20 s once)."
+    )
+
+
+class DataSection(Section):
+    dataset: str = Field(
+        "builtin:counting",
+        description="Training text: a hub id, a local .json/.jsonl/.csv/.parquet/.txt file or folder, "
+        "or 'builtin:counting' (a generated pattern language, no download).",
+    )
+    text_column: str = Field("text", description="Column holding the text.")
+    split: str = Field("train", description="Split of the data set to read.")
+    seq_len: int = Field(128, gt=0, description="Tokens per training sequence (texts are packed into blocks).")
+    eval_fraction: float = Field(0.05, ge=0, lt=0.5, description="Share of packed blocks held out for evaluation.")
+    max_samples: int | None = Field(None, gt=0, description="Read at most this many raw records (None: all).")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+
+
+class BatchSection(Section):
+    micro_batch: int = Field(4, gt=0, description="Sequences per GPU (process) per forward pass.")
+    grad_accum: int | None = Field(
+        None, gt=0, description="Micro-batches accumulated per optimizer step (None: from global_batch, else 8)."
+    )
+    global_batch: int | None = Field(
+        None, gt=0, description="Sequences per optimizer step over all processes; must equal "
+        "micro_batch x grad_accum x processes."
+    )
+
+    def accumulation(self, world_size: int) -> int:
+        """Gradient accumulation for `world_size` processes: stated, derived from global_batch, or 8."""
+        if self.grad_accum is not None:
+            return self.grad_accum
+        if self.global_batch is not None:
+            return max(1, self.global_batch // (self.micro_batch * world_size))
+        return 8
+
+
+class OptimizerSection(Section):
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate of AdamW.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
+    clip: float = Field(0.3, ge=0, description="Gradient clipping by global norm (0 disables).")
+    fused: bool | None = Field(
+        None, description="DeepSpeed's fused Adam kernel (None: on GPU, torch AdamW on CPU processes)."
+    )
+
+    @model_validator(mode="after")
+    def _betas_in_range(self) -> OptimizerSection:
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must each be in [0, 1), got {list(self.betas)}")
+        return self
+
+
+class ScheduleSection(Section):
+    kind: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warm-up.")
+    warmup_steps: int = Field(10, ge=0, description="Optimizer steps of linear warm-up from 0 to lr.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final lr as a share of lr (cosine).")
+
+
+class TrainSection(Section):
+    max_steps: int = Field(200, gt=0, description="Optimizer steps to train.")
+    seed: int = Field(42, description="Seed for weights, data order and dropout.")
+    eval_every: int = Field(50, ge=0, description="Evaluate every N optimizer steps (0: only at the end).")
+    eval_batches: int = Field(8, gt=0, description="Micro-batches per evaluation and process.")
+    save_every: int = Field(0, ge=0, description="Checkpoint every N optimizer steps (0: only at the end).")
+    keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept; older ones are deleted.")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="On a NaN/Inf loss: stop with advice, or skip the step."
+    )
+
+
+class ZeroSection(Section):
+    stage: Literal[0, 1, 2, 3] = Field(1, description="ZeRO stage: 0 none, 1 optimizer, 2 +gradients, 3 +parameters.")
+    overlap_comm: bool = Field(True, description="Overlap gradient reduction with the backward pass.")
+    contiguous_gradients: bool = Field(True, description="Copy gradients into one buffer as they are produced.")
+    reduce_bucket_size: Count = Field(500_000_000, gt=0, description="Elements reduced at once.")
+    allgather_bucket_size: Count = Field(500_000_000, gt=0, description="Elements gathered at once (stage 1-2).")
+    stage3_prefetch_bucket_size: Count | None = Field(
+        None, gt=0, description="Stage 3: parameter elements prefetched ahead (None: 50M)."
+    )
+    stage3_param_persistence_threshold: Count | None = Field(
+        None, ge=0, description="Stage 3: parameters smaller than this stay unpartitioned (None: 100k)."
+    )
+    stage3_max_live_parameters: Count | None = Field(
+        None, gt=0, description="Stage 3: parameter elements kept gathered at once (None: 1e9)."
+    )
+    stage3_max_reuse_distance: Count | None = Field(
+        None, ge=0, description="Stage 3: keep a parameter if reused within this many elements (None: 1e9)."
+    )
+    gather_16bit_weights_on_save: bool | None = Field(
+        None, description="Stage 3: gather full 16-bit weights when saving (None: on at stage 3)."
+    )
+
+
+class OffloadTarget(Section):
+    device: OffloadDevice = Field("none", description="Where the states live: none (GPU), cpu or nvme.")
+    nvme_path: str | None = Field(None, description="Folder on a fast local NVMe disk (required for nvme).")
+    pin_memory: bool = Field(True, description="Page-locked CPU buffers: faster copies, more locked RAM.")
+
+
+class OffloadSection(Section):
+    optimizer: OffloadTarget = Field(
+        default_factory=OffloadTarget, description="Optimizer states (stage 1-3)."
+    )
+    param: OffloadTarget = Field(default_factory=OffloadTarget, description="Parameters (stage 3 only).")
+
+
+class LoggingSection(Section):
+    steps_per_print: int = Field(10, gt=0, description="Print a plain log line every N optimizer steps.")
+    wall_clock_breakdown: bool = Field(
+        False, description="DeepSpeed's forward/backward/step timings (adds a device sync per step)."
+    )
+    report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = Field(
+        "none", description="Experiment tracker fed through Accelerate."
+    )
+
+
+class ClusterSection(Section):
+    num_processes: int | None = Field(
+        None, gt=0, description="Processes over all machines (None: one per GPU found, or 2 on a CPU-only machine)."
+    )
+    num_machines: int = Field(1, gt=0, description="Machines taking part.")
+    machine_rank: int = Field(0, ge=0, description="This machine's rank, 0 .. num_machines-1.")
+    main_process_ip: str | None = Field(
+        None, description="Address of the machine of rank 0 (required with several machines)."
+    )
+    main_process_port: int = Field(29500, gt=0, lt=65536, description="TCP port of the rendezvous on rank 0.")
+    rdzv_backend: Literal["static", "c10d"] = Field("static", description="torchrun rendezvous backend.")
+    launcher: Literal["accelerate", "deepspeed"] = Field(
+        "accelerate", description="accelerate (torchrun) or DeepSpeed's hostfile launcher (pdsh + ssh)."
+    )
+    max_restarts: int = Field(0, ge=0, description="Restart a failed worker group this often, resuming.")
+    use_cpu: bool | None = Field(None, description="Train on CPU processes (None: when no GPU is found).")
+
+
+class OutputSection(Section):
+    name: str = Field("default", min_length=1, description="Run name; the run folder is runs/<name>.")
+    dir: str | None = Field(None, description="Run folder (None: runs/<name>).")
+
+    def run_dir(self) -> str:
+        return self.dir if self.dir is not None else f"runs/{self.name}"
+
+
+class RunSpec(Section):
+    """A whole training run."""
+
+    version: Literal[1] = Field(1, description="Version of this file format.")
+    precision: Precision = Field("auto", description="bf16, fp16, fp32, or auto (bf16 where the GPU has it).")
+    model: ModelSection = Field(default_factory=ModelSection, description="What is trained.")
+    data: DataSection = Field(default_factory=DataSection, description="What it is trained on.")
+    batch: BatchSection = Field(default_factory=BatchSection, description="Batch sizes.")
+    optimizer: OptimizerSection = Field(default_factory=OptimizerSection, description="AdamW and clipping.")
+    schedule: ScheduleSection = Field(default_factory=ScheduleSection, description="Learning-rate schedule.")
+    train: TrainSection = Field(default_factory=TrainSection, description="Length, evaluation, checkpoints.")
+    zero: ZeroSection = Field(default_factory=ZeroSection, description="DeepSpeed ZeRO.")
+    offload: OffloadSection = Field(default_factory=OffloadSection, description="CPU/NVMe offload.")
+    logging: LoggingSection = Field(default_factory=LoggingSection, description="Logging.")
+    cluster: ClusterSection = Field(default_factory=ClusterSection, description="Processes and machines.")
+    output: OutputSection = Field(default_factory=OutputSection, description="Where results go.")
+
+    # Cross-field rules: each message names the setting to change. They raise ValueError, which
+    # pydantic collects; `sources.build_spec` turns all of them into one report.
+    @model_validator(mode="after")
+    def _cross_field(self) -> RunSpec:
+        problems = cross_field_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def world_size(self) -> int:
+        if self.cluster.num_processes is None:
+            raise RuntimeError("num_processes is unresolved; call resolve.resolve() first")
+        return self.cluster.num_processes
+
+    @property
+    def grad_accum(self) -> int:
+        return self.batch.accumulation(self.world_size)
+
+    @property
+    def train_batch_size(self) -> int:
+        return self.batch.micro_batch * self.grad_accum * self.world_size
+
+
+def cross_field_problems(spec: RunSpec) -> list[str]:
+    """Every cross-field inconsistency, each phrased as what to change."""
+    out: list[str] = []
+    z, off, b, c = spec.zero, spec.offload, spec.batch, spec.cluster
+    for name, target in (("optimizer", off.optimizer), ("param", off.param)):
+        if target.device == "nvme" and not target.nvme_path:
+            out.append(f"offload.{name}.device is nvme but offload.{name}.nvme_path is empty: set --nvme-path DIR")
+        if target.device != "nvme" and target.nvme_path:
+            out.append(f"offload.{name}.nvme_path is set but offload.{name}.device is {target.device}: "
+                       f"use --offload-{name} nvme or drop the path")
+    if off.param.device != "none" and z.stage != 3:
+        out.append(f"parameter offload needs ZeRO stage 3, got stage {z.stage}: use --zero 3 or --offload-param none")
+    if off.optimizer.device != "none" and z.stage == 0:
+        out.append("optimizer offload needs ZeRO stage 1, 2 or 3: use --zero 1/2/3 or --offload-optimizer none")
+    if z.stage != 3:
+        set_s3 = [f for f in (*STAGE3_FIELDS, "gather_16bit_weights_on_save") if getattr(z, f) is not None]
+        if set_s3:
+            out.append(f"zero.{', zero.'.join(set_s3)} only apply at ZeRO stage 3 (stage is {z.stage}): "
+                       "remove them or use --zero 3")
+    if c.machine_rank >= c.num_machines:
+        out.append(f"cluster.machine_rank {c.machine_rank} must be below num_machines {c.num_machines}: "
+                   "fix --machine-rank")
+    if c.num_machines > 1 and not c.main_process_ip:
+        out.append("several machines need the address of rank 0: set --main-process-ip")
+    if c.num_processes is not None:
+        if c.num_processes % c.num_machines:
+            out.append(f"cluster.num_processes {c.num_processes} (total) is not a multiple of num_machines "
+                       f"{c.num_machines}: fix --num-processes")
+        if b.global_batch is not None:
+            per_step = b.micro_batch * c.num_processes
+            if b.grad_accum is None and b.global_batch % per_step:
+                out.append(f"global batch {b.global_batch} is not a multiple of micro_batch {b.micro_batch} x "
+                           f"{c.num_processes} processes = {per_step}: change --global-batch or --micro-batch")
+            elif b.grad_accum is not None and b.global_batch != per_step * b.grad_accum:
+                out.append(f"global batch {b.global_batch} != micro_batch {b.micro_batch} x grad_accum "
+                           f"{b.grad_accum} x {c.num_processes} processes = {per_step * b.grad_accum}: "
+                           "drop one of --global-batch/--grad-accum or make them agree")
+    return out
