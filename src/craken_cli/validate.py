@@ -83,7 +83,12 @@ def deepspeed_parser_problems(data: dict, name: str, num_processes: int | None) 
         from .dscheck import parse_deepspeed_config
     except Exception as exc:  # deepspeed missing or broken: say so, do not crash
         return [f"{name}: DeepSpeed could not be imported to check it ({exc.__class__.__name__}): run craken doctor"]
+    # "auto" batch sizes are craken's to fill: check with craken's default micro-batch.
     cfg = {k: v for k, v in data.items() if v != "auto"}
+    if data.get("train_micro_batch_size_per_gpu") == "auto":
+        from .spec import BatchSection
+
+        cfg["train_micro_batch_size_per_gpu"] = BatchSection().micro_batch
     try:
         parse_deepspeed_config(cfg, num_processes or _implied_world(cfg))
     except Exception as exc:  # DeepSpeed raises assorted types; its message is what the user needs
