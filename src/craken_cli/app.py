@@ -7,6 +7,7 @@ import sys
 
 import typer
 
+from .commands import cluster as cluster_cmd
 from .commands import config as config_cmd
 from .errors import CrakenError
 
@@ -19,6 +20,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 app.add_typer(config_cmd.app, name="config")
+app.add_typer(cluster_cmd.app, name="cluster")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,67 @@
+"""`craken cluster slurm|hostfile`: the files that run one spec on several machines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(help="Write files for several machines: a SLURM batch script, a DeepSpeed hostfile.",
+                  no_args_is_help=True)
+
+_OUT_HELP = "Write to this file instead of stdout (an existing file needs --force)."
+
+
+def _emit(text: str, out: Path | None, force: bool) -> None:
+    from ..cluster import write_new
+
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        write_new(out, text, force=force)
+        typer.echo(str(out), err=True)
+
+
+@app.command(epilog="Example: craken cluster slurm --nodes 2 --gpus-per-node 8 --time 12:00:00 "
+                    "--config craken.yaml -- --zero 3 > job.sbatch")
+def slurm(
+    nodes: Annotated[int, typer.Option("--nodes", help="Machines (SLURM nodes); one craken train runs on each.")],
+    gpus_per_node: Annotated[int, typer.Option("--gpus-per-node", help="GPUs of each node; one process each.")],
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", "-c", help="Run file every node reads, on a shared file system (default: ./craken.yaml).")] = None,
+    partition: Annotated[Optional[str], typer.Option("--partition", help="SLURM partition.")] = None,
+    time: Annotated[Optional[str], typer.Option("--time", help="Time limit, HH:MM:SS or D-HH:MM:SS.")] = None,
+    account: Annotated[Optional[str], typer.Option("--account", help="SLURM account to charge.")] = None,
+    job_name: Annotated[Optional[str], typer.Option("--job-name", help="SLURM job name (default: craken).")] = None,
+    cpus_per_task: Annotated[Optional[int], typer.Option("--cpus-per-task", help="CPUs for each node's task.")] = None,
+    port: Annotated[int, typer.Option("--port", help="Rendezvous TCP port on the first node.")] = 29500,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help=_OUT_HELP)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
+    train_args: Annotated[Optional[list[str]], typer.Argument(
+        help="Extra `craken train` arguments, after `--`.", show_default=False)] = None,
+) -> None:
+    """Print an sbatch script that runs `craken train` on every node with its own machine rank."""
+    from ..cluster import check_run_file, slurm_job, slurm_script
+    from ..sources import PROJECT_FILE
+
+    if config is None and Path(PROJECT_FILE).is_file():
+        config = Path(PROJECT_FILE)
+    job = slurm_job(nodes, gpus_per_node, config, port=port, partition=partition, time=time, account=account,
+                    job_name=job_name, cpus_per_task=cpus_per_task, train_args=train_args or [])
+    check_run_file(job)
+    _emit(slurm_script(job), out, force)
+
+
+@app.command(epilog="Example: craken cluster hostfile node1:8 node2:8 --out hostfile")
+def hostfile(
+    hosts: Annotated[list[str], typer.Argument(help="HOST or HOST:SLOTS (slots = processes, usually GPUs).",
+                                               show_default=False)],
+    slots: Annotated[Optional[int], typer.Option("--slots", help="Slots of hosts given without :SLOTS.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help=_OUT_HELP)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
+) -> None:
+    """Write a DeepSpeed hostfile (`host slots=N` lines) for `--launcher deepspeed`."""
+    from ..cluster import hostfile_text, parse_hosts
+
+    _emit(hostfile_text(parse_hosts(hosts, slots)), out, force)
