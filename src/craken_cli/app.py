@@ -9,6 +9,7 @@ import typer
 
 from .commands import cluster as cluster_cmd
 from .commands import config as config_cmd
+from .commands import report as report_cmd
 from .errors import CrakenError
 
 app = typer.Typer(
@@ -21,6 +22,7 @@ app = typer.Typer(
 )
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(cluster_cmd.app, name="cluster")
+app.command(name="report", epilog=report_cmd.EPILOG)(report_cmd.report)
 
 
 def main(argv: list[str] | None = None) -> None:
