@@ -62,13 +62,17 @@ class Imported:
     notes: list[str] = field(default_factory=list)
 
 
-def preset_path(stage: int) -> Path:
-    """The shipped preset file for a ZeRO stage (inside the wheel, or the checkout's templates/)."""
-    name = PRESETS[stage]
+def template_path(name: str) -> Path:
+    """A shipped template file (inside the wheel, or the checkout's templates/)."""
     packaged = resources.files("craken_cli").joinpath("templates", name)
     if packaged.is_file():
         return Path(str(packaged))
     return Path(__file__).resolve().parents[2] / "templates" / name
+
+
+def preset_path(stage: int) -> Path:
+    """The shipped preset file for a ZeRO stage."""
+    return template_path(PRESETS[stage])
 
 
 def preset_values(stage: int) -> dict:

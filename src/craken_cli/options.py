@@ -17,7 +17,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from . import sources
+from . import sources, yamlio
 from .sources import FLAGS, NVME_PATH_FLAG, Layer, Resolved
 
 _PANEL = "Run settings (override craken.yaml, CRAKEN_* and the --zero preset)"
@@ -74,7 +74,8 @@ def _spec_parameters() -> list[inspect.Parameter]:
 
 def spec_flags(func):
     """Decorator: `func(..., spec_args: SpecArgs)` gains every run flag as a Typer option."""
-    sig = inspect.signature(func)
+    # eval_str: the command's string annotations must be resolved in its own module, not here.
+    sig = inspect.signature(func, eval_str=True)
     own = [p for p in sig.parameters.values() if p.name != "spec_args"]
     extra = _spec_parameters()
     names = {p.name for p in extra}
@@ -90,8 +91,7 @@ def spec_flags(func):
         return func(*args, spec_args=spec_args, **kwargs)
 
     wrapper.__signature__ = sig.replace(parameters=own + extra)
-    wrapper.__annotations__ = {**{k: v for k, v in func.__annotations__.items() if k != "spec_args"},
-                               **{p.name: p.annotation for p in extra}}
+    wrapper.__annotations__ = {p.name: p.annotation for p in own + extra}
     del wrapper.__wrapped__  # Typer must read the new signature, not the original one
     assert not names & set(sig.parameters)
     return wrapper
@@ -112,7 +112,22 @@ def layers(args: SpecArgs, environ=None) -> list[Layer]:
         out.append(sources.file_layer(config))
     out.append(sources.env_layer(environ))
     out.append(sources.flag_layer(args.flags, args.sets))
+    # The built-in model brings its own sizes, above the ZeRO preset and below the user's sources.
+    merged, _ = sources.merge(out)
+    if merged.get("model.name_or_path", "builtin:tiny") == BUILTIN_PRESET_MODEL:
+        at = 2 if len(out) > 1 and out[1].kind == "preset" else 1
+        path = builtin_preset_path()
+        out.insert(at, Layer("preset", path.name, yamlio.read_mapping(path)))
     return out
+
+
+BUILTIN_PRESET_MODEL = "builtin:tiny"
+
+
+def builtin_preset_path() -> Path:
+    from .importers import template_path
+
+    return template_path("builtin_tiny.yaml")
 
 
 def load_spec(args: SpecArgs, environ=None) -> Resolved:

@@ -105,7 +105,9 @@ def accelerate_config(spec: RunSpec, ds_config_path: str | os.PathLike) -> dict:
         "main_process_port": c.main_process_port,
         "rdzv_backend": c.rdzv_backend,
         "same_network": True,
-        "use_cpu": bool(c.use_cpu),
+        # Always false: accelerate's use_cpu switches DeepSpeed off. CPU processes are selected by
+        # DS_ACCELERATOR=cpu (launch.build) and the gloo backend (train.loop) instead.
+        "use_cpu": False,
     }
     if c.num_machines > 1:
         cfg["main_process_ip"] = c.main_process_ip

@@ -1,0 +1,48 @@
+"""`craken train`: resolve, check, render into the run folder, launch, and report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..options import SpecArgs, spec_flags
+
+TEST_STEPS = 20
+
+
+@spec_flags
+def train(
+    ctx: typer.Context,
+    auto: Annotated[bool, typer.Option("--auto", help="Choose ZeRO stage, offload and micro-batch from the "
+                                       "detected GPUs (craken plan) for what you did not set.")] = False,
+    test: Annotated[bool, typer.Option("--test", help=f"Smoke test: {TEST_STEPS} steps of exactly this run into "
+                                       "runs/<name>-test; exit 0 when healthy.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the launch command, its environment and the "
+                                          "rendered files; launch nothing.")] = False,
+    resume: Annotated[Optional[str], typer.Option("--resume", help="Continue a run: 'auto' (latest good "
+                                                  "checkpoint of the run folder) or a checkpoint folder.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Start over in an existing run folder.")] = False,
+    *,
+    spec_args: SpecArgs,
+) -> None:
+    """Train: detect the GPUs, render the configs into the run folder, launch one process per GPU.
+
+    With no arguments, trains the built-in tiny model on a built-in data set (no download), on all
+    GPUs, or on CPU processes where there are none. Arguments after `--` go to `accelerate launch`.
+    """
+    import os
+
+    from ..console import err, out
+    from ..trainrun import TrainRequest, execute, prepare
+
+    request = TrainRequest(spec_args=spec_args, auto=auto, test=test, dry_run=dry_run, resume=resume,
+                           force=force, launcher_args=list(ctx.args))
+    prepared = prepare(request, environ=os.environ)
+    for warning in prepared.warnings:
+        err.print(f"[yellow]warning:[/] {warning}")
+    if dry_run:
+        out.print_json(data={"argv": prepared.argv, "env": prepared.env_shown, "files": prepared.files_shown})
+        return
+    raise typer.Exit(execute(prepared))

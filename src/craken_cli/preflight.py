@@ -1,0 +1,133 @@
+"""Checks of a run's inputs before any process is launched: each problem found is one message
+naming what to change. Reads only small files (config.json, the first record of a data file);
+imports neither torch nor transformers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+from .train import builtin
+from .train.data import LOCAL_FORMATS
+
+RUN_MARKERS = ("run.yaml", "metrics.jsonl", "checkpoints", "final")
+
+
+def looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
+
+
+def model_max_positions(name: str) -> int | None:
+    if builtin.is_builtin(name):
+        return builtin.TINY_CONFIG["max_position_embeddings"]
+    cfg_file = Path(name).expanduser() / "config.json"
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, ValueError):
+        return None
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        if isinstance(cfg.get(key), int):
+            return cfg[key]
+    return None
+
+
+def model_problems(spec) -> list[str]:
+    out = []
+    m = spec.model
+    if builtin.is_builtin(m.name_or_path):
+        if m.name_or_path != builtin.BUILTIN_MODEL:
+            out.append(f"--model {m.name_or_path}: the only built-in model is {builtin.BUILTIN_MODEL}")
+    elif looks_like_path(m.name_or_path) or m.name_or_path.count("/") > 1:
+        folder = Path(m.name_or_path).expanduser()
+        if not folder.is_dir():
+            out.append(f"--model {m.name_or_path}: no such folder; give a folder with config.json or a hub id")
+        elif not (folder / "config.json").is_file():
+            out.append(f"--model {m.name_or_path}: no config.json inside; give the folder that save_pretrained wrote")
+        elif m.tokenizer is None and not any((folder / f).exists() for f in
+                                             ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            out.append(f"--model {m.name_or_path}: no tokenizer files inside; add them or set --tokenizer")
+    if m.tokenizer and not builtin.is_builtin(m.tokenizer) and looks_like_path(m.tokenizer) \
+            and not Path(m.tokenizer).expanduser().is_dir():
+        out.append(f"--tokenizer {m.tokenizer}: no such folder")
+    limit = model_max_positions(m.name_or_path)
+    if limit is not None and spec.data.seq_len > limit:
+        out.append(f"--seq-len {spec.data.seq_len} is beyond the model's maximum of {limit} positions: "
+                   f"use --seq-len {limit} or less")
+    return out
+
+
+def first_record_columns(path: Path) -> list[str] | None:
+    """Column names from the first record of a local data file; None if it cannot tell cheaply."""
+    fmt = LOCAL_FORMATS.get(path.suffix)
+    if fmt == "text":
+        return ["text"]
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        if path.suffix == ".jsonl":
+            for line in fh:
+                if line.strip():
+                    rec = json.loads(line)
+                    return list(rec) if isinstance(rec, dict) else None
+            return []
+        if path.suffix == ".csv":
+            return next(csv.reader(fh), [])
+        if path.suffix == ".json":
+            data = json.load(fh)
+            if isinstance(data, list):
+                return list(data[0]) if data and isinstance(data[0], dict) else []
+            return None
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(path).names)
+    return None
+
+
+def data_problems(spec) -> list[str]:
+    d = spec.data
+    if builtin.is_builtin(d.dataset):
+        if d.dataset != builtin.BUILTIN_DATA:
+            return [f"--dataset {d.dataset}: the only built-in data set is {builtin.BUILTIN_DATA}"]
+        return []
+    path = Path(d.dataset).expanduser()
+    if not path.exists():
+        if looks_like_path(d.dataset) or path.suffix in LOCAL_FORMATS:
+            return [f"--dataset {d.dataset}: no such file or folder"]
+        return []  # a hub id: checked when loaded
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in LOCAL_FORMATS)
+    if path.is_file() and path.suffix not in LOCAL_FORMATS:
+        return [f"--dataset {d.dataset}: unsupported file type '{path.suffix}'; use one of {', '.join(LOCAL_FORMATS)}"]
+    if not files:
+        return [f"--dataset {d.dataset}: the folder holds no {', '.join(LOCAL_FORMATS)} files"]
+    if all(f.stat().st_size == 0 for f in files):
+        return [f"--dataset {d.dataset}: the data set is empty; add text"]
+    try:
+        columns = first_record_columns(files[0])
+    except (ValueError, UnicodeDecodeError, OSError) as exc:
+        return [f"--dataset {files[0]}: cannot be read ({exc.__class__.__name__}: {exc}); fix the file"]
+    if columns == []:
+        return [f"--dataset {d.dataset}: the data set is empty; add text"]
+    if columns is not None and d.text_column not in columns:
+        return [f"--text-column {d.text_column!r} is not a column of {files[0].name} (columns: "
+                f"{', '.join(columns)}): set --text-column"]
+    return []
+
+
+def nearest_existing(path: Path) -> Path:
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def output_problems(run_dir: Path, resume: str | None, force: bool) -> list[str]:
+    if run_dir.exists() and not run_dir.is_dir():
+        return [f"run folder {run_dir} is a file: choose another --output-dir"]
+    parent = nearest_existing(run_dir)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return [f"run folder {run_dir} cannot be created ({parent} is not writable): choose another --output-dir"]
+    if run_dir.is_dir() and not resume and not force and any((run_dir / m).exists() for m in RUN_MARKERS):
+        return [f"run folder {run_dir} already holds a run: pass --resume auto to continue it, --force to start "
+                "over (its checkpoints are replaced), or choose --name/--output-dir"]
+    return []

@@ -1,0 +1,379 @@
+"""The training loop, one process per GPU (or CPU process), started by `accelerate launch`:
+
+    accelerate launch --config_file RUN/accelerate.yaml -m craken_cli.train.loop RUN/run.yaml
+
+It reads the same run file that rendered the DeepSpeed JSON, so batch sizes, accumulation and
+precision cannot disagree. DeepSpeed owns the optimizer and schedule (from the JSON), Accelerate
+owns processes and data sharding. Only the main process writes metrics, plots and `final/`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+PROCESS_START = time.time()
+
+# Dense bf16 peak of common GPUs, for MFU (datasheet, without sparsity).
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0,
+               "V100": 125.0, "4090": 165.0, "3090": 71.0}
+
+
+def peak_flops(device_name: str) -> float | None:
+    for key, tflops in PEAK_TFLOPS.items():
+        if key in device_name:
+            return tflops * 1e12
+    return None
+
+
+def flops_per_token(model_config, params_non_embedding: int, seq_len: int) -> int:
+    """6 N (forward + backward matmuls) + 12 L H S (attention scores), as in gpu-baseline.md."""
+    layers = getattr(model_config, "num_hidden_layers", 0)
+    hidden = getattr(model_config, "hidden_size", 0)
+    return 6 * params_non_embedding + 12 * layers * hidden * seq_len
+
+
+class StopRequest:
+    """SIGTERM/SIGINT: finish the current step, checkpoint, exit non-zero."""
+
+    def __init__(self):
+        self.signum = 0
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+
+def _jsonl(path: Path):
+    fh = open(path, "a", encoding="utf-8", buffering=1)
+
+    def write(record: dict) -> None:
+        fh.write(json.dumps(record) + "\n")
+
+    return write, fh
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m craken_cli.train.loop RUN/run.yaml", file=sys.stderr)
+        return 2
+    run_file = Path(argv[0]).resolve()
+    run_dir = run_file.parent
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    from ..sources import build_spec, file_layer
+
+    spec = build_spec([file_layer(run_file)]).spec
+    return Trainer(spec, run_dir).run()
+
+
+class Trainer:
+    def __init__(self, spec, run_dir: Path):
+        self.spec = spec
+        self.run_dir = run_dir
+        self.resume_from = os.environ.get("CRAKEN_RESUME_FROM") or None
+
+    def run(self) -> int:
+        import torch
+        from accelerate import Accelerator
+        from accelerate.utils import (DataLoaderConfiguration, DummyOptim, DummyScheduler, InitProcessGroupKwargs,
+                                      set_seed)
+
+        from . import checkpoint, data, modeling
+
+        spec = self.spec
+        stop = StopRequest()
+        quiet_libraries()
+        # On CPU processes accelerate finds no backend by itself and would run each process alone.
+        handlers = [InitProcessGroupKwargs(backend="gloo")] if spec.cluster.use_cpu else []
+        accelerator = Accelerator(
+            kwargs_handlers=handlers,
+            gradient_accumulation_steps=spec.grad_accum,
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+            log_with=None if spec.logging.report_to == "none" else spec.logging.report_to,
+            project_dir=str(self.run_dir),
+        )
+        self.accelerator = accelerator
+        is_main = accelerator.is_main_process
+        set_seed(spec.train.seed)
+        if spec.logging.report_to != "none":
+            accelerator.init_trackers(spec.output.name, config={"zero_stage": spec.zero.stage,
+                                                                "micro_batch": spec.batch.micro_batch,
+                                                                "grad_accum": spec.grad_accum,
+                                                                "lr": spec.optimizer.lr})
+
+        tokenizer = modeling.load_tokenizer(spec)
+        with accelerator.main_process_first():
+            raw = data.load_raw(spec)
+            blocks = data.pack(raw, tokenizer, spec.data.seq_len)
+        if len(blocks) == 0:
+            raise SystemExit(f"craken: the data set gives no {spec.data.seq_len}-token block: "
+                             "add text or lower --seq-len")
+        train_blocks, eval_blocks = data.train_eval_split(blocks, spec.data.eval_fraction, spec.train.seed)
+        train_blocks.set_format("torch")
+        collate = _collate
+        gen = torch.Generator().manual_seed(spec.train.seed)
+        train_dl = torch.utils.data.DataLoader(
+            train_blocks, batch_size=spec.batch.micro_batch, shuffle=True, drop_last=True, generator=gen,
+            collate_fn=collate, num_workers=spec.data.num_workers, pin_memory=not spec.cluster.use_cpu)
+        eval_dl = None
+        if eval_blocks is not None:
+            eval_blocks.set_format("torch")
+            eval_dl = torch.utils.data.DataLoader(eval_blocks, batch_size=spec.batch.micro_batch, shuffle=False,
+                                                  collate_fn=collate)
+        if len(train_dl) // accelerator.num_processes == 0:
+            raise SystemExit(f"craken: {len(train_blocks)} training blocks are fewer than one micro-batch per "
+                             "process: add data, lower --micro-batch or --seq-len")
+
+        model = modeling.load_model(spec, tokenizer)
+        n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
+        emb = model.get_input_embeddings()
+        n_emb = emb.weight.ds_numel if hasattr(emb.weight, "ds_numel") else emb.weight.numel()
+        fpt = flops_per_token(model.config, n_params - n_emb, spec.data.seq_len)
+        if spec.model.compile and not spec.cluster.use_cpu:
+            modeling.compile_layers(model)
+
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+        groups = [{"params": decay, "weight_decay": spec.optimizer.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = DummyOptim(groups, lr=spec.optimizer.lr)
+        scheduler = DummyScheduler(optimizer, total_num_steps=spec.train.max_steps,
+                                   warmup_num_steps=spec.schedule.warmup_steps)
+        if eval_dl is not None:
+            model, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(
+                model, optimizer, train_dl, eval_dl, scheduler)
+        else:
+            model, optimizer, train_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, scheduler)
+
+        device = accelerator.device
+        on_gpu = device.type == "cuda"
+        device_name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
+        peak = peak_flops(device_name) if on_gpu else None
+        world = accelerator.num_processes
+        tokens_per_step = spec.batch.micro_batch * spec.grad_accum * spec.data.seq_len * world
+
+        state = checkpoint.TrainState()
+        if self.resume_from:
+            state = checkpoint.load(accelerator, Path(self.resume_from))
+            if is_main:
+                print(f"craken: resumed from {self.resume_from} at step {state.step}", flush=True)
+
+        write = None
+        if is_main:
+            write, metrics_fh = _jsonl(self.run_dir / "metrics.jsonl")
+            if state.step == 0:
+                write({"event": "start", "strategy": strategy_name(spec), "num_processes": world,
+                       "precision": spec.precision, "model_params": n_params, "flops_per_token": fpt,
+                       "seq_len": spec.data.seq_len, "micro_batch": spec.batch.micro_batch,
+                       "grad_accum": spec.grad_accum, "global_batch": spec.train_batch_size,
+                       "max_steps": spec.train.max_steps, "device": device_name})
+            else:
+                write({"event": "resume", "step": state.step, "num_processes": world})
+        from ..progress import ProgressReporter
+
+        progress = ProgressReporter(spec.train.max_steps, spec.logging.steps_per_print) if is_main else None
+        if progress:
+            progress.start()
+
+        def evaluate() -> float | None:
+            if eval_dl is None:
+                return None
+            model.eval()
+            total = torch.zeros((), device=device)
+            count = 0
+            with torch.no_grad():
+                for i, batch in enumerate(eval_dl):
+                    if i >= spec.train.eval_batches:
+                        break
+                    total += model(**batch).loss.detach().float()
+                    count += 1
+            model.train()
+            mean = accelerator.reduce(total / max(count, 1), reduction="mean")
+            return float(mean)
+
+        def log_eval(step: int) -> None:
+            value = evaluate()
+            if value is not None and is_main:
+                write({"step": step, "time_s": round(time.time() - t_start, 3), "eval_loss": value})
+                progress.log(f"eval step {step}: eval_loss {value:.4f}")
+                if spec.logging.report_to != "none":
+                    accelerator.log({"eval_loss": value}, step=step)
+
+        t_start = time.time()
+        if state.step == 0 and spec.train.eval_every and eval_dl is not None:
+            log_eval(0)  # the starting point, so a falling eval loss is visible from the first step
+
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        loss_count = 0
+        interval_start = time.time()
+        interval_steps = 0
+        first_step_s = None
+        last_good = {"loss": None, "lr": None}
+        exit_code = 0
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats(device)
+
+        epoch = state.epoch
+        micro_in_epoch = state.batch_in_epoch
+        step = state.step
+        done = step >= spec.train.max_steps
+        while not done:
+            train_dl.set_epoch(epoch)
+            loader = accelerator.skip_first_batches(train_dl, micro_in_epoch) if micro_in_epoch else train_dl
+            for batch in loader:
+                with accelerator.accumulate(model):
+                    loss = model(**batch).loss
+                    accelerator.backward(loss)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                loss_sum += loss.detach().float()
+                loss_count += 1
+                micro_in_epoch += 1
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                interval_steps += 1
+                # One small all-reduce per optimizer step: a stop request on any process, or a
+                # non-finite loss, stops every process at the same step.
+                flags = torch.tensor([float(stop.signum != 0), float(not torch.isfinite(loss_sum))], device=device)
+                flags = accelerator.reduce(flags, reduction="sum").tolist()
+                if first_step_s is None:
+                    first_step_s = time.time() - PROCESS_START
+                if flags[1] and spec.train.on_nonfinite == "stop":
+                    if is_main:
+                        msg = nonfinite_advice(step, last_good, spec)
+                        progress.log(msg)
+                        write({"event": "nonfinite", "step": step, "message": msg})
+                    exit_code = 3
+                    done = True
+                    break
+                if flags[1]:  # skip: DeepSpeed already skipped the update (non-finite gradient norm)
+                    if is_main:
+                        progress.log(f"step {step}: non-finite loss, update skipped (on_nonfinite=skip)")
+                    loss_sum.zero_()
+                    loss_count = 0
+                log_now = step % spec.logging.steps_per_print == 0 or step == spec.train.max_steps
+                if log_now and loss_count:
+                    mean_loss = float(accelerator.reduce(loss_sum / loss_count, reduction="mean"))
+                    elapsed = time.time() - interval_start
+                    tps = tokens_per_step * interval_steps / max(elapsed, 1e-9)
+                    lr = float(model.get_lr()[0]) if hasattr(model, "get_lr") else spec.optimizer.lr
+                    gn = model.get_global_grad_norm() if hasattr(model, "get_global_grad_norm") else None
+                    gn = float(gn) if gn is not None else None
+                    record = {
+                        "step": step, "time_s": round(time.time() - t_start, 3), "loss": mean_loss, "lr": lr,
+                        "grad_norm": gn if gn is None or math.isfinite(gn) else None,
+                        "tokens": step * tokens_per_step, "tokens_per_s": tps, "tokens_per_s_per_gpu": tps / world,
+                        "mfu": (tps / world * fpt / peak) if peak else None,
+                        "gpu_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else None,
+                        "gpu_mem_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if on_gpu else None,
+                    }
+                    last_good = {"loss": mean_loss, "lr": lr, "grad_norm": record["grad_norm"]}
+                    if is_main:
+                        write(record)
+                        progress.update(step, record)
+                        if spec.logging.report_to != "none":
+                            accelerator.log({k: v for k, v in record.items() if v is not None}, step=step)
+                    loss_sum.zero_()
+                    loss_count = 0
+                    interval_start = time.time()
+                    interval_steps = 0
+                state = checkpoint.TrainState(step=step, epoch=epoch, batch_in_epoch=micro_in_epoch)
+                if spec.train.eval_every and step % spec.train.eval_every == 0 and step != spec.train.max_steps:
+                    log_eval(step)
+                if flags[0]:
+                    path = checkpoint.save(accelerator, self.run_dir, state, spec.train.keep_checkpoints)
+                    if is_main:
+                        progress.log(f"craken: stopped by signal at step {step}; checkpoint {path}. "
+                                     f"Resume with: craken train --config {self.run_dir / 'run.yaml'} --resume auto")
+                    exit_code = 130 if stop.signum == signal.SIGINT else 143
+                    done = True
+                    break
+                if spec.train.save_every and step % spec.train.save_every == 0 and step != spec.train.max_steps:
+                    checkpoint.save(accelerator, self.run_dir, state, spec.train.keep_checkpoints)
+                if step >= spec.train.max_steps:
+                    done = True
+                    break
+            else:
+                epoch += 1
+                micro_in_epoch = 0
+
+        final_dir = None
+        if exit_code == 0:
+            if eval_dl is not None:
+                log_eval(step)
+            checkpoint.save(accelerator, self.run_dir, state, spec.train.keep_checkpoints)
+            final_dir = checkpoint.save_final(accelerator, model, tokenizer, self.run_dir, spec,
+                                              check_batch=_check_batch(eval_dl or train_dl, device))
+        if progress:
+            progress.close()
+        if is_main:
+            write({"event": "end", "steps": step, "wall_s": round(time.time() - t_start, 3),
+                   "first_step_s": first_step_s, "final_dir": str(final_dir) if final_dir else None,
+                   "exit_code": exit_code})
+            metrics_fh.close()
+        if spec.logging.report_to != "none":
+            accelerator.end_training()
+        accelerator.wait_for_everyone()
+        return exit_code
+
+
+def quiet_libraries() -> None:
+    """Library progress bars and deprecation notes that say nothing about this run."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+
+
+def _collate(rows):
+    import torch
+
+    ids = torch.stack([r["input_ids"] for r in rows])
+    return {"input_ids": ids, "labels": ids}
+
+
+def _check_batch(loader, device):
+    """A fixed, small batch to compare the trained model's logits with the saved one's."""
+    ds = loader.dataset if hasattr(loader, "dataset") else loader.base_dataloader.dataset
+    ids = ds[0]["input_ids"][:32].unsqueeze(0).to(device)
+    return ids
+
+
+def strategy_name(spec) -> str:
+    name = f"zero{spec.zero.stage}" if spec.zero.stage else "no-zero"
+    if spec.offload.optimizer.device != "none":
+        name += f"+offload_optimizer_{spec.offload.optimizer.device}"
+    if spec.offload.param.device != "none":
+        name += f"+offload_param_{spec.offload.param.device}"
+    if spec.model.activation_checkpointing:
+        name += "+ac"
+    if spec.model.compile:
+        name += "+compile"
+    return name
+
+
+def nonfinite_advice(step: int, last: dict, spec) -> str:
+    return (f"craken: non-finite loss at step {step} (last finite loss {last.get('loss')}, lr {last.get('lr')}, "
+            f"grad norm {last.get('grad_norm')}). Lower --lr (now {spec.optimizer.lr:g}), keep gradient clipping on "
+            f"(--clip, now {spec.optimizer.clip:g}), prefer bf16 over fp16, or set --set train.on_nonfinite=skip "
+            "to skip such steps. Resume from the last checkpoint with --resume auto.")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

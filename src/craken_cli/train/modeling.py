@@ -1,0 +1,50 @@
+"""Model and tokenizer loading: a hub id, a local folder, or the built-in tiny model.
+
+Weights are random for the built-in model (built from a config) and loaded with
+`from_pretrained` otherwise. Under ZeRO-3 Accelerate has registered the DeepSpeed config with
+transformers before this runs, so both paths build the model already partitioned (zero.Init).
+"""
+
+from __future__ import annotations
+
+from . import builtin
+
+
+def load_tokenizer(spec):
+    name = spec.model.tokenizer or spec.model.name_or_path
+    if builtin.is_builtin(name):
+        return builtin.build_tokenizer()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name, trust_remote_code=spec.model.trust_remote_code)
+    if tok.eos_token_id is None:
+        raise ValueError(f"tokenizer {name} has no EOS token to separate packed texts; set --tokenizer")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(spec, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    m = spec.model
+    if builtin.is_builtin(m.name_or_path):
+        model = AutoModelForCausalLM.from_config(builtin.model_config(tokenizer),
+                                                 attn_implementation=m.attn_implementation)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            m.name_or_path, attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code)
+    if m.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def compile_layers(model) -> int:
+    """Regional compilation: torch.compile each decoder layer; returns how many were compiled."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        return 0
+    for layer in layers:
+        layer.compile()
+    return len(layers)
