@@ -1,0 +1,120 @@
+"""`craken plan`: predicted per-GPU memory of every ZeRO strategy, the choice, and why faster ones lose.
+
+Reads only the model's config (no weights, no torch for the Llama/Mistral/Qwen/GPT-2/NeoX families),
+so it answers in well under two seconds, also for hardware you don't have (`--gpus 8 --gpu-memory 80GiB`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Optional
+
+import typer
+
+from ..options import SpecArgs, spec_flags
+
+_UNITS = {"": 1024**3, "g": 1024**3, "gib": 1024**3, "gb": 1000**3, "t": 1024**4, "tib": 1024**4, "tb": 1000**4,
+          "m": 1024**2, "mib": 1024**2, "mb": 1000**2}
+
+
+def parse_size(text: str, flag: str) -> int:
+    """'80GiB', '80G', '80' (GiB), '80GB' (10^9), '1.5TiB' -> bytes."""
+    from ..errors import CrakenError
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise CrakenError(f"{flag} {text!r} is not a size: write e.g. 80GiB, 80GB or 80 (GiB)",
+                          title="invalid argument")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def hypothetical_hardware(gpus: int, gpu_memory: int, cpu_memory: int | None):
+    """Hardware with `gpus` identical GPUs per machine (bf16-capable), through hardware.FakeProbe."""
+    import dataclasses
+
+    from ..hardware import GPU, FakeProbe, detect
+
+    gib = gpu_memory / 1024**3
+    probe = FakeProbe(gpus=[GPU(i, f"hypothetical {gib:g} GiB GPU", gpu_memory, gpu_memory, (9, 0))
+                            for i in range(gpus)])
+    # RAM of a machine we don't have is unknown unless given: None means not checked.
+    return dataclasses.replace(detect(probe), ram_total=cpu_memory or 0, ram_available=cpu_memory or 0)
+
+
+@spec_flags
+def plan(
+    gpus: Annotated[Optional[int], typer.Option("--gpus", min=1, help="Plan for N GPUs per machine instead of "
+                                                 "the detected ones (hypothetical hardware).")] = None,
+    gpu_memory: Annotated[str, typer.Option("--gpu-memory", help="Memory of each hypothetical GPU "
+                                            "(80GiB, 80GB, 141GiB; used with --gpus).")] = "80GiB",
+    cpu_memory: Annotated[Optional[str], typer.Option("--cpu-memory", help="RAM per machine, for CPU offload "
+                                                      "(default: detected; unchecked for --gpus).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help='Print {"strategies": [...], "choice": {...}}.')] = False,
+    *,
+    spec_args: SpecArgs,
+) -> None:
+    """Predict per-GPU memory for each ZeRO strategy and choose the fastest that fits."""
+    import dataclasses
+
+    from ..errors import CrakenError
+    from ..hardware import detect
+    from ..modelinfo import model_info
+    from ..options import load_run
+    from ..planner import plan as make_plan
+
+    cpu_bytes = parse_size(cpu_memory, "--cpu-memory") if cpu_memory else None
+    if gpus is not None:
+        hw = hypothetical_hardware(gpus, parse_size(gpu_memory, "--gpu-memory"), cpu_bytes)
+    else:
+        hw = detect()
+        if hw.gpu_count == 0:
+            raise CrakenError("no GPU found here: plan for hardware you don't have with --gpus N --gpu-memory 80GiB",
+                              title="nothing to plan")
+        if cpu_bytes:
+            hw = dataclasses.replace(hw, ram_total=cpu_bytes)
+    resolved, _ = load_run(spec_args, hardware=hw)
+    spec = resolved.spec
+    info = model_info(spec.model.name_or_path, spec.model.trust_remote_code)
+    # A micro-batch the user set is kept; the default one is searched.
+    search = resolved.sources.get("batch.micro_batch", "default") == "default"
+    result = make_plan(info, spec, hw, search_micro_batch=search)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    _print(result)
+
+
+def _print(result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..console import out
+
+    m = result.model
+    out.print(f"{m.name}: {m.num_params / 1e9:.3f} B parameters ({m.counted_by}), {result.world_size} GPU(s) of "
+              f"{result.gpu_memory_gib:.0f} GiB ({result.usable_gib:.1f} usable), global batch "
+              f"{result.global_batch}", markup=False)
+    table = Table(box=None, pad_edge=False, title="GiB per GPU (CPU: per machine)", title_justify="left")
+    for name in ("strategy", "mb", "ga", "param", "grad", "optim", "activ", "other", "total", "CPU", "speed",
+                 "fits"):
+        table.add_column(name, no_wrap=True, justify="left" if name == "strategy" else "right")
+    for s in result.strategies:
+        style = "bold green" if s is result.choice else (None if s.fits else "dim")
+        short = s.name.replace("offload_optimizer_", "opt:").replace("offload_param_", "param:")
+        table.add_row(short, str(s.micro_batch), str(s.grad_accum), f"{s.params_gib:.1f}", f"{s.grads_gib:.1f}",
+                      f"{s.optimizer_gib:.1f}", f"{s.activations_gib:.1f}", f"{s.other_gib:.1f}",
+                      f"{s.total_gib:.1f}", f"{s.cpu_memory_gib:.0f}", f"{s.speed:.2f}",
+                      "yes" if s.fits else "no", style=style)
+    # A pipe gets Rich's 80 columns, too narrow for this table: print it at full width there.
+    wide = out if out.is_terminal else Console(file=out.file, width=120, highlight=False)
+    wide.print(table)
+    if result.choice is None:
+        out.print("nothing fits: add GPUs, shorten --seq-len, or use --offload-optimizer nvme --nvme-path DIR",
+                  markup=False)
+        return
+    c = result.choice
+    out.print(f"choice: {c.name}, micro-batch {c.micro_batch}, grad-accum {c.grad_accum} "
+              f"({c.total_gib:.1f} GiB per GPU)", markup=False)
+    for line in result.rejected:
+        out.print(f"  not {line}", markup=False)

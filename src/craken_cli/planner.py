@@ -1,0 +1,380 @@
+"""Per-GPU memory of every ZeRO strategy, and the choice: the fastest one that fits.
+
+Pure: `plan(model_info, spec, hardware) -> Plan`; no torch, no I/O. `craken plan` prints it and
+`craken train --auto` applies `Plan.choice`. docs/planner.md derives every term and compares the
+prediction with memory measured on GPUs.
+
+The memory model follows what DeepSpeed 0.19.8 allocates (read from its source):
+
+* stage 0 + bf16/fp16 (no ZeRO; DeepSpeed's FP16_Optimizer): 16-bit params and grads, fp32 master
+  weights and two fp32 Adam moments, and at the step a flat fp32 copy of all gradients;
+  the gradients are all-reduced through a 16-bit bucket of up to 5e8 elements.
+* stage 1/2 (stage_1_and_2.py): 16-bit params unpartitioned; a 16-bit gradient partition
+  (stage 1 with overlap_comm reduces in hooks on the accumulation boundary, so only with
+  grad_accum > 1 does it keep every 16-bit gradient); at the step a flat 16-bit copy of the partition
+  and its fp32 copy; fp32 master + moments partitioned; two reduce buckets (overlap_comm).
+* stage 3 (stage3.py): everything partitioned; the largest layer gathered (params and grads);
+  a 16-bit gradient partition buffer, one reduce bucket, the prefetch bucket.
+
+`model_state_bytes` (params + grads + optimizer) is counted the way DeepSpeed's own
+`estimate_zero2/3_model_states_mem_needs` counts it (tests hold the two within 1%); what DeepSpeed
+allocates beyond that count is in `other` (buffers, context, allocator margin).
+
+Activations per layer and token follow Korthikanti et al. (2022), "Reducing Activation
+Recomputation in Large Transformer Models", re-derived for the modules transformers runs: SDPA
+(flash/memory-efficient kernels save q, k, v, the output and a log-sum-exp, never the s x s scores),
+grouped-query attention (k and v at kv_heads x head_dim), RMSNorm's fp32 upcast, the gated MLP, and
+the loss's fp32 upcast of the logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .hardware import Hardware
+from .modelinfo import ModelInfo
+
+GiB = 1024**3
+
+SAFETY_MARGIN = 0.10  # a strategy fits when predicted x (1 + margin) <= GPU memory
+CUDA_CONTEXT_GIB = 0.55  # CUDA context, kernels and cuBLAS workspace: outside torch's reserved memory
+NCCL_GIB = 0.5  # NCCL communicator buffers with more than one process
+DS_ALLREDUCE_BUCKET = 500_000_000  # engine.MEMORY_OPT_ALLREDUCE_SIZE, stage 0 gradient all-reduce
+# The caching allocator keeps freed activation blocks that later, differently sized requests cannot
+# reuse. Fitted on gpu-baseline.md (1.1B Llama, H200): share of activations + logits held as slack.
+FRAGMENTATION = {0: 0.10, 1: 0.10, 2: 0.10, 3: 0.22}
+# Stage 3 on several GPUs all-gathers each layer's parameters (forward and backward) and
+# reduce-scatters its gradients between activation allocations; the holes stay reserved. Baseline:
+# +4.3 GiB at 2 GPUs over 1 GPU with 17.7 GiB of activations. Extra slack share, world size > 1.
+STAGE3_MULTI_GPU_SLACK = 0.24
+CPU_PER_PROCESS_GIB = 3.0  # Python, torch, CUDA host allocations and the data loader of one process
+ACTIVATION_CHECKPOINTING_SPEED = 0.75  # about 1/3 more compute for the recomputed forward
+
+# Relative speed of each strategy (tokens/s per GPU against no ZeRO), from gpu-baseline.md: only the
+# order matters for the choice, the numbers are shown so the order can be checked.
+SPEED_1GPU = {"zero0": 1.0, "zero1": 0.81, "zero2": 0.81, "zero3": 0.55}
+SPEED_NGPU = {"zero0": 1.0, "zero1": 0.98, "zero2": 0.98, "zero3": 0.51}
+OFFLOAD_OPTIMIZER_SPEED = 0.28  # ZeRO-2 + optimizer CPU offload on 1 GPU: 12.3k vs 44.0k tokens/s
+OFFLOAD_PARAM_SPEED = 0.5  # on top of optimizer offload: every layer's weights cross PCIe twice
+NVME_SPEED = 0.5  # on top of CPU offload
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One strategy: ZeRO stage, where optimizer states and parameters live, checkpointing."""
+
+    stage: int
+    offload_optimizer: str = "none"  # none | cpu | nvme
+    offload_param: str = "none"
+    activation_checkpointing: bool = False
+
+    @property
+    def name(self) -> str:
+        out = f"zero{self.stage}"
+        if self.offload_optimizer != "none":
+            out += f"+offload_optimizer_{self.offload_optimizer}"
+        if self.offload_param != "none":
+            out += f"+offload_param_{self.offload_param}"
+        if self.activation_checkpointing:
+            out += "+ac"
+        return out
+
+    def speed(self, world: int) -> float:
+        s = (SPEED_1GPU if world == 1 else SPEED_NGPU)[f"zero{self.stage}"]
+        if self.offload_optimizer != "none":
+            s = min(s, OFFLOAD_OPTIMIZER_SPEED) * (NVME_SPEED if self.offload_optimizer == "nvme" else 1)
+        if self.offload_param != "none":
+            s *= OFFLOAD_PARAM_SPEED * (NVME_SPEED if self.offload_param == "nvme" else 1)
+        if self.activation_checkpointing:
+            s *= ACTIVATION_CHECKPOINTING_SPEED
+        return s
+
+
+@dataclass
+class Strategy:
+    """Predicted memory of one candidate at one micro-batch, per GPU (GiB) and per machine (CPU)."""
+
+    name: str
+    stage: int
+    offload_optimizer: str
+    offload_param: str
+    activation_checkpointing: bool
+    micro_batch: int
+    grad_accum: int
+    params_gib: float
+    grads_gib: float
+    optimizer_gib: float
+    activations_gib: float  # layer activations + logits/loss
+    other_gib: float  # DeepSpeed buffers, CUDA context, NCCL, allocator slack
+    total_gib: float  # what the GPU must hold: everything above
+    reserved_gib: float  # the part torch's allocator reserves (total - context - NCCL): compare with
+    # torch.cuda.max_memory_reserved()
+    cpu_memory_gib: float  # per machine
+    nvme_gib: float  # per machine
+    fits: bool
+    speed: float  # relative tokens/s per GPU (no ZeRO = 1)
+    why_not: str | None = None  # why it does not fit (GPU, CPU or disk)
+    detail: dict = field(default_factory=dict)  # every term in GiB, for docs and debugging
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, float):
+                d[k] = round(v, 3)
+        d["detail"] = {k: round(v, 3) for k, v in self.detail.items()}
+        return d
+
+
+@dataclass
+class Plan:
+    strategies: list[Strategy]  # every candidate, fastest first, each at its largest fitting micro-batch
+    choice: Strategy | None  # the fastest that fits; None when nothing fits
+    requested: Strategy  # the spec's own settings, as they are
+    rejected: list[str]  # for each faster candidate than the choice, why not
+    world_size: int
+    global_batch: int
+    gpu_memory_gib: float
+    usable_gib: float  # gpu memory / (1 + margin)
+    model: ModelInfo
+
+    def to_dict(self) -> dict:
+        choice = None
+        if self.choice is not None:
+            choice = {**self.choice.to_dict(), "global_batch": self.global_batch, "rejected": self.rejected}
+        return {
+            "model": {"name": self.model.name, "params": self.model.num_params, "counted_by": self.model.counted_by},
+            "world_size": self.world_size, "global_batch": self.global_batch,
+            "gpu_memory_gib": round(self.gpu_memory_gib, 3), "usable_gib": round(self.usable_gib, 3),
+            "requested": self.requested.to_dict(),
+            "strategies": [s.to_dict() for s in self.strategies], "choice": choice,
+        }
+
+    def settings(self) -> dict[str, object] | None:
+        """Dotted spec path -> value for the choice (what `craken train --auto` writes into the spec)."""
+        c = self.choice
+        if c is None:
+            return None
+        return {"zero.stage": c.stage, "offload.optimizer.device": c.offload_optimizer,
+                "offload.param.device": c.offload_param, "model.activation_checkpointing": c.activation_checkpointing,
+                "batch.micro_batch": c.micro_batch, "batch.grad_accum": c.grad_accum}
+
+
+# ---------------------------------------------------------------------------------------------
+# memory terms (bytes)
+
+
+def model_state_bytes(params: int, stage: int, world: int, *, offload_optimizer: bool = False,
+                      offload_param: bool = False, largest_layer: int = 0, lp_bytes: int = 2,
+                      grad_accum: int = 1) -> tuple[float, float, float]:
+    """(params, grads, optimizer) bytes per GPU, counted as DeepSpeed's estimators count them.
+
+    Mixed precision (lp_bytes 2) keeps fp32 master weights: 4 + 8 (Adam moments) bytes per
+    parameter in the optimizer; the step turns the 16-bit gradient into an fp32 one (4 bytes).
+    """
+    P, N = params, world
+    mixed = lp_bytes < 4
+    master = 4 if mixed else 0
+    fp32_grad = 4 if mixed else 0
+    if stage == 0:
+        return lp_bytes * P, (lp_bytes + fp32_grad) * P, (master + 8) * P
+    if stage in (1, 2):
+        if offload_optimizer:
+            return lp_bytes * P, 0.0, 0.0
+        lp_grads = lp_bytes * P if (stage == 1 and grad_accum > 1) else lp_bytes * P / N
+        return lp_bytes * P, lp_grads + fp32_grad * P / N, (master + 8) * P / N
+    live = lp_bytes * largest_layer  # the largest layer's gathered 16-bit params, and its grads
+    p = live + (0 if offload_param else lp_bytes * P / N)
+    if offload_optimizer:
+        return p, live, 0.0
+    return p, live + (4 if mixed else lp_bytes) * P / N, (master + 8) * P / N
+
+
+def layer_activation_bytes_per_token(m: ModelInfo, lp: int, compiled: bool = False) -> float:
+    """Bytes one decoder layer saves for the backward pass, per token (SDPA, no s^2 scores)."""
+    h, f = m.hidden_size, m.intermediate_size
+    q_dim, kv_dim = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
+    # SDPA saves q, k, v and its output (which o_proj also saves: same storage) and an fp32 log-sum-exp.
+    attn = lp * (2 * q_dim + 2 * kv_dim) + 4 * m.num_heads
+    if m.family == "gpt":
+        norms = 2 * (2 * lp * h)  # LayerNorm saves its input; the next linear saves its output
+        mlp = 2 * lp * f  # GELU's input and output
+        drop = 2 * h if m.dropout > 0 else 0  # two residual-dropout masks (1 byte each)
+        return norms + attn + mlp + drop
+    if compiled:
+        # A compiled RMSNorm keeps its input and output only; the fused SiLU(gate) x up keeps gate and up.
+        return 2 * (2 * lp * h) + attn + 3 * lp * f
+    # RMSNorm: fp32 copy of the input (kept by pow and mul), the normalized 16-bit value (kept by
+    # the weight multiply) and the output (kept by the next linear). Gated MLP: gate, SiLU(gate), up, product.
+    # (In fp32 the "copy" is the input itself, so 4h + 2 lp h holds for both precisions.)
+    norm = 4 * h + 2 * lp * h
+    return 2 * norm + attn + 4 * lp * f
+
+
+def activation_bytes(m: ModelInfo, micro_batch: int, seq_len: int, lp: int, checkpointing: bool,
+                     compiled: bool = False) -> tuple[float, float]:
+    """(decoder layers, logits + loss) bytes at the start of the backward pass, for one micro-batch."""
+    tokens = micro_batch * seq_len
+    per_layer = layer_activation_bytes_per_token(m, lp, compiled) * tokens
+    if checkpointing:
+        # Each layer keeps only its input; one layer at a time is recomputed in the backward.
+        layers = m.num_layers * lp * m.hidden_size * tokens + per_layer
+    else:
+        layers = m.num_layers * per_layer
+    final_norm = (4 * m.hidden_size + 2 * lp * m.hidden_size) * tokens
+    # transformers' loss upcasts the logits to fp32; log_softmax keeps its fp32 output, and its
+    # backward holds the incoming and the outgoing fp32 gradient at once: 12 bytes per logit.
+    logits = 12 * tokens * m.vocab_size
+    return layers + final_norm, logits
+
+
+# ---------------------------------------------------------------------------------------------
+# one estimate
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the estimate needs from the spec and the hardware."""
+
+    world: int
+    gpus_per_machine: int
+    seq_len: int
+    lp: int  # bytes of a 16-bit (2) or fp32 (4) parameter
+    compiled: bool
+    reduce_bucket: int
+    overlap_comm: bool
+    prefetch_bucket: int
+    gpu_memory: float  # bytes
+    cpu_memory: float | None  # bytes per machine; None: unknown, not checked
+    nvme_free: float | None
+
+
+def estimate(m: ModelInfo, c: Candidate, micro_batch: int, grad_accum: int, s: Shape) -> Strategy:
+    P, N, lp = m.num_params, s.world, s.lp
+    off_opt, off_par = c.offload_optimizer != "none", c.offload_param != "none"
+    params, grads, optim = model_state_bytes(P, c.stage, N, offload_optimizer=off_opt, offload_param=off_par,
+                                             largest_layer=m.largest_layer_params, lp_bytes=lp,
+                                             grad_accum=grad_accum)
+    layers, logits = activation_bytes(m, micro_batch, s.seq_len, lp, c.activation_checkpointing, s.compiled)
+    acts = layers + logits
+    d: dict[str, float] = {}
+    if c.stage == 0:
+        d["allreduce_bucket"] = min(P, DS_ALLREDUCE_BUCKET) * lp
+    elif c.stage in (1, 2):
+        d["reduce_buckets"] = (2 if s.overlap_comm else 1) * s.reduce_bucket * lp
+        if not off_opt:
+            d["step_flat_grad_copy"] = lp * P / N  # flatten(averaged_gradients) before the fp32 cast
+        else:
+            d["offload_grad_staging"] = lp * m.largest_layer_params
+    else:
+        d["reduce_bucket"] = s.reduce_bucket * lp
+        d["prefetch_bucket"] = s.prefetch_bucket * lp
+        if not off_opt:
+            d["grad_partition_16bit"] = lp * P / N  # grad_partitions_flat_buffer (on CPU with offload)
+        if N > 1:
+            d["gather_holes"] = STAGE3_MULTI_GPU_SLACK * acts
+    d["allocator_slack"] = FRAGMENTATION[c.stage] * acts
+    reserved = params + grads + optim + acts + sum(d.values())
+    d["cuda_context"] = CUDA_CONTEXT_GIB * GiB
+    if N > 1:
+        d["nccl"] = NCCL_GIB * GiB
+    total = reserved + d["cuda_context"] + d.get("nccl", 0.0)
+    other = total - params - grads - optim - acts
+
+    # CPU RAM per machine: offloaded fp32 master + moments + fp32 grads (+ 16-bit copies), pinned.
+    local = s.gpus_per_machine
+    cpu = local * CPU_PER_PROCESS_GIB * GiB
+    nvme = 0.0
+    per_proc_opt = ((4 if lp < 4 else 0) + 8 + 4) * P / N + lp * P / N  # master, moments, fp32 grads, 16-bit copy
+    if c.offload_optimizer == "cpu":
+        cpu += local * per_proc_opt
+    elif c.offload_optimizer == "nvme":
+        nvme += local * per_proc_opt
+        cpu += local * (4 + 4) * P / N / 4  # swap buffers: about a quarter of the states in flight
+    if c.offload_param == "cpu":
+        cpu += local * lp * P / N
+    elif c.offload_param == "nvme":
+        nvme += local * lp * P / N
+        cpu += local * 2 * lp * m.largest_layer_params
+
+    why = None
+    if total * (1 + SAFETY_MARGIN) > s.gpu_memory:
+        why = (f"needs {total / GiB:.1f} GiB per GPU at micro-batch {micro_batch}, more than "
+               f"{s.gpu_memory / GiB / (1 + SAFETY_MARGIN):.1f} GiB usable "
+               f"({s.gpu_memory / GiB:.0f} GiB less the {SAFETY_MARGIN:.0%} safety margin)")
+    elif s.cpu_memory is not None and cpu > s.cpu_memory * 0.9:
+        why = f"needs {cpu / GiB:.0f} GiB of CPU RAM per machine, more than 90% of {s.cpu_memory / GiB:.0f} GiB"
+    elif s.nvme_free is not None and nvme > s.nvme_free * 0.9:
+        why = f"needs {nvme / GiB:.0f} GiB on NVMe, more than 90% of the {s.nvme_free / GiB:.0f} GiB free"
+    detail = {"layer_activations": layers / GiB, "logits_loss": logits / GiB, **{k: v / GiB for k, v in d.items()}}
+    return Strategy(c.name, c.stage, c.offload_optimizer, c.offload_param, c.activation_checkpointing, micro_batch,
+                    grad_accum, params / GiB, grads / GiB, optim / GiB, acts / GiB, other / GiB, total / GiB,
+                    reserved / GiB, cpu / GiB, nvme / GiB, why is None, c.speed(N), why, detail)
+
+
+# ---------------------------------------------------------------------------------------------
+# the choice
+
+
+def candidates(nvme: bool = False) -> list[Candidate]:
+    """Every strategy worth predicting: offload where the stage allows it, each with and without AC."""
+    base = [Candidate(0), Candidate(1), Candidate(2), Candidate(3),
+            Candidate(1, "cpu"), Candidate(2, "cpu"), Candidate(3, "cpu"), Candidate(3, "cpu", "cpu")]
+    if nvme:
+        base += [Candidate(3, "nvme"), Candidate(3, "nvme", "nvme")]
+    return [Candidate(b.stage, b.offload_optimizer, b.offload_param, ac) for b in base for ac in (False, True)]
+
+
+def _micro_batches(per_gpu: int, requested: int, search: bool) -> list[int]:
+    """Micro-batches to try, largest first: divisors of the per-GPU batch (so accumulation is whole)."""
+    if not search:
+        return [requested]
+    return sorted((m for m in range(1, per_gpu + 1) if per_gpu % m == 0), reverse=True)
+
+
+def plan(model: ModelInfo, spec, hardware: Hardware, *, search_micro_batch: bool = True,
+         gpu_memory: float | None = None) -> Plan:
+    """Predict every strategy for `spec` (resolved: num_processes set) on `hardware`; choose.
+
+    With `search_micro_batch`, each strategy gets the largest micro-batch that divides the per-GPU
+    share of the global batch and fits; the accumulation makes up the rest. Otherwise the spec's
+    micro-batch is kept. `gpu_memory` (bytes) overrides the smallest detected GPU's memory.
+    """
+    world = spec.cluster.num_processes or max(1, hardware.gpu_count) * spec.cluster.num_machines
+    machines = spec.cluster.num_machines
+    micro = spec.batch.micro_batch
+    global_batch = spec.batch.global_batch or micro * spec.batch.accumulation(world) * world
+    per_gpu = max(1, global_batch // world)
+    if gpu_memory is None:
+        gpu_memory = min((g.memory_total for g in hardware.gpus), default=0)
+    lp = 4 if spec.precision == "fp32" else 2
+    z = spec.zero
+    nvme_path = spec.offload.optimizer.nvme_path or spec.offload.param.nvme_path
+    shape = Shape(
+        world=world, gpus_per_machine=max(1, world // machines), seq_len=spec.data.seq_len, lp=lp,
+        compiled=spec.model.compile, reduce_bucket=z.reduce_bucket_size, overlap_comm=z.overlap_comm,
+        prefetch_bucket=z.stage3_prefetch_bucket_size or 50_000_000, gpu_memory=gpu_memory,
+        cpu_memory=hardware.ram_total or None,
+        nvme_free=hardware.disk_free.get(nvme_path) if nvme_path else None,
+    )
+    tries = _micro_batches(per_gpu, micro, search_micro_batch)
+    results: list[Strategy] = []
+    for cand in candidates(nvme=bool(nvme_path)):
+        est = None
+        for mb in tries:
+            est = estimate(model, cand, mb, max(1, per_gpu // mb), shape)
+            if est.fits:
+                break
+        results.append(est)
+    # Fastest first; at equal speed the larger micro-batch, then stage order (ZeRO-1 before ZeRO-2).
+    results.sort(key=lambda s: (-s.speed, -s.micro_batch if s.fits else 0))
+    choice = next((s for s in results if s.fits), None)
+    rejected = []
+    for s in results:
+        if s is choice:
+            break
+        rejected.append(f"{s.name}: {s.why_not}")
+    requested = estimate(model, Candidate(z.stage, spec.offload.optimizer.device, spec.offload.param.device,
+                                          spec.model.activation_checkpointing),
+                         micro, spec.batch.accumulation(world), shape)
+    return Plan(results, choice, requested, rejected, world, global_batch, gpu_memory / GiB,
+                gpu_memory / GiB / (1 + SAFETY_MARGIN), model)
