@@ -11,7 +11,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Mapping, Protocol
 
 GiB = 1024**3
 
@@ -23,6 +23,7 @@ class GPU:
     memory_total: int  # bytes
     memory_free: int  # bytes
     capability: tuple[int, int]
+    uuid: str | None = None  # "GPU-..." as CUDA_VISIBLE_DEVICES may name it
 
     @property
     def bf16(self) -> bool:
@@ -48,6 +49,7 @@ class Hardware:
     shm_total: int | None = None  # bytes of /dev/shm, None where it does not exist
     disk_free: dict[str, int] = field(default_factory=dict)  # path -> free bytes at its nearest existing parent
     nvml_error: str | None = None  # why NVML gave nothing (no driver, no library): informational
+    hidden_gpus: int = 0  # GPUs NVML sees that CUDA_VISIBLE_DEVICES hides from the training processes
 
     @property
     def gpu_count(self) -> int:
@@ -59,6 +61,28 @@ class Hardware:
 
     def nvlink_between(self, a: int, b: int) -> bool:
         return (min(a, b), max(a, b)) in self.nvlink_pairs
+
+    def pairs(self) -> list[tuple[int, int]]:
+        n = self.gpu_count
+        return [(i, j) for i in range(n) for j in range(i + 1, n)]
+
+    @property
+    def nvlink_all(self) -> bool:
+        """Every pair of GPUs joined by NVLink (False with fewer than two GPUs)."""
+        return self.gpu_count > 1 and all(p in self.nvlink_pairs for p in self.pairs())
+
+    def links(self) -> str:
+        """One line on how the GPUs reach each other, for reports."""
+        pairs = self.pairs()
+        if not pairs:
+            return "single GPU" if self.gpus else "no GPU"
+        nv = sum(p in self.nvlink_pairs for p in pairs)
+        p2p = sum(p in self.p2p_pairs or p in self.nvlink_pairs for p in pairs)
+        if nv == len(pairs):
+            return f"NVLink between all {len(pairs)} pairs"
+        parts = [f"NVLink {nv}/{len(pairs)} pairs"] if nv else []
+        parts.append(f"peer-to-peer {p2p}/{len(pairs)} pairs" if p2p else "no peer-to-peer (through host memory)")
+        return ", ".join(parts)
 
 
 class GpuProbe(Protocol):
@@ -81,32 +105,39 @@ class NvmlProbe:
         except pynvml.NVMLError as exc:
             raise OSError(f"NVML unavailable: {exc}") from None
         try:
-            driver = _text(pynvml.nvmlSystemGetDriverVersion())
-            cuda = pynvml.nvmlSystemGetCudaDriverVersion_v2()
-            cuda_version = (cuda // 1000, (cuda % 1000) // 10)
-            handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
-            gpus = []
-            for i, h in enumerate(handles):
-                mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-                gpus.append(GPU(i, _text(pynvml.nvmlDeviceGetName(h)), int(mem.total), int(mem.free),
-                                tuple(pynvml.nvmlDeviceGetCudaComputeCapability(h))))
-            nvlink, p2p = set(), set()
-            for i in range(len(handles)):
-                for j in range(i + 1, len(handles)):
-                    try:
-                        status = pynvml.nvmlDeviceGetP2PStatus(handles[i], handles[j],
-                                                               pynvml.NVML_P2P_CAPS_INDEX_NVLINK)
-                        if status == pynvml.NVML_P2P_STATUS_OK:
-                            nvlink.add((i, j))
-                        status = pynvml.nvmlDeviceGetP2PStatus(handles[i], handles[j],
-                                                               pynvml.NVML_P2P_CAPS_INDEX_READ)
-                        if status == pynvml.NVML_P2P_STATUS_OK:
-                            p2p.add((i, j))
-                    except pynvml.NVMLError:
-                        pass
-            return gpus, nvlink, p2p, driver, cuda_version
+            return self._read(pynvml)
+        except pynvml.NVMLError as exc:
+            raise OSError(f"NVML query failed: {exc}") from None
         finally:
             pynvml.nvmlShutdown()
+
+    @staticmethod
+    def _read(pynvml):
+        driver = _text(pynvml.nvmlSystemGetDriverVersion())
+        cuda = pynvml.nvmlSystemGetCudaDriverVersion_v2()
+        cuda_version = (cuda // 1000, (cuda % 1000) // 10)
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        gpus = []
+        for i, h in enumerate(handles):
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+            gpus.append(GPU(i, _text(pynvml.nvmlDeviceGetName(h)), int(mem.total), int(mem.free),
+                            tuple(pynvml.nvmlDeviceGetCudaComputeCapability(h)),
+                            _text(pynvml.nvmlDeviceGetUUID(h))))
+        nvlink, p2p = set(), set()
+        for i in range(len(handles)):
+            for j in range(i + 1, len(handles)):
+                try:
+                    status = pynvml.nvmlDeviceGetP2PStatus(handles[i], handles[j],
+                                                           pynvml.NVML_P2P_CAPS_INDEX_NVLINK)
+                    if status == pynvml.NVML_P2P_STATUS_OK:
+                        nvlink.add((i, j))
+                    status = pynvml.nvmlDeviceGetP2PStatus(handles[i], handles[j],
+                                                           pynvml.NVML_P2P_CAPS_INDEX_READ)
+                    if status == pynvml.NVML_P2P_STATUS_OK:
+                        p2p.add((i, j))
+                except pynvml.NVMLError:
+                    pass
+        return gpus, nvlink, p2p, driver, cuda_version
 
 
 @dataclass
@@ -149,8 +180,47 @@ def free_disk(path: str | os.PathLike) -> int:
     return shutil.disk_usage(p).free
 
 
-def detect(probe: GpuProbe | None = None, paths: tuple[str, ...] = ()) -> Hardware:
+def visible(gpus: list[GPU], nvlink: set, p2p: set, spec: str | None) -> tuple[list[GPU], set, set]:
+    """The GPUs a CUDA process sees under CUDA_VISIBLE_DEVICES=`spec`, renumbered from 0 as CUDA does.
+
+    NVML ignores that variable, so without this `--auto` would start one process per GPU of the
+    machine while torch sees fewer. Entries are indices or (prefixes of) "GPU-..." UUIDs; CUDA stops
+    at the first entry it cannot match, and so does this. Unset: all GPUs.
+    """
+    if spec is None:
+        return gpus, nvlink, p2p
+    chosen: list[GPU] = []
+    for raw in spec.split(","):
+        entry = raw.strip()
+        if entry.isdigit() or entry.startswith("-") and entry[1:].isdigit():
+            match = [g for g in gpus if g.index == int(entry)]
+        elif entry.startswith("GPU-"):
+            match = [g for g in gpus if g.uuid and g.uuid.startswith(entry)][:1]
+        else:  # MIG-..., empty, garbage: CUDA stops enumerating here
+            match = []
+        if not match or match[0] in chosen:
+            break
+        chosen.append(match[0])
+    renumber = {g.index: i for i, g in enumerate(chosen)}
+
+    def remap(pairs: set) -> set:
+        out = set()
+        for a, b in pairs:
+            if a in renumber and b in renumber:
+                x, y = renumber[a], renumber[b]
+                out.add((min(x, y), max(x, y)))
+        return out
+
+    return ([GPU(renumber[g.index], g.name, g.memory_total, g.memory_free, g.capability, g.uuid) for g in chosen],
+            remap(nvlink), remap(p2p))
+
+
+def detect(probe: GpuProbe | None = None, paths: tuple[str, ...] = (),
+           environ: Mapping[str, str] | None = None) -> Hardware:
+    """What this machine gives a training process. `environ` (default os.environ) is read for
+    CUDA_VISIBLE_DEVICES only."""
     probe = NvmlProbe() if probe is None else probe
+    environ = os.environ if environ is None else environ
     gpus: list[GPU] = []
     nvlink: set = set()
     p2p: set = set()
@@ -159,6 +229,8 @@ def detect(probe: GpuProbe | None = None, paths: tuple[str, ...] = ()) -> Hardwa
         gpus, nvlink, p2p, driver, cuda = probe.read()
     except OSError as exc:
         error = str(exc)
+    seen = len(gpus)
+    gpus, nvlink, p2p = visible(gpus, nvlink, p2p, environ.get("CUDA_VISIBLE_DEVICES"))
     ram_total, ram_avail = _meminfo()
     shm = shutil.disk_usage("/dev/shm").total if os.path.isdir("/dev/shm") else None
     disk = {}
@@ -170,5 +242,5 @@ def detect(probe: GpuProbe | None = None, paths: tuple[str, ...] = ()) -> Hardwa
     return Hardware(
         gpus=tuple(gpus), nvlink_pairs=frozenset(nvlink), p2p_pairs=frozenset(p2p), driver_version=driver,
         cuda_driver_version=cuda, cpu_count=os.cpu_count() or 1, ram_total=ram_total, ram_available=ram_avail,
-        shm_total=shm, disk_free=disk, nvml_error=error,
+        shm_total=shm, disk_free=disk, nvml_error=error, hidden_gpus=seen - len(gpus),
     )

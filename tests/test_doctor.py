@@ -1,0 +1,401 @@
+"""craken doctor: the pure checks on facts written here, the probes on this machine, the command."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from craken_cli import doctor as d
+from craken_cli.doctor import Check, Facts, PathState
+from craken_cli.hardware import GPU, GiB, FakeProbe, Hardware, detect
+
+LLAMA2_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+             "num_key_value_heads": 32, "vocab_size": 32000, "tie_word_embeddings": False}
+
+
+def healthy_facts(hw: Hardware, environ=None, **over) -> Facts:
+    """A machine with everything in order, apart from what a test changes."""
+    gpu = bool(hw.gpus)
+    base = dict(
+        hardware=hw,
+        versions={"torch": "2.5.1+cu124" if gpu else "2.5.1+cpu", "deepspeed": "0.16.4", "accelerate": "1.2.1",
+                  "transformers": "4.47.0", "datasets": "3.2.0", "nvidia-ml-py": "12.560.30", "craken": "0.1.0",
+                  "numpy": "2.1.0"},
+        requires={"accelerate": ["torch>=2.0.0", "numpy<3.0.0,>=1.17"], "deepspeed": ["torch"],
+                  "craken": ["torch>=2.4", "deepspeed>=0.16", "pytest>=8; extra == \"test\""]},
+        python=(3, 11, 7), python_requires=">=3.10", torch_build="12.4" if gpu else "cpu",
+        environ=environ or {}, tools={"ninja": "/usr/bin/ninja", "c++": "/usr/bin/c++", "nvcc": "/usr/local/cuda/bin/nvcc",
+                                      "pdsh": "/usr/bin/pdsh", "ssh": "/usr/bin/ssh"},
+        cuda_home="/usr/local/cuda", cuda_toolkit=(12, 4), interfaces=("eth0", "lo"),
+        paths={"output": PathState("runs/default", False, True, 500 * GiB, "ext4")}, params=124_000_000,
+    )
+    base.update(over)
+    return Facts(**base)
+
+
+def hw_with(n=0, cap=(9, 0), shm=16 * GiB, ram=64 * GiB, cuda=(12, 4), nvlink=True, **kw) -> Hardware:
+    gpus = [GPU(i, "NVIDIA H100 80GB HBM3" if cap >= (9, 0) else "Tesla V100-SXM2-32GB", 80 * GiB, 79 * GiB, cap)
+            for i in range(n)]
+    links = {(i, j) for i in range(n) for j in range(i + 1, n)} if nvlink else set()
+    hw = detect(FakeProbe(gpus=gpus, nvlink=links, cuda=cuda), environ={})
+    from dataclasses import replace
+
+    return replace(hw, shm_total=shm, ram_total=ram, ram_available=ram, **kw)
+
+
+def view(hw: Hardware, **flags):
+    from craken_cli.options import SpecArgs, load_spec
+
+    spec = load_spec(SpecArgs(flags={f"--{k.replace('_', '-')}": v for k, v in flags.items()},
+                              nvme_path=flags.pop("nvme_path", None) if "nvme_path" in flags else None),
+                     environ={}).spec
+    return d.run_view(spec, hw)
+
+
+def by_name(checks: list[Check]) -> dict[str, Check]:
+    return {c.name: c for c in checks}
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+
+# --- versions -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version, requires, build", [
+    ("2.5.1+cu124", [], "12.4"),
+    ("2.7.0+cu128", [], "12.8"),
+    ("2.9.0+cu130", [], "13.0"),
+    ("2.13.0+cpu", [], "cpu"),
+    ("2.4.0+rocm6.1", [], "rocm6.1"),
+    ("2.5.1", ['nvidia-cuda-runtime-cu12==12.4.127; platform_system == "Linux"'], "12.4"),
+    ("2.5.1", [], None),
+    (None, [], None),
+])
+def test_torch_build_from_metadata(version, requires, build):
+    assert d.torch_build_of(version, requires) == build
+
+
+def test_healthy_cpu_machine_is_all_ok():
+    hw = hw_with(0)
+    checks = d.run_checks(healthy_facts(hw), view(hw))
+    assert [c for c in checks if c.status != "ok"] == []
+    assert d.exit_code(checks) == 0
+    assert [c.area for c in checks] == sorted((c.area for c in checks), key=d.AREAS.index)
+
+
+def test_missing_and_incompatible_packages():
+    hw = hw_with(0)
+    f = healthy_facts(hw)
+    f.versions.update({"deepspeed": None, "torch": "1.13.1+cpu"})
+    rows = by_name(d.check_packages(f))
+    assert rows["deepspeed"].status == "fail" and rows["deepspeed"].fix == "pip install deepspeed"
+    assert rows["torch"].status == "fail"
+    assert "accelerate 1.2.1 needs torch>=2.0.0" in rows["torch"].detail
+    assert "craken 0.1.0 needs torch>=2.4" in rows["torch"].detail
+    assert rows["torch"].fix.startswith("pip install 'torch")
+    f.versions["numpy"] = "3.0.1"  # outside what accelerate declares
+    assert by_name(d.check_packages(f))["numpy"].fix == "pip install 'numpy<3.0.0,>=1.17'"
+
+
+def test_known_bad_combination_torch_numpy2():
+    f = healthy_facts(hw_with(0))
+    f.versions.update({"torch": "2.2.2+cpu", "numpy": "2.0.1"})
+    f.requires = {}
+    row = by_name(d.check_packages(f))["torch + numpy"]
+    assert row.status == "fail" and "numpy<2" in row.fix
+
+
+def test_python_too_old():
+    f = healthy_facts(hw_with(0), python=(3, 9, 18))
+    row = by_name(d.check_system(f))["python"]
+    assert row.status == "fail" and ">=3.10" in row.fix
+
+
+# --- torch CUDA build vs driver ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("build, driver, status", [
+    ("12.4", (12, 8), "ok"),
+    ("12.4", (12, 4), "ok"),
+    ("12.8", (12, 4), "warn"),  # minor-version compatibility, no PTX JIT
+    ("13.0", (12, 4), "fail"),  # torch sees no GPU
+    ("cpu", (12, 4), "fail"),
+])
+def test_torch_build_vs_driver(build, driver, status):
+    hw = hw_with(2, cuda=driver)
+    row = by_name(d.check_gpus(healthy_facts(hw, torch_build=build), None))["torch build"]
+    assert row.status == status
+    if status != "ok":
+        assert "torch" in row.fix and row.fix
+
+
+def test_busy_gpu_warns():
+    hw = hw_with(1)
+    busy = Hardware(gpus=(GPU(0, "NVIDIA H100 80GB HBM3", 80 * GiB, 40 * GiB, (9, 0)),), driver_version="550",
+                    cuda_driver_version=(12, 4))
+    assert by_name(d.check_gpus(healthy_facts(hw), None))["GPU 0"].status == "ok"
+    row = by_name(d.check_gpus(healthy_facts(busy), None))["GPU 0"]
+    assert row.status == "warn" and "nvidia-smi" in row.fix
+
+
+# --- DeepSpeed ops ----------------------------------------------------------------------------
+
+
+def test_no_ninja_fails_only_when_an_op_is_built():
+    hw = hw_with(0)
+    f = healthy_facts(hw)
+    f.tools["ninja"] = None
+    rows = by_name(d.check_ops(f, view(hw, zero=2, offload_optimizer="cpu")))
+    assert rows["ninja"].status == "fail" and rows["ninja"].fix == "pip install ninja"
+    assert rows["cpu_adam"].status == "fail"
+    rows = by_name(d.check_ops(f, view(hw, zero=2, offload_optimizer="none")))  # the preset offloads
+    assert rows["ninja"].status == "warn" and rows["cpu_adam"].status == "warn"
+    f.prebuilt_ops = {"cpu_adam": True}  # DS_BUILD_CPU_ADAM=1 install: nothing to build
+    rows = by_name(d.check_ops(f, view(hw, zero=2, offload_optimizer="cpu")))
+    assert rows["cpu_adam"].status == "ok" and rows["ninja"].status == "warn"
+
+
+def test_no_compiler():
+    hw = hw_with(0)
+    f = healthy_facts(hw, environ={"CXX": "clang++-99"})
+    f.tools["c++"] = None
+    row = by_name(d.check_ops(f, view(hw, zero=3, offload_optimizer="cpu")))["C++ compiler"]
+    assert row.status == "fail" and "clang++-99 not found" in row.detail
+
+
+@pytest.mark.parametrize("toolkit, torch_build, status", [
+    ((12, 4), "12.4", "ok"),
+    ((12, 1), "12.4", "ok"),  # DeepSpeed accepts minor mismatches within 12.x
+    ((11, 8), "12.4", "fail"),
+    ((13, 1), "13.0", "fail"),  # not in DeepSpeed's list: it refuses
+    (None, "12.4", "fail"),  # no nvcc at all
+])
+def test_cuda_toolkit_for_fused_adam(toolkit, torch_build, status):
+    hw = hw_with(1)
+    f = healthy_facts(hw, cuda_toolkit=toolkit, torch_build=torch_build)
+    if toolkit is None:
+        f.tools["nvcc"], f.cuda_home = None, None
+    rows = by_name(d.check_ops(f, view(hw)))
+    assert rows["CUDA toolkit"].status == status
+    assert rows["fused_adam"].status == ("ok" if status == "ok" else "fail")
+    if status == "fail":
+        assert "CUDA" in rows["CUDA toolkit"].fix
+
+
+def test_ds_skip_cuda_check_accepts_mismatch():
+    hw = hw_with(1)
+    f = healthy_facts(hw, cuda_toolkit=(11, 8), environ={"DS_SKIP_CUDA_CHECK": "1"})
+    assert by_name(d.check_ops(f, view(hw)))["CUDA toolkit"].status == "ok"
+
+
+# --- memory and disk --------------------------------------------------------------------------
+
+
+def test_small_dev_shm():
+    hw = hw_with(0, shm=64 * 2**20)  # docker's default
+    row = by_name(d.check_memory(healthy_facts(hw), view(hw)))["/dev/shm"]
+    assert row.status == "fail" and "--shm-size" in row.fix and row.detail.startswith("64 MiB")
+    one = by_name(d.check_memory(healthy_facts(hw), view(hw, num_processes=1)))["/dev/shm"]
+    assert one.status == "warn"
+
+
+def test_params_from_config():
+    assert abs(d.params_from_config(LLAMA2_7B) - 6.738e9) / 6.738e9 < 0.01
+    gpt2 = {"n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257}
+    assert abs(d.params_from_config(gpt2) - 124.4e6) / 124.4e6 < 0.02
+    assert d.params_from_config({"hidden_size": 8}) is None
+
+
+def test_model_params_from_local_folder_and_builtin(tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(LLAMA2_7B))
+    n, source = d.model_params(str(folder), {})
+    assert n == d.params_from_config(LLAMA2_7B) and str(folder) in source
+    n, _ = d.model_params("builtin:tiny", {})
+    assert 0 < n <= d.BUILTIN_PARAMS_BOUND
+    assert d.model_params("org/not-downloaded", {"HF_HUB_CACHE": str(tmp_path)})[0] is None
+
+
+def test_ram_for_cpu_offload():
+    hw = hw_with(0, ram=64 * GiB)
+    f = healthy_facts(hw, params=7_000_000_000)
+    row = by_name(d.check_memory(f, view(hw, zero=2, offload_optimizer="cpu")))["RAM for offload"]
+    assert row.status == "fail" and "nvme" in row.fix  # ~126 GiB of states on a 64 GiB machine
+    two = view(hw, zero=2, offload_optimizer="cpu", num_machines=2, main_process_ip="10.0.0.1")
+    assert by_name(d.check_memory(f, two))["RAM for offload"].status == "warn"  # ~63 GiB: no headroom
+    f.params = 1_000_000_000
+    assert by_name(d.check_memory(f, view(hw, zero=2, offload_optimizer="cpu")))["RAM for offload"].status == "ok"
+    assert d.offload_ram(view(hw, zero=3, offload_optimizer="cpu", offload_param="cpu"), 10**9) == int(18e9 * 1.1)
+    f.params = None
+    assert by_name(d.check_memory(f, view(hw, zero=2, offload_optimizer="cpu")))["RAM for offload"].status == "warn"
+
+
+def test_nvme_path_real_folders(tmp_path):
+    ok = d.path_state(str(tmp_path / "new" / "swap"))  # created later by DeepSpeed: parent is writable
+    assert ok.writable and not ok.exists and ok.free and ok.free > 0
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    bad = d.path_state(str(blocker / "swap"))
+    assert not bad.writable and "not a folder" in bad.error
+    hw = hw_with(1)
+    v = view(hw, zero=3, offload_optimizer="nvme", offload_param="nvme", nvme_path=str(blocker / "swap"))
+    row = by_name(d.check_disk(healthy_facts(hw, paths={"nvme": bad}), v))["NVMe path"]
+    assert row.status == "fail" and "--nvme-path" in row.fix
+    small = PathState(str(tmp_path), True, True, 10 * GiB, "ext4")
+    f = healthy_facts(hw, paths={"nvme": small}, params=7_000_000_000)
+    assert by_name(d.check_disk(f, v))["NVMe path"].status == "fail"  # ~98 GB of states, 10 GiB free
+    nfs = PathState("/mnt/share", True, True, 900 * GiB, "nfs4")
+    assert by_name(d.check_disk(healthy_facts(hw, paths={"nvme": nfs}), v))["NVMe path"].status == "warn"
+
+
+def test_output_folder_too_small_for_checkpoints():
+    hw = hw_with(1)
+    f = healthy_facts(hw, params=7_000_000_000, paths={"output": PathState("runs/x", False, True, 100 * GiB)})
+    row = by_name(d.check_disk(f, view(hw)))["output folder"]
+    assert row.status == "fail" and "--keep-checkpoints" in row.fix
+
+
+# --- network and environment ------------------------------------------------------------------
+
+
+def test_port_in_use_is_seen():
+    with socket.socket() as s:
+        s.bind(("", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        assert d.port_error(port) == "already in use"
+    assert d.port_error(port) is None
+
+
+def test_address_resolution():
+    assert d.resolve_address("127.0.0.1") == ("127.0.0.1", None)
+    addr, err = d.resolve_address("no-such-host.invalid")
+    assert addr is None and "does not resolve" in err
+
+
+def test_multi_machine_checks():
+    hw = hw_with(8)
+    v = view(hw, num_machines=2, main_process_ip="node-0.invalid", launcher="deepspeed")
+    f = healthy_facts(hw, address_error="does not resolve", port_checked=True, port_error="already in use")
+    f.tools["pdsh"] = None
+    rows = by_name(d.check_network(f, v))
+    assert rows["main address"].status == "fail" and "--main-process-ip" in rows["main address"].fix
+    assert rows["pdsh"].status == "fail" and "--launcher accelerate" in rows["pdsh"].fix
+    assert rows["ssh"].status == "ok"
+    assert rows["port"].status == "fail" and "--main-process-port" in rows["port"].fix
+    # accelerate's launcher needs neither pdsh nor ssh
+    rows = by_name(d.check_network(f, view(hw, num_machines=2, main_process_ip="10.0.0.1")))
+    assert "pdsh" not in rows and "ssh" not in rows
+
+
+@pytest.mark.parametrize("env, name, status", [
+    ({"NCCL_SOCKET_IFNAME": "ib7"}, "NCCL_SOCKET_IFNAME", "fail"),
+    ({"NCCL_SOCKET_IFNAME": "eth"}, None, None),  # a prefix of eth0
+    ({"NCCL_SOCKET_IFNAME": "=eth"}, "NCCL_SOCKET_IFNAME", "fail"),  # exact match asked
+    ({"NCCL_SOCKET_IFNAME": "^docker,lo"}, None, None),  # exclusions
+    ({"GLOO_SOCKET_IFNAME": "wlan0"}, "GLOO_SOCKET_IFNAME", "fail"),
+    ({"NCCL_ALGO": "Tree"}, "NCCL_ALGO", "warn"),
+    ({"NCCL_DEBUG": "TRACE"}, "NCCL_DEBUG", "warn"),
+    ({"NCCL_DEBUG": "INFO"}, None, None),
+    ({"CUDA_LAUNCH_BLOCKING": "1"}, "CUDA_LAUNCH_BLOCKING", "warn"),
+    ({"NCCL_P2P_LEVEL": "LOC"}, "NCCL_P2P_LEVEL", "warn"),
+])
+def test_environment_variables(env, name, status):
+    hw = hw_with(8)
+    found = [(c.name, c.status) for c in d.check_env(healthy_facts(hw, environ=env), view(hw))]
+    assert found == ([] if name is None else [(name, status)])
+
+
+def test_invalid_settings_are_one_failure_among_the_rest():
+    hw = hw_with(0)
+    checks = d.run_checks(healthy_facts(hw), None, "zero.stage = 7 (from flag): Input should be 0, 1, 2 or 3")
+    rows = by_name(checks)
+    assert rows["settings"].status == "fail" and "zero.stage" in rows["settings"].detail
+    assert rows["torch"].status == "ok"  # the environment is still checked
+
+
+def test_verdict_and_plain_rendering():
+    checks = [Check("system", "a", "ok", "fine"), Check("gpu", "b", "warn", "meh", "do x"),
+              Check("gpu", "c", "fail", "bad", "do y")]
+    assert d.verdict(checks[:1]) == "ok" and d.verdict(checks[:2]) == "warn" and d.verdict(checks) == "fail"
+    assert [d.exit_code(checks[:n]) for n in (1, 2, 3)] == [0, 1, 2]
+    text = d.render_plain(checks)
+    assert text.splitlines() == ["[system]", "  OK    a: fine", "[gpu]", "  WARN  b: meh", "        fix: do x",
+                                 "  FAIL  c: bad", "        fix: do y",
+                                 "verdict: FAIL, 1 failure(s), 1 warning(s) in 3 checks (exit 2)"]
+
+
+# --- facts from this machine, and the command -------------------------------------------------
+
+
+def test_gather_reads_this_machine():
+    hw = detect(environ={})
+    v = view(hw)
+    f = d.gather(hw, v)
+    import importlib.metadata as md
+
+    assert f.versions["torch"] == md.version("torch") and f.versions["deepspeed"] == md.version("deepspeed")
+    assert f.python == tuple(sys.version_info[:3])
+    assert f.paths["output"].writable
+    assert f.params is not None  # the built-in model's size is known
+
+
+def _doctor(*argv, **kw):
+    return subprocess.run([sys.executable, "-m", "craken_cli", "doctor", *argv], capture_output=True, text=True,
+                          timeout=60, **kw)
+
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return str(s.getsockname()[1])
+
+
+def test_cli_json(tmp_path):
+    done = _doctor("--json", "--main-process-port", _free_port(), cwd=tmp_path)
+    report = json.loads(done.stdout)
+    assert done.returncode == report["exit_code"] == d.EXIT_CODES[report["verdict"]]
+    names = {(c["area"], c["name"]) for c in report["checks"]}
+    assert {("packages", "torch"), ("gpu", "GPUs"), ("run", "processes"), ("network", "port")} <= names
+    assert all(c["fix"] for c in report["checks"] if c["status"] != "ok")
+    assert report["versions"]["deepspeed"] and report["hardware"]["cpu_count"] == os.cpu_count()
+
+
+def test_cli_plain_output_and_exit_code(tmp_path):
+    done = _doctor("--main-process-port", _free_port(), cwd=tmp_path)
+    assert "\x1b" not in done.stdout and "\r" not in done.stdout  # stdout is a pipe: no control characters
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("verdict: ") and last.endswith(f"(exit {done.returncode})")
+    assert "[packages]" in done.stdout and "[run]" in done.stdout
+
+
+def test_cli_port_in_use_fails(tmp_path):
+    with socket.socket() as s:
+        s.bind(("", 0))
+        s.listen(1)
+        done = _doctor("--main-process-port", str(s.getsockname()[1]), cwd=tmp_path)
+    assert done.returncode == 2 and "already in use" in done.stdout
+
+
+def test_cli_bad_settings_still_report(tmp_path):
+    done = _doctor("--set", "zero.stage=7", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "FAIL  settings: zero.stage" in done.stdout and "[packages]" in done.stdout
+
+
+def test_cli_imports_nothing_heavy(tmp_path):
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "craken_cli", "doctor", "--json"],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode in (0, 1, 2) and json.loads(done.stdout)["checks"]
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in done.stderr.splitlines() if "|" in line}
+    assert "craken_cli" in imported
+    assert not imported & {"torch", "deepspeed", "transformers", "accelerate", "datasets"}
