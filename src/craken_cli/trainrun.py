@@ -77,22 +77,66 @@ def resolve_spec(request: TrainRequest, environ: Mapping[str, str], hardware=Non
     if request.test:
         resolved = build_spec([*source_layers, test_layer(resolved.spec)], nvme_path=request.spec_args.nvme_path)
     hw = hardware if hardware is not None else hw_mod.detect()
-    planned: tuple[Layer, ...] = ()
     notes: list[str] = []
     if request.auto:
-        planned, notes = auto_layer(resolved, hw)
-    resolved, decisions = resolve(resolved, hw, extra_layers=planned)
+        first, _ = resolve(resolved, hw)
+        planned, notes = auto_layer(first, hw)
+        resolved, decisions = resolve(resolved, hw, extra_layers=planned)
+    else:
+        resolved, decisions = resolve(resolved, hw)
     return resolved, decisions.warnings + notes, hw
 
 
+# What --auto may choose, and the source labels that mean "the user did not set this".
+AUTO_PATHS = ("zero.stage", "offload.optimizer.device", "offload.param.device", "model.activation_checkpointing",
+              "batch.micro_batch", "batch.grad_accum")
+
+
+def user_set(sources: Mapping[str, str], path: str) -> bool:
+    label = sources.get(path, "default")
+    return not (label == "default" or label.startswith("preset") or label == "detected")
+
+
 def auto_layer(resolved: Resolved, hw) -> tuple[tuple[Layer, ...], list[str]]:
-    """--auto: the planner's choice for every strategy setting the user did not set explicitly."""
+    """--auto: the fastest strategy the planner predicts to fit, among those that keep every
+    setting the user gave explicitly (file, env or flag); presets and defaults may be changed."""
+    from .modelinfo import model_info
+    from .planner import plan
+    from .sources import unflatten
+
+    spec = resolved.spec
+    if hw.gpu_count == 0:
+        return (), ["--auto: no GPU found, so the configured strategy runs on CPU processes as it is"]
+    fixed = {p: v for p, v in resolved.flat().items() if p in AUTO_PATHS and user_set(resolved.sources, p)}
+    search = not ({"batch.micro_batch", "batch.grad_accum"} & set(fixed))
     try:
-        from .planner import auto_choice
-    except ImportError:
-        return (), ["--auto: the planner is not available; using detection only"]
-    values, notes = auto_choice(resolved, hw)
-    return (Layer("auto", "planner", values),), notes
+        info = model_info(spec.model.name_or_path, spec.model.trust_remote_code)
+    except Exception as exc:  # an unreadable config is reported by preflight with a fix
+        return (), [f"--auto: cannot read the model's config ({exc}); keeping the configured strategy"]
+    result = plan(info, spec, hw, search_micro_batch=search)
+    allowed = [s for s in result.strategies if s.fits and all(
+        {"zero.stage": s.stage, "offload.optimizer.device": s.offload_optimizer,
+         "offload.param.device": s.offload_param, "model.activation_checkpointing": s.activation_checkpointing,
+         "batch.micro_batch": s.micro_batch}.get(p, v) == v for p, v in fixed.items())]
+    if not allowed:
+        return (), [f"--auto: no strategy compatible with your settings ({', '.join(fixed) or 'none'}) is predicted "
+                    f"to fit in {result.gpu_memory_gib:.0f} GiB; keeping the configured one (see `craken plan`)"]
+    choice = allowed[0]
+    values = {"zero.stage": choice.stage, "offload.optimizer.device": choice.offload_optimizer,
+              "offload.param.device": choice.offload_param,
+              "model.activation_checkpointing": choice.activation_checkpointing,
+              "batch.micro_batch": choice.micro_batch, "batch.grad_accum": choice.grad_accum}
+    values = {p: v for p, v in values.items() if p not in fixed}
+    if values.get("offload.optimizer.device") == "none":
+        values["offload.optimizer.nvme_path"] = None
+    if values.get("zero.stage", spec.zero.stage) != 3:
+        values.update({f"zero.{k}": None for k in ("stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
+                                                   "stage3_max_live_parameters", "stage3_max_reuse_distance",
+                                                   "gather_16bit_weights_on_save")
+                       if not user_set(resolved.sources, f"zero.{k}")})
+    note = (f"--auto chose {choice.name}, micro-batch {choice.micro_batch} x accumulation {choice.grad_accum} "
+            f"(predicted {choice.total_gib:.1f} GiB of {result.gpu_memory_gib:.0f} GiB per GPU)")
+    return (Layer("auto", "planner", unflatten(values)),), [note]
 
 
 def resume_checkpoint(run_dir: Path, resume: str | None) -> tuple[Path | None, list[str]]:

@@ -1,0 +1,163 @@
+"""Real trainings: `craken train` launches 2 CPU processes through `accelerate launch` with real
+DeepSpeed (gloo). Each run is shared by several assertions to keep CI time down."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def craken(*args: str, cwd: Path, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "CRAKEN_NO_PROGRESS": "0", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "craken_cli", *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(records: list[dict]) -> list[float]:
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def eval_losses(records: list[dict]) -> list[float]:
+    return [r["eval_loss"] for r in records if "eval_loss" in r]
+
+
+def assert_reload_matches(run_dir: Path, atol: float) -> None:
+    """final/ reloads with transformers and reproduces the trained model's logits on a fixed batch."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check = torch.load(run_dir / "final_check.pt", weights_only=True)
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "final", dtype=torch.bfloat16)
+    AutoTokenizer.from_pretrained(run_dir / "final")  # the tokenizer is saved beside the weights
+    with torch.no_grad():
+        logits = model(input_ids=check["input_ids"]).logits.float()
+    assert logits.shape == check["logits"].shape
+    assert logits.abs().max() > 0.1  # not an empty / zero model
+    diff = (logits - check["logits"]).abs().max().item()
+    assert diff <= atol, f"reloaded logits differ from the trained model's by {diff}"
+
+
+def assert_trained(run_dir: Path, result: subprocess.CompletedProcess) -> list[dict]:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    records = metrics(run_dir)
+    losses = train_losses(records)
+    assert losses and all(l == l and abs(l) != float("inf") for l in losses)  # finite
+    assert losses[-1] < losses[0], f"loss did not fall: {losses}"
+    return records
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A local model folder written by save_pretrained: a small Llama and a locally trained tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    from craken_cli.train import builtin
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tok = builtin.build_tokenizer()
+    cfg = builtin.model_config(tok)
+    cfg.hidden_size, cfg.intermediate_size = 48, 96
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def jsonl_data(tmp_path_factory) -> Path:
+    from craken_cli.train import builtin
+
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    with open(path, "w") as fh:
+        for i, line in enumerate(builtin.pattern_lines(1500, seed=99)):
+            fh.write(json.dumps({"id": i, "content": line}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """`craken train` with no arguments, output piped (not a terminal)."""
+    cwd = tmp_path_factory.mktemp("default")
+    result = craken("train", cwd=cwd)
+    return cwd / "runs" / "default", result
+
+
+def test_embedded_default_trains_and_eval_loss_halves(default_run):
+    run_dir, result = default_run
+    records = assert_trained(run_dir, result)
+    evals = eval_losses(records)
+    assert len(evals) >= 2
+    assert evals[-1] <= evals[0] / 2, f"eval loss {evals[0]:.3f} -> {evals[-1]:.3f} did not halve"
+    start = records[0]
+    assert start["event"] == "start" and start["num_processes"] == 2 and start["precision"] == "bf16"
+    assert records[-1]["event"] == "end" and records[-1]["exit_code"] == 0
+    assert_reload_matches(run_dir, atol=0.05)
+
+
+def test_embedded_default_writes_configs_and_report(default_run):
+    run_dir, _ = default_run
+    ds = json.loads((run_dir / "ds_config.json").read_text())
+    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2
+    for png in ("loss.png", "lr.png", "tokens_per_s.png"):
+        data = (run_dir / "report" / png).read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000
+
+
+def test_piped_output_has_no_progress_bar_control_characters(default_run):
+    _, result = default_run
+    output = result.stdout + result.stderr
+    assert "step 10/" in output  # the plain progress lines are there
+    assert "\r" not in output and "\x1b" not in output
+
+
+def test_zero1_local_model_and_jsonl(tmp_path, tiny_model_dir, jsonl_data):
+    result = craken("train", "--zero", "1", "--model", str(tiny_model_dir), "--dataset", str(jsonl_data),
+                    "--text-column", "content", "--seq-len", "48", "--micro-batch", "4", "--grad-accum", "2",
+                    "--max-steps", "30", "--lr", "3e-3", "--clip", "0.5", "--name", "z1",
+                    "--set", "cluster.main_process_port=29611", cwd=tmp_path)
+    run_dir = tmp_path / "runs" / "z1"
+    records = assert_trained(run_dir, result)
+    assert records[0]["strategy"] == "zero1" and records[0]["grad_accum"] == 2
+    ds = json.loads((run_dir / "ds_config.json").read_text())
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is True
+    assert_reload_matches(run_dir, atol=0.05)
+
+
+def test_zero2_optimizer_offload(tmp_path):
+    result = craken("train", "--zero", "2", "--max-steps", "30", "--grad-accum", "2", "--name", "z2",
+                    "--set", "cluster.main_process_port=29612", cwd=tmp_path)
+    run_dir = tmp_path / "runs" / "z2"
+    records = assert_trained(run_dir, result)
+    assert records[0]["strategy"] == "zero2+offload_optimizer_cpu"
+    ds = json.loads((run_dir / "ds_config.json").read_text())
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert_reload_matches(run_dir, atol=0.05)
+
+
+def test_zero3_param_offload_saves_gathered_weights(tmp_path):
+    result = craken("train", "--zero", "3", "--offload-optimizer", "none", "--offload-param", "cpu",
+                    "--max-steps", "30", "--grad-accum", "2", "--name", "z3",
+                    "--set", "cluster.main_process_port=29613", cwd=tmp_path)
+    run_dir = tmp_path / "runs" / "z3"
+    records = assert_trained(run_dir, result)
+    assert records[0]["strategy"] == "zero3+offload_param_cpu"
+    ds = json.loads((run_dir / "ds_config.json").read_text())
+    assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    from safetensors import safe_open
+
+    with safe_open(run_dir / "final" / "model.safetensors", "pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    assert shapes and all(all(d > 0 for d in s) for s in shapes.values())  # no empty ZeRO-3 shards
+    assert_reload_matches(run_dir, atol=0.05)
