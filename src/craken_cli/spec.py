@@ -128,6 +128,9 @@ class TrainSection(Section):
     eval_batches: int = Field(8, gt=0, description="Micro-batches per evaluation and process.")
     save_every: int = Field(0, ge=0, description="Checkpoint every N optimizer steps (0: only at the end).")
     keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept; older ones are deleted.")
+    save_final: bool = Field(
+        True, description="Save a last checkpoint and the final/ model at the end (off: benchmarks, throwaway runs)."
+    )
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="On a NaN/Inf loss: stop with advice, or skip the step."
     )

@@ -30,7 +30,9 @@ def load_raw(spec):
 
     d = spec.data
     if builtin.is_builtin(d.dataset):
-        raw = datasets.Dataset.from_dict(builtin.dataset_records(seed=spec.train.seed))
+        # Enough lines for about 64 blocks, so long sequences still get several batches.
+        lines = max(4000, d.seq_len * 64 // 16)
+        raw = datasets.Dataset.from_dict(builtin.dataset_records(lines, seed=spec.train.seed))
         column = "text"
     else:
         path = Path(d.dataset).expanduser()

@@ -223,6 +223,7 @@ class Trainer:
         if on_gpu:
             torch.cuda.reset_peak_memory_stats(device)
 
+        check_every = max(1, min(spec.logging.steps_per_print, 10))
         epoch = state.epoch
         micro_in_epoch = state.batch_in_epoch
         step = state.step
@@ -244,10 +245,13 @@ class Trainer:
                     continue
                 step += 1
                 interval_steps += 1
-                # One small all-reduce per optimizer step: a stop request on any process, or a
-                # non-finite loss, stops every process at the same step.
-                flags = torch.tensor([float(stop.signum != 0), float(not torch.isfinite(loss_sum))], device=device)
-                flags = accelerator.reduce(flags, reduction="sum").tolist()
+                # Every `check_every` steps one small all-reduce (and the only host sync besides logging):
+                # a stop request on any process, or a non-finite loss, stops all processes at one step.
+                flags = [0.0, 0.0]
+                if step % check_every == 0 or step >= spec.train.max_steps or step == 1:
+                    flags = torch.stack([torch.tensor(float(stop.signum != 0), device=device),
+                                         (~torch.isfinite(loss_sum)).float()])
+                    flags = accelerator.reduce(flags, reduction="sum").tolist()
                 if first_step_s is None:
                     first_step_s = time.time() - PROCESS_START
                 if flags[1] and spec.train.on_nonfinite == "stop":
@@ -310,9 +314,9 @@ class Trainer:
                 micro_in_epoch = 0
 
         final_dir = None
-        if exit_code == 0:
-            if eval_dl is not None:
-                log_eval(step)
+        if exit_code == 0 and eval_dl is not None:
+            log_eval(step)
+        if exit_code == 0 and spec.train.save_final:
             checkpoint.save(accelerator, self.run_dir, state, spec.train.keep_checkpoints)
             final_dir = checkpoint.save_final(accelerator, model, tokenizer, self.run_dir, spec,
                                               check_batch=_check_batch(eval_dl or train_dl, device))

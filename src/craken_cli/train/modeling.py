@@ -7,6 +7,8 @@ transformers before this runs, so both paths build the model already partitioned
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from . import builtin
 
 
@@ -31,6 +33,13 @@ def load_model(spec, tokenizer):
     if builtin.is_builtin(m.name_or_path):
         model = AutoModelForCausalLM.from_config(builtin.model_config(tokenizer),
                                                  attn_implementation=m.attn_implementation)
+    elif has_no_weights(m.name_or_path):
+        # A folder with only config.json: train from scratch (random weights), e.g. a new shape.
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation=m.attn_implementation,
+                                                 trust_remote_code=m.trust_remote_code)
     else:
         model = AutoModelForCausalLM.from_pretrained(
             m.name_or_path, attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code)
@@ -38,6 +47,17 @@ def load_model(spec, tokenizer):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def has_no_weights(name: str) -> bool:
+    """A local folder holding a config but no weights (random initialisation from the config)."""
+    folder = Path(name).expanduser()
+    return folder.is_dir() and (folder / "config.json").is_file() and not any(
+        (folder / f).exists() for f in WEIGHT_FILES)
 
 
 def compile_layers(model) -> int:

@@ -1,0 +1,163 @@
+"""GPU benchmark grid: craken's strategies against hand-written Accelerate + DeepSpeed, in one call.
+
+    python3 benchmarks/gpu_bench.py --grid one-gpu --out $OUT        # 1 GPU
+    python3 benchmarks/gpu_bench.py --grid two-gpu --out $OUT        # 2 GPUs (+ two "machines" over NCCL)
+
+Every run is a real launch (`craken train ...` or `accelerate launch benchmarks/handwritten_train.py`)
+on a Llama-shaped model built from a config (random weights, nothing downloaded). tokens/s are
+the mean of the logged intervals after the first (warm-up, compilation); memory is the peak of
+torch's allocator per GPU. A compact table is printed last; the full log and a JSON of the rows
+go to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PEAK = 989e12  # dense bf16 peak of H100/H200 SXM
+
+SHAPES = {
+    # name: (hidden, layers, heads, kv_heads, mlp, vocab)
+    "llama-1.1b": (2048, 22, 32, 4, 5632, 32000),
+    "llama-350m": (1024, 24, 16, 4, 2816, 32000),
+    "llama-3b": (2560, 32, 32, 8, 6912, 32000),
+}
+
+
+def write_config(folder: Path, shape: str) -> Path:
+    hidden, layers, heads, kv, mlp, vocab = SHAPES[shape]
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+           "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv,
+           "intermediate_size": mlp, "vocab_size": vocab, "max_position_embeddings": 4096,
+           "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "hidden_act": "silu", "rope_theta": 10000.0,
+           "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16"}
+    (folder / "config.json").write_text(json.dumps(cfg, indent=1))
+    return folder
+
+
+def craken_run(name, model, out, seq, steps, *flags, gpus=1, port=29500):
+    run_dir = out / "runs" / name
+    argv = [sys.executable, "-m", "craken_cli", "train", "--model", str(model), "--tokenizer", "builtin:tiny",
+            "--seq-len", str(seq), "--max-steps", str(steps), "--steps-per-print", "5", "--eval-every", "0",
+            "--set", "data.eval_fraction=0", "--set", "train.save_final=false", "--num-processes", str(gpus),
+            "--main-process-port", str(port), "--output-dir", str(run_dir), "--force", *flags]
+    return {"name": name, "kind": "craken", "argv": argv, "run_dir": run_dir, "gpus": gpus}
+
+
+def hand_run(name, model, out, seq, steps, strategy, micro, gpus=1, port=29500):
+    argv = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus),
+            "--main_process_port", str(port)]
+    if strategy == "plain":
+        argv += ["--mixed_precision", "bf16"] + (["--multi_gpu"] if gpus > 1 else [])
+    else:
+        stage, _, offload = strategy.partition("+")
+        argv += ["--use_deepspeed", "--zero_stage", stage.removeprefix("zero"), "--mixed_precision", "bf16",
+                 "--gradient_accumulation_steps", "1", "--gradient_clipping", "1.0",
+                 "--offload_optimizer_device", "cpu" if offload else "none", "--offload_param_device", "none",
+                 "--zero3_init_flag", "false"]
+    out_json = out / f"{name}.json"
+    argv += [str(ROOT / "benchmarks" / "handwritten_train.py"), "--model", str(model), "--seq-len", str(seq),
+             "--micro-batch", str(micro), "--steps", str(steps), "--out", str(out_json)]
+    return {"name": name, "kind": "hand", "argv": argv, "result": out_json, "gpus": gpus}
+
+
+def summarize_craken(run) -> dict:
+    lines = [json.loads(x) for x in (run["run_dir"] / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    start = next(r for r in lines if r.get("event") == "start")
+    train = [r for r in lines if "loss" in r]
+    end = next((r for r in lines if r.get("event") == "end"), {})
+    timed = train[1:] or train
+    tps = sum(r["tokens_per_s_per_gpu"] for r in timed) / len(timed)
+    fpt = start["flops_per_token"]
+    return {"strategy": start["strategy"], "micro_batch": start["micro_batch"], "grad_accum": start["grad_accum"],
+            "tokens_per_s_per_gpu": tps, "tflops": tps * fpt / 1e12, "mfu": tps * fpt / PEAK,
+            "peak_alloc_gib": max(r["gpu_mem_gib"] or 0 for r in train),
+            "peak_reserved_gib": max(r["gpu_mem_reserved_gib"] or 0 for r in train),
+            "first_step_s": end.get("first_step_s"), "loss_first": train[0]["loss"], "loss_last": train[-1]["loss"],
+            "steps": end.get("steps")}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--grid", default="one-gpu")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--only", default="", help="comma-separated run names")
+    args = ap.parse_args()
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path("/tmp/craken-bench")
+    m11 = write_config(work / "llama-1.1b", "llama-1.1b")
+    runs = []
+    log = open(out / "bench.log", "w")
+    if args.grid == "one-gpu":
+        runs += [
+            {"name": "doctor", "kind": "cmd", "argv": [sys.executable, "-m", "craken_cli", "doctor"]},
+            {"name": "default", "kind": "cmd", "argv": [sys.executable, "-m", "craken_cli", "train", "--name",
+                                                         "bench-default", "--force"]},
+            hand_run("hand-plain-mb4", m11, out, 2048, 16, "plain", 4),
+            craken_run("craken-zero1-mb4", m11, out, 2048, 30, "--zero", "1", "--micro-batch", "4",
+                       "--grad-accum", "1", "--set", "offload.optimizer.device=none"),
+            craken_run("craken-zero1-compile-mb8", m11, out, 2048, 30, "--zero", "1", "--micro-batch", "8",
+                       "--grad-accum", "1", "--compile"),
+            craken_run("craken-auto", m11, out, 2048, 200, "--auto", "--compile", "--global-batch", "8"),
+            hand_run("hand-zero2-mb4", m11, out, 2048, 16, "zero2", 4),
+        ]
+    elif args.grid == "two-gpu":
+        runs += [
+            hand_run("hand-ddp-mb4-2gpu", m11, out, 2048, 16, "plain", 4, gpus=2),
+            craken_run("craken-auto-2gpu", m11, out, 2048, 60, "--auto", "--compile", "--global-batch", "16",
+                       gpus=2),
+            craken_run("craken-zero2-compile-mb8-2gpu", m11, out, 2048, 30, "--zero", "2", "--micro-batch", "8",
+                       "--grad-accum", "1", "--compile", "--set", "offload.optimizer.device=none", gpus=2),
+        ]
+    if args.only:
+        keep = set(args.only.split(","))
+        runs = [r for r in runs if r["name"] in keep]
+    rows = []
+    for run in runs:
+        t0 = time.time()
+        log.write(f"\n===== {run['name']}: {' '.join(map(str, run['argv']))}\n")
+        log.flush()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.run(run["argv"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                              timeout=420)
+        wall = time.time() - t0
+        log.write(proc.stdout)
+        log.flush()
+        row = {"name": run["name"], "rc": proc.returncode, "wall_s": round(wall, 1)}
+        try:
+            if run["kind"] == "craken":
+                row.update(summarize_craken(run))
+            elif run["kind"] == "hand":
+                row.update(json.loads(run["result"].read_text()))
+            else:
+                row["output_tail"] = proc.stdout[-3000:]
+        except Exception as exc:  # a failed run is a row too
+            row["error"] = f"{exc.__class__.__name__}: {exc}"
+        rows.append(row)
+        print(f"[{run['name']}] rc={proc.returncode} wall={wall:.0f}s", flush=True)
+        if run["kind"] == "cmd":
+            print(proc.stdout[-2500:], flush=True)
+    (out / "rows.json").write_text(json.dumps(rows, indent=1, default=str))
+    print("\nname | rc | strategy | mb | tok/s/GPU | TFLOP/s | MFU | alloc GiB | reserved GiB | first step s | wall s")
+    for r in rows:
+        if "tokens_per_s_per_gpu" in r:
+            print(f"{r['name']} | {r['rc']} | {r.get('strategy', '-')} | {r.get('micro_batch')} | "
+                  f"{r['tokens_per_s_per_gpu']:,.0f} | {r['tflops']:.1f} | {r['mfu']:.3f} | "
+                  f"{r['peak_alloc_gib']:.2f} | {r['peak_reserved_gib']:.2f} | {r.get('first_step_s') or 0:.1f} | "
+                  f"{r['wall_s']}")
+        else:
+            print(f"{r['name']} | {r['rc']} | {r.get('error', '')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
