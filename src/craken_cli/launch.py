@@ -48,6 +48,9 @@ def build(spec, run_dir: str | os.PathLike, base_env: Mapping[str, str], cpu_cou
         per_machine = max(1, c.num_processes // c.num_machines)
         # Share the cores between the processes instead of each grabbing all of them.
         env.setdefault("OMP_NUM_THREADS", str(max(1, cpu_count // per_machine)))
+    arch = normalized_arch_list(env.get("TORCH_CUDA_ARCH_LIST"))
+    if arch is not None:
+        env["TORCH_CUDA_ARCH_LIST"] = arch
     if resume_from:
         env["CRAKEN_RESUME_FROM"] = str(resume_from)
     else:
@@ -55,11 +58,68 @@ def build(spec, run_dir: str | os.PathLike, base_env: Mapping[str, str], cpu_cou
     return argv, env
 
 
+def normalized_arch_list(value: str | None) -> str | None:
+    """TORCH_CUDA_ARCH_LIST as DeepSpeed's op builder can parse it, or None if it already can.
+
+    Images often set "9.0a" (Hopper's arch-specific target); DeepSpeed 0.19 reads every entry as
+    numbers and fails to build any op ("invalid literal for int() ... '0a'").
+    """
+    if not value:
+        return None
+    import re
+
+    entries = re.split(r"[;\s,]+", value.strip())
+    fixed = []
+    for e in entries:
+        m = re.fullmatch(r"(\d+\.\d+)[a-z]?(\+PTX)?", e)
+        if m and m.group(1) + (m.group(2) or "") not in fixed:
+            fixed.append(m.group(1) + (m.group(2) or ""))
+    out = ";".join(fixed)
+    return out if out != value else None
+
+
 def run(argv: Sequence[str], env: Mapping[str, str]) -> int:
-    """Start the launcher, stream its output, return its exit code; Ctrl-C reaches the children."""
+    """Start the launcher, stream its output, return its exit code.
+
+    Ctrl-C reaches the launcher (same process group), which passes it on to the workers. A SIGTERM
+    sent to craken alone (a container's PID 1, a scheduler) is passed to the workers directly:
+    torchrun starts them in sessions of their own, and a second signal to torchrun while it is
+    shutting down would make it give up waiting for their checkpoint."""
+    import signal
+
     proc = subprocess.Popen(list(argv), env=dict(env))
+
+    def forward(signum, frame):
+        for pid in descendants(proc.pid):
+            try:
+                os.kill(pid, signum)
+            except OSError:
+                pass
+
+    previous = signal.signal(signal.SIGTERM, forward)
     try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        # The children got the SIGINT too (same process group): let them checkpoint and exit.
-        return proc.wait()
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:
+                continue  # the launcher got the SIGINT too: let the workers checkpoint and exit
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def descendants(pid: int) -> list[int]:
+    """Processes below `pid` (Linux /proc; empty elsewhere), for passing a signal on to workers."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*/stat") if Path("/proc").is_dir() else []:
+        try:
+            stat = entry.read_text()
+            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        except (OSError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out

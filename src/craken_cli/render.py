@@ -79,9 +79,13 @@ def deepspeed_config(spec: RunSpec) -> dict:
     if spec.precision == "fp16":
         cfg["fp16"].update(loss_scale=0, initial_scale_power=16, loss_scale_window=1000, hysteresis=2,
                            min_loss_scale=1)
+    if not o.fused and not spec.cluster.use_cpu:
+        # DeepSpeed hands the remaining params to torch.optim.AdamW: its fused CUDA kernel, no JIT build.
+        cfg["optimizer"]["params"]["fused"] = True
     if spec.offload.optimizer.device != "none" and not o.fused:
         # Offloaded states are stepped by DeepSpeed's CPU Adam; torch_adam would be refused there.
         del cfg["optimizer"]["params"]["torch_adam"]
+        cfg["optimizer"]["params"].pop("fused", None)
     return cfg
 
 

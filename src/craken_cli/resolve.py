@@ -58,8 +58,7 @@ def hardware_values(spec, hw: Hardware) -> tuple[dict, Decisions]:
                               "watch for skipped steps")
         d.made["precision"] = (precision, why)
     if spec.optimizer.fused is None:
-        d.made["optimizer.fused"] = (not use_cpu, "GPU: DeepSpeed's fused Adam" if not use_cpu
-                                     else "CPU processes: torch AdamW (no op to build)")
+        d.made["optimizer.fused"] = (False, "torch AdamW (fused kernel on GPU): no DeepSpeed op to build")
     if spec.zero.stage == 3:
         for key, value in STAGE3_DEFAULTS.items():
             if getattr(spec.zero, key) is None:

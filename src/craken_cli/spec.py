@@ -105,7 +105,8 @@ class OptimizerSection(Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
     clip: float = Field(0.3, ge=0, description="Gradient clipping by global norm (0 disables).")
     fused: bool | None = Field(
-        None, description="DeepSpeed's fused Adam kernel (None: on GPU, torch AdamW on CPU processes)."
+        None, description="DeepSpeed's JIT-built FusedAdam CUDA op instead of torch's AdamW (None: no; torch's "
+        "AdamW uses its own fused kernel on GPU and needs no op to build)."
     )
 
     @model_validator(mode="after")
