@@ -1,0 +1,92 @@
+"""`craken ckpt list|export|convert`: inspect a run's checkpoints, export HF weights, convert for
+another number of processes. The work is in `craken_cli.ckpt_ops`; this module parses and prints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    help="Checkpoints: list them, export HF safetensors weights, convert for another number of processes.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+_RUN_DIR = typer.Argument(help="Run folder written by `craken train` (holds checkpoints/).", show_default=False)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@app.command("list", epilog="Example: craken ckpt list runs/default --json")
+def list_(
+    run_dir: Annotated[Path, _RUN_DIR],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per checkpoint.")] = False,
+) -> None:
+    """List a run's checkpoints: step, processes that wrote it, complete or not (and why), size."""
+    from ..ckpt_ops import rows
+
+    found = rows(run_dir)
+    if as_json:
+        typer.echo(json.dumps(found, indent=2))
+        return
+    if not found:
+        typer.echo(f"no checkpoints in {run_dir / 'checkpoints'}")
+        return
+    # Plain lines, path last and never cut: it is what gets copied into --resume or --step.
+    typer.echo(f"{'step':>8}  {'procs':>5}  {'size':>9}  {'path':<40}  state")
+    for r in found:
+        state = "complete" if r["complete"] else "BROKEN: " + "; ".join(r["problems"][:2])
+        if r["universal"]:
+            state += " (universal)"
+        if r["latest"]:
+            state += " (latest)"
+        typer.echo(f"{r['step']:>8}  {r['processes'] or '?':>5}  {_human(r['size_bytes']):>9}  {r['path']:<40}  {state}")
+
+
+@app.command("export", epilog="Examples: craken ckpt export runs/default --out exported/ | "
+                              "craken ckpt export runs/default --step 100 --dtype fp32 --out exported-fp32/")
+def export(
+    run_dir: Annotated[Path, _RUN_DIR],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the model into (must not exist or be empty).",
+                                      show_default=False)],
+    step: Annotated[Optional[int], typer.Option("--step", help="Checkpoint step (default: the latest good one).",
+                                                show_default=False)] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="auto (the training precision), fp32, bf16 or fp16.")]
+    = "auto",
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out folder.")] = False,
+) -> None:
+    """Write a consolidated HF safetensors model (config, weights, tokenizer) from a checkpoint's
+    DeepSpeed shards, ZeRO-3 included; `AutoModelForCausalLM.from_pretrained(OUT)` loads it."""
+    from ..ckpt_ops import export as do_export
+    from ..ckpt_ops import pick, require_new_output
+
+    require_new_output(out, force, "cannot export")  # before the slow imports
+    ckpt = pick(run_dir, step)
+    path = do_export(ckpt, out, dtype=dtype, force=force)
+    typer.echo(f"exported {ckpt} -> {path}")
+
+
+@app.command("convert", epilog="Example: craken ckpt convert runs/default/checkpoints/step_00000100 && "
+                               "craken train --num-processes 4 --resume runs/default/checkpoints/universal/step_00000100")
+def convert(
+    ckpt: Annotated[Path, typer.Argument(help="A checkpoint folder (RUN/checkpoints/step_N).", show_default=False)],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Where to write it (default: "
+                                                "RUN/checkpoints/universal/step_N).", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out folder.")] = False,
+) -> None:
+    """Convert a checkpoint to DeepSpeed's universal format, which resumes on any number of processes.
+
+    `craken train --resume` does this by itself when the number of processes changed."""
+    from ..ckpt_ops import convert as do_convert
+
+    path = do_convert(ckpt, out, force=force)
+    typer.echo(f"converted {ckpt} -> {path}\nresume with: craken train --resume {path}")
