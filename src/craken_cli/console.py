@@ -1,8 +1,18 @@
-"""The two consoles: results to stdout, problems and progress to stderr."""
+"""The two consoles: results to stdout, problems and progress to stderr.
+
+`from craken_cli.console import out, err` works as usual; rich is imported when a console is first
+asked for, not when this module is, to keep start-up fast (docs/performance.md)."""
 
 from __future__ import annotations
 
-from rich.console import Console
+_consoles: dict = {}
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+def __getattr__(name: str):
+    if name not in ("out", "err"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in _consoles:
+        from rich.console import Console
+
+        _consoles[name] = Console(stderr=name == "err", highlight=False, soft_wrap=True)
+    return _consoles[name]

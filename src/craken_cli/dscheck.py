@@ -7,6 +7,8 @@ deepspeed: only `config validate` and the tests call it.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import socket
 
@@ -34,7 +36,9 @@ def _ensure_process_group() -> None:
 def parse_deepspeed_config(cfg: dict, world_size: int):
     """DeepSpeed's parsed config; raises what DeepSpeed raises for a bad one."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from deepspeed.runtime.config import DeepSpeedConfig
+    # DeepSpeed prints op-build notes on stdout ("... built successfully"); stdout is for results.
+    with contextlib.redirect_stdout(io.StringIO()):
+        from deepspeed.runtime.config import DeepSpeedConfig
 
-    _ensure_process_group()
-    return DeepSpeedConfig(dict(cfg), mpu=_DataParallel(world_size))
+        _ensure_process_group()
+        return DeepSpeedConfig(dict(cfg), mpu=_DataParallel(world_size))

@@ -112,12 +112,12 @@ def layers(args: SpecArgs, environ=None) -> list[Layer]:
         out.append(sources.file_layer(config))
     out.append(sources.env_layer(environ))
     out.append(sources.flag_layer(args.flags, args.sets))
-    # The built-in model brings its own sizes, above the ZeRO preset and below the user's sources.
+    # The built-in model brings its own sizes, below the ZeRO preset the user picked with --zero N (so
+    # `--zero 2` gives exactly the ds_zero2 preset: accumulation 8) and below the user's own sources.
     merged, _ = sources.merge(out)
     if merged.get("model.name_or_path", "builtin:tiny") == BUILTIN_PRESET_MODEL:
-        at = 2 if len(out) > 1 and out[1].kind == "preset" else 1
         path = builtin_preset_path()
-        out.insert(at, Layer("preset", path.name, yamlio.read_mapping(path)))
+        out.insert(1, Layer("preset", path.name, yamlio.read_mapping(path)))
     return out
 
 

@@ -193,7 +193,14 @@ def merge(layers: Iterable[Layer]) -> tuple[dict, dict[str, str]]:
 
 
 def build_spec(layers: Iterable[Layer], nvme_path: str | None = None) -> Resolved:
+    layers = list(layers)
     flat, origin = merge(layers)
+    # A global batch given above the layer that set grad_accum (a preset's 8, say) means "derive the
+    # accumulation from it", not "check it against the preset's".
+    rank = {p: i for i, layer in enumerate(layers) for p in flatten(layer.values)}
+    if (flat.get("batch.global_batch") is not None and flat.get("batch.grad_accum") is not None
+            and rank["batch.global_batch"] > rank["batch.grad_accum"]):
+        del flat["batch.grad_accum"], origin["batch.grad_accum"]
     if nvme_path is not None:
         targets = [t for t in ("optimizer", "param") if flat.get(f"offload.{t}.device") == "nvme"]
         if not targets:

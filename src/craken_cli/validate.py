@@ -33,6 +33,7 @@ def _read(path: Path, report: Report) -> dict | None:
 def validate_files(files: list[Path], num_processes: int | None = None) -> Report:
     report = Report()
     ds_values: dict = {}
+    for_parser: list[tuple[dict, str]] = []  # DeepSpeed JSONs for DeepSpeed's own parser, once craken finds no problem
     accel_values: dict = {}
     ds_name = accel_name = None
     for path in files:
@@ -44,7 +45,7 @@ def validate_files(files: list[Path], num_processes: int | None = None) -> Repor
             report.problems += imported.problems
             ds_values, ds_name = imported.values, Path(path).name
             if not imported.problems:
-                report.problems += deepspeed_parser_problems(data, Path(path).name, num_processes)
+                for_parser.append((data, ds_name))
         elif _ACCEL_MARKERS & set(data):
             imported, _ = from_accelerate(data, origin=Path(path).name)
             report.problems += imported.problems
@@ -61,7 +62,8 @@ def validate_files(files: list[Path], num_processes: int | None = None) -> Repor
         if ds_values[key] != accel_values[key]:
             report.problems.append(f"{key} disagrees: {ds_values[key]!r} in {ds_name} but {accel_values[key]!r} in "
                                    f"{accel_name}: write it once, in the DeepSpeed JSON")
-    merged = {**ds_values, **accel_values}
+    # Where they disagree (reported above) the JSON's value stands, so one mistake is reported once.
+    merged = {**accel_values, **ds_values}
     if num_processes is not None:
         merged["cluster.num_processes"] = num_processes
     world = merged.get("cluster.num_processes")
@@ -74,6 +76,10 @@ def validate_files(files: list[Path], num_processes: int | None = None) -> Repor
         build_spec([Layer("file", " + ".join(n for n in (ds_name, accel_name) if n), unflatten(merged))])
     except CrakenError as exc:
         report.problems += exc.problems
+    if not report.problems:
+        # Last, the real consumer; only on its own, so that one mistake is not reported twice.
+        for data, name in for_parser:
+            report.problems += deepspeed_parser_problems(data, name, num_processes)
     return report
 
 

@@ -22,14 +22,16 @@ def render(
     spec_args: SpecArgs,
 ) -> None:
     """Write ds_config.json, accelerate.yaml and run.yaml without launching anything."""
-    from ..console import err
     from ..render import rendered_files, write_files
 
     resolved, decisions = load_run(spec_args)
     target = out if out is not None else Path(resolved.spec.output.run_dir())
     written = write_files(rendered_files(resolved.spec, resolved.sources, target), target, force=force)
-    for warning in decisions.warnings:
-        err.print(f"[yellow]warning:[/] {warning}")
+    if decisions.warnings:
+        from ..console import err  # rich costs ~40 ms to import: only when there is something to say
+
+        for warning in decisions.warnings:
+            err.print(f"[yellow]warning:[/] {warning}")
     for path in written:
         typer.echo(str(path))
 
