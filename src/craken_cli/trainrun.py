@@ -154,8 +154,14 @@ def resume_checkpoint(run_dir: Path, resume: str | None) -> tuple[Path | None, l
     if not path.is_dir():
         raise CrakenError(f"--resume {resume}: no such checkpoint folder; use --resume auto or a path "
                           "from `craken ckpt list RUN_DIR`")
-    if not checkpoint.is_complete(path):
-        raise CrakenError(f"--resume {resume}: this checkpoint is partial or corrupt (no {checkpoint.STATE_FILE}); "
+    if checkpoint.checkpoint_dir(path).is_dir():  # a run folder: its latest good checkpoint
+        found, warnings = checkpoint.latest_checkpoint(path)
+        if found is None:
+            raise CrakenError(f"--resume {resume}: this run folder has no complete checkpoint")
+        return found, warnings
+    why = checkpoint.problems(path)
+    if why:
+        raise CrakenError(f"--resume {resume}: this checkpoint is partial or corrupt ({'; '.join(why[:3])}); "
                           "use an earlier one from `craken ckpt list RUN_DIR`")
     return path, []
 
@@ -172,8 +178,10 @@ def prepare(request: TrainRequest, environ: Mapping[str, str], hardware=None) ->
     resume_from, resume_warnings = resume_checkpoint(run_dir, request.resume)
     warnings += resume_warnings
     if resume_from is not None:
-        resume_from = convert_if_world_changed(resume_from, spec, warnings)
+        resume_from = convert_if_world_changed(resume_from, spec, warnings, run_dir, convert=not request.dry_run)
     files = rendered_files(spec, resolved.sources, run_dir)
+    if resume_from is not None and is_universal(resume_from):
+        files = with_universal_load(files)
     argv, env = launch.build(spec, run_dir, environ, hw.cpu_count, request.launcher_args, resume_from)
     prepared = Prepared(resolved, run_dir, argv, env, files, resume_from, warnings, request.test)
     if not request.dry_run:
@@ -183,16 +191,50 @@ def prepare(request: TrainRequest, environ: Mapping[str, str], hardware=None) ->
     return prepared
 
 
-def convert_if_world_changed(ckpt: Path, spec, warnings: list[str]) -> Path:
-    """A checkpoint from another process count: convert it to DeepSpeed's universal format."""
+def convert_if_world_changed(ckpt: Path, spec, warnings: list[str], run_dir: Path, convert: bool = True) -> Path:
+    """A checkpoint from another process count: its universal copy (DeepSpeed's ds_to_universal),
+    made now unless one exists. With `convert` off (--dry-run) only the path it would have."""
+    from . import ckpt_ops
     from .train import checkpoint
 
-    saved = checkpoint.read_state(ckpt).world_size
-    if not saved or saved == spec.world_size:
+    state = checkpoint.read_state(ckpt)
+    if state.universal or not state.world_size or state.world_size == spec.world_size:
         return ckpt
-    raise CrakenError(
-        f"{ckpt} was saved by {saved} processes and this run has {spec.world_size}: convert it first with "
-        f"`craken ckpt convert {ckpt}` and resume from the converted folder", title="cannot resume")
+    own = ckpt.parent.resolve() == checkpoint.checkpoint_dir(run_dir).resolve()
+    # Into this run's folder, never into another run's.
+    out = (ckpt_ops.default_universal_out(ckpt) if own
+           else checkpoint.checkpoint_dir(run_dir) / ckpt_ops.UNIVERSAL_DIR / ckpt.name)
+    if checkpoint.is_complete(out) and checkpoint.read_state(out).step == state.step:
+        warnings.append(f"{ckpt} was saved by {state.world_size} processes, this run has {spec.world_size}: "
+                        f"resuming from its universal copy {out}")
+        return out
+    warnings.append(f"{ckpt} was saved by {state.world_size} processes, this run has {spec.world_size}: "
+                    f"converting it to a universal checkpoint in {out}")
+    if not convert:
+        return out
+    try:
+        return ckpt_ops.convert(ckpt, out, force=True)
+    except CrakenError as exc:
+        raise CrakenError(f"{ckpt} was saved by {state.world_size} processes and this run has {spec.world_size}; "
+                          f"converting it failed: {exc.problems[0]}; convert it by hand with `craken ckpt convert "
+                          f"{ckpt} --out DIR` and resume with --resume DIR, or resume with --num-processes "
+                          f"{state.world_size}", title="cannot resume") from None
+
+
+def is_universal(ckpt: Path) -> bool:
+    from .train import checkpoint
+
+    return checkpoint.is_complete(ckpt) and checkpoint.read_state(ckpt).universal or not ckpt.exists()
+
+
+def with_universal_load(files: dict[str, str]) -> dict[str, str]:
+    """The DeepSpeed JSON of a launch that resumes from a universal checkpoint. Only that launch:
+    the checkpoints it writes are ordinary ones again."""
+    from .render import DS_FILE
+
+    cfg = json.loads(files[DS_FILE])
+    cfg["checkpoint"] = {**cfg.get("checkpoint", {}), "load_universal": True}
+    return {**files, DS_FILE: json.dumps(cfg, indent=2) + "\n"}
 
 
 def clear_previous_run(run_dir: Path) -> None:
@@ -207,17 +249,39 @@ def clear_previous_run(run_dir: Path) -> None:
 def execute(prepared: Prepared) -> int:
     from .console import err
 
-    code = launch.run(prepared.argv, prepared.env)
     metrics = prepared.run_dir / "metrics.jsonl"
+    offset = metrics.stat().st_size if metrics.exists() else 0
+    code = launch.run(prepared.argv, prepared.env)
     if code == 0 and metrics.exists():
         write_report(prepared.run_dir)
     if prepared.test:
         healthy, message = test_health(metrics) if code == 0 else (False, f"the run exited with code {code}")
         err.print(("[green]test training healthy:[/] " if healthy else "[red]test training failed:[/] ") + message)
         return 0 if healthy else (code or 1)
-    if code != 0:
+    stopped = stopped_by_signal(metrics, offset) if code != 0 else None
+    if stopped is not None:
+        # torchrun reports a signal as a failure (exit 1, a SignalException traceback); the workers
+        # finished their step and saved a checkpoint: say so, and exit 143 (SIGTERM) / 130 (SIGINT).
+        step, code = stopped
+        err.print(f"craken: stopped by a signal at step {step}; its checkpoint is saved. Resume with: craken train "
+                  f"--config {prepared.run_dir / 'run.yaml'} --resume auto", markup=False)
+    elif code != 0:
         err.print(f"[red]craken: training exited with code {code}[/]; run folder: {prepared.run_dir}")
     return code
+
+
+def stopped_by_signal(metrics: Path, offset: int = 0) -> tuple[int, int] | None:
+    """(step, exit code) when this launch (metrics written after `offset`) ended on SIGTERM/SIGINT
+    after checkpointing."""
+    try:
+        with open(metrics, "rb") as fh:
+            fh.seek(offset)
+            last = json.loads(fh.read().decode().strip().splitlines()[-1])
+    except (OSError, ValueError, IndexError):
+        return None
+    if last.get("event") == "end" and last.get("exit_code") in (130, 143):
+        return last.get("steps"), last["exit_code"]
+    return None
 
 
 def write_report(run_dir: Path) -> None:

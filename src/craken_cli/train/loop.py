@@ -45,9 +45,21 @@ class StopRequest:
         self.signum = 0
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
+        # torchrun starts each worker in its own session, so a kill of the launcher's process group
+        # never reaches the workers: one whose launcher died stops as if sent SIGTERM, instead of
+        # training on unsupervised (and racing the next run for the same run folder).
+        import threading
+
+        parent = os.getppid()
+        threading.Thread(target=self._watch_parent, args=(parent,), daemon=True).start()
 
     def _handle(self, signum, frame):
         self.signum = signum
+
+    def _watch_parent(self, parent: int) -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        self.signum = self.signum or signal.SIGTERM
 
 
 def _jsonl(path: Path):
@@ -133,6 +145,7 @@ class Trainer:
                              "process: add data, lower --micro-batch or --seq-len")
 
         model = modeling.load_model(spec, tokenizer)
+        checkpoint.write_model_meta(accelerator, self.run_dir, model, tokenizer, spec.precision)
         n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
         emb = model.get_input_embeddings()
         n_emb = emb.weight.ds_numel if hasattr(emb.weight, "ds_numel") else emb.weight.numel()
