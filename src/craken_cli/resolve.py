@@ -57,6 +57,9 @@ def hardware_values(spec, hw: Hardware) -> tuple[dict, Decisions]:
             d.warnings.append(f"precision auto -> fp16: {why}; fp16 uses loss scaling and can overflow, "
                               "watch for skipped steps")
         d.made["precision"] = (precision, why)
+    if c.rdzv_backend is None:
+        backend = "c10d" if c.max_restarts else "static"
+        d.made["cluster.rdzv_backend"] = (backend, "restarts need c10d" if c.max_restarts else "one rendezvous")
     if spec.optimizer.fused is None:
         d.made["optimizer.fused"] = (False, "torch AdamW (fused kernel on GPU): no DeepSpeed op to build")
     if spec.zero.stage == 3:

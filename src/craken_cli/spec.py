@@ -193,7 +193,10 @@ class ClusterSection(Section):
         None, description="Address of the machine of rank 0 (required with several machines)."
     )
     main_process_port: int = Field(29500, gt=0, lt=65536, description="TCP port of the rendezvous on rank 0.")
-    rdzv_backend: Literal["static", "c10d"] = Field("static", description="torchrun rendezvous backend.")
+    rdzv_backend: Literal["static", "c10d"] | None = Field(
+        None, description="torchrun rendezvous backend (None: static, or c10d with max_restarts, since a restarted "
+        "static group reads its dead workers' stale addresses)."
+    )
     launcher: Literal["accelerate", "deepspeed"] = Field(
         "accelerate", description="accelerate (torchrun) or DeepSpeed's hostfile launcher (pdsh + ssh)."
     )
@@ -269,6 +272,9 @@ def cross_field_problems(spec: RunSpec) -> list[str]:
         if set_s3:
             out.append(f"zero.{', zero.'.join(set_s3)} only apply at ZeRO stage 3 (stage is {z.stage}): "
                        "remove them or use --zero 3")
+    if c.max_restarts and c.rdzv_backend == "static":
+        out.append("restarts (--max-restarts) need the c10d rendezvous: a restarted static group reads stale "
+                   "addresses of its dead workers; use --rdzv-backend c10d or leave it unset")
     if c.machine_rank >= c.num_machines:
         out.append(f"cluster.machine_rank {c.machine_rank} must be below num_machines {c.num_machines}: "
                    "fix --machine-rank")

@@ -113,7 +113,9 @@ class Trainer:
             project_dir=str(self.run_dir),
         )
         self.accelerator = accelerator
-        is_main = accelerator.is_main_process
+        # Each machine's first process logs (metrics, progress) into its own run folder; the losses
+        # are reduced over all processes, so every machine logs the same numbers.
+        is_main = accelerator.is_local_main_process
         set_seed(spec.train.seed)
         if spec.logging.report_to != "none":
             accelerator.init_trackers(spec.output.name, config={"zero_stage": spec.zero.stage,
@@ -175,6 +177,13 @@ class Trainer:
         tokens_per_step = spec.batch.micro_batch * spec.grad_accum * spec.data.seq_len * world
 
         state = checkpoint.TrainState()
+        if not self.resume_from and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
+            # Restarted by the launcher (--max-restarts) after a worker failed: continue from the
+            # latest good checkpoint, or from scratch if none was written yet.
+            latest, _ = checkpoint.latest_checkpoint(self.run_dir)
+            self.resume_from = str(latest) if latest else None
+            if is_main:
+                print(f"craken: worker group restarted; resuming from {latest or 'the start'}", flush=True)
         if self.resume_from:
             state = checkpoint.load(accelerator, Path(self.resume_from))
             if is_main:
@@ -182,7 +191,7 @@ class Trainer:
 
         write = None
         if is_main:
-            write, metrics_fh = _jsonl(self.run_dir / "metrics.jsonl")
+            write, metrics_fh = _jsonl(self.run_dir / metrics_file(spec.cluster.machine_rank))
             if state.step == 0:
                 write({"event": "start", "strategy": strategy_name(spec), "num_processes": world,
                        "precision": spec.precision, "model_params": n_params, "flops_per_token": fpt,
@@ -344,6 +353,11 @@ class Trainer:
             accelerator.end_training()
         accelerator.wait_for_everyone()
         return exit_code
+
+
+def metrics_file(machine_rank: int) -> str:
+    """metrics.jsonl on machine 0; metrics-machine<R>.jsonl elsewhere (safe on a shared run folder)."""
+    return "metrics.jsonl" if machine_rank == 0 else f"metrics-machine{machine_rank}.jsonl"
 
 
 def quiet_libraries() -> None:

@@ -1,0 +1,105 @@
+"""Beyond one machine, on localhost: two `craken train` "machines" train one model together, and a
+run with --max-restarts survives the death of a worker. Real processes, DeepSpeed on gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "craken_cli", "train", *args], cwd=cwd,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def losses(path: Path) -> dict[int, float]:
+    out = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def test_two_machines_on_localhost_train_together(tmp_path):
+    port = str(free_port())
+    common = ["--num-machines", "2", "--num-processes", "2", "--main-process-ip", "127.0.0.1",
+              "--main-process-port", port, "--max-steps", "10", "--steps-per-print", "1", "--eval-every", "0",
+              "--zero", "2", "--offload-optimizer", "none", "--seq-len", "32"]
+    procs = [start([*common, "--machine-rank", str(r), "--output-dir", str(tmp_path / f"m{r}")], tmp_path,
+                   tmp_path / f"m{r}.log") for r in (0, 1)]
+    try:
+        codes = [p.wait(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    logs = [(tmp_path / f"m{r}.log").read_text()[-3000:] for r in (0, 1)]
+    assert codes == [0, 0], logs
+    rank0 = losses(tmp_path / "m0" / "metrics.jsonl")
+    rank1 = losses(tmp_path / "m1" / "metrics-machine1.jsonl")
+    assert sorted(rank0) == list(range(1, 11))
+    assert rank0 == rank1  # one model, trained together: the same loss at every step on both machines
+    start_line = json.loads((tmp_path / "m0" / "metrics.jsonl").read_text().splitlines()[0])
+    assert start_line["num_processes"] == 2
+    accel = (tmp_path / "m1" / "accelerate.yaml").read_text()
+    assert "machine_rank: 1" in accel and "deepspeed_multinode_launcher: standard" in accel
+    assert (tmp_path / "m0" / "final" / "config.json").is_file()
+
+
+def loop_workers(pid: int) -> list[psutil.Process]:
+    out = []
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "craken_cli.train.loop" in " ".join(child.cmdline()):
+                out.append(child)
+        except psutil.Error:  # exited while we looked
+            pass
+    return out
+
+
+def test_max_restarts_recovers_from_a_killed_worker(tmp_path):
+    run_dir = tmp_path / "elastic"
+    proc = start(["--max-restarts", "1", "--save-every", "4", "--max-steps", "60", "--steps-per-print", "1",
+                  "--eval-every", "0", "--seq-len", "64", "--main-process-port", str(free_port()),
+                  "--output-dir", str(run_dir)], tmp_path, tmp_path / "elastic.log")
+    try:
+        deadline = time.time() + 400
+        victim = None
+        while time.time() < deadline and proc.poll() is None:
+            metrics = run_dir / "metrics.jsonl"
+            if (run_dir / "checkpoints" / "latest").exists() and metrics.exists() and max(losses(metrics) or [0]) >= 6:
+                workers = loop_workers(proc.pid)
+                if len(workers) == 2:
+                    victim = workers[-1]
+                    victim.kill()  # one worker dies, as on a node failure
+                    break
+            time.sleep(0.2)
+        assert victim is not None, (tmp_path / "elastic.log").read_text()[-3000:]
+        code = proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = (tmp_path / "elastic.log").read_text()
+    assert code == 0, log[-4000:]
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    resumed = [e for e in events if e.get("event") == "resume"]
+    assert resumed and resumed[0]["step"] >= 4  # continued from a checkpoint, not from scratch
+    assert events[-1]["event"] == "end" and events[-1]["steps"] == 60 and events[-1]["exit_code"] == 0
