@@ -85,6 +85,25 @@ def summarize_craken(run) -> dict:
             "steps": end.get("steps")}
 
 
+def two_machines(out: Path, log) -> dict:
+    """Two "machines" of one GPU each on this host (CUDA_VISIBLE_DEVICES), NCCL, one model."""
+    procs = []
+    t0 = time.time()
+    for rank in (0, 1):
+        argv = [sys.executable, "-m", "craken_cli", "train", "--num-machines", "2", "--num-processes", "2",
+                "--machine-rank", str(rank), "--main-process-ip", "127.0.0.1", "--main-process-port", "29650",
+                "--max-steps", "30", "--steps-per-print", "5", "--output-dir", str(out / "runs" / f"machine{rank}"),
+                "--force"]
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(rank), "PYTHONUNBUFFERED": "1"}
+        procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for rank, text in enumerate(outputs):
+        log.write(f"\n===== two-machines rank {rank}\n{text}")
+        print(f"--- machine {rank} (rc {procs[rank].returncode}):")
+        print("\n".join(line for line in text.splitlines() if line.startswith(("step ", "eval ", "craken"))))
+    return {"name": "two-machines", "rc": max(p.returncode for p in procs), "wall_s": round(time.time() - t0, 1)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--grid", default="one-gpu")
@@ -112,11 +131,15 @@ def main() -> int:
         ]
     elif args.grid == "two-gpu":
         runs += [
+            {"name": "two-machines", "kind": "pair"},
+            hand_run("hand-plain-mb4", m11, out, 2048, 16, "plain", 4),
+            craken_run("craken-auto", m11, out, 2048, 60, "--auto", "--compile", "--global-batch", "8"),
             hand_run("hand-ddp-mb4-2gpu", m11, out, 2048, 16, "plain", 4, gpus=2),
             craken_run("craken-auto-2gpu", m11, out, 2048, 60, "--auto", "--compile", "--global-batch", "16",
-                       gpus=2),
+                       gpus=2, port=29611),
             craken_run("craken-zero2-compile-mb8-2gpu", m11, out, 2048, 30, "--zero", "2", "--micro-batch", "8",
-                       "--grad-accum", "1", "--compile", "--set", "offload.optimizer.device=none", gpus=2),
+                       "--grad-accum", "1", "--compile", "--set", "offload.optimizer.device=none", gpus=2,
+                       port=29612),
         ]
     if args.only:
         keep = set(args.only.split(","))
@@ -124,6 +147,9 @@ def main() -> int:
     rows = []
     for run in runs:
         t0 = time.time()
+        if run["kind"] == "pair":
+            rows.append(two_machines(out, log))
+            continue
         log.write(f"\n===== {run['name']}: {' '.join(map(str, run['argv']))}\n")
         log.flush()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -7,6 +7,7 @@ without NVML is a normal case: zero GPUs, never an error.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -126,17 +127,17 @@ class NvmlProbe:
         nvlink, p2p = set(), set()
         for i in range(len(handles)):
             for j in range(i + 1, len(handles)):
-                try:
-                    status = pynvml.nvmlDeviceGetP2PStatus(handles[i], handles[j],
-                                                           pynvml.NVML_P2P_CAPS_INDEX_NVLINK)
-                    if status == pynvml.NVML_P2P_STATUS_OK:
-                        nvlink.add((i, j))
-                    status = pynvml.nvmlDeviceGetP2PStatus(handles[i], handles[j],
-                                                           pynvml.NVML_P2P_CAPS_INDEX_READ)
-                    if status == pynvml.NVML_P2P_STATUS_OK:
-                        p2p.add((i, j))
-                except pynvml.NVMLError:
-                    pass
+                # int(): some nvidia-ml-py releases define these indices as enums that ctypes
+                # cannot pass ("Don't know how to convert parameter 3"). A link we cannot read is
+                # reported as absent, never as a crash.
+                for index, found in ((pynvml.NVML_P2P_CAPS_INDEX_NVLINK, nvlink),
+                                     (pynvml.NVML_P2P_CAPS_INDEX_READ, p2p)):
+                    try:
+                        status = pynvml.nvmlDeviceGetP2PStatus(handles[i], handles[j], int(index))
+                    except (pynvml.NVMLError, TypeError, ValueError, ctypes.ArgumentError):
+                        continue
+                    if int(status) == int(pynvml.NVML_P2P_STATUS_OK):
+                        found.add((i, j))
         return gpus, nvlink, p2p, driver, cuda_version
 
 

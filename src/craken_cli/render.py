@@ -89,8 +89,33 @@ def deepspeed_config(spec: RunSpec) -> dict:
     return cfg
 
 
+def plain_accelerate_config(spec: RunSpec) -> dict:
+    """The accelerate YAML of a run without DeepSpeed (stage 0 on GPUs): DDP and mixed precision."""
+    c = spec.cluster
+    cfg = {
+        "compute_environment": "LOCAL_MACHINE",
+        "debug": False,
+        "distributed_type": "MULTI_GPU" if c.num_processes > 1 else "NO",
+        "mixed_precision": {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[spec.precision],
+        "downcast_bf16": "no",
+        "gpu_ids": "all",
+        "machine_rank": c.machine_rank,
+        "num_machines": c.num_machines,
+        "num_processes": c.num_processes,
+        "main_process_port": c.main_process_port,
+        "rdzv_backend": c.rdzv_backend,
+        "same_network": True,
+        "use_cpu": False,
+    }
+    if c.num_machines > 1:
+        cfg["main_process_ip"] = c.main_process_ip
+    return cfg
+
+
 def accelerate_config(spec: RunSpec, ds_config_path: str | os.PathLike) -> dict:
     """The accelerate YAML: launch shape plus a pointer to the DeepSpeed JSON, nothing it repeats."""
+    if not spec.uses_deepspeed:
+        return plain_accelerate_config(spec)
     c = spec.cluster
     ds: dict = {"deepspeed_config_file": str(Path(ds_config_path).absolute()),
                 "zero3_init_flag": spec.zero.stage == 3}
@@ -130,11 +155,14 @@ def run_file_text(spec: RunSpec, sources: dict[str, str]) -> str:
 def rendered_files(spec: RunSpec, sources: dict[str, str], out_dir: str | os.PathLike) -> dict[str, str]:
     """File name -> text, for everything `config render` writes."""
     out = Path(out_dir)
-    return {
+    files = {
         DS_FILE: json.dumps(deepspeed_config(spec), indent=2) + "\n",
         ACCELERATE_FILE: yamlio.dumps(accelerate_config(spec, out / DS_FILE)),
         RUN_FILE: run_file_text(spec, sources),
     }
+    if not spec.uses_deepspeed:
+        del files[DS_FILE]  # nothing reads it: a file that looks in use but is not would mislead
+    return files
 
 
 def write_files(files: dict[str, str], out_dir: str | os.PathLike, force: bool = False) -> list[Path]:

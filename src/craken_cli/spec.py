@@ -239,6 +239,13 @@ class RunSpec(Section):
         return self
 
     @property
+    def uses_deepspeed(self) -> bool:
+        """ZeRO stage 0 on GPUs runs without DeepSpeed: plain Accelerate (bf16 autocast, DDP) with torch's
+        fused AdamW, measured faster than DeepSpeed's stage 0/1 on one GPU (docs/performance.md). CPU
+        processes keep DeepSpeed at every stage (its gloo path is the one that runs several processes)."""
+        return self.zero.stage > 0 or self.cluster.use_cpu is not False
+
+    @property
     def world_size(self) -> int:
         if self.cluster.num_processes is None:
             raise RuntimeError("num_processes is unresolved; call resolve.resolve() first")

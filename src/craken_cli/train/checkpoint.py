@@ -107,8 +107,8 @@ def problems(path: Path) -> list[str]:
         return [f"{STATE_FILE} is unreadable ({exc.__class__.__name__})"]
     if not isinstance(raw, dict) or not isinstance(raw.get("step"), int):
         return [f"{STATE_FILE} has no step"]
-    if not (path / SHARDS).is_dir():
-        return [f"no {SHARDS}/ folder of DeepSpeed shards"]
+    if not (path / SHARDS).is_dir() and not any(path.glob("model*.safetensors")):
+        return [f"no {SHARDS}/ folder of DeepSpeed shards (nor model weights of a run without DeepSpeed)"]
     out = []
     for rel, size in (raw.get("files") or {}).items():
         f = path / rel
@@ -203,7 +203,10 @@ def save(accelerator, run_dir: Path, state: TrainState, keep: int) -> Path:
         for stale in root.glob(".tmp_*"):  # left by a process killed while saving
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), client_state=UNIVERSAL_INFO)
+    if accelerator.state.deepspeed_plugin is not None:
+        accelerator.save_state(str(tmp), client_state=UNIVERSAL_INFO)
+    else:
+        accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if (run_dir / META_DIR).is_dir():

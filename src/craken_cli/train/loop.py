@@ -160,14 +160,28 @@ class Trainer:
             (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
         groups = [{"params": decay, "weight_decay": spec.optimizer.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = DummyOptim(groups, lr=spec.optimizer.lr)
-        scheduler = DummyScheduler(optimizer, total_num_steps=spec.train.max_steps,
-                                   warmup_num_steps=spec.schedule.warmup_steps)
-        if eval_dl is not None:
-            model, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(
-                model, optimizer, train_dl, eval_dl, scheduler)
+        plain = not spec.uses_deepspeed
+        if plain:
+            # No DeepSpeed: torch's fused AdamW on fp32 weights under bf16 autocast, the schedule
+            # stepped here once per optimizer step (accelerate would step it once per process).
+            o = spec.optimizer
+            optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=True)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(spec))
+            accelerator.register_for_checkpointing(scheduler)
         else:
-            model, optimizer, train_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, scheduler)
+            # DeepSpeed owns optimizer and schedule, built from the rendered JSON.
+            optimizer = DummyOptim(groups, lr=spec.optimizer.lr)
+            scheduler = DummyScheduler(optimizer, total_num_steps=spec.train.max_steps,
+                                       warmup_num_steps=spec.schedule.warmup_steps)
+        prepared = [model, optimizer, train_dl] + ([eval_dl] if eval_dl is not None else [])
+        prepared += [] if plain else [scheduler]
+        prepared = accelerator.prepare(*prepared)
+        model, optimizer, train_dl = prepared[:3]
+        if eval_dl is not None:
+            eval_dl = prepared[3]
+        if not plain:
+            scheduler = prepared[-1]
+        grad_norm = None
 
         device = accelerator.device
         on_gpu = device.type == "cuda"
@@ -257,9 +271,16 @@ class Trainer:
                 with accelerator.accumulate(model):
                     loss = model(**batch).loss
                     accelerator.backward(loss)
+                    if plain and accelerator.sync_gradients and spec.optimizer.clip > 0:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), spec.optimizer.clip)
+                        if spec.train.on_nonfinite == "skip" and not bool(torch.isfinite(grad_norm)):
+                            optimizer.zero_grad(set_to_none=True)  # no gradients: AdamW skips the update
                     optimizer.step()
-                    scheduler.step()
+                    if not plain:
+                        scheduler.step()
                     optimizer.zero_grad()
+                if plain and accelerator.sync_gradients:
+                    scheduler.step()
                 loss_sum += loss.detach().float()
                 loss_count += 1
                 micro_in_epoch += 1
@@ -294,8 +315,10 @@ class Trainer:
                     mean_loss = float(accelerator.reduce(loss_sum / loss_count, reduction="mean"))
                     elapsed = time.time() - interval_start
                     tps = tokens_per_step * interval_steps / max(elapsed, 1e-9)
-                    lr = float(model.get_lr()[0]) if hasattr(model, "get_lr") else spec.optimizer.lr
-                    gn = model.get_global_grad_norm() if hasattr(model, "get_global_grad_norm") else None
+                    if plain:
+                        lr, gn = scheduler.get_last_lr()[0], grad_norm
+                    else:
+                        lr, gn = float(model.get_lr()[0]), model.get_global_grad_norm()
                     gn = float(gn) if gn is not None else None
                     record = {
                         "step": step, "time_s": round(time.time() - t_start, 3), "loss": mean_loss, "lr": lr,
@@ -353,6 +376,24 @@ class Trainer:
             accelerator.end_training()
         accelerator.wait_for_everyone()
         return exit_code
+
+
+def lr_factor(spec):
+    """The schedule of the rendered DeepSpeed JSON (render._scheduler), as a LambdaLR factor."""
+    s, total = spec.schedule, spec.train.max_steps
+    warmup = min(s.warmup_steps, total)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / warmup
+        if s.kind == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if s.kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
 
 
 def metrics_file(machine_rank: int) -> str:
