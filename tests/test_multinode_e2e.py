@@ -65,10 +65,14 @@ def test_two_machines_on_localhost_train_together(tmp_path):
 
 
 def loop_workers(pid: int) -> list[psutil.Process]:
+    """The training processes below craken. The launcher's own command line ends with
+    `-m craken_cli.train.loop RUN/run.yaml` too, so it is told apart by its module."""
     out = []
     for child in psutil.Process(pid).children(recursive=True):
         try:
-            if child.status() != psutil.STATUS_ZOMBIE and "craken_cli.train.loop" in " ".join(child.cmdline()):
+            cmd = " ".join(child.cmdline())
+            if (child.status() != psutil.STATUS_ZOMBIE and "craken_cli.train.loop" in cmd
+                    and "accelerate.commands.launch" not in cmd):
                 out.append(child)
         except psutil.Error:  # exited while we looked
             pass
@@ -80,26 +84,41 @@ def test_max_restarts_recovers_from_a_killed_worker(tmp_path):
     proc = start(["--max-restarts", "1", "--save-every", "4", "--max-steps", "60", "--steps-per-print", "1",
                   "--eval-every", "0", "--seq-len", "64", "--main-process-port", str(free_port()),
                   "--output-dir", str(run_dir)], tmp_path, tmp_path / "elastic.log")
+    workers: list[psutil.Process] = []
     try:
-        deadline = time.time() + 400
-        victim = None
+        deadline = time.time() + 300
+        killed_at = None
         while time.time() < deadline and proc.poll() is None:
             metrics = run_dir / "metrics.jsonl"
-            if (run_dir / "checkpoints" / "latest").exists() and metrics.exists() and max(losses(metrics) or [0]) >= 6:
+            step = max(losses(metrics) or [0]) if metrics.exists() else 0
+            # Mid-run: after the first checkpoint (step 4), well before the end (step 60).
+            if (run_dir / "checkpoints" / "latest").exists() and 6 <= step <= 40:
                 workers = loop_workers(proc.pid)
                 if len(workers) == 2:
-                    victim = workers[-1]
-                    victim.kill()  # one worker dies, as on a node failure
+                    workers[-1].kill()  # one worker dies, as on a node failure
+                    killed_at = step
                     break
             time.sleep(0.2)
-        assert victim is not None, (tmp_path / "elastic.log").read_text()[-3000:]
-        code = proc.wait(timeout=600)
+        assert killed_at is not None, (tmp_path / "elastic.log").read_text()[-3000:]
+        code = proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
+            try:
+                workers = loop_workers(proc.pid)
+            except psutil.Error:
+                pass
             os.killpg(proc.pid, signal.SIGKILL)
+        for w in workers:  # torchrun starts them in sessions of their own: killpg misses them
+            try:
+                w.kill()
+            except psutil.Error:
+                pass
     log = (tmp_path / "elastic.log").read_text()
     assert code == 0, log[-4000:]
+    assert "worker group restarted" in log
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     resumed = [e for e in events if e.get("event") == "resume"]
-    assert resumed and resumed[0]["step"] >= 4  # continued from a checkpoint, not from scratch
+    # continued from a checkpoint written before the kill, not from scratch
+    assert len(resumed) == 1 and 4 <= resumed[0]["step"] <= killed_at, (resumed, killed_at)
     assert events[-1]["event"] == "end" and events[-1]["steps"] == 60 and events[-1]["exit_code"] == 0
+    assert sorted(losses(run_dir / "metrics.jsonl"))[-1] == 60

@@ -193,3 +193,21 @@ def test_shipped_preset(name, craken, workdir, cpu_only):
         # a spec preset (run-file format)
         spec = build_spec([Layer("preset", name, data)]).spec
         assert spec.model_dump(exclude_unset=False)
+
+
+def test_restarts_reach_torchrun_with_c10d_and_a_fresh_store(workdir, cpu_only):
+    """accelerate ignores `rdzv_backend` in its YAML (the flag's default wins), torch shares one store
+    across restarts unless told not to, and one machine's c10d would meet at localhost:29400."""
+    from craken_cli import launch
+
+    flags = {f: None for f in FLAGS} | {"--max-restarts": 1, "--main-process-port": 29612}
+    resolved, _ = load_run(SpecArgs(flags=flags), hardware=cpu_only)
+    argv, env = launch.build(resolved.spec, "run", {}, cpu_count=2)
+    assert argv[argv.index("--rdzv_backend") + 1] == "c10d"
+    assert argv.index("--rdzv_backend") < argv.index("-m", argv.index("--config_file"))
+    assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+    assert env["PET_RDZV_ENDPOINT"] == "127.0.0.1:29612"
+
+    plain, _ = load_run(SpecArgs(flags={f: None for f in FLAGS}), hardware=cpu_only)
+    argv, env = launch.build(plain.spec, "run", {}, cpu_count=2)
+    assert "--rdzv_backend" not in argv and "PET_RDZV_ENDPOINT" not in env

@@ -36,6 +36,10 @@ def build(spec, run_dir: str | os.PathLike, base_env: Mapping[str, str], cpu_cou
     argv = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(run / ACCELERATE_FILE)]
     if c.max_restarts:
         argv += ["--max_restarts", str(c.max_restarts), "--monitor_interval", "1"]
+    if c.rdzv_backend and c.rdzv_backend != "static":
+        # accelerate copies a YAML value only onto flags whose default is None, and --rdzv_backend
+        # defaults to "static": `rdzv_backend: c10d` in the YAML alone never reaches torchrun.
+        argv += ["--rdzv_backend", c.rdzv_backend]
     argv += list(extra_args)
     argv += ["-m", LOOP_MODULE, str(run / RUN_FILE)]
 
@@ -48,6 +52,16 @@ def build(spec, run_dir: str | os.PathLike, base_env: Mapping[str, str], cpu_cou
         per_machine = max(1, c.num_processes // c.num_machines)
         # Share the cores between the processes instead of each grabbing all of them.
         env.setdefault("OMP_NUM_THREADS", str(max(1, cpu_count // per_machine)))
+    if c.rdzv_backend == "c10d":
+        # torch >= 2.4 shares the c10d rendezvous' TCPStore with the workers and keeps that one
+        # server across restarts, so a restarted group reads the previous round's gloo/NCCL
+        # addresses ("Connection refused", or a hang in init_process_group; pytorch#135712).
+        # Opting out gives every round a fresh store on a fresh port, hosted by worker rank 0.
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+        # accelerate passes no rendezvous endpoint to torchrun on one machine (nor with
+        # same_network), so c10d would meet at localhost:29400 under run id "none": concurrent
+        # runs on a machine would join each other. torchrun reads PET_<ARG> as its flags' defaults.
+        env.setdefault("PET_RDZV_ENDPOINT", f"{c.main_process_ip or '127.0.0.1'}:{c.main_process_port}")
     arch = normalized_arch_list(env.get("TORCH_CUDA_ARCH_LIST"))
     if arch is not None:
         env["TORCH_CUDA_ARCH_LIST"] = arch
