@@ -161,3 +161,33 @@ def test_zero3_param_offload_saves_gathered_weights(tmp_path):
         shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
     assert shapes and all(all(d > 0 for d in s) for s in shapes.values())  # no empty ZeRO-3 shards
     assert_reload_matches(run_dir, atol=0.05)
+
+
+def test_no_zero_runs_without_deepspeed(tmp_path, monkeypatch):
+    """ZeRO stage 0 on a GPU machine runs plain Accelerate (no DeepSpeed JSON at all). The GPU is
+    faked through the hardware probe; accelerate then runs that one process on the CPU, which is
+    enough to exercise the real render -> launch -> loop path of the plain engine."""
+    from craken_cli.hardware import GPU, FakeProbe, detect
+    from craken_cli.options import SpecArgs
+    from craken_cli.trainrun import TrainRequest, execute, prepare
+
+    monkeypatch.chdir(tmp_path)
+    one_gpu = detect(FakeProbe(gpus=[GPU(0, "NVIDIA H100 80GB HBM3", 80 * 2**30, 79 * 2**30, (9, 0))]))
+    args = SpecArgs(flags={"--zero": 0, "--max-steps": 16, "--steps-per-print": 4, "--name": "plain",
+                           "--main-process-port": 29614})
+    prepared = prepare(TrainRequest(spec_args=args), environ=dict(os.environ), hardware=one_gpu)
+    run_dir = tmp_path / "runs" / "plain"
+    assert not (run_dir / "ds_config.json").exists()
+    import yaml
+
+    accel = yaml.safe_load((run_dir / "accelerate.yaml").read_text())
+    assert accel["distributed_type"] == "NO" and accel["mixed_precision"] == "bf16"
+    assert "deepspeed_config" not in accel
+    assert execute(prepared) == 0
+    records = metrics(run_dir)
+    assert records[0]["strategy"] == "no-zero"
+    losses = train_losses(records)
+    assert losses[-1] < losses[0]
+    lrs = [r["lr"] for r in records if "lr" in r]
+    assert lrs[-1] == pytest.approx(3e-3 * 0.1)  # warm-up then cosine to min_lr_ratio, as DeepSpeed's schedule
+    assert_reload_matches(run_dir, atol=0.1)
