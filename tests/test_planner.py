@@ -4,10 +4,8 @@ GPU baseline, and the choice is the fastest strategy that fits."""
 from __future__ import annotations
 
 import json
-import statistics
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -247,7 +245,7 @@ def test_plan_table_and_no_gpu_error(tmp_path):
     assert r.returncode == 2 and "is not a size" in r.stderr
 
 
-def test_plan_7b_13b_70b_on_8x80_is_fast_and_torch_free(tmp_path):
+def test_plan_7b_13b_70b_on_8x80_is_torch_free(tmp_path):
     paths = write_configs(tmp_path)
     code = ("import sys, runpy; sys.argv = ['craken'] + sys.argv[1:]\n"
             "try:\n    runpy.run_module('craken_cli', run_name='__main__')\n"
@@ -259,9 +257,4 @@ def test_plan_7b_13b_70b_on_8x80_is_fast_and_torch_free(tmp_path):
         r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["model"]["counted_by"] == "analytic"
-        times = []
-        for _ in range(3):
-            t = time.perf_counter()
-            assert craken(*args).returncode == 0
-            times.append(time.perf_counter() - t)
-        assert min(times) <= 2.0, (name, times)  # best of 3: other jobs on the 2 cores add noise
+        # Its speed is measured by benchmarks (docs/planner.md), not asserted here.

@@ -197,7 +197,11 @@ _ACCEL_DS_DUPLICATES = {"gradient_accumulation_steps": "batch.grad_accum", "grad
                         "offload_param_device": "offload.param.device"}
 _ACCEL_KNOWN = set(_ACCEL_TOP) | {"compute_environment", "debug", "distributed_type", "deepspeed_config",
                                   "downcast_bf16", "enable_cpu_affinity", "gpu_ids", "mixed_precision",
-                                  "same_network", "tpu_env", "tpu_use_cluster", "tpu_use_sudo", "dynamo_config"}
+                                  "same_network", "tpu_env", "tpu_use_cluster", "tpu_use_sudo", "dynamo_config",
+                                  # written by `accelerate config`, meaningless for a DeepSpeed run: accepted
+                                  "main_training_function", "tpu_name", "tpu_zone", "tpu_vm", "command_file",
+                                  "commands", "fsdp_config", "megatron_lm_config", "mpirun_config", "fp8_config",
+                                  "parallelism_config", "ipex_config"}
 _MP = {"bf16": "bf16", "fp16": "fp16", "no": "fp32", "fp8": None}
 
 

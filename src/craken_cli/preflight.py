@@ -121,6 +121,14 @@ def nearest_existing(path: Path) -> Path:
     return p
 
 
+def precision_problems(spec) -> list[str]:
+    """What the training processes would only find out after start-up (rendering stays allowed)."""
+    if spec.cluster.use_cpu and spec.precision == "fp16":
+        return ["fp16 is not supported by DeepSpeed on CPU processes (it fails after start-up): use "
+                "--precision bf16 or fp32"]
+    return []
+
+
 def output_problems(run_dir: Path, resume: str | None, force: bool) -> list[str]:
     if run_dir.exists() and not run_dir.is_dir():
         return [f"run folder {run_dir} is a file: choose another --output-dir"]

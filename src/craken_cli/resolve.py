@@ -66,7 +66,9 @@ def hardware_values(spec, hw: Hardware) -> tuple[dict, Decisions]:
         for key, value in STAGE3_DEFAULTS.items():
             if getattr(spec.zero, key) is None:
                 d.made[f"zero.{key}"] = (value, "stage 3 default")
-    if spec.batch.grad_accum is None:
+    gb, per_step = spec.batch.global_batch, spec.batch.micro_batch * num
+    # A global batch that no accumulation reaches stays unresolved: validation then names the fix.
+    if spec.batch.grad_accum is None and (gb is None or gb % per_step == 0):
         why = "from --global-batch" if spec.batch.global_batch is not None else "default"
         d.made["batch.grad_accum"] = (spec.batch.accumulation(num), why)
     return {k: v for k, (v, _) in d.made.items()}, d

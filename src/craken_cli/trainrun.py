@@ -171,7 +171,7 @@ def prepare(request: TrainRequest, environ: Mapping[str, str], hardware=None) ->
     spec = resolved.spec
     run_dir = Path(spec.output.run_dir())
     force = request.force or request.test
-    problems = (preflight.model_problems(spec) + preflight.data_problems(spec)
+    problems = (preflight.model_problems(spec) + preflight.data_problems(spec) + preflight.precision_problems(spec)
                 + preflight.output_problems(run_dir, request.resume, force))
     if problems:
         raise CrakenError(problems, title="cannot start this run")
