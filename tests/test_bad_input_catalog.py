@@ -13,7 +13,7 @@ files together make the catalog (more than 30 cases each).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from ..options import SpecArgs, spec_flags
-
-TEST_STEPS = 20
+from ..trainrun import TEST_STEPS
 
 
 @spec_flags
