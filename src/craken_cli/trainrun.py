@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
 
@@ -32,6 +32,8 @@ class TrainRequest:
     resume: str | None = None
     force: bool = False
     launcher_args: list[str] = field(default_factory=list)
+    oom_fallback: bool = True  # under --auto: relaunch with the next strategy after an out-of-memory
+    exclude: tuple[str, ...] = ()  # planner strategies that already ran out of memory
 
 
 @dataclass
@@ -44,6 +46,8 @@ class Prepared:
     resume_from: Path | None
     warnings: list[str]
     test: bool
+    request: TrainRequest | None = None
+    auto_choice: str | None = None  # the planner's strategy name under --auto
 
     @property
     def env_shown(self) -> dict[str, str]:
@@ -78,13 +82,14 @@ def resolve_spec(request: TrainRequest, environ: Mapping[str, str], hardware=Non
         resolved = build_spec([*source_layers, test_layer(resolved.spec)], nvme_path=request.spec_args.nvme_path)
     hw = hardware if hardware is not None else hw_mod.detect()
     notes: list[str] = []
+    choice = None
     if request.auto:
         first, _ = resolve(resolved, hw)
-        planned, notes = auto_layer(first, hw)
+        planned, notes, choice = auto_layer(first, hw, exclude=request.exclude)
         resolved, decisions = resolve(resolved, hw, extra_layers=planned)
     else:
         resolved, decisions = resolve(resolved, hw)
-    return resolved, decisions.warnings + notes, hw
+    return resolved, decisions.warnings + notes, hw, choice
 
 
 # What --auto may choose, and the source labels that mean "the user did not set this".
@@ -97,7 +102,7 @@ def user_set(sources: Mapping[str, str], path: str) -> bool:
     return not (label == "default" or label.startswith("preset") or label == "detected")
 
 
-def auto_layer(resolved: Resolved, hw) -> tuple[tuple[Layer, ...], list[str]]:
+def auto_layer(resolved: Resolved, hw, exclude: tuple[str, ...] = ()) -> tuple[tuple[Layer, ...], list[str], str | None]:
     """--auto: the fastest strategy the planner predicts to fit, among those that keep every
     setting the user gave explicitly (file, env or flag); presets and defaults may be changed."""
     from .modelinfo import model_info
@@ -106,21 +111,25 @@ def auto_layer(resolved: Resolved, hw) -> tuple[tuple[Layer, ...], list[str]]:
 
     spec = resolved.spec
     if hw.gpu_count == 0:
-        return (), ["--auto: no GPU found, so the configured strategy runs on CPU processes as it is"]
+        return (), ["--auto: no GPU found, so the configured strategy runs on CPU processes as it is"], None
     fixed = {p: v for p, v in resolved.flat().items() if p in AUTO_PATHS and user_set(resolved.sources, p)}
     search = not ({"batch.micro_batch", "batch.grad_accum"} & set(fixed))
     try:
         info = model_info(spec.model.name_or_path, spec.model.trust_remote_code)
     except Exception as exc:  # an unreadable config is reported by preflight with a fix
-        return (), [f"--auto: cannot read the model's config ({exc}); keeping the configured strategy"]
+        return (), [f"--auto: cannot read the model's config ({exc}); keeping the configured strategy"], None
     result = plan(info, spec, hw, search_micro_batch=search)
-    allowed = [s for s in result.strategies if s.fits and all(
+    allowed = [s for s in result.strategies if s.fits and s.name not in exclude and all(
         {"zero.stage": s.stage, "offload.optimizer.device": s.offload_optimizer,
          "offload.param.device": s.offload_param, "model.activation_checkpointing": s.activation_checkpointing,
          "batch.micro_batch": s.micro_batch}.get(p, v) == v for p, v in fixed.items())]
+    if not allowed and exclude:
+        raise CrakenError(f"out of memory with {', '.join(exclude)}, and no slower strategy compatible with your "
+                          "settings is predicted to fit: lower --micro-batch or --seq-len, or use "
+                          "--activation-checkpointing; see `craken plan`", title="no strategy left")
     if not allowed:
         return (), [f"--auto: no strategy compatible with your settings ({', '.join(fixed) or 'none'}) is predicted "
-                    f"to fit in {result.gpu_memory_gib:.0f} GiB; keeping the configured one (see `craken plan`)"]
+                    f"to fit in {result.gpu_memory_gib:.0f} GiB; keeping the configured one (see `craken plan`)"], None
     choice = allowed[0]
     values = {"zero.stage": choice.stage, "offload.optimizer.device": choice.offload_optimizer,
               "offload.param.device": choice.offload_param,
@@ -136,7 +145,7 @@ def auto_layer(resolved: Resolved, hw) -> tuple[tuple[Layer, ...], list[str]]:
                        if not user_set(resolved.sources, f"zero.{k}")})
     note = (f"--auto chose {choice.name}, micro-batch {choice.micro_batch} x accumulation {choice.grad_accum} "
             f"(predicted {choice.total_gib:.1f} GiB of {result.gpu_memory_gib:.0f} GiB per GPU)")
-    return (Layer("auto", "planner", unflatten(values)),), [note]
+    return (Layer("auto", "planner", unflatten(values)),), [note], choice.name
 
 
 def resume_checkpoint(run_dir: Path, resume: str | None) -> tuple[Path | None, list[str]]:
@@ -167,7 +176,7 @@ def resume_checkpoint(run_dir: Path, resume: str | None) -> tuple[Path | None, l
 
 
 def prepare(request: TrainRequest, environ: Mapping[str, str], hardware=None) -> Prepared:
-    resolved, warnings, hw = resolve_spec(request, environ, hardware)
+    resolved, warnings, hw, choice = resolve_spec(request, environ, hardware)
     spec = resolved.spec
     run_dir = Path(spec.output.run_dir())
     force = request.force or request.test
@@ -183,7 +192,7 @@ def prepare(request: TrainRequest, environ: Mapping[str, str], hardware=None) ->
     if resume_from is not None and is_universal(resume_from):
         files = with_universal_load(files)
     argv, env = launch.build(spec, run_dir, environ, hw.cpu_count, request.launcher_args, resume_from)
-    prepared = Prepared(resolved, run_dir, argv, env, files, resume_from, warnings, request.test)
+    prepared = Prepared(resolved, run_dir, argv, env, files, resume_from, warnings, request.test, request, choice)
     if not request.dry_run:
         if force and not request.resume:
             clear_previous_run(run_dir)
@@ -242,6 +251,8 @@ def clear_previous_run(run_dir: Path) -> None:
 
     for name in ("metrics.jsonl", "final_check.pt"):
         (run_dir / name).unlink(missing_ok=True)
+    for marker in run_dir.glob("oom-rank*.json"):
+        marker.unlink()
     for name in ("checkpoints", "final", "report"):
         shutil.rmtree(run_dir / name, ignore_errors=True)
 
@@ -252,6 +263,16 @@ def execute(prepared: Prepared) -> int:
     metrics = prepared.run_dir / "metrics.jsonl"
     offset = metrics.stat().st_size if metrics.exists() else 0
     code = launch.run(prepared.argv, prepared.env)
+    while code != 0 and (step := oom_step(prepared)) is not None:
+        # The existing troubleshooting advice, made automatic: the next strategy in speed order.
+        req = prepared.request
+        excluded = (*req.exclude, prepared.auto_choice)
+        err.print(f"craken: out of GPU memory with {prepared.auto_choice} at step {step}; relaunching with the "
+                  "next strategy (--no-oom-fallback turns this off)", markup=False)
+        prepared = prepare(replace(req, exclude=excluded, force=True), environ=os.environ)
+        for warning in prepared.warnings:
+            err.print(f"warning: {warning}", markup=False)
+        code = launch.run(prepared.argv, prepared.env)
     if code == 0 and metrics.exists():
         write_report(prepared.run_dir)
     if prepared.test:
@@ -282,6 +303,22 @@ def stopped_by_signal(metrics: Path, offset: int = 0) -> tuple[int, int] | None:
     if last.get("event") == "end" and last.get("exit_code") in (130, 143):
         return last.get("steps"), last["exit_code"]
     return None
+
+
+def oom_step(prepared: Prepared) -> int | None:
+    """The step at which a process of an --auto run ran out of memory (its marker), if it did."""
+    from .train.loop import OOM_MARKER_PREFIX
+
+    req = prepared.request
+    if req is None or not req.auto or not req.oom_fallback or prepared.auto_choice is None:
+        return None
+    steps = []
+    for marker in prepared.run_dir.glob(f"{OOM_MARKER_PREFIX}*.json"):
+        try:
+            steps.append(int(json.loads(marker.read_text())["step"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            steps.append(0)
+    return min(steps) if steps else None
 
 
 def write_report(run_dir: Path) -> None:

@@ -22,6 +22,9 @@ def train(
     resume: Annotated[Optional[str], typer.Option("--resume", help="Continue a run: 'auto' (latest good "
                                                   "checkpoint of the run folder) or a checkpoint folder.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Start over in an existing run folder.")] = False,
+    oom_fallback: Annotated[bool, typer.Option("--oom-fallback/--no-oom-fallback", help="Under --auto, when a "
+                                               "process runs out of GPU memory, relaunch with the next strategy "
+                                               "the planner predicts to fit.")] = True,
     *,
     spec_args: SpecArgs,
 ) -> None:
@@ -36,7 +39,7 @@ def train(
     from ..trainrun import TrainRequest, execute, prepare
 
     request = TrainRequest(spec_args=spec_args, auto=auto, test=test, dry_run=dry_run, resume=resume,
-                           force=force, launcher_args=list(ctx.args))
+                           force=force, launcher_args=list(ctx.args), oom_fallback=oom_fallback)
     prepared = prepare(request, environ=os.environ)
     for warning in prepared.warnings:
         err.print(f"[yellow]warning:[/] {warning}")

@@ -83,7 +83,28 @@ def main(argv: list[str] | None = None) -> int:
     from ..sources import build_spec, file_layer
 
     spec = build_spec([file_layer(run_file)]).spec
-    return Trainer(spec, run_dir).run()
+    trainer = Trainer(spec, run_dir)
+    try:
+        return trainer.run()
+    except Exception as exc:
+        if not _is_oom(exc):
+            raise
+        # Leave a marker for `craken train --auto`, which relaunches with the next strategy.
+        rank = int(os.environ.get("RANK", "0"))
+        (run_dir / f"{OOM_MARKER_PREFIX}{rank}.json").write_text(json.dumps({"step": trainer.step, "rank": rank}))
+        print(f"craken: out of GPU memory at step {trainer.step} on rank {rank}: {str(exc).splitlines()[0]}",
+              file=sys.stderr, flush=True)
+        return OOM_EXIT_CODE
+
+
+OOM_MARKER_PREFIX = "oom-rank"
+OOM_EXIT_CODE = 4
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 class Trainer:
@@ -91,6 +112,7 @@ class Trainer:
         self.spec = spec
         self.run_dir = run_dir
         self.resume_from = os.environ.get("CRAKEN_RESUME_FROM") or None
+        self.step = 0  # last optimizer step started, for the out-of-memory report
 
     def run(self) -> int:
         import torch
@@ -287,6 +309,7 @@ class Trainer:
                 if not accelerator.sync_gradients:
                     continue
                 step += 1
+                self.step = step
                 interval_steps += 1
                 # Every `check_every` steps one small all-reduce (and the only host sync besides logging):
                 # a stop request on any process, or a non-finite loss, stops all processes at one step.

@@ -1,0 +1,97 @@
+"""Under --auto, a run whose processes run out of GPU memory is relaunched with the next strategy in
+speed order. The GPU is faked behind the NVML probe and the out-of-memory is faked by the launch
+step (this machine has neither); planning, rendering and the relaunch decision are the real ones."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from craken_cli import hardware, launch
+from craken_cli.errors import CrakenError
+from craken_cli.options import SpecArgs
+from craken_cli.trainrun import TrainRequest, execute, prepare
+
+GiB = 2**30
+
+
+@pytest.fixture
+def one_h100(monkeypatch):
+    gpu = hardware.GPU(0, "NVIDIA H100 80GB HBM3", 80 * GiB, 79 * GiB, (9, 0))
+    monkeypatch.setattr(hardware, "NvmlProbe", lambda: hardware.FakeProbe(gpus=[gpu]))
+
+
+@pytest.fixture
+def llama_1b(tmp_path) -> Path:
+    folder = tmp_path / "llama-1.1b"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048, "num_hidden_layers": 22,
+        "num_attention_heads": 32, "num_key_value_heads": 4, "intermediate_size": 5632, "vocab_size": 32000,
+        "max_position_embeddings": 4096, "tie_word_embeddings": False}))
+    return folder
+
+
+def strategy(run_dir: Path) -> tuple:
+    import yaml
+
+    spec = yaml.safe_load((run_dir / "run.yaml").read_text())
+    return (spec["zero"]["stage"], spec["offload"]["optimizer"]["device"], spec["offload"]["param"]["device"],
+            spec["model"]["activation_checkpointing"], spec["batch"]["micro_batch"])
+
+
+def request(model: Path, **kw) -> TrainRequest:
+    args = SpecArgs(flags={"--model": str(model), "--tokenizer": "builtin:tiny", "--seq-len": 2048,
+                           "--global-batch": 16, "--name": "oom"})
+    return TrainRequest(spec_args=args, auto=True, **kw)
+
+
+def test_out_of_memory_relaunches_with_the_next_strategy(tmp_path, monkeypatch, one_h100, llama_1b, capsys):
+    monkeypatch.chdir(tmp_path)
+    launched = []
+
+    def fake_run(argv, env):
+        run_dir = tmp_path / "runs" / "oom"
+        launched.append(strategy(run_dir))
+        if len(launched) == 1:  # the first strategy runs out of memory at step 1 on rank 0
+            (run_dir / "oom-rank0.json").write_text(json.dumps({"step": 1, "rank": 0}))
+            return 4
+        return 0
+
+    monkeypatch.setattr(launch, "run", fake_run)
+    first = prepare(request(llama_1b), environ={})
+    assert first.auto_choice is not None
+    assert execute(first) == 0
+    assert len(launched) == 2 and launched[0] != launched[1]
+    err = capsys.readouterr().err
+    assert f"out of GPU memory with {first.auto_choice} at step 1" in err
+    assert not list((tmp_path / "runs" / "oom").glob("oom-rank*.json"))  # the relaunch starts clean
+
+
+def test_no_oom_fallback_reports_the_failure(tmp_path, monkeypatch, one_h100, llama_1b):
+    monkeypatch.chdir(tmp_path)
+    calls = []
+
+    def fake_run(argv, env):
+        calls.append(argv)
+        (tmp_path / "runs" / "oom" / "oom-rank0.json").write_text(json.dumps({"step": 3, "rank": 0}))
+        return 4
+
+    monkeypatch.setattr(launch, "run", fake_run)
+    assert execute(prepare(request(llama_1b, oom_fallback=False), environ={})) == 4
+    assert len(calls) == 1
+
+
+def test_every_strategy_out_of_memory_ends_with_one_message(tmp_path, monkeypatch, one_h100, llama_1b):
+    monkeypatch.chdir(tmp_path)
+
+    def fake_run(argv, env):
+        (tmp_path / "runs" / "oom" / "oom-rank0.json").write_text(json.dumps({"step": 1, "rank": 0}))
+        return 4
+
+    monkeypatch.setattr(launch, "run", fake_run)
+    with pytest.raises(CrakenError) as exc:
+        execute(prepare(request(llama_1b), environ={}))
+    assert "no slower strategy" in str(exc.value) and "craken plan" in str(exc.value)
