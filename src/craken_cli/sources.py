@@ -62,6 +62,7 @@ FLAGS: dict[str, str] = {
     "--keep-checkpoints": "train.keep_checkpoints",
     "--steps-per-print": "logging.steps_per_print",
     "--report-to": "logging.report_to",
+    "--profile": "logging.wall_clock_breakdown",
     "--name": "output.name",
     "--output-dir": "output.dir",
 }

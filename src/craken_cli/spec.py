@@ -176,7 +176,8 @@ class OffloadSection(Section):
 class LoggingSection(Section):
     steps_per_print: int = Field(10, gt=0, description="Print a plain log line every N optimizer steps.")
     wall_clock_breakdown: bool = Field(
-        False, description="DeepSpeed's forward/backward/step timings (adds a device sync per step)."
+        False, description="Profile: DeepSpeed prints forward/backward/step times every steps_per_print steps "
+        "(adds a device sync per step)."
     )
     report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = Field(
         "none", description="Experiment tracker fed through Accelerate."
