@@ -176,7 +176,9 @@ def model_state_bytes(params: int, stage: int, world: int, *, offload_optimizer:
     master = 4 if mixed else 0
     fp32_grad = 4 if mixed else 0
     if stage == 0:
-        return lp_bytes * P, (lp_bytes + fp32_grad) * P, (master + 8) * P
+        # No ZeRO on GPUs runs without DeepSpeed (spec.uses_deepspeed): fp32 weights under autocast,
+        # fp32 gradients, torch AdamW's two fp32 moments.
+        return 4 * P, 4 * P, 8 * P
     if stage in (1, 2):
         if offload_optimizer:
             return lp_bytes * P, 0.0, 0.0
