@@ -114,17 +114,6 @@ def require_new_output(out: Path, force: bool, title: str) -> None:
         raise CrakenError(f"--out {out}: {parent} is not writable; choose another folder", title=title)
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 # ---------------------------------------------------------------------------------------------
 # convert: DeepSpeed universal checkpoints (resume on another number of processes)
 
@@ -173,7 +162,7 @@ def convert(ckpt: Path, out: Path | None = None, force: bool = False, env=None) 
         (tmp / "latest").write_text(ck.SHARDS)
         ck.write_state(tmp, dataclasses.replace(state, universal=True, converted_from=str(ckpt.absolute())))
         ck._fsync_tree(tmp)
-        _replace_dir(tmp, out)
+        ck.replace_dir(tmp, out)
         ok = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -273,7 +262,7 @@ def export(ckpt: Path, out: Path, dtype: str = "auto", force: bool = False) -> P
             {"checkpoint": str(ckpt.absolute()), "step": state.step, "dtype": str(torch_dtype).split(".")[-1]},
             indent=1) + "\n")
         ck._fsync_tree(tmp)
-        _replace_dir(tmp, out)
+        ck.replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

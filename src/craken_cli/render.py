@@ -89,44 +89,12 @@ def deepspeed_config(spec: RunSpec) -> dict:
     return cfg
 
 
-def plain_accelerate_config(spec: RunSpec) -> dict:
-    """The accelerate YAML of a run without DeepSpeed (stage 0 on GPUs): DDP and mixed precision."""
+def _launch_shape(spec: RunSpec) -> dict:
+    """The keys both kinds of accelerate YAML share: processes, machines, rendezvous."""
     c = spec.cluster
-    cfg = {
+    shape = {
         "compute_environment": "LOCAL_MACHINE",
         "debug": False,
-        "distributed_type": "MULTI_GPU" if c.num_processes > 1 else "NO",
-        "mixed_precision": {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[spec.precision],
-        "downcast_bf16": "no",
-        "gpu_ids": "all",
-        "machine_rank": c.machine_rank,
-        "num_machines": c.num_machines,
-        "num_processes": c.num_processes,
-        "main_process_port": c.main_process_port,
-        "rdzv_backend": c.rdzv_backend,
-        "same_network": True,
-        "use_cpu": False,
-    }
-    if c.num_machines > 1:
-        cfg["main_process_ip"] = c.main_process_ip
-    return cfg
-
-
-def accelerate_config(spec: RunSpec, ds_config_path: str | os.PathLike) -> dict:
-    """The accelerate YAML: launch shape plus a pointer to the DeepSpeed JSON, nothing it repeats."""
-    if not spec.uses_deepspeed:
-        return plain_accelerate_config(spec)
-    c = spec.cluster
-    ds: dict = {"deepspeed_config_file": str(Path(ds_config_path).absolute()),
-                "zero3_init_flag": spec.zero.stage == 3}
-    if c.num_machines > 1:
-        # "standard" = torchrun on each machine; pdsh (DeepSpeed's default) needs ssh everywhere.
-        ds["deepspeed_multinode_launcher"] = "standard" if c.launcher == "accelerate" else "pdsh"
-    cfg = {
-        "compute_environment": "LOCAL_MACHINE",
-        "debug": False,
-        "distributed_type": "DEEPSPEED",
-        "deepspeed_config": ds,
         "downcast_bf16": "no",
         "machine_rank": c.machine_rank,
         "num_machines": c.num_machines,
@@ -139,8 +107,31 @@ def accelerate_config(spec: RunSpec, ds_config_path: str | os.PathLike) -> dict:
         "use_cpu": False,
     }
     if c.num_machines > 1:
-        cfg["main_process_ip"] = c.main_process_ip
-    return cfg
+        shape["main_process_ip"] = c.main_process_ip
+    return shape
+
+
+def plain_accelerate_config(spec: RunSpec) -> dict:
+    """The accelerate YAML of a run without DeepSpeed (stage 0 on GPUs): DDP and mixed precision."""
+    return {
+        **_launch_shape(spec),
+        "distributed_type": "MULTI_GPU" if spec.cluster.num_processes > 1 else "NO",
+        "mixed_precision": {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[spec.precision],
+        "gpu_ids": "all",
+    }
+
+
+def accelerate_config(spec: RunSpec, ds_config_path: str | os.PathLike) -> dict:
+    """The accelerate YAML: launch shape plus a pointer to the DeepSpeed JSON, nothing it repeats."""
+    if not spec.uses_deepspeed:
+        return plain_accelerate_config(spec)
+    c = spec.cluster
+    ds: dict = {"deepspeed_config_file": str(Path(ds_config_path).absolute()),
+                "zero3_init_flag": spec.zero.stage == 3}
+    if c.num_machines > 1:
+        # "standard" = torchrun on each machine; pdsh (DeepSpeed's default) needs ssh everywhere.
+        ds["deepspeed_multinode_launcher"] = "standard" if c.launcher == "accelerate" else "pdsh"
+    return {**_launch_shape(spec), "distributed_type": "DEEPSPEED", "deepspeed_config": ds}
 
 
 def run_file_text(spec: RunSpec, sources: dict[str, str]) -> str:

@@ -235,6 +235,18 @@ def load(accelerator, path: Path) -> TrainState:
     return state
 
 
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Put the finished folder `tmp` at `out`; an existing `out` is swapped out, never half-replaced."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
 def save_final(accelerator, model, tokenizer, run_dir: Path, spec, check_batch=None) -> Path:
     """Gather the full 16-bit weights (ZeRO-3 included) and write an HF model atomically.
 
@@ -261,14 +273,7 @@ def save_final(accelerator, model, tokenizer, run_dir: Path, spec, check_batch=N
         unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         _fsync_tree(tmp)
-        if final.exists():
-            old = run_dir / ".final.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_dir(tmp, final)
         if logits is not None:
             torch.save({"input_ids": check_batch.cpu(), "logits": logits}, run_dir / "final_check.pt")
     accelerator.wait_for_everyone()
