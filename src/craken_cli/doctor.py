@@ -464,7 +464,11 @@ def check_ops(f: Facts, view: RunView | None) -> list[Check]:
                                  f"point CUDA_HOME at a CUDA {tbs} toolkit (or set DS_SKIP_CUDA_CHECK=1 at your risk)"))
     for op in ("cpu_adam", "fused_adam"):
         if op == "fused_adam" and not gpu_build:
-            out.append(Check("ops", op, "ok", "not used on CPU processes"))
+            why = ("not used on CPU processes" if not hw.gpus or (view is not None and view.use_cpu) else
+                   "not used by these settings (torch's fused AdamW needs no op); torch's CUDA version is "
+                   "unknown, so a build could not be checked" if op not in needed else
+                   "torch's CUDA version is unknown: the build cannot be checked")
+            out.append(Check("ops", op, "ok" if op not in needed else "warn", why))
             continue
         use = "used by these settings" if op in needed else "not used by these settings"
         if op in prebuilt:
