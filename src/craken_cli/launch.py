@@ -19,6 +19,11 @@ LOOP_MODULE = "craken_cli.train.loop"
 SECRET_MARKERS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "CREDENTIAL")
 
 
+INHERITED_DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                       "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "TORCHELASTIC_RESTART_COUNT",
+                       "TORCHELASTIC_RUN_ID")
+
+
 def is_secret(name: str) -> bool:
     upper = name.upper()
     return any(m in upper for m in SECRET_MARKERS)
@@ -44,6 +49,10 @@ def build(spec, run_dir: str | os.PathLike, base_env: Mapping[str, str], cpu_cou
     argv += ["-m", LOOP_MODULE, str(run / RUN_FILE)]
 
     env = dict(base_env)
+    # A new job must not inherit the rendezvous of a process group craken itself runs inside
+    # (a notebook, a test, another job): the launcher sets these for its workers.
+    for name in INHERITED_DIST_VARS:
+        env.pop(name, None)
     env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
                # accelerate's and transformers' own nags that say nothing about this run
                TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
