@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from .errors import CrakenError
+from .hardware import nearest_existing
 from .train import checkpoint as ck
 
 UNIVERSAL_DIR = "universal"  # RUN/checkpoints/universal/step_N: converted copies
@@ -107,9 +108,7 @@ def require_new_output(out: Path, force: bool, title: str) -> None:
     if out.is_dir() and any(out.iterdir()) and not force:
         raise CrakenError(f"--out {out} exists and is not empty: choose another folder or pass --force to "
                           "replace it", title=title)
-    parent = out.absolute().parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
+    parent = nearest_existing(out.absolute().parent)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise CrakenError(f"--out {out}: {parent} is not writable; choose another folder", title=title)
 

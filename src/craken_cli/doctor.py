@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from .hardware import GiB, Hardware
+from .hardware import GiB, Hardware, nearest_existing
 
 Status = Literal["ok", "warn", "fail"]
 AREAS = ("system", "packages", "gpu", "ops", "memory", "disk", "network", "run")
@@ -844,9 +844,7 @@ def path_state(path: str) -> PathState:
     mounts both show only then."""
     p = Path(path).absolute()
     exists = p.exists()
-    probe = p
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
+    probe = nearest_existing(p)
     try:
         free = shutil.disk_usage(probe).free
     except OSError:

@@ -173,12 +173,17 @@ def _meminfo() -> tuple[int, int]:
     return total, avail
 
 
-def free_disk(path: str | os.PathLike) -> int:
-    """Free bytes where `path` would be created (its nearest existing parent)."""
+def nearest_existing(path: str | os.PathLike) -> Path:
+    """`path` itself if it exists, else its nearest existing parent: where it would be created."""
     p = Path(path).absolute()
     while not p.exists() and p != p.parent:
         p = p.parent
-    return shutil.disk_usage(p).free
+    return p
+
+
+def free_disk(path: str | os.PathLike) -> int:
+    """Free bytes where `path` would be created (its nearest existing parent)."""
+    return shutil.disk_usage(nearest_existing(path)).free
 
 
 def visible(gpus: list[GPU], nvlink: set, p2p: set, spec: str | None) -> tuple[list[GPU], set, set]:

@@ -116,6 +116,13 @@ class Strategy:
     why_not: str | None = None  # why it does not fit (GPU, CPU or disk)
     detail: dict = field(default_factory=dict)  # every term in GiB, for docs and debugging
 
+    def settings(self) -> dict[str, object]:
+        """Dotted spec path -> value: what `craken train --auto` writes into the spec for this strategy."""
+        return {"zero.stage": self.stage, "offload.optimizer.device": self.offload_optimizer,
+                "offload.param.device": self.offload_param,
+                "model.activation_checkpointing": self.activation_checkpointing,
+                "batch.micro_batch": self.micro_batch, "batch.grad_accum": self.grad_accum}
+
     def to_dict(self) -> dict:
         d = asdict(self)
         for k, v in d.items():
@@ -151,12 +158,7 @@ class Plan:
 
     def settings(self) -> dict[str, object] | None:
         """Dotted spec path -> value for the choice (what `craken train --auto` writes into the spec)."""
-        c = self.choice
-        if c is None:
-            return None
-        return {"zero.stage": c.stage, "offload.optimizer.device": c.offload_optimizer,
-                "offload.param.device": c.offload_param, "model.activation_checkpointing": c.activation_checkpointing,
-                "batch.micro_batch": c.micro_batch, "batch.grad_accum": c.grad_accum}
+        return None if self.choice is None else self.choice.settings()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 
+from .hardware import nearest_existing
 from .train import builtin
 from .train.data import LOCAL_FORMATS
 
@@ -112,13 +113,6 @@ def data_problems(spec) -> list[str]:
         return [f"--text-column {d.text_column!r} is not a column of {files[0].name} (columns: "
                 f"{', '.join(columns)}): set --text-column"]
     return []
-
-
-def nearest_existing(path: Path) -> Path:
-    p = path.absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
 
 
 def precision_problems(spec) -> list[str]:

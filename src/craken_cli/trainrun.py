@@ -119,10 +119,9 @@ def auto_layer(resolved: Resolved, hw, exclude: tuple[str, ...] = ()) -> tuple[t
     except Exception as exc:  # an unreadable config is reported by preflight with a fix
         return (), [f"--auto: cannot read the model's config ({exc}); keeping the configured strategy"], None
     result = plan(info, spec, hw, search_micro_batch=search)
+    # A fixed grad_accum is kept without comparing: the plan derives it from the same global batch.
     allowed = [s for s in result.strategies if s.fits and s.name not in exclude and all(
-        {"zero.stage": s.stage, "offload.optimizer.device": s.offload_optimizer,
-         "offload.param.device": s.offload_param, "model.activation_checkpointing": s.activation_checkpointing,
-         "batch.micro_batch": s.micro_batch}.get(p, v) == v for p, v in fixed.items())]
+        s.settings()[p] == v for p, v in fixed.items() if p != "batch.grad_accum")]
     if not allowed and exclude:
         raise CrakenError(f"out of memory with {', '.join(exclude)}, and no slower strategy compatible with your "
                           "settings is predicted to fit: lower --micro-batch or --seq-len, or use "
@@ -131,11 +130,7 @@ def auto_layer(resolved: Resolved, hw, exclude: tuple[str, ...] = ()) -> tuple[t
         return (), [f"--auto: no strategy compatible with your settings ({', '.join(fixed) or 'none'}) is predicted "
                     f"to fit in {result.gpu_memory_gib:.0f} GiB; keeping the configured one (see `craken plan`)"], None
     choice = allowed[0]
-    values = {"zero.stage": choice.stage, "offload.optimizer.device": choice.offload_optimizer,
-              "offload.param.device": choice.offload_param,
-              "model.activation_checkpointing": choice.activation_checkpointing,
-              "batch.micro_batch": choice.micro_batch, "batch.grad_accum": choice.grad_accum}
-    values = {p: v for p, v in values.items() if p not in fixed}
+    values = {p: v for p, v in choice.settings().items() if p not in fixed}
     if values.get("offload.optimizer.device") == "none":
         values["offload.optimizer.nvme_path"] = None
     if values.get("zero.stage", spec.zero.stage) != 3:
