@@ -134,7 +134,6 @@ class Trainer:
             log_with=None if spec.logging.report_to == "none" else spec.logging.report_to,
             project_dir=str(self.run_dir),
         )
-        self.accelerator = accelerator
         # Each machine's first process logs (metrics, progress) into its own run folder; the losses
         # are reduced over all processes, so every machine logs the same numbers.
         is_main = accelerator.is_local_main_process
@@ -154,16 +153,15 @@ class Trainer:
                              "add text or lower --seq-len")
         train_blocks, eval_blocks = data.train_eval_split(blocks, spec.data.eval_fraction, spec.train.seed)
         train_blocks.set_format("torch")
-        collate = _collate
         gen = torch.Generator().manual_seed(spec.train.seed)
         train_dl = torch.utils.data.DataLoader(
             train_blocks, batch_size=spec.batch.micro_batch, shuffle=True, drop_last=True, generator=gen,
-            collate_fn=collate, num_workers=spec.data.num_workers, pin_memory=not spec.cluster.use_cpu)
+            collate_fn=_collate, num_workers=spec.data.num_workers, pin_memory=not spec.cluster.use_cpu)
         eval_dl = None
         if eval_blocks is not None:
             eval_blocks.set_format("torch")
             eval_dl = torch.utils.data.DataLoader(eval_blocks, batch_size=spec.batch.micro_batch, shuffle=False,
-                                                  collate_fn=collate)
+                                                  collate_fn=_collate)
         if len(train_dl) // accelerator.num_processes == 0:
             raise SystemExit(f"craken: {len(train_blocks)} training blocks are fewer than one micro-batch per "
                              "process: add data, lower --micro-batch or --seq-len")
