@@ -35,9 +35,9 @@ VARIANTS = {
     "layers-mb8": ("layers", "default", "hf", 8),
     "layers-cudnn-mb8": ("layers", "cudnn", "hf", 8),
     "layers-head-mb8": ("layers", "default", "head", 8),
-    "layers-cudnn-head-mb8": ("layers", "cudnn", "head", 8),
-    "layers-cudnn-head-mb16": ("layers", "cudnn", "head", 16),
-    "full-cudnn-mb8": ("full", "cudnn", "hf", 8),
+    "layers-head-mb12": ("layers", "default", "head", 12),
+    "layers-head-mb16": ("layers", "default", "head", 16),
+    "full-mb8": ("full", "default", "hf", 8),
 }
 
 
@@ -48,7 +48,7 @@ def build(shape: str):
     hidden, layers, heads, kv, mlp, vocab = SHAPES[shape]
     cfg = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                       num_key_value_heads=kv, intermediate_size=mlp, vocab_size=vocab, max_position_embeddings=4096,
-                      tie_word_embeddings=False)
+                      tie_word_embeddings=False, use_cache=False)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
     return model, cfg
