@@ -173,7 +173,7 @@ class Trainer:
         n_emb = emb.weight.ds_numel if hasattr(emb.weight, "ds_numel") else emb.weight.numel()
         fpt = flops_per_token(model.config, n_params - n_emb, spec.data.seq_len)
         if spec.model.compile and not spec.cluster.use_cpu:
-            modeling.compile_layers(model)
+            modeling.compile_regions(model)
 
         decay, no_decay = [], []
         for name, p in model.named_parameters():

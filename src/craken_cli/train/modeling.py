@@ -64,11 +64,21 @@ def has_no_weights(name: str) -> bool:
         (folder / f).exists() for f in WEIGHT_FILES)
 
 
-def compile_layers(model) -> int:
-    """Regional compilation: torch.compile each decoder layer; returns how many were compiled."""
+def compile_regions(model, **compile_kwargs) -> int:
+    """Regional compilation: torch.compile each decoder layer and the loss; returns how many layers.
+
+    The layers share one compiled graph (dynamo inlines the module, so layer 2 reuses layer 1's
+    code); the loss (the fp32 upcast of the logits, log-softmax and NLL) compiles to a few fused
+    kernels that keep no fp32 copy of the logits (docs/performance.md, "Levers"). The model still
+    calls its own loss function, so DeepSpeed's hooks and every model family see nothing new.
+    """
+    import torch
+
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
         return 0
     for layer in layers:
-        layer.compile()
+        layer.compile(**compile_kwargs)
+    if hasattr(model, "loss_function"):
+        model.loss_function = torch.compile(model.loss_function, dynamic=False, **compile_kwargs)
     return len(layers)
