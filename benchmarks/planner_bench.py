@@ -1,19 +1,24 @@
-"""Measure the planner against real peak reserved GPU memory, in one call on a GPU machine.
+"""The planner against real peak reserved GPU memory, for 1 and 2 GPUs, in one call (issue 5).
 
-    python3 benchmarks/planner_bench.py --out "$OUT" [--gpus 1,2] [--steps 4] [--quick] [--dry-run]
+    python3 benchmarks/planner_bench.py --out "$OUT" [--gpus 1,2] [--docs docs/planner.md]
+    python3 benchmarks/planner_bench.py --dry-run          # predictions only, no GPU
 
-For each GPU count (1 and 2 where the machine has 2), three Llama shapes (configs and random weights
-written by this script into local folders: nothing is downloaded) and two sequence lengths, it asks
-`planner.plan` for every strategy, trains a few steps with `craken train` for each strategy predicted
-to fit the card, reads the peak reserved memory from the run's metrics.jsonl
-(`gpu_mem_reserved_gib`, docs/metrics-format.md), and writes:
+For each GPU count it starts one `torchrun` worker group that goes through the whole grid in-process
+(importing torch and DeepSpeed once keeps the grid inside one call): three Llama shapes (config
+files written here, random weights, nothing downloaded) x sequence 1024 and 2048 x every strategy
+predicted to fit the card, at micro-batch 4, grad-accum 1, bf16, SDPA; plus compiled runs of the
+1.1B shape at micro-batch 8. Each row builds the spec exactly as `craken train --zero N ...` does
+(`options.load_run`), asks `planner.plan` for that spec's prediction (`requested.reserved_gib`), and
+builds the engine the way craken's training loop does:
 
-* `<out>/planner_bench.jsonl`: one line per run (predicted, measured, error, tokens/s, exit code);
-* the table between the `bench` markers of docs/planner.md (`--docs`), with the planner's choice
-  for each shape set against the fastest measured strategy that ran.
+* no ZeRO: fp32 weights under bf16 autocast, torch's fused AdamW, DDP on several GPUs (accelerate's
+  defaults), regional compilation with `modeling.compile_regions` when compiled;
+* ZeRO 1-3: `deepspeed.initialize` with the DeepSpeed JSON craken renders for that spec (`render.
+  deepspeed_config`), the model built under `deepspeed.zero.Init` at stage 3.
 
-Each run costs about 45-60 s of launch and engine set-up; `--quick` keeps the grid to what fits in one
-9-minute call (1 GPU: zero0/zero2/zero3 on the smallest and middle shapes at one sequence length).
+Then 2 warm-up and 5 timed steps on random tokens; the peak is `torch.cuda.max_memory_reserved()`
+from the end of engine set-up (where the training loop resets it) over the steps. Rows stream to
+`<out>/planner_bench.jsonl`; `--docs` rewrites the table between the `bench` markers.
 """
 
 from __future__ import annotations
@@ -39,157 +44,270 @@ SHAPES = {  # Llama-style: RMSNorm, SwiGLU, GQA; vocab 32000 as in gpu-baseline.
 }
 SEQ_LENS = (1024, 2048)
 MICRO_BATCH = 4
-STRATEGIES = ("zero0", "zero1", "zero2", "zero3", "zero2+offload_optimizer_cpu")
+STAGES = ("zero0", "zero1", "zero2", "zero3")
+# (shape, seq, strategy, micro-batch, compiled, extra --set values): the compiled mode --auto runs.
+EXTRA = [("llama-1.1b", 2048, "zero0", 8, True, ()), ("llama-1.1b", 2048, "zero1", 8, True, ()),
+         ("llama-1.1b", 2048, "zero2", 8, True, ()), ("llama-1.1b", 2048, "zero2+offload_optimizer_cpu", 4, False, ()),
+         # DeepSpeed knobs that may cost ZeRO-1 its speed on one GPU (issue 8): same memory expected
+         ("llama-1.1b", 2048, "zero1", 8, True, ("zero.overlap_comm=false",)),
+         ("llama-1.1b", 2048, "zero1", 8, True, ("zero.contiguous_gradients=false",))]
+TIMED_STEPS = 5
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+if os.environ.get("PLANNER_BENCH_SMOKE"):  # a CPU run of the code path (gloo, DS_ACCELERATOR=cpu): no numbers
+    SHAPES = {"llama-160m": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2)}
+    SEQ_LENS, EXTRA = (64,), [("llama-160m", 64, "zero2+offload_optimizer_cpu", 4, False, ())]
 
 
-def make_model(folder: Path, shape: dict) -> None:
-    """config.json + random bf16 weights + the built-in tokenizer, so `from_pretrained` works offline."""
-    if (folder / "config.json").exists():
-        return
+def write_config(folder: Path, shape: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000,
+           "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+           "hidden_act": "silu", "rope_theta": 10000.0, "bos_token_id": 1, "eos_token_id": 2, **shape}
+    (folder / "config.json").write_text(json.dumps(cfg, indent=1))
+    return folder
+
+
+def grid() -> list[tuple]:
+    rows = [(shape, seq, s, MICRO_BATCH, False, ()) for shape in SHAPES for seq in SEQ_LENS for s in STAGES]
+    return rows + EXTRA
+
+
+def spec_for(folder: Path, seq: int, strategy: str, micro: int, compiled: bool, world: int, extra=(), hw=None):
+    """The spec `craken train --model F --seq-len S --zero N --micro-batch M --grad-accum 1 ...` resolves to."""
+    from craken_cli.options import SpecArgs, load_run
+
+    stage = int(strategy.split("+")[0].removeprefix("zero"))
+    offload = "cpu" if "offload_optimizer_cpu" in strategy else "none"
+    flags = {"--model": str(folder), "--seq-len": seq, "--zero": stage, "--micro-batch": micro,
+             "--grad-accum": 1, "--num-processes": world, "--precision": "bf16"}
+    sets = [f"offload.optimizer.device={offload}", f"model.compile={str(compiled).lower()}", *extra]
+    resolved, _ = load_run(SpecArgs(flags=flags, sets=sets), hardware=hw, environ={})
+    return resolved.spec
+
+
+def predict(spec, folder: Path, hw):
+    from craken_cli.modelinfo import model_info
+    from craken_cli.planner import plan
+
+    return plan(model_info(str(folder)), spec, hw, search_micro_batch=False).requested
+
+
+# ---------------------------------------------------------------------------------------------- worker
+
+
+def run_row(spec, folder: Path, rank: int, world: int) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from craken_cli.train import builtin
+    from craken_cli.render import deepspeed_config
+    from craken_cli.train import modeling
 
-    cfg = LlamaConfig(**shape, vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    model.save_pretrained(folder)
-    builtin.build_tokenizer().save_pretrained(folder)
+    cfg = AutoConfig.from_pretrained(folder)
+    cfg.use_cache = False
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda", rank) if on_gpu else torch.device("cpu")
+    ds_cfg = deepspeed_config(spec) if spec.uses_deepspeed else None
+    if spec.zero.stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.Init(config_dict_or_path=ds_cfg, dtype=torch.bfloat16):
+            model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    else:
+        with torch.device(device):  # DeepSpeed casts to bf16 before moving to the GPU: build it so
+            model = AutoModelForCausalLM.from_config(
+                cfg, attn_implementation="sdpa", dtype=torch.bfloat16 if ds_cfg else torch.float32)
+    if spec.model.compile:
+        modeling.compile_regions(model)
+    groups = [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": 0.1},
+              {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]
+    if ds_cfg is None:
+        opt = torch.optim.AdamW(groups, lr=1e-4, fused=on_gpu)
+        engine = model
+        if world > 1:
+            engine = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank] if on_gpu else None)
+
+        def step(ids):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = engine(input_ids=ids, labels=ids).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), spec.optimizer.clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    else:
+        import deepspeed
+
+        engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_cfg)
+
+        def step(ids):
+            loss = engine(input_ids=ids, labels=ids).loss
+            engine.backward(loss)
+            engine.step()
+
+    gen = torch.Generator(device=device).manual_seed(rank)
+    mb, seq = spec.batch.micro_batch, spec.data.seq_len
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    sync()
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(2):
+        step(torch.randint(0, cfg.vocab_size, (mb, seq), generator=gen, device=device))
+    sync()
+    t0 = time.time()
+    for _ in range(TIMED_STEPS):
+        step(torch.randint(0, cfg.vocab_size, (mb, seq), generator=gen, device=device))
+    sync()
+    tps = TIMED_STEPS * mb * seq / (time.time() - t0)
+    mem = (torch.cuda.max_memory_reserved(device), torch.cuda.max_memory_allocated(device)) if on_gpu else (1, 1)
+    out = {"measured_gib": mem[0] / 2**30, "allocated_gib": mem[1] / 2**30, "tokens_per_s": tps}
+    if ds_cfg is not None:
+        engine.destroy()
+    return out
 
 
-def spec_for(world: int, seq: int, model: str):
-    from craken_cli.spec import RunSpec
+def worker(args) -> int:
+    import gc
 
-    return RunSpec.model_validate({"precision": "bf16", "model": {"name_or_path": model}, "data": {"seq_len": seq},
-                                   "batch": {"micro_batch": MICRO_BATCH, "grad_accum": 1},
-                                   "cluster": {"num_processes": world}})
+    import torch
+    import torch.distributed as dist
+
+    from craken_cli.hardware import detect
+    from craken_cli.launch import normalized_arch_list
+
+    arch = normalized_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"))
+    if arch:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch  # DeepSpeed's op builder (CPU Adam) cannot parse "9.0a"
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.set_device(rank)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
+    else:
+        dist.init_process_group("gloo")
+    hw = detect()
+    card = min((g.memory_total for g in hw.gpus), default=2**40) / 2**30
+    models = Path(args.models)
+    log = open(Path(args.out) / "planner_bench.jsonl", "a") if rank == 0 else None
+    for shape, seq, strategy, micro, compiled, extra in grid():
+        folder = models / shape
+        spec = spec_for(folder, seq, strategy, micro, compiled, world, extra, hw)
+        pred = predict(spec, folder, hw)
+        name = strategy + ("+compile" if compiled else "") + "".join(f" ({x})" for x in extra)
+        row = {"gpus": world, "model": shape, "seq": seq, "strategy": name,
+               "base_strategy": strategy, "compiled": compiled, "extra": list(extra), "micro_batch": micro, "predicted_gib": round(pred.reserved_gib, 3),
+               "predicted_total_gib": round(pred.total_gib, 3), "device": hw.gpus[0].name if hw.gpus else "cpu"}
+        if pred.total_gib > card:
+            row["skipped"] = f"predicted {pred.total_gib:.1f} GiB > {card:.1f} GiB card"
+        else:
+            t = time.time()
+            try:
+                row.update(run_row(spec, folder, rank, world))
+                row["error"] = round(row["predicted_gib"] / row["measured_gib"] - 1, 4)
+            except torch.OutOfMemoryError as exc:
+                row["oom"] = str(exc)[:200]
+            row["wall_s"] = round(time.time() - t, 1)
+            torch._dynamo.reset()
+            gc.collect()
+            if on_gpu:
+                torch.cuda.empty_cache()
+                row["leftover_gib"] = round(torch.cuda.memory_allocated() / 2**30, 3)
+        if log:
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            print(json.dumps(row), flush=True)
+        dist.barrier()
+    dist.destroy_process_group()
+    return 0
 
 
-def train_args(s, folder: Path, seq: int, world: int, run_dir: Path, steps: int) -> list[str]:
-    args = [sys.executable, "-m", "craken_cli", "train", "--model", str(folder), "--seq-len", str(seq),
-            "--micro-batch", str(MICRO_BATCH), "--grad-accum", "1", "--zero", str(s.stage),
-            "--num-processes", str(world), "--max-steps", str(steps), "--steps-per-print", "1",
-            "--eval-every", "0", "--output-dir", str(run_dir), "--force", "--precision", "bf16"]
-    if s.offload_optimizer != "none":
-        args += ["--offload-optimizer", s.offload_optimizer]
-    return args
+# ---------------------------------------------------------------------------------------------- docs
 
 
-def measured_peak(run_dir: Path) -> tuple[float | None, float | None]:
-    """(max gpu_mem_reserved_gib, last tokens_per_s_per_gpu) over the train lines of metrics.jsonl."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return None, None
-    peak, speed = None, None
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("gpu_mem_reserved_gib") is not None:
-            peak = max(peak or 0.0, rec["gpu_mem_reserved_gib"])
-            speed = rec.get("tokens_per_s_per_gpu", speed)
-    return peak, speed
-
-
-def write_docs(rows: list[dict], docs: Path, device: str) -> None:
-    lines = [START, "", f"Measured on {device} ({time.strftime('%Y-%m-%d')}), micro-batch {MICRO_BATCH}, "
-             "grad-accum 1, bf16, SDPA; peak = torch's max reserved memory per GPU.", "",
-             "| GPUs | model | seq | strategy | predicted GiB | measured GiB | error | tokens/s/GPU |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+def write_docs(rows: list[dict], path: Path) -> None:
+    devices = sorted({r["device"] for r in rows})
+    lines = [START, "", f"Measured on {' and '.join(devices)}, {time.strftime('%Y-%m-%d')}, with "
+             "`benchmarks/planner_bench.py` (bf16, SDPA, grad-accum 1; peak = torch's max reserved memory on GPU 0; "
+             "error = predicted / measured - 1). tokens/s from 5 steps, for ordering only.", "",
+             "| GPUs | model | seq | strategy | micro-batch | predicted GiB | measured GiB | error | tokens/s/GPU |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        meas = "failed" if r["measured_gib"] is None else f"{r['measured_gib']:.2f}"
-        err = "" if r["error"] is None else f"{r['error']:+.1%}"
-        tps = "" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}"
-        lines.append(f"| {r['gpus']} | {r['model']} | {r['seq']} | {r['strategy']} | {r['predicted_gib']:.2f} | "
-                     f"{meas} | {err} | {tps} |")
-    lines += ["", "Choice against the grid (fastest measured = highest tokens/s among runs that finished):", "",
-              "| GPUs | model | seq | planner's choice | fastest measured |", "| --- | --- | --- | --- | --- |"]
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["gpus"], r["model"], r["seq"]), []).append(r)
-    for (g, m, s), rs in groups.items():
-        ok = [r for r in rs if r["tokens_per_s"]]
-        best = max(ok, key=lambda r: r["tokens_per_s"])["strategy"] if ok else "none finished"
-        lines.append(f"| {g} | {m} | {s} | {rs[0]['choice']} | {best} |")
+        if "measured_gib" in r:
+            meas, err, tps = f"{r['measured_gib']:.2f}", f"{r['error']:+.1%}", f"{r['tokens_per_s']:,.0f}"
+        else:
+            meas, err, tps = ("OOM", "", "") if "oom" in r else ("skipped (predicted > card)", "", "")
+        lines.append(f"| {r['gpus']} | {r['model']} | {r['seq']} | {r['strategy']} | {r['micro_batch']} | "
+                     f"{r['predicted_gib']:.2f} | {meas} | {err} | {tps} |")
+    errs = [abs(r["error"]) for r in rows if "error" in r]
+    if errs:
+        lines += ["", f"{len(errs)} rows measured; largest error {max(errs):.1%}; "
+                  f"{sum(e <= 0.10 for e in errs)} of {len(errs)} within +-10%."]
     lines += ["", END]
-    text = docs.read_text() if docs.exists() else ""
+    text = path.read_text() if path.exists() else ""
     block = "\n".join(lines)
     if START in text and END in text:
         text = text[:text.index(START)] + block + text[text.index(END) + len(END):]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
-    docs.write_text(text)
+    path.write_text(text)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     ap.add_argument("--gpus", default=None, help="comma-separated GPU counts (default: 1 and 2 if present)")
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--quick", action="store_true", help="the subset that fits one 9-minute call")
     ap.add_argument("--docs", default=None, help="markdown file whose bench block to rewrite")
-    ap.add_argument("--dry-run", action="store_true", help="print the plan and commands; train nothing")
+    ap.add_argument("--from-jsonl", default=None, help="rewrite --docs from recorded rows, re-predicted")
+    ap.add_argument("--dry-run", action="store_true", help="print the predictions; train nothing")
+    ap.add_argument("--timeout", type=int, default=280, help="seconds per GPU count")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--models", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "craken-bench-models"))
     args = ap.parse_args()
+    if args.worker:
+        return worker(args)
 
     from craken_cli.hardware import GPU, GiB, Hardware, detect
-    from craken_cli.modelinfo import model_info
-    from craken_cli.planner import plan
 
-    hw = detect()
-    device = hw.gpus[0].name if hw.gpus else "no GPU (dry run)"
-    if not hw.gpus:
-        hw = Hardware(gpus=tuple(GPU(i, "H100 80GB (assumed)", 80 * GiB, 80 * GiB, (9, 0)) for i in range(2)))
-    counts = [int(x) for x in args.gpus.split(",")] if args.gpus else [n for n in (1, 2) if n <= hw.gpu_count]
-    shapes = dict(list(SHAPES.items())[:2]) if args.quick else SHAPES
-    seqs = SEQ_LENS[1:] if args.quick else SEQ_LENS
-    strategies = ("zero0", "zero2", "zero3") if args.quick else STRATEGIES
+    models = Path(args.models)
+    for name, shape in SHAPES.items():
+        write_config(models / name, shape)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    models = Path(os.environ.get("TMPDIR", "/tmp")) / "craken-bench-models"
-    log = (out / "planner_bench.jsonl").open("a")
-    rows = []
-    card = min(g.memory_total for g in hw.gpus)
+    if args.from_jsonl:
+        rows = [json.loads(x) for x in Path(args.from_jsonl).read_text().splitlines() if x.strip()]
+        hw = Hardware(gpus=tuple(GPU(i, r["device"], 80 * GiB, 80 * GiB, (9, 0)) for i, r in enumerate(rows[:2])))
+        for r in rows:  # the current planner's prediction for each recorded measurement
+            spec = spec_for(models / r["model"], r["seq"], r["base_strategy"], r["micro_batch"], r["compiled"],
+                            r["gpus"], tuple(r["extra"]), hw)
+            r["predicted_gib"] = predict(spec, models / r["model"], hw).reserved_gib
+            if "measured_gib" in r:
+                r["error"] = r["predicted_gib"] / r["measured_gib"] - 1
+        write_docs(rows, Path(args.docs or out / "planner_bench_table.md"))
+        return 0
+    if args.dry_run:
+        hw = Hardware(gpus=tuple(GPU(i, "H100 80GB (assumed)", 80 * GiB, 80 * GiB, (9, 0)) for i in range(2)))
+        for world in (1, 2):
+            for shape, seq, strategy, micro, compiled, extra in grid():
+                spec = spec_for(models / shape, seq, strategy, micro, compiled, world, extra, hw)
+                p = predict(spec, models / shape, hw)
+                print(f"{world} GPU {shape:10} seq {seq} {strategy + ('+compile' if compiled else ''):32} "
+                      f"mb {micro}: {p.reserved_gib:6.2f} GiB reserved, {p.total_gib:6.2f} total")
+        return 0
+    hw = detect()
+    counts = [int(x) for x in args.gpus.split(",")] if args.gpus else [n for n in (1, 2) if n <= hw.gpu_count]
+    if not hw.gpus:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     for world in counts:
-        for name, shape in shapes.items():
-            folder = models / name
-            if not args.dry_run:
-                make_model(folder, shape)
-                info = model_info(str(folder))
-            else:
-                from craken_cli.modelinfo import analytic_info
-
-                info = analytic_info({"model_type": "llama", "vocab_size": 32000, **shape}, name)
-            for seq in seqs:
-                p = plan(info, spec_for(world, seq, str(folder)), hw, search_micro_batch=False)
-                by_name = {s.name: s for s in p.strategies}
-                for sname in strategies:
-                    s = by_name[sname]
-                    if s.total_gib > card / GiB:  # predicted not to fit the card at all: don't burn the time
-                        continue
-                    run_dir = out / "runs" / f"{world}gpu-{name}-{seq}-{sname}"
-                    cmd = train_args(s, folder, seq, world, run_dir, args.steps)
-                    if args.dry_run:
-                        print(f"{s.reserved_gib:6.2f} GiB  " + " ".join(cmd))
-                        continue
-                    t = time.time()
-                    r = subprocess.run(cmd, capture_output=True, text=True)
-                    peak, tps = measured_peak(run_dir)
-                    err = None if peak is None else s.reserved_gib / peak - 1
-                    row = dict(gpus=world, model=name, params=info.num_params, seq=seq, strategy=sname,
-                               predicted_gib=s.reserved_gib, predicted_total_gib=s.total_gib, measured_gib=peak,
-                               error=err, tokens_per_s=tps, rc=r.returncode, wall_s=round(time.time() - t, 1),
-                               choice=p.choice.name if p.choice else None, device=device)
-                    if r.returncode:
-                        row["stderr_tail"] = r.stderr[-2000:]
-                    rows.append(row)
-                    log.write(json.dumps(row) + "\n")
-                    log.flush()
-                    print(json.dumps({k: v for k, v in row.items() if k != "stderr_tail"}), flush=True)
-    if rows and args.docs:
-        write_docs(rows, Path(args.docs), device)
-    if rows:
-        (out / "planner_bench_table.md").write_text("")
-        write_docs(rows, out / "planner_bench_table.md", device)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ",".join(map(str, range(world)))}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+               __file__, "--worker", "--out", str(out), "--models", str(models)]
+        with open(out / f"worker-{world}gpu.log", "w") as fh:
+            try:
+                subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=args.timeout)
+            except subprocess.TimeoutExpired:
+                print(f"{world} GPU worker stopped after {args.timeout} s; its rows so far are kept", flush=True)
+    rows = [json.loads(x) for x in (out / "planner_bench.jsonl").read_text().splitlines() if x.strip()]
+    write_docs(rows, Path(args.docs) if args.docs else out / "planner_bench_table.md")
+    print((Path(args.docs) if args.docs else out / "planner_bench_table.md").read_text()[-6000:])
     return 0
 
 
