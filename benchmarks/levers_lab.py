@@ -38,6 +38,9 @@ VARIANTS = {
     "layers-head-mb12": ("layers", "default", "head", 12),
     "layers-head-mb16": ("layers", "default", "head", 16),
     "full-mb8": ("full", "default", "hf", 8),
+    # craken's own regional compilation (modeling.compile_regions: layers + the model's loss function)
+    "craken-mb8": ("craken", "default", "hf", 8),
+    "craken-mb16": ("craken", "default", "hf", 16),
 }
 
 
@@ -82,6 +85,11 @@ def run_variant(name: str, shape: str, steps: int, seq: int, profile_to: Path | 
             layer.compile()
     elif compile_mode == "full":
         model.compile()
+    elif compile_mode == "craken":
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+        from craken_cli.train.modeling import compile_regions
+
+        compile_regions(model)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     rest = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],

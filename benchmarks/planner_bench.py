@@ -4,7 +4,8 @@
     python3 benchmarks/planner_bench.py --dry-run          # predictions only, no GPU
 
 For each GPU count it starts one `torchrun` worker group that goes through the whole grid in-process
-(importing torch and DeepSpeed once keeps the grid inside one call): three Llama shapes (config
+(torch and DeepSpeed are imported once, and each row runs in a child forked from
+that process, so no engine leaves memory behind for the next row to count): three Llama shapes (config
 files written here, random weights, nothing downloaded) x sequence 1024 and 2048 x every strategy
 predicted to fit the card, at micro-batch 4, grad-accum 1, bf16, SDPA; plus compiled runs of the
 1.1B shape at micro-batch 8. Each row builds the spec exactly as `craken train --zero N ...` does
@@ -165,11 +166,51 @@ def run_row(spec, folder: Path, rank: int, world: int) -> dict:
     return out
 
 
-def worker(args) -> int:
-    import gc
+def child(conn, spec, folder: Path, rank: int, world: int, port: int) -> None:
+    """One row in a fresh (forked) process: nothing a previous engine left behind can be counted."""
+    import datetime
 
     import torch
     import torch.distributed as dist
+
+    if os.environ.get("PLANNER_BENCH_DEBUG"):
+        import faulthandler
+
+        faulthandler.dump_traceback_later(int(os.environ["PLANNER_BENCH_DEBUG"]), exit=True)
+    # torchrun's agent store would take this rendezvous over: each row gets its own store on its own port.
+    os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+    os.environ["MASTER_PORT"] = str(port)
+    try:
+        on_gpu = torch.cuda.is_available()
+        if on_gpu:
+            torch.cuda.set_device(rank)
+        dist.init_process_group("nccl" if on_gpu else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world, timeout=datetime.timedelta(seconds=120),
+                                device_id=torch.device("cuda", rank) if on_gpu else None)
+        if spec.uses_deepspeed:  # DeepSpeed's comm wraps that group (zero.Init needs it before initialize)
+            import deepspeed
+
+            deepspeed.init_distributed("nccl" if on_gpu else "gloo")
+        conn.send(run_row(spec, folder, rank, world))
+    except torch.OutOfMemoryError as exc:
+        conn.send({"oom": str(exc)[:200]})
+    except Exception as exc:  # a failed row is a row too
+        conn.send({"failed": f"{exc.__class__.__name__}: {exc}"[:400]})
+    conn.close()
+    os._exit(0)  # skip NCCL and DeepSpeed teardown: the process is done
+
+
+def worker(args) -> int:
+    """One per GPU (torchrun). Imports once, then forks a child per row, so rows start in seconds."""
+    import multiprocessing as mp
+
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"  # keep CUDA uninitialised here, so fork is safe
+    import deepspeed  # (imported once, for the children)
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: F401  (lazy modules, load them once)
+
+    from craken_cli.train import modeling  # noqa: F401
 
     from craken_cli.hardware import detect
     from craken_cli.launch import normalized_arch_list
@@ -178,45 +219,42 @@ def worker(args) -> int:
     if arch:
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch  # DeepSpeed's op builder (CPU Adam) cannot parse "9.0a"
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    on_gpu = torch.cuda.is_available()
-    if on_gpu:
-        torch.cuda.set_device(rank)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
-    else:
-        dist.init_process_group("gloo")
+    ctx = mp.get_context("spawn" if torch.cuda.is_initialized() else "fork")
+    print(f"rank {rank}: deepspeed {deepspeed.__version__}, transformers {transformers.__version__}, "
+          f"start method {ctx.get_start_method()}", flush=True)
     hw = detect()
     card = min((g.memory_total for g in hw.gpus), default=2**40) / 2**30
     models = Path(args.models)
     log = open(Path(args.out) / "planner_bench.jsonl", "a") if rank == 0 else None
-    for shape, seq, strategy, micro, compiled, extra in grid():
+    for i, (shape, seq, strategy, micro, compiled, extra) in enumerate(grid()):
         folder = models / shape
         spec = spec_for(folder, seq, strategy, micro, compiled, world, extra, hw)
         pred = predict(spec, folder, hw)
         name = strategy + ("+compile" if compiled else "") + "".join(f" ({x})" for x in extra)
-        row = {"gpus": world, "model": shape, "seq": seq, "strategy": name,
-               "base_strategy": strategy, "compiled": compiled, "extra": list(extra), "micro_batch": micro, "predicted_gib": round(pred.reserved_gib, 3),
-               "predicted_total_gib": round(pred.total_gib, 3), "device": hw.gpus[0].name if hw.gpus else "cpu"}
+        row = {"gpus": world, "model": shape, "seq": seq, "strategy": name, "base_strategy": strategy,
+               "compiled": compiled, "extra": list(extra), "micro_batch": micro,
+               "predicted_gib": round(pred.reserved_gib, 3), "predicted_total_gib": round(pred.total_gib, 3),
+               "device": hw.gpus[0].name if hw.gpus else "cpu", "start": ctx.get_start_method()}
         if pred.total_gib > card:
             row["skipped"] = f"predicted {pred.total_gib:.1f} GiB > {card:.1f} GiB card"
         else:
             t = time.time()
-            try:
-                row.update(run_row(spec, folder, rank, world))
+            parent_end, child_end = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=child, args=(child_end, spec, folder, rank, world, args.port + i))
+            proc.start()
+            child_end.close()
+            result = parent_end.recv() if parent_end.poll(args.row_timeout) else {"failed": "timeout"}
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+            row.update(result)
+            if "measured_gib" in row:
                 row["error"] = round(row["predicted_gib"] / row["measured_gib"] - 1, 4)
-            except torch.OutOfMemoryError as exc:
-                row["oom"] = str(exc)[:200]
             row["wall_s"] = round(time.time() - t, 1)
-            torch._dynamo.reset()
-            gc.collect()
-            if on_gpu:
-                torch.cuda.empty_cache()
-                row["leftover_gib"] = round(torch.cuda.memory_allocated() / 2**30, 3)
         if log:
             log.write(json.dumps(row) + "\n")
             log.flush()
             print(json.dumps(row), flush=True)
-        dist.barrier()
-    dist.destroy_process_group()
     return 0
 
 
@@ -234,7 +272,8 @@ def write_docs(rows: list[dict], path: Path) -> None:
         if "measured_gib" in r:
             meas, err, tps = f"{r['measured_gib']:.2f}", f"{r['error']:+.1%}", f"{r['tokens_per_s']:,.0f}"
         else:
-            meas, err, tps = ("OOM", "", "") if "oom" in r else ("skipped (predicted > card)", "", "")
+            meas = "OOM" if "oom" in r else "failed" if "failed" in r else "skipped (predicted > card)"
+            err, tps = "", ""
         lines.append(f"| {r['gpus']} | {r['model']} | {r['seq']} | {r['strategy']} | {r['micro_batch']} | "
                      f"{r['predicted_gib']:.2f} | {meas} | {err} | {tps} |")
     errs = [abs(r["error"]) for r in rows if "error" in r]
@@ -259,6 +298,8 @@ def main() -> int:
     ap.add_argument("--from-jsonl", default=None, help="rewrite --docs from recorded rows, re-predicted")
     ap.add_argument("--dry-run", action="store_true", help="print the predictions; train nothing")
     ap.add_argument("--timeout", type=int, default=280, help="seconds per GPU count")
+    ap.add_argument("--row-timeout", type=int, default=150, help="seconds one row may take")
+    ap.add_argument("--port", type=int, default=29800, help="first of the per-row rendezvous ports")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--models", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "craken-bench-models"))
     args = ap.parse_args()
@@ -299,7 +340,8 @@ def main() -> int:
     for world in counts:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ",".join(map(str, range(world)))}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-               __file__, "--worker", "--out", str(out), "--models", str(models)]
+               __file__, "--worker", "--out", str(out), "--models", str(models), "--row-timeout",
+               str(args.row_timeout), "--port", str(args.port)]
         with open(out / f"worker-{world}gpu.log", "w") as fh:
             try:
                 subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=args.timeout)
