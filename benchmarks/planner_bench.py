@@ -208,9 +208,11 @@ def worker(args) -> int:
     import deepspeed  # (imported once, for the children)
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: F401  (lazy modules, load them once)
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-    from craken_cli.train import modeling  # noqa: F401
+    from craken_cli.train import modeling
+
+    del AutoModelForCausalLM, LlamaForCausalLM, modeling  # imported for the children: lazy modules load once
 
     from craken_cli.hardware import detect
     from craken_cli.launch import normalized_arch_list
