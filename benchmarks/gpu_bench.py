@@ -129,6 +129,16 @@ def main() -> int:
             craken_run("craken-auto", m11, out, 2048, 200, "--auto", "--compile", "--global-batch", "8"),
             hand_run("hand-zero2-mb4", m11, out, 2048, 16, "zero2", 4),
         ]
+    elif args.grid == "final-one-gpu":
+        # After the KV-cache fix and the compiled loss: --auto with room to pick its micro-batch, against
+        # the hand-written plain run of the same shape, for the 1.1B and the 350M shapes.
+        m350 = write_config(work / "llama-350m", "llama-350m")
+        runs += [
+            hand_run("hand-plain-mb4", m11, out, 2048, 16, "plain", 4),
+            craken_run("craken-auto-gb16", m11, out, 2048, 100, "--auto", "--compile", "--global-batch", "16"),
+            hand_run("hand-plain-mb4-350m", m350, out, 2048, 16, "plain", 4),
+            craken_run("craken-auto-gb32-350m", m350, out, 2048, 100, "--auto", "--compile", "--global-batch", "32"),
+        ]
     elif args.grid == "two-gpu":
         runs += [
             {"name": "two-machines", "kind": "pair"},

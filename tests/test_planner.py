@@ -122,10 +122,11 @@ def test_checkpointing_and_compile_reduce_activations_and_scale_with_tokens():
 
     full, logits = activation_bytes(TINYLLAMA, 4, 2048, 2, checkpointing=False)
     ckpt, logits2 = activation_bytes(TINYLLAMA, 4, 2048, 2, checkpointing=True)
-    compiled, _ = activation_bytes(TINYLLAMA, 4, 2048, 2, checkpointing=False, compiled=True)
+    compiled, compiled_logits = activation_bytes(TINYLLAMA, 4, 2048, 2, checkpointing=False, compiled=True)
     double, _ = activation_bytes(TINYLLAMA, 8, 2048, 2, checkpointing=False)
     assert ckpt < full / 5 and logits == logits2  # the loss is not checkpointed
-    assert 0.6 * full < compiled < 0.8 * full
+    assert 0.4 * full < compiled < 0.55 * full  # inductor recomputes the pointwise ops (see planner)
+    assert compiled_logits == 4 * 4 * 2048 * 32000  # compiled loss: 16-bit logits and 16-bit gradient
     assert double == pytest.approx(2 * full)
     assert logits == 12 * 4 * 2048 * 32000  # fp32 upcast: 12 bytes per logit at the peak
 
