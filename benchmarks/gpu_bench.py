@@ -135,9 +135,9 @@ def main() -> int:
         m350 = write_config(work / "llama-350m", "llama-350m")
         runs += [
             hand_run("hand-plain-mb4", m11, out, 2048, 16, "plain", 4),
-            craken_run("craken-auto-gb16", m11, out, 2048, 100, "--auto", "--compile", "--global-batch", "16"),
+            craken_run("craken-auto-gb16", m11, out, 2048, 40, "--auto", "--compile", "--global-batch", "16"),
             hand_run("hand-plain-mb4-350m", m350, out, 2048, 16, "plain", 4),
-            craken_run("craken-auto-gb32-350m", m350, out, 2048, 100, "--auto", "--compile", "--global-batch", "32"),
+            craken_run("craken-auto-gb32-350m", m350, out, 2048, 40, "--auto", "--compile", "--global-batch", "32"),
         ]
     elif args.grid == "two-gpu":
         runs += [
@@ -179,7 +179,13 @@ def main() -> int:
         except Exception as exc:  # a failed run is a row too
             row["error"] = f"{exc.__class__.__name__}: {exc}"
         rows.append(row)
+        # Written after every run: a call cut off at its time limit still returns the rows it finished.
+        (out / "rows.json").write_text(json.dumps(rows, indent=1, default=str))
         print(f"[{run['name']}] rc={proc.returncode} wall={wall:.0f}s", flush=True)
+        if "tokens_per_s_per_gpu" in row:
+            print(f"  {row['tokens_per_s_per_gpu']:,.0f} tok/s/GPU  MFU {row['mfu']:.3f}  mb {row.get('micro_batch')}  "
+                  f"reserved {row['peak_reserved_gib']:.2f} GiB  first step {row.get('first_step_s') or 0:.1f} s",
+                  flush=True)
         if run["kind"] == "cmd":
             print(proc.stdout[-2500:], flush=True)
     (out / "rows.json").write_text(json.dumps(rows, indent=1, default=str))

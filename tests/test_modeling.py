@@ -40,3 +40,40 @@ def test_decoder_layers_share_one_compiled_graph_and_match_eager():
     assert loss.item() == pytest.approx(eager, rel=1e-5)
     assert all(p.grad is not None for p in model.model.layers[-1].parameters())
     torch._dynamo.reset()
+
+
+def _spec(name="builtin:tiny", **sections):
+    from craken_cli.spec import RunSpec
+
+    return RunSpec.model_validate({"model": {"name_or_path": name}, **sections})
+
+
+def test_models_from_scratch_are_initialised_on_the_gpu_unless_zero3_or_offload(tmp_path):
+    """Random init of 1.1 B weights costs ~40 s on two CPU cores; on the GPU it is near free."""
+    from craken_cli.train import modeling
+
+    gpu = torch.device("cuda", 1)
+    assert modeling.init_device(_spec(), gpu) == gpu
+    assert modeling.init_device(_spec(zero={"stage": 2}), gpu) == gpu
+    config_only = tmp_path / "shape"
+    config_only.mkdir()
+    (config_only / "config.json").write_text("{}")
+    assert modeling.init_device(_spec(str(config_only)), gpu) == gpu
+    # Not here: CPU processes, ZeRO-3 (zero.Init partitions while building), offload (the GPU is to
+    # stay free), weights to load.
+    assert modeling.init_device(_spec(), torch.device("cpu")) is None
+    assert modeling.init_device(_spec(), None) is None
+    assert modeling.init_device(_spec(zero={"stage": 3}), gpu) is None
+    assert modeling.init_device(_spec(zero={"stage": 2}, offload={"optimizer": {"device": "cpu"}}), gpu) is None
+    (config_only / "model.safetensors").write_bytes(b"")
+    assert modeling.init_device(_spec(str(config_only)), gpu) is None
+
+
+def test_load_model_builds_scratch_weights_on_the_given_device():
+    from craken_cli.train import modeling
+
+    spec = _spec()
+    tokenizer = modeling.load_tokenizer(spec)
+    on_meta = modeling.load_model(spec, tokenizer, torch.device("meta"))
+    assert {p.device.type for p in on_meta.parameters()} == {"meta"}
+    assert {p.device.type for p in modeling.load_model(spec, tokenizer).parameters()} == {"cpu"}

@@ -166,7 +166,7 @@ class Trainer:
             raise SystemExit(f"craken: {len(train_blocks)} training blocks are fewer than one micro-batch per "
                              "process: add data, lower --micro-batch or --seq-len")
 
-        model = modeling.load_model(spec, tokenizer)
+        model = modeling.load_model(spec, tokenizer, modeling.init_device(spec, accelerator.device))
         checkpoint.write_model_meta(accelerator, self.run_dir, model, tokenizer, spec.precision)
         n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
         emb = model.get_input_embeddings()
