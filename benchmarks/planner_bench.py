@@ -236,7 +236,8 @@ def worker(args) -> int:
         row = {"gpus": world, "model": shape, "seq": seq, "strategy": name, "base_strategy": strategy,
                "compiled": compiled, "extra": list(extra), "micro_batch": micro,
                "predicted_gib": round(pred.reserved_gib, 3), "predicted_total_gib": round(pred.total_gib, 3),
-               "device": hw.gpus[0].name if hw.gpus else "cpu", "start": ctx.get_start_method()}
+               "device": hw.gpus[0].name if hw.gpus else "cpu", "start": ctx.get_start_method(),
+               "measured_on": time.strftime("%Y-%m-%d")}
         if pred.total_gib > card:
             row["skipped"] = f"predicted {pred.total_gib:.1f} GiB > {card:.1f} GiB card"
         else:
@@ -265,16 +266,18 @@ def worker(args) -> int:
 
 def write_docs(rows: list[dict], path: Path) -> None:
     devices = sorted({r["device"] for r in rows})
-    lines = [START, "", f"Measured on {' and '.join(devices)}, {time.strftime('%Y-%m-%d')}, with "
+    dates = sorted({r.get("measured_on") or time.strftime("%Y-%m-%d") for r in rows})
+    lines = [START, "", f"Measured on {' and '.join(devices)}, {', '.join(dates)}, with "
              "`benchmarks/planner_bench.py` (bf16, SDPA, grad-accum 1; peak = torch's max reserved memory on GPU 0; "
              "error = predicted / measured - 1). tokens/s from 5 steps, for ordering only.", "",
              "| GPUs | model | seq | strategy | micro-batch | predicted GiB | measured GiB | error | tokens/s/GPU |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if "measured_gib" in r:
-            meas, err, tps = f"{r['measured_gib']:.2f}", f"{r['error']:+.1%}", f"{r['tokens_per_s']:,.0f}"
+            meas, err = f"{r['measured_gib']:.2f}", f"{r['error']:+.1%}"
+            tps = f"{r['tokens_per_s']:,.0f}" if "tokens_per_s" in r else "-"
         else:
-            meas = "OOM" if "oom" in r else "failed" if "failed" in r else "skipped (predicted > card)"
+            meas = "OOM" if "oom" in r else "failed" if "failed" in r else f"skipped ({r.get('skipped', 'predicted > card')})"
             err, tps = "", ""
         lines.append(f"| {r['gpus']} | {r['model']} | {r['seq']} | {r['strategy']} | {r['micro_batch']} | "
                      f"{r['predicted_gib']:.2f} | {meas} | {err} | {tps} |")

@@ -12,7 +12,8 @@ The memory model follows what DeepSpeed 0.19.8 allocates (read from its source):
 * stage 1/2 (stage_1_and_2.py): 16-bit params unpartitioned; a 16-bit gradient partition
   (stage 1 with overlap_comm reduces in hooks on the accumulation boundary, so only with
   grad_accum > 1 does it keep every 16-bit gradient); at the step a flat 16-bit copy of the partition
-  and its fp32 copy; fp32 master + moments partitioned; two reduce buckets (overlap_comm).
+  and its fp32 copy, partly in blocks the freed activations left; fp32 master + moments partitioned;
+  two reduce buckets (overlap_comm).
 * stage 3 (stage3.py): everything partitioned; the largest layer gathered (params and grads);
   a 16-bit gradient partition buffer, one reduce bucket, the prefetch bucket.
 
@@ -47,6 +48,10 @@ FRAGMENTATION = {0: 0.10, 1: 0.10, 2: 0.10, 3: 0.22}
 # reduce-scatters its gradients between activation allocations; the holes stay reserved. Baseline:
 # +4.3 GiB at 2 GPUs over 1 GPU with 17.7 GiB of activations. Extra slack share, world size > 1.
 STAGE3_MULTI_GPU_SLACK = 0.24
+# Share of the layer activations (freed at the end of the backward) that ZeRO-1/2's step buffers
+# reuse instead of reserving new memory. Fitted on craken's own ZeRO-1/2 runs (planner_bench, 1 x H100,
+# 160M/1.1B/2.7B, seq 1024/2048: the plain sum over-predicted them by 2.5-16%); docs/planner.md.
+STEP_REUSE_OF_ACTIVATIONS = 0.35
 CPU_PER_PROCESS_GIB = 3.0  # Python, torch, CUDA host allocations and the data loader of one process
 ACTIVATION_CHECKPOINTING_SPEED = 0.75  # about 1/3 more compute for the recomputed forward
 
@@ -272,6 +277,11 @@ def estimate(m: ModelInfo, c: Candidate, micro_batch: int, grad_accum: int, s: S
         d["reduce_buckets"] = (2 if s.overlap_comm else 1) * s.reduce_bucket * lp
         if not off_opt:
             d["step_flat_grad_copy"] = lp * P / N  # flatten(averaged_gradients) before the fp32 cast
+            # The step's buffers (that flat copy and the fp32 gradient partition counted under grads)
+            # are allocated after the backward freed the activations, and the caching allocator
+            # serves part of them from those freed blocks, so the peak is less than the sum.
+            step_buffers = (lp + (4 if lp < 4 else 0)) * P / N
+            d["step_reuses_freed_activations"] = -min(step_buffers, STEP_REUSE_OF_ACTIVATIONS * layers)
         else:
             d["offload_grad_staging"] = lp * m.largest_layer_params
     else:
