@@ -95,3 +95,26 @@ def test_every_strategy_out_of_memory_ends_with_one_message(tmp_path, monkeypatc
     with pytest.raises(CrakenError) as exc:
         execute(prepare(request(llama_1b), environ={}))
     assert "no slower strategy" in str(exc.value) and "craken plan" in str(exc.value)
+
+
+def compiled_and_micro_batch(run_dir: Path) -> tuple:
+    import yaml
+
+    spec = yaml.safe_load((run_dir / "run.yaml").read_text())
+    return spec["model"]["compile"], spec["batch"]["micro_batch"], spec["zero"]["stage"]
+
+
+def test_auto_turns_on_regional_compilation_unless_the_user_set_it(tmp_path, monkeypatch, one_h100, llama_1b):
+    """Compiled, the 1.1B model's activations are about half: --auto picks micro-batch 16 on 80 GiB
+    (eager: 8), the measured fastest setting (docs/performance.md)."""
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    monkeypatch.setattr(launch, "run", lambda argv, env: seen.append(compiled_and_micro_batch(
+        tmp_path / "runs" / "oom")) or 0)
+    auto = prepare(request(llama_1b), environ={})
+    assert any("--auto chose zero0 + compile, micro-batch 16" in w for w in auto.warnings)
+    assert execute(auto) == 0
+    args = SpecArgs(flags={"--model": str(llama_1b), "--tokenizer": "builtin:tiny", "--seq-len": 2048,
+                           "--global-batch": 16, "--name": "oom", "--compile": False})
+    assert execute(prepare(TrainRequest(spec_args=args, auto=True, force=True), environ={})) == 0
+    assert seen == [(True, 16, 0), (False, 8, 0)]

@@ -225,6 +225,9 @@ def layer_activation_bytes_per_token(m: ModelInfo, lp: int, compiled: bool = Fal
 def activation_bytes(m: ModelInfo, micro_batch: int, seq_len: int, lp: int, checkpointing: bool,
                      compiled: bool = False) -> tuple[float, float]:
     """(decoder layers, logits + loss) bytes at the start of the backward pass, for one micro-batch."""
+    # modeling.compile_regions compiles `model.model.layers` and the loss; GPT-2/NeoX models keep
+    # their layers elsewhere and run eagerly.
+    compiled = compiled and m.family != "gpt"
     tokens = micro_batch * seq_len
     per_layer = layer_activation_bytes_per_token(m, lp, compiled) * tokens
     if checkpointing:

@@ -13,8 +13,8 @@ from ..trainrun import TEST_STEPS
 @spec_flags
 def train(
     ctx: typer.Context,
-    auto: Annotated[bool, typer.Option("--auto", help="Choose ZeRO stage, offload and micro-batch from the "
-                                       "detected GPUs (craken plan) for what you did not set.")] = False,
+    auto: Annotated[bool, typer.Option("--auto", help="Choose ZeRO stage, offload, micro-batch and regional "
+                                       "compilation from the detected GPUs (craken plan) for what you did not set.")] = False,
     test: Annotated[bool, typer.Option("--test", help=f"Smoke test: {TEST_STEPS} steps of exactly this run into "
                                        "runs/<name>-test; exit 0 when healthy.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the launch command, its environment and the "
