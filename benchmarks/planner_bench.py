@@ -94,6 +94,16 @@ def predict(spec, folder: Path, hw):
     return plan(model_info(str(folder)), spec, hw, search_micro_batch=False).requested
 
 
+def planner_choice(spec, folder: Path, hw) -> str | None:
+    """What --auto would choose for this shape at this micro-batch (eager, no activation checkpointing
+    unless nothing else fits): the name to compare with the fastest measured row."""
+    from craken_cli.modelinfo import model_info
+    from craken_cli.planner import plan
+
+    choice = plan(model_info(str(folder)), spec, hw, search_micro_batch=False).choice
+    return None if choice is None else choice.name
+
+
 # ---------------------------------------------------------------------------------------------- worker
 
 
@@ -236,6 +246,7 @@ def worker(args) -> int:
         row = {"gpus": world, "model": shape, "seq": seq, "strategy": name, "base_strategy": strategy,
                "compiled": compiled, "extra": list(extra), "micro_batch": micro,
                "predicted_gib": round(pred.reserved_gib, 3), "predicted_total_gib": round(pred.total_gib, 3),
+               "planner_choice": planner_choice(spec, folder, hw),
                "device": hw.gpus[0].name if hw.gpus else "cpu", "start": ctx.get_start_method(),
                "measured_on": time.strftime("%Y-%m-%d")}
         if pred.total_gib > card:
@@ -281,6 +292,18 @@ def write_docs(rows: list[dict], path: Path) -> None:
             err, tps = "", ""
         lines.append(f"| {r['gpus']} | {r['model']} | {r['seq']} | {r['strategy']} | {r['micro_batch']} | "
                      f"{r['predicted_gib']:.2f} | {meas} | {err} | {tps} |")
+    lines += ["", "The planner's choice (what `--auto` picks at that micro-batch) against the fastest row that ran:", "",
+              "| GPUs | model | seq | planner's choice | fastest measured | its tokens/s/GPU |", "| --- | --- | --- | --- | --- | --- |"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if not r["compiled"] and not r["extra"]:
+            groups.setdefault((r["gpus"], r["model"], r["seq"]), []).append(r)
+    for (gpus, model, seq), group in groups.items():
+        timed = [r for r in group if "tokens_per_s" in r]
+        best = max(timed, key=lambda r: r["tokens_per_s"]) if timed else None
+        lines.append(f"| {gpus} | {model} | {seq} | {group[0].get('planner_choice') or '-'} | "
+                     f"{best['strategy'] if best else 'tokens/s not recorded'} | "
+                     f"{format(best['tokens_per_s'], ',.0f') if best else '-'} |")
     errs = [abs(r["error"]) for r in rows if "error" in r]
     if errs:
         lines += ["", f"{len(errs)} rows measured; largest error {max(errs):.1%}; "
@@ -325,6 +348,7 @@ def main() -> int:
             spec = spec_for(models / r["model"], r["seq"], r["base_strategy"], r["micro_batch"], r["compiled"],
                             r["gpus"], tuple(r["extra"]), hw)
             r["predicted_gib"] = predict(spec, models / r["model"], hw).reserved_gib
+            r["planner_choice"] = planner_choice(spec, models / r["model"], hw)
             if "measured_gib" in r:
                 r["error"] = r["predicted_gib"] / r["measured_gib"] - 1
         write_docs(rows, Path(args.docs or out / "planner_bench_table.md"))
