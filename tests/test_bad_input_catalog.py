@@ -216,3 +216,25 @@ def test_catalog_is_large_and_distinct():
     assert len(CASES) >= 30
     assert len({(tuple(c.args), c.setup.__qualname__ if c.setup else None, id(c.setup)) for c in CASES.values()}) \
         == len(CASES)
+
+
+def test_offload_run_refuses_a_left_over_op_build_lock(craken, workdir):
+    """Without the check, every process of the run waits on the lock forever and prints nothing."""
+    import os
+    import time
+
+    lock = workdir / "ext" / "cpu_adam" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    before = snapshot(workdir)
+    result = craken(*train("--zero", "2", "--offload-optimizer", "cpu", "--max-steps", "2"),
+                    env={"TORCH_EXTENSIONS_DIR": str(workdir / "ext")})
+    assert result.code == 2 and "Traceback" not in result.output
+    message = result.err.strip()
+    assert message.startswith("craken:") and "cpu_adam" in message and "delete it" in message, message
+    assert str(lock) in message
+    assert snapshot(workdir) == before
+    assert craken(*train("--zero", "2", "--offload-optimizer", "none", "--dry-run"),
+                  env={"TORCH_EXTENSIONS_DIR": str(workdir / "ext")}).code == 0  # no op, no problem

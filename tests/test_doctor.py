@@ -163,6 +163,27 @@ def test_no_ninja_fails_only_when_an_op_is_built():
     assert rows["cpu_adam"].status == "ok" and rows["ninja"].status == "warn"
 
 
+def test_left_over_build_lock_is_found_and_named_with_its_fix(tmp_path):
+    """A killed JIT build leaves `lock` behind; every later process that loads the op then waits on
+    it forever, silently (seen here: a CPU-offload run hung until the file was deleted)."""
+    import time
+
+    lock = tmp_path / "cpu_adam" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    env = {"TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    assert d.stale_build_locks(["cpu_adam"], env) == {}  # a build may be running right now
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    assert d.stale_build_locks(["cpu_adam", "fused_adam"], env) == {"cpu_adam": (str(lock), pytest.approx(3600, abs=60))}
+    hw = hw_with(0)
+    f = healthy_facts(hw, environ=env, jit_locks=d.stale_build_locks(["cpu_adam"], env))
+    row = by_name(d.check_ops(f, view(hw, zero=2, offload_optimizer="cpu")))["cpu_adam"]
+    assert row.status == "fail" and row.fix == f"delete {lock} (when no build is running)" and "60 min" in row.detail
+    row = by_name(d.check_ops(f, view(hw, zero=2, offload_optimizer="none")))["cpu_adam"]
+    assert row.status == "warn"  # not used by this run, but the next offload run would hang
+
+
 def test_no_compiler():
     hw = hw_with(0)
     f = healthy_facts(hw, environ={"CXX": "clang++-99"})

@@ -91,6 +91,7 @@ class Facts:
     cuda_toolkit: tuple[int, int] | None = None  # nvcc's version at cuda_home
     prebuilt_ops: dict[str, bool] = field(default_factory=dict)  # deepspeed's installed_ops
     jit_cache: dict[str, str] = field(default_factory=dict)  # op -> a cached JIT build found
+    jit_locks: dict[str, tuple[str, float]] = field(default_factory=dict)  # op -> left-over build lock, age s
     interfaces: tuple[str, ...] = ()  # network interfaces (NCCL_SOCKET_IFNAME must match one)
     paths: dict[str, PathState] = field(default_factory=dict)  # "output" / "nvme" -> state
     params: int | None = None  # model parameters, estimated from its config
@@ -173,12 +174,53 @@ def run_view(spec, hw: Hardware) -> RunView:
 
 def needed_ops(view: RunView) -> list[str]:
     """DeepSpeed ops this run will build or load."""
+    return ops_for(view.offload_optimizer, view.use_cpu, view.fused)
+
+
+def ops_for(offload_optimizer: str, use_cpu: bool, fused: bool | None) -> list[str]:
     ops = []
-    if view.offload_optimizer != "none":
+    if offload_optimizer != "none":
         ops.append("cpu_adam")  # DeepSpeedCPUAdam for offloaded optimizer states
-    elif not view.use_cpu and view.fused:
+    elif not use_cpu and fused:
         ops.append("fused_adam")
     return ops
+
+
+# torch.utils.cpp_extension guards each JIT build with a `lock` file in the op's build folder and
+# removes it when the build ends. A build that was killed leaves it behind, and from then on every
+# process that loads the op (even one already built) waits for it forever, printing nothing. A
+# build takes one to three minutes; a lock older than this is taken as left over.
+STALE_LOCK_S = 600
+
+
+def stale_build_locks(ops: list[str], environ: Mapping[str, str], now: float | None = None) -> dict[str, tuple[str, float]]:
+    """op -> (lock file, age in seconds) for JIT build locks left over by an interrupted build."""
+    import time
+
+    now = time.time() if now is None else now
+    found: dict[str, tuple[str, float]] = {}
+    for root in extension_roots(environ):
+        for op in ops:
+            lock = os.path.join(root, op, "lock")
+            try:
+                age = now - os.stat(lock).st_mtime
+            except OSError:
+                continue
+            if age > STALE_LOCK_S and op not in found:
+                found[op] = (lock, age)
+    return found
+
+
+def stale_lock_message(op: str, lock: str, age: float) -> str:
+    return (f"a build of DeepSpeed's {op} op was interrupted {age / 60:.0f} min ago and left its lock file "
+            f"{lock}: every process that loads {op} would wait for it forever")
+
+
+def extension_roots(environ: Mapping[str, str]) -> list[str]:
+    """Where torch.utils.cpp_extension keeps JIT builds: TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions/<py_cu>."""
+    roots = [environ["TORCH_EXTENSIONS_DIR"]] if environ.get("TORCH_EXTENSIONS_DIR") else []
+    roots += glob.glob(os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions", "*"))
+    return roots + glob.glob("/tmp/torch_extensions")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,6 +513,11 @@ def check_ops(f: Facts, view: RunView | None) -> list[Check]:
             out.append(Check("ops", op, "ok" if op not in needed else "warn", why))
             continue
         use = "used by these settings" if op in needed else "not used by these settings"
+        if op in f.jit_locks and op not in prebuilt:
+            lock, age = f.jit_locks[op]
+            out.append(Check("ops", op, "fail" if op in needed else "warn", f"{stale_lock_message(op, lock, age)}; {use}",
+                             f"delete {lock} (when no build is running)"))
+            continue
         if op in prebuilt:
             out.append(Check("ops", op, "ok", f"pre-built into deepspeed; {use}"))
             continue
@@ -771,6 +818,7 @@ def gather(hw: Hardware, view: RunView | None, environ: Mapping[str, str] | None
     cuda_toolkit = _toolkit_version(cuda_home) if tools["nvcc"] else None
 
     prebuilt, jit = _deepspeed_ops(environ)
+    locks = stale_build_locks(["cpu_adam", "fused_adam"], environ)
     try:
         interfaces = tuple(sorted(os.listdir("/sys/class/net")))
     except OSError:
@@ -779,7 +827,7 @@ def gather(hw: Hardware, view: RunView | None, environ: Mapping[str, str] | None
     facts = Facts(hardware=hw, versions=versions, requires=requires, python=tuple(sys.version_info[:3]),
                   python_requires=python_requires, torch_build=torch_build, environ=environ, tools=tools,
                   cuda_home=cuda_home, cuda_toolkit=cuda_toolkit, prebuilt_ops=prebuilt, jit_cache=jit,
-                  interfaces=interfaces)
+                  jit_locks=locks, interfaces=interfaces)
     if view is None:
         return facts
     facts.paths["output"] = path_state(view.output_dir)
@@ -827,11 +875,8 @@ def _deepspeed_ops(environ: Mapping[str, str]) -> tuple[dict[str, bool], dict[st
                     prebuilt = {k: bool(v) for k, v in ast.literal_eval(node.value).items()}
         except (OSError, SyntaxError, ValueError):
             pass
-    roots = [environ.get("TORCH_EXTENSIONS_DIR")] if environ.get("TORCH_EXTENSIONS_DIR") else []
-    roots += glob.glob(os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions", "*"))
-    roots += glob.glob("/tmp/torch_extensions")
     jit = {}
-    for root in roots:
+    for root in extension_roots(environ):
         for op in ("cpu_adam", "fused_adam"):
             if op not in jit and glob.glob(os.path.join(root, op, f"{op}*.so")):
                 jit[op] = os.path.join(root, op)

@@ -115,6 +115,17 @@ def data_problems(spec) -> list[str]:
     return []
 
 
+def op_problems(spec, environ) -> list[str]:
+    """A DeepSpeed op this run loads whose last build was killed would hang every process silently."""
+    from .doctor import ops_for, stale_build_locks, stale_lock_message
+
+    if not spec.uses_deepspeed:
+        return []
+    ops = ops_for(spec.offload.optimizer.device, bool(spec.cluster.use_cpu), spec.optimizer.fused)
+    return [f"{stale_lock_message(op, lock, age)}: delete it (when no build is running) and start again"
+            for op, (lock, age) in stale_build_locks(ops, environ).items()]
+
+
 def precision_problems(spec) -> list[str]:
     """What the training processes would only find out after start-up (rendering stays allowed)."""
     if spec.cluster.use_cpu and spec.precision == "fp16":

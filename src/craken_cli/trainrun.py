@@ -191,7 +191,7 @@ def prepare(request: TrainRequest, environ: Mapping[str, str], hardware=None) ->
     run_dir = Path(spec.output.run_dir())
     force = request.force or request.test
     problems = (preflight.model_problems(spec) + preflight.data_problems(spec) + preflight.precision_problems(spec)
-                + preflight.output_problems(run_dir, request.resume, force))
+                + preflight.output_problems(run_dir, request.resume, force) + preflight.op_problems(spec, environ))
     if problems:
         raise CrakenError(problems, title="cannot start this run")
     resume_from, resume_warnings = resume_checkpoint(run_dir, request.resume)
