@@ -288,3 +288,25 @@ def test_plan_7b_13b_70b_on_8x80_is_torch_free(tmp_path):
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["model"]["counted_by"] == "analytic"
         # Its speed is measured by benchmarks (docs/planner.md), not asserted here.
+
+
+def test_plan_assumes_compilation_as_auto_does_unless_told_otherwise(tmp_path):
+    """`craken plan` shows the choice `craken train --auto` makes, which compiles Llama-family models."""
+    folder = tmp_path / "llama-1.1b"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 2048, "num_hidden_layers": 22, "num_attention_heads": 32,
+        "num_key_value_heads": 4, "intermediate_size": 5632, "vocab_size": 32000, "tie_word_embeddings": False}))
+    args = ["plan", "--gpus", "1", "--gpu-memory", "80GiB", "--model", str(folder), "--seq-len", "2048",
+            "--global-batch", "16", "--json"]
+    compiled, eager = (json.loads(craken(*args, *extra).stdout) for extra in ((), ("--no-compile",)))
+    assert compiled["compiled"] and not eager["compiled"]
+    assert (compiled["choice"]["name"], compiled["choice"]["micro_batch"]) == ("zero0", 16)
+    assert (eager["choice"]["name"], eager["choice"]["micro_batch"]) == ("zero0", 8)
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "n_head": 12,
+                                                  "vocab_size": 50257, "n_positions": 1024}))
+    out = json.loads(craken("plan", "--gpus", "1", "--gpu-memory", "80GiB", "--model", str(gpt2), "--seq-len",
+                            "1024", "--json").stdout)
+    assert out["compiled"] is False  # compile_regions finds no `model.layers` in GPT-2: it would run eagerly

@@ -145,6 +145,7 @@ class Plan:
     rejected: list[str]  # for each faster candidate than the choice, why not
     world_size: int
     global_batch: int
+    compiled: bool  # activations predicted for regional compilation (spec.model.compile)
     gpu_memory_gib: float
     usable_gib: float  # gpu memory / (1 + margin)
     model: ModelInfo
@@ -155,7 +156,7 @@ class Plan:
             choice = {**self.choice.to_dict(), "global_batch": self.global_batch, "rejected": self.rejected}
         return {
             "model": {"name": self.model.name, "params": self.model.num_params, "counted_by": self.model.counted_by},
-            "world_size": self.world_size, "global_batch": self.global_batch,
+            "world_size": self.world_size, "global_batch": self.global_batch, "compiled": self.compiled,
             "gpu_memory_gib": round(self.gpu_memory_gib, 3), "usable_gib": round(self.usable_gib, 3),
             "requested": self.requested.to_dict(),
             "strategies": [s.to_dict() for s in self.strategies], "choice": choice,
@@ -353,6 +354,13 @@ def _micro_batches(per_gpu: int, requested: int, search: bool) -> list[int]:
     return sorted((m for m in range(1, per_gpu + 1) if per_gpu % m == 0), reverse=True)
 
 
+def compiles_by_default(model: ModelInfo, hardware: Hardware) -> bool:
+    """Whether `craken train --auto` (and `craken plan`) turn on regional compilation when the user
+    did not set it: Llama-family models (the decoder layers `compile_regions` finds, the activations
+    the compiled term was derived for) on GPUs Triton supports (compute capability 7.0 or newer)."""
+    return model.family == "llama" and hardware.gpu_count > 0 and all(g.capability >= (7, 0) for g in hardware.gpus)
+
+
 def plan(model: ModelInfo, spec, hardware: Hardware, *, search_micro_batch: bool = True,
          gpu_memory: float | None = None) -> Plan:
     """Predict every strategy for `spec` (resolved: num_processes set) on `hardware`; choose.
@@ -398,5 +406,5 @@ def plan(model: ModelInfo, spec, hardware: Hardware, *, search_micro_batch: bool
     requested = estimate(model, Candidate(z.stage, spec.offload.optimizer.device, spec.offload.param.device,
                                           spec.model.activation_checkpointing),
                          micro, spec.batch.accumulation(world), shape)
-    return Plan(results, choice, requested, rejected, world, global_batch, gpu_memory / GiB,
+    return Plan(results, choice, requested, rejected, world, global_batch, spec.model.compile, gpu_memory / GiB,
                 gpu_memory / GiB / (1 + SAFETY_MARGIN), model)

@@ -105,11 +105,10 @@ def user_set(sources: Mapping[str, str], path: str) -> bool:
 def auto_compile(resolved: Resolved, info, hw) -> bool:
     """--auto turns on regional compilation unless the user set it: it is the largest measured speed
     lever (1.1B on one H100: 70,307 tokens/s against 40,101 eager, docs/performance.md), and the
-    planner predicts its memory.
-    Only for the Llama family (Llama, Mistral, Qwen: the decoder layers `compile_regions` finds and
-    the activations the planner's compiled term was derived for) and GPUs Triton supports."""
-    return (not user_set(resolved.sources, "model.compile") and info.family == "llama" and hw.gpu_count > 0
-            and all(g.capability >= (7, 0) for g in hw.gpus))
+    planner predicts its memory (where: planner.compiles_by_default)."""
+    from .planner import compiles_by_default
+
+    return not user_set(resolved.sources, "model.compile") and compiles_by_default(info, hw)
 
 
 def auto_layer(resolved: Resolved, hw, exclude: tuple[str, ...] = ()) -> tuple[tuple[Layer, ...], list[str], str | None]:

@@ -61,7 +61,9 @@ def plan(
     from ..hardware import detect
     from ..modelinfo import model_info
     from ..options import load_run
+    from ..planner import compiles_by_default
     from ..planner import plan as make_plan
+    from ..trainrun import user_set
 
     cpu_bytes = parse_size(cpu_memory, "--cpu-memory") if cpu_memory else None
     if gpus is not None:
@@ -78,6 +80,9 @@ def plan(
     info = model_info(spec.model.name_or_path, spec.model.trust_remote_code)
     # A micro-batch the user set is kept; the default one is searched.
     search = resolved.sources.get("batch.micro_batch", "default") == "default"
+    # The same compilation default as `craken train --auto`, so the choice shown is the one it makes.
+    if not user_set(resolved.sources, "model.compile") and compiles_by_default(info, hw):
+        spec = spec.model_copy(update={"model": spec.model.model_copy(update={"compile": True})})
     result = make_plan(info, spec, hw, search_micro_batch=search)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
@@ -94,7 +99,8 @@ def _print(result) -> None:
     m = result.model
     out.print(f"{m.name}: {m.num_params / 1e9:.3f} B parameters ({m.counted_by}), {result.world_size} GPU(s) of "
               f"{result.gpu_memory_gib:.0f} GiB ({result.usable_gib:.1f} usable), global batch "
-              f"{result.global_batch}", markup=False)
+              f"{result.global_batch}, {'compiled layers (--no-compile: eager)' if result.compiled else 'eager'}",
+              markup=False)
     table = Table(box=None, pad_edge=False, title="GiB per GPU (CPU: per machine)", title_justify="left")
     for name in ("strategy", "mb", "ga", "param", "grad", "optim", "activ", "other", "total", "CPU", "speed",
                  "fits"):
