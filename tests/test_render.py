@@ -115,6 +115,16 @@ def test_precision_is_written_once(craken, workdir, precision):
     assert "mixed_precision" not in accel
 
 
+def test_deepspeed_throughput_timer_syncs_only_when_profiling(craken, workdir):
+    """DeepSpeed's throughput timer defaults to on and synchronized: two GPU syncs per micro-step."""
+    ds, accel, _ = render_cli(craken, workdir / "plain", "--zero", "2")
+    timers = check_consumers(workdir / "plain", ds, accel, 2).timers_config
+    assert (timers.enabled, timers.synchronized) == (False, False)
+    ds, accel, _ = render_cli(craken, workdir / "profiled", "--zero", "2", "--set", "logging.wall_clock_breakdown=true")
+    parsed = check_consumers(workdir / "profiled", ds, accel, 2)
+    assert parsed.wall_clock_breakdown and parsed.timers_config.enabled and parsed.timers_config.synchronized
+
+
 @pytest.mark.parametrize("micro,accum,world", [(1, 1, 1), (3, 5, 2), (8, 2, 4)])
 def test_batch_triple(craken, workdir, micro, accum, world):
     out = workdir / "out"

@@ -52,7 +52,8 @@ _AUTO_FILLED_BY_CRAKEN = set(_TOP) | {"zero_optimization.reduce_bucket_size",
                                       "zero_optimization.stage3_param_persistence_threshold"}
 _KNOWN_TOP = set(_TOP) | {"bf16", "fp16", "zero_optimization", "optimizer", "scheduler", "zero_allow_untested_optimizer",
                           "prescale_gradients", "gradient_predivide_factor", "communication_data_type", "seed",
-                          "zero_force_ds_cpu_optimizer", "checkpoint", "data_types"}
+                          "zero_force_ds_cpu_optimizer", "checkpoint", "data_types",
+                          "timers"}  # rendered from logging.wall_clock_breakdown
 
 
 @dataclass

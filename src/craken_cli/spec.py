@@ -176,8 +176,8 @@ class OffloadSection(Section):
 class LoggingSection(Section):
     steps_per_print: int = Field(10, gt=0, description="Print a plain log line every N optimizer steps.")
     wall_clock_breakdown: bool = Field(
-        False, description="Profile: DeepSpeed prints forward/backward/step times every steps_per_print steps "
-        "(adds a device sync per step)."
+        False, description="Profile: DeepSpeed prints forward/backward/step times and its samples/s every "
+        "steps_per_print steps (device syncs every micro-step; off, DeepSpeed's throughput timer is off too)."
     )
     report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = Field(
         "none", description="Experiment tracker fed through Accelerate."
