@@ -118,3 +118,12 @@ def test_auto_turns_on_regional_compilation_unless_the_user_set_it(tmp_path, mon
                            "--global-batch": 16, "--name": "oom", "--compile": False})
     assert execute(prepare(TrainRequest(spec_args=args, auto=True, force=True), environ={})) == 0
     assert seen == [(True, 16, 0), (False, 8, 0)]
+
+
+def test_auto_leaves_the_built_in_tiny_model_eager(tmp_path, monkeypatch, one_h100):
+    """Compiling a model that trains in seconds costs more than it saves (planner.COMPILE_MIN_PARAMS)."""
+    monkeypatch.chdir(tmp_path)
+    args = SpecArgs(flags={"--name": "tiny"})
+    prepared = prepare(TrainRequest(spec_args=args, auto=True), environ={})
+    assert prepared.resolved.spec.model.compile is False
+    assert any("--auto chose zero0, micro-batch" in w for w in prepared.warnings)

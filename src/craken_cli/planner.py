@@ -62,6 +62,7 @@ SPEED_NGPU = {"zero0": 1.0, "zero1": 0.98, "zero2": 0.98, "zero3": 0.51}
 OFFLOAD_OPTIMIZER_SPEED = 0.28  # ZeRO-2 + optimizer CPU offload on 1 GPU: 12.3k vs 44.0k tokens/s
 OFFLOAD_PARAM_SPEED = 0.5  # on top of optimizer offload: every layer's weights cross PCIe twice
 NVME_SPEED = 0.5  # on top of CPU offload
+COMPILE_MIN_PARAMS = 100_000_000  # smaller models: compilation costs more time than it saves
 
 
 @dataclass(frozen=True)
@@ -357,8 +358,10 @@ def _micro_batches(per_gpu: int, requested: int, search: bool) -> list[int]:
 def compiles_by_default(model: ModelInfo, hardware: Hardware) -> bool:
     """Whether `craken train --auto` (and `craken plan`) turn on regional compilation when the user
     did not set it: Llama-family models (the decoder layers `compile_regions` finds, the activations
-    the compiled term was derived for) on GPUs Triton supports (compute capability 7.0 or newer)."""
-    return model.family == "llama" and hardware.gpu_count > 0 and all(g.capability >= (7, 0) for g in hardware.gpus)
+    the compiled term was derived for) on GPUs Triton supports (compute capability 7.0 or newer), and
+    large enough for the 20-40 s of compilation to pay back (the built-in tiny model trains in seconds)."""
+    return (model.family == "llama" and model.num_params >= COMPILE_MIN_PARAMS and hardware.gpu_count > 0
+            and all(g.capability >= (7, 0) for g in hardware.gpus))
 
 
 def plan(model: ModelInfo, spec, hardware: Hardware, *, search_micro_batch: bool = True,
