@@ -127,3 +127,15 @@ def test_auto_leaves_the_built_in_tiny_model_eager(tmp_path, monkeypatch, one_h1
     prepared = prepare(TrainRequest(spec_args=args, auto=True), environ={})
     assert prepared.resolved.spec.model.compile is False
     assert any("--auto chose zero0, micro-batch" in w for w in prepared.warnings)
+
+
+def test_auto_compiles_only_with_strategies_measured_compiled(tmp_path, monkeypatch, one_h100, llama_1b):
+    """ZeRO-3 and offload have not been run compiled: --auto keeps them eager."""
+    monkeypatch.chdir(tmp_path)
+    for flags, compiled in (({"--zero": 3}, False), ({"--zero": 2, "--offload-optimizer": "cpu"}, False),
+                            ({"--zero": 1}, True)):
+        args = SpecArgs(flags={"--model": str(llama_1b), "--tokenizer": "builtin:tiny", "--seq-len": 2048,
+                               "--global-batch": 16, "--name": f"z{len(flags)}{compiled}", **flags})
+        spec = prepare(TrainRequest(spec_args=args, auto=True), environ={}).resolved.spec
+        assert spec.model.compile is compiled, flags
+        assert spec.zero.stage == flags["--zero"]

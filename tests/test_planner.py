@@ -310,3 +310,12 @@ def test_plan_assumes_compilation_as_auto_does_unless_told_otherwise(tmp_path):
     out = json.loads(craken("plan", "--gpus", "1", "--gpu-memory", "80GiB", "--model", str(gpt2), "--seq-len",
                             "1024", "--json").stdout)
     assert out["compiled"] is False  # compile_regions finds no `model.layers` in GPT-2: it would run eagerly
+
+
+def test_plan_shows_eager_when_the_choice_was_never_run_compiled(tmp_path):
+    paths = write_configs(tmp_path)
+    seven_b = ["plan", "--model", str(paths["7b"]), "--seq-len", "4096", "--json"]
+    on_eight = json.loads(craken(*seven_b, "--gpus", "8", "--gpu-memory", "80GiB", "--global-batch", "64").stdout)
+    assert on_eight["compiled"] and on_eight["choice"]["stage"] in (0, 1, 2)
+    on_one = json.loads(craken(*seven_b, "--gpus", "1", "--gpu-memory", "24GiB").stdout)
+    assert on_one["choice"]["offload_optimizer"] != "none" and on_one["compiled"] is False

@@ -364,6 +364,24 @@ def compiles_by_default(model: ModelInfo, hardware: Hardware) -> bool:
             and all(g.capability >= (7, 0) for g in hardware.gpus))
 
 
+def compiled_where_measured(s: Strategy) -> bool:
+    """Compilation is turned on by default only with the strategies craken has run compiled on GPUs
+    (no ZeRO, ZeRO-1 and ZeRO-2 without offload, docs/performance.md); stage 3 gathers parameters in
+    hooks inside each layer and offload moves the step to the CPU, neither measured compiled."""
+    return s.stage <= 2 and s.offload_optimizer == "none" and s.offload_param == "none"
+
+
+def plan_by_default(model: ModelInfo, spec, hardware: Hardware, *, search_micro_batch: bool = True) -> Plan:
+    """The plan of a spec whose compilation the user left open (`craken plan`): compiled where
+    `compiles_by_default` and `compiled_where_measured` allow, eager otherwise."""
+    if compiles_by_default(model, hardware):
+        compiled = spec.model_copy(update={"model": spec.model.model_copy(update={"compile": True})})
+        result = plan(model, compiled, hardware, search_micro_batch=search_micro_batch)
+        if result.choice is not None and compiled_where_measured(result.choice):
+            return result
+    return plan(model, spec, hardware, search_micro_batch=search_micro_batch)
+
+
 def plan(model: ModelInfo, spec, hardware: Hardware, *, search_micro_batch: bool = True,
          gpu_memory: float | None = None) -> Plan:
     """Predict every strategy for `spec` (resolved: num_processes set) on `hardware`; choose.

@@ -115,7 +115,7 @@ def auto_layer(resolved: Resolved, hw, exclude: tuple[str, ...] = ()) -> tuple[t
     """--auto: the fastest strategy the planner predicts to fit, among those that keep every
     setting the user gave explicitly (file, env or flag); presets and defaults may be changed."""
     from .modelinfo import model_info
-    from .planner import plan
+    from .planner import compiled_where_measured, plan
     from .sources import unflatten
 
     spec = resolved.spec
@@ -127,13 +127,19 @@ def auto_layer(resolved: Resolved, hw, exclude: tuple[str, ...] = ()) -> tuple[t
         info = model_info(spec.model.name_or_path, spec.model.trust_remote_code)
     except Exception as exc:  # an unreadable config is reported by preflight with a fix
         return (), [f"--auto: cannot read the model's config ({exc}); keeping the configured strategy"], None
+
+    def candidates(planned_spec):
+        result = plan(info, planned_spec, hw, search_micro_batch=search)
+        # A fixed grad_accum is kept without comparing: the plan derives it from the same global batch.
+        return result, [s for s in result.strategies if s.fits and s.name not in exclude and all(
+            s.settings()[p] == v for p, v in fixed.items() if p != "batch.grad_accum")]
+
     compile_chosen = auto_compile(resolved, info, hw)
     if compile_chosen:
-        spec = spec.model_copy(update={"model": spec.model.model_copy(update={"compile": True})})
-    result = plan(info, spec, hw, search_micro_batch=search)
-    # A fixed grad_accum is kept without comparing: the plan derives it from the same global batch.
-    allowed = [s for s in result.strategies if s.fits and s.name not in exclude and all(
-        s.settings()[p] == v for p, v in fixed.items() if p != "batch.grad_accum")]
+        result, allowed = candidates(spec.model_copy(update={"model": spec.model.model_copy(update={"compile": True})}))
+        compile_chosen = bool(allowed) and compiled_where_measured(allowed[0])
+    if not compile_chosen:
+        result, allowed = candidates(spec)
     if not allowed and exclude:
         raise CrakenError(f"out of memory with {', '.join(exclude)}, and no slower strategy compatible with your "
                           "settings is predicted to fit: lower --micro-batch or --seq-len, or use "
@@ -152,8 +158,9 @@ def auto_layer(resolved: Resolved, hw, exclude: tuple[str, ...] = ()) -> tuple[t
                                                    "stage3_max_live_parameters", "stage3_max_reuse_distance",
                                                    "gather_16bit_weights_on_save")
                        if not user_set(resolved.sources, f"zero.{k}")})
-    note = (f"--auto chose {choice.name}{' + compile' if compile_chosen else ''}, micro-batch {choice.micro_batch} x accumulation {choice.grad_accum} "
-            f"(predicted {choice.total_gib:.1f} GiB of {result.gpu_memory_gib:.0f} GiB per GPU)")
+    note = (f"--auto chose {choice.name}{' + compile' if compile_chosen else ''}, micro-batch {choice.micro_batch} "
+            f"x accumulation {choice.grad_accum} (predicted {choice.total_gib:.1f} GiB of "
+            f"{result.gpu_memory_gib:.0f} GiB per GPU)")
     return (Layer("auto", "planner", unflatten(values)),), [note], choice.name
 
 

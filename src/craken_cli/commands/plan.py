@@ -61,8 +61,8 @@ def plan(
     from ..hardware import detect
     from ..modelinfo import model_info
     from ..options import load_run
-    from ..planner import compiles_by_default
     from ..planner import plan as make_plan
+    from ..planner import plan_by_default
     from ..trainrun import user_set
 
     cpu_bytes = parse_size(cpu_memory, "--cpu-memory") if cpu_memory else None
@@ -81,9 +81,8 @@ def plan(
     # A micro-batch the user set is kept; the default one is searched.
     search = resolved.sources.get("batch.micro_batch", "default") == "default"
     # The same compilation default as `craken train --auto`, so the choice shown is the one it makes.
-    if not user_set(resolved.sources, "model.compile") and compiles_by_default(info, hw):
-        spec = spec.model_copy(update={"model": spec.model.model_copy(update={"compile": True})})
-    result = make_plan(info, spec, hw, search_micro_batch=search)
+    by_default = not user_set(resolved.sources, "model.compile")
+    result = (plan_by_default if by_default else make_plan)(info, spec, hw, search_micro_batch=search)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return
