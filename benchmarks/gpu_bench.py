@@ -2,6 +2,8 @@
 
     python3 benchmarks/gpu_bench.py --grid one-gpu --out $OUT        # 1 GPU
     python3 benchmarks/gpu_bench.py --grid two-gpu --out $OUT        # 2 GPUs (+ two "machines" over NCCL)
+    python3 benchmarks/gpu_bench.py --grid zero-ratio --out $OUT     # craken ZeRO-1/2 vs its no-ZeRO mode, 1 GPU
+    python3 benchmarks/gpu_bench.py --grid shapes --out $OUT         # 350M and 3B (seq 4096): --auto vs hand
 
 Every run is a real launch (`craken train ...` or `accelerate launch benchmarks/handwritten_train.py`)
 on a Llama-shaped model built from a config (random weights, nothing downloaded). tokens/s are
@@ -138,6 +140,30 @@ def main() -> int:
             craken_run("craken-auto-gb16", m11, out, 2048, 40, "--auto", "--compile", "--global-batch", "16"),
             hand_run("hand-plain-mb4-350m", m350, out, 2048, 16, "plain", 4),
             craken_run("craken-auto-gb32-350m", m350, out, 2048, 40, "--auto", "--compile", "--global-batch", "32"),
+        ]
+    elif args.grid == "zero-ratio":
+        # craken's ZeRO-1/2 against its own no-ZeRO mode on one GPU, same planner settings (issue 8),
+        # with the hand-written plain row as the machine's reference. --auto keeps the given stage and
+        # picks the micro-batch and compilation.
+        runs += [
+            hand_run("hand-plain-mb4", m11, out, 2048, 16, "plain", 4),
+            craken_run("craken-auto-gb16", m11, out, 2048, 40, "--auto", "--global-batch", "16"),
+            craken_run("craken-zero1-auto-gb16", m11, out, 2048, 40, "--auto", "--zero", "1",
+                       "--offload-optimizer", "none", "--global-batch", "16"),
+            craken_run("craken-zero2-auto-gb16", m11, out, 2048, 40, "--auto", "--zero", "2",
+                       "--offload-optimizer", "none", "--global-batch", "16"),
+        ]
+    elif args.grid == "shapes":
+        # --auto against the two fastest hand-written entries that fit, for the 350M and the 3B shape.
+        m350 = write_config(work / "llama-350m", "llama-350m")
+        m3b = write_config(work / "llama-3b", "llama-3b")
+        runs += [
+            hand_run("hand-plain-mb4-350m", m350, out, 2048, 16, "plain", 4),
+            hand_run("hand-zero2-mb4-350m", m350, out, 2048, 16, "zero2", 4),
+            craken_run("craken-auto-gb32-350m", m350, out, 2048, 40, "--auto", "--global-batch", "32"),
+            hand_run("hand-plain-mb1-3b-s4096", m3b, out, 4096, 8, "plain", 1),
+            hand_run("hand-zero2-mb1-3b-s4096", m3b, out, 4096, 8, "zero2", 1),
+            craken_run("craken-auto-gb8-3b-s4096", m3b, out, 4096, 24, "--auto", "--global-batch", "8"),
         ]
     elif args.grid == "two-gpu":
         runs += [
