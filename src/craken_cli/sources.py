@@ -182,6 +182,12 @@ class Resolved:
     def flat(self) -> dict[str, Any]:
         return flatten(self.spec.model_dump(mode="json"))
 
+    def user_set(self, path: str) -> bool:
+        """Whether the user chose this value (a file, CRAKEN_* variable or flag), not a default, a
+        preset or a detection: what --auto and the planner's defaults must keep."""
+        label = self.sources.get(path, "default")
+        return not (label == "default" or label.startswith("preset") or label == "detected")
+
 
 def merge(layers: Iterable[Layer]) -> tuple[dict, dict[str, str]]:
     flat: dict[str, Any] = {}

@@ -92,14 +92,9 @@ def resolve_spec(request: TrainRequest, environ: Mapping[str, str], hardware=Non
     return resolved, decisions.warnings + notes, hw, choice
 
 
-# What --auto may choose, and the source labels that mean "the user did not set this".
+# What --auto may choose where the user did not set it (Resolved.user_set); model.compile: auto_compile.
 AUTO_PATHS = ("zero.stage", "offload.optimizer.device", "offload.param.device", "model.activation_checkpointing",
               "batch.micro_batch", "batch.grad_accum")
-
-
-def user_set(sources: Mapping[str, str], path: str) -> bool:
-    label = sources.get(path, "default")
-    return not (label == "default" or label.startswith("preset") or label == "detected")
 
 
 def auto_compile(resolved: Resolved, info, hw) -> bool:
@@ -108,7 +103,7 @@ def auto_compile(resolved: Resolved, info, hw) -> bool:
     planner predicts its memory (where: planner.compiles_by_default)."""
     from .planner import compiles_by_default
 
-    return not user_set(resolved.sources, "model.compile") and compiles_by_default(info, hw)
+    return not resolved.user_set("model.compile") and compiles_by_default(info, hw)
 
 
 def auto_layer(resolved: Resolved, hw, exclude: tuple[str, ...] = ()) -> tuple[tuple[Layer, ...], list[str], str | None]:
@@ -121,7 +116,7 @@ def auto_layer(resolved: Resolved, hw, exclude: tuple[str, ...] = ()) -> tuple[t
     spec = resolved.spec
     if hw.gpu_count == 0:
         return (), ["--auto: no GPU found, so the configured strategy runs on CPU processes as it is"], None
-    fixed = {p: v for p, v in resolved.flat().items() if p in AUTO_PATHS and user_set(resolved.sources, p)}
+    fixed = {p: v for p, v in resolved.flat().items() if p in AUTO_PATHS and resolved.user_set(p)}
     search = not ({"batch.micro_batch", "batch.grad_accum"} & set(fixed))
     try:
         info = model_info(spec.model.name_or_path, spec.model.trust_remote_code)
@@ -157,7 +152,7 @@ def auto_layer(resolved: Resolved, hw, exclude: tuple[str, ...] = ()) -> tuple[t
         values.update({f"zero.{k}": None for k in ("stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
                                                    "stage3_max_live_parameters", "stage3_max_reuse_distance",
                                                    "gather_16bit_weights_on_save")
-                       if not user_set(resolved.sources, f"zero.{k}")})
+                       if not resolved.user_set(f"zero.{k}")})
     note = (f"--auto chose {choice.name}{' + compile' if compile_chosen else ''}, micro-batch {choice.micro_batch} "
             f"x accumulation {choice.grad_accum} (predicted {choice.total_gib:.1f} GiB of "
             f"{result.gpu_memory_gib:.0f} GiB per GPU)")

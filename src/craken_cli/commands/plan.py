@@ -63,7 +63,6 @@ def plan(
     from ..options import load_run
     from ..planner import plan as make_plan
     from ..planner import plan_by_default
-    from ..trainrun import user_set
 
     cpu_bytes = parse_size(cpu_memory, "--cpu-memory") if cpu_memory else None
     if gpus is not None:
@@ -81,7 +80,7 @@ def plan(
     # A micro-batch the user set is kept; the default one is searched.
     search = resolved.sources.get("batch.micro_batch", "default") == "default"
     # The same compilation default as `craken train --auto`, so the choice shown is the one it makes.
-    by_default = not user_set(resolved.sources, "model.compile")
+    by_default = not resolved.user_set("model.compile")
     result = (plan_by_default if by_default else make_plan)(info, spec, hw, search_micro_batch=search)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
