@@ -48,7 +48,7 @@ def request(model: Path, **kw) -> TrainRequest:
     return TrainRequest(spec_args=args, auto=True, **kw)
 
 
-def test_out_of_memory_relaunches_with_the_next_strategy(tmp_path, monkeypatch, one_h100, llama_1b, capsys):
+def test_out_of_memory_relaunches_with_the_next_fastest_setting(tmp_path, monkeypatch, one_h100, llama_1b, capsys):
     monkeypatch.chdir(tmp_path)
     launched = []
 
@@ -66,7 +66,9 @@ def test_out_of_memory_relaunches_with_the_next_strategy(tmp_path, monkeypatch, 
     assert execute(first) == 0
     assert len(launched) == 2 and launched[0] != launched[1]
     err = capsys.readouterr().err
-    assert f"out of GPU memory with {first.auto_choice} at step 1" in err
+    assert f"out of GPU memory with {first.auto_choice} at micro-batch 16, step 1" in err
+    # The fastest setting left is the same strategy at a smaller micro-batch, not a slower strategy.
+    assert launched == [(0, "none", "none", False, 16), (0, "none", "none", False, 8)]
     assert not list((tmp_path / "runs" / "oom").glob("oom-rank*.json"))  # the relaunch starts clean
 
 

@@ -319,3 +319,16 @@ def test_plan_shows_eager_when_the_choice_was_never_run_compiled(tmp_path):
     assert on_eight["compiled"] and on_eight["choice"]["stage"] in (0, 1, 2)
     on_one = json.loads(craken(*seven_b, "--gpus", "1", "--gpu-memory", "24GiB").stdout)
     assert on_one["choice"]["offload_optimizer"] != "none" and on_one["compiled"] is False
+
+
+def test_what_ran_out_of_memory_is_planned_again_only_smaller():
+    """The OOM fallback: a strategy that ran out of memory keeps its place in the speed order, at a
+    smaller micro-batch; at micro-batch 1 it is out."""
+    s = spec(1, micro=4, global_batch=16)
+    first = plan(TINYLLAMA, s, hardware(1, 80)).choice
+    again = plan(TINYLLAMA, s, hardware(1, 80), out_of_memory_at={first.name: first.micro_batch}).choice
+    assert again.name == first.name and again.micro_batch < first.micro_batch
+    assert again.micro_batch * again.grad_accum == 16
+    out = plan(TINYLLAMA, s, hardware(1, 80), out_of_memory_at={first.name: 1})
+    assert out.choice.name != first.name
+    assert f"{first.name}: ran out of GPU memory at micro-batch 1" in out.rejected

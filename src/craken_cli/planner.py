@@ -30,7 +30,7 @@ the loss's fp32 upcast of the logits.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from .hardware import Hardware
 from .modelinfo import ModelInfo
@@ -383,12 +383,14 @@ def plan_by_default(model: ModelInfo, spec, hardware: Hardware, *, search_micro_
 
 
 def plan(model: ModelInfo, spec, hardware: Hardware, *, search_micro_batch: bool = True,
-         gpu_memory: float | None = None) -> Plan:
+         gpu_memory: float | None = None, out_of_memory_at: dict[str, int] | None = None) -> Plan:
     """Predict every strategy for `spec` (resolved: num_processes set) on `hardware`; choose.
 
     With `search_micro_batch`, each strategy gets the largest micro-batch that divides the per-GPU
     share of the global batch and fits; the accumulation makes up the rest. Otherwise the spec's
     micro-batch is kept. `gpu_memory` (bytes) overrides the smallest detected GPU's memory.
+    `out_of_memory_at` (strategy name -> micro-batch) holds what already ran out of memory on the
+    GPUs: those strategies get only smaller micro-batches (the OOM fallback of --auto).
     """
     world = spec.cluster.num_processes or max(1, hardware.gpu_count) * spec.cluster.num_machines
     machines = spec.cluster.num_machines
@@ -409,12 +411,18 @@ def plan(model: ModelInfo, spec, hardware: Hardware, *, search_micro_batch: bool
     )
     tries = _micro_batches(per_gpu, micro, search_micro_batch)
     results: list[Strategy] = []
+    oom = out_of_memory_at or {}
     for cand in candidates(nvme=bool(nvme_path)):
+        allowed = [mb for mb in tries if mb < oom.get(cand.name, mb + 1)]
         est = None
-        for mb in tries:
+        for mb in allowed:
             est = estimate(model, cand, mb, max(1, per_gpu // mb), shape)
             if est.fits:
                 break
+        if est is None:  # ran out of memory at the smallest micro-batch it may use
+            smallest = oom[cand.name]
+            est = replace(estimate(model, cand, smallest, max(1, per_gpu // smallest), shape), fits=False,
+                          why_not=f"ran out of GPU memory at micro-batch {smallest}")
         results.append(est)
     # Fastest first; at equal speed the larger micro-batch, then stage order (ZeRO-1 before ZeRO-2).
     results.sort(key=lambda s: (-s.speed, -s.micro_batch if s.fits else 0))

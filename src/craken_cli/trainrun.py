@@ -33,7 +33,7 @@ class TrainRequest:
     force: bool = False
     launcher_args: list[str] = field(default_factory=list)
     oom_fallback: bool = True  # under --auto: relaunch with the next strategy after an out-of-memory
-    exclude: tuple[str, ...] = ()  # planner strategies that already ran out of memory
+    exclude: tuple[tuple[str, int], ...] = ()  # (planner strategy, micro-batch) that ran out of memory
 
 
 @dataclass
@@ -123,10 +123,15 @@ def auto_layer(resolved: Resolved, hw, exclude: tuple[str, ...] = ()) -> tuple[t
     except Exception as exc:  # an unreadable config is reported by preflight with a fix
         return (), [f"--auto: cannot read the model's config ({exc}); keeping the configured strategy"], None
 
+    # What ran out of memory is tried again only at a smaller micro-batch (the smallest failure counts).
+    oom: dict[str, int] = {}
+    for name, micro_batch in exclude:
+        oom[name] = min(micro_batch, oom.get(name, micro_batch))
+
     def candidates(planned_spec):
-        result = plan(info, planned_spec, hw, search_micro_batch=search)
+        result = plan(info, planned_spec, hw, search_micro_batch=search, out_of_memory_at=oom)
         # A fixed grad_accum is kept without comparing: the plan derives it from the same global batch.
-        return result, [s for s in result.strategies if s.fits and s.name not in exclude and all(
+        return result, [s for s in result.strategies if s.fits and all(
             s.settings()[p] == v for p, v in fixed.items() if p != "batch.grad_accum")]
 
     compile_chosen = auto_compile(resolved, info, hw)
@@ -136,7 +141,8 @@ def auto_layer(resolved: Resolved, hw, exclude: tuple[str, ...] = ()) -> tuple[t
     if not compile_chosen:
         result, allowed = candidates(spec)
     if not allowed and exclude:
-        raise CrakenError(f"out of memory with {', '.join(exclude)}, and no slower strategy compatible with your "
+        tried = ", ".join(f"{name} at micro-batch {mb}" for name, mb in exclude)
+        raise CrakenError(f"out of memory with {tried}, and no slower strategy compatible with your "
                           "settings is predicted to fit: lower --micro-batch or --seq-len, or use "
                           "--activation-checkpointing; see `craken plan`", title="no strategy left")
     if not allowed:
@@ -277,9 +283,11 @@ def execute(prepared: Prepared) -> int:
     while code != 0 and (step := oom_step(prepared)) is not None:
         # The existing troubleshooting advice, made automatic: the next strategy in speed order.
         req = prepared.request
-        excluded = (*req.exclude, prepared.auto_choice)
-        err.print(f"craken: out of GPU memory with {prepared.auto_choice} at step {step}; relaunching with the "
-                  "next strategy (--no-oom-fallback turns this off)", markup=False)
+        micro_batch = prepared.resolved.spec.batch.micro_batch
+        excluded = (*req.exclude, (prepared.auto_choice, micro_batch))
+        err.print(f"craken: out of GPU memory with {prepared.auto_choice} at micro-batch {micro_batch}, step {step}; "
+                  "relaunching with the next fastest setting the planner predicts to fit: a smaller micro-batch "
+                  "or the next strategy (--no-oom-fallback turns this off)", markup=False)
         prepared = prepare(replace(req, exclude=excluded, force=True), environ=os.environ)
         for warning in prepared.warnings:
             err.print(f"warning: {warning}", markup=False)
