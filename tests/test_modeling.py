@@ -76,4 +76,11 @@ def test_load_model_builds_scratch_weights_on_the_given_device():
     tokenizer = modeling.load_tokenizer(spec)
     on_meta = modeling.load_model(spec, tokenizer, torch.device("meta"))
     assert {p.device.type for p in on_meta.parameters()} == {"meta"}
+    assert {p.dtype for p in on_meta.parameters()} == {torch.float32}  # the plain engine's fp32 weights
     assert {p.device.type for p in modeling.load_model(spec, tokenizer).parameters()} == {"cpu"}
+    # Under ZeRO-1/2 the GPU copy is built in DeepSpeed's 16-bit dtype: 2 bytes per parameter, never
+    # more than the run itself holds (an fp32 copy of 4 would not fit beside ZeRO-2 on many GPUs).
+    zero2 = _spec(zero={"stage": 2}, precision="bf16", cluster={"use_cpu": False})
+    assert modeling.init_dtype(zero2) == torch.bfloat16
+    assert {p.dtype for p in modeling.load_model(zero2, tokenizer, torch.device("meta")).parameters()} == {torch.bfloat16}
+    assert modeling.init_dtype(_spec(zero={"stage": 2}, precision="fp32", cluster={"use_cpu": False})) is None

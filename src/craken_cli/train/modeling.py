@@ -32,7 +32,9 @@ def init_device(spec, device):
     Random initialisation of a 1.1 B model takes about 40 s on two CPU cores (normal_ on every
     weight), then the weights are copied to the GPU anyway; on the GPU it takes well under a second.
     Not under ZeRO-3 (zero.Init partitions the model as it is built) and not with offload (the user
-    asked to keep the GPU free: a whole fp32 model there, even for a moment, may not fit). Loaded
+    asked to keep the GPU free: a whole model there, even for a moment, may not fit). Under ZeRO-1/2
+    the model is built in DeepSpeed's 16-bit dtype (`init_dtype`), which DeepSpeed would cast it to
+    anyway: 2 bytes per parameter, less than the run holds later on any number of GPUs. Loaded
     weights keep transformers' own loading path.
     """
     if device is None or getattr(device, "type", str(device)) != "cuda":
@@ -42,6 +44,17 @@ def init_device(spec, device):
     if spec.offload.optimizer.device != "none" or spec.offload.param.device != "none":
         return None
     return device
+
+
+def init_dtype(spec):
+    """The dtype a model trained from scratch is built in on the GPU: DeepSpeed's 16-bit dtype under
+    ZeRO-1/2 (its engine casts the module before making the fp32 master copy), fp32 otherwise (the
+    plain engine trains fp32 weights under autocast)."""
+    import torch
+
+    if spec.uses_deepspeed and spec.precision in ("bf16", "fp16"):
+        return torch.bfloat16 if spec.precision == "bf16" else torch.float16
+    return None
 
 
 def trains_from_scratch(name: str) -> bool:
@@ -57,10 +70,11 @@ def load_model(spec, tokenizer, device=None):
 
     m = spec.model
     where = torch.device(device) if device is not None else nullcontext()
+    dtype = {"dtype": init_dtype(spec)} if device is not None and init_dtype(spec) is not None else {}
     if builtin.is_builtin(m.name_or_path):
         with where:
             model = AutoModelForCausalLM.from_config(builtin.model_config(tokenizer),
-                                                     attn_implementation=m.attn_implementation)
+                                                     attn_implementation=m.attn_implementation, **dtype)
     elif has_no_weights(m.name_or_path):
         # A folder with only config.json: train from scratch (random weights), e.g. a new shape.
         from transformers import AutoConfig
@@ -68,7 +82,7 @@ def load_model(spec, tokenizer, device=None):
         cfg = AutoConfig.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
         with where:
             model = AutoModelForCausalLM.from_config(cfg, attn_implementation=m.attn_implementation,
-                                                     trust_remote_code=m.trust_remote_code)
+                                                     trust_remote_code=m.trust_remote_code, **dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(
             m.name_or_path, attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code)
