@@ -83,7 +83,7 @@ def summarize_craken(run) -> dict:
             "tokens_per_s_per_gpu": tps, "tflops": tps * fpt / 1e12, "mfu": tps * fpt / PEAK,
             "peak_alloc_gib": max(r["gpu_mem_gib"] or 0 for r in train),
             "peak_reserved_gib": max(r["gpu_mem_reserved_gib"] or 0 for r in train),
-            "first_step_s": end.get("first_step_s"), "loss_first": train[0]["loss"], "loss_last": train[-1]["loss"],
+            "first_step_s": end.get("first_step_s"), "startup": end.get("startup"), "loss_first": train[0]["loss"], "loss_last": train[-1]["loss"],
             "steps": end.get("steps")}
 
 

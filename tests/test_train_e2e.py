@@ -103,6 +103,10 @@ def test_embedded_default_trains_and_eval_loss_halves(default_run):
     start = records[0]
     assert start["event"] == "start" and start["num_processes"] == 2 and start["precision"] == "bf16"
     assert records[-1]["event"] == "end" and records[-1]["exit_code"] == 0
+    phases = records[-1]["startup"]  # where launch-to-first-step went, in order
+    assert list(phases) == ["imports_s", "data_s", "model_s", "prepare_s"]
+    assert 0 < phases["imports_s"] <= phases["data_s"] <= phases["model_s"] <= phases["prepare_s"] \
+        <= records[-1]["first_step_s"]
     assert_reload_matches(run_dir, atol=0.05)
 
 

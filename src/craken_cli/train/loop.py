@@ -137,6 +137,9 @@ class Trainer:
         # Each machine's first process logs (metrics, progress) into its own run folder; the losses
         # are reduced over all processes, so every machine logs the same numbers.
         is_main = accelerator.is_local_main_process
+        # Seconds from process start at which each start-up phase ended (metrics "end" line): where
+        # launch-to-first-step goes (imports, data, model build, engine set-up, first step).
+        startup = {"imports_s": round(time.time() - PROCESS_START, 2)}
         set_seed(spec.train.seed)
         if spec.logging.report_to != "none":
             accelerator.init_trackers(spec.output.name, config={"zero_stage": spec.zero.stage,
@@ -148,6 +151,7 @@ class Trainer:
         with accelerator.main_process_first():
             raw = data.load_raw(spec)
             blocks = data.pack(raw, tokenizer, spec.data.seq_len)
+        startup["data_s"] = round(time.time() - PROCESS_START, 2)
         if len(blocks) == 0:
             raise SystemExit(f"craken: the data set gives no {spec.data.seq_len}-token block: "
                              "add text or lower --seq-len")
@@ -174,6 +178,7 @@ class Trainer:
         fpt = flops_per_token(model.config, n_params - n_emb, spec.data.seq_len)
         if spec.model.compile and not spec.cluster.use_cpu:
             modeling.compile_regions(model)
+        startup["model_s"] = round(time.time() - PROCESS_START, 2)
 
         decay, no_decay = [], []
         for name, p in model.named_parameters():
@@ -196,6 +201,7 @@ class Trainer:
         prepared = [model, optimizer, train_dl] + ([eval_dl] if eval_dl is not None else [])
         prepared += [] if plain else [scheduler]
         prepared = accelerator.prepare(*prepared)
+        startup["prepare_s"] = round(time.time() - PROCESS_START, 2)
         model, optimizer, train_dl = prepared[:3]
         if eval_dl is not None:
             eval_dl = prepared[3]
@@ -390,7 +396,7 @@ class Trainer:
             progress.close()
         if is_main:
             write({"event": "end", "steps": step, "wall_s": round(time.time() - t_start, 3),
-                   "first_step_s": first_step_s, "final_dir": str(final_dir) if final_dir else None,
+                   "first_step_s": first_step_s, "startup": startup, "final_dir": str(final_dir) if final_dir else None,
                    "exit_code": exit_code})
             metrics_fh.close()
         if spec.logging.report_to != "none":
