@@ -29,13 +29,16 @@ def main() -> None:
     args = ap.parse_args()
 
     acc = Accelerator()
+    startup = {"imports_s": round(time.time() - PROCESS_START, 2)}  # same phases as craken's metrics
     cfg = AutoConfig.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    startup["model_s"] = round(time.time() - PROCESS_START, 2)
     deepspeed = acc.state.deepspeed_plugin is not None
     if deepspeed:
         acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.micro_batch
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=not deepspeed)
     model, opt = acc.prepare(model, opt)
+    startup["prepare_s"] = round(time.time() - PROCESS_START, 2)
     vocab = cfg.vocab_size
     gen = torch.Generator(device="cpu").manual_seed(0)
 
@@ -72,7 +75,7 @@ def main() -> None:
                        "tokens_per_s_per_gpu": tps, "tflops": tps * fpt / 1e12, "mfu": tps * fpt / 989e12,
                        "peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30,
                        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
-                       "first_step_s": first_step_s, "loss_last": float(loss), "params": n, "n_emb": n_emb}, fh)
+                       "first_step_s": first_step_s, "startup": startup, "loss_last": float(loss), "params": n, "n_emb": n_emb}, fh)
 
 
 if __name__ == "__main__":
