@@ -212,6 +212,9 @@ def main() -> int:
             print(f"  {row['tokens_per_s_per_gpu']:,.0f} tok/s/GPU  MFU {row['mfu']:.3f}  mb {row.get('micro_batch')}  "
                   f"reserved {row['peak_reserved_gib']:.2f} GiB  first step {row.get('first_step_s') or 0:.1f} s",
                   flush=True)
+        if row.get("startup"):  # where launch-to-first-step went (seconds from process start)
+            print("  start-up: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in row["startup"].items()),
+                  flush=True)
         if run["kind"] == "cmd":
             print(proc.stdout[-2500:], flush=True)
     (out / "rows.json").write_text(json.dumps(rows, indent=1, default=str))
