@@ -41,7 +41,8 @@ def _lines(gpu: bool, steps: int = 60, every: int = 5, eval_every: int = 20) -> 
             # the lowest eval loss is deliberately not the last one
             eval_loss = 8.0 * math.exp(-step / 25) + 2.3 + (2.0 if step == steps else 0.0)
             lines.append({"step": step, "time_s": round(step * 0.45 + 0.2, 3), "eval_loss": eval_loss})
-    lines.append({"event": "end", "steps": steps, "wall_s": 31.5, "first_step_s": 7.25, "final_dir": None})
+    lines.append({"event": "end", "steps": steps, "wall_s": 31.5, "first_step_s": 7.25, "final_dir": None,
+                  "startup": {"imports_s": 3.1, "data_s": 3.6, "model_s": 4.02, "prepare_s": 4.5}})
     return lines
 
 
@@ -143,6 +144,8 @@ def test_table_output_on_cpu_run(tmp_path):
     assert f"{expected['mean_tokens_per_s']:,.0f}" in text
     assert f"{expected['best_eval_loss']:.4f} (step {expected['best_eval_step']})" in text
     assert "n/a (CPU)" in text  # MFU and memory: null on CPU, never a made-up 0
+    assert "7.2 s from process start" in text  # where launch time went
+    assert "imports 3.1, data 3.6, model 4.0, engine 4.5" in text
     # memory is null on CPU: no memory plot of its own; the overview says so instead
     assert sorted(p.name for p in out.iterdir()) == ["loss.png", "lr.png", "overview.png", "tokens_per_s.png"]
     assert not (run / "report").exists()

@@ -141,6 +141,7 @@ def summarize(metrics: Metrics) -> dict[str, Any]:
         "tokens": last.get("tokens"),
         "wall_s": end.get("wall_s", max(times) if times else None),
         "first_step_s": end.get("first_step_s"),
+        "startup": end.get("startup"),
         "mean_tokens_per_s": _mean(r.get("tokens_per_s") for r in train),
         "mean_tokens_per_s_per_gpu": _mean(r.get("tokens_per_s_per_gpu") for r in train),
         "mean_mfu": _mean(r.get("mfu") for r in train),
@@ -172,6 +173,19 @@ def _duration(seconds: float | None) -> str:
     return f"{hours}:{minutes:02d}:{secs:04.1f}" if hours else f"{minutes}:{secs:04.1f}"
 
 
+STARTUP_LABELS = {"imports_s": "imports", "data_s": "data", "model_s": "model", "prepare_s": "engine"}
+
+
+def _startup_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """When the first step ended and, where recorded, each start-up phase: seconds from process start."""
+    if summary.get("first_step_s") is None:
+        return [("first step at", "n/a")]
+    rows = [("first step at", f"{summary['first_step_s']:.1f} s from process start")]
+    phases = summary.get("startup") or {}
+    parts = [f"{label} {phases[key]:.1f}" for key, label in STARTUP_LABELS.items() if key in phases]
+    return rows + ([("start-up phases done", ", ".join(parts))] if parts else [])
+
+
 def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     """The summary as (label, text) rows, for a table; no Rich needed here."""
     on_cpu = summary.get("peak_gpu_mem_gib") is None and summary.get("mean_mfu") is None
@@ -191,6 +205,7 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         ("steps", steps),
         ("tokens", _num(summary["tokens"], ",")),
         ("wall time", _duration(summary["wall_s"])),
+        *_startup_rows(summary),
         ("mean tokens/s", _num(summary["mean_tokens_per_s"], ",.0f")),
         ("mean tokens/s per " + ("process" if on_cpu else "GPU"), _num(summary["mean_tokens_per_s_per_gpu"], ",.0f")),
         ("mean MFU", "n/a (CPU)" if on_cpu else _num(summary["mean_mfu"], ".1%")),
