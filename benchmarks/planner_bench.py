@@ -87,21 +87,21 @@ def spec_for(folder: Path, seq: int, strategy: str, micro: int, compiled: bool, 
     return resolved.spec
 
 
+def plan_for(spec, folder: Path, hw):
+    """The planner at the row's micro-batch: `.requested` is the row's prediction, `.choice` what
+    --auto would pick for this shape (the name to compare with the fastest measured row)."""
+    from craken_cli.modelinfo import model_info
+    from craken_cli.planner import plan
+
+    return plan(model_info(str(folder)), spec, hw, search_micro_batch=False)
+
+
 def predict(spec, folder: Path, hw):
-    from craken_cli.modelinfo import model_info
-    from craken_cli.planner import plan
-
-    return plan(model_info(str(folder)), spec, hw, search_micro_batch=False).requested
+    return plan_for(spec, folder, hw).requested
 
 
-def planner_choice(spec, folder: Path, hw) -> str | None:
-    """What --auto would choose for this shape at this micro-batch (eager, no activation checkpointing
-    unless nothing else fits): the name to compare with the fastest measured row."""
-    from craken_cli.modelinfo import model_info
-    from craken_cli.planner import plan
-
-    choice = plan(model_info(str(folder)), spec, hw, search_micro_batch=False).choice
-    return None if choice is None else choice.name
+def choice_name(p) -> str | None:
+    return None if p.choice is None else p.choice.name
 
 
 # ---------------------------------------------------------------------------------------------- worker
@@ -241,12 +241,13 @@ def worker(args) -> int:
     for i, (shape, seq, strategy, micro, compiled, extra) in enumerate(grid()):
         folder = models / shape
         spec = spec_for(folder, seq, strategy, micro, compiled, world, extra, hw)
-        pred = predict(spec, folder, hw)
+        planned = plan_for(spec, folder, hw)
+        pred = planned.requested
         name = strategy + ("+compile" if compiled else "") + "".join(f" ({x})" for x in extra)
         row = {"gpus": world, "model": shape, "seq": seq, "strategy": name, "base_strategy": strategy,
                "compiled": compiled, "extra": list(extra), "micro_batch": micro,
                "predicted_gib": round(pred.reserved_gib, 3), "predicted_total_gib": round(pred.total_gib, 3),
-               "planner_choice": planner_choice(spec, folder, hw),
+               "planner_choice": choice_name(planned),
                "device": hw.gpus[0].name if hw.gpus else "cpu", "start": ctx.get_start_method(),
                "measured_on": time.strftime("%Y-%m-%d")}
         if pred.total_gib > card:
@@ -347,8 +348,9 @@ def main() -> int:
         for r in rows:  # the current planner's prediction for each recorded measurement
             spec = spec_for(models / r["model"], r["seq"], r["base_strategy"], r["micro_batch"], r["compiled"],
                             r["gpus"], tuple(r["extra"]), hw)
-            r["predicted_gib"] = predict(spec, models / r["model"], hw).reserved_gib
-            r["planner_choice"] = planner_choice(spec, models / r["model"], hw)
+            planned = plan_for(spec, models / r["model"], hw)
+            r["predicted_gib"] = planned.requested.reserved_gib
+            r["planner_choice"] = choice_name(planned)
             if "measured_gib" in r:
                 r["error"] = r["predicted_gib"] / r["measured_gib"] - 1
         write_docs(rows, Path(args.docs or out / "planner_bench_table.md"))

@@ -34,10 +34,14 @@ def llama_1b(tmp_path) -> Path:
     return folder
 
 
-def strategy(run_dir: Path) -> tuple:
+def rendered(run_dir: Path) -> dict:
     import yaml
 
-    spec = yaml.safe_load((run_dir / "run.yaml").read_text())
+    return yaml.safe_load((run_dir / "run.yaml").read_text())
+
+
+def strategy(run_dir: Path) -> tuple:
+    spec = rendered(run_dir)
     return (spec["zero"]["stage"], spec["offload"]["optimizer"]["device"], spec["offload"]["param"]["device"],
             spec["model"]["activation_checkpointing"], spec["batch"]["micro_batch"])
 
@@ -100,9 +104,7 @@ def test_every_strategy_out_of_memory_ends_with_one_message(tmp_path, monkeypatc
 
 
 def compiled_and_micro_batch(run_dir: Path) -> tuple:
-    import yaml
-
-    spec = yaml.safe_load((run_dir / "run.yaml").read_text())
+    spec = rendered(run_dir)
     return spec["model"]["compile"], spec["batch"]["micro_batch"], spec["zero"]["stage"]
 
 

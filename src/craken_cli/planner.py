@@ -231,9 +231,6 @@ def layer_activation_bytes_per_token(m: ModelInfo, lp: int, compiled: bool = Fal
 def activation_bytes(m: ModelInfo, micro_batch: int, seq_len: int, lp: int, checkpointing: bool,
                      compiled: bool = False) -> tuple[float, float]:
     """(decoder layers, logits + loss) bytes at the start of the backward pass, for one micro-batch."""
-    # modeling.compile_regions compiles `model.model.layers` and the loss; GPT-2/NeoX models keep
-    # their layers elsewhere and run eagerly.
-    compiled = compiled and m.family != "gpt"
     tokens = micro_batch * seq_len
     per_layer = layer_activation_bytes_per_token(m, lp, compiled) * tokens
     if checkpointing:
@@ -262,7 +259,7 @@ class Shape:
     gpus_per_machine: int
     seq_len: int
     lp: int  # bytes of a 16-bit (2) or fp32 (4) parameter
-    compiled: bool
+    compiled: bool  # the decoder layers and the loss run compiled (modeling.compile_regions)
     reduce_bucket: int
     overlap_comm: bool
     prefetch_bucket: int
@@ -301,7 +298,7 @@ def estimate(m: ModelInfo, c: Candidate, micro_batch: int, grad_accum: int, s: S
         if N > 1:
             d["gather_holes"] = STAGE3_MULTI_GPU_SLACK * acts
     slack = FRAGMENTATION[c.stage]
-    if s.compiled and m.family != "gpt":
+    if s.compiled:
         slack = max(slack, COMPILED_FRAGMENTATION)
     d["allocator_slack"] = slack * acts
     reserved = params + grads + optim + acts + sum(d.values())
@@ -378,12 +375,16 @@ def compiled_where_measured(s: Strategy) -> bool:
     return s.stage <= 2 and s.offload_optimizer == "none" and s.offload_param == "none"
 
 
+def with_compile(spec):
+    """The spec with regional compilation on (what --auto and `craken plan` try first)."""
+    return spec.model_copy(update={"model": spec.model.model_copy(update={"compile": True})})
+
+
 def plan_by_default(model: ModelInfo, spec, hardware: Hardware, *, search_micro_batch: bool = True) -> Plan:
     """The plan of a spec whose compilation the user left open (`craken plan`): compiled where
     `compiles_by_default` and `compiled_where_measured` allow, eager otherwise."""
     if compiles_by_default(model, hardware):
-        compiled = spec.model_copy(update={"model": spec.model.model_copy(update={"compile": True})})
-        result = plan(model, compiled, hardware, search_micro_batch=search_micro_batch)
+        result = plan(model, with_compile(spec), hardware, search_micro_batch=search_micro_batch)
         if result.choice is not None and compiled_where_measured(result.choice):
             return result
     return plan(model, spec, hardware, search_micro_batch=search_micro_batch)
@@ -411,7 +412,9 @@ def plan(model: ModelInfo, spec, hardware: Hardware, *, search_micro_batch: bool
     nvme_path = spec.offload.optimizer.nvme_path or spec.offload.param.nvme_path
     shape = Shape(
         world=world, gpus_per_machine=max(1, world // machines), seq_len=spec.data.seq_len, lp=lp,
-        compiled=spec.model.compile, reduce_bucket=z.reduce_bucket_size, overlap_comm=z.overlap_comm,
+        # modeling.compile_regions compiles `model.model.layers` and the loss; GPT-2/NeoX models keep
+        # their layers elsewhere and run eagerly whatever the spec says.
+        compiled=spec.model.compile and model.family != "gpt", reduce_bucket=z.reduce_bucket_size, overlap_comm=z.overlap_comm,
         prefetch_bucket=z.stage3_prefetch_bucket_size or 50_000_000, gpu_memory=gpu_memory,
         cpu_memory=hardware.ram_total or None,
         nvme_free=hardware.disk_free.get(nvme_path) if nvme_path else None,
@@ -442,5 +445,5 @@ def plan(model: ModelInfo, spec, hardware: Hardware, *, search_micro_batch: bool
     requested = estimate(model, Candidate(z.stage, spec.offload.optimizer.device, spec.offload.param.device,
                                           spec.model.activation_checkpointing),
                          micro, spec.batch.accumulation(world), shape)
-    return Plan(results, choice, requested, rejected, world, global_batch, spec.model.compile, gpu_memory / GiB,
+    return Plan(results, choice, requested, rejected, world, global_batch, shape.compiled, gpu_memory / GiB,
                 gpu_memory / GiB / (1 + SAFETY_MARGIN), model)

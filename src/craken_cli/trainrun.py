@@ -106,11 +106,12 @@ def auto_compile(resolved: Resolved, info, hw) -> bool:
     return not resolved.user_set("model.compile") and compiles_by_default(info, hw)
 
 
-def auto_layer(resolved: Resolved, hw, exclude: tuple[str, ...] = ()) -> tuple[tuple[Layer, ...], list[str], str | None]:
+def auto_layer(resolved: Resolved, hw, exclude: tuple[tuple[str, int], ...] = ()
+               ) -> tuple[tuple[Layer, ...], list[str], str | None]:
     """--auto: the fastest strategy the planner predicts to fit, among those that keep every
     setting the user gave explicitly (file, env or flag); presets and defaults may be changed."""
     from .modelinfo import model_info
-    from .planner import compiled_where_measured, plan
+    from .planner import compiled_where_measured, plan, with_compile
     from .sources import unflatten
 
     spec = resolved.spec
@@ -136,7 +137,7 @@ def auto_layer(resolved: Resolved, hw, exclude: tuple[str, ...] = ()) -> tuple[t
 
     compile_chosen = auto_compile(resolved, info, hw)
     if compile_chosen:
-        result, allowed = candidates(spec.model_copy(update={"model": spec.model.model_copy(update={"compile": True})}))
+        result, allowed = candidates(with_compile(spec))
         compile_chosen = bool(allowed) and compiled_where_measured(allowed[0])
     if not compile_chosen:
         result, allowed = candidates(spec)

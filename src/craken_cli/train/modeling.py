@@ -1,8 +1,9 @@
 """Model and tokenizer loading: a hub id, a local folder, or the built-in tiny model.
 
 Weights are random for the built-in model and for a folder holding only config.json (built from
-the config, on the GPU where `init_device` allows) and loaded with `from_pretrained` otherwise. Under ZeRO-3 Accelerate has registered the DeepSpeed config with
-transformers before this runs, so both paths build the model already partitioned (zero.Init).
+the config, on the GPU where `init_device` allows) and loaded with `from_pretrained` otherwise.
+Under ZeRO-3 Accelerate has registered the DeepSpeed config with transformers before this runs, so
+both paths build the model already partitioned (zero.Init).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def init_device(spec, device):
     anyway: 2 bytes per parameter, less than the run holds later on any number of GPUs. Loaded
     weights keep transformers' own loading path.
     """
-    if device is None or getattr(device, "type", str(device)) != "cuda":
+    if device is None or device.type != "cuda":
         return None
     if not trains_from_scratch(spec.model.name_or_path) or spec.zero.stage >= 3:
         return None
@@ -70,7 +71,8 @@ def load_model(spec, tokenizer, device=None):
 
     m = spec.model
     where = torch.device(device) if device is not None else nullcontext()
-    dtype = {"dtype": init_dtype(spec)} if device is not None and init_dtype(spec) is not None else {}
+    built_in = init_dtype(spec) if device is not None else None
+    dtype = {"dtype": built_in} if built_in is not None else {}
     if builtin.is_builtin(m.name_or_path):
         with where:
             model = AutoModelForCausalLM.from_config(builtin.model_config(tokenizer),
