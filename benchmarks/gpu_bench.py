@@ -162,6 +162,7 @@ def main() -> int:
             hand_run("hand-zero2-mb4-350m", m350, out, 2048, 16, "zero2", 4),
             craken_run("craken-auto-gb32-350m", m350, out, 2048, 40, "--auto", "--global-batch", "32"),
             hand_run("hand-plain-mb1-3b-s4096", m3b, out, 4096, 8, "plain", 1),
+            hand_run("hand-plain-mb2-3b-s4096", m3b, out, 4096, 8, "plain", 2),
             hand_run("hand-zero2-mb1-3b-s4096", m3b, out, 4096, 8, "zero2", 1),
             craken_run("craken-auto-gb8-3b-s4096", m3b, out, 4096, 24, "--auto", "--global-batch", "8"),
         ]

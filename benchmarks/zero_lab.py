@@ -44,6 +44,11 @@ VARIANTS = {
     "zero1-fp32-accum": (1, {"data_types.grad_accum_dtype": "fp32"}),
     "zero2": (2, {}),
     "zero2-no-overlap": (2, {"zero_optimization.overlap_comm": False}),
+    "zero2-fp32-accum": (2, {"data_types.grad_accum_dtype": "fp32"}),
+    "zero2-no-overlap-fp32-accum": (2, {"zero_optimization.overlap_comm": False, "data_types.grad_accum_dtype": "fp32"}),
+    "zero2-no-overlap-one-bucket": (2, {"zero_optimization.overlap_comm": False,
+                                        "zero_optimization.reduce_bucket_size": 2_000_000_000}),
+    "zero2-no-reduce-scatter": (2, {"zero_optimization.reduce_scatter": False}),
 }
 SYNC_CALLS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize", "cudaMemcpyAsync")
 
