@@ -152,6 +152,9 @@ def main() -> int:
                        "--offload-optimizer", "none", "--global-batch", "16"),
             craken_run("craken-zero2-auto-gb16", m11, out, 2048, 40, "--auto", "--zero", "2",
                        "--offload-optimizer", "none", "--global-batch", "16"),
+            # ZeRO-1 through DeepSpeed's ZeRO optimizer (16-bit gradients), the default before 2026-12-01
+            craken_run("craken-zero1-16bit-grads-auto-gb16", m11, out, 2048, 40, "--auto", "--zero", "1",
+                       "--offload-optimizer", "none", "--global-batch", "16", "--set", "zero.fp32_grad_accum=false"),
         ]
     elif args.grid == "shapes":
         # --auto against the two fastest hand-written entries that fit, for the 350M and the 3B shape.

@@ -90,6 +90,27 @@ def test_stage1_keeps_full_16bit_grads_only_when_accumulating():
     assert many[1] - one[1] == pytest.approx(2 * P - 2 * P / 8)
 
 
+def test_fp32_accumulation_keeps_fp32_gradients_of_the_whole_model():
+    """ZeRO-1 through DeepSpeed's BF16 optimizer (zero.fp32_grad_accum): on by default with one process."""
+    P = TINYLLAMA.num_params
+
+    def zero1(world, **zero):
+        s = spec(world, micro=4, grad_accum=1).model_copy(deep=True)
+        s.zero = s.zero.model_copy(update=zero)
+        return next(x for x in plan(TINYLLAMA, s, hardware(world, 141), search_micro_batch=False).strategies
+                    if x.name == "zero1")
+
+    one, two = zero1(1), zero1(2)
+    assert one.grads_gib == pytest.approx(4 * P / GiB) and one.optimizer_gib == pytest.approx(12 * P / GiB)
+    assert "step_flat_grad_copy" not in one.detail and one.detail["allreduce_bucket"] == pytest.approx(4 * 5e8 / GiB)
+    assert two.grads_gib == pytest.approx((2 + 4) * P / 2 / GiB)  # the ZeRO optimizer's 16-bit partition
+    assert zero1(2, fp32_grad_accum=True).grads_gib == pytest.approx(4 * P / GiB)
+    assert zero1(1, fp32_grad_accum=False).grads_gib == pytest.approx((2 + 4) * P / GiB)
+    # the two optimizers' model states differ by 2 bytes per parameter minus the partitioned fp32 gradient
+    assert sum(model_state_bytes(P, 1, 8, fp32_grads=True)) - sum(model_state_bytes(P, 1, 8)) == pytest.approx(
+        4 * P - (2 * P / 8 + 4 * P / 8))
+
+
 # ---------------------------------------------------------------------------------------------
 # the whole peak against gpu-baseline.md (peak reserved GiB, H200, seq 2048, micro-batch 4)
 

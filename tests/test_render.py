@@ -221,3 +221,36 @@ def test_restarts_reach_torchrun_with_c10d_and_a_fresh_store(workdir, cpu_only):
     plain, _ = load_run(SpecArgs(flags={f: None for f in FLAGS}), hardware=cpu_only)
     argv, env = launch.build(plain.spec, "run", {}, cpu_count=2)
     assert "--rdzv_backend" not in argv and "PET_RDZV_ENDPOINT" not in env
+
+
+@pytest.mark.parametrize("world,flags,fp32", [
+    (1, [], True),  # one process: DeepSpeed's BF16 optimizer, measured faster
+    (2, [], False),  # several: its fp32 all-reduce was never measured on GPUs, so the ZeRO optimizer
+    (2, ["--set", "zero.fp32_grad_accum=true"], True),
+    (1, ["--set", "zero.fp32_grad_accum=false"], False),
+    (1, ["--offload-optimizer", "cpu"], False),  # DeepSpeed keeps its ZeRO optimizer with offload
+])
+def test_zero1_accumulates_in_fp32_with_one_process(craken, workdir, world, flags, fp32):
+    out = workdir / "out"
+    result = craken("config", "render", "--out", out, "--cpu", "--num-processes", world, "--zero", "1", *flags)
+    assert result.code == 0, result.output
+    ds = json.loads((out / render.DS_FILE).read_text())
+    parsed = check_consumers(out, ds, yaml.safe_load((out / render.ACCELERATE_FILE).read_text()), world)
+    assert parsed.grad_accum_dtype == ("fp32" if fp32 else None)
+    assert ("data_types" in ds) is fp32
+
+
+def test_fp32_grad_accum_elsewhere_is_refused_and_writes_nothing(craken, workdir):
+    out = workdir / "out"
+    result = craken("config", "render", "--out", out, "--cpu", "--zero", "2", "--set", "zero.fp32_grad_accum=true")
+    assert result.code == 2 and "zero.fp32_grad_accum needs ZeRO-1" in result.output and "--zero 1" in result.output
+    assert not out.exists()
+
+
+def test_imported_grad_accum_dtype_round_trips():
+    values = importers.from_deepspeed({"data_types": {"grad_accum_dtype": "fp32"}}).values
+    assert values == {"zero.fp32_grad_accum": True}
+    assert importers.from_deepspeed({"data_types": {"grad_accum_dtype": "bf16"}}).values == {
+        "zero.fp32_grad_accum": False}
+    problems = importers.from_deepspeed({"data_types": {"grad_accum_dtype": "float"}}).problems
+    assert problems == ["ds_config.json: data_types.grad_accum_dtype 'float': use fp32, bf16 or fp16"]

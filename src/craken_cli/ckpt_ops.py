@@ -202,6 +202,13 @@ def fp32_state_dict(ckpt: Path, state: ck.TrainState) -> dict:
     """The full fp32 weights, gathered from the ZeRO shards of every process (stage 1, 2 and 3)."""
     if state.universal:
         return _universal_state_dict(ckpt)
+    if any((ckpt / ck.SHARDS).glob("bf16_zero_pp_rank_*_optim_states.pt")):
+        # Written by DeepSpeed's BF16 optimizer (zero.fp32_grad_accum): zero_to_fp32 reads only the ZeRO
+        # optimizer's files, its universal converter reads both.
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="craken-export-") as tmp:
+            return _universal_state_dict(convert(ckpt, Path(tmp) / ckpt.name))
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=ck.SHARDS)

@@ -160,6 +160,13 @@ def from_deepspeed(cfg: dict, origin: str = "ds_config.json") -> Imported:
         elif key not in _ZERO_IGNORED:
             out.problems.append(f"{origin}: unknown key '{kp}': remove it")
 
+    accum = (cfg.get("data_types") or {}).get("grad_accum_dtype") if isinstance(cfg.get("data_types"), dict) else None
+    if accum is not None:
+        if accum in ("fp32", "bf16", "fp16"):
+            out.values["zero.fp32_grad_accum"] = accum == "fp32"
+        else:
+            out.problems.append(f"{origin}: data_types.grad_accum_dtype {accum!r}: use fp32, bf16 or fp16")
+
     opt = cfg.get("optimizer")
     if isinstance(opt, dict):
         if str(opt.get("type", "")).lower() not in ("adamw", "adam"):

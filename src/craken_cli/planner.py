@@ -9,6 +9,10 @@ The memory model follows what DeepSpeed 0.19.8 allocates (read from its source):
 * stage 0 + bf16/fp16 (no ZeRO; DeepSpeed's FP16_Optimizer): 16-bit params and grads, fp32 master
   weights and two fp32 Adam moments, and at the step a flat fp32 copy of all gradients;
   the gradients are all-reduced through a 16-bit bucket of up to 5e8 elements.
+* stage 1 + bf16 with fp32 gradient accumulation (craken's default on one GPU; bf16_optimizer.py): 16-bit
+  params, fp32 gradients of the whole model (each 16-bit gradient is added into them as it is
+  produced and freed), fp32 master + moments partitioned; the engine all-reduces the fp32 gradients
+  through a flat bucket of up to 5e8 elements.
 * stage 1/2 (stage_1_and_2.py): 16-bit params unpartitioned; a 16-bit gradient partition
   (stage 1 with overlap_comm reduces in hooks on the accumulation boundary, so only with
   grad_accum > 1 does it keep every 16-bit gradient); at the step a flat 16-bit copy of the partition
@@ -34,6 +38,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from .hardware import Hardware
 from .modelinfo import ModelInfo
+from .spec import fp32_grad_accum_possible
 
 GiB = 1024**3
 
@@ -61,7 +66,9 @@ ACTIVATION_CHECKPOINTING_SPEED = 0.75  # about 1/3 more compute for the recomput
 
 # Relative speed of each strategy (tokens/s per GPU against no ZeRO), from gpu-baseline.md: only the
 # order matters for the choice, the numbers are shown so the order can be checked.
-SPEED_1GPU = {"zero0": 1.0, "zero1": 0.81, "zero2": 0.81, "zero3": 0.55}
+# ZeRO-1 on one GPU: 0.965 with fp32 accumulation (DeepSpeed's BF16 optimizer, craken's default; 0.885
+# with its ZeRO optimizer), ZeRO-2 0.88 (benchmarks/zero_lab.py, 1 x H200, 2026-12-01).
+SPEED_1GPU = {"zero0": 1.0, "zero1": 0.96, "zero2": 0.88, "zero3": 0.55}
 SPEED_NGPU = {"zero0": 1.0, "zero1": 0.98, "zero2": 0.98, "zero3": 0.51}
 OFFLOAD_OPTIMIZER_SPEED = 0.28  # ZeRO-2 + optimizer CPU offload on 1 GPU: 12.3k vs 44.0k tokens/s
 OFFLOAD_PARAM_SPEED = 0.5  # on top of optimizer offload: every layer's weights cross PCIe twice
@@ -178,11 +185,13 @@ class Plan:
 
 def model_state_bytes(params: int, stage: int, world: int, *, offload_optimizer: bool = False,
                       offload_param: bool = False, largest_layer: int = 0, lp_bytes: int = 2,
-                      grad_accum: int = 1) -> tuple[float, float, float]:
+                      grad_accum: int = 1, fp32_grads: bool = False) -> tuple[float, float, float]:
     """(params, grads, optimizer) bytes per GPU, counted as DeepSpeed's estimators count them.
 
     Mixed precision (lp_bytes 2) keeps fp32 master weights: 4 + 8 (Adam moments) bytes per
     parameter in the optimizer; the step turns the 16-bit gradient into an fp32 one (4 bytes).
+    `fp32_grads` (stage 1, DeepSpeed's BF16 optimizer; its estimators do not know it) keeps the
+    whole model's gradients in fp32 instead.
     """
     P, N = params, world
     mixed = lp_bytes < 4
@@ -195,6 +204,8 @@ def model_state_bytes(params: int, stage: int, world: int, *, offload_optimizer:
     if stage in (1, 2):
         if offload_optimizer:
             return lp_bytes * P, 0.0, 0.0
+        if fp32_grads and stage == 1:
+            return lp_bytes * P, 4.0 * P, (master + 8) * P / N
         lp_grads = lp_bytes * P if (stage == 1 and grad_accum > 1) else lp_bytes * P / N
         return lp_bytes * P, lp_grads + fp32_grad * P / N, (master + 8) * P / N
     live = lp_bytes * largest_layer  # the largest layer's gathered 16-bit params, and its grads
@@ -266,19 +277,26 @@ class Shape:
     gpu_memory: float  # bytes
     cpu_memory: float | None  # bytes per machine; None: unknown, not checked
     nvme_free: float | None
+    # bf16, and zero.fp32_grad_accum on (or left open with one process): the ZeRO-1 candidates without
+    # offload accumulate gradients in fp32 (RunSpec.fp32_grad_accum)
+    fp32_grad_accum: bool = False
 
 
 def estimate(m: ModelInfo, c: Candidate, micro_batch: int, grad_accum: int, s: Shape) -> Strategy:
     P, N, lp = m.num_params, s.world, s.lp
     off_opt, off_par = c.offload_optimizer != "none", c.offload_param != "none"
+    fp32_grads = s.fp32_grad_accum and fp32_grad_accum_possible(c.stage, "bf16", c.offload_optimizer)
     params, grads, optim = model_state_bytes(P, c.stage, N, offload_optimizer=off_opt, offload_param=off_par,
                                              largest_layer=m.largest_layer_params, lp_bytes=lp,
-                                             grad_accum=grad_accum)
+                                             grad_accum=grad_accum, fp32_grads=fp32_grads)
     layers, logits = activation_bytes(m, micro_batch, s.seq_len, lp, c.activation_checkpointing, s.compiled)
     acts = layers + logits
     d: dict[str, float] = {}
     if c.stage == 0:
         d["allreduce_bucket"] = min(P, DS_ALLREDUCE_BUCKET) * lp
+    elif fp32_grads:
+        # engine.buffered_allreduce_fallback flattens the fp32 gradients bucket by bucket (also on one GPU)
+        d["allreduce_bucket"] = min(P, DS_ALLREDUCE_BUCKET) * 4
     elif c.stage in (1, 2):
         d["reduce_buckets"] = (2 if s.overlap_comm else 1) * s.reduce_bucket * lp
         if not off_opt:
@@ -418,6 +436,7 @@ def plan(model: ModelInfo, spec, hardware: Hardware, *, search_micro_batch: bool
         prefetch_bucket=z.stage3_prefetch_bucket_size or 50_000_000, gpu_memory=gpu_memory,
         cpu_memory=hardware.ram_total or None,
         nvme_free=hardware.disk_free.get(nvme_path) if nvme_path else None,
+        fp32_grad_accum=spec.precision == "bf16" and (world == 1 if z.fp32_grad_accum is None else z.fp32_grad_accum),
     )
     tries = _micro_batches(per_gpu, micro, search_micro_batch)
     results: list[Strategy] = []

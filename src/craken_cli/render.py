@@ -81,6 +81,10 @@ def deepspeed_config(spec: RunSpec) -> dict:
         "scheduler": _scheduler(spec),
         "zero_optimization": zero,
     }
+    if spec.fp32_grad_accum:
+        # ZeRO-1 + bf16 then runs DeepSpeed's BF16 optimizer: fp32 gradients accumulated in hooks, no
+        # per-bucket device syncs or flattening copies at the step (1.09x on one H200, zero_lab.py).
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
     if spec.precision == "fp16":
         cfg["fp16"].update(loss_scale=0, initial_scale_power=16, loss_scale_window=1000, hysteresis=2,
                            min_loss_scale=1)
