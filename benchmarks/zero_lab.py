@@ -42,6 +42,8 @@ VARIANTS = {
     "zero1-no-clip": (1, {"gradient_clipping": 0.0}),
     # fp32 gradient accumulation: DeepSpeed then runs ZeRO-1 through its BF16_Optimizer instead
     "zero1-fp32-accum": (1, {"data_types.grad_accum_dtype": "fp32"}),
+    # ... adding each 16-bit gradient into the fp32 ones in a hook as it is produced, then freeing it
+    "zero1-fp32-accum-immediate": (1, {"data_types.grad_accum_dtype": "fp32", "bf16.immediate_grad_update": True}),
     "zero2": (2, {}),
     "zero2-no-overlap": (2, {"zero_optimization.overlap_comm": False}),
     "zero2-fp32-accum": (2, {"data_types.grad_accum_dtype": "fp32"}),

@@ -46,7 +46,10 @@ def runs(tmp_path_factory):
                   "--main-process-port", "29632")
     d_log = train(d, "--num-processes", "2", "--resume", str(c / "checkpoints" / "step_00000012"),
                   "--max-steps", "16", "--main-process-port", "29633")
-    return {"A": a, "B": b, "C": c, "D": d, "c_log": c_log, "d_log": d_log}
+    e = root / "E"  # A's processes, the ZeRO optimizer
+    e_log = train(e, "--num-processes", "2", "--resume", str(a / "checkpoints" / "step_00000008"),
+                  "--set", "zero.fp32_grad_accum=false", "--main-process-port", "29635")
+    return {"A": a, "B": b, "C": c, "D": d, "E": e, "c_log": c_log, "d_log": d_log, "e_log": e_log}
 
 
 def test_bf16_optimizer_trains_and_writes_its_own_checkpoints(runs):
@@ -75,6 +78,10 @@ def test_resume_on_another_number_of_processes_crosses_the_optimizers(runs):
     assert abs(c[9] - a[9]) / a[9] < 0.02, (c[9], a[9])
     assert abs(d[13] - c[12]) / c[12] < 0.05, (d[13], c[12])
     assert d[16] < c[12] < a[1] - 0.5
+    # same processes, the other optimizer: converted too (each optimizer reads only its own files)
+    assert "accumulated in fp32, this run accumulates in 16 bits: converting it to a universal" in runs["e_log"]
+    e = losses(runs["E"])
+    assert min(e) == 9 and abs(e[9] - a[9]) / a[9] < 0.02, (e[9], a[9])
 
 
 def test_export_reads_bf16_optimizer_checkpoints(runs, tmp_path):

@@ -219,33 +219,43 @@ def prepare(request: TrainRequest, environ: Mapping[str, str], hardware=None) ->
 
 
 def convert_if_world_changed(ckpt: Path, spec, warnings: list[str], run_dir: Path, convert: bool = True) -> Path:
-    """A checkpoint from another process count: its universal copy (DeepSpeed's ds_to_universal),
-    made now unless one exists. With `convert` off (--dry-run) only the path it would have."""
+    """A checkpoint from another process count, or from the other ZeRO-1 optimizer (fp32 or 16-bit
+    gradient accumulation: each reads only its own files): its universal copy (DeepSpeed's
+    ds_to_universal), made now unless one exists. With `convert` off (--dry-run) only the path it would have."""
     from . import ckpt_ops
     from .train import checkpoint
 
     state = checkpoint.read_state(ckpt)
-    if state.universal or not state.world_size or state.world_size == spec.world_size:
+    if state.universal or not state.world_size:
         return ckpt
+    why, fix = [], []
+    if state.world_size != spec.world_size:
+        why.append(f"was saved by {state.world_size} processes, this run has {spec.world_size}")
+        fix.append(f"--num-processes {state.world_size}")
+    saved_fp32 = ckpt_ops.written_by_bf16_optimizer(ckpt)
+    if spec.uses_deepspeed and saved_fp32 != spec.fp32_grad_accum:
+        why.append("was saved with gradients accumulated in " + ("fp32, this run accumulates in 16 bits" if saved_fp32
+                                                                 else "16 bits, this run accumulates in fp32"))
+        fix.append(f"--set zero.fp32_grad_accum={str(saved_fp32).lower()}")
+    if not why:
+        return ckpt
+    why = " and ".join(why)
     own = ckpt.parent.resolve() == checkpoint.checkpoint_dir(run_dir).resolve()
     # Into this run's folder, never into another run's.
     out = (ckpt_ops.default_universal_out(ckpt) if own
            else checkpoint.checkpoint_dir(run_dir) / ckpt_ops.UNIVERSAL_DIR / ckpt.name)
     if checkpoint.is_complete(out) and checkpoint.read_state(out).step == state.step:
-        warnings.append(f"{ckpt} was saved by {state.world_size} processes, this run has {spec.world_size}: "
-                        f"resuming from its universal copy {out}")
+        warnings.append(f"{ckpt} {why}: resuming from its universal copy {out}")
         return out
-    warnings.append(f"{ckpt} was saved by {state.world_size} processes, this run has {spec.world_size}: "
-                    f"converting it to a universal checkpoint in {out}")
+    warnings.append(f"{ckpt} {why}: converting it to a universal checkpoint in {out}")
     if not convert:
         return out
     try:
         return ckpt_ops.convert(ckpt, out, force=True)
     except CrakenError as exc:
-        raise CrakenError(f"{ckpt} was saved by {state.world_size} processes and this run has {spec.world_size}; "
-                          f"converting it failed: {exc.problems[0]}; convert it by hand with `craken ckpt convert "
-                          f"{ckpt} --out DIR` and resume with --resume DIR, or resume with --num-processes "
-                          f"{state.world_size}", title="cannot resume") from None
+        raise CrakenError(f"{ckpt} {why}; converting it failed: {exc.problems[0]}; convert it by hand with "
+                          f"`craken ckpt convert {ckpt} --out DIR` and resume with --resume DIR, or resume with "
+                          f"{' '.join(fix)}", title="cannot resume") from None
 
 
 def is_universal(ckpt: Path) -> bool:
