@@ -101,14 +101,15 @@ def test_fp32_accumulation_keeps_fp32_gradients_of_the_whole_model():
                     if x.name == "zero1")
 
     one, two = zero1(1), zero1(2)
-    assert one.grads_gib == pytest.approx(4 * P / GiB) and one.optimizer_gib == pytest.approx(12 * P / GiB)
-    assert "step_flat_grad_copy" not in one.detail and one.detail["allreduce_bucket"] == pytest.approx(4 * 5e8 / GiB)
+    # fp32 gradients beside the 16-bit ones, and the engine's flat fp32 copy for the all-reduce
+    assert one.grads_gib == pytest.approx(6 * P / GiB) and one.optimizer_gib == pytest.approx(12 * P / GiB)
+    assert "step_flat_grad_copy" not in one.detail and one.detail["allreduce_flat_copy"] == pytest.approx(4 * P / GiB)
     assert two.grads_gib == pytest.approx((2 + 4) * P / 2 / GiB)  # the ZeRO optimizer's 16-bit partition
-    assert zero1(2, fp32_grad_accum=True).grads_gib == pytest.approx(4 * P / GiB)
+    assert zero1(2, fp32_grad_accum=True).grads_gib == pytest.approx(6 * P / GiB)
     assert zero1(1, fp32_grad_accum=False).grads_gib == pytest.approx((2 + 4) * P / GiB)
-    # the two optimizers' model states differ by 2 bytes per parameter minus the partitioned fp32 gradient
+    # the two optimizers' model states differ by the fp32 gradients less the partitioned 16-bit + fp32 ones
     assert sum(model_state_bytes(P, 1, 8, fp32_grads=True)) - sum(model_state_bytes(P, 1, 8)) == pytest.approx(
-        4 * P - (2 * P / 8 + 4 * P / 8))
+        6 * P - (2 * P / 8 + 4 * P / 8))
 
 
 # ---------------------------------------------------------------------------------------------

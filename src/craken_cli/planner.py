@@ -10,9 +10,10 @@ The memory model follows what DeepSpeed 0.19.8 allocates (read from its source):
   weights and two fp32 Adam moments, and at the step a flat fp32 copy of all gradients;
   the gradients are all-reduced through a 16-bit bucket of up to 5e8 elements.
 * stage 1 + bf16 with fp32 gradient accumulation (craken's default on one GPU; bf16_optimizer.py): 16-bit
-  params, fp32 gradients of the whole model (each 16-bit gradient is added into them as it is
-  produced and freed), fp32 master + moments partitioned; the engine all-reduces the fp32 gradients
-  through a flat bucket of up to 5e8 elements.
+  params, fp32 gradients of the whole model beside the 16-bit ones (added into them after the
+  backward; the 16-bit ones live until the next backward), fp32 master + moments partitioned; the
+  engine all-reduces the fp32 gradients through a flat copy of each parameter group (one group
+  holds nearly all parameters, more than its 5e8-element bucket, so the copy is whole).
 * stage 1/2 (stage_1_and_2.py): 16-bit params unpartitioned; a 16-bit gradient partition
   (stage 1 with overlap_comm reduces in hooks on the accumulation boundary, so only with
   grad_accum > 1 does it keep every 16-bit gradient); at the step a flat 16-bit copy of the partition
@@ -58,8 +59,10 @@ COMPILED_FRAGMENTATION = 0.25
 # +4.3 GiB at 2 GPUs over 1 GPU with 17.7 GiB of activations. Extra slack share, world size > 1.
 STAGE3_MULTI_GPU_SLACK = 0.24
 # Share of the layer activations (freed at the end of the backward) that ZeRO-1/2's step buffers
-# reuse instead of reserving new memory. Fitted on craken's own ZeRO-1/2 runs (planner_bench, 1 x H100,
-# 160M/1.1B/2.7B, seq 1024/2048: the plain sum over-predicted them by 2.5-16%); docs/planner.md.
+# reuse instead of reserving new memory. Fitted on craken's own eager ZeRO-1/2 runs (planner_bench,
+# 1 x H100, 160M/1.1B/2.7B, seq 1024/2048: the plain sum over-predicted them by 2.5-16%); docs/planner.md.
+# Compiled layers free blocks of inductor's sizes, which the step's flat buffers do not reuse: the
+# compiled ZeRO-1/2 runs (1.1B, mb 16, 1 x H200) were 12.1% under-predicted with the reuse, 2.7% without.
 STEP_REUSE_OF_ACTIVATIONS = 0.35
 CPU_PER_PROCESS_GIB = 3.0  # Python, torch, CUDA host allocations and the data loader of one process
 ACTIVATION_CHECKPOINTING_SPEED = 0.75  # about 1/3 more compute for the recomputed forward
@@ -191,7 +194,7 @@ def model_state_bytes(params: int, stage: int, world: int, *, offload_optimizer:
     Mixed precision (lp_bytes 2) keeps fp32 master weights: 4 + 8 (Adam moments) bytes per
     parameter in the optimizer; the step turns the 16-bit gradient into an fp32 one (4 bytes).
     `fp32_grads` (stage 1, DeepSpeed's BF16 optimizer; its estimators do not know it) keeps the
-    whole model's gradients in fp32 instead.
+    whole model's gradients in fp32 beside the 16-bit ones.
     """
     P, N = params, world
     mixed = lp_bytes < 4
@@ -205,7 +208,7 @@ def model_state_bytes(params: int, stage: int, world: int, *, offload_optimizer:
         if offload_optimizer:
             return lp_bytes * P, 0.0, 0.0
         if fp32_grads and stage == 1:
-            return lp_bytes * P, 4.0 * P, (master + 8) * P / N
+            return lp_bytes * P, (lp_bytes + 4.0) * P, (master + 8) * P / N
         lp_grads = lp_bytes * P if (stage == 1 and grad_accum > 1) else lp_bytes * P / N
         return lp_bytes * P, lp_grads + fp32_grad * P / N, (master + 8) * P / N
     live = lp_bytes * largest_layer  # the largest layer's gathered 16-bit params, and its grads
@@ -295,8 +298,9 @@ def estimate(m: ModelInfo, c: Candidate, micro_batch: int, grad_accum: int, s: S
     if c.stage == 0:
         d["allreduce_bucket"] = min(P, DS_ALLREDUCE_BUCKET) * lp
     elif fp32_grads:
-        # engine.buffered_allreduce_fallback flattens the fp32 gradients bucket by bucket (also on one GPU)
-        d["allreduce_bucket"] = min(P, DS_ALLREDUCE_BUCKET) * 4
+        # engine.buffered_allreduce_fallback flattens the fp32 gradients (also on one GPU); its bucket
+        # closes after the tensor that passes 5e8 elements, here the whole flat group of the weights
+        d["allreduce_flat_copy"] = 4.0 * P
     elif c.stage in (1, 2):
         d["reduce_buckets"] = (2 if s.overlap_comm else 1) * s.reduce_bucket * lp
         if not off_opt:
@@ -305,7 +309,8 @@ def estimate(m: ModelInfo, c: Candidate, micro_batch: int, grad_accum: int, s: S
             # are allocated after the backward freed the activations, and the caching allocator
             # serves part of them from those freed blocks, so the peak is less than the sum.
             step_buffers = (lp + (4 if lp < 4 else 0)) * P / N
-            d["step_reuses_freed_activations"] = -min(step_buffers, STEP_REUSE_OF_ACTIVATIONS * layers)
+            if not s.compiled:
+                d["step_reuses_freed_activations"] = -min(step_buffers, STEP_REUSE_OF_ACTIVATIONS * layers)
         else:
             d["offload_grad_staging"] = lp * m.largest_layer_params
     else:
