@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from .hardware import Hardware
 from .modelinfo import ModelInfo
-from .spec import fp32_grad_accum_possible
+from .spec import fp32_grad_accum_on
 
 GiB = 1024**3
 
@@ -280,15 +280,14 @@ class Shape:
     gpu_memory: float  # bytes
     cpu_memory: float | None  # bytes per machine; None: unknown, not checked
     nvme_free: float | None
-    # bf16, and zero.fp32_grad_accum on (or left open with one process): the ZeRO-1 candidates without
-    # offload accumulate gradients in fp32 (RunSpec.fp32_grad_accum)
-    fp32_grad_accum: bool = False
+    precision: str = "bf16"
+    fp32_grad_accum: bool | None = False  # the spec's zero.fp32_grad_accum (None: craken decides)
 
 
 def estimate(m: ModelInfo, c: Candidate, micro_batch: int, grad_accum: int, s: Shape) -> Strategy:
     P, N, lp = m.num_params, s.world, s.lp
     off_opt, off_par = c.offload_optimizer != "none", c.offload_param != "none"
-    fp32_grads = s.fp32_grad_accum and fp32_grad_accum_possible(c.stage, "bf16", c.offload_optimizer)
+    fp32_grads = fp32_grad_accum_on(s.fp32_grad_accum, c.stage, s.precision, c.offload_optimizer, N)
     params, grads, optim = model_state_bytes(P, c.stage, N, offload_optimizer=off_opt, offload_param=off_par,
                                              largest_layer=m.largest_layer_params, lp_bytes=lp,
                                              grad_accum=grad_accum, fp32_grads=fp32_grads)
@@ -441,7 +440,7 @@ def plan(model: ModelInfo, spec, hardware: Hardware, *, search_micro_batch: bool
         prefetch_bucket=z.stage3_prefetch_bucket_size or 50_000_000, gpu_memory=gpu_memory,
         cpu_memory=hardware.ram_total or None,
         nvme_free=hardware.disk_free.get(nvme_path) if nvme_path else None,
-        fp32_grad_accum=spec.precision == "bf16" and (world == 1 if z.fp32_grad_accum is None else z.fp32_grad_accum),
+        precision=spec.precision, fp32_grad_accum=z.fp32_grad_accum,
     )
     tries = _micro_batches(per_gpu, micro, search_micro_batch)
     results: list[Strategy] = []

@@ -145,7 +145,7 @@ class ZeroSection(Section):
     allgather_bucket_size: Count = Field(500_000_000, gt=0, description="Elements gathered at once (stage 1-2).")
     fp32_grad_accum: bool | None = Field(
         None, description="Accumulate gradients in fp32 through DeepSpeed's BF16 optimizer: exact over any number "
-        "of accumulation steps and faster on one GPU (ZeRO-1 1.09x on one H200, docs/performance.md), for 2 more "
+        "of accumulation steps and faster on one GPU (ZeRO-1 1.07x on one H200, docs/performance.md), for 2 more "
         "bytes per parameter on each GPU. ZeRO-1 with bf16 and no optimizer offload only. None: on with one "
         "process; with several it all-reduces fp32 gradients after the backward (4x the bytes of the 16-bit "
         "reduce-scatter, not overlapped), not measured on GPUs, so off."
@@ -256,10 +256,8 @@ class RunSpec(Section):
     @property
     def fp32_grad_accum(self) -> bool:
         """Whether DeepSpeed accumulates gradients in fp32 (its BF16 optimizer); needs a resolved precision."""
-        if self.zero.fp32_grad_accum is not None:
-            return self.zero.fp32_grad_accum
-        return self.world_size == 1 and fp32_grad_accum_possible(self.zero.stage, self.precision,
-                                                                  self.offload.optimizer.device)
+        return fp32_grad_accum_on(self.zero.fp32_grad_accum, self.zero.stage, self.precision,
+                                  self.offload.optimizer.device, self.world_size)
 
     @property
     def world_size(self) -> int:
@@ -281,6 +279,13 @@ def fp32_grad_accum_possible(stage: int, precision: str, offload_optimizer: str)
     `_do_optimizer_sanity_check`): ZeRO-1, bf16 weights, optimizer states on the GPU. Elsewhere the
     setting would reach the ZeRO optimizer's fp32-gradient path, which craken has not measured."""
     return stage == 1 and precision == "bf16" and offload_optimizer == "none"
+
+
+def fp32_grad_accum_on(setting: bool | None, stage: int, precision: str, offload_optimizer: str, world: int) -> bool:
+    """zero.fp32_grad_accum as it applies to one strategy: the user's setting where DeepSpeed can use it,
+    else on with one process, the only process count it was measured faster with."""
+    possible = fp32_grad_accum_possible(stage, precision, offload_optimizer)
+    return possible and (world == 1 if setting is None else setting)
 
 
 def cross_field_problems(spec: RunSpec) -> list[str]:

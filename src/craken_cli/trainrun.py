@@ -239,21 +239,21 @@ def convert_if_world_changed(ckpt: Path, spec, warnings: list[str], run_dir: Pat
         fix.append(f"--set zero.fp32_grad_accum={str(saved_fp32).lower()}")
     if not why:
         return ckpt
-    why = " and ".join(why)
+    reason = " and ".join(why)
     own = ckpt.parent.resolve() == checkpoint.checkpoint_dir(run_dir).resolve()
     # Into this run's folder, never into another run's.
     out = (ckpt_ops.default_universal_out(ckpt) if own
            else checkpoint.checkpoint_dir(run_dir) / ckpt_ops.UNIVERSAL_DIR / ckpt.name)
     if checkpoint.is_complete(out) and checkpoint.read_state(out).step == state.step:
-        warnings.append(f"{ckpt} {why}: resuming from its universal copy {out}")
+        warnings.append(f"{ckpt} {reason}: resuming from its universal copy {out}")
         return out
-    warnings.append(f"{ckpt} {why}: converting it to a universal checkpoint in {out}")
+    warnings.append(f"{ckpt} {reason}: converting it to a universal checkpoint in {out}")
     if not convert:
         return out
     try:
         return ckpt_ops.convert(ckpt, out, force=True)
     except CrakenError as exc:
-        raise CrakenError(f"{ckpt} {why}; converting it failed: {exc.problems[0]}; convert it by hand with "
+        raise CrakenError(f"{ckpt} {reason}; converting it failed: {exc.problems[0]}; convert it by hand with "
                           f"`craken ckpt convert {ckpt} --out DIR` and resume with --resume DIR, or resume with "
                           f"{' '.join(fix)}", title="cannot resume") from None
 
