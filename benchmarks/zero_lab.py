@@ -51,6 +51,10 @@ VARIANTS = {
     "zero2-no-overlap-one-bucket": (2, {"zero_optimization.overlap_comm": False,
                                         "zero_optimization.reduce_bucket_size": 2_000_000_000}),
     "zero2-no-reduce-scatter": (2, {"zero_optimization.reduce_scatter": False}),
+    # bf16.check_grad_overflow (DeepSpeed's default: on): amax/amin of every gradient and a host sync per step
+    "zero2-no-overflow-check": (2, {"bf16.check_grad_overflow": False}),
+    "zero2-no-overflow-check-no-overlap": (2, {"bf16.check_grad_overflow": False,
+                                               "zero_optimization.overlap_comm": False}),
 }
 SYNC_CALLS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize", "cudaMemcpyAsync")
 
