@@ -315,12 +315,19 @@ class Trainer:
                 step += 1
                 self.step = step
                 interval_steps += 1
-                # Every `check_every` steps one small all-reduce (and the only host sync besides logging):
-                # a stop request on any process, or a non-finite loss, stops all processes at one step.
+                # Every `check_every` steps, and before every checkpoint, one small all-reduce (and the only
+                # host sync besides logging): a stop request on any process, or a non-finite loss or gradient
+                # norm, stops all processes at one step. The gradient norm is what keeps a checkpoint from
+                # holding weights a non-finite update has just reached: DeepSpeed's own bf16 overflow check
+                # is off unless on_nonfinite is skip (render.deepspeed_config).
                 flags = [0.0, 0.0]
-                if step % check_every == 0 or step >= spec.train.max_steps or step == 1:
-                    flags = torch.stack([torch.tensor(float(stop.signum != 0), device=device),
-                                         (~torch.isfinite(loss_sum)).float()])
+                saves_now = spec.train.save_every and step % spec.train.save_every == 0
+                if step % check_every == 0 or step >= spec.train.max_steps or step == 1 or saves_now:
+                    norm = grad_norm if plain else model.get_global_grad_norm()
+                    bad = ~torch.isfinite(loss_sum)
+                    if norm is not None:
+                        bad = bad | ~torch.isfinite(torch.as_tensor(norm, dtype=torch.float32, device=device))
+                    flags = torch.stack([torch.tensor(float(stop.signum != 0), device=device), bad.float()])
                     flags = accelerator.reduce(flags, reduction="sum").tolist()
                 if first_step_s is None:
                     first_step_s = time.time() - PROCESS_START
@@ -334,7 +341,7 @@ class Trainer:
                     break
                 if flags[1]:  # skip: DeepSpeed already skipped the update (non-finite gradient norm)
                     if is_main:
-                        progress.log(f"step {step}: non-finite loss, update skipped (on_nonfinite=skip)")
+                        progress.log(f"step {step}: non-finite loss or gradient norm, update skipped (on_nonfinite=skip)")
                     loss_sum.zero_()
                     loss_count = 0
                 log_now = step % spec.logging.steps_per_print == 0 or step == spec.train.max_steps
@@ -468,7 +475,7 @@ def strategy_name(spec) -> str:
 
 
 def nonfinite_advice(step: int, last: dict, spec) -> str:
-    return (f"craken: non-finite loss at step {step} (last finite loss {last.get('loss')}, lr {last.get('lr')}, "
+    return (f"craken: non-finite loss or gradient norm at step {step} (last finite loss {last.get('loss')}, lr {last.get('lr')}, "
             f"grad norm {last.get('grad_norm')}). Lower --lr (now {spec.optimizer.lr:g}), keep gradient clipping on "
             f"(--clip, now {spec.optimizer.clip:g}), prefer bf16 over fp16, or set --set train.on_nonfinite=skip "
             "to skip such steps. Resume from the last checkpoint with --resume auto.")
