@@ -377,12 +377,20 @@ def test_world_change_dry_run_converts_nothing(tmp_path):
 
     ckpt = _fake_checkpoint(tmp_path, 4, world=2)
     warnings: list[str] = []
-    out = convert_if_world_changed(ckpt, SimpleNamespace(world_size=1), warnings, tmp_path, convert=False)
+    def zero2(world):
+        return SimpleNamespace(world_size=world, uses_deepspeed=True, fp32_grad_accum=False)
+
+    out = convert_if_world_changed(ckpt, zero2(1), warnings, tmp_path, convert=False)
     assert out == tmp_path / "checkpoints" / "universal" / ckpt.name and not out.exists()
     assert "saved by 2 processes, this run has 1" in warnings[0]
     assert is_universal(out)
-    same = convert_if_world_changed(ckpt, SimpleNamespace(world_size=2), [], tmp_path)
+    same = convert_if_world_changed(ckpt, zero2(2), [], tmp_path)
     assert same == ckpt
+    # the same processes with DeepSpeed's other ZeRO-1 optimizer: converted too
+    fp32 = SimpleNamespace(world_size=2, uses_deepspeed=True, fp32_grad_accum=True)
+    warnings = []
+    assert convert_if_world_changed(ckpt, fp32, warnings, tmp_path, convert=False) == out
+    assert "accumulated in 16 bits, this run accumulates in fp32: converting it" in warnings[0]
     files = with_universal_load({"ds_config.json": json.dumps({"train_batch_size": 16})})
     assert json.loads(files["ds_config.json"])["checkpoint"] == {"load_universal": True}
 

@@ -198,17 +198,13 @@ def _universal_state_dict(ckpt: Path) -> dict:
     return out
 
 
-def written_by_bf16_optimizer(ckpt: Path) -> bool:
-    """Whether DeepSpeed's BF16 optimizer (ZeRO-1 with zero.fp32_grad_accum) wrote these shards."""
-    return any((Path(ckpt) / ck.SHARDS).glob("bf16_zero_pp_rank_*_optim_states.pt"))
-
-
 def fp32_state_dict(ckpt: Path, state: ck.TrainState) -> dict:
     """The full fp32 weights, gathered from the ZeRO shards of every process (stage 1, 2 and 3)."""
     if state.universal:
         return _universal_state_dict(ckpt)
-    if written_by_bf16_optimizer(ckpt):
-        # zero_to_fp32 reads only the ZeRO optimizer's files, the universal converter reads both.
+    if state.fp32_grad_accum:
+        # DeepSpeed's BF16 optimizer wrote it: zero_to_fp32 reads only the ZeRO optimizer's files, the
+        # universal converter reads both.
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="craken-export-") as tmp:

@@ -232,7 +232,7 @@ def convert_if_world_changed(ckpt: Path, spec, warnings: list[str], run_dir: Pat
     if state.world_size != spec.world_size:
         why.append(f"was saved by {state.world_size} processes, this run has {spec.world_size}")
         fix.append(f"--num-processes {state.world_size}")
-    saved_fp32 = ckpt_ops.written_by_bf16_optimizer(ckpt)
+    saved_fp32 = state.fp32_grad_accum
     if spec.uses_deepspeed and saved_fp32 != spec.fp32_grad_accum:
         why.append("was saved with gradients accumulated in " + ("fp32, this run accumulates in 16 bits" if saved_fp32
                                                                  else "16 bits, this run accumulates in fp32"))

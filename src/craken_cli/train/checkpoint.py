@@ -44,6 +44,9 @@ class TrainState:
     world_size: int = 0
     universal: bool = False  # converted by ds_to_universal: load with "load_universal"
     converted_from: str | None = None
+    # written by DeepSpeed's BF16 optimizer (ZeRO-1, zero.fp32_grad_accum), whose files only it and the
+    # universal converter read; its file names alone do not tell (every bf16 run writes bf16_zero_*)
+    fp32_grad_accum: bool = False
     files: dict[str, int] = field(default_factory=dict)  # manifest: relative path -> size in bytes
 
     @classmethod
@@ -211,7 +214,8 @@ def save(accelerator, run_dir: Path, state: TrainState, keep: int) -> Path:
     if accelerator.is_main_process:
         if (run_dir / META_DIR).is_dir():
             shutil.copytree(run_dir / META_DIR, tmp / CKPT_META)
-        write_state(tmp, TrainState(state.step, state.epoch, state.batch_in_epoch, accelerator.num_processes))
+        write_state(tmp, TrainState(state.step, state.epoch, state.batch_in_epoch, accelerator.num_processes,
+                                    fp32_grad_accum=state.fp32_grad_accum))
         _fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)

@@ -186,6 +186,7 @@ class Trainer:
         groups = [{"params": decay, "weight_decay": spec.optimizer.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
         plain = not spec.uses_deepspeed
+        fp32_grad_accum = not plain and spec.fp32_grad_accum  # which DeepSpeed optimizer writes the checkpoints
         if plain:
             # No DeepSpeed: torch's fused AdamW on fp32 weights under bf16 autocast, the schedule
             # stepped here once per optimizer step (accelerate would step it once per process).
@@ -372,7 +373,8 @@ class Trainer:
                     loss_count = 0
                     interval_start = time.time()
                     interval_steps = 0
-                state = checkpoint.TrainState(step=step, epoch=epoch, batch_in_epoch=micro_in_epoch)
+                state = checkpoint.TrainState(step=step, epoch=epoch, batch_in_epoch=micro_in_epoch,
+                                              fp32_grad_accum=fp32_grad_accum)
                 if spec.train.eval_every and step % spec.train.eval_every == 0 and step != spec.train.max_steps:
                     log_eval(step)
                 if flags[0]:
