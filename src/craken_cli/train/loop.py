@@ -186,7 +186,7 @@ class Trainer:
         groups = [{"params": decay, "weight_decay": spec.optimizer.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
         plain = not spec.uses_deepspeed
-        fp32_grad_accum = not plain and spec.fp32_grad_accum  # which DeepSpeed optimizer writes the checkpoints
+        fp32_grad_accum = spec.fp32_grad_accum  # which DeepSpeed optimizer writes the checkpoints
         if plain:
             # No DeepSpeed: torch's fused AdamW on fp32 weights under bf16 autocast, the schedule
             # stepped here once per optimizer step (accelerate would step it once per process).
@@ -342,7 +342,8 @@ class Trainer:
                     break
                 if flags[1]:  # skip: DeepSpeed already skipped the update (non-finite gradient norm)
                     if is_main:
-                        progress.log(f"step {step}: non-finite loss or gradient norm, update skipped (on_nonfinite=skip)")
+                        progress.log(f"step {step}: non-finite loss or gradient norm, update skipped "
+                                     "(on_nonfinite=skip)")
                     loss_sum.zero_()
                     loss_count = 0
                 log_now = step % spec.logging.steps_per_print == 0 or step == spec.train.max_steps
@@ -477,8 +478,8 @@ def strategy_name(spec) -> str:
 
 
 def nonfinite_advice(step: int, last: dict, spec) -> str:
-    return (f"craken: non-finite loss or gradient norm at step {step} (last finite loss {last.get('loss')}, lr {last.get('lr')}, "
-            f"grad norm {last.get('grad_norm')}). Lower --lr (now {spec.optimizer.lr:g}), keep gradient clipping on "
+    return (f"craken: non-finite loss or gradient norm at step {step} (last finite loss {last.get('loss')}, "
+            f"lr {last.get('lr')}, grad norm {last.get('grad_norm')}). Lower --lr (now {spec.optimizer.lr:g}), keep gradient clipping on "
             f"(--clip, now {spec.optimizer.clip:g}), prefer bf16 over fp16, or set --set train.on_nonfinite=skip "
             "to skip such steps. Resume from the last checkpoint with --resume auto.")
 
