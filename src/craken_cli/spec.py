@@ -133,7 +133,8 @@ class TrainSection(Section):
         True, description="Save a last checkpoint and the final/ model at the end (off: benchmarks, throwaway runs)."
     )
     on_nonfinite: Literal["stop", "skip"] = Field(
-        "stop", description="On a NaN/Inf loss: stop with advice, or skip the step."
+        "stop", description="On a NaN/Inf loss or gradient norm: stop with advice (checked every few steps and "
+        "before every checkpoint), or skip the step (DeepSpeed's bf16 overflow check then drops it)."
     )
 
 
