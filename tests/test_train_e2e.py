@@ -195,3 +195,31 @@ def test_no_zero_runs_without_deepspeed(tmp_path, monkeypatch):
     lrs = [r["lr"] for r in records if "lr" in r]
     assert lrs[-1] == pytest.approx(3e-3 * 0.1)  # warm-up then cosine to min_lr_ratio, as DeepSpeed's schedule
     assert_reload_matches(run_dir, atol=0.1)
+
+
+def test_nonfinite_stops_with_exit_3_and_no_checkpoint_after_it(tmp_path):
+    """A learning rate of 1e30 drives the weights past bf16's range within a few steps. DeepSpeed's own
+    overflow check is off (render), so craken's loop must stop the run itself, before any checkpoint of
+    those weights, and report its own exit code, not the launcher's 1."""
+    import torch
+
+    from craken_cli.train import checkpoint
+
+    result = craken("train", "--zero", "2", "--offload-optimizer", "none", "--lr", "1e30", "--max-steps", "20",
+                    "--save-every", "1", "--steps-per-print", "5", "--eval-every", "0", "--seq-len", "32",
+                    "--micro-batch", "8", "--global-batch", "16", "--name", "nan",
+                    "--set", "cluster.main_process_port=29617", cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 3, output[-3000:]
+    run_dir = tmp_path / "runs" / "nan"
+    stop = next(r for r in metrics(run_dir) if r.get("event") == "nonfinite")["step"]
+    assert f"non-finite loss or gradient norm at step {stop}" in output
+    assert f"stopped at step {stop} on a non-finite loss or gradient norm" in output
+    saved = [checkpoint.read_state(p).step for p in checkpoint.list_checkpoints(run_dir)]
+    assert saved and max(saved) < stop and not (run_dir / "final").exists()
+    export = craken("ckpt", "export", str(run_dir), "--out", str(tmp_path / "exported"), cwd=tmp_path)
+    assert export.returncode == 0, export.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    weights = load_file(tmp_path / "exported" / "model.safetensors")
+    assert weights and all(torch.isfinite(w).all() for w in weights.values())

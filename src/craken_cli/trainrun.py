@@ -309,30 +309,34 @@ def execute(prepared: Prepared) -> int:
         healthy, message = test_health(metrics) if code == 0 else (False, f"the run exited with code {code}")
         err.print(("[green]test training healthy:[/] " if healthy else "[red]test training failed:[/] ") + message)
         return 0 if healthy else (code or 1)
-    stopped = stopped_by_signal(metrics, offset) if code != 0 else None
-    if stopped is not None:
-        # torchrun reports a signal as a failure (exit 1, a SignalException traceback); the workers
-        # finished their step and saved a checkpoint: say so, and exit 143 (SIGTERM) / 130 (SIGINT).
-        step, code = stopped
-        err.print(f"craken: stopped by a signal at step {step}; its checkpoint is saved. Resume with: craken train "
-                  f"--config {prepared.run_dir / 'run.yaml'} --resume auto", markup=False)
+    from .train.loop import NONFINITE_EXIT
+
+    # torchrun reports any worker exit as 1; the workers' own code is in the metrics' end line.
+    end = last_end_event(metrics, offset) if code != 0 else {}
+    if end.get("exit_code") in (130, 143):
+        # A signal (torchrun adds a SignalException traceback); the workers finished their step and
+        # saved a checkpoint: say so, and exit 143 (SIGTERM) / 130 (SIGINT).
+        code = end["exit_code"]
+        err.print(f"craken: stopped by a signal at step {end.get('steps')}; its checkpoint is saved. Resume with: "
+                  f"craken train --config {prepared.run_dir / 'run.yaml'} --resume auto", markup=False)
+    elif end.get("exit_code") == NONFINITE_EXIT:
+        code = NONFINITE_EXIT
+        err.print(f"craken: stopped at step {end.get('steps')} on a non-finite loss or gradient norm (advice above); "
+                  "no checkpoint was written after it", markup=False)
     elif code != 0:
         err.print(f"[red]craken: training exited with code {code}[/]; run folder: {prepared.run_dir}")
     return code
 
 
-def stopped_by_signal(metrics: Path, offset: int = 0) -> tuple[int, int] | None:
-    """(step, exit code) when this launch (metrics written after `offset`) ended on SIGTERM/SIGINT
-    after checkpointing."""
+def last_end_event(metrics: Path, offset: int = 0) -> dict:
+    """The end line of this launch (metrics written after `offset`), or {} when it wrote none."""
     try:
         with open(metrics, "rb") as fh:
             fh.seek(offset)
             last = json.loads(fh.read().decode().strip().splitlines()[-1])
     except (OSError, ValueError, IndexError):
-        return None
-    if last.get("event") == "end" and last.get("exit_code") in (130, 143):
-        return last.get("steps"), last["exit_code"]
-    return None
+        return {}
+    return last if last.get("event") == "end" else {}
 
 
 def oom_step(prepared: Prepared) -> int | None:

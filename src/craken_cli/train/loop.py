@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 PROCESS_START = time.time()
+NONFINITE_EXIT = 3  # a non-finite loss or gradient norm stopped the run (train.on_nonfinite=stop)
 
 # Dense bf16 peak of common GPUs, for MFU (datasheet, without sparsity).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0,
@@ -337,7 +338,7 @@ class Trainer:
                         msg = nonfinite_advice(step, last_good, spec)
                         progress.log(msg)
                         write({"event": "nonfinite", "step": step, "message": msg})
-                    exit_code = 3
+                    exit_code = NONFINITE_EXIT
                     done = True
                     break
                 if flags[1]:  # skip: DeepSpeed already skipped the update (non-finite gradient norm)
