@@ -143,3 +143,16 @@ def test_start_up_imports_no_heavy_library(command, tmp_path, python):
 
 
 # Start-up speed is a benchmark (benchmarks/startup.py -> docs/performance.md), not a timed unit test.
+
+
+def test_validate_says_which_deepspeed_bf16_keys_craken_sets_itself(craken, workdir):
+    (workdir / "ds.json").write_text(json.dumps({
+        "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "zero_optimization": {"stage": 2},
+        "bf16": {"enabled": True, "check_grad_overflow": True, "immediate_grad_update": True}}))
+    result = craken("config", "validate", "ds.json", "--num-processes", "2")
+    assert result.code == 0, result.output
+    assert "note: ds.json: bf16.check_grad_overflow is not imported" in result.out
+    assert "train.on_nonfinite=skip" in result.out and "bf16.immediate_grad_update is not imported" in result.out
+    # craken's own rendered file says nothing of the kind
+    assert craken("config", "render", "--out", "cfg", "--zero", "2", "--cpu", "--num-processes", "2").code == 0
+    assert "note:" not in craken("config", "validate", "cfg/ds_config.json").out

@@ -130,6 +130,14 @@ def from_deepspeed(cfg: dict, origin: str = "ds_config.json") -> Imported:
             out.problems.append(f"{origin}: {prec}.enabled is {flag!r}: write true or false")
             continue
         enabled[prec] = bool(flag)
+    bf16 = cfg.get("bf16") if isinstance(cfg.get("bf16"), dict) else {}
+    if bf16.get("check_grad_overflow") is True:
+        out.notes.append(f"{origin}: bf16.check_grad_overflow is not imported: craken renders it off (its loop "
+                         "checks the loss and gradient norm before every checkpoint, 4% faster ZeRO-2) and on only "
+                         "with --set train.on_nonfinite=skip, where DeepSpeed must drop non-finite steps")
+    if bf16.get("immediate_grad_update") is True:
+        out.notes.append(f"{origin}: bf16.immediate_grad_update is not imported: it saved no time on one H200 "
+                         "(docs/performance.md), and craken leaves it at DeepSpeed's default (off)")
     if enabled.get("bf16") and enabled.get("fp16"):
         out.problems.append(f"{origin}: bf16.enabled and fp16.enabled are both true: keep one")
     elif enabled.get("bf16"):

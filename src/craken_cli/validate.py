@@ -43,6 +43,7 @@ def validate_files(files: list[Path], num_processes: int | None = None) -> Repor
         if Path(path).suffix == ".json":
             imported = from_deepspeed(data, origin=Path(path).name)
             report.problems += imported.problems
+            report.notes += imported.notes
             ds_values, ds_name = imported.values, Path(path).name
             if not imported.problems:
                 for_parser.append((data, ds_name))
