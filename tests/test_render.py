@@ -248,10 +248,17 @@ def test_fp32_grad_accum_elsewhere_is_refused_and_writes_nothing(craken, workdir
 
 
 def test_imported_grad_accum_dtype_round_trips():
-    values = importers.from_deepspeed({"data_types": {"grad_accum_dtype": "fp32"}}).values
-    assert values == {"zero.fp32_grad_accum": True}
+    zero1 = {"zero_optimization": {"stage": 1}}
+    values = importers.from_deepspeed({**zero1, "data_types": {"grad_accum_dtype": "fp32"}}).values
+    assert values == {"zero.stage": 1, "zero.fp32_grad_accum": True}
     assert importers.from_deepspeed({"data_types": {"grad_accum_dtype": "bf16"}}).values == {
         "zero.fp32_grad_accum": False}
+    # fp32 at another stage: a working hand-kept JSON stays valid, and the note says what craken renders
+    zero2 = importers.from_deepspeed({"zero_optimization": {"stage": 2}, "data_types": {"grad_accum_dtype": "fp32"}})
+    assert zero2.values == {"zero.stage": 2} and not zero2.problems
+    assert zero2.notes == ["ds_config.json: data_types.grad_accum_dtype fp32 is not imported: craken accumulates in "
+                           "fp32 only with ZeRO-1 and no optimizer offload (DeepSpeed's BF16 optimizer); this run's "
+                           "gradients accumulate in 16 bits"]
     problems = importers.from_deepspeed({"data_types": {"grad_accum_dtype": "float"}}).problems
     assert problems == ["ds_config.json: data_types.grad_accum_dtype 'float': use fp32, bf16 or fp16"]
 
