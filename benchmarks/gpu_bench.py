@@ -4,6 +4,8 @@
     python3 benchmarks/gpu_bench.py --grid two-gpu --out $OUT        # 2 GPUs (+ two "machines" over NCCL)
     python3 benchmarks/gpu_bench.py --grid zero-ratio --out $OUT     # craken ZeRO-1/2 vs its no-ZeRO mode, 1 GPU
     python3 benchmarks/gpu_bench.py --grid shapes --out $OUT         # 350M and 3B (seq 4096): --auto vs hand
+    python3 benchmarks/gpu_bench.py --grid two-gpu-shapes --out $OUT # the same on 2 GPUs
+    python3 benchmarks/gpu_bench.py --grid two-gpu-zero1 --out $OUT  # ZeRO-1 with/without fp32 accumulation, 2 GPUs
 
 Every run is a real launch (`craken train ...` or `accelerate launch benchmarks/handwritten_train.py`)
 on a Llama-shaped model built from a config (random weights, nothing downloaded). tokens/s are
@@ -168,6 +170,32 @@ def main() -> int:
             hand_run("hand-plain-mb2-3b-s4096", m3b, out, 4096, 8, "plain", 2),
             hand_run("hand-zero2-mb1-3b-s4096", m3b, out, 4096, 8, "zero2", 1),
             craken_run("craken-auto-gb8-3b-s4096", m3b, out, 4096, 24, "--auto", "--global-batch", "8"),
+        ]
+    elif args.grid == "two-gpu-shapes":
+        # issue 8 on 2 GPUs: --auto against the fastest hand-written entries for the 350M and 3B shapes.
+        m350 = write_config(work / "llama-350m", "llama-350m")
+        m3b = write_config(work / "llama-3b", "llama-3b")
+        runs += [
+            hand_run("hand-ddp-mb4-350m-2gpu", m350, out, 2048, 16, "plain", 4, gpus=2),
+            craken_run("craken-auto-gb64-350m-2gpu", m350, out, 2048, 40, "--auto", "--global-batch", "64", gpus=2,
+                       port=29621),
+            hand_run("hand-ddp-mb2-3b-s4096-2gpu", m3b, out, 4096, 8, "plain", 2, gpus=2),
+            craken_run("craken-auto-gb16-3b-s4096-2gpu", m3b, out, 4096, 24, "--auto", "--global-batch", "16",
+                       gpus=2, port=29622),
+        ]
+    elif args.grid == "two-gpu-zero1":
+        # Whether fp32 gradient accumulation (DeepSpeed's BF16 optimizer, off by default with several
+        # processes) is also faster on 2 GPUs: craken's ZeRO-1 with and without it, and its no-ZeRO mode.
+        runs += [
+            craken_run("craken-auto-gb32-2gpu", m11, out, 2048, 40, "--auto", "--global-batch", "32", gpus=2,
+                       port=29623),
+            craken_run("craken-zero1-auto-gb32-2gpu", m11, out, 2048, 40, "--auto", "--zero", "1",
+                       "--offload-optimizer", "none", "--global-batch", "32", gpus=2, port=29624),
+            craken_run("craken-zero1-fp32-accum-auto-gb32-2gpu", m11, out, 2048, 40, "--auto", "--zero", "1",
+                       "--offload-optimizer", "none", "--global-batch", "32", "--set", "zero.fp32_grad_accum=true",
+                       gpus=2, port=29625),
+            craken_run("craken-zero2-auto-gb32-2gpu", m11, out, 2048, 40, "--auto", "--zero", "2",
+                       "--offload-optimizer", "none", "--global-batch", "32", gpus=2, port=29626),
         ]
     elif args.grid == "two-gpu":
         runs += [
