@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CrakenError
+from .spec import fp32_grad_accum_possible
 
 PRESETS = {1: "ds_zero1_config.json", 2: "ds_zero2_config.json", 3: "ds_zero3_config.json"}
 
@@ -168,11 +169,12 @@ def from_deepspeed(cfg: dict, origin: str = "ds_config.json") -> Imported:
         elif key not in _ZERO_IGNORED:
             out.problems.append(f"{origin}: unknown key '{kp}': remove it")
 
-    accum = (cfg.get("data_types") or {}).get("grad_accum_dtype") if isinstance(cfg.get("data_types"), dict) else None
+    data_types = cfg.get("data_types")
+    accum = data_types.get("grad_accum_dtype") if isinstance(data_types, dict) else None
     if accum is not None and accum not in ("fp32", "bf16", "fp16"):
         out.problems.append(f"{origin}: data_types.grad_accum_dtype {accum!r}: use fp32, bf16 or fp16")
-    elif accum == "fp32" and (out.values.get("zero.stage") != 1 or out.values.get("offload.optimizer.device",
-                                                                                  "none") != "none"):
+    elif accum == "fp32" and not fp32_grad_accum_possible(out.values.get("zero.stage"), "bf16",
+                                                          out.values.get("offload.optimizer.device", "none")):
         # DeepSpeed would accumulate in fp32 there too, through a path craken has not measured: not refused
         # (a working hand-kept JSON stays valid), not imported, and said so.
         out.notes.append(f"{origin}: data_types.grad_accum_dtype fp32 is not imported: craken accumulates in fp32 "

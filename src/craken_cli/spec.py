@@ -148,8 +148,8 @@ class ZeroSection(Section):
         None, description="Accumulate gradients in fp32 through DeepSpeed's BF16 optimizer: exact over any number "
         "of accumulation steps and faster on one GPU (ZeRO-1 1.07x on one H200, docs/performance.md), for more "
         "memory: each GPU keeps the whole model's gradients in 16 and 32 bits (6 bytes per parameter, 6/N with the "
-        "ZeRO optimizer; 1.3 GiB more for 1.1B on one GPU). ZeRO-1 with bf16 and no optimizer offload only. None: on with one "
-        "process; with several it all-reduces fp32 gradients after the backward (4x the bytes of the 16-bit "
+        "ZeRO optimizer; 1.3 GiB more for 1.1B on one GPU). ZeRO-1 with bf16 and no optimizer offload only. "
+        "None: on with one process; with several it all-reduces fp32 gradients after the backward (4x the bytes of the 16-bit "
         "reduce-scatter, not overlapped), not measured on GPUs, so off."
     )
     stage3_prefetch_bucket_size: Count | None = Field(
