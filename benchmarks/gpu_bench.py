@@ -3,6 +3,7 @@
     python3 benchmarks/gpu_bench.py --grid one-gpu --out $OUT        # 1 GPU
     python3 benchmarks/gpu_bench.py --grid two-gpu --out $OUT        # 2 GPUs (+ two "machines" over NCCL)
     python3 benchmarks/gpu_bench.py --grid zero-ratio --out $OUT     # craken ZeRO-1/2 vs its no-ZeRO mode, 1 GPU
+    python3 benchmarks/gpu_bench.py --grid zero-ratio-repeat --out $OUT  # the same, 100 steps, no ZeRO first and last
     python3 benchmarks/gpu_bench.py --grid shapes --out $OUT         # 350M and 3B (seq 4096): --auto vs hand
     python3 benchmarks/gpu_bench.py --grid two-gpu-shapes --out $OUT # the same on 2 GPUs
     python3 benchmarks/gpu_bench.py --grid two-gpu-zero1 --out $OUT  # ZeRO-1 with/without fp32 accumulation, 2 GPUs
@@ -157,6 +158,19 @@ def main() -> int:
             # ZeRO-1 through DeepSpeed's ZeRO optimizer (16-bit gradients), the default before 2026-12-01
             craken_run("craken-zero1-16bit-grads-auto-gb16", m11, out, 2048, 40, "--auto", "--zero", "1",
                        "--offload-optimizer", "none", "--global-batch", "16", "--set", "zero.fp32_grad_accum=false"),
+        ]
+    elif args.grid == "zero-ratio-repeat":
+        # The zero-ratio rows again with 100 steps each, no ZeRO measured first and last (to see the
+        # machine's drift across the call), and ZeRO-2 with DeepSpeed's bf16 overflow check kept on
+        # (train.on_nonfinite=skip), which measures that lever in craken train itself.
+        zero_flags = ("--offload-optimizer", "none", "--global-batch", "16")
+        runs += [
+            craken_run("craken-auto-gb16", m11, out, 2048, 100, "--auto", "--global-batch", "16"),
+            craken_run("craken-zero2-auto-gb16", m11, out, 2048, 100, "--auto", "--zero", "2", *zero_flags),
+            craken_run("craken-zero1-auto-gb16", m11, out, 2048, 100, "--auto", "--zero", "1", *zero_flags),
+            craken_run("craken-zero2-overflow-check-auto-gb16", m11, out, 2048, 100, "--auto", "--zero", "2",
+                       *zero_flags, "--set", "train.on_nonfinite=skip"),
+            craken_run("craken-auto-gb16-again", m11, out, 2048, 100, "--auto", "--global-batch", "16"),
         ]
     elif args.grid == "shapes":
         # --auto against the two fastest hand-written entries that fit, for the 350M and the 3B shape.
