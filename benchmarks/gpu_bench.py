@@ -4,6 +4,7 @@
     python3 benchmarks/gpu_bench.py --grid two-gpu --out $OUT        # 2 GPUs (+ two "machines" over NCCL)
     python3 benchmarks/gpu_bench.py --grid zero-ratio --out $OUT     # craken ZeRO-1/2 vs its no-ZeRO mode, 1 GPU
     python3 benchmarks/gpu_bench.py --grid zero-ratio-repeat --out $OUT  # the same, 100 steps, no ZeRO first and last
+    python3 benchmarks/gpu_bench.py --grid one-gpu-rest --out $OUT   # ZeRO-3, ZeRO-2 + offload, ZeRO-1: craken vs hand
     python3 benchmarks/gpu_bench.py --grid shapes --out $OUT         # 350M and 3B (seq 4096): --auto vs hand
     python3 benchmarks/gpu_bench.py --grid two-gpu-shapes --out $OUT # the same on 2 GPUs
     python3 benchmarks/gpu_bench.py --grid two-gpu-zero1 --out $OUT  # ZeRO-1 with/without fp32 accumulation, 2 GPUs
@@ -171,6 +172,21 @@ def main() -> int:
             craken_run("craken-zero2-overflow-check-auto-gb16", m11, out, 2048, 100, "--auto", "--zero", "2",
                        *zero_flags, "--set", "train.on_nonfinite=skip"),
             craken_run("craken-auto-gb16-again", m11, out, 2048, 100, "--auto", "--global-batch", "16"),
+        ]
+    elif args.grid == "one-gpu-rest":
+        # The rest of the 1.1B one-GPU grid of issue 8, each craken strategy beside the same strategy
+        # written by hand: ZeRO-3, ZeRO-2 with optimizer CPU offload (the seed's medium preset),
+        # ZeRO-1; then ZeRO-3 with parameter offload as well (a planner memory row, issue 5).
+        runs += [
+            craken_run("craken-zero3-auto-gb16", m11, out, 2048, 30, "--auto", "--zero", "3",
+                       "--offload-optimizer", "none", "--offload-param", "none", "--global-batch", "16"),
+            hand_run("hand-zero3-mb4", m11, out, 2048, 12, "zero3", 4),
+            craken_run("craken-zero2-offload-auto-gb16", m11, out, 2048, 20, "--auto", "--zero", "2",
+                       "--offload-optimizer", "cpu", "--global-batch", "16"),
+            hand_run("hand-zero2-offload-mb4", m11, out, 2048, 8, "zero2+offload", 4),
+            hand_run("hand-zero1-mb4", m11, out, 2048, 12, "zero1", 4),
+            craken_run("craken-zero3-offload-all-auto-gb16", m11, out, 2048, 12, "--auto", "--zero", "3",
+                       "--offload-optimizer", "cpu", "--offload-param", "cpu", "--global-batch", "16"),
         ]
     elif args.grid == "shapes":
         # --auto against the two fastest hand-written entries that fit, for the 350M and the 3B shape.

@@ -2,7 +2,7 @@
 flags), as measured in shared/gpu-baseline.md. Launched by gpu_bench.py through `accelerate launch`.
 
 Model from a config (random weights), SDPA, bf16, torch AdamW (fused where DeepSpeed does not own
-the optimizer), clipping 1.0, random tokens; 3 warm-up steps, then --steps timed steps.
+the optimizer; DeepSpeedCPUAdam with optimizer offload), clipping 1.0, random tokens; 3 warm-up steps, then --steps timed steps.
 """
 
 from __future__ import annotations
@@ -36,7 +36,15 @@ def main() -> None:
     deepspeed = acc.state.deepspeed_plugin is not None
     if deepspeed:
         acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.micro_batch
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=not deepspeed)
+    zero = acc.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}) if deepspeed else {}
+    if zero.get("offload_optimizer", {}).get("device", "none") != "none":
+        # DeepSpeed refuses torch's AdamW with optimizer offload; its message names DeepSpeedCPUAdam,
+        # which is what a user then writes.
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        opt = DeepSpeedCPUAdam(model.parameters(), lr=1e-4)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=not deepspeed)
     model, opt = acc.prepare(model, opt)
     startup["prepare_s"] = round(time.time() - PROCESS_START, 2)
     vocab = cfg.vocab_size
