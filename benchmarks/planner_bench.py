@@ -75,14 +75,17 @@ def grid() -> list[tuple]:
 
 
 def spec_for(folder: Path, seq: int, strategy: str, micro: int, compiled: bool, world: int, extra=(), hw=None):
-    """The spec `craken train --model F --seq-len S --zero N --micro-batch M --grad-accum 1 ...` resolves to."""
+    """The spec `craken train --model F --seq-len S --zero N --micro-batch M --grad-accum 1 ...` resolves to,
+    with the offloads the strategy name holds (`zero3+offload_param_cpu`) and none otherwise: the presets'
+    own offloads (ZeRO-2 optimizer, ZeRO-3 both) never leak into a row named without them."""
     from craken_cli.options import SpecArgs, load_run
 
     stage = int(strategy.split("+")[0].removeprefix("zero"))
     offload = "cpu" if "offload_optimizer_cpu" in strategy else "none"
+    param_offload = "cpu" if "offload_param_cpu" in strategy else "none"
     flags = {"--model": str(folder), "--seq-len": seq, "--zero": stage, "--micro-batch": micro,
              "--grad-accum": 1, "--num-processes": world, "--precision": "bf16"}
-    sets = [f"offload.optimizer.device={offload}", f"model.compile={str(compiled).lower()}", *extra]
+    sets = [f"offload.optimizer.device={offload}", f"offload.param.device={param_offload}", f"model.compile={str(compiled).lower()}", *extra]
     resolved, _ = load_run(SpecArgs(flags=flags, sets=sets), hardware=hw, environ={})
     return resolved.spec
 
@@ -346,7 +349,7 @@ def main() -> int:
         rows = [json.loads(x) for x in Path(args.from_jsonl).read_text().splitlines() if x.strip()]
         hw = Hardware(gpus=tuple(GPU(i, r["device"], 80 * GiB, 80 * GiB, (9, 0)) for i, r in enumerate(rows[:2])))
         for r in rows:  # the current planner's prediction for each recorded measurement
-            spec = spec_for(models / r["model"], r["seq"], r["base_strategy"], r["micro_batch"], r["compiled"],
+            spec = spec_for(models / r["model"], r["seq"], r["strategy"], r["micro_batch"], r["compiled"],
                             r["gpus"], tuple(r["extra"]), hw)
             planned = plan_for(spec, models / r["model"], hw)
             r["predicted_gib"] = planned.requested.reserved_gib

@@ -153,7 +153,8 @@ def test_every_recorded_benchmark_row_is_predicted_within_10_percent(tmp_path):
     errors = {}
     for r in measured:
         folder = bench.write_config(tmp_path / r["model"], bench.SHAPES[r["model"]])
-        spec = bench.spec_for(folder, r["seq"], r["base_strategy"], r["micro_batch"], r["compiled"], r["gpus"],
+        # the row's strategy name carries its offloads (a "+compile" in it is read from r["compiled"])
+        spec = bench.spec_for(folder, r["seq"], r["strategy"], r["micro_batch"], r["compiled"], r["gpus"],
                               tuple(r["extra"]), hw)
         key = (r["model"], r["seq"], r["strategy"], r["micro_batch"], r["device"])
         errors[key] = bench.predict(spec, folder, hw).reserved_gib / r["measured_gib"] - 1

@@ -48,8 +48,11 @@ CUDA_CONTEXT_GIB = 0.55  # CUDA context, kernels and cuBLAS workspace: outside t
 NCCL_GIB = 0.5  # NCCL communicator buffers with more than one process
 DS_ALLREDUCE_BUCKET = 500_000_000  # engine.MEMORY_OPT_ALLREDUCE_SIZE, stage 0 gradient all-reduce
 # The caching allocator keeps freed activation blocks that later, differently sized requests cannot
-# reuse. Fitted on gpu-baseline.md (1.1B Llama, H200): share of activations + logits held as slack.
-FRAGMENTATION = {0: 0.10, 1: 0.10, 2: 0.10, 3: 0.22}
+# reuse: share of activations + logits held as slack. Stage 3 was 0.22, fitted on the hand-written
+# ZeRO-3 row of gpu-baseline.md (1.1B, mb 4); craken's own ZeRO-3 at mb 16 (1 x H200, 2026-12-01:
+# 91.38 GiB, no offload; 78.16 with all offload) was then over-predicted by 18% and 12%, and 0.10 keeps
+# every recorded row within 10% (docs/planner.md).
+FRAGMENTATION = {0: 0.10, 1: 0.10, 2: 0.10, 3: 0.10}
 # Compiled layers: inductor's backward recomputes the pointwise ops into buffers of its own sizes, and
 # more of the freed blocks stay reserved. Fitted on craken's compiled no-ZeRO runs of the 1.1B model
 # (H100 mb 8: 37.41 GiB; H200 mb 16: 55.43 GiB; with 0.10 they were under-predicted by 7.7% and 6.6%).
@@ -67,14 +70,19 @@ STEP_REUSE_OF_ACTIVATIONS = 0.35
 CPU_PER_PROCESS_GIB = 3.0  # Python, torch, CUDA host allocations and the data loader of one process
 ACTIVATION_CHECKPOINTING_SPEED = 0.75  # about 1/3 more compute for the recomputed forward
 
-# Relative speed of each strategy (tokens/s per GPU against no ZeRO), from gpu-baseline.md: only the
-# order matters for the choice, the numbers are shown so the order can be checked.
-# ZeRO-1 on one GPU: 0.965 with fp32 accumulation (DeepSpeed's BF16 optimizer, craken's default; 0.885
-# with its ZeRO optimizer), ZeRO-2 0.88 (benchmarks/zero_lab.py, 1 x H200, 2026-12-01).
-SPEED_1GPU = {"zero0": 1.0, "zero1": 0.96, "zero2": 0.88, "zero3": 0.55}
+# Relative speed of each strategy (tokens/s per GPU against no ZeRO): only the order matters for the
+# choice, the numbers are shown so the order can be checked. One GPU: craken train --auto, 1.1B,
+# 1 x H200, 2026-12-01 (docs/performance.md): ZeRO-1 (fp32 accumulation) 0.956-0.967 and ZeRO-2
+# 0.947-0.956 of no ZeRO within a call; ZeRO-3 (eager, mb 16) 53,061 tokens/s against 75,701-78,283 for
+# no ZeRO in the other calls of that day. Several GPUs: gpu-baseline.md.
+SPEED_1GPU = {"zero0": 1.0, "zero1": 0.96, "zero2": 0.95, "zero3": 0.69}
 SPEED_NGPU = {"zero0": 1.0, "zero1": 0.98, "zero2": 0.98, "zero3": 0.51}
-OFFLOAD_OPTIMIZER_SPEED = 0.28  # ZeRO-2 + optimizer CPU offload on 1 GPU: 12.3k vs 44.0k tokens/s
-OFFLOAD_PARAM_SPEED = 0.5  # on top of optimizer offload: every layer's weights cross PCIe twice
+# Optimizer CPU offload, one GPU: ZeRO-2 + offload 30,838 tokens/s at mb 16 (0.40) in those runs; the
+# CPU's Adam step is a fixed cost per optimizer step, so fewer tokens per step do worse (hand-written at
+# mb 4: 11,759, 0.23). Parameter offload on top (ZeRO-3, same call): 29,973. Several GPUs share the
+# host's cores and PCIe: not measured, so gpu-baseline.md's 0.28 and an estimated halving stay there.
+OFFLOAD_OPTIMIZER_SPEED = {"1gpu": 0.40, "ngpu": 0.28}
+OFFLOAD_PARAM_SPEED = {"1gpu": 0.97, "ngpu": 0.5}
 NVME_SPEED = 0.5  # on top of CPU offload
 COMPILE_MIN_PARAMS = 100_000_000  # smaller models: compilation costs more time than it saves
 
@@ -100,11 +108,12 @@ class Candidate:
         return out
 
     def speed(self, world: int) -> float:
+        gpus = "1gpu" if world == 1 else "ngpu"
         s = (SPEED_1GPU if world == 1 else SPEED_NGPU)[f"zero{self.stage}"]
         if self.offload_optimizer != "none":
-            s = min(s, OFFLOAD_OPTIMIZER_SPEED) * (NVME_SPEED if self.offload_optimizer == "nvme" else 1)
+            s = min(s, OFFLOAD_OPTIMIZER_SPEED[gpus]) * (NVME_SPEED if self.offload_optimizer == "nvme" else 1)
         if self.offload_param != "none":
-            s *= OFFLOAD_PARAM_SPEED * (NVME_SPEED if self.offload_param == "nvme" else 1)
+            s *= OFFLOAD_PARAM_SPEED[gpus] * (NVME_SPEED if self.offload_param == "nvme" else 1)
         if self.activation_checkpointing:
             s *= ACTIVATION_CHECKPOINTING_SPEED
         return s
