@@ -73,7 +73,8 @@ def main() -> None:
     torch.cuda.synchronize()
     dt = time.time() - t0
     tps = args.steps * args.micro_batch * args.seq_len / dt
-    n = sum(p.numel() for p in acc.unwrap_model(model).parameters())
+    # under ZeRO-3 each parameter's data is a 0-element placeholder outside forward/backward: ds_numel
+    n = sum(getattr(p, "ds_numel", p.numel()) for p in acc.unwrap_model(model).parameters())
     n_emb = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
     # Same FLOPs count as craken: 6 x non-embedding parameters (the LM head is a matmul, counted) + attention.
     fpt = 6 * (n - cfg.vocab_size * cfg.hidden_size) + 12 * cfg.num_hidden_layers * cfg.hidden_size * args.seq_len

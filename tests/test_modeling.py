@@ -48,7 +48,7 @@ def _spec(name="builtin:tiny", **sections):
     return RunSpec.model_validate({"model": {"name_or_path": name}, **sections})
 
 
-def test_models_from_scratch_are_initialised_on_the_gpu_unless_zero3_or_offload(tmp_path):
+def test_models_from_scratch_are_initialised_on_the_gpu_unless_zero3(tmp_path):
     """Random init of 1.1 B weights costs ~40 s on two CPU cores; on the GPU it is near free."""
     from craken_cli.train import modeling
 
@@ -59,12 +59,14 @@ def test_models_from_scratch_are_initialised_on_the_gpu_unless_zero3_or_offload(
     config_only.mkdir()
     (config_only / "config.json").write_text("{}")
     assert modeling.init_device(_spec(str(config_only)), gpu) == gpu
-    # Not here: CPU processes, ZeRO-3 (zero.Init partitions while building), offload (the GPU is to
-    # stay free), weights to load.
+    # Not here: CPU processes, ZeRO-3 (zero.Init partitions while building; parameter offload, the
+    # only offload that keeps weights off the GPU, is ZeRO-3's), weights to load.
     assert modeling.init_device(_spec(), torch.device("cpu")) is None
     assert modeling.init_device(_spec(), None) is None
     assert modeling.init_device(_spec(zero={"stage": 3}), gpu) is None
-    assert modeling.init_device(_spec(zero={"stage": 2}, offload={"optimizer": {"device": "cpu"}}), gpu) is None
+    # optimizer offload keeps the 16-bit weights on the GPU all along: they may be built there
+    assert modeling.init_device(_spec(zero={"stage": 2}, offload={"optimizer": {"device": "cpu"}}), gpu) == gpu
+    assert modeling.init_device(_spec(zero={"stage": 3}, offload={"optimizer": {"device": "cpu"}, "param": {"device": "cpu"}}), gpu) is None
     (config_only / "model.safetensors").write_bytes(b"")
     assert modeling.init_device(_spec(str(config_only)), gpu) is None
 
