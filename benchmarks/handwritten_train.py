@@ -2,7 +2,8 @@
 flags), as measured in shared/gpu-baseline.md. Launched by gpu_bench.py through `accelerate launch`.
 
 Model from a config (random weights), SDPA, bf16, torch AdamW (fused where DeepSpeed does not own
-the optimizer; DeepSpeedCPUAdam with optimizer offload), clipping 1.0, random tokens; 3 warm-up steps, then --steps timed steps.
+the optimizer; DeepSpeedCPUAdam with optimizer offload), clipping 1.0, random tokens; 3 warm-up
+steps, then --steps timed steps.
 """
 
 from __future__ import annotations

@@ -85,7 +85,8 @@ def spec_for(folder: Path, seq: int, strategy: str, micro: int, compiled: bool, 
     param_offload = "cpu" if "offload_param_cpu" in strategy else "none"
     flags = {"--model": str(folder), "--seq-len": seq, "--zero": stage, "--micro-batch": micro,
              "--grad-accum": 1, "--num-processes": world, "--precision": "bf16"}
-    sets = [f"offload.optimizer.device={offload}", f"offload.param.device={param_offload}", f"model.compile={str(compiled).lower()}", *extra]
+    sets = [f"offload.optimizer.device={offload}", f"offload.param.device={param_offload}",
+            f"model.compile={str(compiled).lower()}", *extra]
     resolved, _ = load_run(SpecArgs(flags=flags, sets=sets), hardware=hw, environ={})
     return resolved.spec
 

@@ -66,7 +66,8 @@ def test_models_from_scratch_are_initialised_on_the_gpu_unless_zero3(tmp_path):
     assert modeling.init_device(_spec(zero={"stage": 3}), gpu) is None
     # optimizer offload keeps the 16-bit weights on the GPU all along: they may be built there
     assert modeling.init_device(_spec(zero={"stage": 2}, offload={"optimizer": {"device": "cpu"}}), gpu) == gpu
-    assert modeling.init_device(_spec(zero={"stage": 3}, offload={"optimizer": {"device": "cpu"}, "param": {"device": "cpu"}}), gpu) is None
+    all_offload = {"optimizer": {"device": "cpu"}, "param": {"device": "cpu"}}
+    assert modeling.init_device(_spec(zero={"stage": 3}, offload=all_offload), gpu) is None
     (config_only / "model.safetensors").write_bytes(b"")
     assert modeling.init_device(_spec(str(config_only)), gpu) is None
 

@@ -33,10 +33,10 @@ def init_device(spec, device):
     Random initialisation of a 1.1 B model takes about 40 s on two CPU cores (normal_ on every
     weight), then the weights are copied to the GPU anyway; on the GPU it takes well under a second.
     Not under ZeRO-3 (zero.Init partitions the model as it is built; parameter offload, which asks to
-    keep the weights off the GPU, exists only there). Under ZeRO-1/2 the model is built in DeepSpeed's 16-bit dtype (`init_dtype`), which DeepSpeed
-    would cast it to anyway: 2 bytes per parameter, which the run keeps on every GPU for its whole
-    life, with optimizer offload too (only the fp32 master weights and Adam states go to the CPU).
-    Loaded weights keep transformers' own loading path.
+    keep the weights off the GPU, exists only there). Under ZeRO-1/2 the model is built in DeepSpeed's
+    16-bit dtype (`init_dtype`), which DeepSpeed would cast it to anyway: 2 bytes per parameter, which
+    the run keeps on every GPU for its whole life, with optimizer offload too (only the fp32 master
+    weights and Adam states go to the CPU). Loaded weights keep transformers' own loading path.
     """
     if device is None or device.type != "cuda":
         return None
