@@ -121,6 +121,7 @@ def main() -> int:
     work = Path("/tmp/craken-bench")
     m11 = write_config(work / "llama-1.1b", "llama-1.1b")
     runs = []
+    zero_gb16 = ("--offload-optimizer", "none", "--global-batch", "16")  # ZeRO without offload
     log = open(out / "bench.log", "w")
     if args.grid == "one-gpu":
         runs += [
@@ -152,25 +153,22 @@ def main() -> int:
         runs += [
             hand_run("hand-plain-mb4", m11, out, 2048, 16, "plain", 4),
             craken_run("craken-auto-gb16", m11, out, 2048, 40, "--auto", "--global-batch", "16"),
-            craken_run("craken-zero1-auto-gb16", m11, out, 2048, 40, "--auto", "--zero", "1",
-                       "--offload-optimizer", "none", "--global-batch", "16"),
-            craken_run("craken-zero2-auto-gb16", m11, out, 2048, 40, "--auto", "--zero", "2",
-                       "--offload-optimizer", "none", "--global-batch", "16"),
+            craken_run("craken-zero1-auto-gb16", m11, out, 2048, 40, "--auto", "--zero", "1", *zero_gb16),
+            craken_run("craken-zero2-auto-gb16", m11, out, 2048, 40, "--auto", "--zero", "2", *zero_gb16),
             # ZeRO-1 through DeepSpeed's ZeRO optimizer (16-bit gradients), the default before 2026-12-01
             craken_run("craken-zero1-16bit-grads-auto-gb16", m11, out, 2048, 40, "--auto", "--zero", "1",
-                       "--offload-optimizer", "none", "--global-batch", "16", "--set", "zero.fp32_grad_accum=false"),
+                       *zero_gb16, "--set", "zero.fp32_grad_accum=false"),
         ]
     elif args.grid == "zero-ratio-repeat":
         # The zero-ratio rows again with 100 steps each, no ZeRO measured first and last (to see the
         # machine's drift across the call), and ZeRO-2 with DeepSpeed's bf16 overflow check kept on
         # (train.on_nonfinite=skip), which measures that lever in craken train itself.
-        zero_flags = ("--offload-optimizer", "none", "--global-batch", "16")
         runs += [
             craken_run("craken-auto-gb16", m11, out, 2048, 100, "--auto", "--global-batch", "16"),
-            craken_run("craken-zero2-auto-gb16", m11, out, 2048, 100, "--auto", "--zero", "2", *zero_flags),
-            craken_run("craken-zero1-auto-gb16", m11, out, 2048, 100, "--auto", "--zero", "1", *zero_flags),
+            craken_run("craken-zero2-auto-gb16", m11, out, 2048, 100, "--auto", "--zero", "2", *zero_gb16),
+            craken_run("craken-zero1-auto-gb16", m11, out, 2048, 100, "--auto", "--zero", "1", *zero_gb16),
             craken_run("craken-zero2-overflow-check-auto-gb16", m11, out, 2048, 100, "--auto", "--zero", "2",
-                       *zero_flags, "--set", "train.on_nonfinite=skip"),
+                       *zero_gb16, "--set", "train.on_nonfinite=skip"),
             craken_run("craken-auto-gb16-again", m11, out, 2048, 100, "--auto", "--global-batch", "16"),
         ]
     elif args.grid == "one-gpu-rest":

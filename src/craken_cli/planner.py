@@ -70,19 +70,20 @@ STEP_REUSE_OF_ACTIVATIONS = 0.35
 CPU_PER_PROCESS_GIB = 3.0  # Python, torch, CUDA host allocations and the data loader of one process
 ACTIVATION_CHECKPOINTING_SPEED = 0.75  # about 1/3 more compute for the recomputed forward
 
-# Relative speed of each strategy (tokens/s per GPU against no ZeRO): only the order matters for the
-# choice, the numbers are shown so the order can be checked. One GPU: craken train --auto, 1.1B,
-# 1 x H200, 2026-12-01 (docs/performance.md): ZeRO-1 (fp32 accumulation) 0.956-0.967 and ZeRO-2
-# 0.947-0.956 of no ZeRO within a call; ZeRO-3 (eager, mb 16) 53,061 tokens/s against 75,701-78,283 for
-# no ZeRO in the other calls of that day. Several GPUs: gpu-baseline.md.
-SPEED_1GPU = {"zero0": 1.0, "zero1": 0.96, "zero2": 0.95, "zero3": 0.69}
-SPEED_NGPU = {"zero0": 1.0, "zero1": 0.98, "zero2": 0.98, "zero3": 0.51}
-# Optimizer CPU offload, one GPU: ZeRO-2 + offload 30,838 tokens/s at mb 16 (0.40) in those runs; the
-# CPU's Adam step is a fixed cost per optimizer step, so fewer tokens per step do worse (hand-written at
-# mb 4: 11,759, 0.23). Parameter offload on top (ZeRO-3, same call): 29,973. Several GPUs share the
-# host's cores and PCIe: not measured, so gpu-baseline.md's 0.28 and an estimated halving stay there.
-OFFLOAD_OPTIMIZER_SPEED = {"1gpu": 0.40, "ngpu": 0.28}
-OFFLOAD_PARAM_SPEED = {"1gpu": 0.97, "ngpu": 0.5}
+# Relative speed of each strategy (tokens/s per GPU against no ZeRO), one table per GPU count: only the
+# order matters for the choice, the numbers are shown so the order can be checked. "offload_optimizer"
+# caps the stage's figure, "offload_param" multiplies it.
+# One GPU: craken train --auto, 1.1B, 1 x H200, 2026-12-01 (docs/performance.md): ZeRO-1 (fp32
+# accumulation) 0.956-0.967 and ZeRO-2 0.947-0.956 of no ZeRO within a call; ZeRO-3 (eager, mb 16) 53,061
+# tokens/s against 75,701-78,283 for no ZeRO in the other calls of that day; ZeRO-2 + optimizer CPU
+# offload 30,838 at mb 16 (the CPU's Adam step is a fixed cost per optimizer step, so fewer tokens per
+# step do worse: hand-written at mb 4, 11,759, 0.23); parameter offload on top (ZeRO-3, same call) 29,973.
+# Several GPUs: gpu-baseline.md; they share the host's cores and PCIe, and craken's offload has not run
+# there, so the baseline's one-GPU offload figure (0.28) and an estimated halving stay.
+SPEED_1GPU = {"zero0": 1.0, "zero1": 0.96, "zero2": 0.95, "zero3": 0.69, "offload_optimizer": 0.40,
+              "offload_param": 0.97}
+SPEED_NGPU = {"zero0": 1.0, "zero1": 0.98, "zero2": 0.98, "zero3": 0.51, "offload_optimizer": 0.28,
+              "offload_param": 0.5}
 NVME_SPEED = 0.5  # on top of CPU offload
 COMPILE_MIN_PARAMS = 100_000_000  # smaller models: compilation costs more time than it saves
 
@@ -108,12 +109,12 @@ class Candidate:
         return out
 
     def speed(self, world: int) -> float:
-        gpus = "1gpu" if world == 1 else "ngpu"
-        s = (SPEED_1GPU if world == 1 else SPEED_NGPU)[f"zero{self.stage}"]
+        table = SPEED_1GPU if world == 1 else SPEED_NGPU
+        s = table[f"zero{self.stage}"]
         if self.offload_optimizer != "none":
-            s = min(s, OFFLOAD_OPTIMIZER_SPEED[gpus]) * (NVME_SPEED if self.offload_optimizer == "nvme" else 1)
+            s = min(s, table["offload_optimizer"]) * (NVME_SPEED if self.offload_optimizer == "nvme" else 1)
         if self.offload_param != "none":
-            s *= OFFLOAD_PARAM_SPEED[gpus] * (NVME_SPEED if self.offload_param == "nvme" else 1)
+            s *= table["offload_param"] * (NVME_SPEED if self.offload_param == "nvme" else 1)
         if self.activation_checkpointing:
             s *= ACTIVATION_CHECKPOINTING_SPEED
         return s

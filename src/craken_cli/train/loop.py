@@ -481,8 +481,8 @@ def strategy_name(spec) -> str:
 def nonfinite_advice(step: int, last: dict, spec) -> str:
     return (f"craken: non-finite loss or gradient norm at step {step} (last finite loss {last.get('loss')}, "
             f"lr {last.get('lr')}, grad norm {last.get('grad_norm')}). Lower --lr (now {spec.optimizer.lr:g}), "
-            f"keep gradient clipping on (--clip, now {spec.optimizer.clip:g}), prefer bf16 over fp16, or set --set train.on_nonfinite=skip "
-            "to skip such steps. Resume from the last checkpoint with --resume auto.")
+            f"keep gradient clipping on (--clip, now {spec.optimizer.clip:g}), prefer bf16 over fp16, or set "
+            "--set train.on_nonfinite=skip to skip such steps. Resume from the last checkpoint with --resume auto.")
 
 
 if __name__ == "__main__":
