@@ -238,3 +238,37 @@ def test_offload_run_refuses_a_left_over_op_build_lock(craken, workdir):
     assert snapshot(workdir) == before
     assert craken(*train("--zero", "2", "--offload-optimizer", "none", "--dry-run"),
                   env={"TORCH_EXTENSIONS_DIR": str(workdir / "ext")}).code == 0  # no op, no problem
+
+
+def test_tracker_without_its_package_is_refused_before_launch(craken, workdir):
+    """Accelerate drops a tracker whose package is missing with a debug line only: the run would
+    train for hours and log nowhere."""
+    import importlib.util
+
+    missing = [t for t in ("wandb", "mlflow") if importlib.util.find_spec(t) is None]
+    if not missing:
+        pytest.skip("wandb and mlflow are both installed here")
+    before = snapshot(workdir)
+    result = craken(*train("--report-to", missing[0], "--max-steps", "2"))
+    assert result.code == 2 and "Traceback" not in result.output
+    message = result.err.strip()
+    assert message == (f"craken: cannot start this run: --report-to {missing[0]}: the {missing[0]} package is "
+                       f"not installed: pip install {missing[0]}, or use --report-to none"), message
+    assert snapshot(workdir) == before
+
+
+def test_tensorboard_is_satisfied_by_either_writer():
+    from craken_cli.preflight import tracker_problems
+    from craken_cli.spec import RunSpec
+
+    def spec(tracker):
+        return RunSpec.model_validate({"logging": {"report_to": tracker}})
+
+    def only(*names):
+        return lambda name: object() if name in names else None
+
+    assert tracker_problems(spec("none"), find_spec=only()) == []
+    assert tracker_problems(spec("tensorboard"), find_spec=only("tensorboardX")) == []
+    assert tracker_problems(spec("tensorboard"), find_spec=only("tensorboard")) == []
+    assert "pip install tensorboard" in tracker_problems(spec("tensorboard"), find_spec=only("wandb"))[0]
+    assert "pip install mlflow" in tracker_problems(spec("mlflow"), find_spec=only("tensorboard"))[0]

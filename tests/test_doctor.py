@@ -105,6 +105,18 @@ def test_missing_and_incompatible_packages():
     assert by_name(d.check_packages(f))["numpy"].fix == "pip install 'numpy<3.0.0,>=1.17'"
 
 
+def test_tracker_package_is_checked_only_when_the_run_reports_to_it():
+    hw = hw_with(0)
+    f = healthy_facts(hw)
+    assert d.check_tracker(f, view(hw)) == []  # --report-to none: nothing to install
+    f.versions.update({"tensorboard": None, "tensorboardX": None})
+    [row] = d.check_tracker(f, view(hw, report_to="tensorboard"))
+    assert (row.status, row.name, row.fix) == ("fail", "tensorboard", "pip install tensorboard, or --report-to none")
+    f.versions["tensorboardX"] = "2.6.2"  # accelerate writes through either package
+    [row] = d.check_tracker(f, view(hw, report_to="tensorboard"))
+    assert (row.status, row.name) == ("ok", "tensorboardX") and "2.6.2" in row.detail
+
+
 def test_known_bad_combination_torch_numpy2():
     f = healthy_facts(hw_with(0))
     f.versions.update({"torch": "2.2.2+cpu", "numpy": "2.0.1"})

@@ -123,6 +123,7 @@ class RunView:
     model: str
     output_dir: str
     keep_checkpoints: int
+    report_to: str = "none"
     decisions: tuple[tuple[str, Any, str], ...] = ()  # (path, value, why) decided from the hardware
     warnings: tuple[str, ...] = ()
     problems: tuple[str, ...] = ()  # what this machine cannot give the run (resolve's refusals)
@@ -167,6 +168,7 @@ def run_view(spec, hw: Hardware) -> RunView:
         offload_param=off.param.device, nvme_path=nvme, main_ip=spec.cluster.main_process_ip,
         port=spec.cluster.main_process_port, launcher=spec.cluster.launcher, num_workers=spec.data.num_workers,
         model=spec.model.name_or_path, output_dir=spec.output.run_dir(), keep_checkpoints=spec.train.keep_checkpoints,
+        report_to=spec.logging.report_to,
         decisions=tuple((k, v, why) for k, (v, why) in decisions.made.items()),
         warnings=tuple(decisions.warnings), problems=problems,
     )
@@ -232,6 +234,7 @@ def run_checks(facts: Facts, view: RunView | None, spec_error: str | None = None
     checks: list[Check] = []
     checks += check_system(facts)
     checks += check_packages(facts)
+    checks += check_tracker(facts, view)
     checks += check_gpus(facts, view)
     if view is not None:
         checks += check_ops(facts, view)
@@ -360,6 +363,20 @@ def check_packages(f: Facts) -> list[Check]:
             out.append(Check("packages", f"{pkg} + {other}", "fail", f"{pkg} {v[pkg]} with {other} {v[other]}: {why}",
                              fix))
     return out
+
+
+def check_tracker(f: Facts, view: RunView | None) -> list[Check]:
+    """The package of the run's --report-to tracker (accelerate would drop a missing one silently)."""
+    from .preflight import TRACKER_PACKAGES
+
+    if view is None or view.report_to == "none":
+        return []
+    names = TRACKER_PACKAGES[view.report_to]
+    found = [(n, f.versions.get(n)) for n in names if f.versions.get(n)]
+    if found:
+        return [Check("packages", found[0][0], "ok", f"{found[0][1]} (--report-to {view.report_to})")]
+    return [Check("packages", names[0], "fail", f"not installed (--report-to {view.report_to})",
+                  f"pip install {names[0]}, or --report-to none")]
 
 
 def torch_build_of(version: str | None, requires: list[str]) -> str | None:
@@ -830,6 +847,13 @@ def gather(hw: Hardware, view: RunView | None, environ: Mapping[str, str] | None
                   jit_locks=locks, interfaces=interfaces)
     if view is None:
         return facts
+    from .preflight import TRACKER_PACKAGES
+
+    for name in TRACKER_PACKAGES.get(view.report_to, ()):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = None
     facts.paths["output"] = path_state(view.output_dir)
     if view.nvme_path:
         facts.paths["nvme"] = path_state(view.nvme_path)

@@ -5,6 +5,7 @@ imports neither torch nor transformers."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -132,6 +133,22 @@ def precision_problems(spec) -> list[str]:
         return ["fp16 is not supported by DeepSpeed on CPU processes (it fails after start-up): use "
                 "--precision bf16 or fp32"]
     return []
+
+
+# What each --report-to tracker imports (accelerate takes either TensorBoard writer); the extras of
+# pyproject.toml install them.
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
+
+
+def tracker_problems(spec, find_spec=importlib.util.find_spec) -> list[str]:
+    """Accelerate drops a tracker whose package is missing with only a debug line, so the run would
+    train for hours and log nowhere."""
+    tracker = spec.logging.report_to
+    if tracker == "none" or any(find_spec(name) for name in TRACKER_PACKAGES[tracker]):
+        return []
+    package = TRACKER_PACKAGES[tracker][0]
+    return [f"--report-to {tracker}: the {package} package is not installed: pip install {package}, "
+            "or use --report-to none"]
 
 
 def output_problems(run_dir: Path, resume: str | None, force: bool) -> list[str]:

@@ -189,7 +189,8 @@ class LoggingSection(Section):
         "steps_per_print steps (device syncs every micro-step; off, DeepSpeed's throughput timer is off too)."
     )
     report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = Field(
-        "none", description="Experiment tracker fed through Accelerate."
+        "none", description="Experiment tracker fed through Accelerate (install its package, e.g. "
+        "pip install 'craken[tensorboard]'); TensorBoard writes to RUN/tensorboard/<name>/."
     )
 
 

@@ -199,7 +199,8 @@ def prepare(request: TrainRequest, environ: Mapping[str, str], hardware=None) ->
     run_dir = Path(spec.output.run_dir())
     force = request.force or request.test
     problems = (preflight.model_problems(spec) + preflight.data_problems(spec) + preflight.precision_problems(spec)
-                + preflight.output_problems(run_dir, request.resume, force) + preflight.op_problems(spec, environ))
+                + preflight.tracker_problems(spec) + preflight.output_problems(run_dir, request.resume, force)
+                + preflight.op_problems(spec, environ))
     if problems:
         raise CrakenError(problems, title="cannot start this run")
     resume_from, resume_warnings = resume_checkpoint(run_dir, request.resume)
@@ -277,11 +278,13 @@ def with_universal_load(files: dict[str, str]) -> dict[str, str]:
 def clear_previous_run(run_dir: Path) -> None:
     import shutil
 
+    from .train.loop import OOM_MARKER_PREFIX, TENSORBOARD_DIR
+
     for name in ("metrics.jsonl", "final_check.pt"):
         (run_dir / name).unlink(missing_ok=True)
-    for marker in run_dir.glob("oom-rank*.json"):
+    for marker in run_dir.glob(f"{OOM_MARKER_PREFIX}*.json"):
         marker.unlink()
-    for name in ("checkpoints", "final", "report"):
+    for name in ("checkpoints", "final", "report", TENSORBOARD_DIR):
         shutil.rmtree(run_dir / name, ignore_errors=True)
 
 
