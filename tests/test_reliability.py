@@ -31,7 +31,7 @@ COMMON = ["--seq-len", "32", "--micro-batch", "8", "--global-batch", "16", "--of
           "--max-steps", str(STEPS)]
 # Fake secrets: present in every training's environment, and must appear in no file of a run folder.
 SECRETS = {"HF_TOKEN": "hf_FAKEfakeFAKE0123456789secret", "WANDB_API_KEY": "wandbFAKE9876543210fake0secret0key"}
-RNG = random.Random(int(os.environ.get("CRAKEN_TEST_SEED", time.time_ns() % 10**6)))
+RNG = random.Random(int(os.environ.get("RELIABILITY_TEST_SEED", time.time_ns() % 10**6)))
 MEASURED: dict[str, object] = {}
 
 

@@ -15,8 +15,13 @@ from typing import Mapping, Sequence
 from .render import ACCELERATE_FILE, RUN_FILE
 
 LOOP_MODULE = "craken_cli.train.loop"
-# Environment variables whose values must never be printed or written by craken.
-SECRET_MARKERS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "CREDENTIAL")
+# Environment variables whose values must never be printed or written by craken: a name with one
+# of these as a word, or at the end of a word (HF_TOKEN, WANDB_API_KEY, GITHUB_AUTHTOKEN).
+SECRET_MARKERS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS")
+# torchrun relays Ctrl-C and SIGTERM to the workers, then SIGKILLs them after this many seconds
+# (its default is 30): the stopped run must have time to write its checkpoint, seconds per GB of
+# weights and optimizer state.
+STOP_GRACE_S = 600
 
 
 INHERITED_DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
@@ -25,8 +30,10 @@ INHERITED_DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCA
 
 
 def is_secret(name: str) -> bool:
-    upper = name.upper()
-    return any(m in upper for m in SECRET_MARKERS)
+    import re
+
+    words = re.split(r"[^A-Z0-9]+", name.upper())
+    return any(w.endswith(m) for w in words for m in SECRET_MARKERS)  # not TOKENIZERS_PARALLELISM
 
 
 def redact_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -53,6 +60,7 @@ def build(spec, run_dir: str | os.PathLike, base_env: Mapping[str, str], cpu_cou
     # (a notebook, a test, another job): the launcher sets these for its workers.
     for name in INHERITED_DIST_VARS:
         env.pop(name, None)
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(STOP_GRACE_S))
     env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
                # accelerate's and transformers' own nags that say nothing about this run
                TRANSFORMERS_NO_ADVISORY_WARNINGS="1")

@@ -323,14 +323,12 @@ class Trainer:
                 # host sync besides logging): a stop request on any process, or a non-finite loss or gradient
                 # norm, stops all processes at one step. The gradient norm is what keeps a checkpoint from
                 # holding weights a non-finite update has just reached: DeepSpeed's own bf16 overflow check
-                # is off unless on_nonfinite is skip (render.deepspeed_config).
+                # is off unless on_nonfinite is skip (render.deepspeed_config); fp16: nonfinite_update.
                 flags = [0.0, 0.0]
                 saves_now = spec.train.save_every and step % spec.train.save_every == 0
                 if step % check_every == 0 or step >= spec.train.max_steps or step == 1 or saves_now:
                     norm = grad_norm if plain else model.get_global_grad_norm()
-                    bad = ~torch.isfinite(loss_sum)
-                    if norm is not None:
-                        bad = bad | ~torch.isfinite(torch.as_tensor(norm, dtype=torch.float32, device=device))
+                    bad = nonfinite_update(loss_sum, norm, spec.precision)
                     flags = torch.stack([torch.tensor(float(stop.signum != 0), device=device), bad.float()])
                     flags = accelerator.reduce(flags, reduction="sum").tolist()
                 if first_step_s is None:
@@ -480,6 +478,19 @@ def strategy_name(spec) -> str:
     if spec.model.compile:
         name += "+compile"
     return name
+
+
+def nonfinite_update(loss_sum, grad_norm, precision: str):
+    """A 0-dim bool tensor: whether this process saw a non-finite loss, or a non-finite gradient norm
+    that reaches the weights. Under fp16 the loss scaler (DeepSpeed's, or the GradScaler of the plain
+    engine) skips an overflowed step itself and reports its norm as inf: routine while the scale
+    settles in the first steps, and the weights never see it, so there only the loss counts."""
+    import torch
+
+    bad = ~torch.isfinite(loss_sum)
+    if grad_norm is not None and precision != "fp16":
+        bad = bad | ~torch.isfinite(torch.as_tensor(grad_norm, dtype=torch.float32, device=loss_sum.device))
+    return bad
 
 
 def nonfinite_advice(step: int, last: dict, spec) -> str:
