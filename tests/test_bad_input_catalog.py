@@ -272,3 +272,37 @@ def test_tensorboard_is_satisfied_by_either_writer():
     assert tracker_problems(spec("tensorboard"), find_spec=only("tensorboard")) == []
     assert "pip install tensorboard" in tracker_problems(spec("tensorboard"), find_spec=only("wandb"))[0]
     assert "pip install mlflow" in tracker_problems(spec("mlflow"), find_spec=only("tensorboard"))[0]
+
+
+def test_nvme_offload_without_libaio_is_refused_before_launch(craken, workdir):
+    """Every process would fail after start-up loading DeepSpeed's async_io op."""
+    from craken_cli.doctor import find_libaio
+
+    _, header, link = find_libaio({})
+    if header and link:
+        pytest.skip("libaio is installed here")
+    (workdir / "nvme").mkdir()
+    before = snapshot(workdir)
+    result = craken(*train("--zero", "3", "--offload-optimizer", "none", "--offload-param", "nvme",
+                           "--nvme-path", "nvme", "--max-steps", "2"))
+    assert result.code == 2 and "Traceback" not in result.output
+    message = result.err.strip()
+    assert message.startswith("craken:") and len(message.splitlines()) == 1, message
+    assert "--offload-param nvme" in message and "libaio" in message and "--offload-param cpu" in message
+    assert snapshot(workdir) == before
+
+
+def test_a_machine_of_rank_above_0_joins_the_run_folder_machine_0_set_up(tmp_path):
+    """`craken cluster slurm` starts every node in one run folder: machine 1 is refused only by a
+    run of its own there, never by machine 0's."""
+    from craken_cli.preflight import output_problems
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("run.yaml", "metrics.jsonl", "accelerate.yaml"):
+        (run / name).write_text("x")
+    assert output_problems(run, resume=None, force=False, machine_rank=1) == []
+    assert "already holds a run" in output_problems(run, resume=None, force=False, machine_rank=0)[0]
+    (run / "metrics-machine1.jsonl").write_text("x")
+    assert "already holds a run" in output_problems(run, resume=None, force=False, machine_rank=1)[0]
+    assert output_problems(run, resume="auto", force=False, machine_rank=1) == []

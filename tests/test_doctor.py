@@ -33,6 +33,8 @@ def healthy_facts(hw: Hardware, environ=None, **over) -> Facts:
                                       "pdsh": "/usr/bin/pdsh", "ssh": "/usr/bin/ssh"},
         cuda_home="/usr/local/cuda", cuda_toolkit=(12, 4), interfaces=("eth0", "lo"),
         paths={"output": PathState("runs/default", False, True, 500 * GiB, "ext4")}, params=124_000_000,
+        aio_library="libaio.so.1t64", aio_header="/usr/include/libaio.h",
+        aio_link="/usr/lib/x86_64-linux-gnu/libaio.so",
     )
     base.update(over)
     return Facts(**base)
@@ -230,6 +232,126 @@ def test_ds_skip_cuda_check_accepts_mismatch():
     hw = hw_with(1)
     f = healthy_facts(hw, cuda_toolkit=(11, 8), environ={"DS_SKIP_CUDA_CHECK": "1"})
     assert by_name(d.check_ops(f, view(hw)))["CUDA toolkit"].status == "ok"
+
+
+def test_nvme_offload_needs_async_io_and_libaio(tmp_path):
+    """NVMe offload loads DeepSpeed's async_io op, built against libaio: without libaio-dev every check
+    passed and the run died after launch with 'Unable to JIT load the async_io op'."""
+    assert d.ops_for("nvme", True, False) == ["cpu_adam", "async_io"]  # preflight's positional call
+    assert d.ops_for("none", True, False, "nvme") == ["async_io"]
+    assert d.ops_for("cpu", True, False, "cpu") == ["cpu_adam"]
+    hw = hw_with(0)
+    nv = view(hw, zero=3, offload_optimizer="nvme", offload_param="none", nvme_path=str(tmp_path))
+    f = healthy_facts(hw, aio_library=None, aio_header=None, aio_link=None)
+    row = by_name(d.check_ops(f, nv))["async_io"]
+    assert row.status == "fail" and "libaio.h and libaio.so not found" in row.detail
+    assert "apt install libaio-dev" in row.fix and "--offload-optimizer cpu" in row.fix
+    assert d.exit_code(d.run_checks(f, nv)) == 2
+    f.aio_header = "/usr/include/libaio.h"  # the header alone: still no libaio.so to link
+    assert by_name(d.check_ops(f, nv))["async_io"].status == "fail"
+    param = view(hw, zero=3, offload_optimizer="none", offload_param="nvme", nvme_path=str(tmp_path))
+    row = by_name(d.check_ops(healthy_facts(hw, aio_header=None), param))["async_io"]
+    assert row.status == "fail" and "--offload-param cpu" in row.fix and "--offload-optimizer" not in row.fix
+    ok = healthy_facts(hw)
+    row = by_name(d.check_ops(ok, nv))["async_io"]
+    assert row.status == "ok" and "/usr/include/libaio.h" in row.detail
+    assert [c for c in d.check_ops(ok, nv) if c.status != "ok"] == []
+    for settings in (dict(zero=2, offload_optimizer="cpu"), dict(zero=3, offload_optimizer="cpu", offload_param="cpu"),
+                     {}):
+        assert "async_io" not in by_name(d.check_ops(f, view(hw, **settings)))  # no NVMe: no row, no failure
+    ok.jit_locks = {"async_io": ("/x/async_io/lock", 3600.0)}
+    row = by_name(d.check_ops(ok, nv))["async_io"]
+    assert row.status == "fail" and row.fix == "delete /x/async_io/lock (when no build is running)"
+    gpu = hw_with(1)
+    row = by_name(d.check_ops(healthy_facts(gpu, cuda_home=None), nv))["async_io"]
+    assert row.status == "fail" and "CUDA_HOME" in row.detail  # built against the CUDA headers on GPUs
+
+
+def test_prebuilt_async_io_needs_only_libaios_shared_library(tmp_path):
+    hw = hw_with(0)
+    nv = view(hw, zero=3, offload_optimizer="nvme", nvme_path=str(tmp_path))
+    f = healthy_facts(hw, prebuilt_ops={"cpu_adam": True, "async_io": True, "pin_memory": True},
+                      aio_header=None, aio_link=None)  # DS_BUILD_AIO=1: no headers needed
+    f.tools["ninja"] = None
+    rows = by_name(d.check_ops(f, nv))
+    assert rows["async_io"].status == "ok" and rows["ninja"].status == "warn"  # nothing to build
+    f.prebuilt_ops["pin_memory"] = False  # async_io loads pin_memory first: that one is built
+    assert by_name(d.check_ops(f, nv))["ninja"].status == "fail"
+    f.aio_library = None
+    row = by_name(d.check_ops(f, nv))["async_io"]
+    assert row.status == "fail" and "shared library" in row.detail and "libaio-dev" in row.fix
+
+
+def test_find_libaio_in_cflags_and_ldflags_folders(tmp_path, monkeypatch):
+    inc, lib = tmp_path / "inc", tmp_path / "lib"
+    inc.mkdir()
+    lib.mkdir()
+    (inc / "libaio.h").write_text("")
+    (lib / "libaio.so").write_text("")
+    import ctypes.util
+
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    library, header, link = d.find_libaio({"CFLAGS": f"-O2 -I{inc}", "LDFLAGS": f"-L {tmp_path} -L{lib}"})
+    assert (header, link, library) == (str(inc / "libaio.h"), str(lib / "libaio.so"), str(lib / "libaio.so"))
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: "libaio.so.1" if name == "aio" else None)
+    assert d.find_libaio({})[0] == "libaio.so.1"
+
+
+def test_gather_looks_for_libaio_for_nvme_runs_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(d, "find_libaio", lambda environ: (None, None, None) if environ.get("NO_AIO") else
+                        ("libaio.so.1", "/i/libaio.h", "/l/libaio.so"))
+    hw = hw_with(0)
+    nv = view(hw, zero=3, offload_optimizer="nvme", nvme_path=str(tmp_path))
+    f = d.gather(hw, nv, environ={})
+    assert (f.aio_library, f.aio_header, f.aio_link) == ("libaio.so.1", "/i/libaio.h", "/l/libaio.so")
+    f = d.gather(hw, view(hw, zero=2, offload_optimizer="cpu"), environ={})
+    assert (f.aio_library, f.aio_header, f.aio_link) == (None, None, None)
+    f = d.gather(hw, nv, environ={"NO_AIO": "1"})
+    if f.versions.get("deepspeed"):
+        assert by_name(d.check_ops(f, nv))["async_io"].status == "fail"
+
+
+def _fake_stack(monkeypatch, accelerator="cpu", fail=()):
+    """torch and DeepSpeed stand-ins for deep_checks: record which op builders are loaded."""
+    import types
+
+    built = []
+
+    class Builder:
+        def __init__(self, name):
+            self.NAME = {v: k for k, v in d.OP_BUILDERS.items()}[name]
+
+        def load(self, verbose=False):
+            built.append(self.NAME)
+            if self.NAME in fail:
+                raise RuntimeError(f"Unable to JIT load the {self.NAME} op")
+
+    torch = types.ModuleType("torch")
+    torch.__version__ = "2.5.1+cpu"
+    torch.version = types.SimpleNamespace(cuda=None)
+    torch.cuda = types.SimpleNamespace(is_available=lambda: False, device_count=lambda: 0)
+    acc = types.SimpleNamespace(_name=accelerator, create_op_builder=Builder)
+    ds_acc = types.ModuleType("deepspeed.accelerator")
+    ds_acc.get_accelerator = lambda: acc
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    monkeypatch.setitem(sys.modules, "deepspeed", types.ModuleType("deepspeed"))
+    monkeypatch.setitem(sys.modules, "deepspeed.accelerator", ds_acc)
+    return built
+
+
+def test_deep_checks_build_the_ops_the_run_needs(tmp_path, monkeypatch):
+    hw = hw_with(0)
+    built = _fake_stack(monkeypatch, fail=("async_io",))
+    rows = by_name(d.deep_checks(view(hw, zero=3, offload_optimizer="nvme", nvme_path=str(tmp_path))))
+    assert built == ["cpu_adam", "async_io"]
+    assert rows["cpu_adam"].status == "ok"
+    assert rows["async_io"].status == "fail" and "libaio-dev" in rows["async_io"].fix
+    built.clear()
+    rows = by_name(d.deep_checks(view(hw)))  # no offload, no fused optimizer: no op to build
+    assert built == [] and rows["ops"].status == "ok"
+    built.clear()
+    d.deep_checks(None)  # invalid settings: the common ops
+    assert built == ["cpu_adam"]
 
 
 # --- memory and disk --------------------------------------------------------------------------

@@ -38,30 +38,59 @@ def losses(path: Path) -> dict[int, float]:
     return out
 
 
-def test_two_machines_on_localhost_train_together(tmp_path):
+def two_machines(tmp_path: Path, folders: tuple[str, str], extra: tuple[str, ...] = ()) -> list[int]:
+    """Both "machines" of a 2-machine job (one process each) on localhost; their exit codes."""
     port = str(free_port())
     common = ["--num-machines", "2", "--num-processes", "2", "--main-process-ip", "127.0.0.1",
               "--main-process-port", port, "--max-steps", "10", "--steps-per-print", "1", "--eval-every", "0",
-              "--zero", "2", "--offload-optimizer", "none", "--seq-len", "32"]
-    procs = [start([*common, "--machine-rank", str(r), "--output-dir", str(tmp_path / f"m{r}")], tmp_path,
+              "--zero", "2", "--offload-optimizer", "none", "--seq-len", "32", *extra]
+    procs = [start([*common, "--machine-rank", str(r), "--output-dir", str(tmp_path / folders[r])], tmp_path,
                    tmp_path / f"m{r}.log") for r in (0, 1)]
     try:
-        codes = [p.wait(timeout=600) for p in procs]
+        return [p.wait(timeout=600) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
+
+
+def test_two_machines_on_localhost_train_together_in_one_shared_run_folder(tmp_path):
+    """What `craken cluster slurm` runs: every node starts `craken train` with the same --output-dir."""
+    from craken_cli.train import checkpoint
+
+    codes = two_machines(tmp_path, ("shared", "shared"), ("--save-every", "5"))
     logs = [(tmp_path / f"m{r}.log").read_text()[-3000:] for r in (0, 1)]
     assert codes == [0, 0], logs
-    rank0 = losses(tmp_path / "m0" / "metrics.jsonl")
-    rank1 = losses(tmp_path / "m1" / "metrics-machine1.jsonl")
+    run = tmp_path / "shared"
+    rank0 = losses(run / "metrics.jsonl")
+    rank1 = losses(run / "metrics-machine1.jsonl")
     assert sorted(rank0) == list(range(1, 11))
     assert rank0 == rank1  # one model, trained together: the same loss at every step on both machines
-    start_line = json.loads((tmp_path / "m0" / "metrics.jsonl").read_text().splitlines()[0])
+    start_line = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert start_line["num_processes"] == 2
-    accel = (tmp_path / "m1" / "accelerate.yaml").read_text()
-    assert "machine_rank: 1" in accel and "deepspeed_multinode_launcher: standard" in accel
-    assert (tmp_path / "m0" / "final" / "config.json").is_file()
+    # each machine launched from its own files: neither overwrote what the other one's processes read
+    assert "machine_rank: 0" in (run / "accelerate.yaml").read_text()
+    accel1 = (run / "accelerate-machine1.yaml").read_text()
+    assert "machine_rank: 1" in accel1 and "deepspeed_multinode_launcher: standard" in accel1
+    assert str(run / "ds_config-machine1.json") in accel1
+    assert "machine_rank: 1" in (run / "run-machine1.yaml").read_text()
+    # checkpoints hold the shards of both machines' processes, sealed once
+    saved = checkpoint.list_checkpoints(run)
+    assert [checkpoint.step_of(c) for c in saved] == [5, 10]
+    files = checkpoint.read_state(saved[-1]).files
+    assert any("rank_0" in f for f in files) and any("rank_1" in f for f in files), sorted(files)
+    assert (run / "final" / "config.json").is_file() and (run / "report").is_dir()
+
+
+def test_machines_that_do_not_share_the_run_folder_are_refused_before_training(tmp_path):
+    """Separate folders (no shared filesystem) would seal checkpoints without the other machine's
+    shards: refused at start-up, on every machine, naming --output-dir."""
+    codes = two_machines(tmp_path, ("m0", "m1"))
+    assert codes[0] != 0 and codes[1] != 0
+    log1 = (tmp_path / "m1.log").read_text()
+    for log in ((tmp_path / "m0.log").read_text(), log1):
+        assert "machine(s) 1 do not see what machine 0 wrote" in log and "--output-dir" in log, log[-3000:]
+    assert not (tmp_path / "m0" / "checkpoints").exists()
 
 
 def loop_workers(pid: int) -> list[psutil.Process]:

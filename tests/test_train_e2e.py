@@ -185,6 +185,31 @@ def test_tensorboard_gets_the_logged_losses_and_the_run_exits_cleanly(tmp_path):
     assert "eval_loss" in events.Tags()["scalars"]
 
 
+def test_resume_across_zero_stages_where_deepspeed_can_and_refused_where_it_cannot(tmp_path):
+    """ZeRO-1 and -2 share one optimizer format: ZeRO-1's checkpoint resumes at ZeRO-2. ZeRO-3, or
+    optimizer offload (DeepSpeed's CPU Adam), lay the state out differently: DeepSpeed fails after
+    the launch there (KeyError 'bias_correction'), so craken refuses before it, naming the flags."""
+    common = ["--max-steps", "4", "--save-every", "2", "--seq-len", "32", "--name", "st", "--eval-every", "0",
+              "--steps-per-print", "1",
+              "--set", "cluster.main_process_port=29615"]
+    first = craken("train", "--zero", "1", *common, cwd=tmp_path)
+    run_dir = tmp_path / "runs" / "st"
+    assert_trained(run_dir, first)
+    resumed = craken("train", "--zero", "2", "--offload-optimizer", "none", *common[2:], "--max-steps", "6",
+                     "--resume", "auto", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    assert max(r["step"] for r in metrics(run_dir) if "loss" in r) == 6
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    for flags, saved_as in ((["--zero", "3", "--offload-optimizer", "none", "--offload-param", "none"], "ZeRO-3"),
+                            (["--zero", "2", "--offload-optimizer", "cpu"], "ZeRO-1/2 with optimizer offload")):
+        refused = craken("train", *flags, *common[2:], "--max-steps", "8", "--resume", "auto", cwd=tmp_path)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+        assert "saved at ZeRO-1/2 without optimizer offload" in refused.stderr and saved_as in refused.stderr
+        assert "--zero 2 --offload-optimizer none" in refused.stderr
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
+
+
 def test_no_zero_runs_without_deepspeed(tmp_path, monkeypatch):
     """ZeRO stage 0 on a GPU machine runs plain Accelerate (no DeepSpeed JSON at all). The GPU is
     faked through the hardware probe; accelerate then runs that one process on the CPU, which is

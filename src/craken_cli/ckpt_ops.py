@@ -6,6 +6,11 @@ functions (the command module only parses and prints):
     universal_argv(ckpt, out)        -> DeepSpeed's ds_to_universal command, an argv list (no shell)
     convert(ckpt, out)               -> a universal checkpoint, loadable on any number of processes
     export(ckpt, out)                -> an HF safetensors folder that `from_pretrained` loads
+    is_plain(ckpt)                   -> written without DeepSpeed (Accelerate DDP: model.safetensors)
+
+A plain checkpoint (ZeRO stage 0 on GPUs: no DeepSpeed) holds the whole model in model.safetensors and the
+whole optimizer state in optimizer.bin: export reads the weights from there, and it needs no conversion
+to resume on another number of processes.
 
 Every check happens before anything is written; outputs are built in a hidden temporary folder
 beside the target and renamed into place, so a failure leaves nothing behind.
@@ -29,10 +34,19 @@ UNIVERSAL_DIR = "universal"  # RUN/checkpoints/universal/step_N: converted copie
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 # Files of an HF model folder that come from the model itself (the rest of model_meta is the tokenizer).
 _MODEL_FILES = {"config.json", "generation_config.json"}
+PLAIN_WEIGHTS = "model.safetensors"  # accelerate `save_state` of a run without DeepSpeed (its first model)
+# Prefixes of the keys `save_state` writes for a wrapped model (DistributedDataParallel, torch.compile).
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def is_plain(ckpt: Path) -> bool:
+    """Written by a run without DeepSpeed: model weights in safetensors, no folder of DeepSpeed shards."""
+    ckpt = Path(ckpt)
+    return not (ckpt / ck.SHARDS).is_dir() and any(ckpt.glob("model*.safetensors"))
 
 
 def require_run_dir(run_dir: Path) -> Path:
@@ -64,6 +78,7 @@ def rows(run_dir: Path) -> list[dict]:
             "step": ck.step_of(path), "path": str(path), "complete": not why, "problems": why,
             "processes": state.world_size if state else None,
             "universal": bool(state and state.universal),
+            "plain": not why and is_plain(path),
             "latest": path.parent == root and path.name == latest,
             "size_bytes": _size(path),
         })
@@ -137,6 +152,10 @@ def convert(ckpt: Path, out: Path | None = None, force: bool = False, env=None) 
     state = require_checkpoint(ckpt, title)
     if state.universal:
         raise CrakenError(f"{ckpt} is already a universal checkpoint: resume from it directly", title=title)
+    if is_plain(ckpt):
+        raise CrakenError(f"{ckpt} was written without DeepSpeed (ZeRO stage 0: {PLAIN_WEIGHTS} holds the whole "
+                          "model and every process the whole optimizer state), so it needs no conversion: resume "
+                          f"from it directly on any number of processes (craken train --resume {ckpt})", title=title)
     out = Path(out) if out is not None else default_universal_out(ckpt)
     require_new_output(out, force, title)
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
@@ -198,8 +217,29 @@ def _universal_state_dict(ckpt: Path) -> dict:
     return out
 
 
+def _plain_state_dict(ckpt: Path) -> dict:
+    """The weights a run without DeepSpeed saved (in its master dtype), keys as the unwrapped model names
+    them; a tied weight (lm_head sharing embed_tokens) is there once, as accelerate removes aliases."""
+    from safetensors.torch import load_file
+
+    path = Path(ckpt) / PLAIN_WEIGHTS
+    if not path.is_file():
+        found = ", ".join(sorted(p.name for p in Path(ckpt).glob("model*.safetensors")))
+        raise CrakenError(f"{ckpt} has no {PLAIN_WEIGHTS} (only {found}): not a checkpoint craken wrote",
+                          title="cannot export")
+    out = {}
+    for key, tensor in load_file(path, device="cpu").items():
+        while key.startswith(_WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
+        out[key] = tensor
+    return out
+
+
 def fp32_state_dict(ckpt: Path, state: ck.TrainState) -> dict:
-    """The full fp32 weights, gathered from the ZeRO shards of every process (stage 1, 2 and 3)."""
+    """The full weights: gathered from the ZeRO shards of every process (stage 1, 2 and 3) in fp32, or
+    read from model.safetensors of a run without DeepSpeed."""
+    if is_plain(ckpt):
+        return _plain_state_dict(ckpt)
     if state.universal:
         return _universal_state_dict(ckpt)
     if state.fp32_grad_accum:
@@ -246,9 +286,14 @@ def export(ckpt: Path, out: Path, dtype: str = "auto", force: bool = False) -> P
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     weights = {k: v.to(torch_dtype) for k, v in weights.items()}
+    tied = getattr(model, "_tied_weights_keys", None)
+    if getattr(config, "tie_word_embeddings", False) and isinstance(tied, dict):
+        for target, source in tied.items():  # a checkpoint that kept the other name of a tied pair
+            if source not in weights and target in weights:
+                weights[source] = weights[target]
     result = model.load_state_dict(weights, strict=False, assign=True)
     if result.unexpected_keys:
-        raise CrakenError(f"{ckpt}: the shards hold weights this model does not have: "
+        raise CrakenError(f"{ckpt}: the checkpoint holds weights this model does not have: "
                           f"{', '.join(result.unexpected_keys[:5])}", title=title)
     model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]

@@ -92,6 +92,10 @@ class Facts:
     prebuilt_ops: dict[str, bool] = field(default_factory=dict)  # deepspeed's installed_ops
     jit_cache: dict[str, str] = field(default_factory=dict)  # op -> a cached JIT build found
     jit_locks: dict[str, tuple[str, float]] = field(default_factory=dict)  # op -> left-over build lock, age s
+    # libaio, which DeepSpeed's async_io op (any NVMe offload) needs; looked for only when the run uses it
+    aio_library: str | None = None  # the shared library the loader finds (what a pre-built async_io loads)
+    aio_header: str | None = None  # libaio.h where the compiler looks (a JIT build compiles against it)
+    aio_link: str | None = None  # libaio.so (unversioned, from libaio-dev) where the linker looks
     interfaces: tuple[str, ...] = ()  # network interfaces (NCCL_SOCKET_IFNAME must match one)
     paths: dict[str, PathState] = field(default_factory=dict)  # "output" / "nvme" -> state
     params: int | None = None  # model parameters, estimated from its config
@@ -176,16 +180,22 @@ def run_view(spec, hw: Hardware) -> RunView:
 
 def needed_ops(view: RunView) -> list[str]:
     """DeepSpeed ops this run will build or load."""
-    return ops_for(view.offload_optimizer, view.use_cpu, view.fused)
+    return ops_for(view.offload_optimizer, view.use_cpu, view.fused, view.offload_param)
 
 
-def ops_for(offload_optimizer: str, use_cpu: bool, fused: bool | None) -> list[str]:
+def ops_for(offload_optimizer: str, use_cpu: bool, fused: bool | None, offload_param: str = "none") -> list[str]:
     ops = []
     if offload_optimizer != "none":
         ops.append("cpu_adam")  # DeepSpeedCPUAdam for offloaded optimizer states
     elif not use_cpu and fused:
         ops.append("fused_adam")
+    if "nvme" in (offload_optimizer, offload_param):
+        ops.append("async_io")  # DeepSpeed's swapper reads and writes the NVMe files through libaio
     return ops
+
+
+# what `--deep` builds for each op
+OP_BUILDERS = {"cpu_adam": "CPUAdamBuilder", "fused_adam": "FusedAdamBuilder", "async_io": "AsyncIOBuilder"}
 
 
 # torch.utils.cpp_extension guards each JIT build with a `lock` file in the op's build folder and
@@ -484,6 +494,8 @@ def check_ops(f: Facts, view: RunView | None) -> list[Check]:
         return out  # reported under packages
     prebuilt = {op for op, on in f.prebuilt_ops.items() if on}
     jit = [op for op in needed if op not in prebuilt]
+    if "async_io" in needed and "async_io" in prebuilt and f.prebuilt_ops.get("pin_memory") is False:
+        jit.append("pin_memory")  # a pre-built async_io still loads pin_memory first (DeepSpeed >= 0.18)
     gpu_build = bool(hw.gpus) and f.torch_build not in (None, "cpu")
     # what building each op needs
     need_tools = bool(jit)
@@ -547,10 +559,47 @@ def check_ops(f: Facts, view: RunView | None) -> list[Check]:
             status: Status = "fail" if op in needed else "warn"
             out.append(Check("ops", op, status, f"cannot be built (see above); {use}",
                              "fix the build tools above, or run `craken doctor --deep` for the build log"))
+    if "async_io" in needed:
+        out.append(_async_io_check(f, view, prebuilt, bool(ninja and cxx), gpu_build))
     if f.environ.get("DS_ACCELERATOR") == "cpu" and hw.gpus:
         out.append(Check("ops", "DS_ACCELERATOR", "warn", "DS_ACCELERATOR=cpu: DeepSpeed ignores the GPUs",
                          "unset DS_ACCELERATOR"))
     return out
+
+
+def _aio_fix(view: RunView | None) -> str:
+    flags = [f"--offload-{w} cpu" for w, dev in (("optimizer", view and view.offload_optimizer),
+                                                  ("param", view and view.offload_param)) if dev == "nvme"]
+    return ("apt install libaio-dev (or conda install libaio and point CFLAGS=-I / LDFLAGS=-L at it), "
+            f"or offload to CPU RAM instead of NVMe: {' '.join(flags) or '--offload-optimizer cpu'}")
+
+
+def _async_io_check(f: Facts, view: RunView | None, prebuilt: set[str], tools_ok: bool, gpu_build: bool) -> Check:
+    """DeepSpeed's async_io op, which every NVMe offload loads: built against libaio (header and
+    library) at first use, or pre-built (DS_BUILD_AIO=1), then it needs libaio's shared library only."""
+    op, use = "async_io", "used by NVMe offload"
+    fails = "the run would fail after launch with 'Unable to JIT load the async_io op'"
+    if op in prebuilt:
+        if f.aio_library:
+            return Check("ops", op, "ok", f"pre-built into deepspeed, {f.aio_library} found; {use}")
+        return Check("ops", op, "fail", f"pre-built into deepspeed but libaio's shared library is not found: it "
+                     f"cannot load; {use}", _aio_fix(view))
+    if op in f.jit_locks:
+        lock, age = f.jit_locks[op]
+        return Check("ops", op, "fail", f"{stale_lock_message(op, lock, age)}; {use}",
+                     f"delete {lock} (when no build is running)")
+    missing = [name for name, found in (("libaio.h", f.aio_header), ("libaio.so", f.aio_link)) if not found]
+    if missing:
+        return Check("ops", op, "fail", f"cannot be built: libaio is missing ({' and '.join(missing)} not found); "
+                     f"{fails}", _aio_fix(view))
+    if not tools_ok:
+        return Check("ops", op, "fail", f"cannot be built (see above); {use}",
+                     "fix the build tools above, or run `craken doctor --deep` for the build log")
+    if gpu_build and not f.cuda_home:
+        return Check("ops", op, "fail", f"cannot be built: DeepSpeed builds it against the CUDA headers and "
+                     f"CUDA_HOME is unknown; {fails}", "install the CUDA toolkit and set CUDA_HOME")
+    cached = f" (cached build in {f.jit_cache[op]})" if op in f.jit_cache else ", about a minute at first use"
+    return Check("ops", op, "ok", f"can be built{cached}, libaio at {f.aio_header}; {use}")
 
 
 def model_params(name: str, environ: Mapping[str, str]) -> tuple[int | None, str]:
@@ -835,7 +884,7 @@ def gather(hw: Hardware, view: RunView | None, environ: Mapping[str, str] | None
     cuda_toolkit = _toolkit_version(cuda_home) if tools["nvcc"] else None
 
     prebuilt, jit = _deepspeed_ops(environ)
-    locks = stale_build_locks(["cpu_adam", "fused_adam"], environ)
+    locks = stale_build_locks(list(OP_BUILDERS), environ)
     try:
         interfaces = tuple(sorted(os.listdir("/sys/class/net")))
     except OSError:
@@ -854,6 +903,8 @@ def gather(hw: Hardware, view: RunView | None, environ: Mapping[str, str] | None
             versions[name] = md.version(name)
         except md.PackageNotFoundError:
             versions[name] = None
+    if "async_io" in needed_ops(view):
+        facts.aio_library, facts.aio_header, facts.aio_link = find_libaio(environ)
     facts.paths["output"] = path_state(view.output_dir)
     if view.nvme_path:
         facts.paths["nvme"] = path_state(view.nvme_path)
@@ -901,10 +952,42 @@ def _deepspeed_ops(environ: Mapping[str, str]) -> tuple[dict[str, bool], dict[st
             pass
     jit = {}
     for root in extension_roots(environ):
-        for op in ("cpu_adam", "fused_adam"):
+        for op in OP_BUILDERS:
             if op not in jit and glob.glob(os.path.join(root, op, f"{op}*.so")):
                 jit[op] = os.path.join(root, op)
     return prebuilt, jit
+
+
+def find_libaio(environ: Mapping[str, str]) -> tuple[str | None, str | None, str | None]:
+    """libaio's (shared library the loader finds, libaio.h, libaio.so for the linker), each None when
+    missing. Where DeepSpeed's build looks: the compiler's usual folders, CPATH/LIBRARY_PATH and
+    CFLAGS -I / LDFLAGS -L (its own libaio test links with $LDFLAGS)."""
+    import ctypes.util
+    import shlex
+
+    def flag_dirs(var: str, flag: str) -> list[str]:
+        try:
+            words = shlex.split(environ.get(var, ""))
+        except ValueError:
+            words = environ.get(var, "").split()
+        return [w[len(flag):] for w in words if w.startswith(flag) and len(w) > len(flag)]
+
+    def path_dirs(*names: str) -> list[str]:
+        return [d for n in names for d in environ.get(n, "").split(os.pathsep) if d]
+
+    include = [*flag_dirs("CFLAGS", "-I"), *flag_dirs("CXXFLAGS", "-I"),
+               *path_dirs("CPATH", "C_INCLUDE_PATH", "CPLUS_INCLUDE_PATH"),
+               "/usr/local/include", "/usr/include", *sorted(glob.glob("/usr/include/*-linux-gnu"))]
+    lib = [*flag_dirs("LDFLAGS", "-L"), *path_dirs("LIBRARY_PATH"), "/usr/local/lib", "/usr/local/lib64",
+           "/usr/lib64", "/usr/lib", "/lib64", "/lib", *sorted(glob.glob("/usr/lib/*-linux-gnu")),
+           *sorted(glob.glob("/lib/*-linux-gnu"))]
+    header = next((p for d in include if os.path.isfile(p := os.path.join(d, "libaio.h"))), None)
+    link = next((p for d in lib if os.path.exists(p := os.path.join(d, "libaio.so"))), None)
+    try:
+        library = ctypes.util.find_library("aio")  # ldconfig's cache and LD_LIBRARY_PATH, as the loader
+    except Exception:  # a broken ldconfig/gcc: fall back to the linker's copy
+        library = None
+    return library or link, header, link
 
 
 def path_state(path: str) -> PathState:
@@ -975,7 +1058,8 @@ def port_error(port: int) -> str | None:
 
 
 def deep_checks(view: RunView | None) -> list[Check]:
-    """Slow (seconds to minutes): what torch really sees, and whether the ops really build."""
+    """Slow (seconds to minutes): what torch really sees, and whether the ops the run needs really
+    build and load (with invalid settings, `view` None: cpu_adam, and fused_adam on CUDA)."""
     out = []
     try:
         import torch
@@ -990,11 +1074,15 @@ def deep_checks(view: RunView | None) -> list[Check]:
         return out + [Check("deep", "import deepspeed", "fail", f"{type(exc).__name__}: {exc}", "reinstall deepspeed")]
     acc = get_accelerator()
     out.append(Check("deep", "accelerator", "ok", f"DeepSpeed accelerator: {acc._name}"))
-    builders = ["CPUAdamBuilder"] + (["FusedAdamBuilder"] if acc._name == "cuda" else [])
-    for name in builders:
+    ops = needed_ops(view) if view is not None else ["cpu_adam", "fused_adam"]
+    ops = [op for op in ops if op != "fused_adam" or acc._name == "cuda"]  # DeepSpeed's FusedAdam is CUDA's
+    if not ops:
+        out.append(Check("deep", "ops", "ok", "these settings load no DeepSpeed op: nothing to build"))
+    for op in ops:
+        name = OP_BUILDERS[op]
         builder = acc.create_op_builder(name)
         if builder is None:
-            out.append(Check("deep", name, "fail", f"DeepSpeed has no {name} for {acc._name}", "reinstall deepspeed"))
+            out.append(Check("deep", op, "fail", f"DeepSpeed has no {name} for {acc._name}", "reinstall deepspeed"))
             continue
         try:
             builder.load(verbose=False)
@@ -1002,8 +1090,10 @@ def deep_checks(view: RunView | None) -> list[Check]:
             if isinstance(exc, KeyboardInterrupt):
                 raise
             msg = str(exc).strip().splitlines()
+            fix = ("read the compiler output above; check ninja, the C++ compiler and CUDA_HOME"
+                   + ("; " + _aio_fix(view) if op == "async_io" else ""))
             out.append(Check("deep", builder.NAME, "fail", f"build failed: {msg[-1] if msg else type(exc).__name__}",
-                             "read the compiler output above; check ninja, the C++ compiler and CUDA_HOME"))
+                             fix))
         else:
             out.append(Check("deep", builder.NAME, "ok", "built and loaded"))
     return out

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from .render import ACCELERATE_FILE, RUN_FILE
+from .render import ACCELERATE_FILE, RUN_FILE, machine_file
 
 LOOP_MODULE = "craken_cli.train.loop"
 # Environment variables whose values must never be printed or written by craken: a name with one
@@ -45,7 +45,9 @@ def build(spec, run_dir: str | os.PathLike, base_env: Mapping[str, str], cpu_cou
     """(argv, env) that start every process of this machine."""
     run = Path(run_dir).absolute()
     c = spec.cluster
-    argv = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(run / ACCELERATE_FILE)]
+    rank = c.machine_rank
+    argv = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(run / machine_file(ACCELERATE_FILE, rank))]
     if c.max_restarts:
         argv += ["--max_restarts", str(c.max_restarts), "--monitor_interval", "1"]
     if c.rdzv_backend and c.rdzv_backend != "static":
@@ -53,7 +55,7 @@ def build(spec, run_dir: str | os.PathLike, base_env: Mapping[str, str], cpu_cou
         # defaults to "static": `rdzv_backend: c10d` in the YAML alone never reaches torchrun.
         argv += ["--rdzv_backend", c.rdzv_backend]
     argv += list(extra_args)
-    argv += ["-m", LOOP_MODULE, str(run / RUN_FILE)]
+    argv += ["-m", LOOP_MODULE, str(run / machine_file(RUN_FILE, rank))]
 
     env = dict(base_env)
     # A new job must not inherit the rendezvous of a process group craken itself runs inside

@@ -122,9 +122,27 @@ def op_problems(spec, environ) -> list[str]:
 
     if not spec.uses_deepspeed:
         return []
-    ops = ops_for(spec.offload.optimizer.device, bool(spec.cluster.use_cpu), spec.optimizer.fused)
+    ops = ops_for(spec.offload.optimizer.device, bool(spec.cluster.use_cpu), spec.optimizer.fused,
+                  spec.offload.param.device)
     return [f"{stale_lock_message(op, lock, age)}: delete it (when no build is running) and start again"
             for op, (lock, age) in stale_build_locks(ops, environ).items()]
+
+
+def nvme_problems(spec, environ) -> list[str]:
+    """NVMe offload loads DeepSpeed's async_io op, built against libaio at first use (or pre-built):
+    without libaio every process fails after start-up ('Unable to JIT load the async_io op')."""
+    from .doctor import _deepspeed_ops, find_libaio
+
+    nvme = [f"--offload-{what}" for what, device in (("optimizer", spec.offload.optimizer.device),
+                                                     ("param", spec.offload.param.device)) if device == "nvme"]
+    if not nvme or not spec.uses_deepspeed:
+        return []
+    library, header, link = find_libaio(environ)
+    prebuilt, _ = _deepspeed_ops(environ)
+    if (prebuilt.get("async_io") and library) or (header and link):
+        return []
+    return [f"{' '.join(nvme)} nvme: DeepSpeed's async_io op needs libaio, which is not installed here (libaio.h "
+            f"and libaio.so not found): apt install libaio-dev, or offload to cpu instead ({' '.join(nvme)} cpu)"]
 
 
 def precision_problems(spec) -> list[str]:
@@ -151,13 +169,25 @@ def tracker_problems(spec, find_spec=importlib.util.find_spec) -> list[str]:
             "or use --report-to none"]
 
 
-def output_problems(run_dir: Path, resume: str | None, force: bool) -> list[str]:
+def own_run_markers(machine_rank: int) -> tuple[str, ...]:
+    """What tells that this machine already ran in a run folder. Machine 0's run owns the folder;
+    a machine of rank R > 0 shares it (`craken cluster slurm`) and only has its own files there."""
+    from .render import RUN_FILE, machine_file
+    from .train.loop import metrics_file
+
+    if machine_rank == 0:
+        return RUN_MARKERS
+    return (machine_file(RUN_FILE, machine_rank), metrics_file(machine_rank))
+
+
+def output_problems(run_dir: Path, resume: str | None, force: bool, machine_rank: int = 0) -> list[str]:
     if run_dir.exists() and not run_dir.is_dir():
         return [f"run folder {run_dir} is a file: choose another --output-dir"]
     parent = nearest_existing(run_dir)
     if not os.access(parent, os.W_OK | os.X_OK):
         return [f"run folder {run_dir} cannot be created ({parent} is not writable): choose another --output-dir"]
-    if run_dir.is_dir() and not resume and not force and any((run_dir / m).exists() for m in RUN_MARKERS):
+    if run_dir.is_dir() and not resume and not force and any((run_dir / m).exists()
+                                                             for m in own_run_markers(machine_rank)):
         return [f"run folder {run_dir} already holds a run: pass --resume auto to continue it, --force to start "
                 "over (its checkpoints are replaced), or choose --name/--output-dir"]
     return []

@@ -155,16 +155,29 @@ def run_file_text(spec: RunSpec, sources: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def rendered_files(spec: RunSpec, sources: dict[str, str], out_dir: str | os.PathLike) -> dict[str, str]:
-    """File name -> text, for everything `config render` writes."""
+def machine_file(name: str, machine_rank: int) -> str:
+    """A run file's name in a run folder that every machine of a job shares (what `craken cluster
+    slurm` sets up): machine 0 keeps the plain name, machine R writes e.g. accelerate-machine1.yaml
+    (its own machine_rank), so no machine overwrites what another one's processes read."""
+    if machine_rank == 0:
+        return name
+    stem, dot, suffix = name.partition(".")
+    return f"{stem}-machine{machine_rank}{dot}{suffix}"
+
+
+def rendered_files(spec: RunSpec, sources: dict[str, str], out_dir: str | os.PathLike,
+                   machine_rank: int = 0) -> dict[str, str]:
+    """File name -> text, for everything `config render` writes (`craken train` passes the machine
+    rank: its run folder may be shared by the machines of a job)."""
     out = Path(out_dir)
+    ds_name, accelerate_name, run_name = (machine_file(n, machine_rank) for n in (DS_FILE, ACCELERATE_FILE, RUN_FILE))
     files = {
-        DS_FILE: json.dumps(deepspeed_config(spec), indent=2) + "\n",
-        ACCELERATE_FILE: yamlio.dumps(accelerate_config(spec, out / DS_FILE)),
-        RUN_FILE: run_file_text(spec, sources),
+        ds_name: json.dumps(deepspeed_config(spec), indent=2) + "\n",
+        accelerate_name: yamlio.dumps(accelerate_config(spec, out / ds_name)),
+        run_name: run_file_text(spec, sources),
     }
     if not spec.uses_deepspeed:
-        del files[DS_FILE]  # nothing reads it: a file that looks in use but is not would mislead
+        del files[ds_name]  # nothing reads it: a file that looks in use but is not would mislead
     return files
 
 

@@ -199,22 +199,23 @@ def prepare(request: TrainRequest, environ: Mapping[str, str], hardware=None) ->
     run_dir = Path(spec.output.run_dir())
     force = request.force or request.test
     problems = (preflight.model_problems(spec) + preflight.data_problems(spec) + preflight.precision_problems(spec)
-                + preflight.tracker_problems(spec) + preflight.output_problems(run_dir, request.resume, force)
-                + preflight.op_problems(spec, environ))
+                + preflight.tracker_problems(spec)
+                + preflight.output_problems(run_dir, request.resume, force, spec.cluster.machine_rank)
+                + preflight.op_problems(spec, environ) + preflight.nvme_problems(spec, environ))
     if problems:
         raise CrakenError(problems, title="cannot start this run")
     resume_from, resume_warnings = resume_checkpoint(run_dir, request.resume)
     warnings += resume_warnings
     if resume_from is not None:
         resume_from = convert_if_world_changed(resume_from, spec, warnings, run_dir, convert=not request.dry_run)
-    files = rendered_files(spec, resolved.sources, run_dir)
+    files = rendered_files(spec, resolved.sources, run_dir, spec.cluster.machine_rank)
     if resume_from is not None and is_universal(resume_from):
-        files = with_universal_load(files)
+        files = with_universal_load(files, spec.cluster.machine_rank)
     argv, env = launch.build(spec, run_dir, environ, hw.cpu_count, request.launcher_args, resume_from)
     prepared = Prepared(resolved, run_dir, argv, env, files, resume_from, warnings, request.test, request, choice)
     if not request.dry_run:
         if force and not request.resume:
-            clear_previous_run(run_dir)
+            clear_previous_run(run_dir, spec.cluster.machine_rank)
         write_files(files, run_dir, force=True)
     return prepared
 
@@ -227,7 +228,12 @@ def convert_if_world_changed(ckpt: Path, spec, warnings: list[str], run_dir: Pat
     from .train import checkpoint
 
     state = checkpoint.read_state(ckpt)
-    if state.universal or not state.world_size:
+    engine_problem = engine_mismatch(ckpt, state, spec)
+    if engine_problem:
+        raise CrakenError(f"--resume {ckpt}: {engine_problem}", title="cannot resume")
+    if state.universal or not state.world_size or ckpt_ops.is_plain(ckpt):
+        # a run without DeepSpeed holds the whole model and optimizer state in every process: any
+        # process count loads it as it is
         return ckpt
     why, fix = [], []
     if state.world_size != spec.world_size:
@@ -259,27 +265,62 @@ def convert_if_world_changed(ckpt: Path, spec, warnings: list[str], run_dir: Pat
                           f"{' '.join(fix)}", title="cannot resume") from None
 
 
+def layout(stage: int, deepspeed: bool, offload_optimizer: str) -> str:
+    """The layout of a checkpoint's optimizer state. ZeRO-1 and -2 share DeepSpeed's one ZeRO
+    optimizer and its shard files (checked: ZeRO-1 resumes at ZeRO-2); ZeRO-3 and stage 0 each
+    write their own; optimizer offload steps with DeepSpeed's CPU Adam, whose state keys differ from
+    torch's AdamW (ZeRO-1 -> ZeRO-2 with offload fails on 'bias_correction'); no DeepSpeed: Accelerate's."""
+    if not deepspeed:
+        return "without DeepSpeed (ZeRO stage 0 on GPUs)"
+    where = {0: "by DeepSpeed at ZeRO stage 0", 3: "at ZeRO-3"}.get(stage, "at ZeRO-1/2")
+    return where + (" with optimizer offload" if offload_optimizer != "none" else " without optimizer offload")
+
+
+def engine_mismatch(ckpt: Path, state, spec) -> str | None:
+    """Why this run cannot load the checkpoint's optimizer shards at all (DeepSpeed fails after the
+    launch otherwise), with what to change; None when it can."""
+    from . import ckpt_ops
+
+    plain = ckpt_ops.is_plain(ckpt)
+    if state.zero_stage is None and not plain:
+        return None  # written by an older craken: not recorded
+    saved_offload = state.offload_optimizer or "none"
+    saved = layout(state.zero_stage or 0, not plain, saved_offload)
+    wanted = layout(spec.zero.stage, spec.uses_deepspeed, spec.offload.optimizer.device)
+    if saved == wanted:
+        return None
+    return (f"it was saved {saved}, this run trains {wanted}, whose optimizer state is laid out differently: "
+            f"resume with --zero {state.zero_stage or 0} --offload-optimizer {saved_offload}, or start a new run "
+            f"from its weights (craken ckpt export {ckpt} --out DIR, then --model DIR)")
+
+
 def is_universal(ckpt: Path) -> bool:
     from .train import checkpoint
 
     return checkpoint.is_complete(ckpt) and checkpoint.read_state(ckpt).universal or not ckpt.exists()
 
 
-def with_universal_load(files: dict[str, str]) -> dict[str, str]:
+def with_universal_load(files: dict[str, str], machine_rank: int = 0) -> dict[str, str]:
     """The DeepSpeed JSON of a launch that resumes from a universal checkpoint. Only that launch:
     the checkpoints it writes are ordinary ones again."""
-    from .render import DS_FILE
+    from .render import DS_FILE, machine_file
 
-    cfg = json.loads(files[DS_FILE])
+    name = machine_file(DS_FILE, machine_rank)
+    cfg = json.loads(files[name])
     cfg["checkpoint"] = {**cfg.get("checkpoint", {}), "load_universal": True}
-    return {**files, DS_FILE: json.dumps(cfg, indent=2) + "\n"}
+    return {**files, name: json.dumps(cfg, indent=2) + "\n"}
 
 
-def clear_previous_run(run_dir: Path) -> None:
+def clear_previous_run(run_dir: Path, machine_rank: int = 0) -> None:
+    """--force: the outputs of the earlier run. A machine of rank > 0 shares machine 0's run folder
+    and removes only its own log; machine 0 clears the rest for the whole job."""
     import shutil
 
-    from .train.loop import OOM_MARKER_PREFIX, TENSORBOARD_DIR
+    from .train.loop import OOM_MARKER_PREFIX, TENSORBOARD_DIR, metrics_file
 
+    if machine_rank > 0:
+        (run_dir / metrics_file(machine_rank)).unlink(missing_ok=True)
+        return
     for name in ("metrics.jsonl", "final_check.pt"):
         (run_dir / name).unlink(missing_ok=True)
     for marker in run_dir.glob(f"{OOM_MARKER_PREFIX}*.json"):
@@ -291,7 +332,11 @@ def clear_previous_run(run_dir: Path) -> None:
 def execute(prepared: Prepared) -> int:
     from .console import err
 
-    metrics = prepared.run_dir / "metrics.jsonl"
+    from .render import RUN_FILE, machine_file
+    from .train.loop import metrics_file
+
+    machine_rank = prepared.resolved.spec.cluster.machine_rank
+    metrics = prepared.run_dir / metrics_file(machine_rank)
     offset = metrics.stat().st_size if metrics.exists() else 0
     code = launch.run(prepared.argv, prepared.env)
     while code != 0 and (step := oom_step(prepared)) is not None:
@@ -306,7 +351,7 @@ def execute(prepared: Prepared) -> int:
         for warning in prepared.warnings:
             err.print(f"warning: {warning}", markup=False)
         code = launch.run(prepared.argv, prepared.env)
-    if code == 0 and metrics.exists():
+    if code == 0 and metrics.exists() and machine_rank == 0:  # one report per job, from machine 0's log
         write_report(prepared.run_dir)
     if prepared.test:
         healthy, message = test_health(metrics) if code == 0 else (False, f"the run exited with code {code}")
@@ -321,7 +366,8 @@ def execute(prepared: Prepared) -> int:
         # saved a checkpoint: say so, and exit 143 (SIGTERM) / 130 (SIGINT).
         code = end["exit_code"]
         err.print(f"craken: stopped by a signal at step {end.get('steps')}; its checkpoint is saved. Resume with: "
-                  f"craken train --config {prepared.run_dir / 'run.yaml'} --resume auto", markup=False)
+                  f"craken train --config {prepared.run_dir / machine_file(RUN_FILE, machine_rank)} --resume auto",
+                  markup=False)
     elif end.get("exit_code") == NONFINITE_EXIT:
         code = NONFINITE_EXIT
         err.print(f"craken: stopped at step {end.get('steps')} on a non-finite loss or gradient norm (advice above); "

@@ -47,6 +47,8 @@ def list_(
         state = "complete" if r["complete"] else "BROKEN: " + "; ".join(r["problems"][:2])
         if r["universal"]:
             state += " (universal)"
+        if r.get("plain"):
+            state += " (no DeepSpeed)"
         if r["latest"]:
             state += " (latest)"
         typer.echo(f"{r['step']:>8}  {r['processes'] or '?':>5}  {_human(r['size_bytes']):>9}  {r['path']:<40}  {state}")
@@ -65,7 +67,8 @@ def export(
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out folder.")] = False,
 ) -> None:
     """Write a consolidated HF safetensors model (config, weights, tokenizer) from a checkpoint's
-    DeepSpeed shards, ZeRO-3 included; `AutoModelForCausalLM.from_pretrained(OUT)` loads it."""
+    DeepSpeed shards, ZeRO-3 included, or from the model.safetensors of a run without DeepSpeed;
+    `AutoModelForCausalLM.from_pretrained(OUT)` loads it."""
     from ..ckpt_ops import export as do_export
     from ..ckpt_ops import pick, require_new_output
 
@@ -85,7 +88,8 @@ def convert(
 ) -> None:
     """Convert a checkpoint to DeepSpeed's universal format, which resumes on any number of processes.
 
-    `craken train --resume` does this by itself when the number of processes changed."""
+    `craken train --resume` does this by itself when the number of processes changed. A checkpoint
+    of a run without DeepSpeed (ZeRO stage 0) needs no conversion: resume from it directly."""
     from ..ckpt_ops import convert as do_convert
 
     path = do_convert(ckpt, out, force=force)

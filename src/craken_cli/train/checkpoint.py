@@ -47,6 +47,10 @@ class TrainState:
     # written by DeepSpeed's BF16 optimizer (ZeRO-1, zero.fp32_grad_accum), whose files only it and the
     # universal converter read; its file names alone do not tell (every bf16 run writes bf16_zero_*)
     fp32_grad_accum: bool = False
+    # the run's ZeRO stage (0 also for a run without DeepSpeed) and optimizer offload device: what
+    # decides the optimizer state's layout. None in checkpoints of older craken
+    zero_stage: int | None = None
+    offload_optimizer: str | None = None
     files: dict[str, int] = field(default_factory=dict)  # manifest: relative path -> size in bytes
 
     @classmethod
@@ -215,7 +219,8 @@ def save(accelerator, run_dir: Path, state: TrainState, keep: int) -> Path:
         if (run_dir / META_DIR).is_dir():
             shutil.copytree(run_dir / META_DIR, tmp / CKPT_META)
         write_state(tmp, TrainState(state.step, state.epoch, state.batch_in_epoch, accelerator.num_processes,
-                                    fp32_grad_accum=state.fp32_grad_accum))
+                                    fp32_grad_accum=state.fp32_grad_accum, zero_stage=state.zero_stage,
+                                    offload_optimizer=state.offload_optimizer))
         _fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)

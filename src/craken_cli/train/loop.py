@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..sources import build_spec, file_layer
 
     spec = build_spec([file_layer(run_file)]).spec
-    trainer = Trainer(spec, run_dir)
+    trainer = Trainer(spec, run_file)
     try:
         return trainer.run()
     except Exception as exc:
@@ -110,9 +110,10 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 class Trainer:
-    def __init__(self, spec, run_dir: Path):
+    def __init__(self, spec, run_file: Path):
         self.spec = spec
-        self.run_dir = run_dir
+        self.run_file = run_file  # run.yaml, or run-machine<R>.yaml in a folder the machines share
+        self.run_dir = run_file.parent
         self.resume_from = os.environ.get("CRAKEN_RESUME_FROM") or None
         self.step = 0  # last optimizer step started, for the out-of-memory report
 
@@ -137,9 +138,17 @@ class Trainer:
             project_config=ProjectConfiguration(project_dir=str(self.run_dir),
                                                 logging_dir=str(self.run_dir / TENSORBOARD_DIR)),
         )
-        # Each machine's first process logs (metrics, progress) into its own run folder; the losses
-        # are reduced over all processes, so every machine logs the same numbers.
+        # Each machine's first process logs (metrics, progress) into the run folder, its own file on
+        # machines of rank > 0; the losses are reduced over all processes, so every log has the same numbers.
         is_main = accelerator.is_local_main_process
+        blind = machines_not_sharing(accelerator, self.run_dir) if spec.cluster.num_machines > 1 else []
+        if blind:
+            if is_main:
+                print(f"craken: machine(s) {', '.join(map(str, blind))} do not see what machine 0 wrote into the run "
+                      f"folder {self.run_dir}: a checkpoint is one folder that every process writes its shards "
+                      "into, so the machines of a job need one run folder on a filesystem they all mount (NFS, "
+                      "Lustre, ...): set --output-dir there", file=sys.stderr, flush=True)
+            raise SystemExit(2)
         # Seconds from process start at which each start-up phase ended (metrics "end" line): where
         # launch-to-first-step goes (imports, data, model build, engine set-up, first step).
         startup = {"imports_s": round(time.time() - PROCESS_START, 2)}
@@ -376,14 +385,15 @@ class Trainer:
                     interval_start = time.time()
                     interval_steps = 0
                 state = checkpoint.TrainState(step=step, epoch=epoch, batch_in_epoch=micro_in_epoch,
-                                              fp32_grad_accum=fp32_grad_accum)
+                                              fp32_grad_accum=fp32_grad_accum, zero_stage=spec.zero.stage,
+                                              offload_optimizer=spec.offload.optimizer.device)
                 if spec.train.eval_every and step % spec.train.eval_every == 0 and step != spec.train.max_steps:
                     log_eval(step)
                 if flags[0]:
                     path = checkpoint.save(accelerator, self.run_dir, state, spec.train.keep_checkpoints)
                     if is_main:
                         progress.log(f"craken: stopped by signal at step {step}; checkpoint {path}. "
-                                     f"Resume with: craken train --config {self.run_dir / 'run.yaml'} --resume auto")
+                                     f"Resume with: craken train --config {self.run_file} --resume auto")
                     exit_code = 130 if stop.signum == signal.SIGINT else 143
                     done = True
                     break
@@ -416,6 +426,27 @@ class Trainer:
         # Only on this path, where every process arrives: after an error, destroying could hang.
         accelerator.end_training()
         return exit_code
+
+
+def machines_not_sharing(accelerator, run_dir: Path) -> list[int]:
+    """Collective: the machines whose processes do not see a file the first process writes into
+    the run folder (machines hold equal numbers of processes, ranks in machine order)."""
+    import secrets
+
+    import torch
+    from accelerate.utils import broadcast_object_list
+
+    token = broadcast_object_list([secrets.token_hex(8) if accelerator.is_main_process else None])[0]
+    probe = run_dir / f".craken-shared-{token}"
+    if accelerator.is_main_process:
+        probe.write_text(token)
+    accelerator.wait_for_everyone()
+    sees = accelerator.gather(torch.tensor([float(probe.is_file())], device=accelerator.device)).tolist()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        probe.unlink(missing_ok=True)
+    per_machine = int(os.environ.get("LOCAL_WORLD_SIZE") or accelerator.num_processes)  # set by torchrun
+    return sorted({rank // per_machine for rank, seen in enumerate(sees) if not seen})
 
 
 def lr_factor(spec):
