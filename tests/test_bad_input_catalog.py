@@ -130,6 +130,8 @@ CASES: dict[str, Case] = {
     "seq-len-beyond-model": Case(train("--model", "./mymodel", "--seq-len", "1024"),
                                  ["--seq-len 1024", "maximum of 256", "--seq-len 256"], model_dir()),
     "unknown-builtin-model": Case(train("--model", "builtin:huge"), ["builtin:huge", "builtin:tiny"]),
+    "flash-attention-on-cpu": Case(train("--cpu", "--set", "model.attn_implementation=flash_attention_2"),
+                                   ["flash_attention_2 needs CUDA GPUs", "sdpa"]),
     # data
     "data-file-missing": Case(train("--dataset", "./data.jsonl"), ["--dataset ./data.jsonl", "no such file"]),
     "data-unsupported-type": Case(train("--dataset", "data.xml"), ["unsupported file type '.xml'", ".jsonl"],

@@ -109,10 +109,16 @@ def loop_workers(pid: int) -> list[psutil.Process]:
 
 
 def test_max_restarts_recovers_from_a_killed_worker(tmp_path):
+    """A resumed launch (--resume auto) whose worker dies later: the restarted group continues from
+    the newest checkpoint, not from the one the launch began with (pruned by then: keep 1)."""
     run_dir = tmp_path / "elastic"
-    proc = start(["--max-restarts", "1", "--save-every", "4", "--max-steps", "60", "--steps-per-print", "1",
-                  "--eval-every", "0", "--seq-len", "64", "--main-process-port", str(free_port()),
-                  "--output-dir", str(run_dir)], tmp_path, tmp_path / "elastic.log")
+    common = ["--save-every", "4", "--steps-per-print", "1", "--eval-every", "0", "--seq-len", "64",
+              "--keep-checkpoints", "1", "--output-dir", str(run_dir)]
+    first = start([*common, "--max-steps", "4", "--main-process-port", str(free_port())], tmp_path,
+                  tmp_path / "first.log")
+    assert first.wait(timeout=300) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    proc = start(["--max-restarts", "1", "--max-steps", "60", "--resume", "auto", *common,
+                  "--main-process-port", str(free_port())], tmp_path, tmp_path / "elastic.log")
     workers: list[psutil.Process] = []
     try:
         deadline = time.time() + 300
@@ -120,8 +126,8 @@ def test_max_restarts_recovers_from_a_killed_worker(tmp_path):
         while time.time() < deadline and proc.poll() is None:
             metrics = run_dir / "metrics.jsonl"
             step = max(losses(metrics) or [0]) if metrics.exists() else 0
-            # Mid-run: after the first checkpoint (step 4), well before the end (step 60).
-            if (run_dir / "checkpoints" / "latest").exists() and 6 <= step <= 40:
+            # Mid-run: after this launch's first checkpoint (step 8), well before the end (step 60).
+            if 10 <= step <= 40:
                 workers = loop_workers(proc.pid)
                 if len(workers) == 2:
                     workers[-1].kill()  # one worker dies, as on a node failure
@@ -147,7 +153,8 @@ def test_max_restarts_recovers_from_a_killed_worker(tmp_path):
     assert "worker group restarted" in log
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     resumed = [e for e in events if e.get("event") == "resume"]
-    # continued from a checkpoint written before the kill, not from scratch
-    assert len(resumed) == 1 and 4 <= resumed[0]["step"] <= killed_at, (resumed, killed_at)
+    # the launch resumed at 4; the restart from a checkpoint this launch wrote before the kill
+    assert [e["step"] for e in resumed][:1] == [4] and len(resumed) == 2, resumed
+    assert 8 <= resumed[1]["step"] <= killed_at, (resumed, killed_at)
     assert events[-1]["event"] == "end" and events[-1]["steps"] == 60 and events[-1]["exit_code"] == 0
     assert sorted(losses(run_dir / "metrics.jsonl"))[-1] == 60

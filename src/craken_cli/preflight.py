@@ -53,6 +53,13 @@ def model_problems(spec) -> list[str]:
     if m.tokenizer and not builtin.is_builtin(m.tokenizer) and looks_like_path(m.tokenizer) \
             and not Path(m.tokenizer).expanduser().is_dir():
         out.append(f"--tokenizer {m.tokenizer}: no such folder")
+    if m.attn_implementation == "flash_attention_2":
+        if spec.cluster.use_cpu:
+            out.append("--set model.attn_implementation=flash_attention_2 needs CUDA GPUs (these are CPU "
+                       "processes): use sdpa")
+        elif importlib.util.find_spec("flash_attn") is None:
+            out.append("--set model.attn_implementation=flash_attention_2: the flash-attn package is not installed "
+                       "(every process would fail loading the model): pip install flash-attn, or use sdpa")
     limit = model_max_positions(m.name_or_path)
     if limit is not None and spec.data.seq_len > limit:
         out.append(f"--seq-len {spec.data.seq_len} is beyond the model's maximum of {limit} positions: "

@@ -230,13 +230,15 @@ class Trainer:
         tokens_per_step = spec.batch.micro_batch * spec.grad_accum * spec.data.seq_len * world
 
         state = checkpoint.TrainState()
-        if not self.resume_from and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
+        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
             # Restarted by the launcher (--max-restarts) after a worker failed: continue from the
-            # latest good checkpoint, or from scratch if none was written yet.
+            # latest good checkpoint. The environment still names the one this launch began from
+            # (--resume), which is older, or pruned by keep_checkpoints, once the run saved again.
             latest, _ = checkpoint.latest_checkpoint(self.run_dir)
-            self.resume_from = str(latest) if latest else None
+            if latest and (not self.resume_from or saved_step(latest) > saved_step(Path(self.resume_from))):
+                self.resume_from = str(latest)
             if is_main:
-                print(f"craken: worker group restarted; resuming from {latest or 'the start'}", flush=True)
+                print(f"craken: worker group restarted; resuming from {self.resume_from or 'the start'}", flush=True)
         if self.resume_from:
             state = checkpoint.load(accelerator, Path(self.resume_from))
             if is_main:
@@ -426,6 +428,16 @@ class Trainer:
         # Only on this path, where every process arrives: after an error, destroying could hang.
         accelerator.end_training()
         return exit_code
+
+
+def saved_step(ckpt: Path) -> int:
+    """The step a checkpoint holds; -1 once it is gone (pruned by keep_checkpoints) or unreadable."""
+    from . import checkpoint
+
+    try:
+        return checkpoint.read_state(ckpt).step
+    except (OSError, ValueError):
+        return -1
 
 
 def machines_not_sharing(accelerator, run_dir: Path) -> list[int]:
