@@ -145,6 +145,9 @@ CASES: dict[str, Case] = {
                                  write("data.jsonl", '{"text": "unterminated\n')),
     "data-folder-without-data-files": Case(train("--dataset", "texts"), ["holds no", ".jsonl"],
                                            write("texts/readme.md", "# notes\n")),
+    "split-of-a-local-file": Case(train("--dataset", "data.jsonl", "--set", "data.split=validation"),
+                                  ["data.split=validation", "read whole", "--dataset"],
+                                  write("data.jsonl", '{"text": "hello"}\n')),
     "unknown-builtin-data": Case(train("--dataset", "builtin:shakespeare"), ["builtin:shakespeare",
                                                                             "builtin:counting"]),
     # flags of training length and checkpointing

@@ -104,6 +104,9 @@ def data_problems(spec) -> list[str]:
         if looks_like_path(d.dataset) or path.suffix in LOCAL_FORMATS:
             return [f"--dataset {d.dataset}: no such file or folder"]
         return []  # a hub id: checked when loaded
+    if d.split != "train":
+        return [f"--set data.split={d.split}: splits are read from hub data sets; the local {d.dataset} is read "
+                "whole: point --dataset at the file of that split instead"]
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in LOCAL_FORMATS)
     if path.is_file() and path.suffix not in LOCAL_FORMATS:
         return [f"--dataset {d.dataset}: unsupported file type '{path.suffix}'; use one of {', '.join(LOCAL_FORMATS)}"]

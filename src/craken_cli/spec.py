@@ -72,7 +72,7 @@ class DataSection(Section):
         "or 'builtin:counting' (a generated pattern language, no download).",
     )
     text_column: str = Field("text", description="Column holding the text.")
-    split: str = Field("train", description="Split of the data set to read.")
+    split: str = Field("train", description="Split of a hub data set to read (a local file or folder is read whole).")
     seq_len: int = Field(128, gt=0, description="Tokens per training sequence (texts are packed into blocks).")
     eval_fraction: float = Field(0.05, ge=0, lt=0.5, description="Share of packed blocks held out for evaluation.")
     max_samples: int | None = Field(None, gt=0, description="Read at most this many raw records (None: all).")
