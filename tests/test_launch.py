@@ -34,3 +34,31 @@ def test_a_stopped_run_has_time_to_write_its_checkpoint(tmp_path):
     assert env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == str(launch.STOP_GRACE_S) and launch.STOP_GRACE_S >= 300
     _, env = launch.build(resolved.spec, tmp_path, {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "45"}, cpu_count=2)
     assert env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "45"
+
+
+def test_pdsh_launch_keeps_its_env_file_in_the_run_folder_fresh_and_without_secrets(tmp_path):
+    """accelerate appends the whole environment to DeepSpeed's env file and DeepSpeed exports every
+    line on every machine: at ./.deepspeed_env it grew each launch (an old CRAKEN_RESUME_FROM came
+    back in a later run) and held tokens."""
+    from craken_cli.hardware import GPU
+
+    hw = detect(FakeProbe(gpus=[GPU(i, "NVIDIA H100 80GB HBM3", 80 << 30, 79 << 30, (9, 0)) for i in range(8)]),
+                environ={})
+    flags = {"--num-machines": 2, "--num-processes": 16, "--main-process-ip": "10.0.0.1", "--launcher": "deepspeed",
+             "--zero": 2}
+    resolved, _ = load_run(SpecArgs(flags=flags), hardware=hw, environ={})
+    run = tmp_path / "run"
+    _, env = launch.build(resolved.spec, run, {"HF_TOKEN": "hf_x", "PATH": "/usr/bin", "NCCL_DEBUG": "INFO"}, 16)
+    assert env["DS_ENV_FILE"] == str(run.absolute() / ".deepspeed_env")
+    assert "HF_TOKEN" not in env and env["NCCL_DEBUG"] == "INFO"
+
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    for d, text in ((home, "NCCL_IB_HCA=mlx5\nWANDB_API_KEY=k\n"), (cwd, "NCCL_SOCKET_IFNAME=eth0\n")):
+        d.mkdir()
+        (d / ".deepspeed_env").write_text(text)
+    run.mkdir()
+    target = run / ".deepspeed_env"
+    target.write_text("CRAKEN_RESUME_FROM=/old/step_00000004\n")  # what an earlier launch appended
+    launch.seed_deepspeed_env(target, home, cwd)
+    assert target.read_text() == "NCCL_IB_HCA=mlx5\nNCCL_SOCKET_IFNAME=eth0\n"
+    assert target.stat().st_mode & 0o077 == 0

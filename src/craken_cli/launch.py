@@ -22,6 +22,11 @@ SECRET_MARKERS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", 
 # (its default is 30): the stopped run must have time to write its checkpoint, seconds per GB of
 # weights and optimizer state.
 STOP_GRACE_S = 600
+# DeepSpeed's env file of a pdsh launch (--launcher deepspeed over several machines), in the run
+# folder: accelerate appends the whole environment to it and DeepSpeed's runner exports every line on
+# every machine. At its default ./.deepspeed_env it grew with every launch, so a later run re-exported
+# an old CRAKEN_RESUME_FROM, and tokens were written to disk.
+DS_ENV_FILE = ".deepspeed_env"
 
 
 INHERITED_DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
@@ -88,7 +93,28 @@ def build(spec, run_dir: str | os.PathLike, base_env: Mapping[str, str], cpu_cou
         env["CRAKEN_RESUME_FROM"] = str(resume_from)
     else:
         env.pop("CRAKEN_RESUME_FROM", None)
+    if uses_pdsh(spec):
+        env["DS_ENV_FILE"] = str(run / DS_ENV_FILE)
+        for name in [k for k in env if is_secret(k)]:
+            del env[name]  # would be written into that file: each machine needs its own (e.g. hf auth login)
     return argv, env
+
+
+def uses_pdsh(spec) -> bool:
+    return spec.cluster.launcher == "deepspeed" and spec.cluster.num_machines > 1 and spec.uses_deepspeed
+
+
+def seed_deepspeed_env(target: Path, home: Path, cwd: Path) -> None:
+    """Start this launch's env file afresh from the user's own ~/.deepspeed_env and ./.deepspeed_env
+    lines (what DeepSpeed reads when DS_ENV_FILE is not set), without secrets; owner-only."""
+    from .render import atomic_write
+
+    lines = []
+    for source in (home / DS_ENV_FILE, cwd / DS_ENV_FILE):
+        if source.is_file() and source.resolve() != target.resolve():
+            lines += [line for line in source.read_text().splitlines()
+                      if "=" in line and not is_secret(line.split("=", 1)[0].strip())]
+    atomic_write(target, "".join(f"{line}\n" for line in lines))
 
 
 def normalized_arch_list(value: str | None) -> str | None:

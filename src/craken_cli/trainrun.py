@@ -212,11 +212,18 @@ def prepare(request: TrainRequest, environ: Mapping[str, str], hardware=None) ->
     if resume_from is not None and is_universal(resume_from):
         files = with_universal_load(files, spec.cluster.machine_rank)
     argv, env = launch.build(spec, run_dir, environ, hw.cpu_count, request.launcher_args, resume_from)
+    if launch.uses_pdsh(spec):
+        held_back = sorted(k for k in environ if launch.is_secret(k))
+        if held_back:
+            warnings.append(f"--launcher deepspeed: {', '.join(held_back)} not passed to the other machines (DeepSpeed "
+                            "would write them into its env file): set them in each machine's own environment")
     prepared = Prepared(resolved, run_dir, argv, env, files, resume_from, warnings, request.test, request, choice)
     if not request.dry_run:
         if force and not request.resume:
             clear_previous_run(run_dir, spec.cluster.machine_rank)
         write_files(files, run_dir, force=True)
+        if launch.uses_pdsh(spec):
+            launch.seed_deepspeed_env(run_dir / launch.DS_ENV_FILE, Path.home(), Path.cwd())
     return prepared
 
 
