@@ -6,7 +6,6 @@ functions (the command module only parses and prints):
     universal_argv(ckpt, out)        -> DeepSpeed's ds_to_universal command, an argv list (no shell)
     convert(ckpt, out)               -> a universal checkpoint, loadable on any number of processes
     export(ckpt, out)                -> an HF safetensors folder that `from_pretrained` loads
-    is_plain(ckpt)                   -> written without DeepSpeed (Accelerate DDP: model.safetensors)
 
 A plain checkpoint (ZeRO stage 0 on GPUs: no DeepSpeed) holds the whole model in model.safetensors and the
 whole optimizer state in optimizer.bin: export reads the weights from there, and it needs no conversion
@@ -43,12 +42,6 @@ def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def is_plain(ckpt: Path) -> bool:
-    """Written by a run without DeepSpeed: model weights in safetensors, no folder of DeepSpeed shards."""
-    ckpt = Path(ckpt)
-    return not (ckpt / ck.SHARDS).is_dir() and any(ckpt.glob("model*.safetensors"))
-
-
 def require_run_dir(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -78,7 +71,7 @@ def rows(run_dir: Path) -> list[dict]:
             "step": ck.step_of(path), "path": str(path), "complete": not why, "problems": why,
             "processes": state.world_size if state else None,
             "universal": bool(state and state.universal),
-            "plain": not why and is_plain(path),
+            "plain": not why and ck.is_plain(path),
             "latest": path.parent == root and path.name == latest,
             "size_bytes": _size(path),
         })
@@ -152,7 +145,7 @@ def convert(ckpt: Path, out: Path | None = None, force: bool = False, env=None) 
     state = require_checkpoint(ckpt, title)
     if state.universal:
         raise CrakenError(f"{ckpt} is already a universal checkpoint: resume from it directly", title=title)
-    if is_plain(ckpt):
+    if ck.is_plain(ckpt):
         raise CrakenError(f"{ckpt} was written without DeepSpeed (ZeRO stage 0: {PLAIN_WEIGHTS} holds the whole "
                           "model and every process the whole optimizer state), so it needs no conversion: resume "
                           f"from it directly on any number of processes (craken train --resume {ckpt})", title=title)
@@ -238,7 +231,7 @@ def _plain_state_dict(ckpt: Path) -> dict:
 def fp32_state_dict(ckpt: Path, state: ck.TrainState) -> dict:
     """The full weights: gathered from the ZeRO shards of every process (stage 1, 2 and 3) in fp32, or
     read from model.safetensors of a run without DeepSpeed."""
-    if is_plain(ckpt):
+    if ck.is_plain(ckpt):
         return _plain_state_dict(ckpt)
     if state.universal:
         return _universal_state_dict(ckpt)

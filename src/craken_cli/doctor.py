@@ -567,11 +567,24 @@ def check_ops(f: Facts, view: RunView | None) -> list[Check]:
     return out
 
 
+def nvme_offload_flags(offload_optimizer: str | None, offload_param: str | None) -> list[str]:
+    """The offload flags set to nvme (the doctor's and the preflight's advice name them)."""
+    return [f"--offload-{what}" for what, device in (("optimizer", offload_optimizer), ("param", offload_param))
+            if device == "nvme"]
+
+
+def libaio_missing(prebuilt_async_io: bool, library: str | None, header: str | None, link: str | None) -> list[str]:
+    """What of libaio the async_io op lacks: a pre-built op loads only the shared library; a JIT build
+    compiles against libaio.h and links libaio.so. Empty when it has what it needs."""
+    if prebuilt_async_io:
+        return [] if library else ["libaio's shared library"]
+    return [name for name, found in (("libaio.h", header), ("libaio.so", link)) if not found]
+
+
 def _aio_fix(view: RunView | None) -> str:
-    flags = [f"--offload-{w} cpu" for w, dev in (("optimizer", view and view.offload_optimizer),
-                                                  ("param", view and view.offload_param)) if dev == "nvme"]
+    flags = nvme_offload_flags(view and view.offload_optimizer, view and view.offload_param)
     return ("apt install libaio-dev (or conda install libaio and point CFLAGS=-I / LDFLAGS=-L at it), "
-            f"or offload to CPU RAM instead of NVMe: {' '.join(flags) or '--offload-optimizer cpu'}")
+            f"or offload to CPU RAM instead of NVMe: {' '.join(f + ' cpu' for f in flags) or '--offload-optimizer cpu'}")
 
 
 def _async_io_check(f: Facts, view: RunView | None, prebuilt: set[str], tools_ok: bool, gpu_build: bool) -> Check:
@@ -580,7 +593,7 @@ def _async_io_check(f: Facts, view: RunView | None, prebuilt: set[str], tools_ok
     op, use = "async_io", "used by NVMe offload"
     fails = "the run would fail after launch with 'Unable to JIT load the async_io op'"
     if op in prebuilt:
-        if f.aio_library:
+        if not libaio_missing(True, f.aio_library, f.aio_header, f.aio_link):
             return Check("ops", op, "ok", f"pre-built into deepspeed, {f.aio_library} found; {use}")
         return Check("ops", op, "fail", f"pre-built into deepspeed but libaio's shared library is not found: it "
                      f"cannot load; {use}", _aio_fix(view))
@@ -588,7 +601,7 @@ def _async_io_check(f: Facts, view: RunView | None, prebuilt: set[str], tools_ok
         lock, age = f.jit_locks[op]
         return Check("ops", op, "fail", f"{stale_lock_message(op, lock, age)}; {use}",
                      f"delete {lock} (when no build is running)")
-    missing = [name for name, found in (("libaio.h", f.aio_header), ("libaio.so", f.aio_link)) if not found]
+    missing = libaio_missing(False, f.aio_library, f.aio_header, f.aio_link)
     if missing:
         return Check("ops", op, "fail", f"cannot be built: libaio is missing ({' and '.join(missing)} not found); "
                      f"{fails}", _aio_fix(view))

@@ -141,18 +141,18 @@ def op_problems(spec, environ) -> list[str]:
 def nvme_problems(spec, environ) -> list[str]:
     """NVMe offload loads DeepSpeed's async_io op, built against libaio at first use (or pre-built):
     without libaio every process fails after start-up ('Unable to JIT load the async_io op')."""
-    from .doctor import _deepspeed_ops, find_libaio
+    from .doctor import _deepspeed_ops, find_libaio, libaio_missing, nvme_offload_flags
 
-    nvme = [f"--offload-{what}" for what, device in (("optimizer", spec.offload.optimizer.device),
-                                                     ("param", spec.offload.param.device)) if device == "nvme"]
+    nvme = nvme_offload_flags(spec.offload.optimizer.device, spec.offload.param.device)
     if not nvme or not spec.uses_deepspeed:
         return []
-    library, header, link = find_libaio(environ)
     prebuilt, _ = _deepspeed_ops(environ)
-    if (prebuilt.get("async_io") and library) or (header and link):
+    missing = libaio_missing(bool(prebuilt.get("async_io")), *find_libaio(environ))
+    if not missing:
         return []
-    return [f"{' '.join(nvme)} nvme: DeepSpeed's async_io op needs libaio, which is not installed here (libaio.h "
-            f"and libaio.so not found): apt install libaio-dev, or offload to cpu instead ({' '.join(nvme)} cpu)"]
+    return [f"{' '.join(f + ' nvme' for f in nvme)}: DeepSpeed's async_io op needs libaio, which is not installed here "
+            f"({' and '.join(missing)} not found): apt install libaio-dev, or offload to cpu instead "
+            f"({' '.join(f + ' cpu' for f in nvme)})"]
 
 
 def precision_problems(spec) -> list[str]:

@@ -238,7 +238,7 @@ def convert_if_world_changed(ckpt: Path, spec, warnings: list[str], run_dir: Pat
     engine_problem = engine_mismatch(ckpt, state, spec)
     if engine_problem:
         raise CrakenError(f"--resume {ckpt}: {engine_problem}", title="cannot resume")
-    if state.universal or not state.world_size or ckpt_ops.is_plain(ckpt):
+    if state.universal or not state.world_size or checkpoint.is_plain(ckpt):
         # a run without DeepSpeed holds the whole model and optimizer state in every process: any
         # process count loads it as it is
         return ckpt
@@ -286,9 +286,9 @@ def layout(stage: int, deepspeed: bool, offload_optimizer: str) -> str:
 def engine_mismatch(ckpt: Path, state, spec) -> str | None:
     """Why this run cannot load the checkpoint's optimizer shards at all (DeepSpeed fails after the
     launch otherwise), with what to change; None when it can."""
-    from . import ckpt_ops
+    from .train import checkpoint
 
-    plain = ckpt_ops.is_plain(ckpt)
+    plain = checkpoint.is_plain(ckpt)
     if state.zero_stage is None and not plain:
         return None  # written by an older craken: not recorded
     saved_offload = state.offload_optimizer or "none"
@@ -328,7 +328,7 @@ def clear_previous_run(run_dir: Path, machine_rank: int = 0) -> None:
     if machine_rank > 0:
         (run_dir / metrics_file(machine_rank)).unlink(missing_ok=True)
         return
-    for name in ("metrics.jsonl", "final_check.pt"):
+    for name in (metrics_file(0), "final_check.pt"):
         (run_dir / name).unlink(missing_ok=True)
     for marker in run_dir.glob(f"{OOM_MARKER_PREFIX}*.json"):
         marker.unlink()

@@ -114,7 +114,7 @@ def problems(path: Path) -> list[str]:
         return [f"{STATE_FILE} is unreadable ({exc.__class__.__name__})"]
     if not isinstance(raw, dict) or not isinstance(raw.get("step"), int):
         return [f"{STATE_FILE} has no step"]
-    if not (path / SHARDS).is_dir() and not any(path.glob("model*.safetensors")):
+    if not (path / SHARDS).is_dir() and not is_plain(path):
         return [f"no {SHARDS}/ folder of DeepSpeed shards (nor model weights of a run without DeepSpeed)"]
     out = []
     for rel, size in (raw.get("files") or {}).items():
@@ -124,6 +124,21 @@ def problems(path: Path) -> list[str]:
         elif f.stat().st_size != size:
             out.append(f"{rel} has {f.stat().st_size} bytes, {size} were written")
     return out
+
+
+def is_plain(path: Path) -> bool:
+    """Written by a run without DeepSpeed (Accelerate's save_state): model weights in safetensors, no
+    folder of DeepSpeed shards."""
+    path = Path(path)
+    return not (path / SHARDS).is_dir() and any(path.glob("model*.safetensors"))
+
+
+def saved_step(path: Path) -> int:
+    """The step a checkpoint holds; -1 once it is gone (pruned by keep_checkpoints) or unreadable."""
+    try:
+        return read_state(path).step
+    except (OSError, ValueError):
+        return -1
 
 
 def is_complete(path: Path) -> bool:

@@ -235,7 +235,8 @@ class Trainer:
             # latest good checkpoint. The environment still names the one this launch began from
             # (--resume), which is older, or pruned by keep_checkpoints, once the run saved again.
             latest, _ = checkpoint.latest_checkpoint(self.run_dir)
-            if latest and (not self.resume_from or saved_step(latest) > saved_step(Path(self.resume_from))):
+            if latest and (not self.resume_from
+                           or checkpoint.saved_step(latest) > checkpoint.saved_step(Path(self.resume_from))):
                 self.resume_from = str(latest)
             if is_main:
                 print(f"craken: worker group restarted; resuming from {self.resume_from or 'the start'}", flush=True)
@@ -428,16 +429,6 @@ class Trainer:
         # Only on this path, where every process arrives: after an error, destroying could hang.
         accelerator.end_training()
         return exit_code
-
-
-def saved_step(ckpt: Path) -> int:
-    """The step a checkpoint holds; -1 once it is gone (pruned by keep_checkpoints) or unreadable."""
-    from . import checkpoint
-
-    try:
-        return checkpoint.read_state(ckpt).step
-    except (OSError, ValueError):
-        return -1
 
 
 def machines_not_sharing(accelerator, run_dir: Path) -> list[int]:
