@@ -223,10 +223,15 @@ def test_catalog_is_large_and_distinct():
         == len(CASES)
 
 
-def test_offload_run_refuses_a_left_over_op_build_lock(craken, workdir):
-    """Without the check, every process of the run waits on the lock forever and prints nothing."""
+def test_offload_run_refuses_a_left_over_op_build_lock(craken, workdir, monkeypatch):
+    """With a torch that blocks builds on a lock file's existence, every process of the run waits on
+    a left-over one forever and prints nothing."""
     import os
     import time
+
+    from craken_cli import doctor
+
+    monkeypatch.setattr(doctor, "torch_uses_build_baton", lambda: True)
 
     lock = workdir / "ext" / "cpu_adam" / "lock"
     lock.parent.mkdir(parents=True)

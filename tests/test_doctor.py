@@ -186,16 +186,40 @@ def test_left_over_build_lock_is_found_and_named_with_its_fix(tmp_path):
     lock.parent.mkdir()
     lock.touch()
     env = {"TORCH_EXTENSIONS_DIR": str(tmp_path)}
-    assert d.stale_build_locks(["cpu_adam"], env) == {}  # a build may be running right now
+    assert d.stale_build_locks(["cpu_adam"], env, baton=True) == {}  # a build may be running right now
     old = time.time() - 3600
     os.utime(lock, (old, old))
-    assert d.stale_build_locks(["cpu_adam", "fused_adam"], env) == {"cpu_adam": (str(lock), pytest.approx(3600, abs=60))}
+    assert d.stale_build_locks(["cpu_adam", "fused_adam"], env, baton=True) == \
+        {"cpu_adam": (str(lock), pytest.approx(3600, abs=60))}
     hw = hw_with(0)
-    f = healthy_facts(hw, environ=env, jit_locks=d.stale_build_locks(["cpu_adam"], env))
+    f = healthy_facts(hw, environ=env, jit_locks=d.stale_build_locks(["cpu_adam"], env, baton=True))
     row = by_name(d.check_ops(f, view(hw, zero=2, offload_optimizer="cpu")))["cpu_adam"]
     assert row.status == "fail" and row.fix == f"delete {lock} (when no build is running)" and "60 min" in row.detail
     row = by_name(d.check_ops(f, view(hw, zero=2, offload_optimizer="none")))["cpu_adam"]
     assert row.status == "warn"  # not used by this run, but the next offload run would hang
+
+
+def test_an_os_lock_file_left_on_disk_is_never_stale(tmp_path):
+    """torch >= 2.14 builds under filelock: its `lock` file stays on disk after every build, and an
+    hour-old one is the normal state (the README's torch refused every offload run ten minutes after
+    the first with the age rule)."""
+    import time
+
+    lock = tmp_path / "cpu_adam" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    env = {"TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    assert d.stale_build_locks(["cpu_adam"], env, baton=False) == {}
+
+
+def test_the_installed_torch_lock_kind_is_read_from_its_source():
+    import inspect
+
+    import torch.utils.cpp_extension as cpp
+
+    assert d.torch_uses_build_baton() == ("FileBaton(" in inspect.getsource(cpp))
 
 
 def test_no_compiler():

@@ -198,17 +198,39 @@ def ops_for(offload_optimizer: str, use_cpu: bool, fused: bool | None, offload_p
 OP_BUILDERS = {"cpu_adam": "CPUAdamBuilder", "fused_adam": "FusedAdamBuilder", "async_io": "AsyncIOBuilder"}
 
 
-# torch.utils.cpp_extension guards each JIT build with a `lock` file in the op's build folder and
-# removes it when the build ends. A build that was killed leaves it behind, and from then on every
-# process that loads the op (even one already built) waits for it forever, printing nothing. A
-# build takes one to three minutes; a lock older than this is taken as left over.
+# Older torch.utils.cpp_extension guards each JIT build with a FileBaton: a `lock` file whose mere
+# existence blocks, removed when the build ends. A build that was killed leaves it behind, and from
+# then on every process that loads the op waits for it forever, printing nothing. A build takes one
+# to three minutes; a baton older than this is taken as left over. Newer torch holds an OS advisory
+# lock (filelock) on a file that stays on disk: the kernel releases it with its holder, so such a
+# file is never stale, and one that is locked now belongs to a build that is running.
 STALE_LOCK_S = 600
 
 
-def stale_build_locks(ops: list[str], environ: Mapping[str, str], now: float | None = None) -> dict[str, tuple[str, float]]:
-    """op -> (lock file, age in seconds) for JIT build locks left over by an interrupted build."""
+def torch_uses_build_baton() -> bool:
+    """Whether the installed torch blocks JIT builds on a lock file's existence (FileBaton), read from
+    its source so that no torch import is needed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    source = os.path.join(list(spec.submodule_search_locations)[0], "utils", "cpp_extension.py")
+    try:
+        with open(source, encoding="utf-8") as f:
+            return "FileBaton(" in f.read()
+    except OSError:
+        return False
+
+
+def stale_build_locks(ops: list[str], environ: Mapping[str, str], now: float | None = None,
+                      baton: bool | None = None) -> dict[str, tuple[str, float]]:
+    """op -> (lock file, age in seconds) for JIT build batons left over by an interrupted build;
+    none with a torch whose build locks release with their holder."""
     import time
 
+    if not (torch_uses_build_baton() if baton is None else baton):
+        return {}
     now = time.time() if now is None else now
     found: dict[str, tuple[str, float]] = {}
     for root in extension_roots(environ):
