@@ -132,7 +132,14 @@ def builtin_preset_path() -> Path:
 
 def load_spec(args: SpecArgs, environ=None) -> Resolved:
     """The spec from every source, validated, before hardware is looked at."""
-    return sources.build_spec(layers(args, environ), nvme_path=args.nvme_path)
+    found = layers(args, environ)
+    notes = [note for layer in found for note in layer.notes]
+    if notes:
+        from .console import err
+
+        for note in notes:
+            err.print(f"note: {note}", markup=False, highlight=False)
+    return sources.build_spec(found, nvme_path=args.nvme_path)
 
 
 def load_run(args: SpecArgs, hardware=None, environ=None):

@@ -98,7 +98,28 @@ def deepspeed_config(spec: RunSpec) -> dict:
         # Offloaded states are stepped by DeepSpeed's CPU Adam; torch_adam would be refused there.
         del cfg["optimizer"]["params"]["torch_adam"]
         cfg["optimizer"]["params"].pop("fused", None)
-    return cfg
+    return with_extra(cfg, spec)
+
+
+def with_extra(cfg: dict, spec: RunSpec) -> dict:
+    """The rendered config with the spec's deepspeed.extra keys merged in, their "auto" filled from the
+    run; an extra scheduler block replaces craken's whole (a schedule is one block, never mixed)."""
+    extra = spec.deepspeed.extra
+    if not extra:
+        return cfg
+    from .importers import AutoFill, fill_auto
+
+    filled = fill_auto(extra, AutoFill.of(spec))
+    if "scheduler" in filled:
+        cfg.pop("scheduler", None)
+    return _merge(cfg, filled)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _launch_shape(spec: RunSpec) -> dict:
