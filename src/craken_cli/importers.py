@@ -126,6 +126,8 @@ class AutoFill:
                "optimizer.params.weight_decay": self.weight_decay, "scheduler.params.warmup_min_lr": 0,
                "scheduler.params.warmup_max_lr": self.lr, "scheduler.params.warmup_num_steps": self.warmup_steps,
                "scheduler.params.total_num_steps": self.max_steps, "bf16.enabled": self.precision == "bf16",
+               # accelerate adds a bf16 section from the run's precision, which DeepSpeed reads before its old name
+               "bfloat16.enabled": self.precision == "bf16",
                "fp16.enabled": self.precision == "fp16",
                "zero_optimization.stage3_gather_16bit_weights_on_model_save": self.gather_16bit}
         if self.hidden_size:
@@ -147,6 +149,13 @@ def fill_auto(cfg: dict, fill: AutoFill) -> dict:
 
     values = fill.values()
     flat = {key: values.get(key, value) if value == "auto" else value for key, value in flatten(cfg).items()}
+    deferred = any(cfg.get(section, {}).get("enabled") == "auto" for section in ("bf16", "fp16", "bfloat16")
+                   if isinstance(cfg.get(section), dict))
+    if deferred and fill.precision in ("bf16", "fp16") and fill.precision not in cfg:
+        # accelerate's DeepSpeedPlugin.set_mixed_precision adds the run's section where the file has none
+        flat[f"{fill.precision}.enabled"] = True
+        if fill.precision == "fp16":
+            flat["fp16.auto_cast"] = True
     return unflatten(flat)
 
 
@@ -401,12 +410,21 @@ def _notes(cfg: dict, stated: dict, parsed, origin: str, out: Imported) -> None:
     out.notes += notes
 
 
+def _offloads_optimizer(parsed) -> bool:
+    offload = parsed.zero_config.offload_optimizer
+    return offload is not None and getattr(offload.device, "value", offload.device) != "none"
+
+
 def _deliberate(cfg: dict, stated: dict, parsed, origin: str) -> list[str]:
     """Keys the file leaves out where craken renders something else than DeepSpeed's default, on purpose."""
     stage, notes = parsed.zero_config.stage, []
     if "optimizer" not in cfg:
         notes.append(f"{origin}: optimizer is not in the file (the training script's part): craken's AdamW "
                      "(optimizer.lr, optimizer.betas, ...; --lr)")
+    elif stated.get("optimizer.params.torch_adam") is True and _offloads_optimizer(parsed):
+        notes.append(f"{origin}: optimizer.params.torch_adam=true with optimizer offload: DeepSpeed would stop "
+                     "(ZeRO-Offload refuses torch's Adam unless zero_force_ds_cpu_optimizer is false); craken steps "
+                     "DeepSpeed's CPU Adam, the same update (--offload-optimizer none keeps torch's AdamW)")
     elif "optimizer.params.torch_adam" not in stated:
         notes.append(f"{origin}: optimizer.params.torch_adam is not set (DeepSpeed: its JIT-built FusedAdam op): "
                      "craken steps torch's AdamW, the same update without an op to build; set optimizer.fused: true "
