@@ -235,16 +235,20 @@ def from_deepspeed(cfg: dict, origin: str = "ds_config.json", world_size: int | 
     from . import dscheck
 
     out = Imported()
-    quoted = [f"{origin}: {key} is the string {value!r}: DeepSpeed would fail on it; write it without quotes"
-              for key, value in _stated(cfg).items() if key in DEEPSPEED_FIELDS and _is_number_string(value)]
-    if quoted:
-        out.problems += quoted
-        return out
+    quoted = {key: value for key, value in _stated(cfg).items() if key in DEEPSPEED_FIELDS and _is_number_string(value)}
+    out.problems += [f"{origin}: {key} is the string {value!r}: DeepSpeed would fail on it; write it without quotes"
+                     for key, value in quoted.items()]
     world = world_size or implied_world(cfg)
+    stated_batch = {k: cfg.get(k) for k in _BATCH_KEYS if isinstance(cfg.get(k), int)}
+    fill = AutoFill(world_size=world, micro_batch=stated_batch.get("train_micro_batch_size_per_gpu", 4),
+                    grad_accum=stated_batch.get("gradient_accumulation_steps", 1))
     try:
-        parsed, read = dscheck.parse_recording(fill_auto(cfg, AutoFill(world_size=world)), world)
+        # quoted numbers read as numbers here, so that DeepSpeed's own verdict on the rest comes too
+        parsed, read = dscheck.parse_recording(fill_auto(_unquoted(cfg, quoted), fill), world)
     except Exception as exc:  # DeepSpeed raises assorted types; its words are what the user needs
         out.problems += [f"{origin}: {p}" for p in dscheck.deepspeed_problems(exc)]
+        return out
+    if out.problems:
         return out
     canonical = canonical_keys(cfg)
     stated = {canonical[k]: v for k, v in _stated(cfg).items()}
@@ -254,6 +258,13 @@ def from_deepspeed(cfg: dict, origin: str = "ds_config.json", world_size: int | 
     _extra(cfg, canonical, read, origin, out)
     _notes(cfg, stated, parsed, origin, out)
     return out
+
+
+def _unquoted(cfg: dict, quoted: dict) -> dict:
+    from . import yamlio
+    from .sources import flatten, unflatten
+
+    return unflatten({**flatten(cfg), **{k: yamlio.loads(v, origin=k) for k, v in quoted.items()}})
 
 
 def _stated(cfg: dict) -> dict[str, Any]:
@@ -371,8 +382,14 @@ def _extra(cfg: dict, canonical: dict, read: set, origin: str, out: Imported) ->
         if key == "optimizer.type" and str(value).lower() == "adamw":
             continue
         kept[stated] = value
+    own = _own_choices(cfg, out.values)
+    kept = {k: v for k, v in kept.items() if own.get(k, _MISSING) != v}
     if isinstance(cfg.get("scheduler"), dict):
-        kept["scheduler"] = cfg["scheduler"]  # a schedule is one block: kept whole, never merged into craken's
+        schedule = craken_schedule(cfg["scheduler"], out.values)
+        if schedule:
+            out.values.update(schedule)
+        else:
+            kept["scheduler"] = cfg["scheduler"]  # a schedule is one block: kept whole, never merged into craken's
     if not kept:
         return
     out.values["deepspeed.extra"] = unflatten(kept)
@@ -385,6 +402,40 @@ def _extra(cfg: dict, canonical: dict, read: set, origin: str, out: Imported) ->
         out.notes.append(f"{origin}: {', '.join(unread)}: DeepSpeed does not read "
                          f"{'this key' if len(unread) == 1 else 'these keys'}; kept in ds_config.json as written "
                          "(remove under deepspeed.extra if it was meant as another key)")
+
+
+_MISSING = object()
+_SCHEDULE_KINDS = {"WarmupCosineLR": "cosine", "WarmupDecayLR": "linear", "WarmupLR": "constant"}
+
+
+def _own_choices(cfg: dict, values: dict) -> dict[str, Any]:
+    """What craken renders itself for keys it does not model (its own files import without leftovers)."""
+    profile = bool(values.get("logging.wall_clock_breakdown"))
+    return {"timers.throughput.enabled": profile, "timers.throughput.synchronized": profile,
+            "bf16.check_grad_overflow": False}
+
+
+def craken_schedule(block: dict, values: dict) -> dict | None:
+    """The schedule.* values of a scheduler block that is exactly one craken renders, else None."""
+    from .render import scheduler_block
+    from .spec import RunSpec
+
+    params = block.get("params") or {}
+    kind = _SCHEDULE_KINDS.get(block.get("type"))
+    if kind is None or not all(isinstance(params.get(k), int) for k in ("warmup_num_steps", "total_num_steps")):
+        return None
+    schedule = {"schedule.kind": kind, "schedule.warmup_steps": params["warmup_num_steps"],
+                "train.max_steps": params["total_num_steps"]}
+    if "cos_min_ratio" in params:
+        schedule["schedule.min_lr_ratio"] = params["cos_min_ratio"]
+    from .sources import unflatten
+
+    try:
+        spec = RunSpec.model_validate_json(__import__("json").dumps(unflatten(
+            {**schedule, "optimizer.lr": values.get("optimizer.lr", 3e-4)})))
+    except ValueError:
+        return None
+    return schedule if scheduler_block(spec) == block else None
 
 
 def _covered(key: str) -> bool:
@@ -425,7 +476,7 @@ def _deliberate(cfg: dict, stated: dict, parsed, origin: str) -> list[str]:
         notes.append(f"{origin}: optimizer.params.torch_adam=true with optimizer offload: DeepSpeed would stop "
                      "(ZeRO-Offload refuses torch's Adam unless zero_force_ds_cpu_optimizer is false); craken steps "
                      "DeepSpeed's CPU Adam, the same update (--offload-optimizer none keeps torch's AdamW)")
-    elif "optimizer.params.torch_adam" not in stated:
+    elif "optimizer.params.torch_adam" not in stated and not _offloads_optimizer(parsed):
         notes.append(f"{origin}: optimizer.params.torch_adam is not set (DeepSpeed: its JIT-built FusedAdam op): "
                      "craken steps torch's AdamW, the same update without an op to build; set optimizer.fused: true "
                      "to keep DeepSpeed's op")

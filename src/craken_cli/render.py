@@ -30,7 +30,7 @@ def _offload(target) -> dict:
     return out
 
 
-def _scheduler(spec: RunSpec) -> dict:
+def scheduler_block(spec: RunSpec) -> dict:
     s, lr, total = spec.schedule, spec.optimizer.lr, spec.train.max_steps
     warmup = min(s.warmup_steps, total)
     if s.kind == "cosine":
@@ -80,7 +80,7 @@ def deepspeed_config(spec: RunSpec) -> dict:
         "optimizer": {"type": "AdamW", "params": {
             "lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
             "torch_adam": not o.fused}},
-        "scheduler": _scheduler(spec),
+        "scheduler": scheduler_block(spec),
         "zero_optimization": zero,
     }
     if spec.fp32_grad_accum:

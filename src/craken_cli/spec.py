@@ -38,7 +38,7 @@ class CrossFieldProblems(ValueError):
 
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
-        super().__init__(f"{len(self.problems)} cross-field problem(s)")
+        super().__init__("\n".join(self.problems))  # for display only; readers take .problems
 
 # Stage-3-only knobs; setting one at stage 0-2 is a mistake DeepSpeed silently ignores.
 STAGE3_FIELDS = (
@@ -93,8 +93,8 @@ class DataSection(Section):
 
 class BatchSection(Section):
     micro_batch: int | None = Field(
-        4, gt=0, description="Sequences per GPU (process) per forward pass (None: global_batch / (grad_accum x "
-        "processes), as DeepSpeed derives it from a file that states only train_batch_size).")
+        4, gt=0, description="Sequences per GPU (process) per forward pass. None: global_batch / (grad_accum x "
+        "processes), as DeepSpeed derives it from a file that states only train_batch_size.")
     grad_accum: int | None = Field(
         None, gt=0, description="Micro-batches accumulated per optimizer step (None: from global_batch, else 8)."
     )
