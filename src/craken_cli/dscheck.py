@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import socket
 
@@ -68,6 +69,8 @@ def parse_recording(cfg: dict, world_size: int):
     """DeepSpeed's parsed config and the top-level keys its parser reads (the keys it knows)."""
     recording = _RecordingDict(cfg)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # torch says "No CUDA runtime is found" when DeepSpeed's op builders load: nothing about the user's file
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     with contextlib.redirect_stdout(io.StringIO()):
         from deepspeed.runtime.config import DeepSpeedConfig
 
@@ -76,18 +79,43 @@ def parse_recording(cfg: dict, world_size: int):
     return parsed, set(recording.read)
 
 
-def deepspeed_problems(exc: Exception) -> list[str]:
-    """What DeepSpeed's parser said, one problem per pydantic error, each naming the key and value."""
+def deepspeed_problems(exc: Exception, cfg: dict, world_size: int) -> list[str]:
+    """What DeepSpeed's parser said, one problem per pydantic error, each naming the key and its value."""
     from pydantic import ValidationError
 
-    if not isinstance(exc, ValidationError):
-        return [f"DeepSpeed refuses it: {' '.join(str(exc).split())[:300]}: fix the file"]
+    if isinstance(exc, ValidationError):
+        return _pydantic_problems(exc, cfg)
+    said = " ".join(str(exc).split())[:300]
+    gb, mb, ga = (cfg.get(k) for k in ("train_batch_size", "train_micro_batch_size_per_gpu",
+                                       "gradient_accumulation_steps"))
+    if "Check batch related parameters" in said:
+        return [f"train_batch_size {gb} is not train_micro_batch_size_per_gpu {mb} x gradient_accumulation_steps "
+                f"{ga} x {world_size} process(es) (DeepSpeed: {said}): make them agree, or give the process count "
+                "with --num-processes N"]
+    if "bfloat16 and fp16 modes cannot be simultaneously enabled" in said:
+        return [f"bf16.enabled and fp16.enabled are both true (DeepSpeed: {said}): keep one"]
+    if "Either train_batch_size or train_micro_batch_size_per_gpu needs to be provided" in said:
+        return [f"neither train_batch_size nor train_micro_batch_size_per_gpu is given (DeepSpeed: {said}): set one, "
+                "or \"auto\" to take craken's --micro-batch"]
+    return [f"DeepSpeed refuses it: {said}: fix the file"]
+
+
+def _pydantic_problems(exc, cfg: dict) -> list[str]:
+    import difflib
+
     from .importers import _section_models
 
-    section = next((name for name, model in _section_models().items() if model.__name__ == exc.title), exc.title)
+    models = _section_models()
+    section = next((name for name, model in models.items() if model.__name__ == exc.title), None)
     out = []
     for err in exc.errors():
-        key = ".".join([section, *(str(p) for p in err["loc"])])
-        fix = "remove or rename it" if err["type"] == "extra_forbidden" else "fix the value"
-        out.append(f"{key} = {err.get('input')!r}: DeepSpeed's {exc.title} refuses it ({err['msg']}): {fix}")
+        loc = [str(p) for p in err["loc"]]
+        where = section or next((k for k, v in cfg.items() if isinstance(v, dict) and loc and loc[0] in v), exc.title)
+        fix = "fix the value"
+        if err["type"] == "extra_forbidden":
+            fields = list(models[section].model_fields) if section in models else []
+            close = difflib.get_close_matches(loc[-1], fields, n=1)
+            fix = f"did you mean {close[0]}? else remove it" if close else "remove or rename it"
+        out.append(f"{'.'.join([where, *loc])} = {err.get('input')!r}: DeepSpeed's {exc.title} refuses it "
+                   f"({err['msg']}): {fix}")
     return out

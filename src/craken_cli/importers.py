@@ -135,6 +135,12 @@ class AutoFill:
         return out
 
 
+# The "auto" keys the HF Trainer / accelerate fill from the run; any other "auto" DeepSpeed reads as its default.
+TRAINER_FILLS = frozenset(AutoFill().values()) | {"zero_optimization.reduce_bucket_size",
+                                                  "zero_optimization.stage3_prefetch_bucket_size",
+                                                  "zero_optimization.stage3_param_persistence_threshold"}
+
+
 def hidden_size_buckets(hidden: int) -> dict[str, int]:
     """The HF Trainer's "auto" buckets for a model of this hidden size."""
     return {"zero_optimization.reduce_bucket_size": hidden * hidden,
@@ -238,15 +244,16 @@ def from_deepspeed(cfg: dict, origin: str = "ds_config.json", world_size: int | 
     quoted = {key: value for key, value in _stated(cfg).items() if key in DEEPSPEED_FIELDS and _is_number_string(value)}
     out.problems += [f"{origin}: {key} is the string {value!r}: DeepSpeed would fail on it; write it without quotes"
                      for key, value in quoted.items()]
-    world = world_size or implied_world(cfg)
-    stated_batch = {k: cfg.get(k) for k in _BATCH_KEYS if isinstance(cfg.get(k), int)}
+    clean = _unquoted(cfg, quoted)  # quoted numbers read as numbers, so that DeepSpeed's verdict on the rest comes too
+    world = world_size or implied_world(clean)
+    stated_batch = {k: clean.get(k) for k in _BATCH_KEYS if isinstance(clean.get(k), int)}
     fill = AutoFill(world_size=world, micro_batch=stated_batch.get("train_micro_batch_size_per_gpu", 4),
                     grad_accum=stated_batch.get("gradient_accumulation_steps", 1))
+    filled = fill_auto(clean, fill)
     try:
-        # quoted numbers read as numbers here, so that DeepSpeed's own verdict on the rest comes too
-        parsed, read = dscheck.parse_recording(fill_auto(_unquoted(cfg, quoted), fill), world)
+        parsed, read = dscheck.parse_recording(filled, world)
     except Exception as exc:  # DeepSpeed raises assorted types; its words are what the user needs
-        out.problems += [f"{origin}: {p}" for p in dscheck.deepspeed_problems(exc)]
+        out.problems += [f"{origin}: {p}" for p in dscheck.deepspeed_problems(exc, filled, world)]
         return out
     if out.problems:
         return out
@@ -308,7 +315,8 @@ def _modeled(parsed, stated: dict, origin: str, out: Imported) -> None:
             if offload.nvme_path is not None:
                 values[f"offload.{target}.nvme_path"] = str(offload.nvme_path)
     values.update(_grad_accum_dtype(parsed, zero.stage, values, origin, out))
-    autos = {DEEPSPEED_FIELDS[key] for key, value in stated.items() if value == "auto" and key in DEEPSPEED_FIELDS}
+    autos = {DEEPSPEED_FIELDS[key] for key, value in stated.items()
+             if value == "auto" and key in TRAINER_FILLS and key in DEEPSPEED_FIELDS}
     for path in autos & set(values):
         keep_auto = path in ("zero.reduce_bucket_size", "zero.stage3_prefetch_bucket_size",
                              "zero.stage3_param_persistence_threshold")
@@ -398,10 +406,13 @@ def _extra(cfg: dict, canonical: dict, read: set, origin: str, out: Imported) ->
     if listed:
         out.notes.append(f"{origin}: kept as written in ds_config.json (craken does not model them; change them "
                          f"under deepspeed.extra in the run file): {listed}")
-    if unread:
-        out.notes.append(f"{origin}: {', '.join(unread)}: DeepSpeed does not read "
-                         f"{'this key' if len(unread) == 1 else 'these keys'}; kept in ds_config.json as written "
-                         "(remove under deepspeed.extra if it was meant as another key)")
+    import difflib
+
+    for key in unread:
+        close = difflib.get_close_matches(key, sorted(read), n=1, cutoff=0.8)
+        hint = f"did you mean {close[0]}? " if close else ""
+        out.notes.append(f"{origin}: {key}={_short(cfg[key])}: DeepSpeed does not read this key; kept in "
+                         f"ds_config.json as written ({hint}remove it under deepspeed.extra if it was meant as another)")
 
 
 _MISSING = object()
@@ -454,11 +465,30 @@ def _notes(cfg: dict, stated: dict, parsed, origin: str, out: Imported) -> None:
              for key in deprecated_keys(cfg)]
     autos = [f"{key}=auto <- {DEEPSPEED_FIELDS[key]}" + (f" ({_FLAG_OF[DEEPSPEED_FIELDS[key]]})"
                                                         if DEEPSPEED_FIELDS[key] in _FLAG_OF else "")
-             for key, value in stated.items() if value == "auto" and key in DEEPSPEED_FIELDS]
+             for key, value in stated.items() if value == "auto" and key in DEEPSPEED_FIELDS and key in TRAINER_FILLS]
     if autos:
         notes.append(f"{origin}: \"auto\" filled from craken's settings as the HF Trainer fills it: {', '.join(autos)}")
+    defaults = [f"{key}=auto" for key, value in stated.items() if value == "auto" and key not in TRAINER_FILLS
+                and key in DEEPSPEED_FIELDS]
+    if defaults:
+        notes.append(f"{origin}: {', '.join(defaults)}: nothing fills it but DeepSpeed, which reads it as its default; "
+                     "imported as that default (write a value to choose another)")
+    notes += _unused(stated, parsed.zero_config.stage, origin)
     notes += _deliberate(cfg, stated, parsed, origin)
     out.notes += notes
+
+
+def _unused(stated: dict, stage: int, origin: str) -> list[str]:
+    """Modelled keys DeepSpeed ignores at this file's ZeRO stage: not imported, and said so."""
+    ignored = [key for key in stated if key in DEEPSPEED_FIELDS and (
+        (DEEPSPEED_FIELDS[key].startswith("zero.stage3") or key.endswith("gather_16bit_weights_on_model_save")
+         or key.startswith("zero_optimization.offload_param")) and stage != 3
+        or key.startswith("zero_optimization.offload_optimizer") and stage == 0)]
+    if not ignored:
+        return []
+    return [f"{origin}: {', '.join(f'{k}={stated[k]!r}' for k in ignored)}: DeepSpeed ignores "
+            f"{'it' if len(ignored) == 1 else 'them'} at ZeRO stage {stage}, so craken does not import "
+            f"{'it' if len(ignored) == 1 else 'them'} (--zero 3 uses stage-3 settings and parameter offload)"]
 
 
 def _offloads_optimizer(parsed) -> bool:
@@ -529,6 +559,7 @@ class AccelerateImport:
     imported: Imported
     deepspeed: dict | None = None  # the DeepSpeed config accelerate builds from inline deepspeed_config keys
     deepspeed_file: str | None = None  # the deepspeed_config_file it names
+    inline_keys: list[str] = field(default_factory=list)  # the deepspeed_config keys it builds a config from
 
 
 def accelerate_problems(cfg: dict) -> list[str]:
@@ -615,12 +646,13 @@ def _deepspeed_section(cfg: dict, precision: str | None, origin: str, result: Ac
     if launcher is not None:
         out.values["cluster.launcher"] = "accelerate" if launcher == "standard" else "deepspeed"
     if result.deepspeed_file:
-        beside = [k for k in _ACCEL_DS_INLINE if k in ds] + (["mixed_precision"] if precision else [])
-        if beside:
-            out.problems.append(f"{origin}: {', '.join(beside)} beside deepspeed_config_file: accelerate refuses "
-                                "them there; remove them and keep the values in the DeepSpeed JSON")
+        beside = [f"deepspeed_config.{k}" for k in _ACCEL_DS_INLINE if k in ds] + (
+            ["mixed_precision"] if precision else [])
+        out.problems += [f"{origin}: {key} beside deepspeed_config_file: accelerate refuses it there; remove it and "
+                         "keep the value in the DeepSpeed JSON" for key in beside]
         return
     result.deepspeed = inline_deepspeed_config(ds, precision)
+    result.inline_keys = [f"deepspeed_config.{k}" for k in _ACCEL_DS_INLINE if k in ds]
 
 
 def inline_deepspeed_config(ds: dict, precision: str | None) -> dict:
@@ -695,6 +727,11 @@ def _take(out: Imported, part: Imported) -> None:
 def _deepspeed_source(ds_path: Path | None, ds_data: dict | None, accel: AccelerateImport | None,
                       accel_path: Path | None, out: Imported) -> tuple[dict | None, str]:
     """The DeepSpeed config of a run: the JSON given, the one the YAML names, or the YAML's inline keys."""
+    if ds_path is not None and accel is not None and accel.inline_keys:
+        out.problems.append(f"{accel_path.name}: {', '.join(accel.inline_keys)} build accelerate's own DeepSpeed "
+                            f"config and no deepspeed_config_file names {ds_path.name}, so accelerate would not read "
+                            f"it: remove it from {accel_path.name} and set deepspeed_config_file: {ds_path.name}")
+        return None, ""
     if ds_path is not None:
         named = accel.deepspeed_file if accel else None
         if named and Path(named).name != ds_path.name:

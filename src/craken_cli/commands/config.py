@@ -79,10 +79,10 @@ def validate(
     from ..validate import validate_files
 
     report = validate_files(files, num_processes=num_processes)
+    if report.problems:  # the problems alone: notes on a file that fails would bury them
+        raise CrakenError(report.problems, title="validation failed")
     for note in report.notes:
         out.print(f"note: {note}", markup=False)
-    if report.problems:
-        raise CrakenError(report.problems, title="validation failed")
     out.print(f"ok: {', '.join(str(f) for f in files)}", markup=False)
 
 
