@@ -333,9 +333,17 @@ def _offload_applies(target: str, stage: int) -> bool:
 
 
 def _grad_accum_dtype(parsed, stage: int, values: dict, origin: str, out: Imported) -> dict:
+    from deepspeed.runtime.config import DtypeEnum
+
     accum = parsed.grad_accum_dtype
     if accum is None:
         return {"zero.fp32_grad_accum": False} if fp32_grad_accum_possible(stage, values["precision"], "none") else {}
+    try:
+        accum = DtypeEnum(accum).name  # DeepSpeed's own spellings: "float", "torch.float32", ... are fp32
+    except ValueError:
+        out.problems.append(f"{origin}: data_types.grad_accum_dtype={accum!r}: DeepSpeed's engine cannot read it "
+                            "and would stop; write fp32, bf16 or fp16")
+        return {}
     if accum == "fp32" and not fp32_grad_accum_possible(stage, values["precision"],
                                                         values.get("offload.optimizer.device", "none")):
         out.notes.append(f"{origin}: data_types.grad_accum_dtype=fp32 is not imported: craken accumulates in fp32 "
@@ -480,15 +488,22 @@ def _notes(cfg: dict, stated: dict, parsed, origin: str, out: Imported) -> None:
 
 def _unused(stated: dict, stage: int, origin: str) -> list[str]:
     """Modelled keys DeepSpeed ignores at this file's ZeRO stage: not imported, and said so."""
-    ignored = [key for key in stated if key in DEEPSPEED_FIELDS and (
-        (DEEPSPEED_FIELDS[key].startswith("zero.stage3") or key.endswith("gather_16bit_weights_on_model_save")
-         or key.startswith("zero_optimization.offload_param")) and stage != 3
-        or key.startswith("zero_optimization.offload_optimizer") and stage == 0)]
+    # a no-op value (accelerate writes offload_param.device "none" at every stage) changes nothing: not said
+    ignored = [key for key, value in stated.items()
+               if key in DEEPSPEED_FIELDS and value not in (None, "none", False) and _ignored_at(key, stage)]
     if not ignored:
         return []
     return [f"{origin}: {', '.join(f'{k}={stated[k]!r}' for k in ignored)}: DeepSpeed ignores "
             f"{'it' if len(ignored) == 1 else 'them'} at ZeRO stage {stage}, so craken does not import "
             f"{'it' if len(ignored) == 1 else 'them'} (--zero 3 uses stage-3 settings and parameter offload)"]
+
+
+def _ignored_at(key: str, stage: int) -> bool:
+    if key.startswith("zero_optimization.offload_optimizer"):
+        return stage == 0
+    stage3_only = DEEPSPEED_FIELDS[key].startswith("zero.stage3") or key.startswith("zero_optimization.offload_param") \
+        or key.endswith("gather_16bit_weights_on_model_save")
+    return stage3_only and stage != 3
 
 
 def _offloads_optimizer(parsed) -> bool:
@@ -709,8 +724,8 @@ def import_files(files: list[Path], num_processes: int | None = None) -> Importe
     accel = from_accelerate(data[accel_path], origin=accel_path.name) if accel_path else None
     if accel is not None:
         _take(out, accel.imported)
-        if out.problems:
-            return out
+        if out.problems and ds_path is None:
+            return out  # a refused YAML names nothing to read on; a JSON given beside it is still judged
     ds_data, ds_name = _deepspeed_source(ds_path, data.get(ds_path), accel, accel_path, out)
     if ds_data is not None:
         world = num_processes or out.values.get("cluster.num_processes")
