@@ -157,3 +157,12 @@ def test_validate_says_which_deepspeed_bf16_keys_craken_sets_itself(craken, work
     # craken's own rendered file says nothing of the kind
     assert craken("config", "render", "--out", "cfg", "--zero", "2", "--cpu", "--num-processes", "2").code == 0
     assert "note:" not in craken("config", "validate", "cfg/ds_config.json").out
+
+
+def test_render_on_gpus_without_gpus_is_one_clear_error(craken, workdir):
+    """`--no-cpu` on a machine without GPUs ended in a StopIteration traceback (precision auto looked for the
+    first GPU without bf16), then in `num_processes = 0`."""
+    result = craken("config", "render", "--no-cpu", "--out", "out", env={"CUDA_VISIBLE_DEVICES": ""})
+    assert result.code == 2, result.output
+    assert "no GPU was found" in result.err and "--cpu false" in result.err and "Traceback" not in result.output
+    assert not (workdir / "out").exists()

@@ -40,6 +40,8 @@ def hardware_values(spec, hw: Hardware) -> tuple[dict, Decisions]:
         use_cpu = hw.gpu_count == 0
         d.made["cluster.use_cpu"] = (use_cpu, "no GPU found" if use_cpu else f"{hw.gpu_count} GPU(s) found")
     num = c.num_processes
+    if num is None and not use_cpu and not hw.gpu_count:
+        return {}, d  # GPUs asked for, none here: hardware_problems says so, nothing to fill from
     if num is None:
         per_machine = CPU_PROCESSES if use_cpu else hw.gpu_count
         num = per_machine * c.num_machines
