@@ -123,7 +123,7 @@ class Trainer:
         from accelerate.utils import (DataLoaderConfiguration, DummyOptim, DummyScheduler, InitProcessGroupKwargs,
                                       ProjectConfiguration, set_seed)
 
-        from . import checkpoint, data, modeling
+        from . import checkpoint, data, engine, modeling
 
         spec = self.spec
         stop = StopRequest()
@@ -183,7 +183,8 @@ class Trainer:
                              "process: add data, lower --micro-batch or --seq-len")
 
         model = modeling.load_model(spec, tokenizer, modeling.init_device(spec, accelerator.device))
-        checkpoint.write_model_meta(accelerator, self.run_dir, model, tokenizer, spec.precision)
+        final_dtype = modeling.saved_dtype(spec)
+        checkpoint.write_model_meta(accelerator, self.run_dir, model, tokenizer, final_dtype)
         n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
         emb = model.get_input_embeddings()
         n_emb = emb.weight.ds_numel if hasattr(emb.weight, "ds_numel") else emb.weight.numel()
@@ -202,8 +203,7 @@ class Trainer:
         if plain:
             # No DeepSpeed: torch's fused AdamW on fp32 weights under bf16 autocast, the schedule
             # stepped here once per optimizer step (accelerate would step it once per process).
-            o = spec.optimizer
-            optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=True)
+            optimizer = engine.plain_optimizer(spec, groups)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(spec))
             accelerator.register_for_checkpointing(scheduler)
         else:
@@ -246,6 +246,9 @@ class Trainer:
                 print(f"craken: resumed from {self.resume_from} at step {state.step}", flush=True)
 
         write = None
+        dtypes = engine.precision_record(optimizer, model)
+        # DeepSpeed makes its optimizer states in its first step: measured then, on a fresh run
+        states_pending = dtypes["optimizer_state_dtype"] is None and state.step == 0
         if is_main:
             write, metrics_fh = _jsonl(self.run_dir / metrics_file(spec.cluster.machine_rank))
             if state.step == 0:
@@ -253,7 +256,8 @@ class Trainer:
                        "precision": spec.precision, "model_params": n_params, "flops_per_token": fpt,
                        "seq_len": spec.data.seq_len, "micro_batch": spec.batch.micro_batch,
                        "grad_accum": spec.grad_accum, "global_batch": spec.train_batch_size,
-                       "max_steps": spec.train.max_steps, "device": device_name})
+                       "max_steps": spec.train.max_steps, "device": device_name,
+                       **dtypes, "final_dtype": str(final_dtype).split(".")[-1]})
             else:
                 write({"event": "resume", "step": state.step, "num_processes": world})
         from ..progress import ProgressReporter
@@ -330,6 +334,9 @@ class Trainer:
                     continue
                 step += 1
                 self.step = step
+                if states_pending and is_main:
+                    write({"event": "precision", "step": step, **engine.precision_record(optimizer, model)})
+                states_pending = False
                 interval_steps += 1
                 # Every `check_every` steps, and before every checkpoint, one small all-reduce (and the only
                 # host sync besides logging): a stop request on any process, or a non-finite loss or gradient
@@ -415,7 +422,7 @@ class Trainer:
         if exit_code == 0 and spec.train.save_final:
             checkpoint.save(accelerator, self.run_dir, state, spec.train.keep_checkpoints)
             final_dir = checkpoint.save_final(accelerator, model, tokenizer, self.run_dir, spec,
-                                              check_batch=_check_batch(eval_dl or train_dl, device))
+                                              check_batch=_check_batch(eval_dl or train_dl, device), dtype=final_dtype)
         if progress:
             progress.close()
         if is_main:
