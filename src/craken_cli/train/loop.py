@@ -123,7 +123,7 @@ class Trainer:
         from accelerate.utils import (DataLoaderConfiguration, DummyOptim, DummyScheduler, InitProcessGroupKwargs,
                                       ProjectConfiguration, set_seed)
 
-        from . import checkpoint, data, engine, modeling
+        from . import checkpoint, data, engine, modeling, schedule
 
         spec = self.spec
         stop = StopRequest()
@@ -204,7 +204,7 @@ class Trainer:
             # No DeepSpeed: torch's fused AdamW on fp32 weights under bf16 autocast, the schedule
             # stepped here once per optimizer step (accelerate would step it once per process).
             optimizer = engine.plain_optimizer(spec, groups)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(spec))
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.lr_lambda(schedule.deepspeed_block(spec), spec.optimizer.lr))
             accelerator.register_for_checkpointing(scheduler)
         else:
             # DeepSpeed owns optimizer and schedule, built from the rendered JSON.
@@ -457,24 +457,6 @@ def machines_not_sharing(accelerator, run_dir: Path) -> list[int]:
         probe.unlink(missing_ok=True)
     per_machine = int(os.environ.get("LOCAL_WORLD_SIZE") or accelerator.num_processes)  # set by torchrun
     return sorted({rank // per_machine for rank, seen in enumerate(sees) if not seen})
-
-
-def lr_factor(spec):
-    """The schedule of the rendered DeepSpeed JSON (render._scheduler), as a LambdaLR factor."""
-    s, total = spec.schedule, spec.train.max_steps
-    warmup = min(s.warmup_steps, total)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return step / warmup
-        if s.kind == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        if s.kind == "linear":
-            return max(0.0, 1.0 - progress)
-        return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
 
 
 def metrics_file(machine_rank: int) -> str:
