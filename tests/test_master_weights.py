@@ -60,29 +60,35 @@ def test_plain_engine_trains_fp32_masters_and_fp32_adam_states_from_a_bf16_check
     from craken_cli.train import engine, modeling
 
     spec = _plain_spec(bf16_checkpoint)
-    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16", gradient_accumulation_steps=spec.grad_accum)
     try:
         tok = modeling.load_tokenizer(spec)
         model = modeling.load_model(spec, tok, modeling.init_device(spec, accelerator.device))
         assert {p.dtype for p in model.parameters()} == {torch.float32}
-        optimizer = engine.plain_optimizer(spec, [{"params": list(model.parameters()), "weight_decay": 0.0}])
-        model, optimizer = accelerator.prepare(model, optimizer)
-        before = engine.precision_record(optimizer, model)
+        plain = engine.make_engine(spec, accelerator)
+        assert isinstance(plain, engine.PlainEngine)
+        loader = torch.utils.data.DataLoader([_batch(model.config.vocab_size, seed) for seed in range(4)],
+                                             batch_size=None)
+        model, loader, _ = plain.prepare(model, loader)
+        before = plain.precision_record()
         seen = []
         accelerator.unwrap_model(model).lm_head.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
-        out = model(**_batch(model.config.vocab_size, 0))
-        assert seen == [torch.bfloat16]  # the forward did run under bf16 autocast
-        accelerator.backward(out.loss)
-        optimizer.step()
-        after = engine.precision_record(optimizer, model)
+        for batch in loader:
+            with accelerator.accumulate(model):
+                plain.backward_step(model(**batch).loss)
+            if accelerator.sync_gradients:
+                break
+        assert seen and set(seen) == {torch.bfloat16}  # the forward did run under bf16 autocast
+        after = plain.precision_record()
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
     fp32 = {"master_dtype": "float32", "optimizer_state_dtype": "float32", "module_dtype": "float32"}
     assert before == fp32 and after == fp32
-    adam = engine.innermost_optimizer(optimizer)
-    states = [s for s in adam.state.values()]
+    adam = engine.innermost_optimizer(plain.optimizer)
+    states = list(adam.state.values())
     assert states and all(s["exp_avg"].dtype == s["exp_avg_sq"].dtype == torch.float32 for s in states)
     assert all(float(s["step"]) == 1 for s in states)  # the states made at set-up did not count a step
+    assert plain.grad_norm() is not None and torch.isfinite(plain.grad_norm())
     # final/ keeps the checkpoint's own dtype
     assert modeling.saved_dtype(spec) == torch.bfloat16
 
