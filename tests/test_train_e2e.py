@@ -222,7 +222,8 @@ def test_no_zero_runs_without_deepspeed(tmp_path, monkeypatch):
     enough to exercise the real render -> launch -> loop path of the plain engine."""
     from craken_cli.hardware import GPU, FakeProbe, detect
     from craken_cli.options import SpecArgs
-    from craken_cli.trainrun import TrainRequest, execute, prepare
+    from craken_cli.execute import execute
+    from craken_cli.prepare import TrainRequest, prepare
 
     monkeypatch.chdir(tmp_path)
     one_gpu = detect(FakeProbe(gpus=[GPU(0, "NVIDIA H100 80GB HBM3", 80 * 2**30, 79 * 2**30, (9, 0))]))
