@@ -436,8 +436,8 @@ def _own_choices(cfg: dict, values: dict) -> dict[str, Any]:
 
 def craken_schedule(block: dict, values: dict) -> dict | None:
     """The schedule.* values of a scheduler block that is exactly one craken renders, else None."""
-    from .render import scheduler_block
     from .spec import RunSpec
+    from .train.schedule import deepspeed_block
 
     params = block.get("params") or {}
     kind = _SCHEDULE_KINDS.get(block.get("type"))
@@ -454,7 +454,7 @@ def craken_schedule(block: dict, values: dict) -> dict | None:
             {**schedule, "optimizer.lr": values.get("optimizer.lr", 3e-4)})))
     except ValueError:
         return None
-    return schedule if scheduler_block(spec) == block else None
+    return schedule if deepspeed_block(spec) == block else None
 
 
 def _covered(key: str) -> bool:
