@@ -113,10 +113,11 @@ class AutoFill:
     @classmethod
     def of(cls, spec, hidden_size: int | None = None) -> AutoFill:
         """From a resolved spec."""
-        o = spec.optimizer
-        return cls(spec.batch.micro_batch, spec.grad_accum, spec.world_size, o.clip, o.lr, tuple(o.betas), o.eps,
-                   o.weight_decay, min(spec.schedule.warmup_steps, spec.train.max_steps), spec.train.max_steps,
-                   spec.precision, hidden_size, spec.zero.gather_16bit_weights_on_save is not False)
+        opt = spec.optimizer
+        warmup = min(spec.schedule.warmup_steps, spec.train.max_steps)
+        return cls(spec.batch.micro_batch, spec.grad_accum, spec.world_size, opt.clip, opt.lr, tuple(opt.betas),
+                   opt.eps, opt.weight_decay, warmup, spec.train.max_steps, spec.precision, hidden_size,
+                   spec.zero.gather_16bit_weights_on_save is not False)
 
     def values(self) -> dict[str, Any]:
         out = {"train_micro_batch_size_per_gpu": self.micro_batch, "gradient_accumulation_steps": self.grad_accum,
