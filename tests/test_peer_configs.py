@@ -229,9 +229,13 @@ def _differences(original: dict, spec) -> list[str]:
     fill = importers.AutoFill.of(spec, hidden)
     before = _exposed(_parsed(importers.fill_auto(original, fill), spec.world_size))
     after = _exposed(_parsed(render.deepspeed_config(spec), spec.world_size))
-    defaults = _optimizer_defaults(original)
-    before.update({f"optimizer_params.{k}": v for k, v in defaults.items() if before.get(f"optimizer_params.{k}") is None
-                   and "optimizer_params.lr" in before})
+    # a parameter left out is the one the optimizer DeepSpeed builds takes by default (torch_adam: DeepSpeed's
+    # params.pop("torch_adam", False)), on either side
+    defaults = {**_optimizer_defaults(original), "torch_adam": False}
+    for side in (before, after):
+        if "optimizer_params.lr" in side:
+            side.update({f"optimizer_params.{k}": v for k, v in defaults.items()
+                         if side.get(f"optimizer_params.{k}") is None})
     return [f"{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in sorted(set(before) | set(after))
             if before.get(key) != after.get(key)]
 
@@ -280,7 +284,7 @@ def test_deepspeeds_old_names_are_read_as_deepspeed_reads_them(workdir):
     assert values["zero.stage3_max_live_parameters"] == 7 and values["zero.stage3_max_reuse_distance"] == 9
     assert values["zero.gather_16bit_weights_on_save"] is True
     assert "deepspeed.extra" not in values  # nothing left over: every old name was a modelled key
-    assert any("cpu_offload is DeepSpeed's old name" in note for note in imported.notes)
+    assert any("cpu_offload=True is DeepSpeed's old name" in note for note in imported.notes)
 
 
 def test_keys_deepspeed_reads_pass_through_with_a_note(workdir, cpu_only):

@@ -262,7 +262,7 @@ def from_deepspeed(cfg: dict, origin: str = "ds_config.json", world_size: int | 
     stated = {canonical[k]: v for k, v in _stated(cfg).items()}
     _modeled(parsed, stated, origin, out)
     _batch(cfg, out)
-    _optimizer(cfg, stated, out)
+    _optimizer(cfg, stated, origin, out)
     _extra(cfg, canonical, read, origin, out)
     _notes(cfg, stated, parsed, origin, out)
     return out
@@ -367,7 +367,7 @@ def _batch(cfg: dict, out: Imported) -> None:
         out.values["batch.micro_batch"] = None  # derived from the global batch and the process count
 
 
-def _optimizer(cfg: dict, stated: dict, out: Imported) -> None:
+def _optimizer(cfg: dict, stated: dict, origin: str, out: Imported) -> None:
     """AdamW's settings where the file has an optimizer; left out, DeepSpeed's (and torch's) defaults.
     No optimizer block: the training script's optimizer, which is craken's own."""
     opt = cfg.get("optimizer")
@@ -385,6 +385,23 @@ def _optimizer(cfg: dict, stated: dict, out: Imported) -> None:
             out.values[DEEPSPEED_FIELDS[f"optimizer.params.{key}"]] = value
     if "torch_adam" in params:
         out.values["optimizer.fused"] = not torch_adam
+        return
+    foreign = sorted(set(params) - _torch_adamw_arguments())
+    if foreign:
+        # DeepSpeed passes the params to the optimizer it builds: torch's AdamW would stop on these
+        out.values["optimizer.fused"] = True
+        out.notes.append(f"{origin}: {', '.join(f'optimizer.params.{k}={params[k]!r}' for k in foreign)}: torch's "
+                         "AdamW takes no such argument, so craken keeps DeepSpeed's FusedAdam as the file does "
+                         "(optimizer.fused: true; remove them to step torch's AdamW)")
+
+
+def _torch_adamw_arguments() -> set[str]:
+    import inspect
+
+    import torch
+
+    # DeepSpeed pops these before building the optimizer
+    return set(inspect.signature(torch.optim.AdamW).parameters) | {"torch_adam", "adam_w_mode", "foreach"}
 
 
 def _extra(cfg: dict, canonical: dict, read: set, origin: str, out: Imported) -> None:
@@ -470,8 +487,9 @@ def _short(value: Any) -> str:
 
 def _notes(cfg: dict, stated: dict, parsed, origin: str, out: Imported) -> None:
     """Where the run differs from what DeepSpeed would do with this file, and what fills "auto"."""
-    notes = [f"{origin}: {key} is DeepSpeed's old name for {canonical_keys({key: 0}).get(key, key)}: imported as that"
-             for key in deprecated_keys(cfg)]
+    old_names = canonical_keys(cfg)
+    notes = [f"{origin}: {key}={_short(_value_at(cfg, key))} is DeepSpeed's old name for {_new_name(key, old_names)}: "
+             "imported as that (rename it in the file to drop the old name)" for key in deprecated_keys(cfg)]
     autos = [f"{key}=auto <- {DEEPSPEED_FIELDS[key]}" + (f" ({_FLAG_OF[DEEPSPEED_FIELDS[key]]})"
                                                         if DEEPSPEED_FIELDS[key] in _FLAG_OF else "")
              for key, value in stated.items() if value == "auto" and key in DEEPSPEED_FIELDS and key in TRAINER_FILLS]
@@ -483,7 +501,7 @@ def _notes(cfg: dict, stated: dict, parsed, origin: str, out: Imported) -> None:
         notes.append(f"{origin}: {', '.join(defaults)}: nothing fills it but DeepSpeed, which reads it as its default; "
                      "imported as that default (write a value to choose another)")
     notes += _unused(stated, parsed.zero_config.stage, origin)
-    notes += _deliberate(cfg, stated, parsed, origin)
+    notes += _deliberate(cfg, stated, parsed, origin, fused=out.values.get("optimizer.fused") is True)
     out.notes += notes
 
 
@@ -512,7 +530,20 @@ def _offloads_optimizer(parsed) -> bool:
     return offload is not None and getattr(offload.device, "value", offload.device) != "none"
 
 
-def _deliberate(cfg: dict, stated: dict, parsed, origin: str) -> list[str]:
+def _value_at(cfg: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+def _new_name(old: str, names: dict[str, str]) -> str:
+    """The new name of an old one (a whole old section: its first key's new section)."""
+    if old in names:
+        return names[old]
+    return next(new for stated, new in names.items() if stated.startswith(old + ".")).rsplit(".", 1)[0]
+
+
+def _deliberate(cfg: dict, stated: dict, parsed, origin: str, fused: bool) -> list[str]:
     """Keys the file leaves out where craken renders something else than DeepSpeed's default, on purpose."""
     stage, notes = parsed.zero_config.stage, []
     if "optimizer" not in cfg:
@@ -522,7 +553,7 @@ def _deliberate(cfg: dict, stated: dict, parsed, origin: str) -> list[str]:
         notes.append(f"{origin}: optimizer.params.torch_adam=true with optimizer offload: DeepSpeed would stop "
                      "(ZeRO-Offload refuses torch's Adam unless zero_force_ds_cpu_optimizer is false); craken steps "
                      "DeepSpeed's CPU Adam, the same update (--offload-optimizer none keeps torch's AdamW)")
-    elif "optimizer.params.torch_adam" not in stated and not _offloads_optimizer(parsed):
+    elif "optimizer.params.torch_adam" not in stated and not _offloads_optimizer(parsed) and not fused:
         notes.append(f"{origin}: optimizer.params.torch_adam is not set (DeepSpeed: its JIT-built FusedAdam op): "
                      "craken steps torch's AdamW, the same update without an op to build; set optimizer.fused: true "
                      "to keep DeepSpeed's op")
