@@ -235,7 +235,7 @@ def hostfile_text(entries: list[tuple[str, int]]) -> str:
 
 def write_new(path: Path, text: str, force: bool = False) -> None:
     """Write `text` to `path` atomically; an existing file is refused unless `force`."""
-    from .render import atomic_write
+    from .runfolder import atomic_write
 
     path = Path(path)
     if path.exists() and not force:

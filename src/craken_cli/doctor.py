@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from .hardware import GiB, Hardware, nearest_existing
+from .runfolder import VERDICT_EXIT
 
 Status = Literal["ok", "warn", "fail"]
 AREAS = ("system", "packages", "gpu", "ops", "memory", "disk", "network", "run")
-EXIT_CODES = {"ok": 0, "warn": 1, "fail": 2}
-_RANK = {"ok": 0, "warn": 1, "fail": 2}
+EXIT_CODES = VERDICT_EXIT  # verdict -> exit code; the order is the severity
 
 # The stack craken runs on, by distribution name (not imported: read from metadata).
 STACK = ("torch", "deepspeed", "accelerate", "transformers", "datasets", "nvidia-ml-py")
@@ -281,8 +281,8 @@ def run_checks(facts: Facts, view: RunView | None, spec_error: str | None = None
 
 
 def verdict(checks: list[Check]) -> Status:
-    worst = max((_RANK[c.status] for c in checks), default=0)
-    return next(s for s, r in _RANK.items() if r == worst)
+    worst = max((VERDICT_EXIT[c.status] for c in checks), default=0)
+    return next(s for s, r in VERDICT_EXIT.items() if r == worst)
 
 
 def exit_code(checks: list[Check]) -> int:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from .render import ACCELERATE_FILE, RUN_FILE, machine_file
+from .runfolder import ACCELERATE_FILE, DS_ENV_FILE, RUN_FILE, machine_file
 
 LOOP_MODULE = "craken_cli.train.loop"
 # Environment variables whose values must never be printed or written by craken: a name with one
@@ -22,11 +22,10 @@ SECRET_MARKERS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", 
 # (its default is 30): the stopped run must have time to write its checkpoint, seconds per GB of
 # weights and optimizer state.
 STOP_GRACE_S = 600
-# DeepSpeed's env file of a pdsh launch (--launcher deepspeed over several machines), in the run
-# folder: accelerate appends the whole environment to it and DeepSpeed's runner exports every line on
-# every machine. At its default ./.deepspeed_env it grew with every launch, so a later run re-exported
-# an old CRAKEN_RESUME_FROM, and tokens were written to disk.
-DS_ENV_FILE = ".deepspeed_env"
+# DeepSpeed's env file of a pdsh launch (--launcher deepspeed over several machines) is RUN/DS_ENV_FILE:
+# accelerate appends the whole environment to it and DeepSpeed's runner exports every line on every
+# machine. At its default ./.deepspeed_env it grew with every launch, so a later run re-exported an
+# old CRAKEN_RESUME_FROM, and tokens were written to disk.
 
 
 INHERITED_DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
@@ -107,7 +106,7 @@ def uses_pdsh(spec) -> bool:
 def seed_deepspeed_env(target: Path, home: Path, cwd: Path) -> None:
     """Start this launch's env file afresh from the user's own ~/.deepspeed_env and ./.deepspeed_env
     lines (what DeepSpeed reads when DS_ENV_FILE is not set), without secrets; owner-only."""
-    from .render import atomic_write
+    from .runfolder import atomic_write
 
     lines = []
     for source in (home / DS_ENV_FILE, cwd / DS_ENV_FILE):
@@ -137,16 +136,17 @@ def normalized_arch_list(value: str | None) -> str | None:
     return out if out != value else None
 
 
-def run(argv: Sequence[str], env: Mapping[str, str]) -> int:
+def run(argv: Sequence[str], env: Mapping[str, str], keep_fds: Sequence[int] = ()) -> int:
     """Start the launcher, stream its output, return its exit code.
 
     Ctrl-C reaches the launcher (same process group), which passes it on to the workers. A SIGTERM
     sent to craken alone (a container's PID 1, a scheduler) is passed to the workers directly:
     torchrun starts them in sessions of their own, and a second signal to torchrun while it is
-    shutting down would make it give up waiting for their checkpoint."""
+    shutting down would make it give up waiting for their checkpoint. `keep_fds` stay open in the
+    launcher (the run folder's lock: held while the launcher lives, not only craken)."""
     import signal
 
-    proc = subprocess.Popen(list(argv), env=dict(env))
+    proc = subprocess.Popen(list(argv), env=dict(env), pass_fds=tuple(keep_fds))
 
     def forward(signum, frame):
         for pid in descendants(proc.pid):

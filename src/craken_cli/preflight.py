@@ -11,10 +11,10 @@ import os
 from pathlib import Path
 
 from .hardware import nearest_existing
+from .runfolder import CHECKPOINTS, FINAL, MARKER, METRICS, RUN_FILE, machine_file, metrics_file
 from .train import builtin
 from .train.data import LOCAL_FORMATS
 
-RUN_MARKERS = ("run.yaml", "metrics.jsonl", "checkpoints", "final")
 
 
 def looks_like_path(name: str) -> bool:
@@ -182,15 +182,53 @@ def tracker_problems(spec, find_spec=importlib.util.find_spec) -> list[str]:
 def own_run_markers(machine_rank: int) -> tuple[str, ...]:
     """What tells that this machine already ran in a run folder. Machine 0's run owns the folder;
     a machine of rank R > 0 shares it (`craken cluster slurm`) and only has its own files there."""
-    from .render import RUN_FILE, machine_file
-    from .train.loop import metrics_file
-
     if machine_rank == 0:
-        return RUN_MARKERS
+        return RUN_FILE, METRICS, CHECKPOINTS, FINAL
     return (machine_file(RUN_FILE, machine_rank), metrics_file(machine_rank))
 
 
+def output_name_problems(spec) -> list[str]:
+    """A run folder that is the working folder, or a run name that leaves runs/."""
+    out = spec.output
+    if out.dir is not None and not out.dir.strip():
+        return ["--output-dir '' is the working folder: give the run a folder of its own (e.g. --output-dir "
+                "runs/NAME)"]
+    if out.dir is None and (out.name in (".", "..") or "/" in out.name or "\\" in out.name):
+        return [f"--name {out.name}: a run name is one folder name under runs/ (no '/', not '.' or '..'): choose "
+                "another --name, or give the folder with --output-dir"]
+    return []
+
+
+def lock_message(run_dir: Path, holder: str) -> str:
+    return (f"run folder {run_dir} is in use by a live craken train (process {holder}): one run per folder; "
+            "wait for it to end (or stop it), or choose another --name/--output-dir")
+
+
+def force_problems(run_dir: Path) -> list[str]:
+    """--force clears a run folder: only a craken run's, never a folder above what the user works in."""
+    from .runfolder import foreign_outputs, protected
+
+    why = protected(run_dir)
+    if why:
+        return [f"--force would clear {run_dir}, which is {why}: give the run a folder of its own "
+                "(--output-dir runs/NAME)"]
+    foreign = foreign_outputs(run_dir)
+    if foreign:
+        return [f"--force: {run_dir} is not a craken run folder (no {MARKER}) but holds {', '.join(foreign)}: craken "
+                "removes only what it wrote; move them away yourself or choose another --output-dir"]
+    return []
+
+
 def output_problems(run_dir: Path, resume: str | None, force: bool, machine_rank: int = 0) -> list[str]:
+    from .runfolder import lock_holder
+
+    holder = lock_holder(run_dir, machine_rank) if run_dir.is_dir() else None
+    if holder:
+        return [lock_message(run_dir, holder)]
+    if force and not resume and machine_rank == 0:
+        problems = force_problems(run_dir)
+        if problems:
+            return problems
     if run_dir.exists() and not run_dir.is_dir():
         return [f"run folder {run_dir} is a file: choose another --output-dir"]
     parent = nearest_existing(run_dir)

@@ -15,11 +15,9 @@ from pathlib import Path
 
 from . import yamlio
 from .errors import CrakenError
+from .runfolder import ACCELERATE_FILE, DS_FILE, RUN_FILE, atomic_write, machine_file
 from .spec import STAGE3_FIELDS, RunSpec
 
-DS_FILE = "ds_config.json"
-ACCELERATE_FILE = "accelerate.yaml"
-RUN_FILE = "run.yaml"
 SOURCE_ORDER = "default < preset < file < env < flag; detected = filled from the hardware, auto = chosen by the planner"
 
 
@@ -155,16 +153,6 @@ def run_file_text(spec: RunSpec, sources: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def machine_file(name: str, machine_rank: int) -> str:
-    """A run file's name in a run folder that every machine of a job shares (what `craken cluster
-    slurm` sets up): machine 0 keeps the plain name, machine R writes e.g. accelerate-machine1.yaml
-    (its own machine_rank), so no machine overwrites what another one's processes read."""
-    if machine_rank == 0:
-        return name
-    stem, dot, suffix = name.partition(".")
-    return f"{stem}-machine{machine_rank}{dot}{suffix}"
-
-
 def rendered_files(spec: RunSpec, sources: dict[str, str], out_dir: str | os.PathLike,
                    machine_rank: int = 0) -> dict[str, str]:
     """File name -> text, for everything `config render` writes (`craken train` passes the machine
@@ -199,16 +187,3 @@ def write_files(files: dict[str, str], out_dir: str | os.PathLike, force: bool =
     for target, text in zip(targets, files.values()):
         atomic_write(target, text)
     return targets
-
-
-def atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

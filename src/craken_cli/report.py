@@ -18,9 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CrakenError
-
-METRICS_FILE = "metrics.jsonl"
-REPORT_DIR = "report"
+from .runfolder import METRICS, REPORT
 
 
 @dataclass
@@ -38,7 +36,7 @@ class Metrics:
 def metrics_path(run: str | Path) -> Path:
     """The metrics file of a run folder (a path to the file itself is taken as is)."""
     run = Path(run)
-    return run if run.suffix == ".jsonl" else run / METRICS_FILE
+    return run if run.suffix == ".jsonl" else run / METRICS
 
 
 def _problem(message: str) -> CrakenError:
@@ -349,5 +347,5 @@ def write_report(run: str | Path, out_dir: str | Path | None = None) -> tuple[Me
     What `craken report` does, minus the printing (and what `craken train` calls at the end)."""
     metrics = read_metrics(run)
     summary = summarize(metrics)
-    target = Path(out_dir) if out_dir is not None else metrics.path.parent / REPORT_DIR
+    target = Path(out_dir) if out_dir is not None else metrics.path.parent / REPORT
     return metrics, summary, write_plots(metrics, target)

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
 
-from . import launch, preflight
+from . import launch, preflight, runfolder
 from .errors import CrakenError
 from .options import SpecArgs, layers
 from .render import rendered_files, write_files
+from .runfolder import DS_ENV_FILE, DS_FILE, EXIT_CODES, OOM_MARKER_PREFIX, REPORT, RUN_FILE, machine_file, metrics_file
 from .sources import Layer, Resolved, build_spec
 
 TEST_STEPS = 20
@@ -48,6 +49,7 @@ class Prepared:
     test: bool
     request: TrainRequest | None = None
     auto_choice: str | None = None  # the planner's strategy name under --auto
+    lock_fd: int | None = None  # the run folder's lock, held by this process and the launcher
 
     @property
     def env_shown(self) -> dict[str, str]:
@@ -199,7 +201,7 @@ def prepare(request: TrainRequest, environ: Mapping[str, str], hardware=None) ->
     run_dir = Path(spec.output.run_dir())
     force = request.force or request.test
     problems = (preflight.model_problems(spec) + preflight.data_problems(spec) + preflight.precision_problems(spec)
-                + preflight.tracker_problems(spec)
+                + preflight.tracker_problems(spec) + preflight.output_name_problems(spec)
                 + preflight.output_problems(run_dir, request.resume, force, spec.cluster.machine_rank)
                 + preflight.op_problems(spec, environ) + preflight.nvme_problems(spec, environ))
     if problems:
@@ -219,12 +221,26 @@ def prepare(request: TrainRequest, environ: Mapping[str, str], hardware=None) ->
                             "would write them into its env file): set them in each machine's own environment")
     prepared = Prepared(resolved, run_dir, argv, env, files, resume_from, warnings, request.test, request, choice)
     if not request.dry_run:
+        prepared.lock_fd = claim_run_folder(run_dir, spec.cluster.machine_rank)
         if force and not request.resume:
             clear_previous_run(run_dir, spec.cluster.machine_rank)
         write_files(files, run_dir, force=True)
         if launch.uses_pdsh(spec):
-            launch.seed_deepspeed_env(run_dir / launch.DS_ENV_FILE, Path.home(), Path.cwd())
+            launch.seed_deepspeed_env(run_dir / DS_ENV_FILE, Path.home(), Path.cwd())
     return prepared
+
+
+def claim_run_folder(run_dir: Path, machine_rank: int) -> int:
+    """Mark the folder as a craken run and hold its lock while this run lives (its descriptor)."""
+    try:
+        runfolder.write_marker(run_dir)
+        return runfolder.acquire_lock(run_dir, machine_rank)
+    except BlockingIOError:
+        holder = runfolder.lock_holder(run_dir, machine_rank) or "?"
+        raise CrakenError(preflight.lock_message(run_dir, holder), title="cannot start this run") from None
+    except OSError as exc:
+        raise CrakenError(f"cannot write into run folder {run_dir} ({exc.strerror or exc}): choose a writable "
+                          "--output-dir", title="cannot start this run") from None
 
 
 def convert_if_world_changed(ckpt: Path, spec, warnings: list[str], run_dir: Path, convert: bool = True) -> Path:
@@ -310,8 +326,6 @@ def is_universal(ckpt: Path) -> bool:
 def with_universal_load(files: dict[str, str], machine_rank: int = 0) -> dict[str, str]:
     """The DeepSpeed JSON of a launch that resumes from a universal checkpoint. Only that launch:
     the checkpoints it writes are ordinary ones again."""
-    from .render import DS_FILE, machine_file
-
     name = machine_file(DS_FILE, machine_rank)
     cfg = json.loads(files[name])
     cfg["checkpoint"] = {**cfg.get("checkpoint", {}), "load_universal": True}
@@ -319,33 +333,17 @@ def with_universal_load(files: dict[str, str], machine_rank: int = 0) -> dict[st
 
 
 def clear_previous_run(run_dir: Path, machine_rank: int = 0) -> None:
-    """--force: the outputs of the earlier run. A machine of rank > 0 shares machine 0's run folder
-    and removes only its own log; machine 0 clears the rest for the whole job."""
-    import shutil
-
-    from .train.loop import OOM_MARKER_PREFIX, TENSORBOARD_DIR, metrics_file
-
-    if machine_rank > 0:
-        (run_dir / metrics_file(machine_rank)).unlink(missing_ok=True)
-        return
-    for name in (metrics_file(0), "final_check.pt"):
-        (run_dir / name).unlink(missing_ok=True)
-    for marker in run_dir.glob(f"{OOM_MARKER_PREFIX}*.json"):
-        marker.unlink()
-    for name in ("checkpoints", "final", "report", TENSORBOARD_DIR):
-        shutil.rmtree(run_dir / name, ignore_errors=True)
+    """--force: the outputs of the earlier run (runfolder.clear: only what a craken run wrote)."""
+    runfolder.clear(run_dir, machine_rank)
 
 
 def execute(prepared: Prepared) -> int:
     from .console import err
 
-    from .render import RUN_FILE, machine_file
-    from .train.loop import metrics_file
-
     machine_rank = prepared.resolved.spec.cluster.machine_rank
     metrics = prepared.run_dir / metrics_file(machine_rank)
     offset = metrics.stat().st_size if metrics.exists() else 0
-    code = launch.run(prepared.argv, prepared.env)
+    code = launch.run(prepared.argv, prepared.env, keep_fds=lock_fds(prepared))
     while code != 0 and (step := oom_step(prepared)) is not None:
         # The existing troubleshooting advice, made automatic: the next strategy in speed order.
         req = prepared.request
@@ -357,31 +355,33 @@ def execute(prepared: Prepared) -> int:
         prepared = prepare(replace(req, exclude=excluded, force=True), environ=os.environ)
         for warning in prepared.warnings:
             err.print(f"warning: {warning}", markup=False)
-        code = launch.run(prepared.argv, prepared.env)
+        code = launch.run(prepared.argv, prepared.env, keep_fds=lock_fds(prepared))
     if code == 0 and metrics.exists() and machine_rank == 0:  # one report per job, from machine 0's log
         write_report(prepared.run_dir)
     if prepared.test:
         healthy, message = test_health(metrics) if code == 0 else (False, f"the run exited with code {code}")
         err.print(("[green]test training healthy:[/] " if healthy else "[red]test training failed:[/] ") + message)
         return 0 if healthy else (code or 1)
-    from .train.loop import NONFINITE_EXIT
-
     # torchrun reports any worker exit as 1; the workers' own code is in the metrics' end line.
     end = last_end_event(metrics, offset) if code != 0 else {}
-    if end.get("exit_code") in (130, 143):
+    if end.get("exit_code") in (EXIT_CODES["sigint"], EXIT_CODES["sigterm"]):
         # A signal (torchrun adds a SignalException traceback); the workers finished their step and
         # saved a checkpoint: say so, and exit 143 (SIGTERM) / 130 (SIGINT).
         code = end["exit_code"]
         err.print(f"craken: stopped by a signal at step {end.get('steps')}; its checkpoint is saved. Resume with: "
                   f"craken train --config {prepared.run_dir / machine_file(RUN_FILE, machine_rank)} --resume auto",
                   markup=False)
-    elif end.get("exit_code") == NONFINITE_EXIT:
-        code = NONFINITE_EXIT
+    elif end.get("exit_code") == EXIT_CODES["nonfinite"]:
+        code = EXIT_CODES["nonfinite"]
         err.print(f"craken: stopped at step {end.get('steps')} on a non-finite loss or gradient norm (advice above); "
                   "no checkpoint was written after it", markup=False)
     elif code != 0:
         err.print(f"[red]craken: training exited with code {code}[/]; run folder: {prepared.run_dir}")
     return code
+
+
+def lock_fds(prepared: Prepared) -> tuple[int, ...]:
+    return () if prepared.lock_fd is None else (prepared.lock_fd,)
 
 
 def last_end_event(metrics: Path, offset: int = 0) -> dict:
@@ -397,8 +397,6 @@ def last_end_event(metrics: Path, offset: int = 0) -> dict:
 
 def oom_step(prepared: Prepared) -> int | None:
     """The step at which a process of an --auto run ran out of memory (its marker), if it did."""
-    from .train.loop import OOM_MARKER_PREFIX
-
     req = prepared.request
     if req is None or not req.auto or not req.oom_fallback or prepared.auto_choice is None:
         return None
@@ -420,9 +418,9 @@ def write_report(run_dir: Path) -> None:
         return
     try:
         metrics = read_metrics(run_dir)
-        write_plots(metrics, run_dir / "report")
+        write_plots(metrics, run_dir / REPORT)
         summary = summarize(metrics)
-        err.print(f"report: {run_dir / 'report'} ({summary.get('steps')} steps)")
+        err.print(f"report: {run_dir / REPORT} ({summary.get('steps')} steps)")
     except Exception as exc:  # a plotting failure must not fail a finished training
         err.print(f"[yellow]warning:[/] report not written: {exc}")
 

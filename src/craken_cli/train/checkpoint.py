@@ -25,10 +25,12 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..runfolder import CHECKPOINTS, FINAL, FINAL_CHECK, MODEL_META, atomic_write, fsync_tree
+
 STATE_FILE = "craken_state.json"
 LATEST = "latest"
 PREFIX = "step_"
-META_DIR = "model_meta"  # in the run folder
+META_DIR = MODEL_META  # in the run folder
 CKPT_META = "hf"  # in each checkpoint
 SHARDS = "pytorch_model"  # accelerate's DeepSpeed checkpoint tag (folder of the shards)
 _NAME = re.compile(r"^step_(\d+)$")
@@ -60,33 +62,12 @@ class TrainState:
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return Path(run_dir) / CHECKPOINTS
 
 
 def step_of(path: Path) -> int | None:
     m = _NAME.match(Path(path).name)
     return int(m.group(1)) if m else None
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            with open(os.path.join(dirpath, name), "rb") as fh:
-                os.fsync(fh.fileno())
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def manifest(root: Path) -> dict[str, int]:
@@ -190,7 +171,7 @@ def read_state(path: Path) -> TrainState:
 def write_state(path: Path, state: TrainState) -> None:
     """Seal a checkpoint folder: the manifest of everything in it, written last."""
     state = dataclasses.replace(state, files=manifest(path))
-    _write_atomic(path / STATE_FILE, json.dumps(asdict(state), indent=1))
+    atomic_write(path / STATE_FILE, json.dumps(asdict(state), indent=1))
 
 
 def write_model_meta(accelerator, run_dir: Path, model, tokenizer, precision: str) -> None:
@@ -208,7 +189,7 @@ def write_model_meta(accelerator, run_dir: Path, model, tokenizer, precision: st
     config.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
 
@@ -236,11 +217,11 @@ def save(accelerator, run_dir: Path, state: TrainState, keep: int) -> Path:
         write_state(tmp, TrainState(state.step, state.epoch, state.batch_in_epoch, accelerator.num_processes,
                                     fp32_grad_accum=state.fp32_grad_accum, zero_stage=state.zero_stage,
                                     offload_optimizer=state.offload_optimizer))
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _write_atomic(root / LATEST, name)
+        atomic_write(root / LATEST, name)
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -279,8 +260,8 @@ def save_final(accelerator, model, tokenizer, run_dir: Path, spec, check_batch=N
     """
     import torch
 
-    final = run_dir / "final"
-    tmp = run_dir / ".final.tmp"
+    final = run_dir / FINAL
+    tmp = run_dir / f".{FINAL}.tmp"
     state_dict = accelerator.get_state_dict(model)  # collective under ZeRO-3
     logits = None
     if check_batch is not None:
@@ -296,9 +277,9 @@ def save_final(accelerator, model, tokenizer, run_dir: Path, spec, check_batch=N
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         replace_dir(tmp, final)
         if logits is not None:
-            torch.save({"input_ids": check_batch.cpu(), "logits": logits}, run_dir / "final_check.pt")
+            torch.save({"input_ids": check_batch.cpu(), "logits": logits}, run_dir / FINAL_CHECK)
     accelerator.wait_for_everyone()
     return final

@@ -17,8 +17,9 @@ import sys
 import time
 from pathlib import Path
 
+from ..runfolder import EXIT_CODES, TENSORBOARD, metrics_file, oom_marker
+
 PROCESS_START = time.time()
-NONFINITE_EXIT = 3  # a non-finite loss or gradient norm stopped the run (train.on_nonfinite=stop)
 
 # Dense bf16 peak of common GPUs, for MFU (datasheet, without sparsity).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0,
@@ -92,15 +93,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # Leave a marker for `craken train --auto`, which relaunches with the next strategy.
         rank = int(os.environ.get("RANK", "0"))
-        (run_dir / f"{OOM_MARKER_PREFIX}{rank}.json").write_text(json.dumps({"step": trainer.step, "rank": rank}))
+        (run_dir / oom_marker(rank)).write_text(json.dumps({"step": trainer.step, "rank": rank}))
         print(f"craken: out of GPU memory at step {trainer.step} on rank {rank}: {str(exc).splitlines()[0]}",
               file=sys.stderr, flush=True)
-        return OOM_EXIT_CODE
-
-
-OOM_MARKER_PREFIX = "oom-rank"
-TENSORBOARD_DIR = "tensorboard"  # RUN/tensorboard/<run name>/ holds the event files of --report-to tensorboard
-OOM_EXIT_CODE = 4
+        return EXIT_CODES["out_of_memory"]
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -136,7 +132,7 @@ class Trainer:
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
             log_with=None if spec.logging.report_to == "none" else spec.logging.report_to,
             project_config=ProjectConfiguration(project_dir=str(self.run_dir),
-                                                logging_dir=str(self.run_dir / TENSORBOARD_DIR)),
+                                                logging_dir=str(self.run_dir / TENSORBOARD)),
         )
         # Each machine's first process logs (metrics, progress) into the run folder, its own file on
         # machines of rank > 0; the losses are reduced over all processes, so every log has the same numbers.
@@ -350,7 +346,7 @@ class Trainer:
                         msg = nonfinite_advice(step, last_good, spec)
                         progress.log(msg)
                         write({"event": "nonfinite", "step": step, "message": msg})
-                    exit_code = NONFINITE_EXIT
+                    exit_code = EXIT_CODES["nonfinite"]
                     done = True
                     break
                 if flags[1]:  # skip: DeepSpeed already skipped the update (non-finite gradient norm)
@@ -397,7 +393,7 @@ class Trainer:
                     if is_main:
                         progress.log(f"craken: stopped by signal at step {step}; checkpoint {path}. "
                                      f"Resume with: craken train --config {self.run_file} --resume auto")
-                    exit_code = 130 if stop.signum == signal.SIGINT else 143
+                    exit_code = EXIT_CODES["sigint" if stop.signum == signal.SIGINT else "sigterm"]
                     done = True
                     break
                 if spec.train.save_every and step % spec.train.save_every == 0 and step != spec.train.max_steps:
@@ -468,11 +464,6 @@ def lr_factor(spec):
         return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
-
-
-def metrics_file(machine_rank: int) -> str:
-    """metrics.jsonl on machine 0; metrics-machine<R>.jsonl elsewhere (safe on a shared run folder)."""
-    return "metrics.jsonl" if machine_rank == 0 else f"metrics-machine{machine_rank}.jsonl"
 
 
 def quiet_libraries() -> None:
