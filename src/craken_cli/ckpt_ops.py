@@ -66,7 +66,7 @@ def rows(run_dir: Path) -> list[dict]:
         found += sorted((p for p in uni.iterdir() if ck.step_of(p) is not None), key=ck.step_of)
     out = []
     for path in found:
-        why = ck.problems(path)
+        why = ck.problems(path, verify=True)
         state = ck.read_state(path) if not why else None
         out.append({
             "step": ck.step_of(path), "path": str(path), "complete": not why, "problems": why,
@@ -103,7 +103,7 @@ def require_checkpoint(ckpt: Path, title: str) -> ck.TrainState:
     if ckpt.is_dir() and ck.checkpoint_dir(ckpt).is_dir():
         raise CrakenError(f"{ckpt} is a run folder, not a checkpoint: name one of its checkpoints/step_* folders "
                           f"(`craken ckpt list {ckpt}`)", title=title)
-    why = ck.problems(ckpt)
+    why = ck.problems(ckpt, verify=True)
     if why:
         raise CrakenError(f"{ckpt} is not a complete checkpoint ({'; '.join(why[:3])}): use an earlier one "
                           "from `craken ckpt list RUN_DIR`", title=title)

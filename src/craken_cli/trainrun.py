@@ -188,7 +188,7 @@ def resume_checkpoint(run_dir: Path, resume: str | None) -> tuple[Path | None, l
         if found is None:
             raise CrakenError(f"--resume {resume}: this run folder has no complete checkpoint")
         return found, warnings
-    why = checkpoint.problems(path)
+    why = checkpoint.problems(path, verify=True)
     if why:
         raise CrakenError(f"--resume {resume}: this checkpoint is partial or corrupt ({'; '.join(why[:3])}); "
                           "use an earlier one from `craken ckpt list RUN_DIR`")
