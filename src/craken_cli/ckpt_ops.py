@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .errors import CrakenError
 from .hardware import nearest_existing
-from .runfolder import CHECKPOINTS, FINAL, fsync_tree, protected
+from .runfolder import CHECKPOINTS, FINAL, disk_message, free_bytes, fsync_tree, is_disk_full, protected
 from .train import checkpoint as ck
 
 UNIVERSAL_DIR = "universal"  # RUN/checkpoints/universal/step_N: converted copies
@@ -165,6 +165,7 @@ def convert(ckpt: Path, out: Path | None = None, force: bool = False, env=None) 
                           f"from it directly on any number of processes (craken train --resume {ckpt})", title=title)
     out = Path(out) if out is not None else default_universal_out(ckpt)
     require_new_output(out, force, title, reads=(ckpt,))
+    require_space(out, _size(ckpt), "the universal checkpoint", title)
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".tmp_{out.name}")
@@ -189,6 +190,11 @@ def convert(ckpt: Path, out: Path | None = None, force: bool = False, env=None) 
         fsync_tree(tmp)
         ck.replace_dir(tmp, out)
         ok = True
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        raise CrakenError(f"{disk_message(out, _size(ckpt), 'the universal checkpoint')} (partial files removed)",
+                          title=title) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if not ok:
@@ -308,19 +314,36 @@ def export(ckpt: Path, out: Path, dtype: str = "auto", force: bool = False) -> P
         raise CrakenError(f"{ckpt}: no weights for {', '.join(still_meta[:5])}", title=title)
     model.config.dtype = torch_dtype
 
+    needed = sum(t.numel() * t.element_size() for t in weights.values())
+    require_space(out, needed, "the exported model", title)
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
     tmp = out.absolute().with_name(f".tmp_{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        for item in meta.iterdir():  # the tokenizer files
-            if item.is_file() and item.name not in _MODEL_FILES and not (tmp / item.name).exists():
-                shutil.copy2(item, tmp / item.name)
-        (tmp / EXPORT_MARKER).write_text(json.dumps(
-            {"checkpoint": str(ckpt.absolute()), "step": state.step, "dtype": str(torch_dtype).split(".")[-1]},
-            indent=1) + "\n")
-        fsync_tree(tmp)
-        ck.replace_dir(tmp, out)
+        write_export(model, meta, tmp, out, ckpt, state, torch_dtype)
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        raise CrakenError(f"{disk_message(out, needed, 'the exported model')} (partial files removed)",
+                          title=title) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def require_space(out: Path, needed: int, what: str, title: str) -> None:
+    if free_bytes(out) < needed:
+        raise CrakenError(disk_message(out, needed, what), title=title)
+
+
+def write_export(model, meta: Path, tmp: Path, out: Path, ckpt: Path, state, torch_dtype) -> None:
+    """The export's files into `tmp`, then `tmp` renamed to `out`."""
+    model.save_pretrained(tmp, safe_serialization=True)
+    for item in meta.iterdir():  # the tokenizer files
+        if item.is_file() and item.name not in _MODEL_FILES and not (tmp / item.name).exists():
+            shutil.copy2(item, tmp / item.name)
+    (tmp / EXPORT_MARKER).write_text(json.dumps(
+        {"checkpoint": str(ckpt.absolute()), "step": state.step, "dtype": str(torch_dtype).split(".")[-1]},
+        indent=1) + "\n")
+    fsync_tree(tmp)
+    ck.replace_dir(tmp, out)

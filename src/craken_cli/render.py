@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import yamlio
 from .errors import CrakenError
-from .runfolder import ACCELERATE_FILE, DS_FILE, RUN_FILE, atomic_write, machine_file
+from .runfolder import ACCELERATE_FILE, DS_FILE, RUN_FILE, atomic_write, disk_message, is_disk_full, machine_file
 from .spec import STAGE3_FIELDS, RunSpec
 
 SOURCE_ORDER = "default < preset < file < env < flag; detected = filled from the hardware, auto = chosen by the planner"
@@ -185,5 +185,10 @@ def write_files(files: dict[str, str], out_dir: str | os.PathLike, force: bool =
         raise CrakenError(f"cannot write into {out} ({exc.strerror or exc}): choose a writable --out DIR",
                           title="cannot write") from None
     for target, text in zip(targets, files.values()):
-        atomic_write(target, text)
+        try:
+            atomic_write(target, text)
+        except OSError as exc:
+            why = disk_message(out, sum(len(t.encode()) for t in files.values()), "the run files") \
+                if is_disk_full(exc) else f"{exc.strerror or exc}: choose a writable --out DIR"
+            raise CrakenError(f"cannot write {target}: {why}", title="cannot write") from None
     return targets

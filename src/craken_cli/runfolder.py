@@ -47,6 +47,7 @@ EXIT_CODES = {
     "bad_input": 2,  # CrakenError: a problem the user can fix, reported before anything ran
     "nonfinite": 3,  # a non-finite loss or gradient norm stopped the run (train.on_nonfinite=stop)
     "out_of_memory": 4,  # a process ran out of GPU memory (--auto relaunches)
+    "disk_full": 5,  # the run folder's disk cannot hold the next checkpoint (the previous one is kept)
     "sigint": 130,  # stopped by Ctrl-C after saving a checkpoint
     "sigterm": 143,  # stopped by SIGTERM after saving a checkpoint
 }
@@ -128,7 +129,7 @@ def write_marker(run_dir: Path) -> None:
     run_dir = Path(run_dir)
     if read_marker(run_dir) is not None:
         return
-    before = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+    before = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".craken")) if run_dir.is_dir() else []
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(run_dir / MARKER, json.dumps({"craken_run": 1, "preexisting": before}, indent=1) + "\n")
 
@@ -275,3 +276,60 @@ def acquire_lock(run_dir: Path, machine_rank: int = 0) -> int:
     os.write(fd, f"{os.getpid()}\n".encode())
     _HELD[key] = fd
     return fd
+
+
+# ---------------------------------------------------------------------------------------------
+# Disk space
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def existing_parent(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def mount_point(path: Path) -> Path:
+    path = existing_parent(path)
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def free_bytes(path: Path) -> int:
+    import shutil
+
+    return shutil.disk_usage(existing_parent(path)).free
+
+
+def disk_message(path: Path, needed: int, what: str, hint: str = "") -> str:
+    """Which disk is too small, and by how much, for `what` in `path`."""
+    return (f"the disk of {path} (mounted at {mount_point(path)}) has {human_bytes(free_bytes(path))} free, {what} "
+            f"needs about {human_bytes(needed)}: free space there{hint}, or choose a folder on a larger disk")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    import errno
+
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def remove_partial_writes(run_dir: Path) -> None:
+    """Temporary folders of a save that did not finish (a killed process, a full disk): nothing
+    reads them and they can keep a disk full. Only while this process holds the folder's lock."""
+    import shutil
+
+    for root in (Path(run_dir) / CHECKPOINTS, Path(run_dir) / CHECKPOINTS / "universal", Path(run_dir)):
+        if root.is_dir():
+            for tmp in root.glob(".tmp_*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+    for name in (f".{FINAL}.tmp", f".{MODEL_META}.tmp"):
+        shutil.rmtree(Path(run_dir) / name, ignore_errors=True)

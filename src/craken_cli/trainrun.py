@@ -233,14 +233,19 @@ def prepare(request: TrainRequest, environ: Mapping[str, str], hardware=None) ->
 def claim_run_folder(run_dir: Path, machine_rank: int) -> int:
     """Mark the folder as a craken run and hold its lock while this run lives (its descriptor)."""
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = runfolder.acquire_lock(run_dir, machine_rank)
+        if machine_rank == 0:
+            runfolder.remove_partial_writes(run_dir)  # no live run writes them: it would hold the lock
         runfolder.write_marker(run_dir)
-        return runfolder.acquire_lock(run_dir, machine_rank)
+        return fd
     except BlockingIOError:
         holder = runfolder.lock_holder(run_dir, machine_rank) or "?"
         raise CrakenError(preflight.lock_message(run_dir, holder), title="cannot start this run") from None
     except OSError as exc:
-        raise CrakenError(f"cannot write into run folder {run_dir} ({exc.strerror or exc}): choose a writable "
-                          "--output-dir", title="cannot start this run") from None
+        why = runfolder.disk_message(run_dir, 1 << 20, "the run files") if runfolder.is_disk_full(exc) \
+            else f"{exc.strerror or exc}: choose a writable --output-dir"
+        raise CrakenError(f"cannot write into run folder {run_dir}: {why}", title="cannot start this run") from None
 
 
 def convert_if_world_changed(ckpt: Path, spec, warnings: list[str], run_dir: Path, convert: bool = True) -> Path:

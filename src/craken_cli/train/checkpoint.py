@@ -25,7 +25,8 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..runfolder import CHECKPOINTS, FINAL, FINAL_CHECK, MODEL_META, atomic_write, fsync_tree
+from ..runfolder import (CHECKPOINTS, FINAL, FINAL_CHECK, MODEL_META, atomic_write, disk_message, free_bytes,
+                         fsync_tree, is_disk_full)
 
 STATE_FILE = "craken_state.json"
 LATEST = "latest"
@@ -224,6 +225,44 @@ def write_model_meta(accelerator, run_dir: Path, model, tokenizer, precision: st
     os.replace(tmp, target)
 
 
+class DiskFull(Exception):
+    """The run folder's disk cannot hold what is about to be written; the message says which disk and
+    how many bytes. Raised on every process at once (require_space is collective)."""
+
+
+# Bytes per parameter in a checkpoint: a 16-bit (or fp32) model copy, fp32 master weights and Adam's
+# two moments; a margin for RNG states, scheduler and the model config.
+CHECKPOINT_BYTES_PER_PARAM = 16
+MARGIN = 1.1
+KEEP_HINT = " (fewer --keep-checkpoints)"
+
+
+def parameter_count(accelerator) -> int:
+    return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+               for model in accelerator._models for p in model.parameters())
+
+
+def checkpoint_bytes(run_dir: Path, accelerator) -> int:
+    """About what the next checkpoint takes: the size of the last one, else from the parameter count."""
+    previous = list_checkpoints(run_dir)
+    if previous:
+        return sum(f.stat().st_size for f in previous[-1].rglob("*") if f.is_file())
+    return parameter_count(accelerator) * CHECKPOINT_BYTES_PER_PARAM
+
+
+def require_space(accelerator, folder: Path, needed: int, what: str) -> None:
+    """Collective: raise DiskFull on every process when `folder`'s disk has less than `needed` bytes
+    free on any of them (a partial checkpoint would fill it, and DeepSpeed would fail with 'unexpected
+    pos' or a lost connection instead of saying so)."""
+    import torch
+
+    needed = int(needed * MARGIN)
+    short = float(free_bytes(folder) < needed)
+    short = accelerator.reduce(torch.tensor([short], device=accelerator.device), reduction="sum").item()
+    if short:
+        raise DiskFull(f"craken: cannot write {what}: {disk_message(folder, needed, 'it', KEEP_HINT)}")
+
+
 def save(accelerator, run_dir: Path, state: TrainState, keep: int) -> Path:
     """Collective: every process writes its shards, then the main process seals the checkpoint."""
     run_dir = Path(run_dir)
@@ -236,10 +275,19 @@ def save(accelerator, run_dir: Path, state: TrainState, keep: int) -> Path:
         for stale in root.glob(".tmp_*"):  # left by a process killed while saving
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
-    if accelerator.state.deepspeed_plugin is not None:
-        accelerator.save_state(str(tmp), client_state=UNIVERSAL_INFO)
-    else:
-        accelerator.save_state(str(tmp))
+    require_space(accelerator, root, checkpoint_bytes(run_dir, accelerator), f"the checkpoint of step {state.step}")
+    try:
+        if accelerator.state.deepspeed_plugin is not None:
+            accelerator.save_state(str(tmp), client_state=UNIVERSAL_INFO)
+        else:
+            accelerator.save_state(str(tmp))
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        needed = checkpoint_bytes(run_dir, accelerator)
+        raise DiskFull(f"craken: the disk filled up while writing the checkpoint of step {state.step} (partial "
+                       f"files removed): {disk_message(root, needed, 'a checkpoint', KEEP_HINT)}") from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if (run_dir / META_DIR).is_dir():
@@ -299,6 +347,8 @@ def save_final(accelerator, model, tokenizer, run_dir: Path, spec, check_batch=N
         with torch.no_grad():
             logits = model(input_ids=check_batch).logits.float().cpu()  # collective under ZeRO-3
         model.train()
+    needed = sum(t.numel() * t.element_size() for t in state_dict.values()) if accelerator.is_main_process else 0
+    require_space(accelerator, run_dir, needed, "the final model")
     if accelerator.is_main_process:
         if not state_dict:
             raise RuntimeError("the gathered state dict is empty: refusing to save an empty model")

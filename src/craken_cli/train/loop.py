@@ -83,11 +83,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from ..sources import build_spec, file_layer
+    from .checkpoint import DiskFull
 
     spec = build_spec([file_layer(run_file)]).spec
     trainer = Trainer(spec, run_file)
     try:
         return trainer.run()
+    except DiskFull as exc:  # raised on every process at once, before anything was left half-written
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(exc, file=sys.stderr, flush=True)
+        return EXIT_CODES["disk_full"]
     except Exception as exc:
         if not _is_oom(exc):
             raise
