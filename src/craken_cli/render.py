@@ -160,7 +160,7 @@ def rendered_files(spec: RunSpec, sources: dict[str, str], out_dir: str | os.Pat
     out = Path(out_dir)
     ds_name, accelerate_name, run_name = (machine_file(n, machine_rank) for n in (DS_FILE, ACCELERATE_FILE, RUN_FILE))
     files = {
-        ds_name: json.dumps(deepspeed_config(spec), indent=2) + "\n",
+        ds_name: json.dumps(deepspeed_config(spec), indent=2, allow_nan=False) + "\n",
         accelerate_name: yamlio.dumps(accelerate_config(spec, out / ds_name)),
         run_name: run_file_text(spec, sources),
     }

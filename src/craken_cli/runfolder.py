@@ -333,3 +333,25 @@ def remove_partial_writes(run_dir: Path) -> None:
                 shutil.rmtree(tmp, ignore_errors=True)
     for name in (f".{FINAL}.tmp", f".{MODEL_META}.tmp"):
         shutil.rmtree(Path(run_dir) / name, ignore_errors=True)
+
+
+def drop_metrics_after(metrics: Path, step: int) -> None:
+    """A resume from the checkpoint of `step` trains the later steps again: their lines go, so the log
+    reads as one run (a line cut by a kill goes too)."""
+    import json
+
+    if step < 0 or not Path(metrics).is_file():
+        return
+    kept = []
+    for line in Path(metrics).read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record, dict):
+            continue
+        at = record.get("steps") if record.get("event") == "end" else record.get("step")
+        if isinstance(at, (int, float)) and at > step:
+            continue
+        kept.append(line)
+    atomic_write(Path(metrics), "".join(f"{line}\n" for line in kept))

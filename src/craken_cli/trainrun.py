@@ -224,6 +224,9 @@ def prepare(request: TrainRequest, environ: Mapping[str, str], hardware=None) ->
         prepared.lock_fd = claim_run_folder(run_dir, spec.cluster.machine_rank)
         if force and not request.resume:
             clear_previous_run(run_dir, spec.cluster.machine_rank)
+        if resume_from is not None:  # the lines logged after the checkpoint are trained again
+            runfolder.drop_metrics_after(run_dir / runfolder.metrics_file(spec.cluster.machine_rank),
+                                         checkpoint_step(resume_from))
         write_files(files, run_dir, force=True)
         if launch.uses_pdsh(spec):
             launch.seed_deepspeed_env(run_dir / DS_ENV_FILE, Path.home(), Path.cwd())
@@ -257,8 +260,10 @@ def convert_if_world_changed(ckpt: Path, spec, warnings: list[str], run_dir: Pat
 
     state = checkpoint.read_state(ckpt)
     engine_problem = engine_mismatch(ckpt, state, spec)
-    if engine_problem:
-        raise CrakenError(f"--resume {ckpt}: {engine_problem}", title="cannot resume")
+    problems = [engine_problem] if engine_problem else []
+    problems += preflight.resume_problems(ckpt, state, spec)
+    if problems:
+        raise CrakenError([f"--resume {ckpt}: {p}" for p in problems], title="cannot resume")
     if state.universal or not state.world_size or checkpoint.is_plain(ckpt):
         # a run without DeepSpeed holds the whole model and optimizer state in every process: any
         # process count loads it as it is
@@ -383,6 +388,12 @@ def execute(prepared: Prepared) -> int:
     elif code != 0:
         err.print(f"[red]craken: training exited with code {code}[/]; run folder: {prepared.run_dir}")
     return code
+
+
+def checkpoint_step(ckpt: Path) -> int:
+    from .train import checkpoint
+
+    return checkpoint.saved_step(ckpt)
 
 
 def lock_fds(prepared: Prepared) -> tuple[int, ...]:

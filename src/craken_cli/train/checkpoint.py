@@ -54,6 +54,16 @@ class TrainState:
     # decides the optimizer state's layout. None in checkpoints of older craken
     zero_stage: int | None = None
     offload_optimizer: str | None = None
+    # the losses summed since the last logged line, per process, and how many micro-batches they cover:
+    # the first line logged after a resume covers the same steps as in a run never stopped
+    loss_sums: list[float] = field(default_factory=list)
+    loss_count: int = 0
+    # what the data position and the weights depend on (None in checkpoints of older craken)
+    seq_len: int | None = None
+    micro_batch: int | None = None
+    global_batch: int | None = None
+    seed: int | None = None
+    precision: str | None = None
     files: dict[str, int] = field(default_factory=dict)  # manifest: relative path -> size in bytes
     sha256: dict[str, str] = field(default_factory=dict)  # relative path -> content digest (older craken: none)
 
@@ -82,6 +92,31 @@ def manifest(root: Path) -> dict[str, int]:
             if rel != STATE_FILE:
                 out[rel] = full.stat().st_size
     return dict(sorted(out.items()))
+
+
+def state_type_problems(raw: dict) -> list[str]:
+    """Values of the wrong type in a state file (hand-edited, or not craken's): each would crash a
+    process after launch."""
+    out = []
+    for item in dataclasses.fields(TrainState):
+        if item.name not in raw or item.name in ("files", "sha256"):
+            continue
+        value, kind = raw[item.name], str(item.type)
+        if value is None and "None" in kind:
+            continue
+        if kind.startswith("int"):
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        elif kind.startswith("bool"):
+            ok = isinstance(value, bool)
+        elif kind.startswith("str"):
+            ok = isinstance(value, str)
+        elif kind.startswith("list"):
+            ok = isinstance(value, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value)
+        else:
+            ok = True
+        if not ok:
+            out.append(f"{STATE_FILE}: {item.name} is {value!r}, not a valid {kind.split(' |')[0]}")
+    return out
 
 
 def sha256_file(path: Path) -> str:
@@ -128,6 +163,9 @@ def problems(path: Path, verify: bool = False) -> list[str]:
         return [f"{STATE_FILE} is unreadable ({exc.__class__.__name__})"]
     if not isinstance(raw, dict) or not isinstance(raw.get("step"), int):
         return [f"{STATE_FILE} has no step"]
+    wrong = state_type_problems(raw)
+    if wrong:
+        return wrong
     if not (path / SHARDS).is_dir() and not is_plain(path):
         return [f"no {SHARDS}/ folder of DeepSpeed shards (nor model weights of a run without DeepSpeed)"]
     files = raw.get("files") or {}
@@ -263,9 +301,40 @@ def require_space(accelerator, folder: Path, needed: int, what: str) -> None:
         raise DiskFull(f"craken: cannot write {what}: {disk_message(folder, needed, 'it', KEEP_HINT)}")
 
 
-def save(accelerator, run_dir: Path, state: TrainState, keep: int) -> Path:
-    """Collective: every process writes its shards, then the main process seals the checkpoint."""
+def data_shape(spec) -> dict:
+    """What a checkpoint's data position and weights depend on, recorded in its state."""
+    return {"seq_len": spec.data.seq_len, "micro_batch": spec.batch.micro_batch,
+            "global_batch": spec.train_batch_size, "seed": spec.train.seed, "precision": spec.precision}
+
+
+def gathered_loss(accelerator, partial_loss) -> tuple[list[float], int]:
+    """Collective: every process's loss sum since the last logged line (exact: float64), and its count."""
+    import torch
+
+    if partial_loss is None:
+        return [], 0
+    loss_sum, count = partial_loss
+    sums = accelerator.gather(loss_sum.detach().reshape(1).to(torch.float64))
+    return [float(x) for x in sums.cpu().tolist()], int(count)
+
+
+def partial_loss(state: TrainState, accelerator, device):
+    """(loss sum, count) this process continues from after a resume: its own sum from the checkpoint
+    (on another number of processes, their mean)."""
+    import torch
+
+    if not state.loss_count or not state.loss_sums:
+        return torch.zeros((), device=device), 0
+    sums = state.loss_sums
+    mine = sums[accelerator.process_index] if len(sums) == accelerator.num_processes else sum(sums) / len(sums)
+    return torch.tensor(mine, dtype=torch.float32, device=device), state.loss_count
+
+
+def save(accelerator, run_dir: Path, state: TrainState, keep: int, partial_loss=None) -> Path:
+    """Collective: every process writes its shards, then the main process seals the checkpoint.
+    `partial_loss`: (loss sum tensor, micro-batches) since the last logged line, kept for the resume."""
     run_dir = Path(run_dir)
+    loss_sums, loss_count = gathered_loss(accelerator, partial_loss)
     root = checkpoint_dir(run_dir)
     name = f"{PREFIX}{state.step:08d}"
     final = root / name
@@ -292,9 +361,8 @@ def save(accelerator, run_dir: Path, state: TrainState, keep: int) -> Path:
     if accelerator.is_main_process:
         if (run_dir / META_DIR).is_dir():
             shutil.copytree(run_dir / META_DIR, tmp / CKPT_META)
-        write_state(tmp, TrainState(state.step, state.epoch, state.batch_in_epoch, accelerator.num_processes,
-                                    fp32_grad_accum=state.fp32_grad_accum, zero_stage=state.zero_stage,
-                                    offload_optimizer=state.offload_optimizer))
+        write_state(tmp, dataclasses.replace(state, world_size=accelerator.num_processes, loss_sums=loss_sums,
+                                             loss_count=loss_count, files={}, sha256={}))
         fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
@@ -306,16 +374,58 @@ def save(accelerator, run_dir: Path, state: TrainState, keep: int) -> Path:
     return final
 
 
-def load(accelerator, path: Path) -> TrainState:
+def load(accelerator, path: Path, micro_batch: int | None = None) -> TrainState:
     """Load a checkpoint into the prepared objects; the data position is rescaled when the
     number of processes changed (the same number of samples counts as consumed)."""
     accelerator.load_state(str(path))
+    for optimizer in cpu_adams(accelerator):
+        replay_cpu_adam_steps(optimizer)
     state = read_state(path)
-    world = accelerator.num_processes
-    if state.world_size and state.world_size != world:
-        state = dataclasses.replace(state, batch_in_epoch=state.batch_in_epoch * state.world_size // world,
-                                    world_size=world)
-    return state
+    return dataclasses.replace(state, batch_in_epoch=data_position(state, accelerator.num_processes, micro_batch),
+                               world_size=accelerator.num_processes)
+
+
+def data_position(state: TrainState, world: int, micro_batch: int | None) -> int:
+    """Micro-batches per process already consumed in this epoch, on `world` processes of `micro_batch`
+    samples: the same number of samples counts as consumed (`trainrun` refuses a resume where it does
+    not divide)."""
+    old_micro = state.micro_batch or micro_batch or 1
+    samples = state.batch_in_epoch * (state.world_size or world) * old_micro
+    return samples // (world * (micro_batch or old_micro))
+
+
+def cpu_adams(accelerator) -> list:
+    """DeepSpeed's CPU Adam optimizers of this process (optimizer offload), found below the wrappers."""
+    found = []
+    for wrapper in accelerator._optimizers:
+        inner = wrapper
+        for _ in range(4):
+            if inner is None or (hasattr(inner, "ds_opt_adam") and hasattr(inner, "opt_id")):
+                break
+            inner = getattr(inner, "optimizer", None)
+        if inner is not None and hasattr(inner, "ds_opt_adam"):
+            found.append(inner)
+    return found
+
+
+def replay_cpu_adam_steps(optimizer) -> None:
+    """DeepSpeed's CPU Adam keeps beta1**step and beta2**step inside its C++ op, multiplied by beta once
+    per step, and computes them with pow() when the step does not follow the last one: a resumed run's
+    bias correction then differs from the uninterrupted run's in the last bits, and the losses drift
+    apart (ZeRO-3 + offload: 4.959733 against 4.959732 at step 13, 4.487576 against 4.487411 at step 19).
+    Stepping the op through steps 1..N on a one-element scratch tensor rebuilds the very same products;
+    the model's own parameters and moments are not touched."""
+    import torch
+
+    steps = [int(entry["step"]) for entry in optimizer.state.values() if isinstance(entry, dict) and "step" in entry]
+    if not steps:
+        return
+    group = optimizer.param_groups[0]
+    beta1, beta2 = group["betas"]
+    scratch = [torch.zeros(1, dtype=torch.float32) for _ in range(4)]  # param, grad, exp_avg, exp_avg_sq
+    for step in range(1, max(steps) + 1):
+        optimizer.ds_opt_adam.adam_update(optimizer.opt_id, step, group["lr"], beta1, beta2, group["eps"],
+                                          group["weight_decay"], group.get("bias_correction", True), *scratch)
 
 
 def replace_dir(tmp: Path, out: Path) -> None:

@@ -242,7 +242,7 @@ class Trainer:
             if is_main:
                 print(f"craken: worker group restarted; resuming from {self.resume_from or 'the start'}", flush=True)
         if self.resume_from:
-            state = checkpoint.load(accelerator, Path(self.resume_from))
+            state = checkpoint.load(accelerator, Path(self.resume_from), spec.batch.micro_batch)
             if is_main:
                 print(f"craken: resumed from {self.resume_from} at step {state.step}", flush=True)
 
@@ -292,8 +292,7 @@ class Trainer:
             log_eval(0)  # the starting point, so a falling eval loss is visible from the first step
 
         model.train()
-        loss_sum = torch.zeros((), device=device)
-        loss_count = 0
+        loss_sum, loss_count = checkpoint.partial_loss(state, accelerator, device)
         interval_start = time.time()
         interval_steps = 0
         first_step_s = None
@@ -390,11 +389,13 @@ class Trainer:
                     interval_steps = 0
                 state = checkpoint.TrainState(step=step, epoch=epoch, batch_in_epoch=micro_in_epoch,
                                               fp32_grad_accum=fp32_grad_accum, zero_stage=spec.zero.stage,
-                                              offload_optimizer=spec.offload.optimizer.device)
+                                              offload_optimizer=spec.offload.optimizer.device,
+                                              **checkpoint.data_shape(spec))
                 if spec.train.eval_every and step % spec.train.eval_every == 0 and step != spec.train.max_steps:
                     log_eval(step)
                 if flags[0]:
-                    path = checkpoint.save(accelerator, self.run_dir, state, spec.train.keep_checkpoints)
+                    path = checkpoint.save(accelerator, self.run_dir, state, spec.train.keep_checkpoints,
+                                           partial_loss=(loss_sum, loss_count))
                     if is_main:
                         progress.log(f"craken: stopped by signal at step {step}; checkpoint {path}. "
                                      f"Resume with: craken train --config {self.run_file} --resume auto")
@@ -402,7 +403,8 @@ class Trainer:
                     done = True
                     break
                 if spec.train.save_every and step % spec.train.save_every == 0 and step != spec.train.max_steps:
-                    checkpoint.save(accelerator, self.run_dir, state, spec.train.keep_checkpoints)
+                    checkpoint.save(accelerator, self.run_dir, state, spec.train.keep_checkpoints,
+                                    partial_loss=(loss_sum, loss_count))
                 if step >= spec.train.max_steps:
                     done = True
                     break
