@@ -857,7 +857,21 @@ def check_run(view: RunView | None, spec_error: str | None) -> list[Check]:
             out.append(Check("run", "decision", "warn", w, ""))
     for p in view.problems:
         out.append(Check("run", "settings vs machine", "fail", p.split(": ")[0], p.rsplit(": ", 1)[-1]))
-    return out
+    return out + check_model_folder(view.model)
+
+
+def check_model_folder(name: str) -> list[Check]:
+    """A local model folder's files, as `craken train` checks them before launch (modelcheck)."""
+    from . import modelcheck
+
+    folder = Path(name).expanduser()
+    if not (folder / "config.json").is_file():
+        return []
+    tokenizer = folder if (folder / "tokenizer.json").is_file() else None
+    problems = modelcheck.folder_problems(f"--model {name}", folder, False, tokenizer, f"--model {name}")
+    if not problems:
+        return [Check("run", "model files", "ok", f"{folder}: config.json, tokenizer and weights headers read")]
+    return [Check("run", "model files", "fail", p, "fix the file named, or choose another --model") for p in problems]
 
 
 # ---------------------------------------------------------------------------------------------

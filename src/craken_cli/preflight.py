@@ -130,7 +130,7 @@ def data_problems(spec) -> list[str]:
         return [f"--dataset {d.dataset}: the data set is empty; add text"]
     try:
         columns = first_record_columns(files[0])
-    except (ValueError, UnicodeDecodeError, OSError) as exc:
+    except (ValueError, UnicodeDecodeError, OSError, csv.Error) as exc:
         return [f"--dataset {files[0]}: cannot be read ({exc.__class__.__name__}: {exc}); fix the file"]
     if columns == []:
         return [f"--dataset {d.dataset}: the data set is empty; add text"]
@@ -233,6 +233,21 @@ def force_problems(run_dir: Path) -> list[str]:
     return []
 
 
+def unwritable(folder: Path) -> str | None:
+    """Why nothing can be created in `folder` (None when something can). Tried, not guessed from the
+    mode bits: root passes every access() test, /proc and read-only mounts still refuse; the probe
+    folder is removed at once."""
+    import tempfile
+
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return "not writable"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".craken-probe-", dir=folder))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
 def output_problems(run_dir: Path, resume: str | None, force: bool, machine_rank: int = 0) -> list[str]:
     from .runfolder import lock_holder
 
@@ -246,8 +261,9 @@ def output_problems(run_dir: Path, resume: str | None, force: bool, machine_rank
     if run_dir.exists() and not run_dir.is_dir():
         return [f"run folder {run_dir} is a file: choose another --output-dir"]
     parent = nearest_existing(run_dir)
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return [f"run folder {run_dir} cannot be created ({parent} is not writable): choose another --output-dir"]
+    why = unwritable(parent)
+    if why:
+        return [f"run folder {run_dir} cannot be created or written ({parent}: {why}): choose another --output-dir"]
     if run_dir.is_dir() and not resume and not force and any((run_dir / m).exists()
                                                              for m in own_run_markers(machine_rank)):
         return [f"run folder {run_dir} already holds a run: pass --resume auto to continue it, --force to start "

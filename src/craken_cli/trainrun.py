@@ -215,7 +215,7 @@ def prepare(request: TrainRequest, environ: Mapping[str, str], hardware=None) ->
         files = with_universal_load(files, spec.cluster.machine_rank)
     argv, env = launch.build(spec, run_dir, environ, hw.cpu_count, request.launcher_args, resume_from)
     if launch.uses_pdsh(spec):
-        held_back = sorted(k for k in environ if launch.is_secret(k))
+        held_back = sorted(k for k, v in environ.items() if launch.is_secret(k, v))
         if held_back:
             warnings.append(f"--launcher deepspeed: {', '.join(held_back)} not passed to the other machines (DeepSpeed "
                             "would write them into its env file): set them in each machine's own environment")

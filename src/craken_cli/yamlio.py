@@ -85,7 +85,8 @@ def read_mapping(path: str | Path) -> dict:
     except FileNotFoundError:
         raise CrakenError(f"{p}: no such file; check the path", title="cannot read file") from None
     except IsADirectoryError:
-        raise CrakenError(f"{p} is a folder, not a file; name the file inside it", title="cannot read file") from None
+        raise CrakenError(f"{p} is a folder, not a file: rename it, or give --config a YAML or JSON file",
+                          title="cannot read file") from None
     except (PermissionError, UnicodeDecodeError, OSError) as exc:
         raise CrakenError(f"{p}: cannot be read ({exc.__class__.__name__}); check its permissions and encoding",
                           title="cannot read file") from None
