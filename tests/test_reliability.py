@@ -319,13 +319,13 @@ def test_no_secret_in_any_run_folder(zero2, zero3, world_change):
     assert not any(v in world_change["c_log"] + zero2["term_log"] for v in SECRETS.values())
 
 
-@pytest.mark.e2e
-def test_report_measurements(zero2, zero3, world_change):
-    """Not a check: prints what the tests above measured (run with -s)."""
+@pytest.fixture(scope="module", autouse=True)
+def print_measurements():
+    """What the e2e tests measured, printed once after them (run with -s); not a test, which would assert
+    nothing."""
+    yield
     for key, value in MEASURED.items():
         print(f"{key}: {value}")
-    print(f"wall: zero2 A+B {zero2['wall_s']:.0f} s, zero3 A+B {zero3['wall_s']:.0f} s, "
-          f"world change C+D {world_change['wall_s']:.0f} s")
 
 
 # ---------------------------------------------------------------------------------------------
