@@ -1,7 +1,7 @@
 """Build the launch command of a run: a pure function from spec to (argv, env), run in one place.
 
-The child processes re-enter craken through a module (`-m craken_cli.train.loop RUN/run.yaml`),
-so they read the very run file the configs were rendered from. No shell is involved anywhere.
+The child processes re-enter craken through a module (`-m craken_cli.train.loop RUN/run.yaml
+[--resume-from CHECKPOINT]`), so they read the very run file the configs were rendered from. No shell is involved anywhere.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ AUTH_HEADER = r"(?i)\b(authorization\s*[:=]|bearer\s+\S|basic\s+[a-z0-9+/=]{8,})
 STOP_GRACE_S = 600
 # DeepSpeed's env file of a pdsh launch (--launcher deepspeed over several machines) is RUN/DS_ENV_FILE:
 # accelerate appends the whole environment to it and DeepSpeed's runner exports every line on every
-# machine. At its default ./.deepspeed_env it grew with every launch, so a later run re-exported an
-# old CRAKEN_RESUME_FROM, and tokens were written to disk.
+# machine. At its default ./.deepspeed_env it grew with every launch, so a later run re-exported old
+# values, and tokens were written to disk.
 
 
 INHERITED_DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
@@ -79,6 +79,8 @@ def build(spec, run_dir: str | os.PathLike, base_env: Mapping[str, str], cpu_cou
         argv += ["--rdzv_backend", c.rdzv_backend]
     argv += list(extra_args)
     argv += ["-m", LOOP_MODULE, str(run / machine_file(RUN_FILE, rank))]
+    if resume_from:
+        argv += ["--resume-from", str(resume_from)]
 
     env = dict(base_env)
     # A new job must not inherit the rendezvous of a process group craken itself runs inside
@@ -107,10 +109,6 @@ def build(spec, run_dir: str | os.PathLike, base_env: Mapping[str, str], cpu_cou
     arch = normalized_arch_list(env.get("TORCH_CUDA_ARCH_LIST"))
     if arch is not None:
         env["TORCH_CUDA_ARCH_LIST"] = arch
-    if resume_from:
-        env["CRAKEN_RESUME_FROM"] = str(resume_from)
-    else:
-        env.pop("CRAKEN_RESUME_FROM", None)
     if uses_pdsh(spec):
         env["DS_ENV_FILE"] = str(run / DS_ENV_FILE)
         for name in [k for k, v in env.items() if is_secret(k, v)]:
