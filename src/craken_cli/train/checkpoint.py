@@ -205,7 +205,9 @@ def write_model_meta(accelerator, run_dir: Path, model, tokenizer, precision: st
     tmp = Path(run_dir) / f".{META_DIR}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     config = copy.deepcopy(model.config)
-    config.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    from ..spec import base_precision  # fp8 keeps bf16 weights: its float8 casts live inside each matmul
+
+    config.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(base_precision(precision), torch.float32)
     config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     _fsync_tree(tmp)

@@ -123,7 +123,8 @@ class Trainer:
         from accelerate.utils import (DataLoaderConfiguration, DummyOptim, DummyScheduler, InitProcessGroupKwargs,
                                       ProjectConfiguration, set_seed)
 
-        from . import checkpoint, data, modeling
+        from . import checkpoint, data, fp8, modeling
+        from . import loss as vocab_loss
 
         spec = self.spec
         stop = StopRequest()
@@ -188,6 +189,8 @@ class Trainer:
         emb = model.get_input_embeddings()
         n_emb = emb.weight.ds_numel if hasattr(emb.weight, "ds_numel") else emb.weight.numel()
         fpt = flops_per_token(model.config, n_params - n_emb, spec.data.seq_len)
+        model = fp8.convert_model(model, spec)  # float8 Linears under --precision fp8, before compilation
+        vocab_loss.install(model, spec)  # the chunked loss of large vocabularies
         if spec.model.compile and not spec.cluster.use_cpu:
             modeling.compile_regions(model)
         startup["model_s"] = round(time.time() - PROCESS_START, 2)
@@ -414,6 +417,7 @@ class Trainer:
             log_eval(step)
         if exit_code == 0 and spec.train.save_final:
             checkpoint.save(accelerator, self.run_dir, state, spec.train.keep_checkpoints)
+            fp8.unconvert(accelerator.unwrap_model(model))  # final/ and its check logits: a plain bf16 model
             final_dir = checkpoint.save_final(accelerator, model, tokenizer, self.run_dir, spec,
                                               check_batch=_check_batch(eval_dl or train_dl, device))
         if progress:

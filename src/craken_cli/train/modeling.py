@@ -51,8 +51,8 @@ def init_dtype(spec):
     plain engine trains fp32 weights under autocast)."""
     import torch
 
-    if spec.uses_deepspeed and spec.precision in ("bf16", "fp16"):
-        return torch.bfloat16 if spec.precision == "bf16" else torch.float16
+    if spec.uses_deepspeed and spec.base_precision in ("bf16", "fp16"):
+        return torch.bfloat16 if spec.base_precision == "bf16" else torch.float16
     return None
 
 
