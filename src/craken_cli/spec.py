@@ -374,9 +374,10 @@ def fp8_layout_problems(stage: int, offload_optimizer: str, offload_param: str) 
     CPU: neither has run with float8 matmuls."""
     out = []
     if stage == 3:
-        out.append("precision fp8 runs without ZeRO or at ZeRO-1/2; ZeRO-3 (partitioned weights gathered around "
-                   "each float8 Linear) has not been run with it: use --zero 0/1/2 or --precision bf16")
+        out.append("precision fp8 runs without ZeRO or at ZeRO-1/2, not at ZeRO-3 (its partitioned weights, gathered "
+                   "around each float8 Linear, have not been run with it): use --zero 0/1/2 or --precision bf16")
     if offload_optimizer != "none" or offload_param != "none":
-        out.append("precision fp8 keeps the optimizer on the GPU; offload (weights stepped on the CPU) has not been "
-                   "run with float8 matmuls: use --offload-optimizer none --offload-param none or --precision bf16")
+        out.append("precision fp8 keeps the optimizer on the GPU (offload, which steps the weights on the CPU, has not "
+                   "been run with float8 matmuls): use --offload-optimizer none --offload-param none or "
+                   "--precision bf16")
     return out

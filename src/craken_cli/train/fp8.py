@@ -69,14 +69,11 @@ def problems(precision: str, use_cpu: bool, gpus) -> list[str]:
 
 
 def _quiet_import():
-    """torchao, without the deprecation notes torch logs while torchao registers its types."""
-    pytree_log = logging.getLogger("torch.utils._pytree")
-    level = pytree_log.level
-    pytree_log.setLevel(logging.ERROR)
-    try:
-        import torchao.float8 as float8
-    finally:
-        pytree_log.setLevel(level)
+    """torchao.float8, without the deprecation note torch logs for each type torchao registers with
+    pytree (on import and as its submodules load later): notes about torchao's code, not the run."""
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    import torchao.float8 as float8
+
     return float8
 
 
