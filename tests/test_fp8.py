@@ -55,12 +55,19 @@ def test_fp8_on_a_gpu_without_float8_is_refused():
     assert any("A100" in p and "8.0" in p and "--precision bf16" in p for p in exc.value.problems)
 
 
-def test_fp8_without_torchao_is_refused_with_the_install_command(monkeypatch):
+def test_fp8_without_torchao_is_refused_before_launch_with_the_install_command(monkeypatch, workdir):
+    from craken_cli.trainrun import TrainRequest, prepare
+
     monkeypatch.setattr(fp8, "torchao_installed", lambda: False)
+    request = TrainRequest(args(precision="fp8", zero=0))
     with pytest.raises(CrakenError) as exc:
-        load_run(args(precision="fp8", zero=0), hardware=detect(H100, environ={}), environ={})
+        prepare(request, environ={}, hardware=detect(H100, environ={}))
     assert exc.value.problems == ["precision fp8 trains through torchao, which is not installed: "
                                   "pip install 'craken[fp8]'"]
+    assert not any(workdir.iterdir())
+    # planning for such GPUs needs no torchao here
+    resolved, _ = load_run(args(precision="fp8", zero=0), hardware=detect(H100, environ={}), environ={})
+    assert resolved.spec.precision == "fp8"
 
 
 @pytest.mark.parametrize("flags, needle", [

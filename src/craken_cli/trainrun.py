@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Mapping
 
 from . import launch, preflight
+from .train import fp8
 from .errors import CrakenError
 from .options import SpecArgs, layers
 from .render import rendered_files, write_files
@@ -163,7 +164,8 @@ def auto_layer(resolved: Resolved, hw, exclude: tuple[tuple[str, int], ...] = ()
     note = (f"--auto chose {choice.name}{' + compile' if compile_chosen else ''}, micro-batch {choice.micro_batch} "
             f"x accumulation {choice.grad_accum} (predicted {choice.total_gib:.1f} GiB of "
             f"{result.gpu_memory_gib:.0f} GiB per GPU)")
-    return (Layer("auto", "planner", unflatten(values)),), [note], choice.name
+    notes = [note, *fp8.recommendation(spec.precision, hw.gpus, choice)]
+    return (Layer("auto", "planner", unflatten(values)),), notes, choice.name
 
 
 def resume_checkpoint(run_dir: Path, resume: str | None) -> tuple[Path | None, list[str]]:
@@ -201,7 +203,8 @@ def prepare(request: TrainRequest, environ: Mapping[str, str], hardware=None) ->
     problems = (preflight.model_problems(spec) + preflight.data_problems(spec) + preflight.precision_problems(spec)
                 + preflight.tracker_problems(spec)
                 + preflight.output_problems(run_dir, request.resume, force, spec.cluster.machine_rank)
-                + preflight.op_problems(spec, environ) + preflight.nvme_problems(spec, environ))
+                + preflight.op_problems(spec, environ) + preflight.nvme_problems(spec, environ)
+                + fp8.install_problems(spec.precision))
     if problems:
         raise CrakenError(problems, title="cannot start this run")
     resume_from, resume_warnings = resume_checkpoint(run_dir, request.resume)
