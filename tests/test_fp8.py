@@ -251,3 +251,39 @@ def test_fp8_training_checkpoints_resumes_and_exports_a_plain_model(craken, work
     with torch.no_grad():
         logits = final(input_ids=check["input_ids"]).logits.float()
     assert (logits - check["logits"]).abs().max() <= 0.05  # the saved model is the trained one, in bf16
+
+
+# ---------------------------------------------------------------------------------------------
+# craken doctor
+
+
+def _doctor(hw, torchao, **flags):
+    from craken_cli import doctor as d
+    from craken_cli.options import load_spec
+    from test_doctor import healthy_facts
+
+    view = d.run_view(load_spec(args(**flags), environ={}).spec, hw)
+    facts = healthy_facts(hw)
+    facts.versions["torchao"] = torchao
+    checks = d.run_checks(facts, view)
+    return [c for c in checks if c.name == "fp8"], checks, d.exit_code(checks)
+
+
+def test_doctor_reports_fp8_readiness():
+    h100, a100 = detect(H100, environ={}), detect(A100, environ={})
+    ready, _, _ = _doctor(h100, "0.18.0")
+    assert ready[0].status == "ok" and "ready" in ready[0].detail and "torchao 0.18.0" in ready[0].detail
+    missing, _, code = _doctor(h100, None)
+    assert missing[0].status == "ok" and "pip install 'craken[fp8]'" in missing[0].detail and code == 0
+    asked, _, code = _doctor(h100, None, precision="fp8", zero=0)
+    assert asked[0].status == "fail" and asked[0].fix == "pip install 'craken[fp8]'" and code == 2
+    older, _, _ = _doctor(a100, "0.18.0")
+    assert older[0].status == "ok" and "not available" in older[0].detail and "8.0" in older[0].detail
+
+
+def test_doctor_refuses_fp8_on_cpu_and_older_gpus_once():
+    for hw in (detect(FakeProbe(gpus=[]), environ={}), detect(A100, environ={})):
+        fp8_checks, checks, code = _doctor(hw, "0.18.0", precision="fp8", zero=0)
+        failed = [c for c in checks if c.status == "fail"]
+        assert code == 2 and len(failed) == 1 and not fp8_checks, failed
+        assert "precision fp8 needs" in failed[0].detail and "--precision bf16" in failed[0].fix
