@@ -88,10 +88,12 @@ SPEED_NGPU = {"zero0": 1.0, "zero1": 0.98, "zero2": 0.98, "zero3": 0.51, "offloa
               "offload_param": 0.5}
 NVME_SPEED = 0.5  # on top of CPU offload
 COMPILE_MIN_PARAMS = 100_000_000  # smaller models: compilation costs more time than it saves
-# Compiled layers under torchao float8 keep this share of the bf16 layers' activations (the inputs the
-# backward needs are kept as float8 casts). Issue 19's one-H200 lab (plain Accelerate, compiled):
-# peak reserved 75.06 -> 62.70 GiB at 1.1B mb 16 seq 2048, 125.95 -> 99.32 GiB at 2.4B mb 8 seq 4096,
-# 0.64 and 0.58 of this model's compiled activations + slack taken away; the smaller saving is kept.
+# Compiled layers whose Linears all convert to torchao float8 keep this share of the bf16 layers'
+# activations (the inputs the backward needs are kept as float8 casts); a layer converted in part saves
+# that part of the difference. Issue 19's one-H200 lab (plain Accelerate, compiled): peak reserved
+# 75.06 -> 62.70 GiB at 1.1B mb 16 seq 2048, 125.95 -> 99.32 GiB at 2.4B mb 8 seq 4096, 0.36 and 0.42 of
+# this model's compiled activations + slack taken away; the smaller saving is kept. Not yet measured
+# through craken (benchmarks/fp8_bench.py prints predicted against measured).
 FP8_ACTIVATION_SHARE = 0.64
 
 
@@ -275,7 +277,7 @@ def activation_bytes(m: ModelInfo, micro_batch: int, seq_len: int, lp: int, chec
     tokens = micro_batch * seq_len
     per_layer = layer_activation_bytes_per_token(m, lp, compiled) * tokens
     if fp8_recipe and compiled:
-        per_layer *= FP8_ACTIVATION_SHARE
+        per_layer *= 1 - (1 - FP8_ACTIVATION_SHARE) * fp8.converted_share(m, fp8_recipe)
     if checkpointing:
         # Each layer keeps only its input; one layer at a time is recomputed in the backward.
         layers = m.num_layers * lp * m.hidden_size * tokens + per_layer
@@ -398,7 +400,7 @@ def estimate(m: ModelInfo, c: Candidate, micro_batch: int, grad_accum: int, s: S
     return Strategy(c.name, c.stage, c.offload_optimizer, c.offload_param, c.activation_checkpointing, micro_batch,
                     grad_accum, params / GiB, grads / GiB, optim / GiB, acts / GiB, other / GiB, total / GiB,
                     reserved / GiB, cpu / GiB, nvme / GiB, why is None,
-                    c.speed(N) * (fp8.SPEED[s.fp8_recipe] if s.fp8_recipe else 1.0), why, detail)
+                    c.speed(N) * (fp8.speed(m, s.seq_len, s.fp8_recipe) if s.fp8_recipe else 1.0), why, detail)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -164,7 +164,7 @@ def auto_layer(resolved: Resolved, hw, exclude: tuple[tuple[str, int], ...] = ()
     note = (f"--auto chose {choice.name}{' + compile' if compile_chosen else ''}, micro-batch {choice.micro_batch} "
             f"x accumulation {choice.grad_accum} (predicted {choice.total_gib:.1f} GiB of "
             f"{result.gpu_memory_gib:.0f} GiB per GPU)")
-    notes = [note, *fp8.recommendation(spec.precision, hw.gpus, choice)]
+    notes = [note, *fp8.recommendation(spec.precision, hw.gpus, choice, info, spec.data.seq_len)]
     return (Layer("auto", "planner", unflatten(values)),), notes, choice.name
 
 
