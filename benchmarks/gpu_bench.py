@@ -8,9 +8,14 @@
     python3 benchmarks/gpu_bench.py --grid shapes --out $OUT         # 350M and 3B (seq 4096): --auto vs hand
     python3 benchmarks/gpu_bench.py --grid two-gpu-shapes --out $OUT # the same on 2 GPUs
     python3 benchmarks/gpu_bench.py --grid two-gpu-zero1 --out $OUT  # ZeRO-1 with/without fp32 accumulation, 2 GPUs
+    python3 benchmarks/gpu_bench.py --grid masters --out $OUT        # 1.1B, 350M, 3B: --auto vs hand eager vs
+                                                                     # the expert's compiled row, at craken's mb
 
 Every run is a real launch (`craken train ...` or `accelerate launch benchmarks/handwritten_train.py`)
-on a Llama-shaped model built from a config (random weights, nothing downloaded). tokens/s are
+on a Llama-shaped model built from a config (random weights, nothing downloaded). The configs name
+no dtype, so every row trains fp32 master weights (rows before 2026-12-02 wrote `torch_dtype:
+bfloat16` and trained bf16 weights on the plain engine); each row records the master, optimizer-state
+and module dtypes it measured. tokens/s are
 the mean of the logged intervals after the first (warm-up, compilation); memory is the peak of
 torch's allocator per GPU. A compact table is printed last; the full log and a JSON of the rows
 go to --out.
@@ -37,14 +42,17 @@ SHAPES = {
 }
 
 
-def write_config(folder: Path, shape: str) -> Path:
+def write_config(folder: Path, shape: str, dtype: str | None = None) -> Path:
+    """config.json of a shape; `dtype` only for a row that means to train a 16-bit-typed config."""
     hidden, layers, heads, kv, mlp, vocab = SHAPES[shape]
     folder.mkdir(parents=True, exist_ok=True)
     cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
            "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv,
            "intermediate_size": mlp, "vocab_size": vocab, "max_position_embeddings": 4096,
            "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "hidden_act": "silu", "rope_theta": 10000.0,
-           "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16"}
+           "bos_token_id": 1, "eos_token_id": 2}
+    if dtype:
+        cfg["dtype"] = dtype
     (folder / "config.json").write_text(json.dumps(cfg, indent=1))
     return folder
 
@@ -58,7 +66,7 @@ def craken_run(name, model, out, seq, steps, *flags, gpus=1, port=29500):
     return {"name": name, "kind": "craken", "argv": argv, "run_dir": run_dir, "gpus": gpus}
 
 
-def hand_run(name, model, out, seq, steps, strategy, micro, gpus=1, port=29500):
+def hand_run(name, model, out, seq, steps, strategy, micro, gpus=1, port=29500, extra=()):
     argv = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus),
             "--main_process_port", str(port)]
     if strategy == "plain":
@@ -71,7 +79,7 @@ def hand_run(name, model, out, seq, steps, strategy, micro, gpus=1, port=29500):
                  "--zero3_init_flag", "false"]
     out_json = out / f"{name}.json"
     argv += [str(ROOT / "benchmarks" / "handwritten_train.py"), "--model", str(model), "--seq-len", str(seq),
-             "--micro-batch", str(micro), "--steps", str(steps), "--out", str(out_json)]
+             "--micro-batch", str(micro), "--steps", str(steps), "--out", str(out_json), *extra]
     return {"name": name, "kind": "hand", "argv": argv, "result": out_json, "gpus": gpus}
 
 
@@ -83,7 +91,11 @@ def summarize_craken(run) -> dict:
     timed = train[1:] or train
     tps = sum(r["tokens_per_s_per_gpu"] for r in timed) / len(timed)
     fpt = start["flops_per_token"]
+    precision = next((r for r in lines if r.get("event") == "precision"), start)  # DeepSpeed's states: after step 1
     return {"strategy": start["strategy"], "micro_batch": start["micro_batch"], "grad_accum": start["grad_accum"],
+            "master_dtype": start.get("master_dtype"), "module_dtype": start.get("module_dtype"),
+            "optimizer_state_dtype": precision.get("optimizer_state_dtype"),
+            "grad_norms": [r["grad_norm"] for r in train[:4]],
             "tokens_per_s_per_gpu": tps, "tflops": tps * fpt / 1e12, "mfu": tps * fpt / PEAK,
             "peak_alloc_gib": max(r["gpu_mem_gib"] or 0 for r in train),
             "peak_reserved_gib": max(r["gpu_mem_reserved_gib"] or 0 for r in train),
@@ -237,57 +249,135 @@ def main() -> int:
                        "--grad-accum", "1", "--compile", "--set", "offload.optimizer.device=none", gpus=2,
                        port=29612),
         ]
+    elif args.grid != "masters":
+        ap.error(f"unknown --grid {args.grid}")
     if args.only:
         keep = set(args.only.split(","))
         runs = [r for r in runs if r["name"] in keep]
     rows = []
     for run in runs:
-        t0 = time.time()
-        if run["kind"] == "pair":
-            rows.append(two_machines(out, log))
-            continue
-        log.write(f"\n===== {run['name']}: {' '.join(map(str, run['argv']))}\n")
-        log.flush()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.run(run["argv"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                              timeout=420)
-        wall = time.time() - t0
-        log.write(proc.stdout)
-        log.flush()
-        row = {"name": run["name"], "rc": proc.returncode, "wall_s": round(wall, 1)}
-        try:
-            if run["kind"] == "craken":
-                row.update(summarize_craken(run))
-            elif run["kind"] == "hand":
-                row.update(json.loads(run["result"].read_text()))
-            else:
-                row["output_tail"] = proc.stdout[-3000:]
-        except Exception as exc:  # a failed run is a row too
-            row["error"] = f"{exc.__class__.__name__}: {exc}"
-        rows.append(row)
+        rows.append(two_machines(out, log) if run["kind"] == "pair" else execute(run, log))
         # Written after every run: a call cut off at its time limit still returns the rows it finished.
         (out / "rows.json").write_text(json.dumps(rows, indent=1, default=str))
-        print(f"[{run['name']}] rc={proc.returncode} wall={wall:.0f}s", flush=True)
-        if "tokens_per_s_per_gpu" in row:
-            print(f"  {row['tokens_per_s_per_gpu']:,.0f} tok/s/GPU  MFU {row['mfu']:.3f}  mb {row.get('micro_batch')}  "
-                  f"reserved {row['peak_reserved_gib']:.2f} GiB  first step {row.get('first_step_s') or 0:.1f} s",
-                  flush=True)
-        if row.get("startup"):  # where launch-to-first-step went (seconds from process start)
-            print("  start-up: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in row["startup"].items()),
-                  flush=True)
-        if run["kind"] == "cmd":
-            print(proc.stdout[-2500:], flush=True)
+    if args.grid == "masters":
+        rows = masters_grid(out, log, work)
     (out / "rows.json").write_text(json.dumps(rows, indent=1, default=str))
-    print("\nname | rc | strategy | mb | tok/s/GPU | TFLOP/s | MFU | alloc GiB | reserved GiB | first step s | wall s")
+    print_table(rows)
+    if args.grid == "masters":
+        print_masters(rows)
+    return 0
+
+
+def execute(run: dict, log, timeout: int = 420) -> dict:
+    """One launch, logged in full; its row (a failed run is a row too)."""
+    t0 = time.time()
+    log.write(f"\n===== {run['name']}: {' '.join(map(str, run['argv']))}\n")
+    log.flush()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    try:
+        proc = subprocess.run(run["argv"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                              timeout=timeout)
+        rc, output = proc.returncode, proc.stdout
+    except subprocess.TimeoutExpired as exc:  # its output may come back as bytes even with text=True
+        partial = exc.stdout or ""
+        rc, output = 124, partial.decode(errors="replace") if isinstance(partial, bytes) else partial
+    wall = time.time() - t0
+    log.write(output)
+    log.flush()
+    row = {"name": run["name"], "rc": rc, "wall_s": round(wall, 1),
+           "out_of_memory": "out of memory" in output.lower() or "outofmemoryerror" in output.lower()}
+    try:
+        if run["kind"] == "craken":
+            row.update(summarize_craken(run))
+        elif run["kind"] == "hand":
+            row.update(json.loads(run["result"].read_text()))
+        else:
+            row["output_tail"] = output[-3000:]
+    except Exception as exc:
+        row["error"] = f"{exc.__class__.__name__}: {exc}"
+    print(f"[{run['name']}] rc={rc} wall={wall:.0f}s", flush=True)
+    if "tokens_per_s_per_gpu" in row:
+        print(f"  {row['tokens_per_s_per_gpu']:,.0f} tok/s/GPU  MFU {row['mfu']:.3f}  mb {row.get('micro_batch')}  "
+              f"reserved {row['peak_reserved_gib']:.2f} GiB  first step {row.get('first_step_s') or 0:.1f} s  "
+              f"masters {row.get('master_dtype')}", flush=True)
+    if row.get("startup"):  # where launch-to-first-step went (seconds from process start)
+        print("  start-up: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in row["startup"].items()),
+              flush=True)
+    if run["kind"] == "cmd":
+        print(output[-2500:], flush=True)
+    return row
+
+
+def print_table(rows: list[dict]) -> None:
+    print("\nname | rc | strategy | mb | tok/s/GPU | TFLOP/s | MFU | alloc GiB | reserved GiB | first step s | wall s"
+          " | masters")
     for r in rows:
         if "tokens_per_s_per_gpu" in r:
             print(f"{r['name']} | {r['rc']} | {r.get('strategy', '-')} | {r.get('micro_batch')} | "
                   f"{r['tokens_per_s_per_gpu']:,.0f} | {r['tflops']:.1f} | {r['mfu']:.3f} | "
                   f"{r['peak_alloc_gib']:.2f} | {r['peak_reserved_gib']:.2f} | {r.get('first_step_s') or 0:.1f} | "
-                  f"{r['wall_s']}")
+                  f"{r['wall_s']} | {r.get('master_dtype')}")
         else:
             print(f"{r['name']} | {r['rc']} | {r.get('error', '')}")
-    return 0
+
+
+# The masters grid (issue 15): shape, sequence, global batch, craken steps (logged every 5; tokens/s is
+# the mean of the intervals after the first, i.e. steps 6..N; the hand rows warm up 5 steps and time
+# the same N - 5). Sized to fit about 8 minutes of one H200.
+MASTERS_SHAPES = (("llama-1.1b", 2048, 16, 20), ("llama-350m", 2048, 32, 20), ("llama-3b", 4096, 8, 15))
+
+
+def masters_grid(out: Path, log, work: Path) -> list[dict]:
+    """Per shape: `craken train --auto`, then the hand-written eager script and the expert's compiled
+    one at the micro-batch and accumulation craken chose, all fp32 master weights."""
+    rows = []
+    for shape, seq, global_batch, steps in MASTERS_SHAPES:
+        model = write_config(work / shape, shape)
+        tag = shape.removeprefix("llama-")
+        auto = execute(craken_run(f"craken-auto-{tag}", model, out, seq, steps, "--auto", "--global-batch",
+                                  str(global_batch)), log, timeout=240)
+        rows.append(auto)
+        if auto.get("micro_batch"):
+            micro, accum = auto["micro_batch"], auto["grad_accum"]
+            for name, expert in ((f"hand-eager-{tag}", ()), (f"expert-compiled-{tag}", ("--expert",))):
+                row = _hand_at(name, model, out, seq, steps - 5, micro, accum, expert, log)
+                rows.append(row)
+        (out / "rows.json").write_text(json.dumps(rows, indent=1, default=str))
+        print_masters(rows)  # after every shape: a call cut off at its limit still shows what it measured
+    return rows
+
+
+def _hand_at(name, model, out, seq, steps, micro, accum, extra, log) -> dict:
+    """A hand-written row at craken's micro-batch; an eager one that runs out of memory there is
+    retried once at half the micro-batch and twice the accumulation (the same global batch)."""
+    flags = ("--warmup", "5", "--build-on-gpu", *extra)
+    row = execute(hand_run(name, model, out, seq, steps, "plain", micro, extra=(*flags, "--grad-accum", str(accum))),
+                  log, timeout=200)
+    if row["rc"] != 0 and row["out_of_memory"] and micro > 1 and not extra:
+        retry = hand_run(f"{name}-mb{micro // 2}", model, out, seq, steps, "plain", micro // 2,
+                         extra=(*flags, "--grad-accum", str(accum * 2)))
+        row = execute(retry, log, timeout=200)
+    return row
+
+
+def print_masters(rows: list[dict]) -> None:
+    print("\nmasters grid | mb x ga | tokens/s | vs expert | reserved GiB | master / states / module dtype | "
+          "first grad norms (steps 5, 10, 15, 20)")
+    expert = {}
+    for r in rows:
+        if r["name"].startswith("expert-compiled-") and "tokens_per_s_per_gpu" in r:
+            expert[r["name"].removeprefix("expert-compiled-")] = r["tokens_per_s_per_gpu"]
+    for r in rows:
+        tag = r["name"].split("-")[-1] if not r["name"].split("-")[-1].startswith("mb") else r["name"].split("-")[-2]
+        if "tokens_per_s_per_gpu" not in r:
+            print(f"{r['name']} | - | rc {r['rc']}{' (out of memory)' if r.get('out_of_memory') else ''} | | | | "
+                  f"{r.get('error', '')}")
+            continue
+        ratio = f"{r['tokens_per_s_per_gpu'] / expert[tag]:.2f}x" if tag in expert else "-"
+        norms = ", ".join(f"{n:.4g}" for n in r.get("grad_norms") or [] if n is not None)
+        print(f"{r['name']} | {r.get('micro_batch')} x {r.get('grad_accum', 1)} | {r['tokens_per_s_per_gpu']:,.0f} | "
+              f"{ratio} | {r['peak_reserved_gib']:.2f} | {r.get('master_dtype')} / "
+              f"{r.get('optimizer_state_dtype')} / {r.get('module_dtype')} | {norms}", flush=True)
 
 
 if __name__ == "__main__":

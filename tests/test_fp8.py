@@ -56,7 +56,7 @@ def test_fp8_on_a_gpu_without_float8_is_refused():
 
 
 def test_fp8_without_torchao_is_refused_before_launch_with_the_install_command(monkeypatch, workdir):
-    from craken_cli.trainrun import TrainRequest, prepare
+    from craken_cli.prepare import TrainRequest, prepare
 
     monkeypatch.setattr(fp8, "torchao_installed", lambda: False)
     request = TrainRequest(args(precision="fp8", zero=0))

@@ -111,7 +111,7 @@ def test_plan_shows_fp8_beside_bf16_on_float8_gpus_only(craken, tmp_path):
 
 
 def test_auto_keeps_bf16_and_says_fp8_would_be_faster(tmp_path):
-    from craken_cli.trainrun import TrainRequest, resolve_spec
+    from craken_cli.prepare import TrainRequest, resolve_spec
 
     model = folder(tmp_path, "llama", LLAMA_1B)
     flags = {"--model": model, "--seq-len": 2048, "--global-batch": 16, "--precision": "bf16"}

@@ -17,6 +17,36 @@ def test_launch_does_not_inherit_a_parent_process_group(tmp_path):
     assert launch.redact_env(env)["HF_TOKEN"] == "***"  # passed to the job, never shown
 
 
+def test_the_checkpoint_to_resume_from_is_an_argument_of_the_worker_module(tmp_path):
+    """It travelled in CRAKEN_RESUME_FROM: a channel nobody sees, which a shell (or DeepSpeed's env
+    file) could carry into a later run."""
+    from craken_cli.train import loop
+
+    resolved, _ = load_run(SpecArgs(flags={"--cpu": True}), hardware=detect(FakeProbe()), environ={})
+    ckpt = tmp_path / "checkpoints" / "step_00000004"
+    argv, env = launch.build(resolved.spec, tmp_path, {}, cpu_count=2, resume_from=ckpt)
+    run_file = str(tmp_path.absolute() / "run.yaml")
+    assert argv[-5:] == ["-m", launch.LOOP_MODULE, run_file, "--resume-from", str(ckpt)]
+    assert not any(name.startswith("CRAKEN_") for name in env)
+    argv, _ = launch.build(resolved.spec, tmp_path, {}, cpu_count=2)
+    assert argv[-3:] == ["-m", launch.LOOP_MODULE, run_file]
+
+    seen = {}
+
+    class Recorder(loop.Trainer):
+        def run(self):
+            seen.update(resume_from=self.resume_from, run_file=self.run_file)
+            return 0
+
+    (tmp_path / "run.yaml").write_text("cluster:\n  use_cpu: true\n  num_processes: 1\nprecision: bf16\n")
+    original, loop.Trainer = loop.Trainer, Recorder
+    try:
+        assert loop.main([run_file, "--resume-from", str(ckpt)]) == 0
+    finally:
+        loop.Trainer = original
+    assert seen == {"resume_from": str(ckpt), "run_file": tmp_path.absolute() / "run.yaml"}
+
+
 def test_secrets_are_redacted_by_word_and_the_rest_is_shown():
     env = {"HF_TOKEN": "a", "WANDB_API_KEY": "b", "AWS_SECRET_ACCESS_KEY": "c", "GITHUB_AUTHTOKEN": "d",
            "DB_PASSWORD": "e", "GOOGLE_APPLICATION_CREDENTIALS": "f", "hf_token": "g",

@@ -12,7 +12,8 @@ import pytest
 from craken_cli import hardware, launch
 from craken_cli.errors import CrakenError
 from craken_cli.options import SpecArgs
-from craken_cli.trainrun import TrainRequest, execute, prepare
+from craken_cli.execute import execute
+from craken_cli.prepare import TrainRequest, prepare
 
 GiB = 2**30
 

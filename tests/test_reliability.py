@@ -362,7 +362,7 @@ def test_partial_and_corrupt_checkpoints_are_skipped(tmp_path):
 
 
 def test_resume_auto_warns_and_uses_previous_good_checkpoint(tmp_path):
-    from craken_cli.trainrun import resume_checkpoint
+    from craken_cli.resume import resume_checkpoint
 
     good = _fake_checkpoint(tmp_path, 4)
     _fake_checkpoint(tmp_path, 8, seal=False)
@@ -373,7 +373,7 @@ def test_resume_auto_warns_and_uses_previous_good_checkpoint(tmp_path):
 def test_world_change_dry_run_converts_nothing(tmp_path):
     from types import SimpleNamespace
 
-    from craken_cli.trainrun import convert_if_world_changed, is_universal, with_universal_load
+    from craken_cli.resume import convert_if_world_changed, is_universal, with_universal_load
 
     ckpt = _fake_checkpoint(tmp_path, 4, world=2)
     warnings: list[str] = []

@@ -79,8 +79,7 @@ def test_preset_is_below_the_project_file(workdir):
 
 def test_env_values_are_read_as_yaml_scalars():
     layer = env_layer({"CRAKEN_ZERO__STAGE": "3", "CRAKEN_OPTIMIZER__LR": "3e-4", "CRAKEN_CLUSTER__USE_CPU": "true",
-                       "CRAKEN_MODEL__NAME_OR_PATH": "gpt2", "PATH": "/bin", "CRAKEN_NO_PROGRESS": "1",
-                       "CRAKEN_RESUME_FROM": "runs/x/checkpoints/step_00000004"})  # set by craken for its workers
+                       "CRAKEN_MODEL__NAME_OR_PATH": "gpt2", "PATH": "/bin", "CRAKEN_NO_PROGRESS": "1"})
     assert layer.values == {"zero": {"stage": 3}, "optimizer": {"lr": 3e-4}, "cluster": {"use_cpu": True},
                             "model": {"name_or_path": "gpt2"}}
 

@@ -102,6 +102,12 @@ def test_embedded_default_trains_and_eval_loss_halves(default_run):
     assert evals[-1] <= evals[0] / 2, f"eval loss {evals[0]:.3f} -> {evals[-1]:.3f} did not halve"
     start = records[0]
     assert start["event"] == "start" and start["num_processes"] == 2 and start["precision"] == "bf16"
+    # DeepSpeed's bf16 weights and its fp32 master copy, read from the live optimizer; its Adam states
+    # exist from its first step on, and the line after that step shows them fp32
+    assert (start["module_dtype"], start["master_dtype"], start["final_dtype"]) == ("bfloat16", "float32", "bfloat16")
+    measured = next(r for r in records if r.get("event") == "precision")
+    assert measured["step"] == 1 and (measured["master_dtype"], measured["optimizer_state_dtype"]) == \
+        ("float32", "float32")
     assert records[-1]["event"] == "end" and records[-1]["exit_code"] == 0
     phases = records[-1]["startup"]  # where launch-to-first-step went, in order
     assert list(phases) == ["imports_s", "data_s", "model_s", "prepare_s"]
@@ -216,7 +222,8 @@ def test_no_zero_runs_without_deepspeed(tmp_path, monkeypatch):
     enough to exercise the real render -> launch -> loop path of the plain engine."""
     from craken_cli.hardware import GPU, FakeProbe, detect
     from craken_cli.options import SpecArgs
-    from craken_cli.trainrun import TrainRequest, execute, prepare
+    from craken_cli.execute import execute
+    from craken_cli.prepare import TrainRequest, prepare
 
     monkeypatch.chdir(tmp_path)
     one_gpu = detect(FakeProbe(gpus=[GPU(0, "NVIDIA H100 80GB HBM3", 80 * 2**30, 79 * 2**30, (9, 0))]))

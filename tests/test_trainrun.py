@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from craken_cli.trainrun import clear_previous_run
+from craken_cli.startover import clear_previous_run
 
 
 def test_starting_over_removes_every_output_of_the_old_run_and_nothing_else(tmp_path):

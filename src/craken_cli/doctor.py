@@ -251,9 +251,11 @@ def stale_lock_message(op: str, lock: str, age: float) -> str:
 
 
 def extension_roots(environ: Mapping[str, str]) -> list[str]:
-    """Where torch.utils.cpp_extension keeps JIT builds: TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions/<py_cu>."""
-    roots = [environ["TORCH_EXTENSIONS_DIR"]] if environ.get("TORCH_EXTENSIONS_DIR") else []
-    roots += glob.glob(os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions", "*"))
+    """Where torch.utils.cpp_extension keeps JIT builds: TORCH_EXTENSIONS_DIR (then nowhere else),
+    else ~/.cache/torch_extensions/<py_cu>."""
+    if environ.get("TORCH_EXTENSIONS_DIR"):
+        return [environ["TORCH_EXTENSIONS_DIR"]]
+    roots = glob.glob(os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions", "*"))
     return roots + glob.glob("/tmp/torch_extensions")
 
 

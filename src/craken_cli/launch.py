@@ -1,7 +1,7 @@
 """Build the launch command of a run: a pure function from spec to (argv, env), run in one place.
 
-The child processes re-enter craken through a module (`-m craken_cli.train.loop RUN/run.yaml`),
-so they read the very run file the configs were rendered from. No shell is involved anywhere.
+The child processes re-enter craken through a module (`-m craken_cli.train.loop RUN/run.yaml
+[--resume-from CHECKPOINT]`), so they read the very run file the configs were rendered from. No shell is involved anywhere.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ STOP_GRACE_S = 600
 # DeepSpeed's env file of a pdsh launch (--launcher deepspeed over several machines), in the run
 # folder: accelerate appends the whole environment to it and DeepSpeed's runner exports every line on
 # every machine. At its default ./.deepspeed_env it grew with every launch, so a later run re-exported
-# an old CRAKEN_RESUME_FROM, and tokens were written to disk.
+# old values, and tokens were written to disk.
 DS_ENV_FILE = ".deepspeed_env"
 
 
@@ -61,6 +61,8 @@ def build(spec, run_dir: str | os.PathLike, base_env: Mapping[str, str], cpu_cou
         argv += ["--rdzv_backend", c.rdzv_backend]
     argv += list(extra_args)
     argv += ["-m", LOOP_MODULE, str(run / machine_file(RUN_FILE, rank))]
+    if resume_from:
+        argv += ["--resume-from", str(resume_from)]
 
     env = dict(base_env)
     # A new job must not inherit the rendezvous of a process group craken itself runs inside
@@ -89,10 +91,6 @@ def build(spec, run_dir: str | os.PathLike, base_env: Mapping[str, str], cpu_cou
     arch = normalized_arch_list(env.get("TORCH_CUDA_ARCH_LIST"))
     if arch is not None:
         env["TORCH_CUDA_ARCH_LIST"] = arch
-    if resume_from:
-        env["CRAKEN_RESUME_FROM"] = str(resume_from)
-    else:
-        env.pop("CRAKEN_RESUME_FROM", None)
     if uses_pdsh(spec):
         env["DS_ENV_FILE"] = str(run / DS_ENV_FILE)
         for name in [k for k in env if is_secret(k)]:

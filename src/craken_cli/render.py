@@ -16,6 +16,7 @@ from pathlib import Path
 from . import yamlio
 from .errors import CrakenError
 from .spec import STAGE3_FIELDS, RunSpec
+from .train import schedule
 
 DS_FILE = "ds_config.json"
 ACCELERATE_FILE = "accelerate.yaml"
@@ -28,21 +29,6 @@ def _offload(target) -> dict:
     if target.device == "nvme":
         out["nvme_path"] = target.nvme_path
     return out
-
-
-def _scheduler(spec: RunSpec) -> dict:
-    s, lr, total = spec.schedule, spec.optimizer.lr, spec.train.max_steps
-    warmup = min(s.warmup_steps, total)
-    if s.kind == "cosine":
-        return {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": total, "warmup_num_steps": warmup, "warmup_min_ratio": 0.0,
-            "cos_min_ratio": s.min_lr_ratio, "warmup_type": "linear"}}
-    if s.kind == "linear":
-        return {"type": "WarmupDecayLR", "params": {
-            "total_num_steps": total, "warmup_num_steps": warmup, "warmup_min_lr": 0.0,
-            "warmup_max_lr": lr, "warmup_type": "linear"}}
-    return {"type": "WarmupLR", "params": {
-        "warmup_num_steps": warmup, "warmup_min_lr": 0.0, "warmup_max_lr": lr, "warmup_type": "linear"}}
 
 
 def deepspeed_config(spec: RunSpec) -> dict:
@@ -81,7 +67,7 @@ def deepspeed_config(spec: RunSpec) -> dict:
         "optimizer": {"type": "AdamW", "params": {
             "lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
             "torch_adam": not o.fused}},
-        "scheduler": _scheduler(spec),
+        "scheduler": schedule.deepspeed_block(spec),  # the plain engine runs the same block (train/schedule.py)
         "zero_optimization": zero,
     }
     if spec.fp32_grad_accum:

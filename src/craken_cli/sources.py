@@ -151,9 +151,8 @@ def env_layer(environ: Mapping[str, str] | None = None) -> Layer:
     return Layer("env", "env", unflatten(flat))
 
 
-# Environment variables that belong to craken but are not spec fields (CRAKEN_RESUME_FROM: what
-# `craken train` tells its workers to resume from; a shell that still holds it must not break commands).
-_ENV_NOT_SPEC = {"CRAKEN_NO_PROGRESS", "CRAKEN_HOME", "CRAKEN_RESUME_FROM"}
+# Environment variables that belong to craken but are not spec fields.
+_ENV_NOT_SPEC = {"CRAKEN_NO_PROGRESS", "CRAKEN_HOME"}
 
 
 def flag_layer(flags: Mapping[str, Any], sets: Iterable[str] = ()) -> Layer:

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..options import SpecArgs, spec_flags
-from ..trainrun import TEST_STEPS
+from ..verdict import TEST_STEPS
 
 
 @spec_flags
@@ -36,7 +36,8 @@ def train(
     import os
 
     from ..console import err, out
-    from ..trainrun import TrainRequest, execute, prepare
+    from ..execute import execute
+    from ..prepare import TrainRequest, prepare
 
     request = TrainRequest(spec_args=spec_args, auto=auto, test=test, dry_run=dry_run, resume=resume,
                            force=force, launcher_args=list(ctx.args), oom_fallback=oom_fallback)

@@ -6,7 +6,7 @@ Layout of a run folder:
                  hf/                 copy of model_meta/: a checkpoint can be exported on its own
                  craken_state.json   step, data position, world size, file manifest; written last
     checkpoints/latest             name of the newest complete checkpoint (updated last)
-    final/                         HF model + tokenizer in safetensors
+    final/                         HF model + tokenizer in safetensors, in the checkpoint's own dtype
     final_check.pt                 the trained model's logits on a fixed batch (compare a reload)
 
 Every checkpoint is written into a hidden temporary folder, fsynced, then renamed; the `latest`
@@ -17,6 +17,7 @@ is ever loaded.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -193,21 +194,26 @@ def write_state(path: Path, state: TrainState) -> None:
     _write_atomic(path / STATE_FILE, json.dumps(asdict(state), indent=1))
 
 
-def write_model_meta(accelerator, run_dir: Path, model, tokenizer, precision: str) -> None:
-    """Once per run: the model config (in the training dtype) and the tokenizer, for export."""
-    if not accelerator.is_main_process:
-        return
-    import copy
-
+def as_dtype(dtype):
+    """A torch dtype from a torch dtype or a precision name (bf16, fp16, fp32)."""
     import torch
 
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32)
+
+
+def write_model_meta(accelerator, run_dir: Path, model, tokenizer, dtype) -> None:
+    """Once per run: the model config and the tokenizer, for export. The config's `dtype` is what
+    final/ and `ckpt export --dtype auto` write (`modeling.saved_dtype`: the checkpoint's own), not
+    the dtype that trains (fp32 master weights)."""
+    if not accelerator.is_main_process:
+        return
     target = Path(run_dir) / META_DIR
     tmp = Path(run_dir) / f".{META_DIR}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     config = copy.deepcopy(model.config)
-    from ..spec import base_precision  # fp8 keeps bf16 weights: its float8 casts live inside each matmul
-
-    config.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(base_precision(precision), torch.float32)
+    config.dtype = as_dtype(dtype)
     config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     _fsync_tree(tmp)
@@ -273,8 +279,9 @@ def replace_dir(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
-def save_final(accelerator, model, tokenizer, run_dir: Path, spec, check_batch=None) -> Path:
-    """Gather the full 16-bit weights (ZeRO-3 included) and write an HF model atomically.
+def save_final(accelerator, model, tokenizer, run_dir: Path, spec, check_batch=None, dtype=None) -> Path:
+    """Gather the full weights (ZeRO-3's 16-bit ones included) and write an HF model atomically, in
+    `dtype` (the checkpoint's own, `modeling.saved_dtype`) when given.
 
     When `check_batch` is given, the trained model's logits on it are stored beside the model
     (final_check.pt), so a reload can be compared with what was trained.
@@ -296,7 +303,14 @@ def save_final(accelerator, model, tokenizer, run_dir: Path, spec, check_batch=N
         if tmp.exists():
             shutil.rmtree(tmp)
         unwrapped = accelerator.unwrap_model(model)
+        if dtype is not None:
+            state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
         unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        if dtype is not None:
+            # save_pretrained names the dtype of the module (fp32 master weights), not of what it wrote
+            config = copy.deepcopy(unwrapped.config)
+            config.dtype = dtype
+            config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         _fsync_tree(tmp)
         replace_dir(tmp, final)

@@ -1,10 +1,13 @@
 """The training loop, one process per GPU (or CPU process), started by `accelerate launch`:
 
-    accelerate launch --config_file RUN/accelerate.yaml -m craken_cli.train.loop RUN/run.yaml
+    accelerate launch --config_file RUN/accelerate.yaml -m craken_cli.train.loop RUN/run.yaml \
+        [--resume-from RUN/checkpoints/step_N]
 
 It reads the same run file that rendered the DeepSpeed JSON, so batch sizes, accumulation and
-precision cannot disagree. DeepSpeed owns the optimizer and schedule (from the JSON), Accelerate
-owns processes and data sharding. Only the main process writes metrics, plots and `final/`.
+precision cannot disagree. `Trainer.run` is the recipe: setup, data, model, engine (train/engine.py:
+the plain Accelerate engine or DeepSpeed), resume, the step loop, validation, checkpoints, finish.
+Accelerate owns processes and data sharding. Only each machine's first process writes metrics and
+progress; the main process writes `final/`.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 PROCESS_START = time.time()
@@ -73,18 +77,21 @@ def _jsonl(path: Path):
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m craken_cli.train.loop RUN/run.yaml", file=sys.stderr)
-        return 2
-    run_file = Path(argv[0]).resolve()
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m craken_cli.train.loop",
+                                     description="One process of a craken run (started by `craken train`).")
+    parser.add_argument("run_file", type=Path, help="RUN/run.yaml (run-machine<R>.yaml on machine R)")
+    parser.add_argument("--resume-from", default=None, help="checkpoint folder this launch continues from")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    run_file = args.run_file.resolve()
     run_dir = run_file.parent
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from ..sources import build_spec, file_layer
 
     spec = build_spec([file_layer(run_file)]).spec
-    trainer = Trainer(spec, run_file)
+    trainer = Trainer(spec, run_file, resume_from=args.resume_from)
     try:
         return trainer.run()
     except Exception as exc:
@@ -109,29 +116,91 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
+@dataclass
+class Position:
+    """Where the run is: optimizer steps done, epoch, micro-batches of this epoch consumed per process."""
+    step: int = 0
+    epoch: int = 0
+    micro: int = 0
+
+
+class Window:
+    """The losses since the last log line (kept on the device: no host sync per step) and the timing."""
+
+    def __init__(self, device):
+        import torch
+
+        self.loss_sum = torch.zeros((), device=device)
+        self.count = 0
+        self.restart()
+
+    def add(self, loss) -> None:
+        self.loss_sum += loss.detach().float()
+        self.count += 1
+
+    def clear_loss(self) -> None:
+        self.loss_sum.zero_()
+        self.count = 0
+
+    def restart(self) -> None:
+        self.start = time.time()
+        self.steps = 0
+
+
 class Trainer:
-    def __init__(self, spec, run_file: Path):
+    """One process of a run: setup -> data -> model -> engine -> resume -> train -> finish, in `run`."""
+
+    def __init__(self, spec, run_file: Path, resume_from: str | None = None):
         self.spec = spec
         self.run_file = run_file  # run.yaml, or run-machine<R>.yaml in a folder the machines share
         self.run_dir = run_file.parent
-        self.resume_from = os.environ.get("CRAKEN_RESUME_FROM") or None
+        self.resume_from = resume_from
         self.step = 0  # last optimizer step started, for the out-of-memory report
+        # Seconds from process start at which each start-up phase ended (metrics "end" line): where
+        # launch-to-first-step goes (imports, data, model build, engine set-up, first step).
+        self.startup: dict[str, float] = {}
+        self.write = None  # the metrics writer, on each machine's first process
+        self.progress = None
+        self.last_good: dict = {"loss": None, "lr": None}
+        self.first_step_s = None
+        self.states_pending = False
 
     def run(self) -> int:
-        import torch
-        from accelerate import Accelerator
-        from accelerate.utils import (DataLoaderConfiguration, DummyOptim, DummyScheduler, InitProcessGroupKwargs,
-                                      ProjectConfiguration, set_seed)
+        from accelerate.utils import set_seed
 
-        from . import checkpoint, data, fp8, modeling
-        from . import loss as vocab_loss
+        from . import modeling
+        from .engine import make_engine
 
         spec = self.spec
-        stop = StopRequest()
+        self.stop = StopRequest()
         quiet_libraries()
+        self.setup_accelerator()
+        self.startup["imports_s"] = _since_start()
+        set_seed(spec.train.seed)
+        self.tokenizer = modeling.load_tokenizer(spec)
+        train_dl, eval_dl = self.setup_data()
+        self.startup["data_s"] = _since_start()
+        model = self.setup_model()
+        self.startup["model_s"] = _since_start()
+        self.engine = make_engine(spec, self.accelerator)
+        self.model, self.train_dl, self.eval_dl = self.engine.prepare(model, train_dl, eval_dl)
+        self.startup["prepare_s"] = _since_start()
+        self.setup_device()
+        position = self.resume()
+        self.open_metrics(position)
+        exit_code, position = self.train(position)
+        return self.finish(exit_code, position)
+
+    # --- setup -------------------------------------------------------------------------------------
+
+    def setup_accelerator(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration
+
+        spec = self.spec
         # On CPU processes accelerate finds no backend by itself and would run each process alone.
         handlers = [InitProcessGroupKwargs(backend="gloo")] if spec.cluster.use_cpu else []
-        accelerator = Accelerator(
+        self.accelerator = Accelerator(
             kwargs_handlers=handlers,
             gradient_accumulation_steps=spec.grad_accum,
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
@@ -141,30 +210,35 @@ class Trainer:
         )
         # Each machine's first process logs (metrics, progress) into the run folder, its own file on
         # machines of rank > 0; the losses are reduced over all processes, so every log has the same numbers.
-        is_main = accelerator.is_local_main_process
-        blind = machines_not_sharing(accelerator, self.run_dir) if spec.cluster.num_machines > 1 else []
-        if blind:
-            if is_main:
-                print(f"craken: machine(s) {', '.join(map(str, blind))} do not see what machine 0 wrote into the run "
-                      f"folder {self.run_dir}: a checkpoint is one folder that every process writes its shards "
-                      "into, so the machines of a job need one run folder on a filesystem they all mount (NFS, "
-                      "Lustre, ...): set --output-dir there", file=sys.stderr, flush=True)
-            raise SystemExit(2)
-        # Seconds from process start at which each start-up phase ended (metrics "end" line): where
-        # launch-to-first-step goes (imports, data, model build, engine set-up, first step).
-        startup = {"imports_s": round(time.time() - PROCESS_START, 2)}
-        set_seed(spec.train.seed)
+        self.is_main = self.accelerator.is_local_main_process
+        if spec.cluster.num_machines > 1:
+            self.check_shared_run_folder()
         if spec.logging.report_to != "none":
-            accelerator.init_trackers(spec.output.name, config={"zero_stage": spec.zero.stage,
-                                                                "micro_batch": spec.batch.micro_batch,
-                                                                "grad_accum": spec.grad_accum,
-                                                                "lr": spec.optimizer.lr})
+            self.accelerator.init_trackers(spec.output.name, config={
+                "zero_stage": spec.zero.stage, "micro_batch": spec.batch.micro_batch, "grad_accum": spec.grad_accum,
+                "lr": spec.optimizer.lr})
 
-        tokenizer = modeling.load_tokenizer(spec)
-        with accelerator.main_process_first():
+    def check_shared_run_folder(self) -> None:
+        blind = machines_not_sharing(self.accelerator, self.run_dir)
+        if not blind:
+            return
+        if self.is_main:
+            print(f"craken: machine(s) {', '.join(map(str, blind))} do not see what machine 0 wrote into the run "
+                  f"folder {self.run_dir}: a checkpoint is one folder that every process writes its shards "
+                  "into, so the machines of a job need one run folder on a filesystem they all mount (NFS, "
+                  "Lustre, ...): set --output-dir there", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+
+    def setup_data(self):
+        """(train loader, eval loader or None), refusing data too small for one step."""
+        import torch
+
+        from . import data
+
+        spec = self.spec
+        with self.accelerator.main_process_first():
             raw = data.load_raw(spec)
-            blocks = data.pack(raw, tokenizer, spec.data.seq_len)
-        startup["data_s"] = round(time.time() - PROCESS_START, 2)
+            blocks = data.pack(raw, self.tokenizer, spec.data.seq_len)
         if len(blocks) == 0:
             raise SystemExit(f"craken: the data set gives no {spec.data.seq_len}-token block: "
                              "add text or lower --seq-len")
@@ -179,260 +253,278 @@ class Trainer:
             eval_blocks.set_format("torch")
             eval_dl = torch.utils.data.DataLoader(eval_blocks, batch_size=spec.batch.micro_batch, shuffle=False,
                                                   collate_fn=_collate)
-        if len(train_dl) // accelerator.num_processes == 0:
+        if len(train_dl) // self.accelerator.num_processes == 0:
             raise SystemExit(f"craken: {len(train_blocks)} training blocks are fewer than one micro-batch per "
                              "process: add data, lower --micro-batch or --seq-len")
+        return train_dl, eval_dl
 
-        model = modeling.load_model(spec, tokenizer, modeling.init_device(spec, accelerator.device))
-        checkpoint.write_model_meta(accelerator, self.run_dir, model, tokenizer, spec.precision)
-        n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
-        emb = model.get_input_embeddings()
-        n_emb = emb.weight.ds_numel if hasattr(emb.weight, "ds_numel") else emb.weight.numel()
-        fpt = flops_per_token(model.config, n_params - n_emb, spec.data.seq_len)
-        model = fp8.convert_model(model, spec)  # float8 Linears under --precision fp8, before compilation
-        vocab_loss.install(model, spec)  # the chunked loss of large vocabularies
+    def setup_model(self):
+        """Build or load the model in the engine's dtype, record what export needs, convert, compile."""
+        from . import checkpoint, modeling
+
+        spec, acc = self.spec, self.accelerator
+        model = modeling.load_model(spec, self.tokenizer, modeling.init_device(spec, acc.device))
+        self.final_dtype = modeling.saved_dtype(spec)
+        checkpoint.write_model_meta(acc, self.run_dir, model, self.tokenizer, self.final_dtype)
+        self.n_params, n_embedding = parameter_counts(model)
+        self.flops_per_token = flops_per_token(model.config, self.n_params - n_embedding, spec.data.seq_len)
+        model = modeling.convert_model(model, spec)
         if spec.model.compile and not spec.cluster.use_cpu:
             modeling.compile_regions(model)
-        startup["model_s"] = round(time.time() - PROCESS_START, 2)
+        return model
 
-        decay, no_decay = [], []
-        for name, p in model.named_parameters():
-            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
-        groups = [{"params": decay, "weight_decay": spec.optimizer.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        plain = not spec.uses_deepspeed
-        fp32_grad_accum = spec.fp32_grad_accum  # which DeepSpeed optimizer writes the checkpoints
-        if plain:
-            # No DeepSpeed: torch's fused AdamW on fp32 weights under bf16 autocast, the schedule
-            # stepped here once per optimizer step (accelerate would step it once per process).
-            o = spec.optimizer
-            optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=True)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(spec))
-            accelerator.register_for_checkpointing(scheduler)
-        else:
-            # DeepSpeed owns optimizer and schedule, built from the rendered JSON.
-            optimizer = DummyOptim(groups, lr=spec.optimizer.lr)
-            scheduler = DummyScheduler(optimizer, total_num_steps=spec.train.max_steps,
-                                       warmup_num_steps=spec.schedule.warmup_steps)
-        prepared = [model, optimizer, train_dl] + ([eval_dl] if eval_dl is not None else [])
-        prepared += [] if plain else [scheduler]
-        prepared = accelerator.prepare(*prepared)
-        startup["prepare_s"] = round(time.time() - PROCESS_START, 2)
-        model, optimizer, train_dl = prepared[:3]
-        if eval_dl is not None:
-            eval_dl = prepared[3]
-        if not plain:
-            scheduler = prepared[-1]
-        grad_norm = None
+    def setup_device(self) -> None:
+        import torch
 
-        device = accelerator.device
-        on_gpu = device.type == "cuda"
-        device_name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
-        peak = peak_flops(device_name) if on_gpu else None
-        world = accelerator.num_processes
-        tokens_per_step = spec.batch.micro_batch * spec.grad_accum * spec.data.seq_len * world
+        self.device = self.accelerator.device
+        self.on_gpu = self.device.type == "cuda"
+        self.device_name = torch.cuda.get_device_name(self.device) if self.on_gpu else "cpu"
+        self.peak = peak_flops(self.device_name) if self.on_gpu else None
+        self.world = self.accelerator.num_processes
+        spec = self.spec
+        self.tokens_per_step = spec.batch.micro_batch * spec.grad_accum * spec.data.seq_len * self.world
 
-        state = checkpoint.TrainState()
+    def resume(self) -> Position:
+        """Where this launch starts: the --resume-from checkpoint, or after a restart of the worker
+        group (--max-restarts) the newest good one."""
+        from . import checkpoint
+
         if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
-            # Restarted by the launcher (--max-restarts) after a worker failed: continue from the
-            # latest good checkpoint. The environment still names the one this launch began from
-            # (--resume), which is older, or pruned by keep_checkpoints, once the run saved again.
+            # The launch's own checkpoint is older than what the run saved since, or pruned by
+            # keep_checkpoints once it saved again.
             latest, _ = checkpoint.latest_checkpoint(self.run_dir)
             if latest and (not self.resume_from
                            or checkpoint.saved_step(latest) > checkpoint.saved_step(Path(self.resume_from))):
                 self.resume_from = str(latest)
-            if is_main:
+            if self.is_main:
                 print(f"craken: worker group restarted; resuming from {self.resume_from or 'the start'}", flush=True)
-        if self.resume_from:
-            state = checkpoint.load(accelerator, Path(self.resume_from))
-            if is_main:
-                print(f"craken: resumed from {self.resume_from} at step {state.step}", flush=True)
+        if not self.resume_from:
+            return Position()
+        state = self.engine.load(Path(self.resume_from))
+        if self.is_main:
+            print(f"craken: resumed from {self.resume_from} at step {state.step}", flush=True)
+        return Position(state.step, state.epoch, state.batch_in_epoch)
 
-        write = None
-        if is_main:
-            write, metrics_fh = _jsonl(self.run_dir / metrics_file(spec.cluster.machine_rank))
-            if state.step == 0:
-                write({"event": "start", "strategy": strategy_name(spec), "num_processes": world,
-                       "precision": spec.precision, "model_params": n_params, "flops_per_token": fpt,
-                       "seq_len": spec.data.seq_len, "micro_batch": spec.batch.micro_batch,
-                       "grad_accum": spec.grad_accum, "global_batch": spec.train_batch_size,
-                       "max_steps": spec.train.max_steps, "device": device_name})
-            else:
-                write({"event": "resume", "step": state.step, "num_processes": world})
+    def open_metrics(self, position: Position) -> None:
+        """The metrics file and progress display of each machine's first process; the start line."""
+        spec = self.spec
+        dtypes = self.engine.precision_record()
+        # DeepSpeed makes its optimizer states in its first step: measured then, on a fresh run
+        self.states_pending = dtypes["optimizer_state_dtype"] is None and position.step == 0
+        if not self.is_main:
+            return
         from ..progress import ProgressReporter
 
-        progress = ProgressReporter(spec.train.max_steps, spec.logging.steps_per_print) if is_main else None
-        if progress:
-            progress.start()
+        self.write, self.metrics_fh = _jsonl(self.run_dir / metrics_file(spec.cluster.machine_rank))
+        if position.step == 0:
+            self.write({"event": "start", "strategy": strategy_name(spec), "num_processes": self.world,
+                        "precision": spec.precision, "model_params": self.n_params,
+                        "flops_per_token": self.flops_per_token, "seq_len": spec.data.seq_len,
+                        "micro_batch": spec.batch.micro_batch, "grad_accum": spec.grad_accum,
+                        "global_batch": spec.train_batch_size, "max_steps": spec.train.max_steps,
+                        "device": self.device_name, **dtypes, "final_dtype": str(self.final_dtype).split(".")[-1]})
+        else:
+            self.write({"event": "resume", "step": position.step, "num_processes": self.world})
+        self.progress = ProgressReporter(spec.train.max_steps, spec.logging.steps_per_print)
+        self.progress.start()
 
-        def evaluate() -> float | None:
-            if eval_dl is None:
-                return None
-            model.eval()
-            total = torch.zeros((), device=device)
-            count = 0
-            with torch.no_grad():
-                for i, batch in enumerate(eval_dl):
-                    if i >= spec.train.eval_batches:
-                        break
-                    total += model(**batch).loss.detach().float()
-                    count += 1
-            model.train()
-            mean = accelerator.reduce(total / max(count, 1), reduction="mean")
-            return float(mean)
+    # --- train -------------------------------------------------------------------------------------
 
-        def log_eval(step: int) -> None:
-            value = evaluate()
-            if value is not None and is_main:
-                write({"step": step, "time_s": round(time.time() - t_start, 3), "eval_loss": value})
-                progress.log(f"eval step {step}: eval_loss {value:.4f}")
-                if spec.logging.report_to != "none":
-                    accelerator.log({"eval_loss": value}, step=step)
+    def train(self, position: Position) -> tuple[int, Position]:
+        """The step loop; (exit code, where it stopped)."""
+        import torch
 
-        t_start = time.time()
-        if state.step == 0 and spec.train.eval_every and eval_dl is not None:
-            log_eval(0)  # the starting point, so a falling eval loss is visible from the first step
-
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        loss_count = 0
-        interval_start = time.time()
-        interval_steps = 0
-        first_step_s = None
-        last_good = {"loss": None, "lr": None}
-        exit_code = 0
-        if on_gpu:
-            torch.cuda.reset_peak_memory_stats(device)
-
-        check_every = max(1, min(spec.logging.steps_per_print, 10))
-        epoch = state.epoch
-        micro_in_epoch = state.batch_in_epoch
-        step = state.step
-        done = step >= spec.train.max_steps
+        spec, acc = self.spec, self.accelerator
+        self.t_start = time.time()
+        if position.step == 0 and spec.train.eval_every and self.eval_dl is not None:
+            self.log_eval(0)  # the starting point, so a falling eval loss is visible from the first step
+        self.model.train()
+        self.window = Window(self.device)
+        if self.on_gpu:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        exit_code, done = 0, position.step >= spec.train.max_steps
         while not done:
-            train_dl.set_epoch(epoch)
-            loader = accelerator.skip_first_batches(train_dl, micro_in_epoch) if micro_in_epoch else train_dl
+            self.train_dl.set_epoch(position.epoch)
+            loader = acc.skip_first_batches(self.train_dl, position.micro) if position.micro else self.train_dl
             for batch in loader:
-                with accelerator.accumulate(model):
-                    loss = model(**batch).loss
-                    accelerator.backward(loss)
-                    if plain and accelerator.sync_gradients and spec.optimizer.clip > 0:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), spec.optimizer.clip)
-                        if spec.train.on_nonfinite == "skip" and not bool(torch.isfinite(grad_norm)):
-                            optimizer.zero_grad(set_to_none=True)  # no gradients: AdamW skips the update
-                    optimizer.step()
-                    if not plain:
-                        scheduler.step()
-                    optimizer.zero_grad()
-                if plain and accelerator.sync_gradients:
-                    scheduler.step()
-                loss_sum += loss.detach().float()
-                loss_count += 1
-                micro_in_epoch += 1
-                if not accelerator.sync_gradients:
+                with acc.accumulate(self.model):
+                    loss = self.model(**batch).loss
+                    self.engine.backward_step(loss)
+                self.window.add(loss)
+                position.micro += 1
+                if not acc.sync_gradients:
                     continue
-                step += 1
-                self.step = step
-                interval_steps += 1
-                # Every `check_every` steps, and before every checkpoint, one small all-reduce (and the only
-                # host sync besides logging): a stop request on any process, or a non-finite loss or gradient
-                # norm, stops all processes at one step. The gradient norm is what keeps a checkpoint from
-                # holding weights a non-finite update has just reached: DeepSpeed's own bf16 overflow check
-                # is off unless on_nonfinite is skip (render.deepspeed_config); fp16: nonfinite_update.
-                flags = [0.0, 0.0]
-                saves_now = spec.train.save_every and step % spec.train.save_every == 0
-                if step % check_every == 0 or step >= spec.train.max_steps or step == 1 or saves_now:
-                    norm = grad_norm if plain else model.get_global_grad_norm()
-                    bad = nonfinite_update(loss_sum, norm, spec.precision)
-                    flags = torch.stack([torch.tensor(float(stop.signum != 0), device=device), bad.float()])
-                    flags = accelerator.reduce(flags, reduction="sum").tolist()
-                if first_step_s is None:
-                    first_step_s = time.time() - PROCESS_START
-                if flags[1] and spec.train.on_nonfinite == "stop":
-                    if is_main:
-                        msg = nonfinite_advice(step, last_good, spec)
-                        progress.log(msg)
-                        write({"event": "nonfinite", "step": step, "message": msg})
-                    exit_code = NONFINITE_EXIT
-                    done = True
-                    break
-                if flags[1]:  # skip: DeepSpeed already skipped the update (non-finite gradient norm)
-                    if is_main:
-                        progress.log(f"step {step}: non-finite loss or gradient norm, update skipped "
-                                     "(on_nonfinite=skip)")
-                    loss_sum.zero_()
-                    loss_count = 0
-                log_now = step % spec.logging.steps_per_print == 0 or step == spec.train.max_steps
-                if log_now and loss_count:
-                    mean_loss = float(accelerator.reduce(loss_sum / loss_count, reduction="mean"))
-                    elapsed = time.time() - interval_start
-                    tps = tokens_per_step * interval_steps / max(elapsed, 1e-9)
-                    if plain:
-                        lr, gn = scheduler.get_last_lr()[0], grad_norm
-                    else:
-                        lr, gn = float(model.get_lr()[0]), model.get_global_grad_norm()
-                    gn = float(gn) if gn is not None else None
-                    record = {
-                        "step": step, "time_s": round(time.time() - t_start, 3), "loss": mean_loss, "lr": lr,
-                        "grad_norm": gn if gn is None or math.isfinite(gn) else None,
-                        "tokens": step * tokens_per_step, "tokens_per_s": tps, "tokens_per_s_per_gpu": tps / world,
-                        "mfu": (tps / world * fpt / peak) if peak else None,
-                        "gpu_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else None,
-                        "gpu_mem_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if on_gpu else None,
-                    }
-                    last_good = {"loss": mean_loss, "lr": lr, "grad_norm": record["grad_norm"]}
-                    if is_main:
-                        write(record)
-                        progress.update(step, record)
-                        if spec.logging.report_to != "none":
-                            accelerator.log({k: v for k, v in record.items() if v is not None}, step=step)
-                    loss_sum.zero_()
-                    loss_count = 0
-                    interval_start = time.time()
-                    interval_steps = 0
-                state = checkpoint.TrainState(step=step, epoch=epoch, batch_in_epoch=micro_in_epoch,
-                                              fp32_grad_accum=fp32_grad_accum, zero_stage=spec.zero.stage,
-                                              offload_optimizer=spec.offload.optimizer.device)
-                if spec.train.eval_every and step % spec.train.eval_every == 0 and step != spec.train.max_steps:
-                    log_eval(step)
-                if flags[0]:
-                    path = checkpoint.save(accelerator, self.run_dir, state, spec.train.keep_checkpoints)
-                    if is_main:
-                        progress.log(f"craken: stopped by signal at step {step}; checkpoint {path}. "
-                                     f"Resume with: craken train --config {self.run_file} --resume auto")
-                    exit_code = 130 if stop.signum == signal.SIGINT else 143
-                    done = True
-                    break
-                if spec.train.save_every and step % spec.train.save_every == 0 and step != spec.train.max_steps:
-                    checkpoint.save(accelerator, self.run_dir, state, spec.train.keep_checkpoints)
-                if step >= spec.train.max_steps:
-                    done = True
+                position.step += 1
+                exit_code, done = self.after_step(position)
+                if done:
                     break
             else:
-                epoch += 1
-                micro_in_epoch = 0
+                position.epoch += 1
+                position.micro = 0
+        return exit_code, position
 
+    def after_step(self, position: Position) -> tuple[int, bool]:
+        """Checks, logging, evaluation and checkpoints after optimizer step `position.step`:
+        (exit code, whether the run stops here)."""
+        spec, step = self.spec, position.step
+        self.step = step
+        self.window.steps += 1
+        if self.states_pending and self.is_main:
+            self.write({"event": "precision", "step": step, **self.engine.precision_record()})
+        self.states_pending = False
+        stop_requested, nonfinite = self.check(step)
+        if self.first_step_s is None:
+            self.first_step_s = time.time() - PROCESS_START
+        if nonfinite and spec.train.on_nonfinite == "stop":
+            if self.is_main:
+                msg = nonfinite_advice(step, self.last_good, spec)
+                self.progress.log(msg)
+                self.write({"event": "nonfinite", "step": step, "message": msg})
+            return NONFINITE_EXIT, True
+        if nonfinite:  # skip: the engine already skipped the update (non-finite gradient norm)
+            if self.is_main:
+                self.progress.log(f"step {step}: non-finite loss or gradient norm, update skipped (on_nonfinite=skip)")
+            self.window.clear_loss()
+        if step % spec.logging.steps_per_print == 0 or step == spec.train.max_steps:
+            self.log_train(step)
+        if spec.train.eval_every and step % spec.train.eval_every == 0 and step != spec.train.max_steps:
+            self.log_eval(step)
+        if stop_requested:
+            path = self.engine.save(self.run_dir, self.train_state(position), spec.train.keep_checkpoints)
+            if self.is_main:
+                self.progress.log(f"craken: stopped by signal at step {step}; checkpoint {path}. "
+                                  f"Resume with: craken train --config {self.run_file} --resume auto")
+            return (130 if self.stop.signum == signal.SIGINT else 143), True
+        if spec.train.save_every and step % spec.train.save_every == 0 and step != spec.train.max_steps:
+            self.engine.save(self.run_dir, self.train_state(position), spec.train.keep_checkpoints)
+        return 0, step >= spec.train.max_steps
+
+    def check(self, step: int) -> tuple[bool, bool]:
+        """(stop requested on any process, non-finite loss or gradient norm on any process).
+
+        Every `check_every` steps, and before every checkpoint, one small all-reduce (and the only
+        host sync besides logging), so all processes stop at one step. The gradient norm is what
+        keeps a checkpoint from holding weights a non-finite update has just reached: DeepSpeed's own
+        bf16 overflow check is off unless on_nonfinite is skip (render.deepspeed_config); fp16:
+        nonfinite_update."""
+        import torch
+
+        spec = self.spec
+        check_every = max(1, min(spec.logging.steps_per_print, 10))
+        saves_now = spec.train.save_every and step % spec.train.save_every == 0
+        if not (step % check_every == 0 or step >= spec.train.max_steps or step == 1 or saves_now):
+            return False, False
+        bad = nonfinite_update(self.window.loss_sum, self.engine.grad_norm(), spec.precision)
+        flags = torch.stack([torch.tensor(float(self.stop.signum != 0), device=self.device), bad.float()])
+        stop, nonfinite = self.accelerator.reduce(flags, reduction="sum").tolist()
+        return bool(stop), bool(nonfinite)
+
+    def log_train(self, step: int) -> None:
+        """A train line: the loss reduced over all processes (collective), speed, lr, norm, memory."""
+        import torch
+
+        window, spec = self.window, self.spec
+        if not window.count:
+            return
+        mean_loss = float(self.accelerator.reduce(window.loss_sum / window.count, reduction="mean"))
+        tps = self.tokens_per_step * window.steps / max(time.time() - window.start, 1e-9)
+        lr, norm = self.engine.lr(), self.engine.grad_norm()
+        norm = float(norm) if norm is not None else None
+        on_gpu, device = self.on_gpu, self.device
+        record = {
+            "step": step, "time_s": round(time.time() - self.t_start, 3), "loss": mean_loss, "lr": lr,
+            "grad_norm": norm if norm is None or math.isfinite(norm) else None,
+            "tokens": step * self.tokens_per_step, "tokens_per_s": tps, "tokens_per_s_per_gpu": tps / self.world,
+            "mfu": (tps / self.world * self.flops_per_token / self.peak) if self.peak else None,
+            "gpu_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else None,
+            "gpu_mem_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if on_gpu else None,
+        }
+        self.last_good = {"loss": mean_loss, "lr": lr, "grad_norm": record["grad_norm"]}
+        if self.is_main:
+            self.write(record)
+            self.progress.update(step, record)
+            if spec.logging.report_to != "none":
+                self.accelerator.log({k: v for k, v in record.items() if v is not None}, step=step)
+        window.clear_loss()
+        window.restart()
+
+    # --- validate ----------------------------------------------------------------------------------
+
+    def evaluate(self) -> float | None:
+        """Mean eval loss over `eval_batches` micro-batches and all processes (collective)."""
+        import torch
+
+        if self.eval_dl is None:
+            return None
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        count = 0
+        with torch.no_grad():
+            for index, batch in enumerate(self.eval_dl):
+                if index >= self.spec.train.eval_batches:
+                    break
+                total += self.model(**batch).loss.detach().float()
+                count += 1
+        self.model.train()
+        return float(self.accelerator.reduce(total / max(count, 1), reduction="mean"))
+
+    def log_eval(self, step: int) -> None:
+        value = self.evaluate()
+        if value is not None and self.is_main:
+            self.write({"step": step, "time_s": round(time.time() - self.t_start, 3), "eval_loss": value})
+            self.progress.log(f"eval step {step}: eval_loss {value:.4f}")
+            if self.spec.logging.report_to != "none":
+                self.accelerator.log({"eval_loss": value}, step=step)
+
+    # --- save --------------------------------------------------------------------------------------
+
+    def train_state(self, position: Position):
+        from . import checkpoint
+
+        spec = self.spec
+        return checkpoint.TrainState(step=position.step, epoch=position.epoch, batch_in_epoch=position.micro,
+                                     fp32_grad_accum=spec.fp32_grad_accum, zero_stage=spec.zero.stage,
+                                     offload_optimizer=spec.offload.optimizer.device)
+
+    def finish(self, exit_code: int, position: Position) -> int:
+        """The last eval, checkpoint and final model of a finished run; the end line; the process group
+        taken down."""
+        from . import checkpoint, fp8
+
+        spec = self.spec
         final_dir = None
-        if exit_code == 0 and eval_dl is not None:
-            log_eval(step)
+        if exit_code == 0 and self.eval_dl is not None:
+            self.log_eval(position.step)
         if exit_code == 0 and spec.train.save_final:
-            checkpoint.save(accelerator, self.run_dir, state, spec.train.keep_checkpoints)
-            fp8.unconvert(accelerator.unwrap_model(model))  # final/ and its check logits: a plain bf16 model
-            final_dir = checkpoint.save_final(accelerator, model, tokenizer, self.run_dir, spec,
-                                              check_batch=_check_batch(eval_dl or train_dl, device))
-        if progress:
-            progress.close()
-        if is_main:
-            write({"event": "end", "steps": step, "wall_s": round(time.time() - t_start, 3),
-                   "first_step_s": first_step_s, "startup": startup, "final_dir": str(final_dir) if final_dir else None,
-                   "exit_code": exit_code})
-            metrics_fh.close()
-        accelerator.wait_for_everyone()
+            self.engine.save(self.run_dir, self.train_state(position), spec.train.keep_checkpoints)
+            fp8.unconvert(self.accelerator.unwrap_model(self.model))  # final/ and its check logits: plain bf16
+            final_dir = checkpoint.save_final(self.accelerator, self.model, self.tokenizer, self.run_dir, spec,
+                                              check_batch=_check_batch(self.eval_dl or self.train_dl, self.device),
+                                              dtype=self.final_dtype)
+        if self.progress:
+            self.progress.close()
+        if self.is_main:
+            self.write({"event": "end", "steps": position.step, "wall_s": round(time.time() - self.t_start, 3),
+                        "first_step_s": self.first_step_s, "startup": self.startup,
+                        "final_dir": str(final_dir) if final_dir else None, "exit_code": exit_code})
+            self.metrics_fh.close()
+        self.accelerator.wait_for_everyone()
         # Finishes the trackers and destroys the process group: with gloo, a process that exits with
         # its group alive can abort in teardown ("terminate called without an active exception").
         # Only on this path, where every process arrives: after an error, destroying could hang.
-        accelerator.end_training()
+        self.accelerator.end_training()
         return exit_code
+
+
+def _since_start() -> float:
+    return round(time.time() - PROCESS_START, 2)
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(all parameters, input embedding), counted under ZeRO-3's partitioning too (ds_numel)."""
+    n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
+    weight = model.get_input_embeddings().weight
+    return n_params, (weight.ds_numel if hasattr(weight, "ds_numel") else weight.numel())
 
 
 def machines_not_sharing(accelerator, run_dir: Path) -> list[int]:
@@ -454,24 +546,6 @@ def machines_not_sharing(accelerator, run_dir: Path) -> list[int]:
         probe.unlink(missing_ok=True)
     per_machine = int(os.environ.get("LOCAL_WORLD_SIZE") or accelerator.num_processes)  # set by torchrun
     return sorted({rank // per_machine for rank, seen in enumerate(sees) if not seen})
-
-
-def lr_factor(spec):
-    """The schedule of the rendered DeepSpeed JSON (render._scheduler), as a LambdaLR factor."""
-    s, total = spec.schedule, spec.train.max_steps
-    warmup = min(s.warmup_steps, total)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return step / warmup
-        if s.kind == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        if s.kind == "linear":
-            return max(0.0, 1.0 - progress)
-        return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
 
 
 def metrics_file(machine_rank: int) -> str:

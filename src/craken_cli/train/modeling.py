@@ -4,6 +4,11 @@ Weights are random for the built-in model and for a folder holding only config.j
 the config, on the GPU where `init_device` allows) and loaded with `from_pretrained` otherwise.
 Under ZeRO-3 Accelerate has registered the DeepSpeed config with transformers before this runs, so
 both paths build the model already partitioned (zero.Init).
+
+The dtype a model is built in is the engine's, never the checkpoint's (`train_dtype`): transformers
+5 keeps a checkpoint's or config's dtype (bf16 for almost every hub model), and the plain engine
+would then train bf16 weights with bf16 Adam states, losing every update below 1/256 of a weight.
+What `final/` is saved in is the checkpoint's own dtype (`saved_dtype`).
 """
 
 from __future__ import annotations
@@ -56,6 +61,38 @@ def init_dtype(spec):
     return None
 
 
+def train_dtype(spec, device=None):
+    """The dtype the model is built or loaded in. fp32 (the master weights the plain engine trains under
+    autocast, and DeepSpeed's fp32 runs), except under DeepSpeed mixed precision: its engine casts the
+    module to 16-bit itself and keeps the fp32 master copy in its optimizer, so a loaded model comes
+    in 16-bit, and random weights are built in 16-bit where they are built on the GPU (`init_device`).
+    Random weights built on the CPU stay fp32 whatever the config says, as they always were."""
+    import torch
+
+    sixteen = init_dtype(spec)
+    if sixteen is not None and (device is not None or not trains_from_scratch(spec.model.name_or_path)):
+        return sixteen
+    return torch.float32
+
+
+def saved_dtype(spec):
+    """The dtype `final/` is written in: the checkpoint's own (its config's `dtype`) for loaded weights
+    and for a config-only folder that names one; the training precision's for random weights otherwise."""
+    import torch
+
+    named = None
+    if not builtin.is_builtin(spec.model.name_or_path):
+        from transformers import AutoConfig
+
+        named = getattr(AutoConfig.from_pretrained(spec.model.name_or_path,
+                                                   trust_remote_code=spec.model.trust_remote_code), "dtype", None)
+    if isinstance(named, str):
+        named = getattr(torch, named, None)
+    if isinstance(named, torch.dtype) and named.is_floating_point:
+        return named
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.base_precision, torch.float32)
+
+
 def trains_from_scratch(name: str) -> bool:
     return builtin.is_builtin(name) or has_no_weights(name)
 
@@ -69,8 +106,7 @@ def load_model(spec, tokenizer, device=None):
 
     m = spec.model
     where = torch.device(device) if device is not None else nullcontext()
-    built_in = init_dtype(spec) if device is not None else None
-    dtype = {"dtype": built_in} if built_in is not None else {}
+    dtype = {"dtype": train_dtype(spec, device)}
     if builtin.is_builtin(m.name_or_path):
         with where:
             model = AutoModelForCausalLM.from_config(builtin.model_config(tokenizer),
@@ -85,7 +121,7 @@ def load_model(spec, tokenizer, device=None):
                                                      trust_remote_code=m.trust_remote_code, **dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(
-            m.name_or_path, attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code)
+            m.name_or_path, attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code, **dtype)
     # Training never reads a KV cache. Left on, transformers builds one in every forward, and each
     # compiled decoder layer then guards on its own cache slot: dynamo recompiles per layer, stops at
     # its recompile limit (8) and runs the remaining layers eagerly (measured on one H100: 50,137
@@ -93,6 +129,19 @@ def load_model(spec, tokenizer, device=None):
     model.config.use_cache = False
     if m.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def convert_model(model, spec):
+    """The one step between building the model and compiling it where its modules may be swapped
+    for the run's precision: torchao's float8 Linears under fp8 (train/fp8.py), and the chunked loss of
+    large vocabularies (train/loss.py, which replaces the forward's output layer and loss). Nothing to
+    convert for bf16/fp16/fp32: the engines' mixed precision needs the model as built."""
+    from . import fp8
+    from . import loss as vocab_loss
+
+    model = fp8.convert_model(model, spec)
+    vocab_loss.install(model, spec)
     return model
 
 

@@ -1,0 +1,87 @@
+"""Launch a prepared run, relaunch it under --auto after an out-of-memory, and turn the workers'
+own exit (from the metrics' end line) into craken's exit code and one message."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from . import launch
+from .prepare import Prepared, prepare
+from .verdict import smoke_test_health, write_report
+
+
+def execute(prepared: Prepared) -> int:
+    from .console import err
+    from .render import RUN_FILE, machine_file
+    from .train.loop import metrics_file
+
+    machine_rank = prepared.resolved.spec.cluster.machine_rank
+    metrics = prepared.run_dir / metrics_file(machine_rank)
+    offset = metrics.stat().st_size if metrics.exists() else 0
+    code = launch.run(prepared.argv, prepared.env)
+    while code != 0 and (step := oom_step(prepared)) is not None:
+        # The existing troubleshooting advice, made automatic: the next strategy in speed order.
+        req = prepared.request
+        micro_batch = prepared.resolved.spec.batch.micro_batch
+        excluded = (*req.exclude, (prepared.auto_choice, micro_batch))
+        err.print(f"craken: out of GPU memory with {prepared.auto_choice} at micro-batch {micro_batch}, step {step}; "
+                  "relaunching with the next fastest setting the planner predicts to fit: a smaller micro-batch "
+                  "or the next strategy (--no-oom-fallback turns this off)", markup=False)
+        prepared = prepare(replace(req, exclude=excluded, force=True), environ=os.environ)
+        for warning in prepared.warnings:
+            err.print(f"warning: {warning}", markup=False)
+        code = launch.run(prepared.argv, prepared.env)
+    if code == 0 and metrics.exists() and machine_rank == 0:  # one report per job, from machine 0's log
+        write_report(prepared.run_dir)
+    if prepared.test:
+        healthy, message = smoke_test_health(metrics) if code == 0 else (False, f"the run exited with code {code}")
+        err.print(("[green]test training healthy:[/] " if healthy else "[red]test training failed:[/] ") + message)
+        return 0 if healthy else (code or 1)
+    from .train.loop import NONFINITE_EXIT
+
+    # torchrun reports any worker exit as 1; the workers' own code is in the metrics' end line.
+    end = last_end_event(metrics, offset) if code != 0 else {}
+    if end.get("exit_code") in (130, 143):
+        # A signal (torchrun adds a SignalException traceback); the workers finished their step and
+        # saved a checkpoint: say so, and exit 143 (SIGTERM) / 130 (SIGINT).
+        code = end["exit_code"]
+        err.print(f"craken: stopped by a signal at step {end.get('steps')}; its checkpoint is saved. Resume with: "
+                  f"craken train --config {prepared.run_dir / machine_file(RUN_FILE, machine_rank)} --resume auto",
+                  markup=False)
+    elif end.get("exit_code") == NONFINITE_EXIT:
+        code = NONFINITE_EXIT
+        err.print(f"craken: stopped at step {end.get('steps')} on a non-finite loss or gradient norm (advice above); "
+                  "no checkpoint was written after it", markup=False)
+    elif code != 0:
+        err.print(f"[red]craken: training exited with code {code}[/]; run folder: {prepared.run_dir}")
+    return code
+
+
+def last_end_event(metrics: Path, offset: int = 0) -> dict:
+    """The end line of this launch (metrics written after `offset`), or {} when it wrote none."""
+    try:
+        with open(metrics, "rb") as fh:
+            fh.seek(offset)
+            last = json.loads(fh.read().decode().strip().splitlines()[-1])
+    except (OSError, ValueError, IndexError):
+        return {}
+    return last if last.get("event") == "end" else {}
+
+
+def oom_step(prepared: Prepared) -> int | None:
+    """The step at which a process of an --auto run ran out of memory (its marker), if it did."""
+    from .train.loop import OOM_MARKER_PREFIX
+
+    req = prepared.request
+    if req is None or not req.auto or not req.oom_fallback or prepared.auto_choice is None:
+        return None
+    steps = []
+    for marker in prepared.run_dir.glob(f"{OOM_MARKER_PREFIX}*.json"):
+        try:
+            steps.append(int(json.loads(marker.read_text())["step"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            steps.append(0)
+    return min(steps) if steps else None

@@ -1,0 +1,120 @@
+"""What `craken train` does between parsing and launching, as plain functions shared with
+`craken launch`:
+
+    resolve_spec(request)  -> spec resolved against the hardware (and the planner under --auto)
+    prepare(request)       -> inputs checked, resume point found, files rendered into the run
+                              folder, (argv, env) built
+
+execute.execute(prepared) then launches it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from . import launch, preflight
+from .autoplan import auto_layer
+from .errors import CrakenError
+from .options import SpecArgs, layers
+from .render import rendered_files, write_files
+from .train import fp8
+from .resume import convert_if_world_changed, is_universal, resume_checkpoint, with_universal_load
+from .sources import Resolved, build_spec
+from .startover import clear_previous_run
+from .verdict import smoke_test_layer
+
+@dataclass
+class TrainRequest:
+    spec_args: SpecArgs
+    auto: bool = False
+    test: bool = False
+    dry_run: bool = False
+    resume: str | None = None
+    force: bool = False
+    launcher_args: list[str] = field(default_factory=list)
+    oom_fallback: bool = True  # under --auto: relaunch with the next strategy after an out-of-memory
+    exclude: tuple[tuple[str, int], ...] = ()  # (planner strategy, micro-batch) that ran out of memory
+
+
+@dataclass
+class Prepared:
+    resolved: Resolved
+    run_dir: Path
+    argv: list[str]
+    env: dict[str, str]
+    files: dict[str, str]
+    resume_from: Path | None
+    warnings: list[str]
+    test: bool
+    request: TrainRequest | None = None
+    auto_choice: str | None = None  # the planner's strategy name under --auto
+
+    @property
+    def env_shown(self) -> dict[str, str]:
+        """The variables craken sets or changes, secrets redacted."""
+        base = os.environ
+        changed = {k: v for k, v in self.env.items() if base.get(k) != v}
+        return launch.redact_env(changed)
+
+    @property
+    def files_shown(self) -> dict[str, str]:
+        return self.files
+
+
+
+def resolve_spec(request: TrainRequest, environ: Mapping[str, str], hardware=None):
+    from . import hardware as hw_mod
+    from .resolve import resolve
+
+    source_layers = layers(request.spec_args, environ)
+    resolved = build_spec(source_layers, nvme_path=request.spec_args.nvme_path)
+    if request.test:
+        resolved = build_spec([*source_layers, smoke_test_layer(resolved.spec)], nvme_path=request.spec_args.nvme_path)
+    hw = hardware if hardware is not None else hw_mod.detect()
+    notes: list[str] = []
+    choice = None
+    if request.auto:
+        first, _ = resolve(resolved, hw)
+        planned, notes, choice = auto_layer(first, hw, exclude=request.exclude)
+        resolved, decisions = resolve(resolved, hw, extra_layers=planned)
+    else:
+        resolved, decisions = resolve(resolved, hw)
+    return resolved, decisions.warnings + notes, hw, choice
+
+
+def prepare(request: TrainRequest, environ: Mapping[str, str], hardware=None) -> Prepared:
+    resolved, warnings, hw, choice = resolve_spec(request, environ, hardware)
+    spec = resolved.spec
+    run_dir = Path(spec.output.run_dir())
+    force = request.force or request.test
+    problems = (preflight.model_problems(spec) + preflight.data_problems(spec) + preflight.precision_problems(spec)
+                + preflight.tracker_problems(spec)
+                + preflight.output_problems(run_dir, request.resume, force, spec.cluster.machine_rank)
+                + preflight.op_problems(spec, environ) + preflight.nvme_problems(spec, environ)
+                + fp8.install_problems(spec.precision))
+    if problems:
+        raise CrakenError(problems, title="cannot start this run")
+    resume_from, resume_warnings = resume_checkpoint(run_dir, request.resume)
+    warnings += resume_warnings
+    if resume_from is not None:
+        resume_from = convert_if_world_changed(resume_from, spec, warnings, run_dir, convert=not request.dry_run)
+    files = rendered_files(spec, resolved.sources, run_dir, spec.cluster.machine_rank)
+    if resume_from is not None and is_universal(resume_from):
+        files = with_universal_load(files, spec.cluster.machine_rank)
+    argv, env = launch.build(spec, run_dir, environ, hw.cpu_count, request.launcher_args, resume_from)
+    if launch.uses_pdsh(spec):
+        held_back = sorted(k for k in environ if launch.is_secret(k))
+        if held_back:
+            warnings.append(f"--launcher deepspeed: {', '.join(held_back)} not passed to the other machines (DeepSpeed "
+                            "would write them into its env file): set them in each machine's own environment")
+    prepared = Prepared(resolved, run_dir, argv, env, files, resume_from, warnings, request.test, request, choice)
+    if not request.dry_run:
+        if force and not request.resume:
+            clear_previous_run(run_dir, spec.cluster.machine_rank)
+        write_files(files, run_dir, force=True)
+        if launch.uses_pdsh(spec):
+            launch.seed_deepspeed_env(run_dir / launch.DS_ENV_FILE, Path.home(), Path.cwd())
+    return prepared

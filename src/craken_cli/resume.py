@@ -1,0 +1,139 @@
+"""--resume: which checkpoint a run continues from, whether this run can load its optimizer state,
+and its universal copy when the process count or the ZeRO-1 optimizer changed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+from .errors import CrakenError
+
+def resume_checkpoint(run_dir: Path, resume: str | None) -> tuple[Path | None, list[str]]:
+    from .train import checkpoint
+
+    if not resume:
+        return None, []
+    if resume == "auto":
+        found, warnings = checkpoint.latest_checkpoint(run_dir)
+        if found is None:
+            raise CrakenError(f"--resume auto: no complete checkpoint in {run_dir / 'checkpoints'}: "
+                              "drop --resume to start a new run, or name a checkpoint folder")
+        return found, warnings
+    path = Path(resume).expanduser()
+    if not path.is_dir():
+        raise CrakenError(f"--resume {resume}: no such checkpoint folder; use --resume auto or a path "
+                          "from `craken ckpt list RUN_DIR`")
+    if checkpoint.checkpoint_dir(path).is_dir():  # a run folder: its latest good checkpoint
+        found, warnings = checkpoint.latest_checkpoint(path)
+        if found is None:
+            raise CrakenError(f"--resume {resume}: this run folder has no complete checkpoint")
+        return found, warnings
+    why = checkpoint.problems(path)
+    if why:
+        raise CrakenError(f"--resume {resume}: this checkpoint is partial or corrupt ({'; '.join(why[:3])}); "
+                          "use an earlier one from `craken ckpt list RUN_DIR`")
+    return path, []
+
+
+def convert_if_world_changed(ckpt: Path, spec, warnings: list[str], run_dir: Path, convert: bool = True) -> Path:
+    """A checkpoint from another process count, or from the other ZeRO-1 optimizer (fp32 or 16-bit
+    gradient accumulation: each reads only its own files): its universal copy (DeepSpeed's
+    ds_to_universal), made now unless one exists. With `convert` off (--dry-run) only the path it would have."""
+    from . import ckpt_ops
+    from .train import checkpoint
+
+    state = checkpoint.read_state(ckpt)
+    engine_problem = engine_mismatch(ckpt, state, spec)
+    if engine_problem:
+        raise CrakenError(f"--resume {ckpt}: {engine_problem}", title="cannot resume")
+    if state.universal or not state.world_size or checkpoint.is_plain(ckpt):
+        # a run without DeepSpeed holds the whole model and optimizer state in every process: any
+        # process count loads it as it is
+        return ckpt
+    why, fix = [], []
+    if state.world_size != spec.world_size:
+        why.append(f"was saved by {state.world_size} processes, this run has {spec.world_size}")
+        fix.append(f"--num-processes {state.world_size}")
+    saved_fp32 = state.fp32_grad_accum
+    if spec.uses_deepspeed and saved_fp32 != spec.fp32_grad_accum:
+        why.append("was saved with gradients accumulated in " + ("fp32, this run accumulates in 16 bits" if saved_fp32
+                                                                 else "16 bits, this run accumulates in fp32"))
+        fix.append(f"--set zero.fp32_grad_accum={str(saved_fp32).lower()}")
+    if not why:
+        return ckpt
+    reason = " and ".join(why)
+    own = ckpt.parent.resolve() == checkpoint.checkpoint_dir(run_dir).resolve()
+    # Into this run's folder, never into another run's.
+    out = (ckpt_ops.default_universal_out(ckpt) if own
+           else checkpoint.checkpoint_dir(run_dir) / ckpt_ops.UNIVERSAL_DIR / ckpt.name)
+    if checkpoint.is_complete(out) and checkpoint.read_state(out).step == state.step:
+        warnings.append(f"{ckpt} {reason}: resuming from its universal copy {out}")
+        return out
+    warnings.append(f"{ckpt} {reason}: converting it to a universal checkpoint in {out}")
+    if not convert:
+        return out
+    try:
+        return ckpt_ops.convert(ckpt, out, force=True)
+    except CrakenError as exc:
+        raise CrakenError(f"{ckpt} {reason}; converting it failed: {exc.problems[0]}; convert it by hand with "
+                          f"`craken ckpt convert {ckpt} --out DIR` and resume with --resume DIR, or resume with "
+                          f"{' '.join(fix)}", title="cannot resume") from None
+
+
+class OptimizerLayout(NamedTuple):
+    """How a checkpoint's optimizer state is laid out. ZeRO-1 and -2 share DeepSpeed's one ZeRO
+    optimizer and its shard files (checked: ZeRO-1 resumes at ZeRO-2); ZeRO-3 and stage 0 each
+    write their own; optimizer offload steps with DeepSpeed's CPU Adam, whose state keys differ from
+    torch's AdamW (ZeRO-1 -> ZeRO-2 with offload fails on 'bias_correction'); no DeepSpeed: Accelerate's."""
+
+    deepspeed: bool
+    stages: str  # "0", "1/2" or "3" (for deepspeed=False always "0")
+    offloaded: bool
+
+    def describe(self) -> str:
+        if not self.deepspeed:
+            return "without DeepSpeed (ZeRO stage 0 on GPUs)"
+        where = {"0": "by DeepSpeed at ZeRO stage 0", "1/2": "at ZeRO-1/2", "3": "at ZeRO-3"}[self.stages]
+        return where + (" with optimizer offload" if self.offloaded else " without optimizer offload")
+
+
+def layout(stage: int, deepspeed: bool, offload_optimizer: str) -> OptimizerLayout:
+    if not deepspeed:
+        return OptimizerLayout(False, "0", False)
+    return OptimizerLayout(True, {0: "0", 3: "3"}.get(stage, "1/2"), offload_optimizer != "none")
+
+
+def engine_mismatch(ckpt: Path, state, spec) -> str | None:
+    """Why this run cannot load the checkpoint's optimizer shards at all (DeepSpeed fails after the
+    launch otherwise), with what to change; None when it can."""
+    from .train import checkpoint
+
+    plain = checkpoint.is_plain(ckpt)
+    if state.zero_stage is None and not plain:
+        return None  # written by an older craken: not recorded
+    saved_offload = state.offload_optimizer or "none"
+    saved = layout(state.zero_stage or 0, not plain, saved_offload)
+    wanted = layout(spec.zero.stage, spec.uses_deepspeed, spec.offload.optimizer.device)
+    if saved == wanted:
+        return None
+    return (f"it was saved {saved.describe()}, this run trains {wanted.describe()}, whose optimizer state is laid out differently: "
+            f"resume with --zero {state.zero_stage or 0} --offload-optimizer {saved_offload}, or start a new run "
+            f"from its weights (craken ckpt export {ckpt} --out DIR, then --model DIR)")
+
+
+def is_universal(ckpt: Path) -> bool:
+    from .train import checkpoint
+
+    return checkpoint.is_complete(ckpt) and checkpoint.read_state(ckpt).universal or not ckpt.exists()
+
+
+def with_universal_load(files: dict[str, str], machine_rank: int = 0) -> dict[str, str]:
+    """The DeepSpeed JSON of a launch that resumes from a universal checkpoint. Only that launch:
+    the checkpoints it writes are ordinary ones again."""
+    from .render import DS_FILE, machine_file
+
+    name = machine_file(DS_FILE, machine_rank)
+    cfg = json.loads(files[name])
+    cfg["checkpoint"] = {**cfg.get("checkpoint", {}), "load_universal": True}
+    return {**files, name: json.dumps(cfg, indent=2) + "\n"}
