@@ -208,7 +208,9 @@ def test_probe_reports_why_it_cannot_run(monkeypatch):
 
 @pytest.fixture(scope="module")
 def fp8_model_dir(tmp_path_factory) -> Path:
-    """A tiny Llama whose MLP input projections are float8-sized (1040 x 64), with the built-in tokenizer."""
+    """A tiny bf16 Llama checkpoint whose MLP input projections are float8-sized (1040 x 64), with the
+    built-in tokenizer."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     from craken_cli.train import builtin
@@ -217,7 +219,7 @@ def fp8_model_dir(tmp_path_factory) -> Path:
     tok = builtin.build_tokenizer()
     cfg = builtin.model_config(tok)
     cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads = 64, 1040, 4, 2
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 
@@ -243,7 +245,11 @@ def test_fp8_training_checkpoints_resumes_and_exports_a_plain_model(craken, work
     assert any(r.get("event") == "resume" and r["step"] == 4 for r in records)
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 4 and losses[-1] < losses[0]
-    assert json.loads((run_dir / "model_meta" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((run_dir / "final" / "config.json").read_text())["dtype"] == "bfloat16"  # the checkpoint's
+    from safetensors import safe_open
+
+    with safe_open(run_dir / "final" / "model.safetensors", "pt") as weights:
+        assert {weights.get_slice(k).get_dtype() for k in weights.keys()} == {"BF16"}
 
     check = torch.load(run_dir / "final_check.pt", weights_only=True)
     final = AutoModelForCausalLM.from_pretrained(run_dir / "final", dtype=torch.bfloat16)
