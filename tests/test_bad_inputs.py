@@ -87,7 +87,7 @@ CASES = {
                            files={"craken.yaml": "zero:\n  stage: [2\nbatch: {}\n"}),
     "yaml-not-a-mapping": Case(render(), ["craken.yaml", "expected a mapping"], files={"craken.yaml": "- 1\n- 2\n"}),
     "missing-config-file": Case(render("--config", "nope.yaml"), ["nope.yaml", "no such file", "check the path"]),
-    "config-is-a-folder": Case(render("--config", "conf"), ["conf", "is a folder", "name the file"], dirs=["conf"]),
+    "config-is-a-folder": Case(render("--config", "conf"), ["conf", "is a folder", "give --config a YAML or JSON file"], dirs=["conf"]),
     "config-not-utf8": Case(render("--config", "latin1.yaml"), ["latin1.yaml", "cannot be read", "encoding"],
                             files={"latin1.yaml": "model:\n  name_or_path: caf\xe9\n".encode("latin-1")}),
     "malformed-json": Case(["config", "validate", "ds.json"], ["ds.json", "malformed JSON", "line 1", "fix the file"],

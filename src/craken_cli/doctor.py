@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from .hardware import GiB, Hardware, nearest_existing
+from .runfolder import VERDICT_EXIT
 
 Status = Literal["ok", "warn", "fail"]
 AREAS = ("system", "packages", "gpu", "ops", "memory", "disk", "network", "run")
-EXIT_CODES = {"ok": 0, "warn": 1, "fail": 2}
-_RANK = {"ok": 0, "warn": 1, "fail": 2}
+EXIT_CODES = VERDICT_EXIT  # verdict -> exit code; the order is the severity
 
 # The stack craken runs on, by distribution name (not imported: read from metadata).
 STACK = ("torch", "deepspeed", "accelerate", "transformers", "datasets", "nvidia-ml-py")
@@ -284,8 +284,8 @@ def run_checks(facts: Facts, view: RunView | None, spec_error: str | None = None
 
 
 def verdict(checks: list[Check]) -> Status:
-    worst = max((_RANK[c.status] for c in checks), default=0)
-    return next(s for s, r in _RANK.items() if r == worst)
+    worst = max((VERDICT_EXIT[c.status] for c in checks), default=0)
+    return next(s for s, r in VERDICT_EXIT.items() if r == worst)
 
 
 def exit_code(checks: list[Check]) -> int:
@@ -885,7 +885,21 @@ def check_run(view: RunView | None, spec_error: str | None) -> list[Check]:
             out.append(Check("run", "decision", "warn", w, ""))
     for p in view.problems:
         out.append(Check("run", "settings vs machine", "fail", p.split(": ")[0], p.rsplit(": ", 1)[-1]))
-    return out
+    return out + check_model_folder(view.model)
+
+
+def check_model_folder(name: str) -> list[Check]:
+    """A local model folder's files, as `craken train` checks them before launch (modelcheck)."""
+    from . import modelcheck
+
+    folder = Path(name).expanduser()
+    if not (folder / "config.json").is_file():
+        return []
+    tokenizer = folder if (folder / "tokenizer.json").is_file() else None
+    problems = modelcheck.folder_problems(f"--model {name}", folder, False, tokenizer, f"--model {name}")
+    if not problems:
+        return [Check("run", "model files", "ok", f"{folder}: config.json, tokenizer and weights headers read")]
+    return [Check("run", "model files", "fail", p, "fix the file named, or choose another --model") for p in problems]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -106,8 +106,8 @@ def layers(args: SpecArgs, environ=None) -> list[Layer]:
     if zero in PRESETS:
         out.append(Layer("preset", PRESETS[zero], preset_values(zero)))
     config = args.config
-    if config is None and Path(sources.PROJECT_FILE).is_file():
-        config = Path(sources.PROJECT_FILE)
+    if config is None and Path(sources.PROJECT_FILE).exists():
+        config = Path(sources.PROJECT_FILE)  # a folder of that name is refused by read_mapping, not skipped
     if config is not None:
         out.append(sources.file_layer(config))
     out.append(sources.env_layer(environ))

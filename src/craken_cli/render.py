@@ -15,12 +15,10 @@ from pathlib import Path
 
 from . import yamlio
 from .errors import CrakenError
+from .runfolder import ACCELERATE_FILE, DS_FILE, RUN_FILE, atomic_write, disk_message, is_disk_full, machine_file
 from .spec import STAGE3_FIELDS, RunSpec
 from .train import schedule
 
-DS_FILE = "ds_config.json"
-ACCELERATE_FILE = "accelerate.yaml"
-RUN_FILE = "run.yaml"
 SOURCE_ORDER = "default < preset < file < env < flag; detected = filled from the hardware, auto = chosen by the planner"
 
 
@@ -141,16 +139,6 @@ def run_file_text(spec: RunSpec, sources: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def machine_file(name: str, machine_rank: int) -> str:
-    """A run file's name in a run folder that every machine of a job shares (what `craken cluster
-    slurm` sets up): machine 0 keeps the plain name, machine R writes e.g. accelerate-machine1.yaml
-    (its own machine_rank), so no machine overwrites what another one's processes read."""
-    if machine_rank == 0:
-        return name
-    stem, dot, suffix = name.partition(".")
-    return f"{stem}-machine{machine_rank}{dot}{suffix}"
-
-
 def rendered_files(spec: RunSpec, sources: dict[str, str], out_dir: str | os.PathLike,
                    machine_rank: int = 0) -> dict[str, str]:
     """File name -> text, for everything `config render` writes (`craken train` passes the machine
@@ -158,7 +146,7 @@ def rendered_files(spec: RunSpec, sources: dict[str, str], out_dir: str | os.Pat
     out = Path(out_dir)
     ds_name, accelerate_name, run_name = (machine_file(n, machine_rank) for n in (DS_FILE, ACCELERATE_FILE, RUN_FILE))
     files = {
-        ds_name: json.dumps(deepspeed_config(spec), indent=2) + "\n",
+        ds_name: json.dumps(deepspeed_config(spec), indent=2, allow_nan=False) + "\n",
         accelerate_name: yamlio.dumps(accelerate_config(spec, out / ds_name)),
         run_name: run_file_text(spec, sources),
     }
@@ -183,18 +171,10 @@ def write_files(files: dict[str, str], out_dir: str | os.PathLike, force: bool =
         raise CrakenError(f"cannot write into {out} ({exc.strerror or exc}): choose a writable --out DIR",
                           title="cannot write") from None
     for target, text in zip(targets, files.values()):
-        atomic_write(target, text)
+        try:
+            atomic_write(target, text)
+        except OSError as exc:
+            why = disk_message(out, sum(len(t.encode()) for t in files.values()), "the run files") \
+                if is_disk_full(exc) else f"{exc.strerror or exc}: choose a writable --out DIR"
+            raise CrakenError(f"cannot write {target}: {why}", title="cannot write") from None
     return targets
-
-
-def atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -26,7 +26,8 @@ def _integral_float_to_int(value):
     return value
 
 
-Count = Annotated[int, BeforeValidator(_integral_float_to_int)]
+# At most 2**50 elements: DeepSpeed keeps bucket sizes in C++ integers (1e40 overflowed inside the workers).
+Count = Annotated[int, BeforeValidator(_integral_float_to_int), Field(le=2**50)]
 
 # Stage-3-only knobs; setting one at stage 0-2 is a mistake DeepSpeed silently ignores.
 STAGE3_FIELDS = (
@@ -39,7 +40,8 @@ STAGE3_FIELDS = (
 
 class Section(BaseModel):
     # strict: "8" in a YAML file is a string, not a number; env values are YAML-parsed first.
-    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+    # allow_inf_nan off: an lr or eps of .inf trains nothing, and json writes it as Infinity (not JSON).
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, allow_inf_nan=False)
 
 
 class ModelSection(Section):
@@ -129,7 +131,7 @@ class ScheduleSection(Section):
 
 class TrainSection(Section):
     max_steps: int = Field(200, gt=0, description="Optimizer steps to train.")
-    seed: int = Field(42, description="Seed for weights, data order and dropout.")
+    seed: int = Field(42, ge=0, lt=2**32, description="Seed for weights, data order and dropout.")
     eval_every: int = Field(50, ge=0, description="Evaluate every N optimizer steps (0: only at the end).")
     eval_batches: int = Field(8, gt=0, description="Micro-batches per evaluation and process.")
     save_every: int = Field(0, ge=0, description="Checkpoint every N optimizer steps (0: only at the end).")
