@@ -662,24 +662,10 @@ def model_params(name: str, environ: Mapping[str, str]) -> tuple[int | None, str
 
 
 def params_from_config(cfg: Mapping[str, Any]) -> int | None:
-    """Decoder-only transformer parameters from a HF config (Llama/Mistral/Qwen/GPT-2 style), +-10%."""
-    cfg = dict(cfg.get("text_config") or cfg)
-    h = cfg.get("hidden_size") or cfg.get("n_embd") or cfg.get("d_model")
-    layers = cfg.get("num_hidden_layers") or cfg.get("n_layer") or cfg.get("num_layers")
-    vocab = cfg.get("vocab_size")
-    if not (h and layers and vocab):
-        return None
-    heads = cfg.get("num_attention_heads") or cfg.get("n_head") or 1
-    kv = cfg.get("num_key_value_heads") or heads
-    head_dim = cfg.get("head_dim") or h // heads
-    inter = cfg.get("intermediate_size") or cfg.get("n_inner") or 4 * h
-    gated = "n_embd" not in cfg  # GPT-2's MLP has two matrices, Llama-style ones three
-    experts = cfg.get("num_local_experts") or cfg.get("num_experts") or 1
-    moe_inter = cfg.get("moe_intermediate_size") or inter
-    attn = h * heads * head_dim * 2 + h * kv * head_dim * 2
-    mlp = (3 if gated else 2) * h * (moe_inter if experts > 1 else inter) * experts
-    embed = vocab * h * (1 if cfg.get("tie_word_embeddings", True) else 2)
-    return int(layers * (attn + mlp + 2 * h) + embed + h)
+    """Parameters from a HF config: the planner's count (modelinfo.config_params)."""
+    from .modelinfo import config_params
+
+    return config_params(dict(cfg))
 
 
 def offload_ram(view: RunView, params: int) -> int:
