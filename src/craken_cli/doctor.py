@@ -668,12 +668,19 @@ def params_from_config(cfg: Mapping[str, Any]) -> int | None:
     return config_params(dict(cfg))
 
 
+def offload_bytes(view: RunView, params: int) -> tuple[int, int]:
+    """(CPU RAM, NVMe) bytes per machine that the offloaded states take: the planner's count
+    (planner.offload_host_bytes), partitioned over all processes."""
+    from .planner import offload_host_bytes
+
+    cpu, nvme = offload_host_bytes(params, view.processes, view.per_machine, view.offload_optimizer,
+                                   view.offload_param, 4 if view.precision == "fp32" else 2)
+    return int(cpu), int(nvme)
+
+
 def offload_ram(view: RunView, params: int) -> int:
-    """CPU RAM per machine that the offloaded states take: fp32 master weights, gradients and
-    Adam's two moments (16 B/param) for optimizer offload, 16-bit weights (2 B/param) for
-    parameter offload; partitioned over all processes, so a machine holds 1/machines of it."""
-    per_param = (16 if view.offload_optimizer == "cpu" else 0) + (2 if view.offload_param == "cpu" else 0)
-    return int(params * per_param / max(1, view.machines) * 1.1)  # +10% for pinned staging buffers
+    """CPU RAM per machine that the offloaded states take."""
+    return offload_bytes(view, params)[0]
 
 
 def check_memory(f: Facts, view: RunView) -> list[Check]:
@@ -730,8 +737,7 @@ def check_disk(f: Facts, view: RunView) -> list[Check]:
             out.append(Check("disk", "output folder", "ok", f"{o.path}: {_gib(o.free)} free{need}"))
     n = f.paths.get("nvme")
     if view.nvme_path and n is not None:
-        per = (12 if view.offload_optimizer == "nvme" else 0) + (2 if view.offload_param == "nvme" else 0)
-        need = None if f.params is None else f.params * per // max(1, view.machines)
+        need = None if f.params is None else offload_bytes(view, f.params)[1]
         fs = f" ({n.fstype})" if n.fstype else ""
         if not n.writable:
             out.append(Check("disk", "NVMe path", "fail", f"{n.path}{fs}: not writable ({n.error or 'permission'})",
