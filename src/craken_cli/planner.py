@@ -546,3 +546,123 @@ def _best_micro_batch(model: ModelInfo, cand: Candidate, tries: list[int], per_g
     reason = (f"ran out of GPU memory at micro-batch {smallest}" if cand.name in oom
               else "no micro-batch the data set can fill")
     return replace(estimate(model, cand, smallest, max(1, per_gpu // smallest), shape), fits=False, why_not=reason)
+
+
+# ---------------------------------------------------------------------------------------------
+# what --auto may launch: settings the user fixed, the data's micro-batch cap, and the refusal
+
+
+def compatible(result: Plan, fixed: dict[str, object]) -> list[Strategy]:
+    """The strategies that fit and keep every setting the user fixed (dotted spec path -> value),
+    fastest first. A fixed grad_accum is kept without comparing: the plan derives it from the same global batch."""
+    return [s for s in result.strategies if s.fits and all(
+        s.settings()[path] == value for path, value in fixed.items() if path != "batch.grad_accum")]
+
+
+def train_blocks(blocks: int, eval_fraction: float) -> int:
+    """Training blocks left after train/data.train_eval_split holds out its evaluation share."""
+    if eval_fraction <= 0 or blocks < 2:
+        return blocks
+    return blocks - max(1, int(blocks * eval_fraction))
+
+
+def data_cap(train: int, world: int) -> int:
+    """The largest micro-batch every process can fill: the loader drops a last partial batch, and each
+    of the `world` processes needs at least one micro-batch of its own."""
+    return train // max(1, world)
+
+
+def data_problem(train: int, world: int, seq_len: int, micro_batch: int | None = None) -> str | None:
+    """Why the data set cannot feed this run (None when it can): one message naming what to change.
+    `micro_batch` is the one the user fixed, if any."""
+    cap = data_cap(train, world)
+    if cap == 0:
+        return (f"{train} training blocks of {seq_len} tokens are fewer than one micro-batch per process "
+                f"({world} processes): add data, lower --seq-len, or use fewer processes (--num-processes)")
+    if micro_batch is not None and micro_batch > cap:
+        return (f"--micro-batch {micro_batch} needs {micro_batch * world} training blocks of {seq_len} tokens "
+                f"({world} processes), the data set has {train}: use --micro-batch {cap} or less, add data, "
+                "or lower --seq-len")
+    return None
+
+
+def _replaced(spec, section: str, **values):
+    """The spec with fields of one section replaced (pydantic copies, nothing validated twice)."""
+    return spec.model_copy(update={section: getattr(spec, section).model_copy(update=values)})
+
+
+def _with_nvme(spec, path: str):
+    offload = spec.offload
+    return _replaced(spec, "offload", optimizer=offload.optimizer.model_copy(update={"nvme_path": path}),
+                     param=offload.param.model_copy(update={"nvme_path": path}))
+
+
+def _first_fit(model: ModelInfo, spec, hardware: Hardware, fixed: dict, **kwargs) -> Strategy | None:
+    found = compatible(plan(model, spec, hardware, **kwargs), fixed)
+    return found[0] if found else None
+
+
+def _more_gpus(model: ModelInfo, spec, hardware: Hardware, fixed: dict, **kwargs) -> str | None:
+    gpu = min(hardware.gpus, key=lambda g: g.memory_total)
+    for count in (2, 4, 8, 16, 32, 64):
+        machines = max(1, count // 8)
+        more = replace(hardware, gpus=tuple(replace(gpu, index=i) for i in range(count // machines)))
+        grown = _replaced(spec, "cluster", num_processes=count, num_machines=machines)
+        if _first_fit(model, grown, more, fixed, **kwargs):
+            flags = f"--num-processes {count}" + (f" --num-machines {machines}" if machines > 1 else "")
+            return f"{count} GPUs of {gpu.memory_total / GiB:.0f} GiB: {flags}"
+    return None
+
+
+def _offload_room(model: ModelInfo, spec, hardware: Hardware, fixed: dict, **kwargs) -> list[str]:
+    out = []
+    found = _first_fit(model, spec, replace(hardware, ram_total=1 << 60), fixed, **kwargs)
+    if found is not None and hardware.ram_total and found.offload_optimizer == "cpu":
+        flags = "--offload-optimizer cpu" + (" --offload-param cpu" if found.offload_param == "cpu" else "")
+        out.append(f"{found.cpu_memory_gib / 0.9:.1f} GiB of CPU RAM per machine (this one has "
+                   f"{hardware.ram_total / GiB:.1f} GiB) for {flags}")
+    disk = replace(hardware, disk_free={"/nvme": 1 << 60})
+    found = _first_fit(model, _with_nvme(spec, "/nvme"), disk, fixed, **kwargs)
+    if found is not None and "nvme" in (found.offload_optimizer, found.offload_param):
+        flags = " ".join(f"--offload-{what} nvme" for what, device in (("optimizer", found.offload_optimizer),
+                                                                        ("param", found.offload_param))
+                         if device == "nvme")
+        out.append(f"NVMe offload: {flags} --nvme-path DIR on a local disk with {found.nvme_gib / 0.9:.0f} GiB free")
+    return out
+
+
+def smallest_changes(model: ModelInfo, spec, hardware: Hardware, fixed: dict[str, object], **kwargs) -> list[str]:
+    """Each smallest change that would make a strategy fit, named as flags: more GPUs of this memory,
+    CPU RAM or NVMe for offload, a shorter sequence, activation checkpointing or a smaller micro-batch
+    where the user fixed them. Pure: each answer is the plan of a changed spec or hypothetical hardware;
+    `kwargs` are plan()'s (search_micro_batch, max_micro_batch)."""
+    out = [change for change in [_more_gpus(model, spec, hardware, fixed, **kwargs)] if change]
+    out += _offload_room(model, spec, hardware, fixed, **kwargs)
+    seq = spec.data.seq_len // 2
+    while seq >= 128 and not _first_fit(model, _replaced(spec, "data", seq_len=seq), hardware, fixed, **kwargs):
+        seq //= 2
+    if seq >= 128:
+        out.append(f"a shorter sequence: --seq-len {seq}")
+    if fixed.get("model.activation_checkpointing") is False:
+        loose = {p: v for p, v in fixed.items() if p != "model.activation_checkpointing"}
+        found = _first_fit(model, spec, hardware, loose, **kwargs)
+        if found is not None and found.activation_checkpointing:
+            out.append(f"activation checkpointing: --activation-checkpointing ({found.name})")
+    if "batch.micro_batch" in fixed:
+        loose = {p: v for p, v in fixed.items() if p not in ("batch.micro_batch", "batch.grad_accum")}
+        found = _first_fit(model, spec, hardware, loose, max_micro_batch=kwargs.get("max_micro_batch"))
+        if found is not None:
+            out.append(f"a smaller micro-batch: --micro-batch {found.micro_batch} ({found.name})")
+    return out
+
+
+def refusal(model: ModelInfo, result: Plan, changes: list[str], fixed: dict[str, object]) -> str:
+    """The one message of `--auto` when nothing compatible with the user's settings is predicted to fit."""
+    closest = min(result.strategies, key=lambda s: s.total_gib)
+    kept = ", ".join(f"{path}={value}" for path, value in fixed.items())
+    head = (f"no strategy for {model.name} ({model.num_params / 1e9:.2f} B parameters) is predicted to fit "
+            f"{result.gpu_memory_gib:.0f} GiB per GPU{f' with the settings you fixed ({kept})' if kept else ''}; "
+            f"the one needing the least GPU memory, {closest.name}, {closest.why_not}. Nothing was launched")
+    if not changes:
+        return head + "; see `craken plan` for every strategy"
+    return head + ". Any one of these would fit:\n" + "\n".join(f"    {change}" for change in changes)
