@@ -4,11 +4,11 @@ Pure: `plan(model_info, spec, hardware) -> Plan`; no torch, no I/O. `craken plan
 `craken train --auto` applies `Plan.choice`. docs/planner.md derives every term and compares the
 prediction with memory measured on GPUs.
 
-The memory model follows what DeepSpeed 0.19.8 allocates (read from its source):
+The memory model follows what the two engines allocate (DeepSpeed 0.19.8 read from its source):
 
-* stage 0 + bf16/fp16 (no ZeRO; DeepSpeed's FP16_Optimizer): 16-bit params and grads, fp32 master
-  weights and two fp32 Adam moments, and at the step a flat fp32 copy of all gradients;
-  the gradients are all-reduced through a 16-bit bucket of up to 5e8 elements.
+* no ZeRO ("zero0": craken's plain engine, no DeepSpeed): fp32 weights (the fp32 masters), fp32 gradients
+  and torch AdamW's two fp32 moments; autocast's 16-bit copies of the weights; DDP's buckets with
+  more than one process.
 * stage 1 + bf16 with fp32 gradient accumulation (craken's default on one GPU; bf16_optimizer.py): 16-bit
   params, fp32 gradients of the whole model beside the 16-bit ones (added into them after the
   backward; the 16-bit ones live until the next backward), fp32 master + moments partitioned; the
@@ -30,7 +30,9 @@ Activations per layer and token follow Korthikanti et al. (2022), "Reducing Acti
 Recomputation in Large Transformer Models", re-derived for the modules transformers runs: SDPA
 (flash/memory-efficient kernels save q, k, v, the output and a log-sum-exp, never the s x s scores),
 grouped-query attention (k and v at kv_heads x head_dim), RMSNorm's fp32 upcast, the gated MLP, and
-the loss's fp32 upcast of the logits.
+what the families differ in (ModelInfo: fused q/k/v with rotary, four norms per layer, GELU MLPs,
+residual dropout); the loss term is the 16-bit logits and the fp32 upcast's buffers, times the
+vocabulary (`loss_bytes`: the largest single term of small models with 128k-256k vocabularies).
 """
 
 from __future__ import annotations
