@@ -390,3 +390,14 @@ def test_what_ran_out_of_memory_is_planned_again_only_smaller():
     out = plan(TINYLLAMA, s, hardware(1, 80), out_of_memory_at={first.name: 1})
     assert out.choice.name != first.name
     assert f"{first.name}: ran out of GPU memory at micro-batch 1" in out.rejected
+
+
+def test_plan_names_the_smallest_changes_when_nothing_fits(tmp_path):
+    paths = write_configs(tmp_path)
+    args = ["plan", "--gpus", "1", "--gpu-memory", "139.8GiB", "--cpu-memory", "128GiB", "--model", str(paths["13b"]),
+            "--seq-len", "2048", "--global-batch", "16"]
+    r = craken(*args)
+    assert r.returncode == 0, r.stderr
+    assert "nothing fits; any one of these would:" in r.stdout and "2 GPUs of 140 GiB: --num-processes 2" in r.stdout
+    out = json.loads(craken(*args, "--json").stdout)
+    assert out["choice"] is None and any("CPU RAM" in c for c in out["smallest_changes"])

@@ -62,7 +62,7 @@ def plan(
     from ..modelinfo import model_info
     from ..options import load_run
     from ..planner import plan as make_plan
-    from ..planner import plan_by_default
+    from ..planner import plan_by_default, smallest_changes
 
     cpu_bytes = parse_size(cpu_memory, "--cpu-memory") if cpu_memory else None
     if gpus is not None:
@@ -82,13 +82,14 @@ def plan(
     # The same compilation default as `craken train --auto`, so the choice shown is the one it makes.
     by_default = not resolved.user_set("model.compile")
     result = (plan_by_default if by_default else make_plan)(info, spec, hw, search_micro_batch=search)
+    changes = [] if result.choice else smallest_changes(info, spec, hw, {}, search_micro_batch=search)
     if as_json:
-        typer.echo(json.dumps(result.to_dict(), indent=2))
+        typer.echo(json.dumps({**result.to_dict(), "smallest_changes": changes}, indent=2))
         return
-    _print(result)
+    _print(result, changes)
 
 
-def _print(result) -> None:
+def _print(result, changes: list[str]) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -114,8 +115,9 @@ def _print(result) -> None:
     wide = out if out.is_terminal else Console(file=out.file, width=120, highlight=False)
     wide.print(table)
     if result.choice is None:
-        out.print("nothing fits: add GPUs, shorten --seq-len, or use --offload-optimizer nvme --nvme-path DIR",
-                  markup=False)
+        out.print("nothing fits; any one of these would:" if changes else "nothing fits", markup=False)
+        for change in changes:
+            out.print(f"  {change}", markup=False)
         return
     c = result.choice
     out.print(f"choice: {c.name}, micro-batch {c.micro_batch}, grad-accum {c.grad_accum} "
