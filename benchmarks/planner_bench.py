@@ -185,6 +185,8 @@ def build_engine(spec, folder: Path, device, world: int):
         with torch.device(device):  # DeepSpeed casts to bf16 before moving to the GPU: build it so
             model = AutoModelForCausalLM.from_config(
                 cfg, attn_implementation="sdpa", dtype=torch.bfloat16 if ds_cfg else torch.float32)
+    if spec.model.activation_checkpointing:  # as modeling.load_model turns it on
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if spec.model.compile:
         modeling.compile_regions(model)
     groups = [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": 0.1},
