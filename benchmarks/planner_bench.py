@@ -396,7 +396,8 @@ FITTED = {
     "FRAGMENTATION": [round(0.02 * i, 2) for i in range(16)],  # one value for every stage
     "COMPILED_FRAGMENTATION": [round(0.025 * i, 3) for i in range(17)],
     "STEP_REUSE_OF_ACTIVATIONS": [round(0.05 * i, 2) for i in range(13)],
-    "COMPILED_LOSS_FP32_BYTES": [4, 8, 12],
+    "UPCAST_LOSS_FP32_BYTES": [4, 6, 8, 10, 12, 14],
+    "COMPILED_LOSS_FP32_BYTES": [4, 6, 8, 10, 12, 14],
     "EAGER_WEIGHT_COPY_SHARE": [0.0, 0.25, 0.5, 0.75, 1.0],
     "COMPILED_WEIGHT_COPY_SHARE": [0.0, 0.25, 0.5, 0.75, 1.0],
 }

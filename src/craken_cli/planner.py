@@ -60,8 +60,8 @@ STAGE3_MULTI_GPU_SLACK = 0.24
 # Fitted: share of the freed layer activations that ZeRO-1/2's step buffers reuse (eager layers only:
 # compiled layers free blocks of inductor's sizes, which the step's flat buffers do not fit).
 STEP_REUSE_OF_ACTIVATIONS = 0.25
-# Bytes per logit at the loss's peak (transformers' loss): the fp32 upcast's log-softmax output, and in its
-# backward the incoming and the outgoing fp32 gradient at once (12), beside the 16-bit logits (lp).
+# Fitted (derived value kept): fp32 bytes per logit at the loss's peak (transformers' loss): the upcast's
+# log-softmax output, and in its backward the incoming and the outgoing gradient at once, beside the 16-bit logits.
 UPCAST_LOSS_FP32_BYTES = 12
 # Fitted: the same with the loss compiled (modeling.compile_regions); the Qwen2.5-0.5B out-of-memory row
 # (vocabulary 151,936) needs the fused loss to hold as much as the eager one.
