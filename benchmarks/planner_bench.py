@@ -416,15 +416,22 @@ def current(name: str):
     return value[0] if name == "FRAGMENTATION" else value
 
 
+def training(pairs) -> list:
+    """The pairs the fit may use: every row not declared held-out."""
+    return [(r, predict_gib) for r, predict_gib in pairs if r.get("split", "train") != "held-out"]
+
+
 def objective(pairs) -> tuple[float, float]:
     errs = [e for _, e in errors(pairs)]
     return (max(abs(e) for e in errs), sum(e * e for e in errs)) if errs else (0.0, 0.0)
 
 
-def fit(train_pairs, rounds: int = 3) -> dict:
+def fit(train_pairs, rounds: int = 3, start: dict | None = None) -> dict:
     """Coordinate descent over FITTED: the smallest largest error on the training rows (then the
     smallest sum of squares); a constant no training row moves keeps its value. Leaves the planner
-    module set to the result."""
+    module set to the result. `start`: the values to begin from (default: the planner's own)."""
+    for name, value in (start or {}).items():
+        set_constant(name, value)
     for _ in range(rounds):
         for name, values in FITTED.items():
             before, scores = current(name), []
@@ -573,8 +580,7 @@ def main() -> int:
         rows = recorded_rows(args.rows)
         pairs = prepared(rows, Path(args.models), hypothetical_hardware(rows))
         if args.fit:
-            train = [(r, p) for r, p in pairs if r.get("split", "train") != "held-out"]
-            print(json.dumps(fit(train), indent=1))
+            print(json.dumps(fit(training(pairs)), indent=1))
         text = report(pairs)
         if args.docs:
             write_docs(text, Path(args.docs))

@@ -401,3 +401,24 @@ def test_plan_names_the_smallest_changes_when_nothing_fits(tmp_path):
     assert "nothing fits; any one of these would:" in r.stdout and "2 GPUs of 140 GiB: --num-processes 2" in r.stdout
     out = json.loads(craken(*args, "--json").stdout)
     assert out["choice"] is None and any("CPU RAM" in c for c in out["smallest_changes"])
+
+
+def test_the_fit_never_sees_held_out_rows(tmp_path, monkeypatch):
+    """planner_bench --fit: a held-out row, however far off, moves no constant; the same row declared
+    for training does. The grid declares its split before anything runs, the issue's row held out first."""
+    bench = load_bench()
+    assert {row.split for row in bench.GRID} == {"train", "held-out"}
+    first = bench.GRID[0]
+    assert (first.model, first.seq, first.strategy, first.split) == ("qwen2.5-0.5b", 2048, "auto", "held-out")
+    for name in bench.FITTED:  # the fit sets the planner's module constants: restore them after
+        monkeypatch.setattr(planner, name, getattr(planner, name))
+    rows = [r for r in bench.recorded_rows() if r["model"] == "llama-1.1b"]
+    far_off = {**rows[0], "measured_gib": rows[0]["measured_gib"] * 3, "split": "held-out"}
+    hw, start = bench.hypothetical_hardware(rows), {name: bench.current(name) for name in bench.FITTED}
+
+    def fitted(extra):
+        return bench.fit(bench.training(bench.prepared([*rows, *extra], tmp_path, hw)), rounds=1, start=start)
+
+    alone = fitted([])
+    assert fitted([far_off]) == alone
+    assert fitted([{**far_off, "split": "train"}]) != alone
