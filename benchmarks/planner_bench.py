@@ -2,8 +2,8 @@
 
     python3 benchmarks/planner_bench.py --out "$OUT" --budget 540   # the grid, on this machine's GPU
     python3 benchmarks/planner_bench.py --dry-run                    # the rows and their predictions, no GPU
-    python3 benchmarks/planner_bench.py --fit                        # fit the planner's constants on the training rows
-    python3 benchmarks/planner_bench.py --docs docs/planner.md       # rewrite its tables from benchmarks/results
+    python3 benchmarks/planner_bench.py --fit                        # fit on the training rows: print constants, errors
+    python3 benchmarks/planner_bench.py --docs docs/planner.md       # rewrite its tables (planner.py's constants)
 
 Models are config-only (benchmarks/model_configs/*.json, the public config.json values of ten families, and
 the 32k-vocabulary Llama shapes of the first grid), built with random weights, nothing downloaded. Each row
@@ -579,12 +579,11 @@ def main() -> int:
     if args.fit or args.docs:
         rows = recorded_rows(args.rows)
         pairs = prepared(rows, Path(args.models), hypothetical_hardware(rows))
-        if args.fit:
+        if args.fit:  # printed, not written: the constants go into planner.py by hand, then --docs
             print(json.dumps(fit(training(pairs)), indent=1))
-        text = report(pairs)
-        if args.docs:
-            write_docs(text, Path(args.docs))
-        print(text)
+            print(report(pairs))
+            return 0
+        write_docs(report(pairs), Path(args.docs))
         return 0
     return run_grid(args)
 
