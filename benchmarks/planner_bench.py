@@ -1,6 +1,6 @@
 """The planner against measured peak reserved GPU memory, over real architectures (issue 16).
 
-    python3 benchmarks/planner_bench.py --out "$OUT" --budget 540   # the grid, on this machine's GPU
+    python3 benchmarks/planner_bench.py --out "$OUT" --budget 440   # the grid, on this machine's GPU
     python3 benchmarks/planner_bench.py --dry-run                    # the rows and their predictions, no GPU
     python3 benchmarks/planner_bench.py --fit                        # fit on the training rows: print constants, errors
     python3 benchmarks/planner_bench.py --docs docs/planner.md       # rewrite its tables (planner.py's constants)
@@ -561,7 +561,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     ap.add_argument("--gpus", type=int, default=1, help="processes (GPUs) per row")
-    ap.add_argument("--budget", type=int, default=540, help="seconds for the whole grid, model builds included")
+    ap.add_argument("--budget", type=int, default=440, help="seconds for the whole grid, model builds included")
     ap.add_argument("--min-row-s", type=int, default=25, help="a row starts only with this many seconds left")
     ap.add_argument("--row-timeout", type=int, default=150, help="seconds one row may take")
     ap.add_argument("--port", type=int, default=29800, help="first of the per-row rendezvous ports")
