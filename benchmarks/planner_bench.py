@@ -1,25 +1,22 @@
-"""The planner against real peak reserved GPU memory, for 1 and 2 GPUs, in one call (issue 5).
+"""The planner against measured peak reserved GPU memory, over real architectures (issue 16).
 
-    python3 benchmarks/planner_bench.py --out "$OUT" [--gpus 1,2] [--docs docs/planner.md]
-    python3 benchmarks/planner_bench.py --dry-run          # predictions only, no GPU
+    python3 benchmarks/planner_bench.py --out "$OUT" --budget 440   # the grid, on this machine's GPU
+    python3 benchmarks/planner_bench.py --dry-run                    # the rows and their predictions, no GPU
+    python3 benchmarks/planner_bench.py --fit                        # fit on the training rows: print constants, errors
+    python3 benchmarks/planner_bench.py --docs docs/planner.md       # rewrite its tables (planner.py's constants)
 
-For each GPU count it starts one `torchrun` worker group that goes through the whole grid in-process
-(torch and DeepSpeed are imported once, and each row runs in a child forked from
-that process, so no engine leaves memory behind for the next row to count): three Llama shapes (config
-files written here, random weights, nothing downloaded) x sequence 1024 and 2048 x every strategy
-predicted to fit the card, at micro-batch 4, grad-accum 1, bf16, SDPA; plus compiled runs of the
-1.1B shape at micro-batch 8. Each row builds the spec exactly as `craken train --zero N ...` does
-(`options.load_run`), asks `planner.plan` for that spec's prediction (`requested.reserved_gib`), and
-builds the engine the way craken's training loop does:
+Models are config-only (benchmarks/model_configs/*.json, the public config.json values of ten families, and
+the 32k-vocabulary Llama shapes of the first grid), built with random weights, nothing downloaded. Each row
+runs in a child forked from one worker process (torch, transformers and DeepSpeed imported once; no engine
+leaves memory for the next row) and builds the engine as craken trains: no ZeRO = fp32 weights under bf16
+autocast and torch's fused AdamW (fp32 master weights), `modeling.compile_regions` when compiled;
+ZeRO 1-3 = `deepspeed.initialize` with the DeepSpeed JSON craken renders (a 16-bit module, fp32 masters in
+the optimizer). Peak = `torch.cuda.max_memory_reserved()` over 2 warm-up and 3 timed steps.
 
-* no ZeRO: fp32 weights under bf16 autocast, torch's fused AdamW, DDP on several GPUs (accelerate's
-  defaults), regional compilation with `modeling.compile_regions` when compiled;
-* ZeRO 1-3: `deepspeed.initialize` with the DeepSpeed JSON craken renders for that spec (`render.
-  deepspeed_config`), the model built under `deepspeed.zero.Init` at stage 3.
-
-Then 2 warm-up and 5 timed steps on random tokens; the peak is `torch.cuda.max_memory_reserved()`
-from the end of engine set-up (where the training loop resets it) over the steps. Rows stream to
-`<out>/planner_bench.jsonl`; `--docs` rewrites the table between the `bench` markers.
+Rows are declared before anything is measured: GRID's `split` says which ones the constants may be fitted
+on ("train") and which are only reported ("held-out", docs/planner.md). A row whose micro-batch is "auto"
+takes the one `craken train --auto --global-batch 32` would pick; strategy "auto" takes --auto's whole
+choice. Each row is written to <out>/planner_bench.jsonl as it finishes, with the commit; the table prints last.
 """
 
 from __future__ import annotations
@@ -30,12 +27,15 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+CONFIGS = ROOT / "benchmarks" / "model_configs"
+RESULTS = ROOT / "benchmarks" / "results"
 
-SHAPES = {  # Llama-style: RMSNorm, SwiGLU, GQA; vocab 32000 as in gpu-baseline.md
+SHAPES = {  # the first grid's Llama shapes: RMSNorm, SwiGLU, GQA, vocabulary 32000
     "llama-160m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                        num_key_value_heads=4),
     "llama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -43,48 +43,73 @@ SHAPES = {  # Llama-style: RMSNorm, SwiGLU, GQA; vocab 32000 as in gpu-baseline.
     "llama-2.7b": dict(hidden_size=2560, intermediate_size=6912, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=8),
 }
-SEQ_LENS = (1024, 2048)
-MICRO_BATCH = 4
-STAGES = ("zero0", "zero1", "zero2", "zero3")
-# (shape, seq, strategy, micro-batch, compiled, extra --set values): the compiled mode --auto runs.
-EXTRA = [("llama-1.1b", 2048, "zero0", 8, True, ()), ("llama-1.1b", 2048, "zero1", 8, True, ()),
-         ("llama-1.1b", 2048, "zero2", 8, True, ()), ("llama-1.1b", 2048, "zero2+offload_optimizer_cpu", 4, False, ()),
-         # DeepSpeed knobs that may cost ZeRO-1 its speed on one GPU (issue 8): same memory expected
-         ("llama-1.1b", 2048, "zero1", 8, True, ("zero.overlap_comm=false",)),
-         ("llama-1.1b", 2048, "zero1", 8, True, ("zero.contiguous_gradients=false",))]
-TIMED_STEPS = 5
+AUTO_GLOBAL_BATCH = 32
+WARMUP_STEPS, TIMED_STEPS = 2, 3
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+@dataclass(frozen=True)
+class Row:
+    model: str
+    seq: int
+    strategy: str  # a planner strategy name ("zero2+offload_optimizer_cpu"), or "auto": --auto's choice
+    micro_batch: int | str  # or "auto": the largest --auto would pick for this strategy
+    compiled: bool | None  # None: as --auto decides
+    split: str  # "train" (the fit may use it) or "held-out" (reported only)
+
+
+# Held-out first, the one the issue names at the top: the call may end before the last rows.
+GRID = [
+    Row("qwen2.5-0.5b", 2048, "auto", "auto", None, "held-out"),  # `craken train --auto --global-batch 32`
+    Row("llama-3.2-1b", 2048, "auto", "auto", None, "held-out"),  # 128k vocabulary, tied
+    Row("gemma-2-2b", 1024, "auto", "auto", None, "held-out"),  # 256k vocabulary, soft-capped logits, 4 norms
+    Row("gpt2-medium", 1024, "auto", "auto", None, "held-out"),  # GPT-2 layout, eager, dropout
+    Row("pythia-1.4b", 2048, "auto", "auto", None, "held-out"),  # GPT-NeoX: fused qkv, parallel residual
+    Row("phi-3-mini", 2048, "auto", "auto", None, "held-out"),  # fused qkv and gate/up, 3.8B
+    Row("mistral-7b", 1024, "auto", "auto", None, "held-out"),  # 7B at the card's edge
+    Row("qwen2.5-0.5b", 1024, "zero0", "auto", False, "train"),
+    Row("smollm2-1.7b", 2048, "zero0", "auto", True, "train"),
+    Row("llama-3.2-1b", 1024, "zero2", "auto", False, "train"),
+    Row("smollm2-1.7b", 1024, "zero1", "auto", True, "train"),
+    Row("llama-3.2-1b", 1024, "zero3", "auto", False, "train"),
+    Row("gemma-2-2b", 2048, "zero0", "auto", False, "train"),
+]
 if os.environ.get("PLANNER_BENCH_SMOKE"):  # a CPU run of the code path (gloo, DS_ACCELERATOR=cpu): no numbers
     SHAPES = {"llama-160m": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                  num_key_value_heads=2)}
-    SEQ_LENS, EXTRA = (64,), [("llama-160m", 64, "zero2+offload_optimizer_cpu", 4, False, ())]
+    GRID = [Row("llama-160m", 64, "zero0", 2, False, "held-out"), Row("llama-160m", 64, "zero2", 2, False, "train")]
 
 
-def write_config(folder: Path, shape: dict) -> Path:
+def model_config(name: str) -> dict:
+    """The config.json of a benchmark model: a family's public config, or one of SHAPES."""
+    if name in SHAPES:
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000,
+                "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+                "hidden_act": "silu", "rope_theta": 10000.0, "bos_token_id": 1, "eos_token_id": 2, **SHAPES[name]}
+    return json.loads((CONFIGS / f"{name}.json").read_text())
+
+
+def write_config(folder: Path, name: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000,
-           "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
-           "hidden_act": "silu", "rope_theta": 10000.0, "bos_token_id": 1, "eos_token_id": 2, **shape}
-    (folder / "config.json").write_text(json.dumps(cfg, indent=1))
+    (folder / "config.json").write_text(json.dumps(model_config(name), indent=1))
     return folder
 
 
-def grid() -> list[tuple]:
-    rows = [(shape, seq, s, MICRO_BATCH, False, ()) for shape in SHAPES for seq in SEQ_LENS for s in STAGES]
-    return rows + EXTRA
-
-
-def spec_for(folder: Path, seq: int, strategy: str, micro: int, compiled: bool, world: int, extra=(), hw=None):
-    """The spec `craken train --model F --seq-len S --zero N --micro-batch M --grad-accum 1 ...` resolves to,
-    with the offloads the strategy name holds (`zero3+offload_param_cpu`) and none otherwise: the presets'
-    own offloads (ZeRO-2 optimizer, ZeRO-3 both) never leak into a row named without them."""
+def spec_for(folder: Path, seq: int, strategy: str, micro: int, compiled: bool, world: int, extra=(), hw=None,
+             global_batch: int | None = None):
+    """The spec `craken train --model F --seq-len S --zero N --micro-batch M ...` resolves to, with exactly
+    the offloads the strategy name holds (the presets' own offloads never leak into a row)."""
     from craken_cli.options import SpecArgs, load_run
 
     stage = int(strategy.split("+")[0].removeprefix("zero"))
     offload = "cpu" if "offload_optimizer_cpu" in strategy else "none"
     param_offload = "cpu" if "offload_param_cpu" in strategy else "none"
     flags = {"--model": str(folder), "--seq-len": seq, "--zero": stage, "--micro-batch": micro,
-             "--grad-accum": 1, "--num-processes": world, "--precision": "bf16"}
+             "--num-processes": world, "--precision": "bf16", "--activation-checkpointing": "+ac" in strategy}
+    if global_batch:
+        flags["--global-batch"] = global_batch
+    else:
+        flags["--grad-accum"] = 1
     sets = [f"offload.optimizer.device={offload}", f"offload.param.device={param_offload}",
             f"model.compile={str(compiled).lower()}", *extra]
     resolved, _ = load_run(SpecArgs(flags=flags, sets=sets), hardware=hw, environ={})
@@ -92,8 +117,6 @@ def spec_for(folder: Path, seq: int, strategy: str, micro: int, compiled: bool, 
 
 
 def plan_for(spec, folder: Path, hw):
-    """The planner at the row's micro-batch: `.requested` is the row's prediction, `.choice` what
-    --auto would pick for this shape (the name to compare with the fastest measured row)."""
     from craken_cli.modelinfo import model_info
     from craken_cli.planner import plan
 
@@ -104,14 +127,46 @@ def predict(spec, folder: Path, hw):
     return plan_for(spec, folder, hw).requested
 
 
-def choice_name(p) -> str | None:
-    return None if p.choice is None else p.choice.name
+def resolve_row(row: Row, folder: Path, hw, world: int = 1) -> tuple[str, int, bool]:
+    """(strategy, micro-batch, compiled) of a row, with "auto" parts chosen as --auto chooses them."""
+    from craken_cli.modelinfo import model_info
+    from craken_cli.planner import compiled_where_measured, compiles_by_default, plan
+
+    info = model_info(str(folder))
+    compiled = row.compiled
+    if compiled is None:
+        compiled = compiles_by_default(info, hw)
+    stage_name = "zero0" if row.strategy == "auto" else row.strategy
+    for try_compiled in ([compiled, False] if compiled else [False]):
+        spec = spec_for(folder, row.seq, stage_name, 1, try_compiled, world, hw=hw, global_batch=AUTO_GLOBAL_BATCH)
+        planned = plan(info, spec, hw)
+        if row.strategy == "auto":
+            pick = planned.choice
+            if pick is None or (try_compiled and not compiled_where_measured(pick)):
+                continue
+        else:
+            pick = next(s for s in planned.strategies if s.name == row.strategy)
+        micro = pick.micro_batch if row.micro_batch == "auto" else int(row.micro_batch)
+        return pick.name, micro, try_compiled
+    return stage_name, 1 if row.micro_batch == "auto" else int(row.micro_batch), False
+
+
+def commit() -> str:
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 # ---------------------------------------------------------------------------------------------- worker
 
 
-def run_row(spec, folder: Path, rank: int, world: int) -> dict:
+def build_engine(spec, folder: Path, device, world: int):
+    """(model, step function) as craken's engines train: fp32 masters on both."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -120,8 +175,6 @@ def run_row(spec, folder: Path, rank: int, world: int) -> dict:
 
     cfg = AutoConfig.from_pretrained(folder)
     cfg.use_cache = False
-    on_gpu = torch.cuda.is_available()
-    device = torch.device("cuda", rank) if on_gpu else torch.device("cpu")
     ds_cfg = deepspeed_config(spec) if spec.uses_deepspeed else None
     if spec.zero.stage == 3:
         import deepspeed
@@ -132,52 +185,64 @@ def run_row(spec, folder: Path, rank: int, world: int) -> dict:
         with torch.device(device):  # DeepSpeed casts to bf16 before moving to the GPU: build it so
             model = AutoModelForCausalLM.from_config(
                 cfg, attn_implementation="sdpa", dtype=torch.bfloat16 if ds_cfg else torch.float32)
+    if spec.model.activation_checkpointing:  # as modeling.load_model turns it on
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if spec.model.compile:
         modeling.compile_regions(model)
     groups = [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": 0.1},
               {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]
-    if ds_cfg is None:
-        opt = torch.optim.AdamW(groups, lr=1e-4, fused=on_gpu)
-        engine = model
-        if world > 1:
-            engine = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank] if on_gpu else None)
-
-        def step(ids):
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                loss = engine(input_ids=ids, labels=ids).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), spec.optimizer.clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    else:
+    if ds_cfg is not None:
         import deepspeed
 
-        engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_cfg)
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_cfg)
 
-        def step(ids):
-            loss = engine(input_ids=ids, labels=ids).loss
-            engine.backward(loss)
+        def ds_step(ids):
+            engine.backward(engine(input_ids=ids, labels=ids).loss)
             engine.step()
 
+        return cfg, engine, ds_step
+    opt = torch.optim.AdamW(groups, lr=1e-4, fused=device.type == "cuda")
+    wrapped = model
+    if world > 1:
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index])
+
+    def plain_step(ids):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = wrapped(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), spec.optimizer.clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return cfg, None, plain_step
+
+
+def run_row(spec, folder: Path, rank: int, world: int) -> dict:
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda", rank) if on_gpu else torch.device("cpu")
+    cfg, engine, step = build_engine(spec, folder, device, world)
     gen = torch.Generator(device=device).manual_seed(rank)
     mb, seq = spec.batch.micro_batch, spec.data.seq_len
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     sync()
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(2):
+    for _ in range(WARMUP_STEPS):
         step(torch.randint(0, cfg.vocab_size, (mb, seq), generator=gen, device=device))
     sync()
-    t0 = time.time()
+    start = time.time()
     for _ in range(TIMED_STEPS):
         step(torch.randint(0, cfg.vocab_size, (mb, seq), generator=gen, device=device))
     sync()
-    tps = TIMED_STEPS * mb * seq / (time.time() - t0)
-    mem = (torch.cuda.max_memory_reserved(device), torch.cuda.max_memory_allocated(device)) if on_gpu else (1, 1)
-    out = {"measured_gib": mem[0] / 2**30, "allocated_gib": mem[1] / 2**30, "tokens_per_s": tps}
-    if ds_cfg is not None:
+    tps = TIMED_STEPS * mb * seq / (time.time() - start)
+    if engine is not None:
         engine.destroy()
-    return out
+    if not on_gpu:
+        return {"tokens_per_s": round(tps), "smoke": "CPU run: no GPU memory to measure"}
+    return {"measured_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 3),
+            "allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3), "tokens_per_s": round(tps)}
 
 
 def child(conn, spec, folder: Path, rank: int, world: int, port: int) -> None:
@@ -187,12 +252,7 @@ def child(conn, spec, folder: Path, rank: int, world: int, port: int) -> None:
     import torch
     import torch.distributed as dist
 
-    if os.environ.get("PLANNER_BENCH_DEBUG"):
-        import faulthandler
-
-        faulthandler.dump_traceback_later(int(os.environ["PLANNER_BENCH_DEBUG"]), exit=True)
-    # torchrun's agent store would take this rendezvous over: each row gets its own store on its own port.
-    os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+    os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)  # each row its own store, on its own port
     os.environ["MASTER_PORT"] = str(port)
     try:
         on_gpu = torch.cuda.is_available()
@@ -207,11 +267,31 @@ def child(conn, spec, folder: Path, rank: int, world: int, port: int) -> None:
             deepspeed.init_distributed("nccl" if on_gpu else "gloo")
         conn.send(run_row(spec, folder, rank, world))
     except torch.OutOfMemoryError as exc:
-        conn.send({"oom": str(exc)[:200]})
+        conn.send({"oom": str(exc)[:300]})
     except Exception as exc:  # a failed row is a row too
         conn.send({"failed": f"{exc.__class__.__name__}: {exc}"[:400]})
     conn.close()
     os._exit(0)  # skip NCCL and DeepSpeed teardown: the process is done
+
+
+def measure(ctx, spec, folder: Path, rank: int, world: int, port: int, timeout: float) -> dict:
+    parent_end, child_end = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=child, args=(child_end, spec, folder, rank, world, port))
+    proc.start()
+    child_end.close()
+    result = parent_end.recv() if parent_end.poll(timeout) else {"failed": f"timeout after {timeout:.0f} s"}
+    proc.join(5)
+    if proc.is_alive():
+        proc.kill()
+    return result
+
+
+def row_record(row: Row, strategy: str, micro: int, compiled: bool, pred, hw, world: int, head: str) -> dict:
+    return {"gpus": world, "model": row.model, "seq": row.seq, "strategy": strategy + ("+compile" if compiled else ""),
+            "base_strategy": strategy.split("+")[0], "compiled": compiled, "extra": [], "micro_batch": micro,
+            "split": row.split, "asked": {"strategy": row.strategy, "micro_batch": row.micro_batch},
+            "predicted_gib": round(pred.reserved_gib, 3), "predicted_total_gib": round(pred.total_gib, 3),
+            "device": hw.gpus[0].name if hw.gpus else "cpu", "commit": head, "measured_on": time.strftime("%Y-%m-%d")}
 
 
 def worker(args) -> int:
@@ -219,173 +299,295 @@ def worker(args) -> int:
     import multiprocessing as mp
 
     os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"  # keep CUDA uninitialised here, so fork is safe
-    import deepspeed  # (imported once, for the children)
+    import deepspeed  # noqa: F401  (imported once, for the children)
     import torch
-    import transformers
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM
-
-    from craken_cli.train import modeling
-
-    del AutoModelForCausalLM, LlamaForCausalLM, modeling  # imported for the children: lazy modules load once
+    import transformers  # noqa: F401
+    from transformers import AutoModelForCausalLM  # noqa: F401
 
     from craken_cli.hardware import detect
     from craken_cli.launch import normalized_arch_list
+    from craken_cli.train import modeling  # noqa: F401
 
     arch = normalized_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"))
     if arch:
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch  # DeepSpeed's op builder (CPU Adam) cannot parse "9.0a"
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     ctx = mp.get_context("spawn" if torch.cuda.is_initialized() else "fork")
-    print(f"rank {rank}: deepspeed {deepspeed.__version__}, transformers {transformers.__version__}, "
-          f"start method {ctx.get_start_method()}", flush=True)
-    hw = detect()
+    hw, head, began = detect(), commit(), time.time()
     card = min((g.memory_total for g in hw.gpus), default=2**40) / 2**30
-    models = Path(args.models)
     log = open(Path(args.out) / "planner_bench.jsonl", "a") if rank == 0 else None
-    for i, (shape, seq, strategy, micro, compiled, extra) in enumerate(grid()):
-        folder = models / shape
-        spec = spec_for(folder, seq, strategy, micro, compiled, world, extra, hw)
-        planned = plan_for(spec, folder, hw)
-        pred = planned.requested
-        name = strategy + ("+compile" if compiled else "") + "".join(f" ({x})" for x in extra)
-        row = {"gpus": world, "model": shape, "seq": seq, "strategy": name, "base_strategy": strategy,
-               "compiled": compiled, "extra": list(extra), "micro_batch": micro,
-               "predicted_gib": round(pred.reserved_gib, 3), "predicted_total_gib": round(pred.total_gib, 3),
-               "planner_choice": choice_name(planned),
-               "device": hw.gpus[0].name if hw.gpus else "cpu", "start": ctx.get_start_method(),
-               "measured_on": time.strftime("%Y-%m-%d")}
+    for i, row in enumerate(GRID):
+        folder = write_config(Path(args.models) / row.model, row.model)
+        strategy, micro, compiled = resolve_row(row, folder, hw, world)
+        spec = spec_for(folder, row.seq, strategy, micro, compiled, world, hw=hw)
+        pred = predict(spec, folder, hw)
+        rec = row_record(row, strategy, micro, compiled, pred, hw, world, head)
+        rec["loss"] = spec.model.loss  # rows recorded before train/loss.py trained the model's own loss
+        left = args.budget - (time.time() - began)
         if pred.total_gib > card:
-            row["skipped"] = f"predicted {pred.total_gib:.1f} GiB > {card:.1f} GiB card"
+            rec["skipped"] = f"predicted {pred.total_gib:.1f} GiB > {card:.1f} GiB card"
+        elif left < args.min_row_s:
+            rec["skipped"] = f"time budget: {left:.0f} s left"
         else:
-            t = time.time()
-            parent_end, child_end = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=child, args=(child_end, spec, folder, rank, world, args.port + i))
-            proc.start()
-            child_end.close()
-            result = parent_end.recv() if parent_end.poll(args.row_timeout) else {"failed": "timeout"}
-            proc.join(5)
-            if proc.is_alive():
-                proc.kill()
-            row.update(result)
-            if "measured_gib" in row:
-                row["error"] = round(row["predicted_gib"] / row["measured_gib"] - 1, 4)
-            row["wall_s"] = round(time.time() - t, 1)
+            started = time.time()
+            rec.update(measure(ctx, spec, folder, rank, world, args.port + i, min(args.row_timeout, left)))
+            if "measured_gib" in rec:
+                rec["error"] = round(rec["predicted_gib"] / rec["measured_gib"] - 1, 4)
+            rec["wall_s"] = round(time.time() - started, 1)
         if log:
-            log.write(json.dumps(row) + "\n")
+            log.write(json.dumps(rec) + "\n")
             log.flush()
-            print(json.dumps(row), flush=True)
+            print(json.dumps(rec), flush=True)
     return 0
 
 
-# ---------------------------------------------------------------------------------------------- docs
+# ---------------------------------------------------------------------------------------------- rows
 
 
-def write_docs(rows: list[dict], path: Path) -> None:
-    devices = sorted({r["device"] for r in rows})
-    dates = sorted({r.get("measured_on") or time.strftime("%Y-%m-%d") for r in rows})
-    lines = [START, "", f"Measured on {' and '.join(devices)}, {', '.join(dates)}, with "
-             "`benchmarks/planner_bench.py` (bf16, SDPA, grad-accum 1; peak = torch's max reserved memory on GPU 0; "
-             "error = predicted / measured - 1). tokens/s from 5 steps, for ordering only.", "",
-             "| GPUs | model | seq | strategy | micro-batch | predicted GiB | measured GiB | error | tokens/s/GPU |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+def recorded_rows(paths=None) -> list[dict]:
+    """Every recorded row (benchmarks/results/*.jsonl, or the given files); superseded ones left out."""
+    files = [Path(p) for p in paths] if paths else sorted(RESULTS.glob("*.jsonl"))
+    rows = [json.loads(x) for f in files for x in f.read_text().splitlines() if x.strip()]
+    return [r for r in rows if not r.get("superseded")]
+
+
+def hypothetical_hardware(rows: list[dict]):
+    """One GPU of the rows' card (the prediction depends on its memory only where the row is skipped)."""
+    from craken_cli.hardware import GPU, GiB, Hardware
+
+    return Hardware(gpus=(GPU(0, "recorded", int(139.8 * GiB), int(139.8 * GiB), (9, 0)),), ram_total=1024 * GiB)
+
+
+def prepared(rows: list[dict], root: Path, hw) -> list[tuple[dict, object]]:
+    """(row, a function returning the current planner's prediction of it in GiB reserved)."""
+    from craken_cli.modelinfo import model_info
+    from craken_cli.planner import Candidate, estimate, shape_of
+
+    out = []
     for r in rows:
+        folder = write_config(root / r["model"], r["model"])
+        extra = (*r.get("extra", ()), f"model.loss={r.get('loss', 'model')}")
+        spec = spec_for(folder, r["seq"], r["strategy"].replace("+compile", ""), r["micro_batch"], r["compiled"],
+                        r["gpus"], extra, hw)
+        info = model_info(str(folder))
+        shape = shape_of(info, spec, hw, r["gpus"], hw.gpus[0].memory_total)
+        cand = Candidate(spec.zero.stage, spec.offload.optimizer.device, spec.offload.param.device,
+                         spec.model.activation_checkpointing)
+        accum = spec.batch.accumulation(r["gpus"])
+        out.append((r, lambda info=info, cand=cand, micro=r["micro_batch"], accum=accum, shape=shape:
+                    estimate(info, cand, micro, accum, shape).reserved_gib))
+    return out
+
+
+def errors(pairs) -> list[tuple[dict, float]]:
+    """(row, signed error): predicted / measured - 1; an out-of-memory row with a known lower bound counts
+    only when the prediction is below that bound."""
+    out = []
+    for r, predict_gib in pairs:
         if "measured_gib" in r:
-            meas, err = f"{r['measured_gib']:.2f}", f"{r['error']:+.1%}"
-            tps = f"{r['tokens_per_s']:,.0f}" if "tokens_per_s" in r else "-"
-        else:
-            meas = "OOM" if "oom" in r else "failed" if "failed" in r else f"skipped ({r.get('skipped', 'predicted > card')})"
-            err, tps = "", ""
-        lines.append(f"| {r['gpus']} | {r['model']} | {r['seq']} | {r['strategy']} | {r['micro_batch']} | "
-                     f"{r['predicted_gib']:.2f} | {meas} | {err} | {tps} |")
-    lines += ["", "The planner's choice (what `--auto` picks at that micro-batch) against the fastest row that ran:", "",
-              "| GPUs | model | seq | planner's choice | fastest measured | its tokens/s/GPU |", "| --- | --- | --- | --- | --- | --- |"]
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        if not r["compiled"] and not r["extra"]:
-            groups.setdefault((r["gpus"], r["model"], r["seq"]), []).append(r)
-    for (gpus, model, seq), group in groups.items():
-        timed = [r for r in group if "tokens_per_s" in r]
-        best = max(timed, key=lambda r: r["tokens_per_s"]) if timed else None
-        lines.append(f"| {gpus} | {model} | {seq} | {group[0].get('planner_choice') or '-'} | "
-                     f"{best['strategy'] if best else 'tokens/s not recorded'} | "
-                     f"{format(best['tokens_per_s'], ',.0f') if best else '-'} |")
-    errs = [abs(r["error"]) for r in rows if "error" in r]
-    if errs:
-        lines += ["", f"{len(errs)} rows measured; largest error {max(errs):.1%}; "
-                  f"{sum(e <= 0.10 for e in errs)} of {len(errs)} within +-10%."]
-    lines += ["", END]
-    text = path.read_text() if path.exists() else ""
-    block = "\n".join(lines)
-    if START in text and END in text:
-        text = text[:text.index(START)] + block + text[text.index(END) + len(END):]
+            out.append((r, predict_gib() / r["measured_gib"] - 1))
+        elif "measured_at_least_gib" in r:
+            out.append((r, min(0.0, predict_gib() / r["measured_at_least_gib"] - 1)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- fit
+
+# The planner's fitted constants and the values the fit tries (planner.py marks them "Fitted").
+FITTED = {
+    "FRAGMENTATION": [round(0.02 * i, 2) for i in range(16)],  # one value for every stage
+    "COMPILED_FRAGMENTATION": [round(0.025 * i, 3) for i in range(17)],
+    "STEP_REUSE_OF_ACTIVATIONS": [round(0.05 * i, 2) for i in range(13)],
+    "UPCAST_LOSS_FP32_BYTES": [4, 6, 8, 10, 12, 14],
+    "COMPILED_LOSS_FP32_BYTES": [4, 6, 8, 10, 12, 14],
+    "EAGER_WEIGHT_COPY_SHARE": [0.0, 0.25, 0.5, 0.75, 1.0],
+    "COMPILED_WEIGHT_COPY_SHARE": [0.0, 0.25, 0.5, 0.75, 1.0],
+}
+
+
+def set_constant(name: str, value) -> None:
+    from craken_cli import planner
+
+    setattr(planner, name, {stage: value for stage in range(4)} if name == "FRAGMENTATION" else value)
+
+
+def current(name: str):
+    from craken_cli import planner
+
+    value = getattr(planner, name)
+    return value[0] if name == "FRAGMENTATION" else value
+
+
+def training(pairs) -> list:
+    """The pairs the fit may use: every row not declared held-out."""
+    return [(r, predict_gib) for r, predict_gib in pairs if r.get("split", "train") != "held-out"]
+
+
+def objective(pairs) -> tuple[float, float]:
+    errs = [e for _, e in errors(pairs)]
+    return (max(abs(e) for e in errs), sum(e * e for e in errs)) if errs else (0.0, 0.0)
+
+
+def fit(train_pairs, rounds: int = 3, start: dict | None = None) -> dict:
+    """Coordinate descent over FITTED: the smallest largest error on the training rows (then the
+    smallest sum of squares); a constant no training row moves keeps its value. Leaves the planner
+    module set to the result. `start`: the values to begin from (default: the planner's own)."""
+    for name, value in (start or {}).items():
+        set_constant(name, value)
+    for _ in range(rounds):
+        for name, values in FITTED.items():
+            before, scores = current(name), []
+            for value in values:
+                set_constant(name, value)
+                scores.append((objective(train_pairs), value != before, value))
+            set_constant(name, min(scores)[2])
+    return {name: current(name) for name in FITTED}
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+
+def table(rows_errors: list[tuple[dict, float]], pairs_by_id: dict) -> list[str]:
+    lines = ["| model | seq | strategy | micro-batch | predicted GiB | measured GiB | error | device | commit |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r, err in rows_errors:
+        pred = pairs_by_id[id(r)]()
+        meas = f"{r['measured_gib']:.2f}" if "measured_gib" in r else f">= {r['measured_at_least_gib']:.2f} (OOM)"
+        lines.append(f"| {r['model']} | {r['seq']} | {r['strategy']} | {r['micro_batch']} | {pred:.2f} | {meas} | "
+                     f"{err:+.1%} | {r['device']} | {r.get('commit', '-')} |")
+    return lines
+
+
+def summary(rows_errors) -> str:
+    errs = [abs(e) for _, e in rows_errors]
+    if not errs:
+        return "no rows measured"
+    return (f"{len(errs)} rows; largest error {max(errs):.1%}; {sum(e <= 0.10 for e in errs)} of {len(errs)} "
+            "within +-10%")
+
+
+def report(pairs) -> str:
+    by_id = {id(r): p for r, p in pairs}
+    train = errors([(r, p) for r, p in pairs if r.get("split", "train") != "held-out"])
+    held = errors([(r, p) for r, p in pairs if r.get("split") == "held-out"])
+    not_run = [r for r, _ in pairs if r.get("split") == "held-out" and "measured_gib" not in r
+               and "measured_at_least_gib" not in r]
+    lines = [START, "", "Re-predicted by the current planner (`planner_bench.py --docs`); error = predicted / "
+             "measured - 1 of the peak reserved GiB on GPU 0.", "", f"**Training rows** ({summary(train)}):", "",
+             *table(train, by_id), "", f"**Held-out rows** ({summary(held)}):", ""]
+    lines += table(held, by_id) if held else pending()
+    if not_run:
+        lines += ["", "Held-out rows without a measurement: " + ", ".join(
+            f"{r['model']} seq {r['seq']} ({r.get('skipped') or r.get('oom') or r.get('failed', 'not run')})"
+            for r in not_run)]
+    return "\n".join(lines + ["", END])
+
+
+def pending(models: Path = Path(os.environ.get("TMPDIR", "/tmp")) / "craken-bench-models") -> list[str]:
+    """GRID's held-out rows as --auto would run them on one H200, predicted, the measurement left open."""
+    from craken_cli.hardware import GPU, GiB, Hardware
+
+    hw = Hardware(gpus=(GPU(0, "NVIDIA H200", int(139.8 * GiB), int(139.8 * GiB), (9, 0)),), ram_total=128 * GiB)
+    lines = ["<!-- GPU: the held-out rows below are not measured yet; the lead's planner_bench.py call fills them -->",
+             "| model | seq | strategy (--auto, global batch 32) | micro-batch | predicted GiB | measured GiB | error |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for row in (r for r in GRID if r.split == "held-out"):
+        folder = write_config(models / row.model, row.model)
+        strategy, micro, compiled = resolve_row(row, folder, hw)
+        pred = predict(spec_for(folder, row.seq, strategy, micro, compiled, 1, hw=hw), folder, hw)
+        lines.append(f"| {row.model} | {row.seq} | {strategy + ('+compile' if compiled else '')} | {micro} | "
+                     f"{pred.reserved_gib:.2f} | **GPU: pending** | **pending** |")
+    return lines
+
+
+def write_docs(text: str, path: Path) -> None:
+    doc = path.read_text() if path.exists() else ""
+    if START in doc and END in doc:
+        doc = doc[:doc.index(START)] + text + doc[doc.index(END) + len(END):]
     else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
+        doc = doc.rstrip() + "\n\n" + text + "\n"
+    path.write_text(doc)
+
+
+def compact(rows: list[dict]) -> str:
+    out = [f"{'model':14} {'seq':>5} {'strategy':34} {'mb':>3} {'split':8} {'pred':>7} {'meas':>7} {'err':>7}"]
+    for r in rows:
+        meas = f"{r['measured_gib']:7.2f}" if "measured_gib" in r else ("    OOM" if "oom" in r else "      -")
+        err = f"{r['error']:+7.1%}" if "error" in r else f" {r.get('skipped') or r.get('failed', '')[:40]}"
+        out.append(f"{r['model']:14} {r['seq']:5} {r['strategy']:34} {r['micro_batch']:3} {r['split']:8} "
+                   f"{r['predicted_gib']:7.2f} {meas} {err}")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def run_grid(args) -> int:
+    from craken_cli.hardware import detect
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    hw = detect()
+    if not hw.gpus:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}",
+           __file__, "--worker", "--out", str(out), "--models", str(args.models), "--row-timeout",
+           str(args.row_timeout), "--port", str(args.port), "--budget", str(args.budget),
+           "--min-row-s", str(args.min_row_s)]
+    with open(out / "worker.log", "w") as fh:
+        try:
+            subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=args.budget + 40)
+        except subprocess.TimeoutExpired:
+            print(f"worker stopped after {args.budget + 40} s; its rows so far are kept", flush=True)
+    file = out / "planner_bench.jsonl"
+    rows = [json.loads(x) for x in file.read_text().splitlines() if x.strip()] if file.exists() else []
+    print(compact(rows))
+    return 0
+
+
+def dry_run(args) -> int:
+    from craken_cli.hardware import GPU, GiB, Hardware
+
+    hw = Hardware(gpus=(GPU(0, "H200 (assumed)", int(139.8 * GiB), int(139.8 * GiB), (9, 0)),), ram_total=128 * GiB)
+    for row in GRID:
+        folder = write_config(Path(args.models) / row.model, row.model)
+        strategy, micro, compiled = resolve_row(row, folder, hw)
+        pred = predict(spec_for(folder, row.seq, strategy, micro, compiled, 1, hw=hw), folder, hw)
+        print(f"{row.split:8} {row.model:14} seq {row.seq:5} {strategy + ('+compile' if compiled else ''):34} "
+              f"mb {micro:3}: {pred.reserved_gib:7.2f} GiB reserved, {pred.total_gib:7.2f} total")
+    return 0
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
-    ap.add_argument("--gpus", default=None, help="comma-separated GPU counts (default: 1 and 2 if present)")
-    ap.add_argument("--docs", default=None, help="markdown file whose bench block to rewrite")
-    ap.add_argument("--from-jsonl", default=None, help="rewrite --docs from recorded rows, re-predicted")
-    ap.add_argument("--dry-run", action="store_true", help="print the predictions; train nothing")
-    ap.add_argument("--timeout", type=int, default=280, help="seconds per GPU count")
+    ap.add_argument("--gpus", type=int, default=1, help="processes (GPUs) per row")
+    ap.add_argument("--budget", type=int, default=440, help="seconds for the whole grid, model builds included")
+    ap.add_argument("--min-row-s", type=int, default=25, help="a row starts only with this many seconds left")
     ap.add_argument("--row-timeout", type=int, default=150, help="seconds one row may take")
     ap.add_argument("--port", type=int, default=29800, help="first of the per-row rendezvous ports")
+    ap.add_argument("--dry-run", action="store_true", help="print the rows and their predictions; train nothing")
+    ap.add_argument("--fit", action="store_true", help="fit FITTED on the training rows, report the held-out ones")
+    ap.add_argument("--docs", default=None, help="markdown file whose bench block to rewrite from the recorded rows")
+    ap.add_argument("--rows", nargs="*", default=None, help="row files (default: benchmarks/results/*.jsonl)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--models", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "craken-bench-models"))
     args = ap.parse_args()
     if args.worker:
         return worker(args)
-
-    from craken_cli.hardware import GPU, GiB, Hardware, detect
-
-    models = Path(args.models)
-    for name, shape in SHAPES.items():
-        write_config(models / name, shape)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.from_jsonl:
-        rows = [json.loads(x) for x in Path(args.from_jsonl).read_text().splitlines() if x.strip()]
-        hw = Hardware(gpus=tuple(GPU(i, r["device"], 80 * GiB, 80 * GiB, (9, 0)) for i, r in enumerate(rows[:2])))
-        for r in rows:  # the current planner's prediction for each recorded measurement
-            spec = spec_for(models / r["model"], r["seq"], r["strategy"], r["micro_batch"], r["compiled"],
-                            r["gpus"], tuple(r["extra"]), hw)
-            planned = plan_for(spec, models / r["model"], hw)
-            r["predicted_gib"] = planned.requested.reserved_gib
-            r["planner_choice"] = choice_name(planned)
-            if "measured_gib" in r:
-                r["error"] = r["predicted_gib"] / r["measured_gib"] - 1
-        write_docs(rows, Path(args.docs or out / "planner_bench_table.md"))
-        return 0
     if args.dry_run:
-        hw = Hardware(gpus=tuple(GPU(i, "H100 80GB (assumed)", 80 * GiB, 80 * GiB, (9, 0)) for i in range(2)))
-        for world in (1, 2):
-            for shape, seq, strategy, micro, compiled, extra in grid():
-                spec = spec_for(models / shape, seq, strategy, micro, compiled, world, extra, hw)
-                p = predict(spec, models / shape, hw)
-                print(f"{world} GPU {shape:10} seq {seq} {strategy + ('+compile' if compiled else ''):32} "
-                      f"mb {micro}: {p.reserved_gib:6.2f} GiB reserved, {p.total_gib:6.2f} total")
+        return dry_run(args)
+    if args.fit or args.docs:
+        rows = recorded_rows(args.rows)
+        pairs = prepared(rows, Path(args.models), hypothetical_hardware(rows))
+        if args.fit:  # printed, not written: the constants go into planner.py by hand, then --docs
+            print(json.dumps(fit(training(pairs)), indent=1))
+            print(report(pairs))
+            return 0
+        write_docs(report(pairs), Path(args.docs))
         return 0
-    hw = detect()
-    counts = [int(x) for x in args.gpus.split(",")] if args.gpus else [n for n in (1, 2) if n <= hw.gpu_count]
-    if not hw.gpus:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    for world in counts:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ",".join(map(str, range(world)))}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-               __file__, "--worker", "--out", str(out), "--models", str(models), "--row-timeout",
-               str(args.row_timeout), "--port", str(args.port)]
-        with open(out / f"worker-{world}gpu.log", "w") as fh:
-            try:
-                subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=args.timeout)
-            except subprocess.TimeoutExpired:
-                print(f"{world} GPU worker stopped after {args.timeout} s; its rows so far are kept", flush=True)
-    rows = [json.loads(x) for x in (out / "planner_bench.jsonl").read_text().splitlines() if x.strip()]
-    write_docs(rows, Path(args.docs) if args.docs else out / "planner_bench_table.md")
-    print((Path(args.docs) if args.docs else out / "planner_bench_table.md").read_text()[-6000:])
-    return 0
+    return run_grid(args)
 
 
 if __name__ == "__main__":

@@ -416,7 +416,8 @@ def test_ram_for_cpu_offload():
     assert by_name(d.check_memory(f, two))["RAM for offload"].status == "warn"  # ~63 GiB: no headroom
     f.params = 1_000_000_000
     assert by_name(d.check_memory(f, view(hw, zero=2, offload_optimizer="cpu")))["RAM for offload"].status == "ok"
-    assert d.offload_ram(view(hw, zero=3, offload_optimizer="cpu", offload_param="cpu"), 10**9) == int(18e9 * 1.1)
+    # the planner's count: fp32 master, moments, fp32 grads and a 16-bit copy (18 B), 16-bit weights (2 B)
+    assert d.offload_ram(view(hw, zero=3, offload_optimizer="cpu", offload_param="cpu"), 10**9) == 20 * 10**9
     f.params = None
     assert by_name(d.check_memory(f, view(hw, zero=2, offload_optimizer="cpu")))["RAM for offload"].status == "warn"
 

@@ -25,6 +25,10 @@ FAMILY_CONFIGS = {
     "qwen2": {"model_type": "qwen2", **SMALL},
     "qwen2-tied": {"model_type": "qwen2", **SMALL, "tie_word_embeddings": True},
     "qwen3": {"model_type": "qwen3", **SMALL, "head_dim": 16},
+    "phi3": {"model_type": "phi3", **SMALL, "num_key_value_heads": 4, "pad_token_id": 0},
+    "gemma2": {"model_type": "gemma2", **SMALL, "head_dim": 32},
+    "gemma2-untied-bias": {"model_type": "gemma2", **SMALL, "head_dim": 16, "tie_word_embeddings": False,
+                           "attention_bias": True},
     "gpt2": {"model_type": "gpt2", "n_embd": 64, "n_layer": 3, "n_head": 4, "vocab_size": 300, "n_positions": 128},
     "gpt2-untied-inner": {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 300,
                           "n_positions": 64, "n_inner": 100, "tie_word_embeddings": False},
@@ -94,3 +98,34 @@ def test_analytic_families_do_not_import_torch(tmp_path):
             f"print(model_info({str(tmp_path)!r}).num_params); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == [str(analytic_info(FAMILY_CONFIGS["llama"]).num_params), "False"]
+
+
+# Public config.json values of ten families (benchmarks/model_configs) and their published parameter counts.
+PUBLISHED = {
+    "llama-3.2-1b": 1_235_814_400, "llama-3.1-8b": 8_030_261_248, "qwen2.5-0.5b": 494_032_768,
+    "qwen2.5-7b": 7_615_616_512, "mistral-7b": 7_241_732_096, "phi-3-mini": 3_821_079_552,
+    "gemma-2-2b": 2_614_341_888, "smollm2-1.7b": 1_711_376_384, "gpt2-medium": 354_823_168,
+    "pythia-1.4b": 1_414_647_808,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_real_configs_are_counted_exactly_without_torch_and_on_the_meta_device(name):
+    from pathlib import Path
+
+    cfg = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "model_configs" / f"{name}.json").read_text())
+    analytic, meta = analytic_info(cfg, name), meta_info(cfg, name)
+    assert analytic is not None, f"{cfg['model_type']} should be counted analytically"
+    assert analytic.num_params == meta.num_params == PUBLISHED[name]
+    assert (analytic.tied_embeddings, analytic.embedding_params, analytic.largest_layer_params) == (
+        meta.tied_embeddings, meta.embedding_params, meta.largest_layer_params)
+    assert (analytic.num_kv_heads, analytic.head_dim, analytic.vocab_size) == (meta.num_kv_heads, meta.head_dim,
+                                                                               meta.vocab_size)
+
+
+def test_doctor_counts_with_the_planner():
+    from craken_cli import doctor
+
+    gemma = {"model_type": "gemma2", "hidden_size": 2304, "num_hidden_layers": 26, "num_attention_heads": 8,
+             "num_key_value_heads": 4, "head_dim": 256, "intermediate_size": 9216, "vocab_size": 256000}
+    assert doctor.params_from_config(gemma) == analytic_info(gemma).num_params == 2_614_341_888

@@ -22,6 +22,8 @@ GiB = 2**30
 def one_h100(monkeypatch):
     gpu = hardware.GPU(0, "NVIDIA H100 80GB HBM3", 80 * GiB, 79 * GiB, (9, 0))
     monkeypatch.setattr(hardware, "NvmlProbe", lambda: hardware.FakeProbe(gpus=[gpu]))
+    # an H100 machine's RAM, not this one's: --auto refuses offload the RAM cannot hold
+    monkeypatch.setattr(hardware, "_meminfo", lambda: (512 * GiB, 500 * GiB))
 
 
 @pytest.fixture

@@ -239,7 +239,7 @@ def test_no_zero_runs_without_deepspeed(tmp_path, monkeypatch):
     assert "deepspeed_config" not in accel
     assert execute(prepared) == 0
     records = metrics(run_dir)
-    assert records[0]["strategy"] == "no-zero"
+    assert records[0]["strategy"] == "zero0"  # planner.strategy_name, as `craken plan` shows it
     losses = train_losses(records)
     assert losses[-1] < losses[0]
     lrs = [r["lr"] for r in records if "lr" in r]

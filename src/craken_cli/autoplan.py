@@ -27,8 +27,9 @@ def auto_layer(resolved: Resolved, hw, exclude: tuple[tuple[str, int], ...] = ()
                ) -> tuple[tuple[Layer, ...], list[str], str | None]:
     """--auto: the fastest strategy the planner predicts to fit, among those that keep every
     setting the user gave explicitly (file, env or flag); presets and defaults may be changed."""
+    from .datasize import micro_batch_cap
     from .modelinfo import model_info
-    from .planner import compiled_where_measured, plan, with_compile
+    from .planner import compatible, compiled_where_measured, plan, refusal, smallest_changes, with_compile
     from .sources import unflatten
 
     spec = resolved.spec
@@ -40,6 +41,7 @@ def auto_layer(resolved: Resolved, hw, exclude: tuple[tuple[str, int], ...] = ()
         info = model_info(spec.model.name_or_path, spec.model.trust_remote_code)
     except Exception as exc:  # an unreadable config is reported by preflight with a fix
         return (), [f"--auto: cannot read the model's config ({exc}); keeping the configured strategy"], None
+    cap = micro_batch_cap(spec, fixed.get("batch.micro_batch"))
 
     # What ran out of memory is tried again only at a smaller micro-batch (the smallest failure counts).
     oom: dict[str, int] = {}
@@ -47,10 +49,8 @@ def auto_layer(resolved: Resolved, hw, exclude: tuple[tuple[str, int], ...] = ()
         oom[name] = min(micro_batch, oom.get(name, micro_batch))
 
     def candidates(planned_spec):
-        result = plan(info, planned_spec, hw, search_micro_batch=search, out_of_memory_at=oom)
-        # A fixed grad_accum is kept without comparing: the plan derives it from the same global batch.
-        return result, [s for s in result.strategies if s.fits and all(
-            s.settings()[p] == v for p, v in fixed.items() if p != "batch.grad_accum")]
+        result = plan(info, planned_spec, hw, search_micro_batch=search, out_of_memory_at=oom, max_micro_batch=cap)
+        return result, compatible(result, fixed)
 
     compile_chosen = auto_compile(resolved, info, hw)
     if compile_chosen:
@@ -64,8 +64,8 @@ def auto_layer(resolved: Resolved, hw, exclude: tuple[tuple[str, int], ...] = ()
                           "settings is predicted to fit: lower --micro-batch or --seq-len, or use "
                           "--activation-checkpointing; see `craken plan`", title="no strategy left")
     if not allowed:
-        return (), [f"--auto: no strategy compatible with your settings ({', '.join(fixed) or 'none'}) is predicted "
-                    f"to fit in {result.gpu_memory_gib:.0f} GiB; keeping the configured one (see `craken plan`)"], None
+        changes = smallest_changes(info, spec, hw, fixed, search_micro_batch=search, max_micro_batch=cap)
+        raise CrakenError(refusal(info, result, changes, fixed), title="predicted not to fit")
     choice = allowed[0]
     values = {p: v for p, v in choice.settings().items() if p not in fixed}
     if compile_chosen:

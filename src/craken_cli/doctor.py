@@ -690,32 +690,25 @@ def model_params(name: str, environ: Mapping[str, str]) -> tuple[int | None, str
 
 
 def params_from_config(cfg: Mapping[str, Any]) -> int | None:
-    """Decoder-only transformer parameters from a HF config (Llama/Mistral/Qwen/GPT-2 style), +-10%."""
-    cfg = dict(cfg.get("text_config") or cfg)
-    h = cfg.get("hidden_size") or cfg.get("n_embd") or cfg.get("d_model")
-    layers = cfg.get("num_hidden_layers") or cfg.get("n_layer") or cfg.get("num_layers")
-    vocab = cfg.get("vocab_size")
-    if not (h and layers and vocab):
-        return None
-    heads = cfg.get("num_attention_heads") or cfg.get("n_head") or 1
-    kv = cfg.get("num_key_value_heads") or heads
-    head_dim = cfg.get("head_dim") or h // heads
-    inter = cfg.get("intermediate_size") or cfg.get("n_inner") or 4 * h
-    gated = "n_embd" not in cfg  # GPT-2's MLP has two matrices, Llama-style ones three
-    experts = cfg.get("num_local_experts") or cfg.get("num_experts") or 1
-    moe_inter = cfg.get("moe_intermediate_size") or inter
-    attn = h * heads * head_dim * 2 + h * kv * head_dim * 2
-    mlp = (3 if gated else 2) * h * (moe_inter if experts > 1 else inter) * experts
-    embed = vocab * h * (1 if cfg.get("tie_word_embeddings", True) else 2)
-    return int(layers * (attn + mlp + 2 * h) + embed + h)
+    """Parameters from a HF config: the planner's count (modelinfo.config_params)."""
+    from .modelinfo import config_params
+
+    return config_params(dict(cfg))
+
+
+def offload_bytes(view: RunView, params: int) -> tuple[int, int]:
+    """(CPU RAM, NVMe) bytes per machine that the offloaded states take: the planner's count
+    (planner.offload_host_bytes), partitioned over all processes."""
+    from .planner import offload_host_bytes
+
+    cpu, nvme = offload_host_bytes(params, view.processes, view.per_machine, view.offload_optimizer,
+                                   view.offload_param, 4 if view.precision == "fp32" else 2)
+    return int(cpu), int(nvme)
 
 
 def offload_ram(view: RunView, params: int) -> int:
-    """CPU RAM per machine that the offloaded states take: fp32 master weights, gradients and
-    Adam's two moments (16 B/param) for optimizer offload, 16-bit weights (2 B/param) for
-    parameter offload; partitioned over all processes, so a machine holds 1/machines of it."""
-    per_param = (16 if view.offload_optimizer == "cpu" else 0) + (2 if view.offload_param == "cpu" else 0)
-    return int(params * per_param / max(1, view.machines) * 1.1)  # +10% for pinned staging buffers
+    """CPU RAM per machine that the offloaded states take."""
+    return offload_bytes(view, params)[0]
 
 
 def check_memory(f: Facts, view: RunView) -> list[Check]:
@@ -772,8 +765,7 @@ def check_disk(f: Facts, view: RunView) -> list[Check]:
             out.append(Check("disk", "output folder", "ok", f"{o.path}: {_gib(o.free)} free{need}"))
     n = f.paths.get("nvme")
     if view.nvme_path and n is not None:
-        per = (12 if view.offload_optimizer == "nvme" else 0) + (2 if view.offload_param == "nvme" else 0)
-        need = None if f.params is None else f.params * per // max(1, view.machines)
+        need = None if f.params is None else offload_bytes(view, f.params)[1]
         fs = f" ({n.fstype})" if n.fstype else ""
         if not n.writable:
             out.append(Check("disk", "NVMe path", "fail", f"{n.path}{fs}: not writable ({n.error or 'permission'})",

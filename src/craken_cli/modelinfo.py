@@ -4,8 +4,8 @@
     info = model_info("meta-llama/Llama-2-7b-hf")  # hub id, through transformers.AutoConfig
     info = model_info("builtin:tiny")              # the built-in tiny Llama
 
-Parameters are counted analytically for the Llama, Mistral, Qwen2/Qwen3, GPT-2 and GPT-NeoX
-families, straight from config.json and without importing torch (so `craken plan` stays fast);
+Parameters are counted analytically for the Llama, Mistral, Qwen2/Qwen3, Phi-3, Gemma-2, GPT-2 and
+GPT-NeoX families, straight from config.json and without importing torch (so `craken plan` stays fast);
 tied input/output embeddings are counted once, as DeepSpeed counts them (by storage). Any other
 architecture is built on the meta device (`AutoModelForCausalLM.from_config` under
 `torch.device("meta")`: shapes only, no memory) and counted from the real module tree.
@@ -33,6 +33,12 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen3": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
                   num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False, head_dim=128,
                   attention_bias=False),
+    "phi3": dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=None, tie_word_embeddings=False, head_dim=None,
+                 resid_pdrop=0.0),
+    "gemma2": dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                   num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True, head_dim=256,
+                   final_logit_softcapping=30.0, attention_bias=False),
     "gpt2": dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12, n_inner=None,
                  tie_word_embeddings=True, resid_pdrop=0.1, attn_pdrop=0.1, embd_pdrop=0.1),
     "gpt_neox": dict(vocab_size=50432, hidden_size=6144, num_hidden_layers=44, num_attention_heads=64,
@@ -62,6 +68,11 @@ class ModelInfo:
     embedding_params: int  # input + output embeddings (output counted only when untied)
     dropout: float = 0.0  # residual dropout, which stores a mask per element in training
     counted_by: str = "analytic"  # or "meta"
+    # What the activations depend on beyond the sizes (planner.layer_activation_bytes_per_token):
+    norms_per_layer: int = 2  # Gemma-2 also normalizes after attention and after the MLP: 4
+    fused_qkv: bool = False  # one q/k/v projection whose output stays saved (its v is a view of it)
+    mlp_saved: int = 4  # intermediate-sized tensors the MLP saves per token (gated 4, GELU 2, GPT-2's tanh GELU 5)
+    logit_softcap: bool = False  # Gemma-2's tanh cap on the logits: two more vocabulary-sized tensors
 
     @property
     def non_embedding_params(self) -> int:
@@ -95,12 +106,16 @@ def _llama_like(cfg: dict, model_type: str, name: str) -> ModelInfo:
     if f == "qwen3":
         attn += 2 * hd  # q_norm and k_norm over head_dim
     mlp = 3 * h * inter + ((2 * inter + h) if mlp_bias else 0)
-    per_layer = attn + mlp + 2 * h
+    norms = 4 if f == "gemma2" else 2
+    per_layer = attn + mlp + norms * h
     embed = vocab * h
     total = embed + layers * per_layer + h + (0 if tied else embed)
-    largest = max(embed, h * inter, h * q)
+    # Phi-3 fuses q/k/v into one projection and gate/up into another.
+    largest = max(embed, h * (q + 2 * k), 2 * h * inter) if f == "phi3" else max(embed, h * inter, h * q)
     return ModelInfo(name, model_type, "llama", total, layers, h, heads, kv, hd, inter, vocab, tied, largest,
-                     embed if tied else 2 * embed)
+                     embed if tied else 2 * embed, dropout=float(cfg.get("resid_pdrop") or 0.0),
+                     norms_per_layer=norms, fused_qkv=f == "phi3",
+                     logit_softcap=bool(_get(cfg, "final_logit_softcapping", f)) if f == "gemma2" else False)
 
 
 def _gpt2(cfg: dict, name: str) -> ModelInfo:
@@ -113,8 +128,11 @@ def _gpt2(cfg: dict, name: str) -> ModelInfo:
     embed = vocab * h
     total = embed + pos * h + layers * per_layer + 2 * h + (0 if tied else embed)
     largest = max(embed, h * inner + inner, 3 * h * h + 3 * h)
+    # "gelu_new" (GPT-2's default) is written out of pointwise ops, each saving its own tensor.
+    tanh_gelu = cfg.get("activation_function", "gelu_new") in ("gelu_new", "gelu_fast")
     return ModelInfo(name, "gpt2", "gpt", total, layers, h, heads, heads, h // heads, inner, vocab, tied, largest,
-                     embed if tied else 2 * embed, dropout=float(_get(cfg, "resid_pdrop", f)))
+                     embed if tied else 2 * embed, dropout=float(_get(cfg, "resid_pdrop", f)), fused_qkv=True,
+                     mlp_saved=5 if tanh_gelu else 2)
 
 
 def _gpt_neox(cfg: dict, name: str) -> ModelInfo:
@@ -130,19 +148,46 @@ def _gpt_neox(cfg: dict, name: str) -> ModelInfo:
     total = embed + layers * per_layer + 2 * h + (0 if tied else embed)
     largest = max(embed, h * inter + inter, 3 * h * h + (3 * h if bias else 0))
     return ModelInfo(name, "gpt_neox", "gpt", total, layers, h, heads, heads, h // heads, inter, vocab, tied,
-                     largest, embed if tied else 2 * embed, dropout=float(_get(cfg, "hidden_dropout", f)))
+                     largest, embed if tied else 2 * embed, dropout=float(_get(cfg, "hidden_dropout", f)),
+                     fused_qkv=True, mlp_saved=2)
 
 
 def analytic_info(cfg: dict, name: str = "model") -> ModelInfo | None:
     """ModelInfo from a config dict for the analytic families; None for any other model_type."""
     model_type = cfg.get("model_type")
-    if model_type in ("llama", "mistral", "qwen2", "qwen3"):
+    if model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2"):
         return _llama_like(cfg, model_type, name)
     if model_type == "gpt2":
         return _gpt2(cfg, name)
     if model_type == "gpt_neox":
         return _gpt_neox(cfg, name)
     return None
+
+
+def config_params(cfg: dict) -> int | None:
+    """Parameters from a config dict without torch: exact for the analytic families, else an estimate
+    (+-10%) for any decoder-only transformer (MoE experts included); None when the sizes are missing.
+    `craken doctor` sizes offload and checkpoints with it."""
+    info = analytic_info(cfg) if cfg.get("model_type") else None
+    if info is not None:
+        return info.num_params
+    cfg = dict(cfg.get("text_config") or cfg)
+    hidden = cfg.get("hidden_size") or cfg.get("n_embd") or cfg.get("d_model")
+    layers = cfg.get("num_hidden_layers") or cfg.get("n_layer") or cfg.get("num_layers")
+    vocab = cfg.get("vocab_size")
+    if not (hidden and layers and vocab):
+        return None
+    heads = cfg.get("num_attention_heads") or cfg.get("n_head") or 1
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or hidden // heads
+    inter = cfg.get("intermediate_size") or cfg.get("n_inner") or 4 * hidden
+    gated = "n_embd" not in cfg  # GPT-2's MLP has two matrices, Llama-style ones three
+    experts = cfg.get("num_local_experts") or cfg.get("num_experts") or 1
+    moe_inter = cfg.get("moe_intermediate_size") or inter
+    attn = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2
+    mlp = (3 if gated else 2) * hidden * (moe_inter if experts > 1 else inter) * experts
+    embed = vocab * hidden * (1 if cfg.get("tie_word_embeddings", True) else 2)
+    return int(layers * (attn + mlp + 2 * hidden) + embed + hidden)
 
 
 def meta_info(cfg: dict, name: str = "model", trust_remote_code: bool = False) -> ModelInfo:

@@ -4,11 +4,11 @@ Pure: `plan(model_info, spec, hardware) -> Plan`; no torch, no I/O. `craken plan
 `craken train --auto` applies `Plan.choice`. docs/planner.md derives every term and compares the
 prediction with memory measured on GPUs.
 
-The memory model follows what DeepSpeed 0.19.8 allocates (read from its source):
+The memory model follows what the two engines allocate (DeepSpeed 0.19.8 read from its source):
 
-* stage 0 + bf16/fp16 (no ZeRO; DeepSpeed's FP16_Optimizer): 16-bit params and grads, fp32 master
-  weights and two fp32 Adam moments, and at the step a flat fp32 copy of all gradients;
-  the gradients are all-reduced through a 16-bit bucket of up to 5e8 elements.
+* no ZeRO ("zero0": craken's plain engine, no DeepSpeed): fp32 weights (the fp32 masters), fp32 gradients
+  and torch AdamW's two fp32 moments; autocast's 16-bit copies of the weights; DDP's buckets with
+  more than one process.
 * stage 1 + bf16 with fp32 gradient accumulation (craken's default on one GPU; bf16_optimizer.py): 16-bit
   params, fp32 gradients of the whole model beside the 16-bit ones (added into them after the
   backward; the 16-bit ones live until the next backward), fp32 master + moments partitioned; the
@@ -30,7 +30,9 @@ Activations per layer and token follow Korthikanti et al. (2022), "Reducing Acti
 Recomputation in Large Transformer Models", re-derived for the modules transformers runs: SDPA
 (flash/memory-efficient kernels save q, k, v, the output and a log-sum-exp, never the s x s scores),
 grouped-query attention (k and v at kv_heads x head_dim), RMSNorm's fp32 upcast, the gated MLP, and
-the loss's fp32 upcast of the logits.
+what the families differ in (ModelInfo: fused q/k/v with rotary, four norms per layer, GELU MLPs,
+residual dropout); the loss term is the 16-bit logits and the fp32 upcast's buffers, times the
+vocabulary (`loss_bytes`: the largest single term of small models with 128k-256k vocabularies).
 """
 
 from __future__ import annotations
@@ -45,43 +47,38 @@ from .train import loss as vocab_loss
 
 GiB = 1024**3
 
+# Constants marked "fitted" are fitted by `benchmarks/planner_bench.py --fit` on the training rows only;
+# docs/planner.md gives the rows, the held-out errors and the history of each value.
 SAFETY_MARGIN = 0.10  # a strategy fits when predicted x (1 + margin) <= GPU memory
 CUDA_CONTEXT_GIB = 0.55  # CUDA context, kernels and cuBLAS workspace: outside torch's reserved memory
 NCCL_GIB = 0.5  # NCCL communicator buffers with more than one process
 DS_ALLREDUCE_BUCKET = 500_000_000  # engine.MEMORY_OPT_ALLREDUCE_SIZE, stage 0 gradient all-reduce
-# The caching allocator keeps freed activation blocks that later, differently sized requests cannot
-# reuse: share of activations + logits held as slack. Stage 3 was 0.22, fitted on the hand-written
-# ZeRO-3 row of gpu-baseline.md (1.1B, mb 4); craken's own ZeRO-3 at mb 16 (1 x H200, 2026-12-01:
-# 91.38 GiB, no offload; 78.16 with all offload) was then over-predicted by 18% and 12%, and 0.10 keeps
-# every recorded row within 10% (docs/planner.md).
-FRAGMENTATION = {0: 0.10, 1: 0.10, 2: 0.10, 3: 0.10}
-# Compiled layers: inductor's backward recomputes the pointwise ops into buffers of its own sizes, and
-# more of the freed blocks stay reserved. Fitted on craken's compiled no-ZeRO runs of the 1.1B model
-# (H100 mb 8: 37.41 GiB; H200 mb 16: 55.43 GiB; with 0.10 they were under-predicted by 7.7% and 6.6%).
-COMPILED_FRAGMENTATION = 0.25
-# Stage 3 on several GPUs all-gathers each layer's parameters (forward and backward) and
-# reduce-scatters its gradients between activation allocations; the holes stay reserved. Baseline:
-# +4.3 GiB at 2 GPUs over 1 GPU with 17.7 GiB of activations. Extra slack share, world size > 1.
+# Fitted: freed activation blocks that later, differently sized requests cannot reuse (share of activations).
+FRAGMENTATION = {0: 0.0, 1: 0.0, 2: 0.0, 3: 0.0}
+# Fitted: compiled layers free blocks of inductor's own sizes, and more of them stay reserved.
+COMPILED_FRAGMENTATION = 0.0
+# Fitted: stage 3 on several GPUs gathers and reduce-scatters between activation allocations.
 STAGE3_MULTI_GPU_SLACK = 0.24
-# Share of the layer activations (freed at the end of the backward) that ZeRO-1/2's step buffers
-# reuse instead of reserving new memory. Fitted on craken's own eager ZeRO-1/2 runs (planner_bench,
-# 1 x H100, 160M/1.1B/2.7B, seq 1024/2048: the plain sum over-predicted them by 2.5-16%); docs/planner.md.
-# Compiled layers free blocks of inductor's sizes, which the step's flat buffers do not reuse: the
-# compiled ZeRO-1/2 runs (1.1B, mb 16, 1 x H200) were 12.1% under-predicted with the reuse, 2.7% without.
-STEP_REUSE_OF_ACTIVATIONS = 0.35
+# Fitted: share of the freed layer activations that ZeRO-1/2's step buffers reuse (eager layers only:
+# compiled layers free blocks of inductor's sizes, which the step's flat buffers do not fit).
+STEP_REUSE_OF_ACTIVATIONS = 0.25
+# Fitted (derived value kept): fp32 bytes per logit at the loss's peak (transformers' loss): the upcast's
+# log-softmax output, and in its backward the incoming and the outgoing gradient at once, beside the 16-bit logits.
+UPCAST_LOSS_FP32_BYTES = 12
+# Fitted: the same with the loss compiled (modeling.compile_regions); the Qwen2.5-0.5B out-of-memory row
+# (vocabulary 151,936) needs the fused loss to hold as much as the eager one.
+COMPILED_LOSS_FP32_BYTES = 12
+# Fitted: share of autocast's 16-bit weight copies (weight_copy_bytes) held at the peak, plain engine
+# only (DeepSpeed trains a 16-bit module). No compiled training row constrains the compiled share yet:
+# 1.0 is the derived value (the compiled graph saves every cast weight for its backward).
+EAGER_WEIGHT_COPY_SHARE = 0.75
+COMPILED_WEIGHT_COPY_SHARE = 1.0
 CPU_PER_PROCESS_GIB = 3.0  # Python, torch, CUDA host allocations and the data loader of one process
 ACTIVATION_CHECKPOINTING_SPEED = 0.75  # about 1/3 more compute for the recomputed forward
 
 # Relative speed of each strategy (tokens/s per GPU against no ZeRO), one table per GPU count: only the
-# order matters for the choice, the numbers are shown so the order can be checked. "offload_optimizer"
+# order matters for the choice (measured figures: docs/planner.md, "The choice"). "offload_optimizer"
 # caps the stage's figure, "offload_param" multiplies it.
-# One GPU: craken train --auto, 1.1B, 1 x H200, 2026-12-01 (docs/performance.md): ZeRO-1 (fp32
-# accumulation) 0.956-0.967 and ZeRO-2 0.947-0.956 of no ZeRO within a call; ZeRO-3 (eager, mb 16) 53,061
-# tokens/s against 75,701-78,283 for no ZeRO in the other calls of that day; ZeRO-2 + optimizer CPU
-# offload 30,838 at mb 16 (the CPU's Adam step is a fixed cost per optimizer step, so fewer tokens per
-# step do worse: hand-written at mb 4, 11,759, 0.23); parameter offload on top (ZeRO-3, same call) 29,973.
-# Several GPUs: gpu-baseline.md; they share the host's cores and PCIe, and craken's offload has not run
-# there, so the baseline's one-GPU offload figure (0.28) and an estimated halving stay.
 SPEED_1GPU = {"zero0": 1.0, "zero1": 0.96, "zero2": 0.95, "zero3": 0.69, "offload_optimizer": 0.40,
               "offload_param": 0.97}
 SPEED_NGPU = {"zero0": 1.0, "zero1": 0.98, "zero2": 0.98, "zero3": 0.51, "offload_optimizer": 0.28,
@@ -97,6 +94,22 @@ COMPILE_MIN_PARAMS = 100_000_000  # smaller models: compilation costs more time 
 FP8_ACTIVATION_SHARE = 0.64
 
 
+def strategy_name(stage: int, offload_optimizer: str = "none", offload_param: str = "none",
+                  activation_checkpointing: bool = False, compiled: bool = False) -> str:
+    """The one name of a strategy, in `craken plan`, `--auto`'s notes and metrics.jsonl: "zero0" is
+    no ZeRO (craken's plain engine), e.g. "zero3+offload_optimizer_cpu+offload_param_cpu+ac"."""
+    out = f"zero{stage}"
+    if offload_optimizer != "none":
+        out += f"+offload_optimizer_{offload_optimizer}"
+    if offload_param != "none":
+        out += f"+offload_param_{offload_param}"
+    if activation_checkpointing:
+        out += "+ac"
+    if compiled:
+        out += "+compile"
+    return out
+
+
 @dataclass(frozen=True)
 class Candidate:
     """One strategy: ZeRO stage, where optimizer states and parameters live, checkpointing."""
@@ -108,14 +121,7 @@ class Candidate:
 
     @property
     def name(self) -> str:
-        out = f"zero{self.stage}"
-        if self.offload_optimizer != "none":
-            out += f"+offload_optimizer_{self.offload_optimizer}"
-        if self.offload_param != "none":
-            out += f"+offload_param_{self.offload_param}"
-        if self.activation_checkpointing:
-            out += "+ac"
-        return out
+        return strategy_name(self.stage, self.offload_optimizer, self.offload_param, self.activation_checkpointing)
 
     def speed(self, world: int) -> float:
         table = SPEED_1GPU if world == 1 else SPEED_NGPU
@@ -237,28 +243,45 @@ def model_state_bytes(params: int, stage: int, world: int, *, offload_optimizer:
     return p, live + (4 if mixed else lp_bytes) * P / N, (master + 8) * P / N
 
 
+def norm_bytes_per_token(m: ModelInfo, lp: int) -> float:
+    """What one normalization layer saves per token, with the output the next projection saves.
+
+    RMSNorm: an fp32 copy of the input (kept by pow and mul), the normalized 16-bit value (kept by
+    the weight multiply) and the output; in fp32 the "copy" is the input itself, so 4h + 2 lp h holds
+    for both precisions. LayerNorm (GPT-2/NeoX): its input and its output.
+    """
+    h = m.hidden_size
+    return 2 * lp * h if m.family == "gpt" else 4 * h + 2 * lp * h
+
+
 def layer_activation_bytes_per_token(m: ModelInfo, lp: int, compiled: bool = False) -> float:
     """Bytes one decoder layer saves for the backward pass, per token (SDPA, no s^2 scores)."""
     h, f = m.hidden_size, m.intermediate_size
     q_dim, kv_dim = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
     # SDPA saves q, k, v and its output (which o_proj also saves: same storage) and an fp32 log-sum-exp.
     attn = lp * (2 * q_dim + 2 * kv_dim) + 4 * m.num_heads
-    if m.family == "gpt":
-        norms = 2 * (2 * lp * h)  # LayerNorm saves its input; the next linear saves its output
-        mlp = 2 * lp * f  # GELU's input and output
-        drop = 2 * h if m.dropout > 0 else 0  # two residual-dropout masks (1 byte each)
-        return norms + attn + mlp + drop
+    if m.fused_qkv:
+        attn += lp * (q_dim + kv_dim)  # rotary makes new q and k; v stays a view of the fused output
     if compiled:
         # Inductor's partitioner keeps the matmul inputs it cannot cheaply recompute and recomputes the
         # pointwise rest (norms, SiLU, the product) in the backward: the layer input and the residual
-        # after attention, SDPA's q, k, v, output and log-sum-exp, and the MLP's gate and up. 40,064
-        # bytes per token and layer at 1.1B; measured 38.7k (craken --auto --compile, H100, mb 8).
+        # after attention, SDPA's q, k, v, output and log-sum-exp, and the MLP's gate and up.
         return 2 * lp * h + attn + 2 * lp * f
-    # RMSNorm: fp32 copy of the input (kept by pow and mul), the normalized 16-bit value (kept by
-    # the weight multiply) and the output (kept by the next linear). Gated MLP: gate, SiLU(gate), up, product.
-    # (In fp32 the "copy" is the input itself, so 4h + 2 lp h holds for both precisions.)
-    norm = 4 * h + 2 * lp * h
-    return 2 * norm + attn + 4 * lp * f
+    drop = 2 * h if m.dropout > 0 else 0  # two residual-dropout masks (1 byte each)
+    return m.norms_per_layer * norm_bytes_per_token(m, lp) + attn + m.mlp_saved * lp * f + drop
+
+
+def loss_bytes(m: ModelInfo, tokens: int, lp: int, compiled: bool = False, loss: str = "upcast") -> float:
+    """Logits and loss at their peak, for `tokens` tokens: the 16-bit logits and the fp32 loss buffers.
+
+    `loss` names the loss implementation: "upcast" (transformers' cross-entropy on fp32 logits) or
+    "chunked" (train/loss.py: one chunk of logits at a time, `chunked_loss_bytes`).
+    """
+    if loss == "chunked":
+        return chunked_loss_bytes(m, tokens, lp, compiled)
+    fp32 = COMPILED_LOSS_FP32_BYTES if compiled else UPCAST_LOSS_FP32_BYTES
+    per_logit = lp + fp32 + (2 * lp if m.logit_softcap else 0)  # softcap: tanh's output and the rescaled copy
+    return per_logit * tokens * m.vocab_size
 
 
 def chunked_loss_bytes(m: ModelInfo, tokens: int, lp: int, compiled: bool) -> float:
@@ -271,7 +294,7 @@ def chunked_loss_bytes(m: ModelInfo, tokens: int, lp: int, compiled: bool) -> fl
 
 
 def activation_bytes(m: ModelInfo, micro_batch: int, seq_len: int, lp: int, checkpointing: bool,
-                     compiled: bool = False, chunked_loss: bool = False,
+                     compiled: bool = False, loss: str = "upcast",
                      fp8_recipe: str | None = None) -> tuple[float, float]:
     """(decoder layers, logits + loss) bytes at the start of the backward pass, for one micro-batch."""
     tokens = micro_batch * seq_len
@@ -283,15 +306,16 @@ def activation_bytes(m: ModelInfo, micro_batch: int, seq_len: int, lp: int, chec
         layers = m.num_layers * lp * m.hidden_size * tokens + per_layer
     else:
         layers = m.num_layers * per_layer
-    final_norm = (4 * m.hidden_size + 2 * lp * m.hidden_size) * tokens
-    # transformers' loss upcasts the logits to fp32; log_softmax keeps its fp32 output, and its
-    # backward holds the incoming and the outgoing fp32 gradient at once: 12 bytes per logit.
-    # Compiled (modeling.compile_regions), the loss keeps the 16-bit logits and writes a 16-bit
-    # gradient: no fp32 copy lives across the step (4 GiB less at 1.1B, micro-batch 8, measured).
-    logits = (2 * lp if compiled else 12) * tokens * m.vocab_size
-    if chunked_loss:
-        logits = chunked_loss_bytes(m, tokens, lp, compiled)
-    return layers + final_norm, logits
+    final_norm = norm_bytes_per_token(m, lp) * tokens
+    return layers + final_norm, loss_bytes(m, tokens, lp, compiled and m.family != "gpt", loss)
+
+
+def weight_copy_bytes(m: ModelInfo, lp: int, compiled: bool) -> float:
+    """16-bit copies of fp32 weights that autocast makes in the forward and the backward needs: every
+    projection and the output head (the input embedding is not cast), times the fitted share held."""
+    share = COMPILED_WEIGHT_COPY_SHARE if compiled else EAGER_WEIGHT_COPY_SHARE
+    input_embedding = 0 if m.tied_embeddings else m.vocab_size * m.hidden_size
+    return share * lp * (m.num_params - input_embedding)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,32 +339,48 @@ class Shape:
     nvme_free: float | None
     precision: str = "bf16"
     fp32_grad_accum: bool | None = False  # the spec's zero.fp32_grad_accum (None: craken decides)
-    loss: str = "auto"  # the spec's model.loss (where train/loss.py's chunked loss applies)
+    loss: str = "auto"  # the spec's model.loss: where train/loss.py's chunked loss applies (vocab_loss.applies)
     fp8_recipe: str | None = None  # torchao float8 recipe under precision fp8
 
 
-def estimate(m: ModelInfo, c: Candidate, micro_batch: int, grad_accum: int, s: Shape) -> Strategy:
+def offload_host_bytes(params: int, world: int, gpus_per_machine: int, offload_optimizer: str = "none",
+                       offload_param: str = "none", lp: int = 2, largest_layer: int = 0) -> tuple[float, float]:
+    """(CPU RAM, NVMe) bytes per machine that offloaded states take (pinned): fp32 master weights (with
+    16-bit training), Adam's two moments, fp32 gradients and a 16-bit copy for optimizer offload; the 16-bit
+    weights for parameter offload. NVMe keeps swap buffers in RAM. `craken doctor` checks RAM with it too."""
+    share = gpus_per_machine * params / max(1, world)  # parameters whose states one machine holds
+    cpu = nvme = 0.0
+    optimizer = ((4 if lp < 4 else 0) + 8 + 4 + lp) * share
+    if offload_optimizer == "cpu":
+        cpu += optimizer
+    elif offload_optimizer == "nvme":
+        nvme += optimizer
+        cpu += (4 + 4) * share / 4  # swap buffers: about a quarter of the states in flight
+    if offload_param == "cpu":
+        cpu += lp * share
+    elif offload_param == "nvme":
+        nvme += lp * share
+        cpu += gpus_per_machine * 2 * lp * largest_layer
+    return cpu, nvme
+
+
+def engine_buffers(m: ModelInfo, c: Candidate, s: Shape, layers: float, acts: float, fp32_grads: bool
+                   ) -> dict[str, float]:
+    """What the engine allocates beyond model states and activations (bytes), by strategy."""
     P, N, lp = m.num_params, s.world, s.lp
-    off_opt, off_par = c.offload_optimizer != "none", c.offload_param != "none"
-    fp32_grads = fp32_grad_accum_on(s.fp32_grad_accum, c.stage, "bf16" if s.fp8_recipe else s.precision,
-                                    c.offload_optimizer, N)
-    params, grads, optim = model_state_bytes(P, c.stage, N, offload_optimizer=off_opt, offload_param=off_par,
-                                             largest_layer=m.largest_layer_params, lp_bytes=lp,
-                                             grad_accum=grad_accum, fp32_grads=fp32_grads)
-    chunked = vocab_loss.applies(s.loss, m.model_type, m.vocab_size, c.stage)
-    layers, logits = activation_bytes(m, micro_batch, s.seq_len, lp, c.activation_checkpointing, s.compiled,
-                                      chunked, s.fp8_recipe)
-    acts = layers + logits
     d: dict[str, float] = {}
     if c.stage == 0:
-        d["allreduce_bucket"] = min(P, DS_ALLREDUCE_BUCKET) * lp
+        if N > 1:
+            d["ddp_buckets"] = min(P, DS_ALLREDUCE_BUCKET) * lp
+        if lp < 4:
+            d["autocast_weight_copies"] = weight_copy_bytes(m, lp, s.compiled)
     elif fp32_grads:
         # engine.buffered_allreduce_fallback flattens the fp32 gradients (also on one GPU); its bucket
         # closes after the tensor that passes 5e8 elements, here the whole flat group of the weights
         d["allreduce_flat_copy"] = 4.0 * P
     elif c.stage in (1, 2):
         d["reduce_buckets"] = (2 if s.overlap_comm else 1) * s.reduce_bucket * lp
-        if not off_opt:
+        if c.offload_optimizer == "none":
             d["step_flat_grad_copy"] = lp * P / N  # flatten(averaged_gradients) before the fp32 cast
             # The step's buffers (that flat copy and the fp32 gradient partition counted under grads)
             # are allocated after the backward freed the activations, and the caching allocator
@@ -353,49 +393,52 @@ def estimate(m: ModelInfo, c: Candidate, micro_batch: int, grad_accum: int, s: S
     else:
         d["reduce_bucket"] = s.reduce_bucket * lp
         d["prefetch_bucket"] = s.prefetch_bucket * lp
-        if not off_opt:
+        if c.offload_optimizer == "none":
             d["grad_partition_16bit"] = lp * P / N  # grad_partitions_flat_buffer (on CPU with offload)
         if N > 1:
             d["gather_holes"] = STAGE3_MULTI_GPU_SLACK * acts
-    slack = FRAGMENTATION[c.stage]
-    if s.compiled:
-        slack = max(slack, COMPILED_FRAGMENTATION)
+    slack = max(FRAGMENTATION[c.stage], COMPILED_FRAGMENTATION) if s.compiled else FRAGMENTATION[c.stage]
     d["allocator_slack"] = slack * acts
+    return d
+
+
+def why_not_fits(total: float, cpu: float, nvme: float, micro_batch: int, s: Shape) -> str | None:
+    """Why an estimate does not fit (GPU, then CPU RAM, then NVMe), or None."""
+    if total * (1 + SAFETY_MARGIN) > s.gpu_memory:
+        return (f"needs {total / GiB:.1f} GiB per GPU at micro-batch {micro_batch}, more than "
+                f"{s.gpu_memory / GiB / (1 + SAFETY_MARGIN):.1f} GiB usable "
+                f"({s.gpu_memory / GiB:.0f} GiB less the {SAFETY_MARGIN:.0%} safety margin)")
+    if s.cpu_memory is not None and cpu > s.cpu_memory * 0.9:
+        return f"needs {cpu / GiB:.0f} GiB of CPU RAM per machine, more than 90% of {s.cpu_memory / GiB:.0f} GiB"
+    if s.nvme_free is not None and nvme > s.nvme_free * 0.9:
+        return f"needs {nvme / GiB:.0f} GiB on NVMe, more than 90% of the {s.nvme_free / GiB:.0f} GiB free"
+    return None
+
+
+def estimate(m: ModelInfo, c: Candidate, micro_batch: int, grad_accum: int, s: Shape) -> Strategy:
+    P, N, lp = m.num_params, s.world, s.lp
+    off_opt, off_par = c.offload_optimizer != "none", c.offload_param != "none"
+    fp32_grads = fp32_grad_accum_on(s.fp32_grad_accum, c.stage, "bf16" if s.fp8_recipe else s.precision,
+                                    c.offload_optimizer, N)
+    params, grads, optim = model_state_bytes(P, c.stage, N, offload_optimizer=off_opt, offload_param=off_par,
+                                             largest_layer=m.largest_layer_params, lp_bytes=lp,
+                                             grad_accum=grad_accum, fp32_grads=fp32_grads)
+    loss = "chunked" if vocab_loss.applies(s.loss, m.model_type, m.vocab_size, c.stage) else "upcast"
+    layers, logits = activation_bytes(m, micro_batch, s.seq_len, lp, c.activation_checkpointing, s.compiled,
+                                      loss, s.fp8_recipe)
+    acts = layers + logits
+    d = engine_buffers(m, c, s, layers, acts, fp32_grads)
     reserved = params + grads + optim + acts + sum(d.values())
     d["cuda_context"] = CUDA_CONTEXT_GIB * GiB
     if N > 1:
         d["nccl"] = NCCL_GIB * GiB
     total = reserved + d["cuda_context"] + d.get("nccl", 0.0)
     other = total - params - grads - optim - acts
-
-    # CPU RAM per machine: offloaded fp32 master + moments + fp32 grads (+ 16-bit copies), pinned.
-    local = s.gpus_per_machine
-    cpu = local * CPU_PER_PROCESS_GIB * GiB
-    nvme = 0.0
-    per_proc_opt = ((4 if lp < 4 else 0) + 8 + 4) * P / N + lp * P / N  # master, moments, fp32 grads, 16-bit copy
-    if c.offload_optimizer == "cpu":
-        cpu += local * per_proc_opt
-    elif c.offload_optimizer == "nvme":
-        nvme += local * per_proc_opt
-        cpu += local * (4 + 4) * P / N / 4  # swap buffers: about a quarter of the states in flight
-    if c.offload_param == "cpu":
-        cpu += local * lp * P / N
-    elif c.offload_param == "nvme":
-        nvme += local * lp * P / N
-        cpu += local * 2 * lp * m.largest_layer_params
-
-    why = None
+    cpu, nvme = offload_host_bytes(P, N, s.gpus_per_machine, c.offload_optimizer, c.offload_param, lp,
+                                   m.largest_layer_params)
+    cpu += s.gpus_per_machine * CPU_PER_PROCESS_GIB * GiB
     refused = fp8_layout_problems(c.stage, c.offload_optimizer, c.offload_param) if s.fp8_recipe else []
-    if refused:
-        why = refused[0].split(": use ")[0]
-    elif total * (1 + SAFETY_MARGIN) > s.gpu_memory:
-        why = (f"needs {total / GiB:.1f} GiB per GPU at micro-batch {micro_batch}, more than "
-               f"{s.gpu_memory / GiB / (1 + SAFETY_MARGIN):.1f} GiB usable "
-               f"({s.gpu_memory / GiB:.0f} GiB less the {SAFETY_MARGIN:.0%} safety margin)")
-    elif s.cpu_memory is not None and cpu > s.cpu_memory * 0.9:
-        why = f"needs {cpu / GiB:.0f} GiB of CPU RAM per machine, more than 90% of {s.cpu_memory / GiB:.0f} GiB"
-    elif s.nvme_free is not None and nvme > s.nvme_free * 0.9:
-        why = f"needs {nvme / GiB:.0f} GiB on NVMe, more than 90% of the {s.nvme_free / GiB:.0f} GiB free"
+    why = refused[0].split(": use ")[0] if refused else why_not_fits(total, cpu, nvme, micro_batch, s)
     detail = {"layer_activations": layers / GiB, "logits_loss": logits / GiB, **{k: v / GiB for k, v in d.items()}}
     return Strategy(c.name, c.stage, c.offload_optimizer, c.offload_param, c.activation_checkpointing, micro_batch,
                     grad_accum, params / GiB, grads / GiB, optim / GiB, acts / GiB, other / GiB, total / GiB,
@@ -416,11 +459,13 @@ def candidates(nvme: bool = False) -> list[Candidate]:
     return [Candidate(b.stage, b.offload_optimizer, b.offload_param, ac) for b in base for ac in (False, True)]
 
 
-def _micro_batches(per_gpu: int, requested: int, search: bool) -> list[int]:
-    """Micro-batches to try, largest first: divisors of the per-GPU batch (so accumulation is whole)."""
+def _micro_batches(per_gpu: int, requested: int, search: bool, cap: int | None = None) -> list[int]:
+    """Micro-batches to try, largest first: divisors of the per-GPU batch (so accumulation is whole),
+    none above `cap` (what the data set can fill on every process)."""
     if not search:
         return [requested]
-    return sorted((m for m in range(1, per_gpu + 1) if per_gpu % m == 0), reverse=True)
+    return sorted((m for m in range(1, per_gpu + 1) if per_gpu % m == 0 and (cap is None or m <= cap)),
+                  reverse=True)
 
 
 def compiles_by_default(model: ModelInfo, hardware: Hardware) -> bool:
@@ -454,8 +499,25 @@ def plan_by_default(model: ModelInfo, spec, hardware: Hardware, *, search_micro_
     return plan(model, spec, hardware, search_micro_batch=search_micro_batch)
 
 
+def shape_of(model: ModelInfo, spec, hardware: Hardware, world: int, gpu_memory: float) -> Shape:
+    z = spec.zero
+    nvme_path = spec.offload.optimizer.nvme_path or spec.offload.param.nvme_path
+    return Shape(
+        world=world, gpus_per_machine=max(1, world // spec.cluster.num_machines), seq_len=spec.data.seq_len,
+        lp=4 if spec.precision == "fp32" else 2,
+        # modeling.compile_regions compiles `model.model.layers` and the loss; GPT-2/NeoX models keep
+        # their layers elsewhere and run eagerly whatever the spec says.
+        compiled=spec.model.compile and model.family != "gpt", reduce_bucket=z.reduce_bucket_size,
+        overlap_comm=z.overlap_comm, prefetch_bucket=z.stage3_prefetch_bucket_size or 50_000_000,
+        gpu_memory=gpu_memory, cpu_memory=hardware.ram_total or None,
+        nvme_free=hardware.disk_free.get(nvme_path) if nvme_path else None,
+        precision=spec.precision, fp32_grad_accum=z.fp32_grad_accum, loss=spec.model.loss,
+        fp8_recipe=spec.fp8.recipe if spec.precision == "fp8" else None)
+
+
 def plan(model: ModelInfo, spec, hardware: Hardware, *, search_micro_batch: bool = True,
-         gpu_memory: float | None = None, out_of_memory_at: dict[str, int] | None = None) -> Plan:
+         gpu_memory: float | None = None, out_of_memory_at: dict[str, int] | None = None,
+         max_micro_batch: int | None = None) -> Plan:
     """Predict every strategy for `spec` (resolved: num_processes set) on `hardware`; choose.
 
     With `search_micro_batch`, each strategy gets the largest micro-batch that divides the per-GPU
@@ -463,43 +525,19 @@ def plan(model: ModelInfo, spec, hardware: Hardware, *, search_micro_batch: bool
     micro-batch is kept. `gpu_memory` (bytes) overrides the smallest detected GPU's memory.
     `out_of_memory_at` (strategy name -> micro-batch) holds what already ran out of memory on the
     GPUs: those strategies get only smaller micro-batches (the OOM fallback of --auto).
+    `max_micro_batch` caps the search at what the data set fills on every process (data_cap).
     """
     world = spec.cluster.num_processes or max(1, hardware.gpu_count) * spec.cluster.num_machines
-    machines = spec.cluster.num_machines
     micro = spec.batch.micro_batch
     global_batch = spec.batch.global_batch or micro * spec.batch.accumulation(world) * world
     per_gpu = max(1, global_batch // world)
     if gpu_memory is None:
         gpu_memory = min((g.memory_total for g in hardware.gpus), default=0)
-    lp = 4 if spec.precision == "fp32" else 2
-    z = spec.zero
+    shape = shape_of(model, spec, hardware, world, gpu_memory)
+    tries = _micro_batches(per_gpu, micro, search_micro_batch, max_micro_batch)
     nvme_path = spec.offload.optimizer.nvme_path or spec.offload.param.nvme_path
-    shape = Shape(
-        world=world, gpus_per_machine=max(1, world // machines), seq_len=spec.data.seq_len, lp=lp,
-        # modeling.compile_regions compiles `model.model.layers` and the loss; GPT-2/NeoX models keep
-        # their layers elsewhere and run eagerly whatever the spec says.
-        compiled=spec.model.compile and model.family != "gpt", reduce_bucket=z.reduce_bucket_size, overlap_comm=z.overlap_comm,
-        prefetch_bucket=z.stage3_prefetch_bucket_size or 50_000_000, gpu_memory=gpu_memory,
-        cpu_memory=hardware.ram_total or None,
-        nvme_free=hardware.disk_free.get(nvme_path) if nvme_path else None,
-        precision=spec.precision, fp32_grad_accum=z.fp32_grad_accum, loss=spec.model.loss,
-        fp8_recipe=spec.fp8.recipe if spec.precision == "fp8" else None,
-    )
-    tries = _micro_batches(per_gpu, micro, search_micro_batch)
-    results: list[Strategy] = []
-    oom = out_of_memory_at or {}
-    for cand in candidates(nvme=bool(nvme_path)):
-        allowed = [mb for mb in tries if mb < oom.get(cand.name, mb + 1)]
-        est = None
-        for mb in allowed:
-            est = estimate(model, cand, mb, max(1, per_gpu // mb), shape)
-            if est.fits:
-                break
-        if est is None:  # ran out of memory at the smallest micro-batch it may use
-            smallest = oom[cand.name]
-            est = replace(estimate(model, cand, smallest, max(1, per_gpu // smallest), shape), fits=False,
-                          why_not=f"ran out of GPU memory at micro-batch {smallest}")
-        results.append(est)
+    results = [_best_micro_batch(model, cand, tries, per_gpu, shape, out_of_memory_at or {})
+               for cand in candidates(nvme=bool(nvme_path))]
     # Fastest first; at equal speed the larger micro-batch, then stage order (ZeRO-1 before ZeRO-2).
     results.sort(key=lambda s: (-s.speed, -s.micro_batch if s.fits else 0))
     choice = next((s for s in results if s.fits), None)
@@ -508,8 +546,8 @@ def plan(model: ModelInfo, spec, hardware: Hardware, *, search_micro_batch: bool
         if s is choice:
             break
         rejected.append(f"{s.name}: {s.why_not}")
-    requested = estimate(model, Candidate(z.stage, spec.offload.optimizer.device, spec.offload.param.device,
-                                          spec.model.activation_checkpointing),
+    requested = estimate(model, Candidate(spec.zero.stage, spec.offload.optimizer.device,
+                                          spec.offload.param.device, spec.model.activation_checkpointing),
                          micro, spec.batch.accumulation(world), shape)
     return Plan(results, choice, requested, rejected, world, global_batch, shape.compiled, gpu_memory / GiB,
                 gpu_memory / GiB / (1 + SAFETY_MARGIN), model)
@@ -527,3 +565,140 @@ def other_numerics(spec, hardware: Hardware) -> str | None:
 
 def with_precision(spec, precision: str):
     return spec.model_copy(update={"precision": precision})
+
+
+def _best_micro_batch(model: ModelInfo, cand: Candidate, tries: list[int], per_gpu: int, shape: Shape,
+                      oom: dict[str, int]) -> Strategy:
+    """The candidate at the largest micro-batch that fits (or at the smallest tried, not fitting)."""
+    allowed = [mb for mb in tries if mb < oom.get(cand.name, mb + 1)]
+    est = None
+    for mb in allowed:
+        est = estimate(model, cand, mb, max(1, per_gpu // mb), shape)
+        if est.fits:
+            return est
+    if est is not None:
+        return est
+    smallest = oom.get(cand.name, min(tries, default=1))
+    reason = (f"ran out of GPU memory at micro-batch {smallest}" if cand.name in oom
+              else "no micro-batch the data set can fill")
+    return replace(estimate(model, cand, smallest, max(1, per_gpu // smallest), shape), fits=False, why_not=reason)
+
+
+# ---------------------------------------------------------------------------------------------
+# what --auto may launch: settings the user fixed, the data's micro-batch cap, and the refusal
+
+
+def compatible(result: Plan, fixed: dict[str, object]) -> list[Strategy]:
+    """The strategies that fit and keep every setting the user fixed (dotted spec path -> value),
+    fastest first. A fixed grad_accum is kept without comparing: the plan derives it from the same global batch."""
+    return [s for s in result.strategies if s.fits and all(
+        s.settings()[path] == value for path, value in fixed.items() if path != "batch.grad_accum")]
+
+
+def train_blocks(blocks: int, eval_fraction: float) -> int:
+    """Training blocks left after train/data.train_eval_split holds out its evaluation share."""
+    if eval_fraction <= 0 or blocks < 2:
+        return blocks
+    return blocks - max(1, int(blocks * eval_fraction))
+
+
+def data_cap(train: int, world: int) -> int:
+    """The largest micro-batch every process can fill: the loader drops a last partial batch, and each
+    of the `world` processes needs at least one micro-batch of its own."""
+    return train // max(1, world)
+
+
+def data_problem(train: int, world: int, seq_len: int, micro_batch: int | None = None) -> str | None:
+    """Why the data set cannot feed this run (None when it can): one message naming what to change.
+    `micro_batch` is the one the user fixed, if any."""
+    cap = data_cap(train, world)
+    if cap == 0:
+        return (f"{train} training blocks of {seq_len} tokens are fewer than one micro-batch per process "
+                f"({world} processes): add data, lower --seq-len, or use fewer processes (--num-processes)")
+    if micro_batch is not None and micro_batch > cap:
+        return (f"--micro-batch {micro_batch} needs {micro_batch * world} training blocks of {seq_len} tokens "
+                f"({world} processes), the data set has {train}: use --micro-batch {cap} or less, add data, "
+                "or lower --seq-len")
+    return None
+
+
+def _replaced(spec, section: str, **values):
+    """The spec with fields of one section replaced (pydantic copies, nothing validated twice)."""
+    return spec.model_copy(update={section: getattr(spec, section).model_copy(update=values)})
+
+
+def _with_nvme(spec, path: str):
+    offload = spec.offload
+    return _replaced(spec, "offload", optimizer=offload.optimizer.model_copy(update={"nvme_path": path}),
+                     param=offload.param.model_copy(update={"nvme_path": path}))
+
+
+def _first_fit(model: ModelInfo, spec, hardware: Hardware, fixed: dict, **kwargs) -> Strategy | None:
+    found = compatible(plan(model, spec, hardware, **kwargs), fixed)
+    return found[0] if found else None
+
+
+def _more_gpus(model: ModelInfo, spec, hardware: Hardware, fixed: dict, **kwargs) -> str | None:
+    gpu = min(hardware.gpus, key=lambda g: g.memory_total)
+    for count in (2, 4, 8, 16, 32, 64):
+        machines = max(1, count // 8)
+        more = replace(hardware, gpus=tuple(replace(gpu, index=i) for i in range(count // machines)))
+        grown = _replaced(spec, "cluster", num_processes=count, num_machines=machines)
+        if _first_fit(model, grown, more, fixed, **kwargs):
+            flags = f"--num-processes {count}" + (f" --num-machines {machines}" if machines > 1 else "")
+            return f"{count} GPUs of {gpu.memory_total / GiB:.0f} GiB: {flags}"
+    return None
+
+
+def _offload_room(model: ModelInfo, spec, hardware: Hardware, fixed: dict, **kwargs) -> list[str]:
+    out = []
+    found = _first_fit(model, spec, replace(hardware, ram_total=1 << 60), fixed, **kwargs)
+    if found is not None and hardware.ram_total and found.offload_optimizer == "cpu":
+        flags = "--offload-optimizer cpu" + (" --offload-param cpu" if found.offload_param == "cpu" else "")
+        out.append(f"{found.cpu_memory_gib / 0.9:.1f} GiB of CPU RAM per machine (this one has "
+                   f"{hardware.ram_total / GiB:.1f} GiB) for {flags}")
+    disk = replace(hardware, disk_free={"/nvme": 1 << 60})
+    found = _first_fit(model, _with_nvme(spec, "/nvme"), disk, fixed, **kwargs)
+    if found is not None and "nvme" in (found.offload_optimizer, found.offload_param):
+        flags = " ".join(f"--offload-{what} nvme" for what, device in (("optimizer", found.offload_optimizer),
+                                                                        ("param", found.offload_param))
+                         if device == "nvme")
+        out.append(f"NVMe offload: {flags} --nvme-path DIR on a local disk with {found.nvme_gib / 0.9:.0f} GiB free")
+    return out
+
+
+def smallest_changes(model: ModelInfo, spec, hardware: Hardware, fixed: dict[str, object], **kwargs) -> list[str]:
+    """Each smallest change that would make a strategy fit, named as flags: more GPUs of this memory,
+    CPU RAM or NVMe for offload, a shorter sequence, activation checkpointing or a smaller micro-batch
+    where the user fixed them. Pure: each answer is the plan of a changed spec or hypothetical hardware;
+    `kwargs` are plan()'s (search_micro_batch, max_micro_batch)."""
+    out = [change for change in [_more_gpus(model, spec, hardware, fixed, **kwargs)] if change]
+    out += _offload_room(model, spec, hardware, fixed, **kwargs)
+    seq = spec.data.seq_len // 2
+    while seq >= 128 and not _first_fit(model, _replaced(spec, "data", seq_len=seq), hardware, fixed, **kwargs):
+        seq //= 2
+    if seq >= 128:
+        out.append(f"a shorter sequence: --seq-len {seq}")
+    if fixed.get("model.activation_checkpointing") is False:
+        loose = {p: v for p, v in fixed.items() if p != "model.activation_checkpointing"}
+        found = _first_fit(model, spec, hardware, loose, **kwargs)
+        if found is not None and found.activation_checkpointing:
+            out.append(f"activation checkpointing: --activation-checkpointing ({found.name})")
+    if "batch.micro_batch" in fixed:
+        loose = {p: v for p, v in fixed.items() if p not in ("batch.micro_batch", "batch.grad_accum")}
+        found = _first_fit(model, spec, hardware, loose, max_micro_batch=kwargs.get("max_micro_batch"))
+        if found is not None:
+            out.append(f"a smaller micro-batch: --micro-batch {found.micro_batch} ({found.name})")
+    return out
+
+
+def refusal(model: ModelInfo, result: Plan, changes: list[str], fixed: dict[str, object]) -> str:
+    """The one message of `--auto` when nothing compatible with the user's settings is predicted to fit."""
+    closest = min(result.strategies, key=lambda s: s.total_gib)
+    kept = ", ".join(f"{path}={value}" for path, value in fixed.items())
+    head = (f"no strategy for {model.name} ({model.num_params / 1e9:.2f} B parameters) is predicted to fit "
+            f"{result.gpu_memory_gib:.0f} GiB per GPU{f' with the settings you fixed ({kept})' if kept else ''}; "
+            f"the one needing the least GPU memory, {closest.name}, {closest.why_not}. Nothing was launched")
+    if not changes:
+        return head + "; see `craken plan` for every strategy"
+    return head + ". Any one of these would fit:\n" + "\n".join(f"    {change}" for change in changes)

@@ -62,7 +62,7 @@ def plan(
     from ..modelinfo import model_info
     from ..options import load_run
     from ..planner import plan as make_plan
-    from ..planner import other_numerics, plan_by_default, with_precision
+    from ..planner import other_numerics, plan_by_default, smallest_changes, with_precision
 
     cpu_bytes = parse_size(cpu_memory, "--cpu-memory") if cpu_memory else None
     if gpus is not None:
@@ -83,18 +83,20 @@ def plan(
     by_default = not resolved.user_set("model.compile")
     planner = plan_by_default if by_default else make_plan
     result = planner(info, spec, hw, search_micro_batch=search)
+    changes = [] if result.choice else smallest_changes(info, spec, hw, {}, search_micro_batch=search)
     other = other_numerics(spec, hw)
     beside = planner(info, with_precision(spec, other), hw, search_micro_batch=search) if other else None
     if as_json:
-        typer.echo(json.dumps({**result.to_dict(), "other_precision": None if beside is None else {
-            "precision": other, "choice": beside.choice.to_dict() if beside.choice else None}}, indent=2))
+        typer.echo(json.dumps({**result.to_dict(), "smallest_changes": changes, "other_precision": None if beside is None
+                               else {"precision": other, "choice": beside.choice.to_dict() if beside.choice else None}},
+                              indent=2))
         return
-    _print(result)
+    _print(result, changes)
     if beside is not None:
         _print_other(other, beside, result)
 
 
-def _print(result) -> None:
+def _print(result, changes: list[str]) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -120,8 +122,9 @@ def _print(result) -> None:
     wide = out if out.is_terminal else Console(file=out.file, width=120, highlight=False)
     wide.print(table)
     if result.choice is None:
-        out.print("nothing fits: add GPUs, shorten --seq-len, or use --offload-optimizer nvme --nvme-path DIR",
-                  markup=False)
+        out.print("nothing fits; any one of these would:" if changes else "nothing fits", markup=False)
+        for change in changes:
+            out.print(f"  {change}", markup=False)
         return
     c = result.choice
     out.print(f"choice: {c.name}, micro-batch {c.micro_batch}, grad-accum {c.grad_accum} "

@@ -11,6 +11,14 @@ from pathlib import Path
 
 from . import builtin
 
+PACK_ROWS = 2000  # tokenized texts joined and cut together; each group's remainder short of a block is dropped
+
+
+def builtin_lines(seq_len: int) -> int:
+    """Lines of the built-in data set: enough for about 64 blocks, so long sequences still get several batches."""
+    return max(4000, seq_len * 64 // 16)
+
+
 # file suffix -> datasets builder
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
@@ -30,9 +38,7 @@ def load_raw(spec):
 
     d = spec.data
     if builtin.is_builtin(d.dataset):
-        # Enough lines for about 64 blocks, so long sequences still get several batches.
-        lines = max(4000, d.seq_len * 64 // 16)
-        raw = datasets.Dataset.from_dict(builtin.dataset_records(lines, seed=spec.train.seed))
+        raw = datasets.Dataset.from_dict(builtin.dataset_records(builtin_lines(d.seq_len), seed=spec.train.seed))
         column = "text"
     else:
         path = Path(d.dataset).expanduser()
@@ -65,7 +71,7 @@ def pack(raw, tokenizer, seq_len: int, num_proc: int | None = None):
 
     tokenized = raw.map(tokenize, batched=True, remove_columns=["text"], num_proc=num_proc,
                         desc="tokenizing")
-    return tokenized.map(group, batched=True, batch_size=2000, remove_columns=["ids"], num_proc=num_proc,
+    return tokenized.map(group, batched=True, batch_size=PACK_ROWS, remove_columns=["ids"], num_proc=num_proc,
                          desc=f"packing into {seq_len}-token blocks")
 
 

@@ -588,16 +588,11 @@ def _check_batch(loader, device):
 
 
 def strategy_name(spec) -> str:
-    name = f"zero{spec.zero.stage}" if spec.zero.stage else "no-zero"
-    if spec.offload.optimizer.device != "none":
-        name += f"+offload_optimizer_{spec.offload.optimizer.device}"
-    if spec.offload.param.device != "none":
-        name += f"+offload_param_{spec.offload.param.device}"
-    if spec.model.activation_checkpointing:
-        name += "+ac"
-    if spec.model.compile:
-        name += "+compile"
-    return name
+    """The run's strategy under the planner's one name (metrics.jsonl's "strategy")."""
+    from ..planner import strategy_name as name_of
+
+    return name_of(spec.zero.stage, spec.offload.optimizer.device, spec.offload.param.device,
+                   spec.model.activation_checkpointing, spec.model.compile)
 
 
 def nonfinite_update(loss_sum, grad_norm, precision: str):

@@ -1,0 +1,67 @@
+"""How many training blocks the run's data set gives, known before launch (`craken train --auto`).
+
+`blocks_available(spec)` counts the `seq_len`-token blocks `train/data.pack` will cut, exactly, by
+tokenizing the texts the workers will read with the run's tokenizer: the built-in data set always, local
+files up to LOCAL_EXACT_BYTES. Anything else (hub data sets, larger files) is None: unknown, and large
+enough in practice to fill any micro-batch; the workers still check. The planner turns the count into
+the largest micro-batch every process can fill (`planner.data_cap`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+LOCAL_EXACT_BYTES = 64 * 1024**2  # local data up to this size is tokenized before launch to count its blocks
+
+
+def blocks_available(spec) -> int | None:
+    """Blocks of `spec.data.seq_len` tokens the data set packs into (train and eval together), or None."""
+    from .train import builtin
+
+    data = spec.data
+    if not builtin.is_builtin(data.dataset):
+        path = Path(data.dataset).expanduser()
+        if not path.exists() or _size(path) > LOCAL_EXACT_BYTES:
+            return None
+    try:
+        from .train import data as data_mod
+        from .train import modeling
+
+        texts = data_mod.load_raw(spec)["text"]
+        tokenizer = modeling.load_tokenizer(spec)
+    except Exception:  # unreadable data or tokenizer: preflight and the workers report it with a fix
+        return None
+    return packed_blocks([len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]],
+                         data.seq_len, data_mod.PACK_ROWS, tokenizer.eos_token_id is not None)
+
+
+def packed_blocks(lengths: list[int], seq_len: int, group_rows: int, eos: bool = True) -> int:
+    """Blocks `train/data.pack` cuts from texts of these token lengths: each group of `group_rows`
+    texts is joined (with an EOS after each) and cut into whole blocks, the remainder dropped."""
+    blocks = 0
+    for start in range(0, len(lengths), group_rows):
+        tokens = sum(n + (1 if eos else 0) for n in lengths[start:start + group_rows])
+        blocks += tokens // seq_len
+    return blocks
+
+
+def _size(path: Path) -> int:
+    files = [path] if path.is_file() else [p for p in path.iterdir() if p.is_file()]
+    return sum(p.stat().st_size for p in files)
+
+
+def micro_batch_cap(spec, fixed_micro_batch: int | None = None) -> int | None:
+    """The largest micro-batch every process can fill (None: unknown); a data set too small for the run
+    (or for the micro-batch the user fixed) is a CrakenError naming what to change, before launch."""
+    from .errors import CrakenError
+    from .planner import data_cap, data_problem, train_blocks
+
+    blocks = blocks_available(spec)
+    if blocks is None:
+        return None
+    train = train_blocks(blocks, spec.data.eval_fraction)
+    world = spec.cluster.num_processes or 1
+    problem = data_problem(train, world, spec.data.seq_len, fixed_micro_batch)
+    if problem:
+        raise CrakenError(problem, title="data set too small")
+    return data_cap(train, world)
