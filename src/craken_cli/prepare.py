@@ -20,6 +20,7 @@ from .autoplan import auto_layer
 from .errors import CrakenError
 from .options import SpecArgs, layers
 from .render import rendered_files, write_files
+from .train import fp8
 from .resume import convert_if_world_changed, is_universal, resume_checkpoint, with_universal_load
 from .sources import Resolved, build_spec
 from .runfolder import DS_ENV_FILE
@@ -94,7 +95,8 @@ def prepare(request: TrainRequest, environ: Mapping[str, str], hardware=None) ->
     problems = (preflight.model_problems(spec) + preflight.data_problems(spec) + preflight.precision_problems(spec)
                 + preflight.tracker_problems(spec) + preflight.output_name_problems(spec)
                 + preflight.output_problems(run_dir, request.resume, force, spec.cluster.machine_rank)
-                + preflight.op_problems(spec, environ) + preflight.nvme_problems(spec, environ))
+                + preflight.op_problems(spec, environ) + preflight.nvme_problems(spec, environ)
+                + fp8.install_problems(spec.precision))
     if problems:
         raise CrakenError(problems, title="cannot start this run")
     resume_from, resume_warnings = resume_checkpoint(run_dir, request.resume)

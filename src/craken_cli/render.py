@@ -59,7 +59,7 @@ def deepspeed_config(spec: RunSpec) -> dict:
         # DeepSpeed's bf16 overflow check (amax and amin of every gradient, a host sync per step) costs
         # ZeRO-2 4% on one H200 (zero_lab.py); craken's loop checks the loss and the gradient norm itself
         # before every checkpoint. Kept where DeepSpeed must skip a non-finite step (on_nonfinite=skip).
-        "bf16": {"enabled": spec.precision == "bf16"},
+        "bf16": {"enabled": spec.base_precision == "bf16"},
         "fp16": {"enabled": spec.precision == "fp16"},
         "optimizer": {"type": "AdamW", "params": {
             "lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
@@ -71,7 +71,7 @@ def deepspeed_config(spec: RunSpec) -> dict:
         # ZeRO-1 + bf16 then runs DeepSpeed's BF16 optimizer: one flat fp32 gradient buffer, without the
         # ZeRO optimizer's per-parameter bucket copies, inf checks and device syncs (1.07x on one H200).
         cfg["data_types"] = {"grad_accum_dtype": "fp32"}
-    if spec.precision == "bf16":
+    if spec.base_precision == "bf16":
         cfg["bf16"]["check_grad_overflow"] = spec.train.on_nonfinite == "skip"
     if spec.precision == "fp16":
         cfg["fp16"].update(loss_scale=0, initial_scale_power=16, loss_scale_window=1000, hysteresis=2,
@@ -134,7 +134,7 @@ def plain_accelerate_config(spec: RunSpec) -> dict:
     return {
         **_launch_shape(spec),
         "distributed_type": "MULTI_GPU" if spec.cluster.num_processes > 1 else "NO",
-        "mixed_precision": {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[spec.precision],
+        "mixed_precision": {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[spec.base_precision],
         "gpu_ids": "all",
     }
 

@@ -118,8 +118,10 @@ def bucket_values(spec) -> dict[str, tuple[object, str]]:
 
 def hardware_problems(spec, hw: Hardware) -> list[str]:
     """What the resolved spec asks of this machine that it cannot give."""
-    out = []
+    from .train import fp8
+
     c = spec.cluster
+    out = fp8.problems(spec.precision, bool(c.use_cpu), hw.gpus)
     if not c.use_cpu:
         if hw.gpu_count == 0:
             out.append("GPU training was asked for (--cpu false) but no GPU was found: drop it to train on CPU")

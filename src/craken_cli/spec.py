@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-Precision = Literal["bf16", "fp16", "fp32", "auto"]
+Precision = Literal["bf16", "fp16", "fp32", "fp8", "auto"]
 OffloadDevice = Literal["none", "cpu", "nvme"]
 
 
@@ -78,6 +78,11 @@ class ModelSection(Section):
     )
     compile: bool = Field(
         False, description="torch.compile each decoder layer (regional compilation; GPU only, ~20 s once)."
+    )
+    loss: Literal["auto", "chunked", "model"] = Field(
+        "auto", description="Training loss: 'chunked' computes the output layer and cross-entropy a few thousand "
+        "tokens at a time and never holds the whole logits (Llama, Mistral, Qwen2/3); 'model' is the model's own "
+        "loss; auto: chunked for vocabularies of 100,000 or more (Llama-3, Qwen), else the model's."
     )
 
 
@@ -292,17 +297,28 @@ DEEPSPEED_FIELDS = {
 }
 
 
+class Fp8Section(Section):
+    recipe: Literal["tensorwise", "rowwise"] = Field(
+        "tensorwise", description="torchao float8 scaling under --precision fp8: tensorwise (one scale per tensor; "
+        "1.22x bf16 on one H200) or rowwise (one per row; more accurate, 1.07x)."
+    )
+
+
 class RunSpec(Section):
     """A whole training run."""
 
     version: Literal[1] = Field(1, description="Version of this file format.")
-    precision: Precision = Field("auto", description="bf16, fp16, fp32, or auto (bf16 where the GPU has it).")
+    precision: Precision = Field(
+        "auto", description="bf16, fp16, fp32, fp8 (float8 matmuls through torchao on GPUs of compute capability "
+        ">= 8.9, the rest bf16; pip install 'craken[fp8]'), or auto (bf16 where the GPU has it)."
+    )
     model: ModelSection = Field(default_factory=ModelSection, description="What is trained.")
     data: DataSection = Field(default_factory=DataSection, description="What it is trained on.")
     batch: BatchSection = Field(default_factory=BatchSection, description="Batch sizes.")
     optimizer: OptimizerSection = Field(default_factory=OptimizerSection, description="AdamW and clipping.")
     schedule: ScheduleSection = Field(default_factory=ScheduleSection, description="Learning-rate schedule.")
     train: TrainSection = Field(default_factory=TrainSection, description="Length, evaluation, checkpoints.")
+    fp8: Fp8Section = Field(default_factory=Fp8Section, description="FP8 training (precision fp8).")
     zero: ZeroSection = Field(default_factory=ZeroSection, description="DeepSpeed ZeRO.")
     offload: OffloadSection = Field(default_factory=OffloadSection, description="CPU/NVMe offload.")
     logging: LoggingSection = Field(default_factory=LoggingSection, description="Logging.")
@@ -327,9 +343,15 @@ class RunSpec(Section):
         return self.zero.stage > 0 or self.cluster.use_cpu is not False
 
     @property
+    def base_precision(self) -> str:
+        """The precision of everything FP8 does not convert, as DeepSpeed and Accelerate are told it:
+        bf16 under fp8 (autocast, 16-bit weights at ZeRO-1/2), else the precision itself."""
+        return base_precision(self.precision)
+
+    @property
     def fp32_grad_accum(self) -> bool:
         """Whether DeepSpeed accumulates gradients in fp32 (its BF16 optimizer); needs a resolved precision."""
-        return fp32_grad_accum_on(self.zero.fp32_grad_accum, self.zero.stage, self.precision,
+        return fp32_grad_accum_on(self.zero.fp32_grad_accum, self.zero.stage, self.base_precision,
                                   self.offload.optimizer.device, self.world_size)
 
     @property
@@ -345,6 +367,11 @@ class RunSpec(Section):
     @property
     def train_batch_size(self) -> int:
         return self.batch.micro_batch * self.grad_accum * self.world_size
+
+
+def base_precision(precision: str) -> str:
+    """fp8 trains its non-converted compute in bf16; the other precisions are their own."""
+    return "bf16" if precision == "fp8" else precision
 
 
 def fp32_grad_accum_possible(stage: int, precision: str, offload_optimizer: str) -> bool:
@@ -381,10 +408,12 @@ def cross_field_problems(spec: RunSpec) -> list[str]:
             out.append(f"zero.{', zero.'.join(set_s3)} only apply at ZeRO stage 3 (stage is {z.stage}): "
                        "remove them or use --zero 3")
     if z.fp32_grad_accum and not fp32_grad_accum_possible(z.stage, "bf16" if spec.precision == "auto" else
-                                                           spec.precision, off.optimizer.device):
+                                                           spec.base_precision, off.optimizer.device):
         out.append(f"zero.fp32_grad_accum needs ZeRO-1 with bf16 and no optimizer offload (stage {z.stage}, "
                    f"precision {spec.precision}, optimizer offload {off.optimizer.device}): use --zero 1, "
                    "--precision bf16 and --offload-optimizer none, or drop zero.fp32_grad_accum")
+    if spec.precision == "fp8":
+        out += fp8_layout_problems(z.stage, off.optimizer.device, off.param.device)
     if c.max_restarts and c.rdzv_backend == "static":
         out.append("restarts (--max-restarts) need the c10d rendezvous: a restarted static group reads stale "
                    "addresses of its dead workers; use --rdzv-backend c10d or leave it unset")
@@ -408,4 +437,19 @@ def cross_field_problems(spec: RunSpec) -> list[str]:
                 out.append(f"global batch {b.global_batch} != micro_batch {b.micro_batch} x grad_accum "
                            f"{b.grad_accum} x {c.num_processes} processes = {per_step * b.grad_accum}: "
                            "drop one of --global-batch/--grad-accum or make them agree")
+    return out
+
+
+def fp8_layout_problems(stage: int, offload_optimizer: str, offload_param: str) -> list[str]:
+    """Where craken runs FP8 training: no ZeRO and ZeRO-1/2 on the GPU. ZeRO-3 gathers each weight in
+    hooks around the module that torchao's float8 Linear replaces, and offload steps the weights on the
+    CPU: neither has run with float8 matmuls."""
+    out = []
+    if stage == 3:
+        out.append("precision fp8 runs without ZeRO or at ZeRO-1/2, not at ZeRO-3 (its partitioned weights, gathered "
+                   "around each float8 Linear, have not been run with it): use --zero 0/1/2 or --precision bf16")
+    if offload_optimizer != "none" or offload_param != "none":
+        out.append("precision fp8 keeps the optimizer on the GPU (offload, which steps the weights on the CPU, has not "
+                   "been run with float8 matmuls): use --offload-optimizer none --offload-param none or "
+                   "--precision bf16")
     return out

@@ -502,7 +502,7 @@ class Trainer:
     def finish(self, exit_code: int, position: Position) -> int:
         """The last eval, checkpoint and final model of a finished run; the end line; the process group
         taken down."""
-        from . import checkpoint
+        from . import checkpoint, fp8
 
         spec = self.spec
         final_dir = None
@@ -510,6 +510,7 @@ class Trainer:
             self.log_eval(position.step)
         if exit_code == 0 and spec.train.save_final:
             self.engine.save(self.run_dir, self.train_state(position), spec.train.keep_checkpoints)
+            fp8.unconvert(self.accelerator.unwrap_model(self.model))  # final/ and its check logits: plain bf16
             final_dir = checkpoint.save_final(self.accelerator, self.model, self.tokenizer, self.run_dir, spec,
                                               check_batch=_check_batch(self.eval_dl or self.train_dl, self.device),
                                               dtype=self.final_dtype)
