@@ -46,7 +46,7 @@ NOTED = {"timers_config": "timers is not set", "bfloat16_config.check_grad_overf
          "optimizer_params": "optimizer is not in the file", "scheduler_name": "scheduler is not in the file",
          "scheduler_params": "scheduler is not in the file", "grad_accum_dtype": "grad_accum_dtype"}
 # Distributed types accelerate runs and craken does not: refused by craken's own words, not a parser's.
-CRAKEN_DOES_NOT_RUN = ("distributed_type is 'FSDP'", "mixed_precision 'fp8'")
+CRAKEN_DOES_NOT_RUN = ("distributed_type is 'FSDP'",)
 
 
 def _sources() -> dict[str, str]:
@@ -157,7 +157,7 @@ def _imported_spec(files: list[Path], imported):
 KEPT, CHANGED, REAL, NOT_RUN, WRONG = (
     "accepted, stated keys kept", "accepted, a stated key not imported or changed (each noted)",
     "refused for a real problem (DeepSpeed / accelerate refuse it too)",
-    "refused: a distributed type craken does not run (FSDP, fp8)",
+    "refused: a distributed type craken does not run (FSDP)",
     "refused although DeepSpeed / accelerate accept it")
 # Notes that say a stated key is not imported or is rendered otherwise.
 CHANGED_MARKERS = ("not import", "is not used", "DeepSpeed would stop")
