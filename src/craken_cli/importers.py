@@ -13,6 +13,7 @@ without importing DeepSpeed (they stay partial: what they leave out is craken's 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -468,7 +469,7 @@ def craken_schedule(block: dict, values: dict) -> dict | None:
     from .sources import unflatten
 
     try:
-        spec = RunSpec.model_validate_json(__import__("json").dumps(unflatten(
+        spec = RunSpec.model_validate_json(json.dumps(unflatten(
             {**schedule, "optimizer.lr": values.get("optimizer.lr", 3e-4)})))
     except ValueError:
         return None
@@ -481,7 +482,7 @@ def _covered(key: str) -> bool:
 
 
 def _short(value: Any) -> str:
-    text = repr(value) if not isinstance(value, (dict, list)) else __import__("json").dumps(value)
+    text = repr(value) if not isinstance(value, (dict, list)) else json.dumps(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
