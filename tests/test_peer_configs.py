@@ -46,7 +46,7 @@ NOTED = {"timers_config": "timers is not set", "bfloat16_config.check_grad_overf
          "optimizer_params": "optimizer is not in the file", "scheduler_name": "scheduler is not in the file",
          "scheduler_params": "scheduler is not in the file", "grad_accum_dtype": "grad_accum_dtype"}
 # Distributed types accelerate runs and craken does not: refused by craken's own words, not a parser's.
-CRAKEN_DOES_NOT_RUN = ("distributed_type is 'FSDP'", "mixed_precision 'fp8'")
+CRAKEN_DOES_NOT_RUN = ("distributed_type is 'FSDP'",)
 
 
 def _sources() -> dict[str, str]:
@@ -157,7 +157,7 @@ def _imported_spec(files: list[Path], imported):
 KEPT, CHANGED, REAL, NOT_RUN, WRONG = (
     "accepted, stated keys kept", "accepted, a stated key not imported or changed (each noted)",
     "refused for a real problem (DeepSpeed / accelerate refuse it too)",
-    "refused: a distributed type craken does not run (FSDP, fp8)",
+    "refused: a distributed type craken does not run (FSDP)",
     "refused although DeepSpeed / accelerate accept it")
 # Notes that say a stated key is not imported or is rendered otherwise.
 CHANGED_MARKERS = ("not import", "is not used", "DeepSpeed would stop")
@@ -337,3 +337,27 @@ def test_a_missing_deepspeed_config_file_is_one_clear_error(craken, workdir):
     result = craken("config", "import", "accelerate.yaml", "--out", "craken.yaml")
     assert result.code == 2 and "gone.json" in result.err and "does not exist" in result.err
     assert "Traceback" not in result.output and not (workdir / "craken.yaml").exists()
+
+
+def test_import_never_overwrites_and_writes_nothing_on_bad_input(craken, workdir):
+    (workdir / "ds.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 2}))
+    (workdir / "craken.yaml").write_text("zero:\n  stage: 3\n")
+    result = craken("config", "import", "ds.json")
+    assert result.code == 2 and "--force" in result.err
+    assert (workdir / "craken.yaml").read_text() == "zero:\n  stage: 3\n"
+    (workdir / "bad.json").write_text(json.dumps({"train_batch_size": 8, "zero_optimization": {"stage": 2, "x": 1}}))
+    result = craken("config", "import", "bad.json", "--out", "new.yaml")
+    assert result.code == 2 and "zero_optimization.x = 1" in result.err and not (workdir / "new.yaml").exists()
+
+
+def test_an_accelerate_yaml_works_as_config(craken, workdir):
+    """accelerate's inline keys become the DeepSpeed config accelerate would build (its DeepSpeedPlugin)."""
+    (workdir / "accel.yaml").write_text(yamlio.dumps({
+        "distributed_type": "DEEPSPEED", "num_processes": 2, "mixed_precision": "bf16",
+        "deepspeed_config": {"zero_stage": 3, "offload_param_device": "cpu", "zero3_save_16bit_model": True}}))
+    result = craken("config", "render", "--config", "accel.yaml", "--cpu", "--out", "out")
+    assert result.code == 0, result.output
+    ds = json.loads((workdir / "out" / render.DS_FILE).read_text())
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_param"]["device"] == "cpu" and ds["bf16"]["enabled"] is True
+    assert zero["stage3_gather_16bit_weights_on_model_save"] is True

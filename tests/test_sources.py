@@ -163,3 +163,17 @@ def test_builtin_model_preset_is_below_the_zero_preset(workdir):
     assert resolved.spec.model.name_or_path == "builtin:tiny"
     assert resolved.spec.batch.grad_accum == 8
     assert resolved.sources["batch.grad_accum"] == "preset ds_zero2_config.json"
+
+
+def test_a_cross_field_problem_with_a_semicolon_stays_one_problem():
+    """Cross-field problems travel as a list (spec.CrossFieldProblems); they were joined with "; " and split
+    again, so this one message printed as two problems."""
+    from craken_cli.errors import CrakenError
+    from craken_cli.sources import Layer, build_spec
+
+    with pytest.raises(CrakenError) as caught:
+        build_spec([Layer("file", "f", {"cluster": {"max_restarts": 1, "rdzv_backend": "static"},
+                                         "zero": {"stage": 2}, "offload": {"param": {"device": "cpu"}}})])
+    problems = caught.value.problems
+    assert len(problems) == 2, problems
+    assert any("stale addresses of its dead workers; use --rdzv-backend c10d" in p for p in problems)

@@ -13,6 +13,7 @@ without importing DeepSpeed (they stay partial: what they leave out is craken's 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -468,7 +469,7 @@ def craken_schedule(block: dict, values: dict) -> dict | None:
     from .sources import unflatten
 
     try:
-        spec = RunSpec.model_validate_json(__import__("json").dumps(unflatten(
+        spec = RunSpec.model_validate_json(json.dumps(unflatten(
             {**schedule, "optimizer.lr": values.get("optimizer.lr", 3e-4)})))
     except ValueError:
         return None
@@ -481,7 +482,7 @@ def _covered(key: str) -> bool:
 
 
 def _short(value: Any) -> str:
-    text = repr(value) if not isinstance(value, (dict, list)) else __import__("json").dumps(value)
+    text = repr(value) if not isinstance(value, (dict, list)) else json.dumps(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -607,6 +608,7 @@ class AccelerateImport:
     deepspeed: dict | None = None  # the DeepSpeed config accelerate builds from inline deepspeed_config keys
     deepspeed_file: str | None = None  # the deepspeed_config_file it names
     inline_keys: list[str] = field(default_factory=list)  # the deepspeed_config keys it builds a config from
+    fp8: bool = False  # mixed_precision fp8 beside DeepSpeed
 
 
 def accelerate_problems(cfg: dict) -> list[str]:
@@ -675,7 +677,7 @@ def _mixed_precision(cfg: dict, origin: str, out: Imported) -> str | None:
 
 
 def _plain_notes(cfg: dict, origin: str) -> list[str]:
-    notes = []
+    notes = _fp8_notes(cfg, origin)
     if cfg.get("mpirun_config"):
         notes.append(f"{origin}: mpirun_config is not used: craken starts its processes with torchrun "
                      "(--launcher accelerate) or DeepSpeed's launcher (--launcher deepspeed)")
@@ -685,8 +687,20 @@ def _plain_notes(cfg: dict, origin: str) -> list[str]:
     return notes
 
 
+def _fp8_notes(cfg: dict, origin: str) -> list[str]:
+    fp8 = cfg.get("fp8_config")
+    if not fp8:
+        return []
+    settings = ", ".join(f"{k}={v!r}" for k, v in fp8.items())
+    return [f"{origin}: fp8_config ({settings}) is not used: craken's fp8 is torchao's float8 (precision fp8), its "
+            "scaling set by fp8.recipe (tensorwise or rowwise; --set fp8.recipe=rowwise)"]
+
+
 def _deepspeed_section(cfg: dict, precision: str | None, origin: str, result: AccelerateImport) -> None:
     out = result.imported
+    out.notes += _fp8_notes(cfg, origin)
+    if precision == "fp8":
+        result.fp8 = True  # accelerate's DeepSpeed config says bf16 (fp8 autocasts over it): the run is fp8
     ds = cfg.get("deepspeed_config") or {}
     result.deepspeed_file = ds.get("deepspeed_config_file")
     launcher = ds.get("deepspeed_multinode_launcher")
@@ -762,6 +776,8 @@ def import_files(files: list[Path], num_processes: int | None = None) -> Importe
     if ds_data is not None:
         world = num_processes or out.values.get("cluster.num_processes")
         _take(out, from_deepspeed(ds_data, origin=ds_name, world_size=world if isinstance(world, int) else None))
+        if accel is not None and accel.fp8 and out.values.get("precision") == "bf16":
+            out.values["precision"] = "fp8"
     return out
 
 

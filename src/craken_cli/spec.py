@@ -42,6 +42,7 @@ class CrossFieldProblems(ValueError):
         self.problems = list(problems)
         super().__init__("\n".join(self.problems))  # for display only; readers take .problems
 
+
 # Stage-3-only knobs; setting one at stage 0-2 is a mistake DeepSpeed silently ignores.
 STAGE3_FIELDS = (
     "stage3_prefetch_bucket_size",
