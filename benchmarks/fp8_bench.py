@@ -61,13 +61,28 @@ def hand_float8(name, model, out, seq, steps, micro_batches):
     return {"name": name, "kind": "hand", "argv": argv, "result": out_json}
 
 
+def pattern_data(lines: int = 24_000) -> Path:
+    """The built-in pattern language, more of it: the built-in set packs into 61 blocks of 2048 tokens,
+    fewer than one Qwen micro-batch of 64 (about 180 blocks here)."""
+    from craken_cli.train import builtin
+
+    path = WORK / "patterns.jsonl"
+    if not path.is_file():
+        WORK.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as fh:
+            for line in builtin.pattern_lines(lines, seed=7):
+                fh.write(json.dumps({"text": line}) + "\n")
+    return path
+
+
 def speed_runs(grid: str, out: Path) -> list[dict]:
+    data = ("--dataset", str(pattern_data()))
     m11 = gpu_bench.write_config(WORK / "llama-1.1b", "llama-1.1b")
     m3b = gpu_bench.write_config(WORK / "llama-3b", "llama-3b")
     qwen = WORK / "qwen2.5-0.5b"
     qwen.mkdir(parents=True, exist_ok=True)
     (qwen / "config.json").write_text(json.dumps(QWEN_05B, indent=1))
-    gb11, gb3 = ("--global-batch", "16"), ("--global-batch", "8")
+    gb11, gb3 = ("--global-batch", "16"), ("--global-batch", "8")  # the built-in data, as gpu_bench.py
     fp8 = [
         gpu_bench.craken_run("bf16-1.1b", m11, out, 2048, 25, "--auto", "--precision", "bf16", *gb11),
         gpu_bench.craken_run("fp8-1.1b", m11, out, 2048, 25, "--auto", "--precision", "fp8", *gb11),
@@ -77,9 +92,9 @@ def speed_runs(grid: str, out: Path) -> list[dict]:
         hand_float8("hand-float8-3b", m3b, out, 4096, 5, "8,4,2"),
     ]
     loss = [
-        gpu_bench.craken_run("qwen-model-loss", qwen, out, 2048, 25, "--auto", "--global-batch", "64",
+        gpu_bench.craken_run("qwen-model-loss", qwen, out, 2048, 25, "--auto", "--global-batch", "64", *data,
                              "--set", "model.loss=model"),
-        gpu_bench.craken_run("qwen-chunked-loss", qwen, out, 2048, 25, "--auto", "--global-batch", "64"),
+        gpu_bench.craken_run("qwen-chunked-loss", qwen, out, 2048, 25, "--auto", "--global-batch", "64", *data),
     ]
     if grid == "fp8":
         return fp8
