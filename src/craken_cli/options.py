@@ -118,7 +118,19 @@ def layers(args: SpecArgs, environ=None) -> list[Layer]:
     if merged.get("model.name_or_path", "builtin:tiny") == BUILTIN_PRESET_MODEL:
         path = builtin_preset_path()
         out.insert(1, Layer("preset", path.name, yamlio.read_mapping(path)))
+    _print_notes(out)
     return out
+
+
+def _print_notes(found: list[Layer]) -> None:
+    """What importing a DeepSpeed JSON / accelerate YAML given as --config noted, on stderr, for every
+    command that reads the run's sources."""
+    notes = [note for layer in found for note in layer.notes]
+    if notes:
+        from .console import err
+
+        for note in notes:
+            err.print(f"note: {note}", markup=False, highlight=False)
 
 
 BUILTIN_PRESET_MODEL = "builtin:tiny"

@@ -39,8 +39,7 @@ def deepspeed_config(spec: RunSpec) -> dict:
         zero["offload_param"] = _offload(spec.offload.param)
     zero.update(overlap_comm=z.overlap_comm, contiguous_gradients=z.contiguous_gradients,
                 reduce_bucket_size=z.reduce_bucket_size)
-    if z.stage in (1, 2):
-        zero["allgather_bucket_size"] = z.allgather_bucket_size
+    zero["allgather_bucket_size"] = z.allgather_bucket_size  # DeepSpeed reads it at every stage
     if z.stage == 3:
         for key in STAGE3_FIELDS:
             zero[key] = getattr(z, key)
@@ -60,7 +59,7 @@ def deepspeed_config(spec: RunSpec) -> dict:
         # DeepSpeed's bf16 overflow check (amax and amin of every gradient, a host sync per step) costs
         # ZeRO-2 4% on one H200 (zero_lab.py); craken's loop checks the loss and the gradient norm itself
         # before every checkpoint. Kept where DeepSpeed must skip a non-finite step (on_nonfinite=skip).
-        "bf16": {"enabled": spec.base_precision == "bf16", "check_grad_overflow": spec.train.on_nonfinite == "skip"},
+        "bf16": {"enabled": spec.base_precision == "bf16"},
         "fp16": {"enabled": spec.precision == "fp16"},
         "optimizer": {"type": "AdamW", "params": {
             "lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
@@ -72,6 +71,8 @@ def deepspeed_config(spec: RunSpec) -> dict:
         # ZeRO-1 + bf16 then runs DeepSpeed's BF16 optimizer: one flat fp32 gradient buffer, without the
         # ZeRO optimizer's per-parameter bucket copies, inf checks and device syncs (1.07x on one H200).
         cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+    if spec.base_precision == "bf16":
+        cfg["bf16"]["check_grad_overflow"] = spec.train.on_nonfinite == "skip"
     if spec.precision == "fp16":
         cfg["fp16"].update(loss_scale=0, initial_scale_power=16, loss_scale_window=1000, hysteresis=2,
                            min_loss_scale=1)
@@ -82,7 +83,28 @@ def deepspeed_config(spec: RunSpec) -> dict:
         # Offloaded states are stepped by DeepSpeed's CPU Adam; torch_adam would be refused there.
         del cfg["optimizer"]["params"]["torch_adam"]
         cfg["optimizer"]["params"].pop("fused", None)
-    return cfg
+    return with_extra(cfg, spec)
+
+
+def with_extra(cfg: dict, spec: RunSpec) -> dict:
+    """The rendered config with the spec's deepspeed.extra keys merged in, their "auto" filled from the
+    run; an extra scheduler block replaces craken's whole (a schedule is one block, never mixed)."""
+    extra = spec.deepspeed.extra
+    if not extra:
+        return cfg
+    from .importers import AutoFill, fill_auto
+
+    filled = fill_auto(extra, AutoFill.of(spec))
+    if "scheduler" in filled:
+        cfg.pop("scheduler", None)
+    return _merge(cfg, filled)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _launch_shape(spec: RunSpec) -> dict:

@@ -11,7 +11,7 @@ fill.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
@@ -28,6 +28,19 @@ def _integral_float_to_int(value):
 
 # At most 2**50 elements: DeepSpeed keeps bucket sizes in C++ integers (1e40 overflowed inside the workers).
 Count = Annotated[int, BeforeValidator(_integral_float_to_int), Field(le=2**50)]
+# "auto": filled from the model's hidden size as the HF Trainer fills DeepSpeed's "auto" buckets.
+PositiveAutoCount = Annotated[Annotated[int, Field(gt=0, le=2**50)] | Literal["auto"],
+                              BeforeValidator(_integral_float_to_int)]
+AutoCount = Annotated[Annotated[int, Field(ge=0, le=2**50)] | Literal["auto"], BeforeValidator(_integral_float_to_int)]
+
+
+class CrossFieldProblems(ValueError):
+    """Every cross-field problem of a spec. Pydantic keeps the exception it wraps, so
+    `sources.format_validation_errors` reads the list itself, never a joined string split again."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))  # for display only; readers take .problems
 
 # Stage-3-only knobs; setting one at stage 0-2 is a mistake DeepSpeed silently ignores.
 STAGE3_FIELDS = (
@@ -87,7 +100,9 @@ class DataSection(Section):
 
 
 class BatchSection(Section):
-    micro_batch: int = Field(4, gt=0, description="Sequences per GPU (process) per forward pass.")
+    micro_batch: int | None = Field(
+        4, gt=0, description="Sequences per GPU (process) per forward pass. None: global_batch / (grad_accum x "
+        "processes), as DeepSpeed derives it from a file that states only train_batch_size.")
     grad_accum: int | None = Field(
         None, gt=0, description="Micro-batches accumulated per optimizer step (None: from global_batch, else 8)."
     )
@@ -100,9 +115,9 @@ class BatchSection(Section):
         """Gradient accumulation for `world_size` processes: stated, derived from global_batch, or 8."""
         if self.grad_accum is not None:
             return self.grad_accum
-        if self.global_batch is not None:
+        if self.global_batch is not None and self.micro_batch is not None:
             return max(1, self.global_batch // (self.micro_batch * world_size))
-        return 8
+        return 1 if self.global_batch is not None else 8
 
 
 class OptimizerSection(Section):
@@ -149,8 +164,9 @@ class ZeroSection(Section):
     stage: Literal[0, 1, 2, 3] = Field(1, description="ZeRO stage: 0 none, 1 optimizer, 2 +gradients, 3 +parameters.")
     overlap_comm: bool = Field(True, description="Overlap gradient reduction with the backward pass.")
     contiguous_gradients: bool = Field(True, description="Copy gradients into one buffer as they are produced.")
-    reduce_bucket_size: Count = Field(500_000_000, gt=0, description="Elements reduced at once.")
-    allgather_bucket_size: Count = Field(500_000_000, gt=0, description="Elements gathered at once (stage 1-2).")
+    reduce_bucket_size: PositiveAutoCount = Field(
+        500_000_000, description="Elements reduced at once (auto: hidden_size squared, as the HF Trainer fills it).")
+    allgather_bucket_size: Count = Field(500_000_000, ge=0, description="Elements gathered at once (stage 1-2).")
     fp32_grad_accum: bool | None = Field(
         None, description="Accumulate gradients in fp32 through DeepSpeed's BF16 optimizer: exact over any number "
         "of accumulation steps and faster on one GPU (ZeRO-1 1.07x on one H200, docs/performance.md), for more "
@@ -159,14 +175,16 @@ class ZeroSection(Section):
         "None: on with one process; with several it all-reduces fp32 gradients after the backward (4x the bytes of the 16-bit "
         "reduce-scatter, not overlapped), not measured on GPUs, so off."
     )
-    stage3_prefetch_bucket_size: Count | None = Field(
-        None, gt=0, description="Stage 3: parameter elements prefetched ahead (None: 50M)."
+    stage3_prefetch_bucket_size: AutoCount | None = Field(
+        None, description="Stage 3: parameter elements prefetched ahead (None: 50M; auto: 0.9 x hidden_size "
+        "squared, as the HF Trainer fills it)."
     )
-    stage3_param_persistence_threshold: Count | None = Field(
-        None, ge=0, description="Stage 3: parameters smaller than this stay unpartitioned (None: 100k)."
+    stage3_param_persistence_threshold: AutoCount | None = Field(
+        None, description="Stage 3: parameters smaller than this stay unpartitioned (None: 100k; auto: 10 x "
+        "hidden_size, as the HF Trainer fills it)."
     )
     stage3_max_live_parameters: Count | None = Field(
-        None, gt=0, description="Stage 3: parameter elements kept gathered at once (None: 1e9)."
+        None, ge=0, description="Stage 3: parameter elements kept gathered at once (None: 1e9)."
     )
     stage3_max_reuse_distance: Count | None = Field(
         None, ge=0, description="Stage 3: keep a parameter if reused within this many elements (None: 1e9)."
@@ -230,6 +248,54 @@ class OutputSection(Section):
         return self.dir if self.dir is not None else f"runs/{self.name}"
 
 
+class DeepSpeedSection(Section):
+    extra: dict[str, Any] = Field(
+        default_factory=dict, description="DeepSpeed keys craken does not model, written into ds_config.json as "
+        "given: nested sections merge key by key into what craken renders, and \"auto\" is filled as the HF Trainer "
+        "fills it. `craken config import` keeps a file's other keys here (activation_checkpointing, tensor_parallel, "
+        "zero_optimization.sub_group_size, fp16 loss scaling, its scheduler block, ...)."
+    )
+
+    @model_validator(mode="after")
+    def _not_modeled(self) -> DeepSpeedSection:
+        from .sources import flatten
+
+        taken = [f"deepspeed.extra.{key} is craken's {DEEPSPEED_FIELDS[key]}: set that instead"
+                 for key in flatten(self.extra) if key in DEEPSPEED_FIELDS]
+        if taken:
+            raise CrossFieldProblems(taken)
+        return self
+
+
+# DeepSpeed JSON key -> the spec field render.deepspeed_config writes it from. The importer reads a
+# file's value into that field; deepspeed.extra may not hold these keys (one place per value).
+DEEPSPEED_FIELDS = {
+    "train_micro_batch_size_per_gpu": "batch.micro_batch",
+    "gradient_accumulation_steps": "batch.grad_accum",
+    "train_batch_size": "batch.global_batch",
+    "gradient_clipping": "optimizer.clip",
+    "steps_per_print": "logging.steps_per_print",
+    "wall_clock_breakdown": "logging.wall_clock_breakdown",
+    "bf16.enabled": "precision",
+    "fp16.enabled": "precision",
+    "optimizer.params.lr": "optimizer.lr",
+    "optimizer.params.betas": "optimizer.betas",
+    "optimizer.params.eps": "optimizer.eps",
+    "optimizer.params.weight_decay": "optimizer.weight_decay",
+    "optimizer.params.torch_adam": "optimizer.fused",
+    "data_types.grad_accum_dtype": "zero.fp32_grad_accum",
+    "zero_optimization.stage": "zero.stage",
+    "zero_optimization.overlap_comm": "zero.overlap_comm",
+    "zero_optimization.contiguous_gradients": "zero.contiguous_gradients",
+    "zero_optimization.reduce_bucket_size": "zero.reduce_bucket_size",
+    "zero_optimization.allgather_bucket_size": "zero.allgather_bucket_size",
+    **{f"zero_optimization.{key}": f"zero.{key}" for key in STAGE3_FIELDS},
+    "zero_optimization.stage3_gather_16bit_weights_on_model_save": "zero.gather_16bit_weights_on_save",
+    **{f"zero_optimization.offload_{target}.{key}": f"offload.{target}.{key}"
+       for target in ("optimizer", "param") for key in ("device", "nvme_path", "pin_memory")},
+}
+
+
 class Fp8Section(Section):
     recipe: Literal["tensorwise", "rowwise"] = Field(
         "tensorwise", description="torchao float8 scaling under --precision fp8: tensorwise (one scale per tensor; "
@@ -257,6 +323,7 @@ class RunSpec(Section):
     logging: LoggingSection = Field(default_factory=LoggingSection, description="Logging.")
     cluster: ClusterSection = Field(default_factory=ClusterSection, description="Processes and machines.")
     output: OutputSection = Field(default_factory=OutputSection, description="Where results go.")
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection, description="DeepSpeed keys beyond these.")
 
     # Cross-field rules: each message names the setting to change. They raise ValueError, which
     # pydantic collects; `sources.build_spec` turns all of them into one report.
@@ -264,7 +331,7 @@ class RunSpec(Section):
     def _cross_field(self) -> RunSpec:
         problems = cross_field_problems(self)
         if problems:
-            raise ValueError("; ".join(problems))
+            raise CrossFieldProblems(problems)
         return self
 
     @property
@@ -354,11 +421,13 @@ def cross_field_problems(spec: RunSpec) -> list[str]:
                    "fix --machine-rank")
     if c.num_machines > 1 and not c.main_process_ip:
         out.append("several machines need the address of rank 0: set --main-process-ip")
+    if b.micro_batch is None and b.global_batch is None:
+        out.append("batch.micro_batch is empty and no global batch derives it: set --micro-batch N or --global-batch N")
     if c.num_processes is not None:
         if c.num_processes % c.num_machines:
             out.append(f"cluster.num_processes {c.num_processes} (total) is not a multiple of num_machines "
                        f"{c.num_machines}: fix --num-processes")
-        if b.global_batch is not None:
+        if b.global_batch is not None and b.micro_batch is not None:
             per_step = b.micro_batch * c.num_processes
             if b.grad_accum is None and b.global_batch % per_step:
                 out.append(f"global batch {b.global_batch} is not a multiple of micro_batch {b.micro_batch} x "
