@@ -12,7 +12,8 @@
     3B (seq 4096, global batch 8) shapes of benchmarks/gpu_bench.py; fp32 master weights everywhere.
 (b) The Qwen2.5-0.5B shape (vocab 151,936, tied, 14 heads / 2 KV, hidden 896, 24 layers, MLP 4864) at
     seq 2048: `craken train --auto` with the chunked loss (model.loss auto) against the model's own
-    compiled loss (--set model.loss=model), each at the micro-batch the planner picks from global batch 64.
+    compiled loss (--set model.loss=model), each at the micro-batch the planner picks from global batch 64;
+    then the same for the Llama-3.2-1B shape (vocab 128,256, tied), global batch 32.
 (c) The 1.1B shape at seq 1024 on text gathered from the installed Python packages' sources and docs
     (no hub data here: real code and prose, not random tokens), a BPE tokenizer trained on it on the
     spot, bf16 and fp8 from the same seed and data; eval loss every 50 steps.
@@ -44,12 +45,18 @@ QWEN_05B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidde
             "intermediate_size": 4864, "vocab_size": 151936, "tie_word_embeddings": True,
             "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
             "hidden_act": "silu", "bos_token_id": 151643, "eos_token_id": 151643, "torch_dtype": "bfloat16"}
+LLAMA3_1B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,  # Llama-3.2-1B
+             "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+             "intermediate_size": 8192, "vocab_size": 128256, "tie_word_embeddings": True,
+             "max_position_embeddings": 131072, "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "hidden_act": "silu",
+             "bos_token_id": 128000, "eos_token_id": 128001}
 MUST = [  # (numerator row, denominator row, at least, what)
     ("fp8-1.1b", "bf16-1.1b", 1.20, "craken fp8 / craken bf16, 1.1B"),
     ("fp8-3b", "bf16-3b", 1.20, "craken fp8 / craken bf16, 3B"),
     ("fp8-1.1b", "hand-float8-1.1b", 1.15, "craken fp8 / hand-written float8, 1.1B"),
     ("fp8-3b", "hand-float8-3b", 1.15, "craken fp8 / hand-written float8, 3B"),
     ("qwen-chunked-loss", "qwen-model-loss", 1.25, "chunked loss / compiled model loss, Qwen2.5-0.5B"),
+    ("llama3-chunked-loss", "llama3-model-loss", 1.0, "chunked loss / compiled model loss, Llama-3 1B (128k)"),
 ]
 
 
@@ -61,13 +68,29 @@ def hand_float8(name, model, out, seq, steps, micro_batches):
     return {"name": name, "kind": "hand", "argv": argv, "result": out_json}
 
 
+def pattern_data(lines: int = 24_000) -> Path:
+    """The built-in pattern language, more of it: the built-in set packs into 61 blocks of 2048 tokens,
+    fewer than one Qwen micro-batch of 64 (about 180 blocks here)."""
+    from craken_cli.train import builtin
+
+    path = WORK / "patterns.jsonl"
+    if not path.is_file():
+        WORK.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as fh:
+            for line in builtin.pattern_lines(lines, seed=7):
+                fh.write(json.dumps({"text": line}) + "\n")
+    return path
+
+
 def speed_runs(grid: str, out: Path) -> list[dict]:
+    data = ("--dataset", str(pattern_data()))
     m11 = gpu_bench.write_config(WORK / "llama-1.1b", "llama-1.1b")
     m3b = gpu_bench.write_config(WORK / "llama-3b", "llama-3b")
-    qwen = WORK / "qwen2.5-0.5b"
-    qwen.mkdir(parents=True, exist_ok=True)
-    (qwen / "config.json").write_text(json.dumps(QWEN_05B, indent=1))
-    gb11, gb3 = ("--global-batch", "16"), ("--global-batch", "8")
+    qwen, llama3 = WORK / "qwen2.5-0.5b", WORK / "llama3.2-1b"
+    for folder, cfg in ((qwen, QWEN_05B), (llama3, LLAMA3_1B)):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(cfg, indent=1))
+    gb11, gb3 = ("--global-batch", "16"), ("--global-batch", "8")  # the built-in data, as gpu_bench.py
     fp8 = [
         gpu_bench.craken_run("bf16-1.1b", m11, out, 2048, 25, "--auto", "--precision", "bf16", *gb11),
         gpu_bench.craken_run("fp8-1.1b", m11, out, 2048, 25, "--auto", "--precision", "fp8", *gb11),
@@ -77,15 +100,18 @@ def speed_runs(grid: str, out: Path) -> list[dict]:
         hand_float8("hand-float8-3b", m3b, out, 4096, 5, "8,4,2"),
     ]
     loss = [
-        gpu_bench.craken_run("qwen-model-loss", qwen, out, 2048, 25, "--auto", "--global-batch", "64",
+        gpu_bench.craken_run("qwen-model-loss", qwen, out, 2048, 25, "--auto", "--global-batch", "64", *data,
                              "--set", "model.loss=model"),
-        gpu_bench.craken_run("qwen-chunked-loss", qwen, out, 2048, 25, "--auto", "--global-batch", "64"),
+        gpu_bench.craken_run("qwen-chunked-loss", qwen, out, 2048, 25, "--auto", "--global-batch", "64", *data),
+        gpu_bench.craken_run("llama3-model-loss", llama3, out, 2048, 20, "--auto", "--global-batch", "32", *data,
+                             "--set", "model.loss=model"),
+        gpu_bench.craken_run("llama3-chunked-loss", llama3, out, 2048, 20, "--auto", "--global-batch", "32", *data),
     ]
     if grid == "fp8":
         return fp8
     if grid == "loss":
         return loss
-    return fp8[:2] + loss + fp8[2:]  # the two 1.1B rows and Qwen first: the most asked for the least time
+    return fp8[:2] + loss[:2] + fp8[2:] + loss[2:]  # 1.1B and Qwen first: the most asked for the least time
 
 
 def predicted_reserved(run_dir: Path) -> float | None:

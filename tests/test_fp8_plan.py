@@ -88,7 +88,7 @@ def test_the_chunked_loss_removes_the_logits_from_the_qwen_prediction(tmp_path):
     chunked = by_name(planned(model, micro_batch=16), "zero0")  # auto: 151,936 >= the threshold
     tokens = 16 * 2048
     assert own.detail["logits_loss"] == pytest.approx(4 * tokens * 151936 / GiB)  # 16-bit logits + gradient
-    assert chunked.detail["logits_loss"] < own.detail["logits_loss"] / 10
+    assert chunked.detail["logits_loss"] < own.detail["logits_loss"] / 5  # one chunk + the weight gradient
     assert chunked.detail["layer_activations"] == own.detail["layer_activations"]
     searched = planned(model, global_batch=64)
     assert by_name(searched, "zero0").micro_batch == 64  # the logits no longer decide the micro-batch

@@ -33,9 +33,9 @@ def test_where_it_applies(setting, model_type, vocab, stage, expected):
     assert vocab_loss.applies(setting, model_type, vocab, stage) is expected
 
 
-def test_chunks_are_whole_tiles_of_about_half_a_gibibyte():
-    assert vocab_loss.chunk_tokens(151_936) == 1536
-    assert vocab_loss.chunk_tokens(32_000) == 8192
+def test_chunks_are_whole_tiles_of_about_a_gibibyte():
+    assert vocab_loss.chunk_tokens(151_936) == 3328
+    assert vocab_loss.chunk_tokens(32_000) == 16640
     assert vocab_loss.chunk_tokens(10**9) == 256
 
 
