@@ -113,6 +113,11 @@ def test_a_killed_save_is_cleaned_by_the_next_save(tmp_path):
     class FakeAccelerator:
         is_main_process = True
         num_processes = 2
+        device = "cpu"
+        _models: list = []
+
+        def reduce(self, tensor, reduction):
+            return tensor
 
         class state:  # a DeepSpeed run: save_state gets the universal-checkpoint client state
             deepspeed_plugin = object()

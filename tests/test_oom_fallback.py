@@ -57,7 +57,7 @@ def test_out_of_memory_relaunches_with_the_next_fastest_setting(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     launched = []
 
-    def fake_run(argv, env):
+    def fake_run(argv, env, keep_fds=()):
         run_dir = tmp_path / "runs" / "oom"
         launched.append(strategy(run_dir))
         if len(launched) == 1:  # the first strategy runs out of memory at step 1 on rank 0
@@ -81,7 +81,7 @@ def test_no_oom_fallback_reports_the_failure(tmp_path, monkeypatch, one_h100, ll
     monkeypatch.chdir(tmp_path)
     calls = []
 
-    def fake_run(argv, env):
+    def fake_run(argv, env, keep_fds=()):
         calls.append(argv)
         (tmp_path / "runs" / "oom" / "oom-rank0.json").write_text(json.dumps({"step": 3, "rank": 0}))
         return 4
@@ -94,7 +94,7 @@ def test_no_oom_fallback_reports_the_failure(tmp_path, monkeypatch, one_h100, ll
 def test_every_strategy_out_of_memory_ends_with_one_message(tmp_path, monkeypatch, one_h100, llama_1b):
     monkeypatch.chdir(tmp_path)
 
-    def fake_run(argv, env):
+    def fake_run(argv, env, keep_fds=()):
         (tmp_path / "runs" / "oom" / "oom-rank0.json").write_text(json.dumps({"step": 1, "rank": 0}))
         return 4
 
@@ -114,7 +114,7 @@ def test_auto_turns_on_regional_compilation_unless_the_user_set_it(tmp_path, mon
     (eager: 8), the measured fastest setting (docs/performance.md)."""
     monkeypatch.chdir(tmp_path)
     seen = []
-    monkeypatch.setattr(launch, "run", lambda argv, env: seen.append(compiled_and_micro_batch(
+    monkeypatch.setattr(launch, "run", lambda argv, env, keep_fds=(): seen.append(compiled_and_micro_batch(
         tmp_path / "runs" / "oom")) or 0)
     auto = prepare(request(llama_1b), environ={})
     assert any("--auto chose zero0 + compile, micro-batch 16" in w for w in auto.warnings)

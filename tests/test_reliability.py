@@ -319,13 +319,13 @@ def test_no_secret_in_any_run_folder(zero2, zero3, world_change):
     assert not any(v in world_change["c_log"] + zero2["term_log"] for v in SECRETS.values())
 
 
-@pytest.mark.e2e
-def test_report_measurements(zero2, zero3, world_change):
-    """Not a check: prints what the tests above measured (run with -s)."""
+@pytest.fixture(scope="module", autouse=True)
+def print_measurements():
+    """What the e2e tests measured, printed once after them (run with -s); not a test, which would assert
+    nothing."""
+    yield
     for key, value in MEASURED.items():
         print(f"{key}: {value}")
-    print(f"wall: zero2 A+B {zero2['wall_s']:.0f} s, zero3 A+B {zero3['wall_s']:.0f} s, "
-          f"world change C+D {world_change['wall_s']:.0f} s")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,6 +359,32 @@ def test_partial_and_corrupt_checkpoints_are_skipped(tmp_path):
     assert found == good
     assert any(str(partial) in w for w in warnings) and any(str(corrupt) in w for w in warnings)
     assert checkpoint.list_checkpoints(tmp_path) == [good]
+
+
+def test_same_size_scrambled_or_stale_shards_are_refused_by_content(tmp_path, craken, workdir):
+    """A shard of the right size but other bytes (scrambled, or copied from an older step) was listed
+    complete and loaded: the run hit NaN, and --resume auto loaded it again."""
+    from craken_cli.train import checkpoint
+    from craken_cli.resume import resume_checkpoint
+
+    run = workdir / "run"
+    good = _fake_checkpoint(run, 4)
+    scrambled = _fake_checkpoint(run, 8)
+    stale = _fake_checkpoint(run, 12)
+    shard = "pytorch_model/mp_rank_00_model_states.pt"
+    (scrambled / shard).write_bytes(bytes(reversed(range(100))))  # same 100 bytes, other content
+    (stale / "random_states_0.pkl").write_bytes(b"s" * 10)  # as if copied from another step
+    assert checkpoint.problems(scrambled) == []  # sizes alone cannot tell
+    assert "checksum differs" in checkpoint.problems(scrambled, verify=True)[0]
+    found, warnings = resume_checkpoint(run, "auto")
+    assert found == good
+    assert any(str(scrambled) in w for w in warnings) and any(str(stale) in w for w in warnings)
+    listed = craken("ckpt", "list", "run", "--json")
+    rows = {r["step"]: r for r in __import__("json").loads(listed.out)}
+    assert rows[4]["complete"] and not rows[8]["complete"] and not rows[12]["complete"]
+    assert "random_states_0.pkl does not hold what was written" in rows[12]["problems"][0]
+    refused = craken("train", "--resume", str(stale), "--output-dir", "run2", "--dry-run")
+    assert refused.code == 2 and "checksum differs" in refused.err and "Traceback" not in refused.output
 
 
 def test_resume_auto_warns_and_uses_previous_good_checkpoint(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from .errors import CrakenError
 from .sources import Layer, Resolved
+from .train import fp8
 
 # What --auto may choose where the user did not set it (Resolved.user_set); model.compile: auto_compile.
 AUTO_PATHS = ("zero.stage", "offload.optimizer.device", "offload.param.device", "model.activation_checkpointing",
@@ -79,4 +80,5 @@ def auto_layer(resolved: Resolved, hw, exclude: tuple[tuple[str, int], ...] = ()
     note = (f"--auto chose {choice.name}{' + compile' if compile_chosen else ''}, micro-batch {choice.micro_batch} "
             f"x accumulation {choice.grad_accum} (predicted {choice.total_gib:.1f} GiB of "
             f"{result.gpu_memory_gib:.0f} GiB per GPU)")
-    return (Layer("auto", "planner", unflatten(values)),), [note], choice.name
+    notes = [note, *fp8.recommendation(spec.precision, hw.gpus, choice, info, spec.data.seq_len)]
+    return (Layer("auto", "planner", unflatten(values)),), notes, choice.name

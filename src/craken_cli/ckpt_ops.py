@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .errors import CrakenError
 from .hardware import nearest_existing
+from .runfolder import CHECKPOINTS, FINAL, disk_message, free_bytes, fsync_tree, is_disk_full, protected
 from .train import checkpoint as ck
 
 UNIVERSAL_DIR = "universal"  # RUN/checkpoints/universal/step_N: converted copies
@@ -65,7 +66,7 @@ def rows(run_dir: Path) -> list[dict]:
         found += sorted((p for p in uni.iterdir() if ck.step_of(p) is not None), key=ck.step_of)
     out = []
     for path in found:
-        why = ck.problems(path)
+        why = ck.problems(path, verify=True)
         state = ck.read_state(path) if not why else None
         out.append({
             "step": ck.step_of(path), "path": str(path), "complete": not why, "problems": why,
@@ -102,20 +103,33 @@ def require_checkpoint(ckpt: Path, title: str) -> ck.TrainState:
     if ckpt.is_dir() and ck.checkpoint_dir(ckpt).is_dir():
         raise CrakenError(f"{ckpt} is a run folder, not a checkpoint: name one of its checkpoints/step_* folders "
                           f"(`craken ckpt list {ckpt}`)", title=title)
-    why = ck.problems(ckpt)
+    why = ck.problems(ckpt, verify=True)
     if why:
         raise CrakenError(f"{ckpt} is not a complete checkpoint ({'; '.join(why[:3])}): use an earlier one "
                           "from `craken ckpt list RUN_DIR`", title=title)
     return ck.read_state(ckpt)
 
 
-def require_new_output(out: Path, force: bool, title: str) -> None:
+EXPORT_MARKER = "craken_export.json"  # in every exported model folder
+
+
+def require_new_output(out: Path, force: bool, title: str, reads: tuple[Path, ...] = ()) -> None:
+    """`out` may be written: new, empty, or (with --force) an earlier export or conversion of craken's,
+    never a folder above the working folder, the home folder or what this command reads."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CrakenError(f"--out {out} is a file: choose a folder", title=title)
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise CrakenError(f"--out {out} exists and is not empty: choose another folder or pass --force to "
-                          "replace it", title=title)
+    why = protected(out, reads=tuple(reads))
+    if why:
+        raise CrakenError(f"--out {out} is {why}: craken never replaces it; choose a new folder", title=title)
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise CrakenError(f"--out {out} exists and is not empty: choose another folder or pass --force to "
+                              "replace it", title=title)
+        if not ((out / EXPORT_MARKER).is_file() or (out / ck.STATE_FILE).is_file()):
+            raise CrakenError(f"--out {out} holds files craken did not write (no {EXPORT_MARKER} or "
+                              f"{ck.STATE_FILE}): --force replaces only an earlier export or conversion; choose a "
+                              "new folder", title=title)
     parent = nearest_existing(out.absolute().parent)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise CrakenError(f"--out {out}: {parent} is not writable; choose another folder", title=title)
@@ -128,7 +142,7 @@ def require_new_output(out: Path, force: bool, title: str) -> None:
 def default_universal_out(ckpt: Path) -> Path:
     """RUN/checkpoints/universal/step_N for RUN/checkpoints/step_N, else CKPT-universal beside it."""
     ckpt = Path(ckpt)
-    if ckpt.parent.name == "checkpoints":
+    if ckpt.parent.name == CHECKPOINTS:
         return ckpt.parent / UNIVERSAL_DIR / ckpt.name
     return ckpt.with_name(f"{ckpt.name}-universal")
 
@@ -150,7 +164,8 @@ def convert(ckpt: Path, out: Path | None = None, force: bool = False, env=None) 
                           "model and every process the whole optimizer state), so it needs no conversion: resume "
                           f"from it directly on any number of processes (craken train --resume {ckpt})", title=title)
     out = Path(out) if out is not None else default_universal_out(ckpt)
-    require_new_output(out, force, title)
+    require_new_output(out, force, title, reads=(ckpt,))
+    require_space(out, _size(ckpt), "the universal checkpoint", title)
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".tmp_{out.name}")
@@ -172,9 +187,14 @@ def convert(ckpt: Path, out: Path | None = None, force: bool = False, env=None) 
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
         (tmp / "latest").write_text(ck.SHARDS)
         ck.write_state(tmp, dataclasses.replace(state, universal=True, converted_from=str(ckpt.absolute())))
-        ck._fsync_tree(tmp)
+        fsync_tree(tmp)
         ck.replace_dir(tmp, out)
         ok = True
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        raise CrakenError(f"{disk_message(out, _size(ckpt), 'the universal checkpoint')} (partial files removed)",
+                          title=title) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if not ok:
@@ -193,7 +213,7 @@ def convert(ckpt: Path, out: Path | None = None, force: bool = False, env=None) 
 def meta_dir(ckpt: Path) -> Path | None:
     """Model config + tokenizer for `ckpt`: its own copy, else the run folder's."""
     ckpt = Path(ckpt)
-    for candidate in (ckpt / ck.CKPT_META, ckpt.parent.parent / ck.META_DIR, ckpt.parent.parent / "final"):
+    for candidate in (ckpt / ck.CKPT_META, ckpt.parent.parent / ck.META_DIR, ckpt.parent.parent / FINAL):
         if (candidate / "config.json").is_file():
             return candidate
     return None
@@ -259,7 +279,7 @@ def export(ckpt: Path, out: Path, dtype: str = "auto", force: bool = False) -> P
                           f"{ck.META_DIR}/ nor final/: it was written by an older craken; nothing to export from",
                           title=title)
     out = Path(out)
-    require_new_output(out, force, title)
+    require_new_output(out, force, title, reads=(ckpt,))
 
     import contextlib
     import io
@@ -294,19 +314,36 @@ def export(ckpt: Path, out: Path, dtype: str = "auto", force: bool = False) -> P
         raise CrakenError(f"{ckpt}: no weights for {', '.join(still_meta[:5])}", title=title)
     model.config.dtype = torch_dtype
 
+    needed = sum(t.numel() * t.element_size() for t in weights.values())
+    require_space(out, needed, "the exported model", title)
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
     tmp = out.absolute().with_name(f".tmp_{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        for item in meta.iterdir():  # the tokenizer files
-            if item.is_file() and item.name not in _MODEL_FILES and not (tmp / item.name).exists():
-                shutil.copy2(item, tmp / item.name)
-        (tmp / "craken_export.json").write_text(json.dumps(
-            {"checkpoint": str(ckpt.absolute()), "step": state.step, "dtype": str(torch_dtype).split(".")[-1]},
-            indent=1) + "\n")
-        ck._fsync_tree(tmp)
-        ck.replace_dir(tmp, out)
+        write_export(model, meta, tmp, out, ckpt, state, torch_dtype)
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        raise CrakenError(f"{disk_message(out, needed, 'the exported model')} (partial files removed)",
+                          title=title) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def require_space(out: Path, needed: int, what: str, title: str) -> None:
+    if free_bytes(out) < needed:
+        raise CrakenError(disk_message(out, needed, what), title=title)
+
+
+def write_export(model, meta: Path, tmp: Path, out: Path, ckpt: Path, state, torch_dtype) -> None:
+    """The export's files into `tmp`, then `tmp` renamed to `out`."""
+    model.save_pretrained(tmp, safe_serialization=True)
+    for item in meta.iterdir():  # the tokenizer files
+        if item.is_file() and item.name not in _MODEL_FILES and not (tmp / item.name).exists():
+            shutil.copy2(item, tmp / item.name)
+    (tmp / EXPORT_MARKER).write_text(json.dumps(
+        {"checkpoint": str(ckpt.absolute()), "step": state.step, "dtype": str(torch_dtype).split(".")[-1]},
+        indent=1) + "\n")
+    fsync_tree(tmp)
+    ck.replace_dir(tmp, out)

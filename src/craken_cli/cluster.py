@@ -73,6 +73,9 @@ def slurm_job(nodes: int, gpus_per_node: int, config: Path | None, *, port: int 
     if config is None:
         problems.append("no run file: pass --config FILE (every node must read the same one), "
                         "or run this where craken.yaml is")
+    if config is not None and any(ord(ch) < 32 or ord(ch) == 127 for ch in str(config)):
+        problems.append(f"--config {str(config)!r}: a newline or control character in the path would end up as a "
+                        "line of its own in the sbatch script: rename the file")
     if nodes < 1:
         problems.append(f"--nodes {nodes}: a job needs at least one node, e.g. --nodes 2")
     if gpus_per_node < 1:
@@ -235,7 +238,7 @@ def hostfile_text(entries: list[tuple[str, int]]) -> str:
 
 def write_new(path: Path, text: str, force: bool = False) -> None:
     """Write `text` to `path` atomically; an existing file is refused unless `force`."""
-    from .render import atomic_write
+    from .runfolder import atomic_write
 
     path = Path(path)
     if path.exists() and not force:

@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from .hardware import GiB, Hardware, nearest_existing
+from .runfolder import VERDICT_EXIT
 
 Status = Literal["ok", "warn", "fail"]
 AREAS = ("system", "packages", "gpu", "ops", "memory", "disk", "network", "run")
-EXIT_CODES = {"ok": 0, "warn": 1, "fail": 2}
-_RANK = {"ok": 0, "warn": 1, "fail": 2}
+EXIT_CODES = VERDICT_EXIT  # verdict -> exit code; the order is the severity
 
 # The stack craken runs on, by distribution name (not imported: read from metadata).
 STACK = ("torch", "deepspeed", "accelerate", "transformers", "datasets", "nvidia-ml-py")
@@ -270,6 +270,7 @@ def run_checks(facts: Facts, view: RunView | None, spec_error: str | None = None
     checks += check_packages(facts)
     checks += check_tracker(facts, view)
     checks += check_gpus(facts, view)
+    checks += check_fp8(facts, view)
     if view is not None:
         checks += check_ops(facts, view)
         checks += check_memory(facts, view)
@@ -283,8 +284,8 @@ def run_checks(facts: Facts, view: RunView | None, spec_error: str | None = None
 
 
 def verdict(checks: list[Check]) -> Status:
-    worst = max((_RANK[c.status] for c in checks), default=0)
-    return next(s for s, r in _RANK.items() if r == worst)
+    worst = max((VERDICT_EXIT[c.status] for c in checks), default=0)
+    return next(s for s, r in VERDICT_EXIT.items() if r == worst)
 
 
 def exit_code(checks: list[Check]) -> int:
@@ -502,6 +503,31 @@ def check_gpus(f: Facts, view: RunView | None) -> list[Check]:
             out.append(Check("gpu", "torch build", "ok", f"CUDA {build} build, driver supports CUDA "
                              f"{drv[0]}.{drv[1]}"))
     return out
+
+
+def check_fp8(f: Facts, view: RunView | None) -> list[Check]:
+    """FP8 readiness on GPU machines: float8 tensor cores (compute capability >= 8.9) and torchao; a
+    failure only where the run asks for fp8 (its refusal on CPU processes is the run area's)."""
+    from .train import fp8
+
+    gpus = f.hardware.gpus
+    asked = view is not None and view.precision == "fp8"
+    if not gpus:
+        return []
+    need = ".".join(map(str, fp8.MIN_CAPABILITY))
+    old = [g for g in gpus if not g.fp8]
+    if old:
+        cap = ".".join(map(str, old[0].capability))
+        return [] if asked else [Check("gpu", "fp8", "ok", f"not available: {old[0].name} has compute capability "
+                                       f"{cap}, float8 matmuls need {need} (bf16 is what this GPU runs)")]
+    torchao = f.versions.get("torchao")
+    if torchao is None:
+        return [Check("gpu", "fp8", "fail" if asked else "ok", "float8 tensor cores, but torchao is not installed"
+                      + ("" if asked else f" ({fp8.INSTALL_HINT} for --precision fp8)"),
+                      fp8.INSTALL_HINT if asked else "")]
+    use = "this run trains in fp8" if asked else "--precision fp8 to use it"
+    return [Check("gpu", "fp8", "ok", f"ready: compute capability >= {need}, torchao {torchao} ({use}; "
+                  "`craken doctor --deep` runs one float8 matmul)")]
 
 
 def _torch_fix(hw: Hardware) -> str:
@@ -859,7 +885,21 @@ def check_run(view: RunView | None, spec_error: str | None) -> list[Check]:
             out.append(Check("run", "decision", "warn", w, ""))
     for p in view.problems:
         out.append(Check("run", "settings vs machine", "fail", p.split(": ")[0], p.rsplit(": ", 1)[-1]))
-    return out
+    return out + check_model_folder(view.model)
+
+
+def check_model_folder(name: str) -> list[Check]:
+    """A local model folder's files, as `craken train` checks them before launch (modelcheck)."""
+    from . import modelcheck
+
+    folder = Path(name).expanduser()
+    if not (folder / "config.json").is_file():
+        return []
+    tokenizer = folder if (folder / "tokenizer.json").is_file() else None
+    problems = modelcheck.folder_problems(f"--model {name}", folder, False, tokenizer, f"--model {name}")
+    if not problems:
+        return [Check("run", "model files", "ok", f"{folder}: config.json, tokenizer and weights headers read")]
+    return [Check("run", "model files", "fail", p, "fix the file named, or choose another --model") for p in problems]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -901,6 +941,10 @@ def gather(hw: Hardware, view: RunView | None, environ: Mapping[str, str] | None
                     versions[name] = md.version(name)
                 except md.PackageNotFoundError:
                     versions[name] = None
+    try:
+        versions["torchao"] = md.version("torchao")  # precision fp8 (craken[fp8])
+    except md.PackageNotFoundError:
+        versions["torchao"] = None
     torch_build = torch_build_of(versions.get("torch"), requires.get("torch", []))
 
     tools = {
@@ -1111,6 +1155,7 @@ def deep_checks(view: RunView | None) -> list[Check]:
         return out + [Check("deep", "import deepspeed", "fail", f"{type(exc).__name__}: {exc}", "reinstall deepspeed")]
     acc = get_accelerator()
     out.append(Check("deep", "accelerator", "ok", f"DeepSpeed accelerator: {acc._name}"))
+    out += _fp8_probe_check(view, cuda)
     ops = needed_ops(view) if view is not None else ["cpu_adam", "fused_adam"]
     ops = [op for op in ops if op != "fused_adam" or acc._name == "cuda"]  # DeepSpeed's FusedAdam is CUDA's
     if not ops:
@@ -1134,6 +1179,25 @@ def deep_checks(view: RunView | None) -> list[Check]:
         else:
             out.append(Check("deep", builder.NAME, "ok", "built and loaded"))
     return out
+
+
+def _fp8_probe_check(view: RunView | None, cuda: bool) -> list[Check]:
+    """--deep: one float8 matmul through torchao on GPU 0, where the run asks for fp8 or could use it."""
+    import importlib.util
+
+    import torch
+
+    from .train import fp8
+
+    asked = view is not None and view.precision == "fp8"
+    capable = cuda and torch.cuda.get_device_capability(0) >= fp8.MIN_CAPABILITY
+    if not capable or not (asked or importlib.util.find_spec("torchao")):
+        return []
+    why = fp8.probe("cuda:0")
+    if why is None:
+        return [Check("deep", "fp8 matmul", "ok", "one float8 matmul (torchao, forward and backward) ran on GPU 0")]
+    return [Check("deep", "fp8 matmul", "fail" if asked else "warn", f"torchao's float8 matmul failed: {why}",
+                  "install the torchao release built for this torch (pip install 'craken[fp8]'), or --precision bf16")]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,19 +9,18 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import launch
+from .runfolder import EXIT_CODES, OOM_MARKER_PREFIX, RUN_FILE, machine_file, metrics_file
 from .prepare import Prepared, prepare
 from .verdict import smoke_test_health, write_report
 
 
 def execute(prepared: Prepared) -> int:
     from .console import err
-    from .render import RUN_FILE, machine_file
-    from .train.loop import metrics_file
 
     machine_rank = prepared.resolved.spec.cluster.machine_rank
     metrics = prepared.run_dir / metrics_file(machine_rank)
     offset = metrics.stat().st_size if metrics.exists() else 0
-    code = launch.run(prepared.argv, prepared.env)
+    code = launch.run(prepared.argv, prepared.env, keep_fds=lock_fds(prepared))
     while code != 0 and (step := oom_step(prepared)) is not None:
         # The existing troubleshooting advice, made automatic: the next strategy in speed order.
         req = prepared.request
@@ -33,31 +32,33 @@ def execute(prepared: Prepared) -> int:
         prepared = prepare(replace(req, exclude=excluded, force=True), environ=os.environ)
         for warning in prepared.warnings:
             err.print(f"warning: {warning}", markup=False)
-        code = launch.run(prepared.argv, prepared.env)
+        code = launch.run(prepared.argv, prepared.env, keep_fds=lock_fds(prepared))
     if code == 0 and metrics.exists() and machine_rank == 0:  # one report per job, from machine 0's log
         write_report(prepared.run_dir)
     if prepared.test:
         healthy, message = smoke_test_health(metrics) if code == 0 else (False, f"the run exited with code {code}")
         err.print(("[green]test training healthy:[/] " if healthy else "[red]test training failed:[/] ") + message)
         return 0 if healthy else (code or 1)
-    from .train.loop import NONFINITE_EXIT
-
     # torchrun reports any worker exit as 1; the workers' own code is in the metrics' end line.
     end = last_end_event(metrics, offset) if code != 0 else {}
-    if end.get("exit_code") in (130, 143):
+    if end.get("exit_code") in (EXIT_CODES["sigint"], EXIT_CODES["sigterm"]):
         # A signal (torchrun adds a SignalException traceback); the workers finished their step and
         # saved a checkpoint: say so, and exit 143 (SIGTERM) / 130 (SIGINT).
         code = end["exit_code"]
         err.print(f"craken: stopped by a signal at step {end.get('steps')}; its checkpoint is saved. Resume with: "
                   f"craken train --config {prepared.run_dir / machine_file(RUN_FILE, machine_rank)} --resume auto",
                   markup=False)
-    elif end.get("exit_code") == NONFINITE_EXIT:
-        code = NONFINITE_EXIT
+    elif end.get("exit_code") == EXIT_CODES["nonfinite"]:
+        code = EXIT_CODES["nonfinite"]
         err.print(f"craken: stopped at step {end.get('steps')} on a non-finite loss or gradient norm (advice above); "
                   "no checkpoint was written after it", markup=False)
     elif code != 0:
         err.print(f"[red]craken: training exited with code {code}[/]; run folder: {prepared.run_dir}")
     return code
+
+
+def lock_fds(prepared: Prepared) -> tuple[int, ...]:
+    return () if prepared.lock_fd is None else (prepared.lock_fd,)
 
 
 def last_end_event(metrics: Path, offset: int = 0) -> dict:
@@ -73,8 +74,6 @@ def last_end_event(metrics: Path, offset: int = 0) -> dict:
 
 def oom_step(prepared: Prepared) -> int | None:
     """The step at which a process of an --auto run ran out of memory (its marker), if it did."""
-    from .train.loop import OOM_MARKER_PREFIX
-
     req = prepared.request
     if req is None or not req.auto or not req.oom_fallback or prepared.auto_choice is None:
         return None

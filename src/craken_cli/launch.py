@@ -12,21 +12,25 @@ import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from .render import ACCELERATE_FILE, RUN_FILE, machine_file
+from .runfolder import ACCELERATE_FILE, DS_ENV_FILE, RUN_FILE, machine_file
 
 LOOP_MODULE = "craken_cli.train.loop"
 # Environment variables whose values must never be printed or written by craken: a name with one
 # of these as a word, or at the end of a word (HF_TOKEN, WANDB_API_KEY, GITHUB_AUTHTOKEN).
-SECRET_MARKERS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS")
+SECRET_MARKERS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS", "AUTHORIZATION",
+                  "COOKIE")
+# Credentials inside a value, whatever the variable's name: URL user-info (postgres://u:pw@host,
+# https://bob:pw@host) and HTTP authorization headers.
+URL_USERINFO = r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]+@"
+AUTH_HEADER = r"(?i)\b(authorization\s*[:=]|bearer\s+\S|basic\s+[a-z0-9+/=]{8,})"
 # torchrun relays Ctrl-C and SIGTERM to the workers, then SIGKILLs them after this many seconds
 # (its default is 30): the stopped run must have time to write its checkpoint, seconds per GB of
 # weights and optimizer state.
 STOP_GRACE_S = 600
-# DeepSpeed's env file of a pdsh launch (--launcher deepspeed over several machines), in the run
-# folder: accelerate appends the whole environment to it and DeepSpeed's runner exports every line on
-# every machine. At its default ./.deepspeed_env it grew with every launch, so a later run re-exported
-# old values, and tokens were written to disk.
-DS_ENV_FILE = ".deepspeed_env"
+# DeepSpeed's env file of a pdsh launch (--launcher deepspeed over several machines) is RUN/DS_ENV_FILE:
+# accelerate appends the whole environment to it and DeepSpeed's runner exports every line on every
+# machine. At its default ./.deepspeed_env it grew with every launch, so a later run re-exported old
+# values, and tokens were written to disk.
 
 
 INHERITED_DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
@@ -34,15 +38,29 @@ INHERITED_DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCA
                        "TORCHELASTIC_RUN_ID")
 
 
-def is_secret(name: str) -> bool:
+def is_secret(name: str, value: str | None = None) -> bool:
+    """A variable craken must never print or write: by its name, or by a credential in its value."""
     import re
 
     words = re.split(r"[^A-Z0-9]+", name.upper())
-    return any(w.endswith(m) for w in words for m in SECRET_MARKERS)  # not TOKENIZERS_PARALLELISM
+    if any(w.endswith(m) for w in words for m in SECRET_MARKERS):  # not TOKENIZERS_PARALLELISM
+        return True
+    return value is not None and bool(re.search(URL_USERINFO, value) or re.search(AUTH_HEADER, value))
+
+
+def redacted(name: str, value: str) -> str:
+    """The value as craken may show it: a URL keeps its scheme and host (postgres://***@db:5432/x)."""
+    import re
+
+    if not is_secret(name, value):
+        return value
+    if not is_secret(name) and not re.search(AUTH_HEADER, value):
+        return re.sub(URL_USERINFO, r"\1***@", value)
+    return "***"
 
 
 def redact_env(env: Mapping[str, str]) -> dict[str, str]:
-    return {k: ("***" if is_secret(k) else v) for k, v in env.items()}
+    return {k: redacted(k, v) for k, v in env.items()}
 
 
 def build(spec, run_dir: str | os.PathLike, base_env: Mapping[str, str], cpu_count: int,
@@ -93,7 +111,7 @@ def build(spec, run_dir: str | os.PathLike, base_env: Mapping[str, str], cpu_cou
         env["TORCH_CUDA_ARCH_LIST"] = arch
     if uses_pdsh(spec):
         env["DS_ENV_FILE"] = str(run / DS_ENV_FILE)
-        for name in [k for k in env if is_secret(k)]:
+        for name in [k for k, v in env.items() if is_secret(k, v)]:
             del env[name]  # would be written into that file: each machine needs its own (e.g. hf auth login)
     return argv, env
 
@@ -105,13 +123,13 @@ def uses_pdsh(spec) -> bool:
 def seed_deepspeed_env(target: Path, home: Path, cwd: Path) -> None:
     """Start this launch's env file afresh from the user's own ~/.deepspeed_env and ./.deepspeed_env
     lines (what DeepSpeed reads when DS_ENV_FILE is not set), without secrets; owner-only."""
-    from .render import atomic_write
+    from .runfolder import atomic_write
 
     lines = []
     for source in (home / DS_ENV_FILE, cwd / DS_ENV_FILE):
         if source.is_file() and source.resolve() != target.resolve():
             lines += [line for line in source.read_text().splitlines()
-                      if "=" in line and not is_secret(line.split("=", 1)[0].strip())]
+                      if "=" in line and not is_secret(*(part.strip() for part in line.split("=", 1)))]
     atomic_write(target, "".join(f"{line}\n" for line in lines))
 
 
@@ -135,16 +153,17 @@ def normalized_arch_list(value: str | None) -> str | None:
     return out if out != value else None
 
 
-def run(argv: Sequence[str], env: Mapping[str, str]) -> int:
+def run(argv: Sequence[str], env: Mapping[str, str], keep_fds: Sequence[int] = ()) -> int:
     """Start the launcher, stream its output, return its exit code.
 
-    Ctrl-C reaches the launcher (same process group), which passes it on to the workers. A SIGTERM
-    sent to craken alone (a container's PID 1, a scheduler) is passed to the workers directly:
+    Ctrl-C reaches the launcher (same process group), which passes it on to the workers. A SIGTERM or
+    SIGINT sent to craken alone (a container's PID 1, a scheduler) is passed to the workers directly:
     torchrun starts them in sessions of their own, and a second signal to torchrun while it is
-    shutting down would make it give up waiting for their checkpoint."""
+    shutting down would make it give up waiting for their checkpoint. `keep_fds` stay open in the
+    launcher (the run folder's lock: held while the launcher lives, not only craken)."""
     import signal
 
-    proc = subprocess.Popen(list(argv), env=dict(env))
+    proc = subprocess.Popen(list(argv), env=dict(env), pass_fds=tuple(keep_fds))
 
     def forward(signum, frame):
         for pid in descendants(proc.pid):
@@ -153,7 +172,9 @@ def run(argv: Sequence[str], env: Mapping[str, str]) -> int:
             except OSError:
                 pass
 
-    previous = signal.signal(signal.SIGTERM, forward)
+    # SIGINT too: Ctrl-C reaches the whole process group, but `kill -INT <craken's pid>` only craken
+    # (the workers may then see it twice: they only note it, and stop once).
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         while True:
             try:
@@ -161,7 +182,8 @@ def run(argv: Sequence[str], env: Mapping[str, str]) -> int:
             except KeyboardInterrupt:
                 continue  # the launcher got the SIGINT too: let the workers checkpoint and exit
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def descendants(pid: int) -> list[int]:

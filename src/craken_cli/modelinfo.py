@@ -212,5 +212,11 @@ def model_info(name_or_path: str, trust_remote_code: bool = False) -> ModelInfo:
     if info is None:
         if "model_type" not in cfg:
             raise CrakenError(f"{name_or_path}: config has no model_type", title="cannot read the model")
-        info = meta_info(cfg, name_or_path, trust_remote_code)
+        try:
+            info = meta_info(cfg, name_or_path, trust_remote_code)
+        except (ValueError, KeyError, TypeError) as exc:  # an unknown model_type, or not a causal LM
+            first = str(exc).splitlines()[0][:200] if str(exc) else exc.__class__.__name__
+            raise CrakenError(f"{name_or_path}: transformers cannot build a causal LM of model_type "
+                              f"{cfg.get('model_type')!r} ({first}): check config.json, or upgrade transformers",
+                              title="cannot read the model") from None
     return info

@@ -106,8 +106,8 @@ def layers(args: SpecArgs, environ=None) -> list[Layer]:
     if zero in PRESETS:
         out.append(Layer("preset", PRESETS[zero], preset_values(zero)))
     config = args.config
-    if config is None and Path(sources.PROJECT_FILE).is_file():
-        config = Path(sources.PROJECT_FILE)
+    if config is None and Path(sources.PROJECT_FILE).exists():
+        config = Path(sources.PROJECT_FILE)  # a folder of that name is refused by read_mapping, not skipped
     if config is not None:
         out.append(sources.file_layer(config))
     out.append(sources.env_layer(environ))
@@ -118,7 +118,19 @@ def layers(args: SpecArgs, environ=None) -> list[Layer]:
     if merged.get("model.name_or_path", "builtin:tiny") == BUILTIN_PRESET_MODEL:
         path = builtin_preset_path()
         out.insert(1, Layer("preset", path.name, yamlio.read_mapping(path)))
+    _print_notes(out)
     return out
+
+
+def _print_notes(found: list[Layer]) -> None:
+    """What importing a DeepSpeed JSON / accelerate YAML given as --config noted, on stderr, for every
+    command that reads the run's sources."""
+    notes = [note for layer in found for note in layer.notes]
+    if notes:
+        from .console import err
+
+        for note in notes:
+            err.print(f"note: {note}", markup=False, highlight=False)
 
 
 BUILTIN_PRESET_MODEL = "builtin:tiny"

@@ -39,7 +39,9 @@ from dataclasses import asdict, dataclass, field, replace
 
 from .hardware import Hardware
 from .modelinfo import ModelInfo
-from .spec import fp32_grad_accum_on
+from .spec import fp8_layout_problems, fp32_grad_accum_on
+from .train import fp8
+from .train import loss as vocab_loss
 
 GiB = 1024**3
 
@@ -86,6 +88,13 @@ SPEED_NGPU = {"zero0": 1.0, "zero1": 0.98, "zero2": 0.98, "zero3": 0.51, "offloa
               "offload_param": 0.5}
 NVME_SPEED = 0.5  # on top of CPU offload
 COMPILE_MIN_PARAMS = 100_000_000  # smaller models: compilation costs more time than it saves
+# Compiled layers whose Linears all convert to torchao float8 keep this share of the bf16 layers'
+# activations (the inputs the backward needs are kept as float8 casts); a layer converted in part saves
+# that part of the difference. Issue 19's one-H200 lab (plain Accelerate, compiled): peak reserved
+# 75.06 -> 62.70 GiB at 1.1B mb 16 seq 2048, 125.95 -> 99.32 GiB at 2.4B mb 8 seq 4096, 0.36 and 0.42 of
+# this model's compiled activations + slack taken away; the smaller saving is kept. Not yet measured
+# through craken (benchmarks/fp8_bench.py prints predicted against measured).
+FP8_ACTIVATION_SHARE = 0.64
 
 
 @dataclass(frozen=True)
@@ -252,11 +261,23 @@ def layer_activation_bytes_per_token(m: ModelInfo, lp: int, compiled: bool = Fal
     return 2 * norm + attn + 4 * lp * f
 
 
+def chunked_loss_bytes(m: ModelInfo, tokens: int, lp: int, compiled: bool) -> float:
+    """train/loss.py's chunked loss: one chunk's logits and their gradient (16-bit compiled; eager, the
+    fp32 logits, their softmax and the 16-bit gradient), the output weight's fp32 gradient and 16-bit
+    copy, and the hidden states' gradient, which it keeps for the backward instead of any logits."""
+    chunk = min(tokens, vocab_loss.chunk_tokens(m.vocab_size)) * m.vocab_size
+    return chunk * (2 * lp if compiled else 8 + lp) + m.vocab_size * m.hidden_size * (4 + lp) + \
+        tokens * m.hidden_size * lp
+
+
 def activation_bytes(m: ModelInfo, micro_batch: int, seq_len: int, lp: int, checkpointing: bool,
-                     compiled: bool = False) -> tuple[float, float]:
+                     compiled: bool = False, chunked_loss: bool = False,
+                     fp8_recipe: str | None = None) -> tuple[float, float]:
     """(decoder layers, logits + loss) bytes at the start of the backward pass, for one micro-batch."""
     tokens = micro_batch * seq_len
     per_layer = layer_activation_bytes_per_token(m, lp, compiled) * tokens
+    if fp8_recipe and compiled:
+        per_layer *= 1 - (1 - FP8_ACTIVATION_SHARE) * fp8.converted_share(m, fp8_recipe)
     if checkpointing:
         # Each layer keeps only its input; one layer at a time is recomputed in the backward.
         layers = m.num_layers * lp * m.hidden_size * tokens + per_layer
@@ -268,6 +289,8 @@ def activation_bytes(m: ModelInfo, micro_batch: int, seq_len: int, lp: int, chec
     # Compiled (modeling.compile_regions), the loss keeps the 16-bit logits and writes a 16-bit
     # gradient: no fp32 copy lives across the step (4 GiB less at 1.1B, micro-batch 8, measured).
     logits = (2 * lp if compiled else 12) * tokens * m.vocab_size
+    if chunked_loss:
+        logits = chunked_loss_bytes(m, tokens, lp, compiled)
     return layers + final_norm, logits
 
 
@@ -292,16 +315,21 @@ class Shape:
     nvme_free: float | None
     precision: str = "bf16"
     fp32_grad_accum: bool | None = False  # the spec's zero.fp32_grad_accum (None: craken decides)
+    loss: str = "auto"  # the spec's model.loss (where train/loss.py's chunked loss applies)
+    fp8_recipe: str | None = None  # torchao float8 recipe under precision fp8
 
 
 def estimate(m: ModelInfo, c: Candidate, micro_batch: int, grad_accum: int, s: Shape) -> Strategy:
     P, N, lp = m.num_params, s.world, s.lp
     off_opt, off_par = c.offload_optimizer != "none", c.offload_param != "none"
-    fp32_grads = fp32_grad_accum_on(s.fp32_grad_accum, c.stage, s.precision, c.offload_optimizer, N)
+    fp32_grads = fp32_grad_accum_on(s.fp32_grad_accum, c.stage, "bf16" if s.fp8_recipe else s.precision,
+                                    c.offload_optimizer, N)
     params, grads, optim = model_state_bytes(P, c.stage, N, offload_optimizer=off_opt, offload_param=off_par,
                                              largest_layer=m.largest_layer_params, lp_bytes=lp,
                                              grad_accum=grad_accum, fp32_grads=fp32_grads)
-    layers, logits = activation_bytes(m, micro_batch, s.seq_len, lp, c.activation_checkpointing, s.compiled)
+    chunked = vocab_loss.applies(s.loss, m.model_type, m.vocab_size, c.stage)
+    layers, logits = activation_bytes(m, micro_batch, s.seq_len, lp, c.activation_checkpointing, s.compiled,
+                                      chunked, s.fp8_recipe)
     acts = layers + logits
     d: dict[str, float] = {}
     if c.stage == 0:
@@ -357,7 +385,10 @@ def estimate(m: ModelInfo, c: Candidate, micro_batch: int, grad_accum: int, s: S
         cpu += local * 2 * lp * m.largest_layer_params
 
     why = None
-    if total * (1 + SAFETY_MARGIN) > s.gpu_memory:
+    refused = fp8_layout_problems(c.stage, c.offload_optimizer, c.offload_param) if s.fp8_recipe else []
+    if refused:
+        why = refused[0].split(": use ")[0]
+    elif total * (1 + SAFETY_MARGIN) > s.gpu_memory:
         why = (f"needs {total / GiB:.1f} GiB per GPU at micro-batch {micro_batch}, more than "
                f"{s.gpu_memory / GiB / (1 + SAFETY_MARGIN):.1f} GiB usable "
                f"({s.gpu_memory / GiB:.0f} GiB less the {SAFETY_MARGIN:.0%} safety margin)")
@@ -368,7 +399,8 @@ def estimate(m: ModelInfo, c: Candidate, micro_batch: int, grad_accum: int, s: S
     detail = {"layer_activations": layers / GiB, "logits_loss": logits / GiB, **{k: v / GiB for k, v in d.items()}}
     return Strategy(c.name, c.stage, c.offload_optimizer, c.offload_param, c.activation_checkpointing, micro_batch,
                     grad_accum, params / GiB, grads / GiB, optim / GiB, acts / GiB, other / GiB, total / GiB,
-                    reserved / GiB, cpu / GiB, nvme / GiB, why is None, c.speed(N), why, detail)
+                    reserved / GiB, cpu / GiB, nvme / GiB, why is None,
+                    c.speed(N) * (fp8.speed(m, s.seq_len, s.fp8_recipe) if s.fp8_recipe else 1.0), why, detail)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,7 +482,8 @@ def plan(model: ModelInfo, spec, hardware: Hardware, *, search_micro_batch: bool
         prefetch_bucket=z.stage3_prefetch_bucket_size or 50_000_000, gpu_memory=gpu_memory,
         cpu_memory=hardware.ram_total or None,
         nvme_free=hardware.disk_free.get(nvme_path) if nvme_path else None,
-        precision=spec.precision, fp32_grad_accum=z.fp32_grad_accum,
+        precision=spec.precision, fp32_grad_accum=z.fp32_grad_accum, loss=spec.model.loss,
+        fp8_recipe=spec.fp8.recipe if spec.precision == "fp8" else None,
     )
     tries = _micro_batches(per_gpu, micro, search_micro_batch)
     results: list[Strategy] = []
@@ -480,3 +513,17 @@ def plan(model: ModelInfo, spec, hardware: Hardware, *, search_micro_batch: bool
                          micro, spec.batch.accumulation(world), shape)
     return Plan(results, choice, requested, rejected, world, global_batch, shape.compiled, gpu_memory / GiB,
                 gpu_memory / GiB / (1 + SAFETY_MARGIN), model)
+
+
+def other_numerics(spec, hardware: Hardware) -> str | None:
+    """The precision `craken plan` shows beside the spec's own: fp8 beside bf16 on GPUs with float8
+    tensor cores (compute capability >= 8.9), bf16 beside fp8; None for the others."""
+    if spec.precision == "fp8":
+        return "bf16"
+    if spec.precision == "bf16" and hardware.gpus and all(g.fp8 for g in hardware.gpus):
+        return "fp8"
+    return None
+
+
+def with_precision(spec, precision: str):
+    return spec.model_copy(update={"precision": precision})

@@ -10,11 +10,12 @@ import json
 import os
 from pathlib import Path
 
+from . import modelcheck
 from .hardware import nearest_existing
+from .runfolder import CHECKPOINTS, FINAL, MARKER, METRICS, RUN_FILE, machine_file, metrics_file
 from .train import builtin
 from .train.data import LOCAL_FORMATS
 
-RUN_MARKERS = ("run.yaml", "metrics.jsonl", "checkpoints", "final")
 
 
 def looks_like_path(name: str) -> bool:
@@ -35,6 +36,16 @@ def model_max_positions(name: str) -> int | None:
     return None
 
 
+def tokenizer_folder(model, folder: Path) -> tuple[Path | None, str]:
+    """The local folder the run's tokenizer comes from (None: a hub id or built-in), and its flag."""
+    if model.tokenizer is None:
+        return folder, f"--model {model.name_or_path}"
+    if builtin.is_builtin(model.tokenizer):
+        return None, f"--tokenizer {model.tokenizer}"
+    local = Path(model.tokenizer).expanduser()
+    return (local if local.is_dir() else None), f"--tokenizer {model.tokenizer}"
+
+
 def model_problems(spec) -> list[str]:
     out = []
     m = spec.model
@@ -50,6 +61,9 @@ def model_problems(spec) -> list[str]:
         elif m.tokenizer is None and not any((folder / f).exists() for f in
                                              ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
             out.append(f"--model {m.name_or_path}: no tokenizer files inside; add them or set --tokenizer")
+        else:
+            out += modelcheck.folder_problems(f"--model {m.name_or_path}", folder, m.trust_remote_code,
+                                              *tokenizer_folder(m, folder))
     if m.tokenizer and not builtin.is_builtin(m.tokenizer) and looks_like_path(m.tokenizer) \
             and not Path(m.tokenizer).expanduser().is_dir():
         out.append(f"--tokenizer {m.tokenizer}: no such folder")
@@ -116,7 +130,7 @@ def data_problems(spec) -> list[str]:
         return [f"--dataset {d.dataset}: the data set is empty; add text"]
     try:
         columns = first_record_columns(files[0])
-    except (ValueError, UnicodeDecodeError, OSError) as exc:
+    except (ValueError, UnicodeDecodeError, OSError, csv.Error) as exc:
         return [f"--dataset {files[0]}: cannot be read ({exc.__class__.__name__}: {exc}); fix the file"]
     if columns == []:
         return [f"--dataset {d.dataset}: the data set is empty; add text"]
@@ -182,22 +196,124 @@ def tracker_problems(spec, find_spec=importlib.util.find_spec) -> list[str]:
 def own_run_markers(machine_rank: int) -> tuple[str, ...]:
     """What tells that this machine already ran in a run folder. Machine 0's run owns the folder;
     a machine of rank R > 0 shares it (`craken cluster slurm`) and only has its own files there."""
-    from .render import RUN_FILE, machine_file
-    from .train.loop import metrics_file
-
     if machine_rank == 0:
-        return RUN_MARKERS
+        return RUN_FILE, METRICS, CHECKPOINTS, FINAL
     return (machine_file(RUN_FILE, machine_rank), metrics_file(machine_rank))
 
 
+def output_name_problems(spec) -> list[str]:
+    """A run folder that is the working folder, or a run name that leaves runs/."""
+    out = spec.output
+    if out.dir is not None and not out.dir.strip():
+        return ["--output-dir '' is the working folder: give the run a folder of its own (e.g. --output-dir "
+                "runs/NAME)"]
+    if out.dir is None and (out.name in (".", "..") or "/" in out.name or "\\" in out.name):
+        return [f"--name {out.name}: a run name is one folder name under runs/ (no '/', not '.' or '..'): choose "
+                "another --name, or give the folder with --output-dir"]
+    return []
+
+
+def lock_message(run_dir: Path, holder: str) -> str:
+    return (f"run folder {run_dir} is in use by a live craken train (process {holder}): one run per folder; "
+            "wait for it to end (or stop it), or choose another --name/--output-dir")
+
+
+def force_problems(run_dir: Path) -> list[str]:
+    """--force clears a run folder: only a craken run's, never a folder above what the user works in."""
+    from .runfolder import foreign_outputs, protected
+
+    why = protected(run_dir)
+    if why:
+        return [f"--force would clear {run_dir}, which is {why}: give the run a folder of its own "
+                "(--output-dir runs/NAME)"]
+    foreign = foreign_outputs(run_dir)
+    if foreign:
+        return [f"--force: {run_dir} is not a craken run folder (no {MARKER}) but holds {', '.join(foreign)}: craken "
+                "removes only what it wrote; move them away yourself or choose another --output-dir"]
+    return []
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why nothing can be created in `folder` (None when something can). Tried, not guessed from the
+    mode bits: root passes every access() test, /proc and read-only mounts still refuse; the probe
+    folder is removed at once."""
+    import tempfile
+
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return "not writable"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".craken-probe-", dir=folder))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
 def output_problems(run_dir: Path, resume: str | None, force: bool, machine_rank: int = 0) -> list[str]:
+    from .runfolder import lock_holder
+
+    holder = lock_holder(run_dir, machine_rank) if run_dir.is_dir() else None
+    if holder:
+        return [lock_message(run_dir, holder)]
+    if force and not resume and machine_rank == 0:
+        problems = force_problems(run_dir)
+        if problems:
+            return problems
     if run_dir.exists() and not run_dir.is_dir():
         return [f"run folder {run_dir} is a file: choose another --output-dir"]
     parent = nearest_existing(run_dir)
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return [f"run folder {run_dir} cannot be created ({parent} is not writable): choose another --output-dir"]
+    why = unwritable(parent)
+    if why:
+        return [f"run folder {run_dir} cannot be created or written ({parent}: {why}): choose another --output-dir"]
     if run_dir.is_dir() and not resume and not force and any((run_dir / m).exists()
                                                              for m in own_run_markers(machine_rank)):
         return [f"run folder {run_dir} already holds a run: pass --resume auto to continue it, --force to start "
                 "over (its checkpoints are replaced), or choose --name/--output-dir"]
     return []
+
+
+# What decides a model's shape: a checkpoint of another shape cannot be loaded into this run's model.
+SHAPE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "intermediate_size")
+
+
+def model_config(name: str) -> dict | None:
+    """The model's config.json as a dict (the built-in model's from its definition); None for a hub id
+    or an unreadable file (reported by model_problems)."""
+    if builtin.is_builtin(name):
+        return {"model_type": "llama", **builtin.TINY_CONFIG}
+    try:
+        data = json.loads((Path(name).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def resume_problems(ckpt: Path, state, spec) -> list[str]:
+    """What the checkpoint's data position and weights depend on, where this run differs: each with
+    the flag value that resumes it (a data position counts blocks of seq_len tokens, shuffled by the seed,
+    in steps of the global batch)."""
+    out = []
+    recorded = {"--seq-len": (state.seq_len, lambda: spec.data.seq_len), "--seed": (state.seed, lambda: spec.train.seed),
+                "--global-batch": (state.global_batch, lambda: spec.train_batch_size),
+                "--precision": (state.precision, lambda: spec.precision)}
+    for flag, (saved, current) in recorded.items():
+        if saved is None:
+            continue  # a checkpoint of an older craken
+        now = current()
+        if saved != now:
+            out.append(f"it was trained with {flag} {saved}, this run has {now}: resume with {flag} {saved}, or start a "
+                       f"new run from its weights (craken ckpt export {ckpt} --out DIR, then --model DIR)")
+    if state.micro_batch and state.micro_batch != spec.batch.micro_batch and state.world_size:
+        samples = state.batch_in_epoch * state.world_size * state.micro_batch
+        if samples % (spec.batch.micro_batch * spec.world_size):
+            out.append(f"it was trained with --micro-batch {state.micro_batch}; its data position ({samples} samples "
+                       f"into the epoch) is no whole number of --micro-batch {spec.batch.micro_batch} x "
+                       f"{spec.world_size} processes: resume with --micro-batch {state.micro_batch}")
+    saved_cfg = model_config(str(Path(ckpt) / "hf"))
+    run_cfg = model_config(spec.model.name_or_path) if saved_cfg else None
+    if saved_cfg and run_cfg:
+        differ = [k for k in SHAPE_KEYS if k in saved_cfg and k in run_cfg and saved_cfg[k] != run_cfg[k]]
+        if differ:
+            shown = ", ".join(f"{k} {saved_cfg[k]} (this model: {run_cfg[k]})" for k in differ)
+            out.append(f"it holds a model of another shape: {shown}: resume with the --model it was trained with")
+    return out

@@ -20,9 +20,11 @@ from .autoplan import auto_layer
 from .errors import CrakenError
 from .options import SpecArgs, layers
 from .render import rendered_files, write_files
+from .train import fp8
 from .resume import convert_if_world_changed, is_universal, resume_checkpoint, with_universal_load
 from .sources import Resolved, build_spec
-from .startover import clear_previous_run
+from .runfolder import DS_ENV_FILE
+from .startover import claim_run_folder, clear_previous_run, drop_metrics_after_resume
 from .verdict import smoke_test_layer
 
 @dataclass
@@ -50,6 +52,7 @@ class Prepared:
     test: bool
     request: TrainRequest | None = None
     auto_choice: str | None = None  # the planner's strategy name under --auto
+    lock_fd: int | None = None  # the run folder's lock, held by this process and the launcher
 
     @property
     def env_shown(self) -> dict[str, str]:
@@ -90,9 +93,10 @@ def prepare(request: TrainRequest, environ: Mapping[str, str], hardware=None) ->
     run_dir = Path(spec.output.run_dir())
     force = request.force or request.test
     problems = (preflight.model_problems(spec) + preflight.data_problems(spec) + preflight.precision_problems(spec)
-                + preflight.tracker_problems(spec)
+                + preflight.tracker_problems(spec) + preflight.output_name_problems(spec)
                 + preflight.output_problems(run_dir, request.resume, force, spec.cluster.machine_rank)
-                + preflight.op_problems(spec, environ) + preflight.nvme_problems(spec, environ))
+                + preflight.op_problems(spec, environ) + preflight.nvme_problems(spec, environ)
+                + fp8.install_problems(spec.precision))
     if problems:
         raise CrakenError(problems, title="cannot start this run")
     resume_from, resume_warnings = resume_checkpoint(run_dir, request.resume)
@@ -104,15 +108,18 @@ def prepare(request: TrainRequest, environ: Mapping[str, str], hardware=None) ->
         files = with_universal_load(files, spec.cluster.machine_rank)
     argv, env = launch.build(spec, run_dir, environ, hw.cpu_count, request.launcher_args, resume_from)
     if launch.uses_pdsh(spec):
-        held_back = sorted(k for k in environ if launch.is_secret(k))
+        held_back = sorted(k for k, v in environ.items() if launch.is_secret(k, v))
         if held_back:
             warnings.append(f"--launcher deepspeed: {', '.join(held_back)} not passed to the other machines (DeepSpeed "
                             "would write them into its env file): set them in each machine's own environment")
     prepared = Prepared(resolved, run_dir, argv, env, files, resume_from, warnings, request.test, request, choice)
     if not request.dry_run:
+        prepared.lock_fd = claim_run_folder(run_dir, spec.cluster.machine_rank)
         if force and not request.resume:
             clear_previous_run(run_dir, spec.cluster.machine_rank)
+        if resume_from is not None:
+            drop_metrics_after_resume(run_dir, spec.cluster.machine_rank, resume_from)
         write_files(files, run_dir, force=True)
         if launch.uses_pdsh(spec):
-            launch.seed_deepspeed_env(run_dir / launch.DS_ENV_FILE, Path.home(), Path.cwd())
+            launch.seed_deepspeed_env(run_dir / DS_ENV_FILE, Path.home(), Path.cwd())
     return prepared

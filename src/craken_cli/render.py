@@ -15,12 +15,10 @@ from pathlib import Path
 
 from . import yamlio
 from .errors import CrakenError
+from .runfolder import ACCELERATE_FILE, DS_FILE, RUN_FILE, atomic_write, disk_message, is_disk_full, machine_file
 from .spec import STAGE3_FIELDS, RunSpec
 from .train import schedule
 
-DS_FILE = "ds_config.json"
-ACCELERATE_FILE = "accelerate.yaml"
-RUN_FILE = "run.yaml"
 SOURCE_ORDER = "default < preset < file < env < flag; detected = filled from the hardware, auto = chosen by the planner"
 
 
@@ -41,8 +39,7 @@ def deepspeed_config(spec: RunSpec) -> dict:
         zero["offload_param"] = _offload(spec.offload.param)
     zero.update(overlap_comm=z.overlap_comm, contiguous_gradients=z.contiguous_gradients,
                 reduce_bucket_size=z.reduce_bucket_size)
-    if z.stage in (1, 2):
-        zero["allgather_bucket_size"] = z.allgather_bucket_size
+    zero["allgather_bucket_size"] = z.allgather_bucket_size  # DeepSpeed reads it at every stage
     if z.stage == 3:
         for key in STAGE3_FIELDS:
             zero[key] = getattr(z, key)
@@ -62,7 +59,7 @@ def deepspeed_config(spec: RunSpec) -> dict:
         # DeepSpeed's bf16 overflow check (amax and amin of every gradient, a host sync per step) costs
         # ZeRO-2 4% on one H200 (zero_lab.py); craken's loop checks the loss and the gradient norm itself
         # before every checkpoint. Kept where DeepSpeed must skip a non-finite step (on_nonfinite=skip).
-        "bf16": {"enabled": spec.precision == "bf16", "check_grad_overflow": spec.train.on_nonfinite == "skip"},
+        "bf16": {"enabled": spec.base_precision == "bf16"},
         "fp16": {"enabled": spec.precision == "fp16"},
         "optimizer": {"type": "AdamW", "params": {
             "lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
@@ -74,6 +71,8 @@ def deepspeed_config(spec: RunSpec) -> dict:
         # ZeRO-1 + bf16 then runs DeepSpeed's BF16 optimizer: one flat fp32 gradient buffer, without the
         # ZeRO optimizer's per-parameter bucket copies, inf checks and device syncs (1.07x on one H200).
         cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+    if spec.base_precision == "bf16":
+        cfg["bf16"]["check_grad_overflow"] = spec.train.on_nonfinite == "skip"
     if spec.precision == "fp16":
         cfg["fp16"].update(loss_scale=0, initial_scale_power=16, loss_scale_window=1000, hysteresis=2,
                            min_loss_scale=1)
@@ -84,7 +83,28 @@ def deepspeed_config(spec: RunSpec) -> dict:
         # Offloaded states are stepped by DeepSpeed's CPU Adam; torch_adam would be refused there.
         del cfg["optimizer"]["params"]["torch_adam"]
         cfg["optimizer"]["params"].pop("fused", None)
-    return cfg
+    return with_extra(cfg, spec)
+
+
+def with_extra(cfg: dict, spec: RunSpec) -> dict:
+    """The rendered config with the spec's deepspeed.extra keys merged in, their "auto" filled from the
+    run; an extra scheduler block replaces craken's whole (a schedule is one block, never mixed)."""
+    extra = spec.deepspeed.extra
+    if not extra:
+        return cfg
+    from .importers import AutoFill, fill_auto
+
+    filled = fill_auto(extra, AutoFill.of(spec))
+    if "scheduler" in filled:
+        cfg.pop("scheduler", None)
+    return _merge(cfg, filled)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _launch_shape(spec: RunSpec) -> dict:
@@ -114,7 +134,7 @@ def plain_accelerate_config(spec: RunSpec) -> dict:
     return {
         **_launch_shape(spec),
         "distributed_type": "MULTI_GPU" if spec.cluster.num_processes > 1 else "NO",
-        "mixed_precision": {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[spec.precision],
+        "mixed_precision": {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[spec.base_precision],
         "gpu_ids": "all",
     }
 
@@ -141,16 +161,6 @@ def run_file_text(spec: RunSpec, sources: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def machine_file(name: str, machine_rank: int) -> str:
-    """A run file's name in a run folder that every machine of a job shares (what `craken cluster
-    slurm` sets up): machine 0 keeps the plain name, machine R writes e.g. accelerate-machine1.yaml
-    (its own machine_rank), so no machine overwrites what another one's processes read."""
-    if machine_rank == 0:
-        return name
-    stem, dot, suffix = name.partition(".")
-    return f"{stem}-machine{machine_rank}{dot}{suffix}"
-
-
 def rendered_files(spec: RunSpec, sources: dict[str, str], out_dir: str | os.PathLike,
                    machine_rank: int = 0) -> dict[str, str]:
     """File name -> text, for everything `config render` writes (`craken train` passes the machine
@@ -158,7 +168,7 @@ def rendered_files(spec: RunSpec, sources: dict[str, str], out_dir: str | os.Pat
     out = Path(out_dir)
     ds_name, accelerate_name, run_name = (machine_file(n, machine_rank) for n in (DS_FILE, ACCELERATE_FILE, RUN_FILE))
     files = {
-        ds_name: json.dumps(deepspeed_config(spec), indent=2) + "\n",
+        ds_name: json.dumps(deepspeed_config(spec), indent=2, allow_nan=False) + "\n",
         accelerate_name: yamlio.dumps(accelerate_config(spec, out / ds_name)),
         run_name: run_file_text(spec, sources),
     }
@@ -183,18 +193,10 @@ def write_files(files: dict[str, str], out_dir: str | os.PathLike, force: bool =
         raise CrakenError(f"cannot write into {out} ({exc.strerror or exc}): choose a writable --out DIR",
                           title="cannot write") from None
     for target, text in zip(targets, files.values()):
-        atomic_write(target, text)
+        try:
+            atomic_write(target, text)
+        except OSError as exc:
+            why = disk_message(out, sum(len(t.encode()) for t in files.values()), "the run files") \
+                if is_disk_full(exc) else f"{exc.strerror or exc}: choose a writable --out DIR"
+            raise CrakenError(f"cannot write {target}: {why}", title="cannot write") from None
     return targets
-
-
-def atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -18,9 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CrakenError
-
-METRICS_FILE = "metrics.jsonl"
-REPORT_DIR = "report"
+from .runfolder import METRICS, REPORT
 
 
 @dataclass
@@ -38,7 +36,7 @@ class Metrics:
 def metrics_path(run: str | Path) -> Path:
     """The metrics file of a run folder (a path to the file itself is taken as is)."""
     run = Path(run)
-    return run if run.suffix == ".jsonl" else run / METRICS_FILE
+    return run if run.suffix == ".jsonl" else run / METRICS
 
 
 def _problem(message: str) -> CrakenError:
@@ -101,10 +99,22 @@ def _sort(metrics: Metrics, record: dict[str, Any], path: Path, lineno: int) -> 
     elif not isinstance(record.get("step"), int):
         raise _problem(f"{path}:{lineno} has no integer `step` and no `event`: {_short(json.dumps(record))!r}. "
                        "This is not a craken metrics file (see docs/metrics-format.md).")
+    elif not_numbers := [k for k in NUMERIC if k in record and not _is_number(record[k])]:
+        raise _problem(f"{path}:{lineno}: {not_numbers[0]} is {record[not_numbers[0]]!r}, not a number: the line was "
+                       "edited or the file is not craken's; fix or remove that line")
     elif "eval_loss" in record:
         metrics.evals.append(record)
     elif "loss" in record:
         metrics.train.append(record)
+
+
+# The values of a metrics line that the report computes with (null where a device has none).
+NUMERIC = ("loss", "eval_loss", "lr", "grad_norm", "tokens", "tokens_per_s", "tokens_per_s_per_gpu", "mfu",
+           "gpu_mem_gib", "gpu_mem_reserved_gib", "time_s")
+
+
+def _is_number(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
 def _short(text: str, limit: int = 80) -> str:
@@ -300,7 +310,13 @@ def write_plots(metrics: Metrics, out_dir: str | Path) -> list[Path]:
     from matplotlib.figure import Figure  # lazy: matplotlib costs ~0.5 s to import
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CrakenError(f"--out {out_dir} is a file: give a folder for the plots", title="cannot write the report")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CrakenError(f"--out {out_dir}: cannot create it ({exc.strerror or exc}): choose a writable folder",
+                          title="cannot write the report") from None
     subtitle = _subtitle(metrics)
     written: list[Path] = []
 
@@ -349,5 +365,5 @@ def write_report(run: str | Path, out_dir: str | Path | None = None) -> tuple[Me
     What `craken report` does, minus the printing (and what `craken train` calls at the end)."""
     metrics = read_metrics(run)
     summary = summarize(metrics)
-    target = Path(out_dir) if out_dir is not None else metrics.path.parent / REPORT_DIR
+    target = Path(out_dir) if out_dir is not None else metrics.path.parent / REPORT
     return metrics, summary, write_plots(metrics, target)

@@ -40,13 +40,15 @@ def hardware_values(spec, hw: Hardware) -> tuple[dict, Decisions]:
         use_cpu = hw.gpu_count == 0
         d.made["cluster.use_cpu"] = (use_cpu, "no GPU found" if use_cpu else f"{hw.gpu_count} GPU(s) found")
     num = c.num_processes
+    if num is None and not use_cpu and not hw.gpu_count:
+        return {}, d  # GPUs asked for, none here: hardware_problems says so, nothing to fill from
     if num is None:
         per_machine = CPU_PROCESSES if use_cpu else hw.gpu_count
         num = per_machine * c.num_machines
         d.made["cluster.num_processes"] = (
             num, f"{per_machine} {'CPU process' if use_cpu else 'GPU'}(s) per machine x {c.num_machines} machine(s)")
     precision = spec.precision
-    if precision == "auto":
+    if precision == "auto" and (use_cpu or hw.gpu_count):  # GPUs asked for, none here: hardware_problems says so
         if use_cpu:
             precision, why = "bf16", "CPU processes (DeepSpeed's CPU accelerator runs bf16)"
         elif hw.all_bf16:
@@ -66,18 +68,60 @@ def hardware_values(spec, hw: Hardware) -> tuple[dict, Decisions]:
         for key, value in STAGE3_DEFAULTS.items():
             if getattr(spec.zero, key) is None:
                 d.made[f"zero.{key}"] = (value, "stage 3 default")
-    gb, per_step = spec.batch.global_batch, spec.batch.micro_batch * num
-    # A global batch that no accumulation reaches stays unresolved: validation then names the fix.
-    if spec.batch.grad_accum is None and (gb is None or gb % per_step == 0):
-        why = "from --global-batch" if spec.batch.global_batch is not None else "default"
-        d.made["batch.grad_accum"] = (spec.batch.accumulation(num), why)
+    d.made.update(_batch_values(spec.batch, num))
+    d.made.update(bucket_values(spec))
     return {k: v for k, (v, _) in d.made.items()}, d
+
+
+def _batch_values(batch, num: int) -> dict[str, tuple[object, str]]:
+    made = {}
+    micro = batch.micro_batch
+    if micro is None and batch.global_batch is not None:
+        # DeepSpeed's derivation for a file that states the global batch but no micro-batch
+        micro = max(1, batch.global_batch // ((batch.grad_accum or 1) * num))
+        made["batch.micro_batch"] = (micro, f"global batch {batch.global_batch} / {num} process(es), as DeepSpeed "
+                                            "derives it")
+    if micro is None:
+        return made
+    gb, per_step = batch.global_batch, micro * num
+    # A global batch that no accumulation reaches stays unresolved: validation then names the fix.
+    if batch.grad_accum is None and (gb is None or gb % per_step == 0):
+        why = "from --global-batch" if gb is not None else "default"
+        made["batch.grad_accum"] = (batch.model_copy(update={"micro_batch": micro}).accumulation(num), why)
+    return made
+
+
+def bucket_values(spec) -> dict[str, tuple[object, str]]:
+    """ZeRO buckets given as "auto": from the model's hidden size, as the HF Trainer fills them."""
+    from .importers import hidden_size_buckets
+
+    z = spec.zero
+    autos = [k for k in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold")
+             if getattr(z, k) == "auto"]
+    if not autos:
+        return {}
+    from .modelinfo import model_info
+
+    try:
+        hidden = model_info(spec.model.name_or_path, spec.model.trust_remote_code).hidden_size
+    except CrakenError:
+        hidden = None
+    buckets = hidden_size_buckets(hidden) if hidden else {}
+    made = {}
+    for key in autos:
+        value = buckets.get(f"zero_optimization.{key}", STAGE3_DEFAULTS.get(key, 500_000_000))
+        why = f"auto: from hidden size {hidden}" if hidden else "auto: the model's hidden size is unknown, " \
+            "DeepSpeed's default"
+        made[f"zero.{key}"] = (value, why)
+    return made
 
 
 def hardware_problems(spec, hw: Hardware) -> list[str]:
     """What the resolved spec asks of this machine that it cannot give."""
-    out = []
+    from .train import fp8
+
     c = spec.cluster
+    out = fp8.problems(spec.precision, bool(c.use_cpu), hw.gpus)
     if not c.use_cpu:
         if hw.gpu_count == 0:
             out.append("GPU training was asked for (--cpu false) but no GPU was found: drop it to train on CPU")

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import NamedTuple
 
+from . import preflight
 from .errors import CrakenError
 
 def resume_checkpoint(run_dir: Path, resume: str | None) -> tuple[Path | None, list[str]]:
@@ -29,7 +30,7 @@ def resume_checkpoint(run_dir: Path, resume: str | None) -> tuple[Path | None, l
         if found is None:
             raise CrakenError(f"--resume {resume}: this run folder has no complete checkpoint")
         return found, warnings
-    why = checkpoint.problems(path)
+    why = checkpoint.problems(path, verify=True)
     if why:
         raise CrakenError(f"--resume {resume}: this checkpoint is partial or corrupt ({'; '.join(why[:3])}); "
                           "use an earlier one from `craken ckpt list RUN_DIR`")
@@ -45,8 +46,10 @@ def convert_if_world_changed(ckpt: Path, spec, warnings: list[str], run_dir: Pat
 
     state = checkpoint.read_state(ckpt)
     engine_problem = engine_mismatch(ckpt, state, spec)
-    if engine_problem:
-        raise CrakenError(f"--resume {ckpt}: {engine_problem}", title="cannot resume")
+    problems = [engine_problem] if engine_problem else []
+    problems += preflight.resume_problems(ckpt, state, spec)
+    if problems:
+        raise CrakenError([f"--resume {ckpt}: {p}" for p in problems], title="cannot resume")
     if state.universal or not state.world_size or checkpoint.is_plain(ckpt):
         # a run without DeepSpeed holds the whole model and optimizer state in every process: any
         # process count loads it as it is

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 
 from . import yamlio
 from .errors import CrakenError
-from .spec import RunSpec
+from .spec import CrossFieldProblems, RunSpec
 
 ENV_PREFIX = "CRAKEN_"
 PROJECT_FILE = "craken.yaml"
@@ -78,6 +78,7 @@ class Layer:
     kind: str  # default | preset | file | env | flag | detected | auto
     label: str
     values: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what importing a DeepSpeed JSON / accelerate YAML noted
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,8 +136,16 @@ def flag_for(path: str) -> str | None:
 
 
 def file_layer(path: str | Path, kind: str = "file") -> Layer:
+    """A craken run file as it is; a DeepSpeed JSON or accelerate YAML imported on the fly."""
     data = yamlio.read_mapping(path)
-    return Layer(kind, str(path), data)
+    from .importers import import_files, is_foreign
+
+    if not is_foreign(Path(path), data):
+        return Layer(kind, str(path), data)
+    imported = import_files([Path(path)])
+    if imported.problems:
+        raise CrakenError(imported.problems, title=f"cannot import {path}")
+    return Layer(kind, str(path), unflatten(imported.values), notes=imported.notes)
 
 
 def env_layer(environ: Mapping[str, str] | None = None) -> Layer:
@@ -231,16 +240,19 @@ def build_spec(layers: Iterable[Layer], nvme_path: str | None = None) -> Resolve
 def format_validation_errors(exc: ValidationError, flat: Mapping[str, Any], origin: Mapping[str, str]) -> list[str]:
     known = field_paths()
     problems = []
+    seen_paths = set()
     for err in exc.errors():
-        loc = [str(p) for p in err["loc"] if not str(p).isdigit()]
+        cross_field = err.get("ctx", {}).get("error")
+        if isinstance(cross_field, CrossFieldProblems):
+            problems.extend(cross_field.problems)  # each already says what to change
+            continue
+        loc = [str(p) for p in err["loc"] if _is_field_name(p)]
         path = ".".join(loc)
+        if path in seen_paths:
+            continue  # a union (a number or "auto") fails once per member: one problem per setting
+        seen_paths.add(path)
         if err["type"] == "extra_forbidden":
             problems.append(_unknown_key(path, known, origin.get(path)))
-            continue
-        if not loc or err["type"] == "value_error" and path in ("", *_sections()):
-            # cross-field rules: the message already says what to change
-            msg = err["msg"].removeprefix("Value error, ")
-            problems.extend(m.strip() for m in msg.split("; "))
             continue
         where = origin.get(path, "default")
         flag = flag_for(path)
@@ -251,6 +263,11 @@ def format_validation_errors(exc: ValidationError, flat: Mapping[str, Any], orig
             msg += " (numbers and booleans must not be quoted)"
         problems.append(f"{path} = {given!r} (from {where}): {msg}{hint}")
     return problems
+
+
+def _is_field_name(part) -> bool:
+    """A location part that names a field, not a list index or a union member ("constrained-int")."""
+    return isinstance(part, str) and part.isidentifier()
 
 
 def _sections() -> tuple[str, ...]:

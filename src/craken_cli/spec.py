@@ -11,11 +11,11 @@ fill.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-Precision = Literal["bf16", "fp16", "fp32", "auto"]
+Precision = Literal["bf16", "fp16", "fp32", "fp8", "auto"]
 OffloadDevice = Literal["none", "cpu", "nvme"]
 
 
@@ -26,7 +26,21 @@ def _integral_float_to_int(value):
     return value
 
 
-Count = Annotated[int, BeforeValidator(_integral_float_to_int)]
+# At most 2**50 elements: DeepSpeed keeps bucket sizes in C++ integers (1e40 overflowed inside the workers).
+Count = Annotated[int, BeforeValidator(_integral_float_to_int), Field(le=2**50)]
+# "auto": filled from the model's hidden size as the HF Trainer fills DeepSpeed's "auto" buckets.
+PositiveAutoCount = Annotated[Annotated[int, Field(gt=0, le=2**50)] | Literal["auto"],
+                              BeforeValidator(_integral_float_to_int)]
+AutoCount = Annotated[Annotated[int, Field(ge=0, le=2**50)] | Literal["auto"], BeforeValidator(_integral_float_to_int)]
+
+
+class CrossFieldProblems(ValueError):
+    """Every cross-field problem of a spec. Pydantic keeps the exception it wraps, so
+    `sources.format_validation_errors` reads the list itself, never a joined string split again."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))  # for display only; readers take .problems
 
 # Stage-3-only knobs; setting one at stage 0-2 is a mistake DeepSpeed silently ignores.
 STAGE3_FIELDS = (
@@ -39,7 +53,8 @@ STAGE3_FIELDS = (
 
 class Section(BaseModel):
     # strict: "8" in a YAML file is a string, not a number; env values are YAML-parsed first.
-    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+    # allow_inf_nan off: an lr or eps of .inf trains nothing, and json writes it as Infinity (not JSON).
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, allow_inf_nan=False)
 
 
 class ModelSection(Section):
@@ -63,6 +78,11 @@ class ModelSection(Section):
     compile: bool = Field(
         False, description="torch.compile each decoder layer (regional compilation; GPU only, ~20 s once)."
     )
+    loss: Literal["auto", "chunked", "model"] = Field(
+        "auto", description="Training loss: 'chunked' computes the output layer and cross-entropy a few thousand "
+        "tokens at a time and never holds the whole logits (Llama, Mistral, Qwen2/3); 'model' is the model's own "
+        "loss; auto: chunked for vocabularies of 100,000 or more (Llama-3, Qwen), else the model's."
+    )
 
 
 class DataSection(Section):
@@ -80,7 +100,9 @@ class DataSection(Section):
 
 
 class BatchSection(Section):
-    micro_batch: int = Field(4, gt=0, description="Sequences per GPU (process) per forward pass.")
+    micro_batch: int | None = Field(
+        4, gt=0, description="Sequences per GPU (process) per forward pass. None: global_batch / (grad_accum x "
+        "processes), as DeepSpeed derives it from a file that states only train_batch_size.")
     grad_accum: int | None = Field(
         None, gt=0, description="Micro-batches accumulated per optimizer step (None: from global_batch, else 8)."
     )
@@ -93,9 +115,9 @@ class BatchSection(Section):
         """Gradient accumulation for `world_size` processes: stated, derived from global_batch, or 8."""
         if self.grad_accum is not None:
             return self.grad_accum
-        if self.global_batch is not None:
+        if self.global_batch is not None and self.micro_batch is not None:
             return max(1, self.global_batch // (self.micro_batch * world_size))
-        return 8
+        return 1 if self.global_batch is not None else 8
 
 
 class OptimizerSection(Section):
@@ -124,7 +146,7 @@ class ScheduleSection(Section):
 
 class TrainSection(Section):
     max_steps: int = Field(200, gt=0, description="Optimizer steps to train.")
-    seed: int = Field(42, description="Seed for weights, data order and dropout.")
+    seed: int = Field(42, ge=0, lt=2**32, description="Seed for weights, data order and dropout.")
     eval_every: int = Field(50, ge=0, description="Evaluate every N optimizer steps (0: only at the end).")
     eval_batches: int = Field(8, gt=0, description="Micro-batches per evaluation and process.")
     save_every: int = Field(0, ge=0, description="Checkpoint every N optimizer steps (0: only at the end).")
@@ -142,8 +164,9 @@ class ZeroSection(Section):
     stage: Literal[0, 1, 2, 3] = Field(1, description="ZeRO stage: 0 none, 1 optimizer, 2 +gradients, 3 +parameters.")
     overlap_comm: bool = Field(True, description="Overlap gradient reduction with the backward pass.")
     contiguous_gradients: bool = Field(True, description="Copy gradients into one buffer as they are produced.")
-    reduce_bucket_size: Count = Field(500_000_000, gt=0, description="Elements reduced at once.")
-    allgather_bucket_size: Count = Field(500_000_000, gt=0, description="Elements gathered at once (stage 1-2).")
+    reduce_bucket_size: PositiveAutoCount = Field(
+        500_000_000, description="Elements reduced at once (auto: hidden_size squared, as the HF Trainer fills it).")
+    allgather_bucket_size: Count = Field(500_000_000, ge=0, description="Elements gathered at once (stage 1-2).")
     fp32_grad_accum: bool | None = Field(
         None, description="Accumulate gradients in fp32 through DeepSpeed's BF16 optimizer: exact over any number "
         "of accumulation steps and faster on one GPU (ZeRO-1 1.07x on one H200, docs/performance.md), for more "
@@ -152,14 +175,16 @@ class ZeroSection(Section):
         "None: on with one process; with several it all-reduces fp32 gradients after the backward (4x the bytes of the 16-bit "
         "reduce-scatter, not overlapped), not measured on GPUs, so off."
     )
-    stage3_prefetch_bucket_size: Count | None = Field(
-        None, gt=0, description="Stage 3: parameter elements prefetched ahead (None: 50M)."
+    stage3_prefetch_bucket_size: AutoCount | None = Field(
+        None, description="Stage 3: parameter elements prefetched ahead (None: 50M; auto: 0.9 x hidden_size "
+        "squared, as the HF Trainer fills it)."
     )
-    stage3_param_persistence_threshold: Count | None = Field(
-        None, ge=0, description="Stage 3: parameters smaller than this stay unpartitioned (None: 100k)."
+    stage3_param_persistence_threshold: AutoCount | None = Field(
+        None, description="Stage 3: parameters smaller than this stay unpartitioned (None: 100k; auto: 10 x "
+        "hidden_size, as the HF Trainer fills it)."
     )
     stage3_max_live_parameters: Count | None = Field(
-        None, gt=0, description="Stage 3: parameter elements kept gathered at once (None: 1e9)."
+        None, ge=0, description="Stage 3: parameter elements kept gathered at once (None: 1e9)."
     )
     stage3_max_reuse_distance: Count | None = Field(
         None, ge=0, description="Stage 3: keep a parameter if reused within this many elements (None: 1e9)."
@@ -223,22 +248,82 @@ class OutputSection(Section):
         return self.dir if self.dir is not None else f"runs/{self.name}"
 
 
+class DeepSpeedSection(Section):
+    extra: dict[str, Any] = Field(
+        default_factory=dict, description="DeepSpeed keys craken does not model, written into ds_config.json as "
+        "given: nested sections merge key by key into what craken renders, and \"auto\" is filled as the HF Trainer "
+        "fills it. `craken config import` keeps a file's other keys here (activation_checkpointing, tensor_parallel, "
+        "zero_optimization.sub_group_size, fp16 loss scaling, its scheduler block, ...)."
+    )
+
+    @model_validator(mode="after")
+    def _not_modeled(self) -> DeepSpeedSection:
+        from .sources import flatten
+
+        taken = [f"deepspeed.extra.{key} is craken's {DEEPSPEED_FIELDS[key]}: set that instead"
+                 for key in flatten(self.extra) if key in DEEPSPEED_FIELDS]
+        if taken:
+            raise CrossFieldProblems(taken)
+        return self
+
+
+# DeepSpeed JSON key -> the spec field render.deepspeed_config writes it from. The importer reads a
+# file's value into that field; deepspeed.extra may not hold these keys (one place per value).
+DEEPSPEED_FIELDS = {
+    "train_micro_batch_size_per_gpu": "batch.micro_batch",
+    "gradient_accumulation_steps": "batch.grad_accum",
+    "train_batch_size": "batch.global_batch",
+    "gradient_clipping": "optimizer.clip",
+    "steps_per_print": "logging.steps_per_print",
+    "wall_clock_breakdown": "logging.wall_clock_breakdown",
+    "bf16.enabled": "precision",
+    "fp16.enabled": "precision",
+    "optimizer.params.lr": "optimizer.lr",
+    "optimizer.params.betas": "optimizer.betas",
+    "optimizer.params.eps": "optimizer.eps",
+    "optimizer.params.weight_decay": "optimizer.weight_decay",
+    "optimizer.params.torch_adam": "optimizer.fused",
+    "data_types.grad_accum_dtype": "zero.fp32_grad_accum",
+    "zero_optimization.stage": "zero.stage",
+    "zero_optimization.overlap_comm": "zero.overlap_comm",
+    "zero_optimization.contiguous_gradients": "zero.contiguous_gradients",
+    "zero_optimization.reduce_bucket_size": "zero.reduce_bucket_size",
+    "zero_optimization.allgather_bucket_size": "zero.allgather_bucket_size",
+    **{f"zero_optimization.{key}": f"zero.{key}" for key in STAGE3_FIELDS},
+    "zero_optimization.stage3_gather_16bit_weights_on_model_save": "zero.gather_16bit_weights_on_save",
+    **{f"zero_optimization.offload_{target}.{key}": f"offload.{target}.{key}"
+       for target in ("optimizer", "param") for key in ("device", "nvme_path", "pin_memory")},
+}
+
+
+class Fp8Section(Section):
+    recipe: Literal["tensorwise", "rowwise"] = Field(
+        "tensorwise", description="torchao float8 scaling under --precision fp8: tensorwise (one scale per tensor; "
+        "1.22x bf16 on one H200) or rowwise (one per row; more accurate, 1.07x)."
+    )
+
+
 class RunSpec(Section):
     """A whole training run."""
 
     version: Literal[1] = Field(1, description="Version of this file format.")
-    precision: Precision = Field("auto", description="bf16, fp16, fp32, or auto (bf16 where the GPU has it).")
+    precision: Precision = Field(
+        "auto", description="bf16, fp16, fp32, fp8 (float8 matmuls through torchao on GPUs of compute capability "
+        ">= 8.9, the rest bf16; pip install 'craken[fp8]'), or auto (bf16 where the GPU has it)."
+    )
     model: ModelSection = Field(default_factory=ModelSection, description="What is trained.")
     data: DataSection = Field(default_factory=DataSection, description="What it is trained on.")
     batch: BatchSection = Field(default_factory=BatchSection, description="Batch sizes.")
     optimizer: OptimizerSection = Field(default_factory=OptimizerSection, description="AdamW and clipping.")
     schedule: ScheduleSection = Field(default_factory=ScheduleSection, description="Learning-rate schedule.")
     train: TrainSection = Field(default_factory=TrainSection, description="Length, evaluation, checkpoints.")
+    fp8: Fp8Section = Field(default_factory=Fp8Section, description="FP8 training (precision fp8).")
     zero: ZeroSection = Field(default_factory=ZeroSection, description="DeepSpeed ZeRO.")
     offload: OffloadSection = Field(default_factory=OffloadSection, description="CPU/NVMe offload.")
     logging: LoggingSection = Field(default_factory=LoggingSection, description="Logging.")
     cluster: ClusterSection = Field(default_factory=ClusterSection, description="Processes and machines.")
     output: OutputSection = Field(default_factory=OutputSection, description="Where results go.")
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection, description="DeepSpeed keys beyond these.")
 
     # Cross-field rules: each message names the setting to change. They raise ValueError, which
     # pydantic collects; `sources.build_spec` turns all of them into one report.
@@ -246,7 +331,7 @@ class RunSpec(Section):
     def _cross_field(self) -> RunSpec:
         problems = cross_field_problems(self)
         if problems:
-            raise ValueError("; ".join(problems))
+            raise CrossFieldProblems(problems)
         return self
 
     @property
@@ -257,9 +342,15 @@ class RunSpec(Section):
         return self.zero.stage > 0 or self.cluster.use_cpu is not False
 
     @property
+    def base_precision(self) -> str:
+        """The precision of everything FP8 does not convert, as DeepSpeed and Accelerate are told it:
+        bf16 under fp8 (autocast, 16-bit weights at ZeRO-1/2), else the precision itself."""
+        return base_precision(self.precision)
+
+    @property
     def fp32_grad_accum(self) -> bool:
         """Whether DeepSpeed accumulates gradients in fp32 (its BF16 optimizer); needs a resolved precision."""
-        return fp32_grad_accum_on(self.zero.fp32_grad_accum, self.zero.stage, self.precision,
+        return fp32_grad_accum_on(self.zero.fp32_grad_accum, self.zero.stage, self.base_precision,
                                   self.offload.optimizer.device, self.world_size)
 
     @property
@@ -275,6 +366,11 @@ class RunSpec(Section):
     @property
     def train_batch_size(self) -> int:
         return self.batch.micro_batch * self.grad_accum * self.world_size
+
+
+def base_precision(precision: str) -> str:
+    """fp8 trains its non-converted compute in bf16; the other precisions are their own."""
+    return "bf16" if precision == "fp8" else precision
 
 
 def fp32_grad_accum_possible(stage: int, precision: str, offload_optimizer: str) -> bool:
@@ -311,10 +407,12 @@ def cross_field_problems(spec: RunSpec) -> list[str]:
             out.append(f"zero.{', zero.'.join(set_s3)} only apply at ZeRO stage 3 (stage is {z.stage}): "
                        "remove them or use --zero 3")
     if z.fp32_grad_accum and not fp32_grad_accum_possible(z.stage, "bf16" if spec.precision == "auto" else
-                                                           spec.precision, off.optimizer.device):
+                                                           spec.base_precision, off.optimizer.device):
         out.append(f"zero.fp32_grad_accum needs ZeRO-1 with bf16 and no optimizer offload (stage {z.stage}, "
                    f"precision {spec.precision}, optimizer offload {off.optimizer.device}): use --zero 1, "
                    "--precision bf16 and --offload-optimizer none, or drop zero.fp32_grad_accum")
+    if spec.precision == "fp8":
+        out += fp8_layout_problems(z.stage, off.optimizer.device, off.param.device)
     if c.max_restarts and c.rdzv_backend == "static":
         out.append("restarts (--max-restarts) need the c10d rendezvous: a restarted static group reads stale "
                    "addresses of its dead workers; use --rdzv-backend c10d or leave it unset")
@@ -323,11 +421,13 @@ def cross_field_problems(spec: RunSpec) -> list[str]:
                    "fix --machine-rank")
     if c.num_machines > 1 and not c.main_process_ip:
         out.append("several machines need the address of rank 0: set --main-process-ip")
+    if b.micro_batch is None and b.global_batch is None:
+        out.append("batch.micro_batch is empty and no global batch derives it: set --micro-batch N or --global-batch N")
     if c.num_processes is not None:
         if c.num_processes % c.num_machines:
             out.append(f"cluster.num_processes {c.num_processes} (total) is not a multiple of num_machines "
                        f"{c.num_machines}: fix --num-processes")
-        if b.global_batch is not None:
+        if b.global_batch is not None and b.micro_batch is not None:
             per_step = b.micro_batch * c.num_processes
             if b.grad_accum is None and b.global_batch % per_step:
                 out.append(f"global batch {b.global_batch} is not a multiple of micro_batch {b.micro_batch} x "
@@ -336,4 +436,19 @@ def cross_field_problems(spec: RunSpec) -> list[str]:
                 out.append(f"global batch {b.global_batch} != micro_batch {b.micro_batch} x grad_accum "
                            f"{b.grad_accum} x {c.num_processes} processes = {per_step * b.grad_accum}: "
                            "drop one of --global-batch/--grad-accum or make them agree")
+    return out
+
+
+def fp8_layout_problems(stage: int, offload_optimizer: str, offload_param: str) -> list[str]:
+    """Where craken runs FP8 training: no ZeRO and ZeRO-1/2 on the GPU. ZeRO-3 gathers each weight in
+    hooks around the module that torchao's float8 Linear replaces, and offload steps the weights on the
+    CPU: neither has run with float8 matmuls."""
+    out = []
+    if stage == 3:
+        out.append("precision fp8 runs without ZeRO or at ZeRO-1/2, not at ZeRO-3 (its partitioned weights, gathered "
+                   "around each float8 Linear, have not been run with it): use --zero 0/1/2 or --precision bf16")
+    if offload_optimizer != "none" or offload_param != "none":
+        out.append("precision fp8 keeps the optimizer on the GPU (offload, which steps the weights on the CPU, has not "
+                   "been run with float8 matmuls): use --offload-optimizer none --offload-param none or "
+                   "--precision bf16")
     return out

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+from .runfolder import REPORT
 from .sources import Layer
 
 TEST_STEPS = 20
@@ -31,9 +32,9 @@ def write_report(run_dir: Path) -> None:
         return
     try:
         metrics = read_metrics(run_dir)
-        write_plots(metrics, run_dir / "report")
+        write_plots(metrics, run_dir / REPORT)
         summary = summarize(metrics)
-        err.print(f"report: {run_dir / 'report'} ({summary.get('steps')} steps)")
+        err.print(f"report: {run_dir / REPORT} ({summary.get('steps')} steps)")
     except Exception as exc:  # a plotting failure must not fail a finished training
         err.print(f"[yellow]warning:[/] report not written: {exc}")
 

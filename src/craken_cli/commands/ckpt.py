@@ -72,7 +72,7 @@ def export(
     from ..ckpt_ops import export as do_export
     from ..ckpt_ops import pick, require_new_output
 
-    require_new_output(out, force, "cannot export")  # before the slow imports
+    require_new_output(out, force, "cannot export", reads=(run_dir,))  # before the slow imports
     ckpt = pick(run_dir, step)
     path = do_export(ckpt, out, dtype=dtype, force=force)
     typer.echo(f"exported {ckpt} -> {path}")

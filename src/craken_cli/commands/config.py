@@ -1,4 +1,4 @@
-"""`craken config render|show|validate|schema`: the run's files, its values and their sources."""
+"""`craken config render|show|validate|import|schema`: the run's files, its values and their sources."""
 
 from __future__ import annotations
 
@@ -79,11 +79,37 @@ def validate(
     from ..validate import validate_files
 
     report = validate_files(files, num_processes=num_processes)
+    if report.problems:  # the problems alone: notes on a file that fails would bury them
+        raise CrakenError(report.problems, title="validation failed")
     for note in report.notes:
         out.print(f"note: {note}", markup=False)
-    if report.problems:
-        raise CrakenError(report.problems, title="validation failed")
     out.print(f"ok: {', '.join(str(f) for f in files)}", markup=False)
+
+
+@app.command("import", epilog="Example: craken config import ds_config.json accelerate.yaml --out craken.yaml")
+def import_(
+    files: Annotated[list[Path], typer.Argument(help="A DeepSpeed JSON and/or an accelerate YAML.")],
+    out_file: Annotated[Path, typer.Option("--out", help="Run file to write.")] = Path("craken.yaml"),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing run file.")] = False,
+) -> None:
+    """Turn a DeepSpeed JSON / accelerate YAML into a craken run file that renders back to the same run."""
+    from ..console import err
+    from ..errors import CrakenError
+    from ..importers import import_files, run_file_text
+    from ..render import write_files
+    from ..sources import Layer, build_spec, unflatten
+
+    if len(files) > 2 or sum(Path(f).suffix == ".json" for f in files) > 1:
+        raise CrakenError("give one DeepSpeed JSON and/or one accelerate YAML", title="cannot import")
+    imported = import_files(files)
+    if imported.problems:
+        raise CrakenError(imported.problems, title="cannot import")
+    build_spec([Layer("file", " + ".join(str(f) for f in files), unflatten(imported.values))])  # craken's own rules
+    for note in imported.notes:
+        err.print(f"note: {note}", markup=False, highlight=False)
+    text = run_file_text(imported.values, [str(f) for f in files])
+    written = write_files({out_file.name: text}, out_file.parent if str(out_file.parent) else Path("."), force=force)
+    typer.echo(str(written[0]))
 
 
 @app.command()

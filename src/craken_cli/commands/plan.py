@@ -62,7 +62,7 @@ def plan(
     from ..modelinfo import model_info
     from ..options import load_run
     from ..planner import plan as make_plan
-    from ..planner import plan_by_default
+    from ..planner import other_numerics, plan_by_default, with_precision
 
     cpu_bytes = parse_size(cpu_memory, "--cpu-memory") if cpu_memory else None
     if gpus is not None:
@@ -81,11 +81,17 @@ def plan(
     search = resolved.sources.get("batch.micro_batch", "default") == "default"
     # The same compilation default as `craken train --auto`, so the choice shown is the one it makes.
     by_default = not resolved.user_set("model.compile")
-    result = (plan_by_default if by_default else make_plan)(info, spec, hw, search_micro_batch=search)
+    planner = plan_by_default if by_default else make_plan
+    result = planner(info, spec, hw, search_micro_batch=search)
+    other = other_numerics(spec, hw)
+    beside = planner(info, with_precision(spec, other), hw, search_micro_batch=search) if other else None
     if as_json:
-        typer.echo(json.dumps(result.to_dict(), indent=2))
+        typer.echo(json.dumps({**result.to_dict(), "other_precision": None if beside is None else {
+            "precision": other, "choice": beside.choice.to_dict() if beside.choice else None}}, indent=2))
         return
     _print(result)
+    if beside is not None:
+        _print_other(other, beside, result)
 
 
 def _print(result) -> None:
@@ -122,3 +128,19 @@ def _print(result) -> None:
               f"({c.total_gib:.1f} GiB per GPU)", markup=False)
     for line in result.rejected:
         out.print(f"  not {line}", markup=False)
+
+
+def _print_other(precision: str, other, result) -> None:
+    """One line: the choice in the other numerics (fp8 beside bf16, or bf16 beside fp8), its speed
+    relative to the spec's own choice."""
+    from ..console import out
+
+    c, own = other.choice, result.choice
+    if c is None:
+        out.print(f"{precision} (--precision {precision}): nothing fits", markup=False)
+        return
+    relative = f", {c.speed / own.speed:.2f}x the tokens/s of {own.name}" if own is not None else ""
+    what = "torchao float8 matmuls, which --auto never turns on" if precision == "fp8" else "16-bit matmuls"
+    out.print(f"beside it, {precision} (--precision {precision}: {what}): {c.name}, micro-batch "
+              f"{c.micro_batch}, {c.total_gib:.1f} GiB per GPU{relative}", markup=False)
+

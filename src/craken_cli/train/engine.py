@@ -143,15 +143,15 @@ class Engine:
     def lr(self) -> float:
         raise NotImplementedError
 
-    def save(self, run_dir: Path, state, keep: int) -> Path:
+    def save(self, run_dir: Path, state, keep: int, partial_loss=None) -> Path:
         from . import checkpoint
 
-        return checkpoint.save(self.accelerator, run_dir, state, keep)
+        return checkpoint.save(self.accelerator, run_dir, state, keep, partial_loss=partial_loss)
 
-    def load(self, path: Path):
+    def load(self, path: Path, micro_batch: int | None = None):
         from . import checkpoint
 
-        return checkpoint.load(self.accelerator, path)
+        return checkpoint.load(self.accelerator, path, micro_batch)
 
     def precision_record(self) -> dict:
         return precision_record(self.optimizer, self.model)

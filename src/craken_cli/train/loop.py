@@ -21,8 +21,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..runfolder import EXIT_CODES, TENSORBOARD, metrics_file, oom_marker
+
 PROCESS_START = time.time()
-NONFINITE_EXIT = 3  # a non-finite loss or gradient norm stopped the run (train.on_nonfinite=stop)
 
 # Dense bf16 peak of common GPUs, for MFU (datasheet, without sparsity).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0,
@@ -89,25 +90,25 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from ..sources import build_spec, file_layer
+    from .checkpoint import DiskFull
 
     spec = build_spec([file_layer(run_file)]).spec
     trainer = Trainer(spec, run_file, resume_from=args.resume_from)
     try:
         return trainer.run()
+    except DiskFull as exc:  # raised on every process at once, before anything was left half-written
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(exc, file=sys.stderr, flush=True)
+        return EXIT_CODES["disk_full"]
     except Exception as exc:
         if not _is_oom(exc):
             raise
         # Leave a marker for `craken train --auto`, which relaunches with the next strategy.
         rank = int(os.environ.get("RANK", "0"))
-        (run_dir / f"{OOM_MARKER_PREFIX}{rank}.json").write_text(json.dumps({"step": trainer.step, "rank": rank}))
+        (run_dir / oom_marker(rank)).write_text(json.dumps({"step": trainer.step, "rank": rank}))
         print(f"craken: out of GPU memory at step {trainer.step} on rank {rank}: {str(exc).splitlines()[0]}",
               file=sys.stderr, flush=True)
-        return OOM_EXIT_CODE
-
-
-OOM_MARKER_PREFIX = "oom-rank"
-TENSORBOARD_DIR = "tensorboard"  # RUN/tensorboard/<run name>/ holds the event files of --report-to tensorboard
-OOM_EXIT_CODE = 4
+        return EXIT_CODES["out_of_memory"]
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -156,6 +157,7 @@ class Trainer:
         self.run_dir = run_file.parent
         self.resume_from = resume_from
         self.step = 0  # last optimizer step started, for the out-of-memory report
+        self.resumed = None  # the TrainState this launch resumed from
         # Seconds from process start at which each start-up phase ended (metrics "end" line): where
         # launch-to-first-step goes (imports, data, model build, engine set-up, first step).
         self.startup: dict[str, float] = {}
@@ -206,7 +208,7 @@ class Trainer:
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
             log_with=None if spec.logging.report_to == "none" else spec.logging.report_to,
             project_config=ProjectConfiguration(project_dir=str(self.run_dir),
-                                                logging_dir=str(self.run_dir / TENSORBOARD_DIR)),
+                                                logging_dir=str(self.run_dir / TENSORBOARD)),
         )
         # Each machine's first process logs (metrics, progress) into the run folder, its own file on
         # machines of rank > 0; the losses are reduced over all processes, so every log has the same numbers.
@@ -300,7 +302,8 @@ class Trainer:
                 print(f"craken: worker group restarted; resuming from {self.resume_from or 'the start'}", flush=True)
         if not self.resume_from:
             return Position()
-        state = self.engine.load(Path(self.resume_from))
+        state = self.engine.load(Path(self.resume_from), self.spec.batch.micro_batch)
+        self.resumed = state
         if self.is_main:
             print(f"craken: resumed from {self.resume_from} at step {state.step}", flush=True)
         return Position(state.step, state.epoch, state.batch_in_epoch)
@@ -334,12 +337,16 @@ class Trainer:
         """The step loop; (exit code, where it stopped)."""
         import torch
 
+        from . import checkpoint
+
         spec, acc = self.spec, self.accelerator
         self.t_start = time.time()
         if position.step == 0 and spec.train.eval_every and self.eval_dl is not None:
             self.log_eval(0)  # the starting point, so a falling eval loss is visible from the first step
         self.model.train()
         self.window = Window(self.device)
+        if self.resumed is not None:  # the losses since the last line logged before the checkpoint
+            self.window.loss_sum, self.window.count = checkpoint.partial_loss(self.resumed, acc, self.device)
         if self.on_gpu:
             torch.cuda.reset_peak_memory_stats(self.device)
         exit_code, done = 0, position.step >= spec.train.max_steps
@@ -380,7 +387,7 @@ class Trainer:
                 msg = nonfinite_advice(step, self.last_good, spec)
                 self.progress.log(msg)
                 self.write({"event": "nonfinite", "step": step, "message": msg})
-            return NONFINITE_EXIT, True
+            return EXIT_CODES["nonfinite"], True
         if nonfinite:  # skip: the engine already skipped the update (non-finite gradient norm)
             if self.is_main:
                 self.progress.log(f"step {step}: non-finite loss or gradient norm, update skipped (on_nonfinite=skip)")
@@ -390,13 +397,15 @@ class Trainer:
         if spec.train.eval_every and step % spec.train.eval_every == 0 and step != spec.train.max_steps:
             self.log_eval(step)
         if stop_requested:
-            path = self.engine.save(self.run_dir, self.train_state(position), spec.train.keep_checkpoints)
+            path = self.engine.save(self.run_dir, self.train_state(position), spec.train.keep_checkpoints,
+                                    self.partial_loss())
             if self.is_main:
                 self.progress.log(f"craken: stopped by signal at step {step}; checkpoint {path}. "
                                   f"Resume with: craken train --config {self.run_file} --resume auto")
-            return (130 if self.stop.signum == signal.SIGINT else 143), True
+            return EXIT_CODES["sigint" if self.stop.signum == signal.SIGINT else "sigterm"], True
         if spec.train.save_every and step % spec.train.save_every == 0 and step != spec.train.max_steps:
-            self.engine.save(self.run_dir, self.train_state(position), spec.train.keep_checkpoints)
+            self.engine.save(self.run_dir, self.train_state(position), spec.train.keep_checkpoints,
+                             self.partial_loss())
         return 0, step >= spec.train.max_steps
 
     def check(self, step: int) -> tuple[bool, bool]:
@@ -484,12 +493,16 @@ class Trainer:
         spec = self.spec
         return checkpoint.TrainState(step=position.step, epoch=position.epoch, batch_in_epoch=position.micro,
                                      fp32_grad_accum=spec.fp32_grad_accum, zero_stage=spec.zero.stage,
-                                     offload_optimizer=spec.offload.optimizer.device)
+                                     offload_optimizer=spec.offload.optimizer.device, **checkpoint.data_shape(spec))
+
+    def partial_loss(self):
+        """(loss sum, micro-batches) since the last log line: saved so a resume logs the same lines."""
+        return self.window.loss_sum, self.window.count
 
     def finish(self, exit_code: int, position: Position) -> int:
         """The last eval, checkpoint and final model of a finished run; the end line; the process group
         taken down."""
-        from . import checkpoint
+        from . import checkpoint, fp8
 
         spec = self.spec
         final_dir = None
@@ -497,6 +510,7 @@ class Trainer:
             self.log_eval(position.step)
         if exit_code == 0 and spec.train.save_final:
             self.engine.save(self.run_dir, self.train_state(position), spec.train.keep_checkpoints)
+            fp8.unconvert(self.accelerator.unwrap_model(self.model))  # final/ and its check logits: plain bf16
             final_dir = checkpoint.save_final(self.accelerator, self.model, self.tokenizer, self.run_dir, spec,
                                               check_batch=_check_batch(self.eval_dl or self.train_dl, self.device),
                                               dtype=self.final_dtype)
@@ -545,11 +559,6 @@ def machines_not_sharing(accelerator, run_dir: Path) -> list[int]:
         probe.unlink(missing_ok=True)
     per_machine = int(os.environ.get("LOCAL_WORLD_SIZE") or accelerator.num_processes)  # set by torchrun
     return sorted({rank // per_machine for rank, seen in enumerate(sees) if not seen})
-
-
-def metrics_file(machine_rank: int) -> str:
-    """metrics.jsonl on machine 0; metrics-machine<R>.jsonl elsewhere (safe on a shared run folder)."""
-    return "metrics.jsonl" if machine_rank == 0 else f"metrics-machine{machine_rank}.jsonl"
 
 
 def quiet_libraries() -> None:

@@ -56,8 +56,8 @@ def init_dtype(spec):
     plain engine trains fp32 weights under autocast)."""
     import torch
 
-    if spec.uses_deepspeed and spec.precision in ("bf16", "fp16"):
-        return torch.bfloat16 if spec.precision == "bf16" else torch.float16
+    if spec.uses_deepspeed and spec.base_precision in ("bf16", "fp16"):
+        return torch.bfloat16 if spec.base_precision == "bf16" else torch.float16
     return None
 
 
@@ -90,7 +90,7 @@ def saved_dtype(spec):
         named = getattr(torch, named, None)
     if isinstance(named, torch.dtype) and named.is_floating_point:
         return named
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.precision, torch.float32)
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.base_precision, torch.float32)
 
 
 def trains_from_scratch(name: str) -> bool:
@@ -134,8 +134,14 @@ def load_model(spec, tokenizer, device=None):
 
 def convert_model(model, spec):
     """The one step between building the model and compiling it where its modules may be swapped
-    for the run's precision (FP8's float8 linears go here: train/fp8.py). Nothing to convert for
-    bf16/fp16/fp32: the engines' mixed precision needs the model as built."""
+    for the run's precision: torchao's float8 Linears under fp8 (train/fp8.py), and the chunked loss of
+    large vocabularies (train/loss.py, which replaces the forward's output layer and loss). Nothing to
+    convert for bf16/fp16/fp32: the engines' mixed precision needs the model as built."""
+    from . import fp8
+    from . import loss as vocab_loss
+
+    model = fp8.convert_model(model, spec)
+    vocab_loss.install(model, spec)
     return model
 
 
