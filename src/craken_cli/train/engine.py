@@ -66,14 +66,11 @@ def precision_record(optimizer, model) -> dict:
 
 
 def plain_optimizer(spec, param_groups):
-    """torch's fused AdamW on the fp32 master weights, its states created now (as DeepSpeed's are at
-    set-up) so that the start line can show their dtype and a run too large fails before step 1."""
+    """torch's fused AdamW on the fp32 master weights."""
     import torch
 
     o = spec.optimizer
-    optimizer = torch.optim.AdamW(param_groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=True)
-    materialize_states(optimizer)
-    return optimizer
+    return torch.optim.AdamW(param_groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=True)
 
 
 def materialize_states(optimizer) -> None:
@@ -126,7 +123,11 @@ class Engine:
         self.scheduler = prepared[-1] if prepare_scheduler else scheduler
         train_dl = prepared[2]
         eval_dl = prepared[3] if eval_dl is not None else None
+        self._prepared()
         return self.model, train_dl, eval_dl
+
+    def _prepared(self) -> None:
+        """After Accelerate has placed everything on the process's device."""
 
     def _optimizer(self, model):
         """(optimizer, scheduler, whether Accelerate prepares the scheduler)."""
@@ -174,6 +175,11 @@ class PlainEngine(Engine):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         self.accelerator.register_for_checkpointing(scheduler)
         return optimizer, scheduler, False
+
+    def _prepared(self) -> None:
+        # The AdamW states are made now, on the device (as DeepSpeed's are at set-up): the start line
+        # shows their dtype, and a run whose states do not fit fails before its first step.
+        materialize_states(innermost_optimizer(self.optimizer))
 
     def backward_step(self, loss) -> None:
         import torch
