@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from test_reliability import kill_everything
 
 ARGS = ["--num-processes", "2", "--seq-len", "32", "--micro-batch", "4", "--max-steps", "30", "--save-every", "15",
         "--steps-per-print", "10", "--eval-every", "0", "--keep-checkpoints", "5"]
@@ -45,18 +45,6 @@ def losses(run_dir: Path) -> dict[int, float]:
     return out
 
 
-def kill_all(proc: subprocess.Popen) -> None:
-    from craken_cli.launch import descendants
-
-    for pid in descendants(proc.pid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-
-
 @pytest.mark.e2e
 @pytest.mark.parametrize("preset", ["2", "3"])
 def test_sigkill_and_resume_are_bit_exact_with_cpu_offload(preset, tmp_path):
@@ -70,7 +58,7 @@ def test_sigkill_and_resume_are_bit_exact_with_cpu_offload(preset, tmp_path):
     while not checkpoint.list_checkpoints(b_dir) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     assert proc.poll() is None, "the run ended before the kill"
-    kill_all(proc)
+    kill_everything(proc)
     assert [checkpoint.step_of(p) for p in checkpoint.list_checkpoints(b_dir)] == [15]
     assert start(b_dir, *args, "--resume", "auto").wait(timeout=900) == 0, \
         sorted(tmp_path.glob("B-*.log"))[-1].read_text()[-3000:]
