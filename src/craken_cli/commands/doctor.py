@@ -1,7 +1,7 @@
 """`craken doctor [--json] [--deep]`: check this machine for the run the current settings describe.
 
 The command only parses, calls `doctor.gather` / `doctor.run_checks` and prints; the checks live in
-`craken_cli/doctor.py`. Without --deep nothing heavy (torch, deepspeed) is imported.
+`craken_cli/doctor/`. Without --deep nothing heavy (torch, deepspeed) is imported.
 """
 
 from __future__ import annotations
