@@ -37,7 +37,8 @@ def execute(prepared: Prepared) -> int:
         write_report(prepared.run_dir)
     if prepared.test:
         healthy, message = smoke_test_health(metrics) if code == 0 else (False, f"the run exited with code {code}")
-        err.print(("[green]test training healthy:[/] " if healthy else "[red]test training failed:[/] ") + message)
+        err.print(("test training healthy: " if healthy else "test training failed: ") + message,
+                  style="green" if healthy else "red")
         return 0 if healthy else (code or 1)
     # torchrun reports any worker exit as 1; the workers' own code is in the metrics' end line.
     end = last_end_event(metrics, offset) if code != 0 else {}
@@ -53,7 +54,7 @@ def execute(prepared: Prepared) -> int:
         err.print(f"craken: stopped at step {end.get('steps')} on a non-finite loss or gradient norm (advice above); "
                   "no checkpoint was written after it", markup=False)
     elif code != 0:
-        err.print(f"[red]craken: training exited with code {code}[/]; run folder: {prepared.run_dir}")
+        err.print(f"craken: training exited with code {code}; run folder: {prepared.run_dir}", style="red")
     return code
 
 

@@ -1,0 +1,92 @@
+"""Issue 21, first contact: what a new user reads before the first checkpoint. The help at 80 columns
+(flag names whole, defaults shown, no Python types, user text never Rich markup), `--version`,
+"did you mean", shell completion of the choices."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+HELP_PAGES = [(), ("train",), ("config", "render"), ("config", "validate"), ("plan",), ("doctor",),
+              ("ckpt", "export"), ("ckpt", "list"), ("report",), ("cluster", "slurm"), ("cluster", "hostfile")]
+
+
+def cli(*args: str, env: dict[str, str] | None = None, columns: int = 80) -> subprocess.CompletedProcess:
+    """craken in a subprocess, as a user's terminal of `columns` columns runs it."""
+    environ = {**os.environ, "PYTHONPATH": SRC, "COLUMNS": str(columns), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "craken_cli", *args], capture_output=True, text=True,
+                          env=environ, timeout=120)
+
+
+def flags_of(help_text: str) -> set[str]:
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*[a-z0-9]", help_text))
+
+
+@pytest.mark.parametrize("page", HELP_PAGES, ids=lambda p: " ".join(p) or "craken")
+def test_help_at_80_columns_is_whole_and_speaks_no_python(page):
+    """At 80 columns Rich's table cut flag names (`--offload-optimiz…`) and every value was typed in
+    Python (`<int>`, `<list[str]>`, `<bool>` on flags, `None: ...` in the text)."""
+    result = cli(*page, "--help")
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert max(map(len, text.splitlines())) <= 80, text
+    assert "…" not in text
+    for python in ("<int>", "<str>", "<bool>", "<float>", "<path>", "list[", "None:", "(None"):
+        assert python not in text, (python, text)
+    wide = cli(*page, "--help", columns=200).stdout
+    assert flags_of(text) == flags_of(wide)  # every flag named whole at 80 columns
+
+
+def test_train_help_shows_defaults_and_distinct_offload_help():
+    text = " ".join(cli("train", "--help").stdout.split())
+    for flag, default in (("--lr", "0.0003; builtin:tiny: 0.003"), ("--max-steps", "200; builtin:tiny: 100"),
+                          ("--seq-len", "128; builtin:tiny: 64"), ("--micro-batch", "4; builtin:tiny: 8"),
+                          ("--zero", "1")):
+        after = text.split(f" {flag} ", 1)[1]
+        assert f"[default: {default}]" in after.split(" --", 1)[0], (flag, after[:300])
+    optimizer = text.split(" --offload-optimizer ", 1)[1].split(" --", 1)[0]
+    param = text.split(" --offload-param ", 1)[1].split(" --", 1)[0]
+    assert "Optimizer states" in optimizer and "Parameters" in param and optimizer != param
+
+
+def test_user_text_is_never_markup(craken, workdir):
+    """Rich read `[tensorboard]` in the --report-to help and `[v2]` in a data path as markup and
+    dropped them: `pip install 'craken'`, `data//train.jsonl`."""
+    text = " ".join(cli("train", "--help").stdout.split())
+    assert "pip install 'craken[tensorboard]'" in text and "'craken[fp8]'" in text
+    (workdir / "data" / "[v2]").mkdir(parents=True)
+    result = craken("config", "show", "--dataset", "data/[v2]/train.jsonl", "--sources")
+    assert "data/[v2]/train.jsonl" in result.out, result.out
+
+
+def test_version_and_did_you_mean():
+    from craken_cli import __version__
+
+    version = cli("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"craken {__version__}"
+    for typo, meant in ((("trian",), "'train'"), (("confg",), "'config'"), (("ckpt", "lst"), "'list'")):
+        result = cli(*typo)
+        assert result.returncode == 2 and f"Did you mean {meant}?" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("words, expected", [
+    ("train --zero ", ["0", "1", "2", "3"]),
+    ("train --precision ", ["bf16", "fp16", "fp32", "fp8", "auto"]),
+    ("train --offload-optimizer ", ["none", "cpu", "nvme"]),
+    ("plan --offload-param n", ["none", "nvme"]),
+    ("train --preset ", ["ds_zero1", "ds_zero2", "ds_zero3"]),
+])
+def test_shell_completion_offers_the_choices(words, expected):
+    """Completion offered file names for --zero, --precision and --offload-*."""
+    argv = ["craken", *words.split()] + ([""] if words.endswith(" ") else [])
+    result = cli(env={"_CRAKEN_COMPLETE": "complete_bash", "COMP_WORDS": " ".join(argv),
+                      "COMP_CWORD": str(len(argv) - 1)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == expected
