@@ -179,3 +179,15 @@ def test_url_credentials_are_in_no_file_of_a_pdsh_launch(tmp_path):
     secrets = [v.split("@")[0].split(":")[-1] if "@" in v else v.split()[-1] for v, _ in SECRET_VALUES.values()]
     hits = [f"{p}: {s}" for p in tmp_path.rglob("*") if p.is_file() for s in secrets if s.encode() in p.read_bytes()]
     assert not hits and not any(s in done.stdout + done.stderr for s in secrets), hits
+
+
+def test_a_resume_with_another_micro_batch_converts_the_data_position():
+    """The same samples count as consumed: 3 micro-batches of 8 on 2 processes are 48 samples, 6
+    micro-batches of 4 on 2 processes, or 6 of 8 on 1 (the global batch kept: `resume` refuses the rest)."""
+    from craken_cli.train import checkpoint
+
+    state = checkpoint.TrainState(step=3, batch_in_epoch=3, world_size=2, micro_batch=8)
+    assert checkpoint.data_position(state, world=2, micro_batch=8) == 3
+    assert checkpoint.data_position(state, world=2, micro_batch=4) == 6
+    assert checkpoint.data_position(state, world=1, micro_batch=8) == 6
+    assert checkpoint.data_position(state, world=4, micro_batch=4) == 3
