@@ -150,19 +150,26 @@ def data_problems(spec) -> list[str]:
     return size_problems(spec)
 
 
+BYTES_PER_TOKEN_AT_MOST = 32  # a data set of more bytes per token the run needs is counted as enough
+
+
 def size_problems(spec) -> list[str]:
     """A local data set too small for one micro-batch per process: every process would stop after
     loading the model. Counted exactly with the run's tokenizer (datasize), when the model's files are sound."""
     from . import datasize
     from .planner import data_problem, train_blocks
 
-    if model_problems(spec):
-        return []
+    world = spec.cluster.num_processes or 1
+    needed_tokens = spec.batch.micro_batch * world * spec.data.seq_len / max(0.05, 1 - spec.data.eval_fraction)
+    path = Path(spec.data.dataset).expanduser()
+    size = sum(f.stat().st_size for f in ([path] if path.is_file() else path.iterdir()) if f.is_file())
+    if size > BYTES_PER_TOKEN_AT_MOST * needed_tokens or model_problems(spec):
+        return []  # plenty (no token spans that many bytes in practice): not worth tokenizing in the CLI
     blocks = datasize.blocks_available(spec)
     if blocks is None:
         return []
-    problem = data_problem(train_blocks(blocks, spec.data.eval_fraction), spec.cluster.num_processes or 1,
-                           spec.data.seq_len, spec.batch.micro_batch)
+    problem = data_problem(train_blocks(blocks, spec.data.eval_fraction), world, spec.data.seq_len,
+                           spec.batch.micro_batch)
     return [f"--dataset {spec.data.dataset}: {problem}"] if problem else []
 
 
