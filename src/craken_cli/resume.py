@@ -22,21 +22,22 @@ def resume_checkpoint(run_dir: Path, resume: str | None) -> tuple[Path | None, l
             why = f" ({warnings[0].removeprefix('skipping ')})" if warnings else ""
             raise CrakenError(f"--resume auto: no complete checkpoint in {run_dir / 'checkpoints'}{why}: "
                               "drop --resume to start a new run (with --force over this one), or name a checkpoint "
-                              "folder")
+                              "folder", title="cannot resume")
         return found, warnings
     path = Path(resume).expanduser()
     if not path.is_dir():
         raise CrakenError(f"--resume {resume}: no such checkpoint folder; use --resume auto or a path "
-                          "from `craken ckpt list RUN_DIR`")
+                          "from `craken ckpt list RUN_DIR`", title="cannot resume")
     if checkpoint.checkpoint_dir(path).is_dir():  # a run folder: its latest good checkpoint
         found, warnings = checkpoint.latest_checkpoint(path)
         if found is None:
-            raise CrakenError(f"--resume {resume}: this run folder has no complete checkpoint")
+            raise CrakenError(f"--resume {resume}: this run folder has no complete checkpoint (`craken ckpt list "
+                              f"{resume}` says why): name another checkpoint, or drop --resume", title="cannot resume")
         return found, warnings
     why = checkpoint.problems(path, verify=True)
     if why:
         raise CrakenError(f"--resume {resume}: this checkpoint is partial or corrupt ({'; '.join(why[:3])}); "
-                          "use an earlier one from `craken ckpt list RUN_DIR`")
+                          "use an earlier one from `craken ckpt list RUN_DIR`", title="cannot resume")
     return path, []
 
 
