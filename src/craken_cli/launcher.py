@@ -30,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    import logging
+
+    # torchrun's own "failed (exitcode: 1) local_rank: 0 (pid ...)" lines: craken words the failure itself
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     parsed = launch_command_parser().parse_args(args)
     try:
         launch_command(parsed)

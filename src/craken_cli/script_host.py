@@ -172,27 +172,40 @@ class _TrainingArgsFinder:
 
 
 def patch_training_arguments(cls, plan: dict) -> None:
+    """`__new__` notes which fields the script passed (inherited by subclasses such as trl's SFTConfig, whose
+    dataclass __init__ is their own); `__post_init__` then reconciles them with the plan before anything
+    reads them."""
     if getattr(cls.__post_init__, "_craken_plan", False):
         return
     original = cls.__post_init__
+
+    def __new__(klass, *args, **kwargs):
+        self = object.__new__(klass)
+        names = [f.name for f in fields(klass) if f.init]
+        self.__dict__["_craken_given"] = {*names[:len(args)], *kwargs}
+        return self
 
     def __post_init__(self, *args, **kwargs):
         reconcile(self, plan)
         original(self, *args, **kwargs)
 
     __post_init__._craken_plan = True
+    cls.__new__ = __new__
     cls.__post_init__ = __post_init__
 
 
 def reconcile(args, plan: dict) -> None:
-    """Fill the fields the script left at their defaults from the plan; refuse the ones set against it."""
+    """Fill the fields the script left unset from the plan; refuse the ones it set against the plan."""
     conflicts = []
-    defaults = {f.name: field_default(f) for f in fields(type(args))}
+    defaults = {f.name: field_default(f) for f in fields(type(args)) if f.init}
+    given = args.__dict__.pop("_craken_given", set())
+    if set(defaults) <= given:  # HfArgumentParser passes every field: what equals its default was not given
+        given = {name for name in defaults if not is_default(getattr(args, name), defaults[name])}
     for name, planned in plan.items():
         if name not in defaults:
             continue
         value = getattr(args, name)
-        if is_default(value, defaults[name]):
+        if name not in given:
             setattr(args, name, planned.value)
         elif planned.must_agree and not userscript.agrees(value, planned.value):
             conflicts.append(userscript.conflict_message(name, value, planned))

@@ -71,14 +71,23 @@ def target_problems(target: Target) -> list[str]:
 
 
 def module_problems(module: str) -> list[str]:
+    import os
+    import sys
+
+    # The workers start as `python -m`, which puts the current folder first on the path.
+    sys.path.insert(0, os.getcwd())
     try:
         found = importlib.util.find_spec(module)
-    except (ImportError, ValueError) as exc:  # a parent package that is missing or fails to import
-        return [f"module {module} does not import ({exc}): install it, or run from the folder that holds it"]
+    except Exception as exc:  # a parent package that is missing or fails to import
+        return [f"module {module} does not import ({type(exc).__name__}: {exc}): install it, or run from the "
+                "folder that holds it"]
+    finally:
+        sys.path.pop(0)
     if found is None:
         return [f"module {module} is not found on this Python's path: install it, or run from the folder that "
                 "holds it"]
-    if found.submodule_search_locations is not None and importlib.util.find_spec(f"{module}.__main__") is None:
+    if found.submodule_search_locations is not None and not any(
+            (Path(folder) / "__main__.py").is_file() for folder in found.submodule_search_locations):
         return [f"module {module} is a package without __main__.py: name the module that trains ({module}.train?)"]
     return []
 
@@ -170,6 +179,8 @@ def trainer_plan(spec, run_dir: Path, keep_optimizer: bool) -> dict[str, Planned
         "warmup_steps": Planned(warmup_steps(spec), "--set schedule.warmup_steps=..."),
         "output_dir": Planned(str(run_dir.absolute() / SCRIPT_OUTPUT), "--output-dir", must_agree=False),
         "seed": Planned(spec.train.seed, "--seed", must_agree=False),
+        # on CPU processes the Trainer refuses bf16 unless told it runs on the CPU
+        "use_cpu": Planned(bool(spec.cluster.use_cpu), "--cpu", must_agree=False),
         "logging_steps": Planned(spec.logging.steps_per_print, "--steps-per-print", must_agree=False),
     }
     if not keep_optimizer:  # the Trainer builds the schedule itself, from these
