@@ -89,7 +89,7 @@ def test_bad_input_is_refused_before_launch_with_exit_2_and_nothing_written(crak
         "module": (["-m", "no_such_module_xyz"], "module no_such_module_xyz is not found"),
         "package": (["-m", "pkg"], "package without __main__.py"),
         "conflict": (["ok.py", "--per_device_train_batch_size", "8"],
-                     "per_device_train_batch_size=8 but craken planned per_device_train_batch_size=4"),
+                     "argument --per_device_train_batch_size 8 but craken planned per_device_train_batch_size=4"),
         "conflict_eq": (["ok.py", "--max_grad_norm=1.0"], "change the plan with --clip"),
         "deepspeed": (["ok.py", "--deepspeed", "ds.json"], "drop --deepspeed"),
         "auto": (["--auto", "ok.py"], "pass --model"),
@@ -190,3 +190,26 @@ def test_hf_argument_parser_scripts_are_judged_by_what_differs_from_the_defaults
     assert (args.per_device_train_batch_size, args.learning_rate) == (4, 1e-3)
     with pytest.raises(PlanConflict, match="learning_rate=0.1"):
         HfArgumentParser((args_class,)).parse_args_into_dataclasses(args=["--report_to", "none", "--learning_rate", "0.1"])
+
+
+def test_make_targets_launch_the_script_when_script_is_set(tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    root = Path(__file__).resolve().parents[1]
+
+    def dry(*args):
+        return subprocess.run(["make", "-s", "-n", "-C", str(root), *args], capture_output=True, text=True).stdout
+
+    assert dry("craken_ds2").strip() == "craken train --zero 2 --name ds2"
+    assert dry("craken_ds2", "SCRIPT=train.py", "SCRIPT_ARGS=--epochs 1", "ARGS=--lr 1e-4").strip() == \
+        "craken launch --zero 2 --name ds2 --lr 1e-4 train.py --epochs 1"
+    assert dry("test_craken_ds3_auto", "SCRIPT=-m pkg.train").strip() == \
+        "craken launch --zero 3 --auto --test --name ds3_auto -m pkg.train"
+
+
+def test_launch_test_is_a_short_run_of_the_same_plan_in_its_own_folder(craken, script):
+    data = json.loads(craken("launch", "--dry-run", "--test", "--zero", "2", "--max-steps", "500", str(script)).out)
+    assert data["env"]["CRAKEN_PLAN_MAX_STEPS"] == "20" and data["env"]["CRAKEN_PLAN_RUN_DIR"].endswith("default-test")

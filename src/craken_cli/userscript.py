@@ -151,7 +151,11 @@ def plan_env(spec, run_dir: Path, keep_optimizer: bool) -> dict[str, str]:
         # 1: the JSON holds DeepSpeed's optimizer and scheduler; build accelerate's DummyOptim/DummyScheduler
         "DS_OPTIMIZER": int(keep_optimizer),
     }
-    return {PLAN_ENV_PREFIX + k: str(v) for k, v in values.items()}
+    env = {PLAN_ENV_PREFIX + k: str(v) for k, v in values.items()}
+    # accelerate's Accelerator() reads its accumulation default from here: the script's then starts with the
+    # JSON's instead of 1 (which accelerate overrides from the JSON with a "mismatch" warning).
+    env["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] = str(spec.grad_accum)
+    return env
 
 
 class Planned(NamedTuple):
@@ -201,9 +205,10 @@ def agrees(value: Any, planned: Any) -> bool:
     return str(getattr(value, "value", value)) == str(planned) if not isinstance(planned, dict) else value == planned
 
 
-def conflict_message(name: str, value: Any, planned: Planned) -> str:
-    return (f"the script sets {name}={value!r} but craken planned {name}={planned.value!r}: drop it from the "
-            f"script (craken fills it) or change the plan with {planned.flag}")
+def conflict_message(name: str, value: Any, planned: Planned, argument: str | None = None) -> str:
+    said = f"the script's argument {argument}" if argument else f"the script sets {name}={value!r}"
+    return (f"{said} but craken planned {name}={planned.value!r}: drop it (craken fills it) or change the plan "
+            f"with {planned.flag}")
 
 
 def arg_problems(spec, run_dir: Path, target: Target, keep_optimizer: bool) -> list[str]:
@@ -222,7 +227,7 @@ def arg_problems(spec, run_dir: Path, target: Target, keep_optimizer: bool) -> l
             continue
         value = read_scalar(raw, planned.value)
         if value is not None and not agrees(value, planned.value):
-            problems.append(conflict_message(name, value, planned))
+            problems.append(conflict_message(name, value, planned, argument=f"--{name} {raw}"))
     return problems
 
 

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..options import SpecArgs, spec_flags
+from ..verdict import TEST_STEPS
 
 
 @spec_flags
@@ -22,6 +23,8 @@ def launch(
         "--ds-optimizer/--no-ds-optimizer", help="Keep DeepSpeed's optimizer and scheduler in the JSON (the script "
         "then takes accelerate's DummyOptim/DummyScheduler; the HF Trainer does so by itself). Default: only "
         "under optimizer offload, where DeepSpeed steps the states with its CPU Adam.")] = None,
+    test: Annotated[bool, typer.Option("--test", help=f"Smoke test: at most {TEST_STEPS} steps of exactly this run "
+                                       "(the plan's max_steps) into runs/<name>-test.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the launch command, its environment and the "
                                           "rendered files; launch nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Start over in an existing run folder.")] = False,
@@ -45,7 +48,7 @@ def launch(
     problems = target_problems(target)
     if problems:
         raise CrakenError(problems, title="cannot launch this script")
-    request = TrainRequest(spec_args=spec_args, auto=auto, dry_run=dry_run, force=force, script=target,
+    request = TrainRequest(spec_args=spec_args, auto=auto, test=test, dry_run=dry_run, force=force, script=target,
                            ds_optimizer=ds_optimizer)
     prepared = prepare(request, environ=os.environ)
     for warning in prepared.warnings:
