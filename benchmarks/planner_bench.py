@@ -56,6 +56,7 @@ class Row:
     micro_batch: int | str  # or "auto": the largest --auto would pick for this strategy
     compiled: bool | None  # None: as --auto decides
     split: str  # "train" (the fit may use it) or "held-out" (reported only)
+    extra: tuple[str, ...] = ()  # --set values of the row (e.g. "model.loss=model")
 
 
 # Held-out first, the one the issue names at the top: the call may end before the last rows.
@@ -73,11 +74,16 @@ GRID = [
     Row("smollm2-1.7b", 1024, "zero1", "auto", True, "train"),
     Row("llama-3.2-1b", 1024, "zero3", "auto", False, "train"),
     Row("gemma-2-2b", 2048, "zero0", "auto", False, "train"),
+    # The model's own loss compiled at a large vocabulary (what the chunked loss replaces): the term
+    # COMPILED_LOSS_FP32_BYTES had no training row of its own but issue 16's out-of-memory bound.
+    Row("qwen2.5-0.5b", 2048, "zero0", 16, True, "train", ("model.loss=model",)),
+    Row("llama-3.2-1b", 2048, "zero0", 8, True, "train", ("model.loss=model",)),
 ]
 if os.environ.get("PLANNER_BENCH_SMOKE"):  # a CPU run of the code path (gloo, DS_ACCELERATOR=cpu): no numbers
     SHAPES = {"llama-160m": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                  num_key_value_heads=2)}
-    GRID = [Row("llama-160m", 64, "zero0", 2, False, "held-out"), Row("llama-160m", 64, "zero2", 2, False, "train")]
+    GRID = [Row("llama-160m", 64, "zero0", 2, False, "held-out"),
+            Row("llama-160m", 64, "zero2", 2, False, "train", ("model.loss=chunked",))]
 
 
 def model_config(name: str) -> dict:
@@ -138,7 +144,8 @@ def resolve_row(row: Row, folder: Path, hw, world: int = 1) -> tuple[str, int, b
         compiled = compiles_by_default(info, hw)
     stage_name = "zero0" if row.strategy == "auto" else row.strategy
     for try_compiled in ([compiled, False] if compiled else [False]):
-        spec = spec_for(folder, row.seq, stage_name, 1, try_compiled, world, hw=hw, global_batch=AUTO_GLOBAL_BATCH)
+        spec = spec_for(folder, row.seq, stage_name, 1, try_compiled, world, row.extra, hw=hw,
+                        global_batch=AUTO_GLOBAL_BATCH)
         planned = plan(info, spec, hw)
         if row.strategy == "auto":
             pick = planned.choice
@@ -165,87 +172,88 @@ def commit() -> str:
 # ---------------------------------------------------------------------------------------------- worker
 
 
-def build_engine(spec, folder: Path, device, world: int):
-    """(model, step function) as craken's engines train: fp32 masters on both."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+def launch_env(run_dir: Path, port: int) -> dict[str, str]:
+    """The ACCELERATE_* variables `accelerate launch --config_file RUN/accelerate.yaml` gives each
+    process of this run (mixed precision, DeepSpeed and its config file, ...), computed by accelerate's
+    own launcher functions from the same rendered files `craken train` launches with. The process
+    group itself is the bench's (torchrun's worker, one fork per row)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import launch as accelerate_launch
 
-    from craken_cli.render import deepspeed_config
-    from craken_cli.train import modeling
-
-    cfg = AutoConfig.from_pretrained(folder)
-    cfg.use_cache = False
-    ds_cfg = deepspeed_config(spec) if spec.uses_deepspeed else None
-    if spec.zero.stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.Init(config_dict_or_path=ds_cfg, dtype=torch.bfloat16):
-            model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    args = launch_command_parser().parse_args(["--config_file", str(run_dir / "accelerate.yaml"), "--main_process_port",
+                                               str(port), "-m", "craken_cli.train.loop", str(run_dir / "run.yaml")])
+    args, defaults, mp_from_config_flag = _validate_launch_command(args)
+    if args.use_deepspeed:  # as accelerate's launch_command prepares its deepspeed_launcher
+        fields = list(defaults.deepspeed_config.keys()) if defaults else []
+        args.deepspeed_fields_from_accelerate_config = ",".join(fields + (["mixed_precision"] if mp_from_config_flag
+                                                                          else []))
+        env = accelerate_launch.prepare_deepspeed_cmd_env(args)[1]
+    elif args.multi_gpu:
+        env = accelerate_launch.prepare_multi_gpu_env(args)
     else:
-        with torch.device(device):  # DeepSpeed casts to bf16 before moving to the GPU: build it so
-            model = AutoModelForCausalLM.from_config(
-                cfg, attn_implementation="sdpa", dtype=torch.bfloat16 if ds_cfg else torch.float32)
-    if spec.model.activation_checkpointing:  # as modeling.load_model turns it on
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if spec.model.compile:
-        modeling.compile_regions(model)
-    groups = [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": 0.1},
-              {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]
-    if ds_cfg is not None:
-        import deepspeed
-
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_cfg)
-
-        def ds_step(ids):
-            engine.backward(engine(input_ids=ids, labels=ids).loss)
-            engine.step()
-
-        return cfg, engine, ds_step
-    opt = torch.optim.AdamW(groups, lr=1e-4, fused=device.type == "cuda")
-    wrapped = model
-    if world > 1:
-        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index])
-
-    def plain_step(ids):
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = wrapped(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), spec.optimizer.clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return cfg, None, plain_step
+        env = accelerate_launch.prepare_simple_launcher_cmd_env(args)[1]
+    return {k: v for k, v in env.items() if k.startswith("ACCELERATE_")}
 
 
-def run_row(spec, folder: Path, rank: int, world: int) -> dict:
+def write_run_folder(spec, run_dir: Path) -> Path:
+    """run.yaml, accelerate.yaml and (DeepSpeed) ds_config.json, rendered as `craken train` renders them."""
+    from craken_cli.render import rendered_files, write_files
+
+    write_files(rendered_files(spec, {}, run_dir), run_dir, force=True)
+    return run_dir
+
+
+def random_loader(spec, vocab: int, rank: int, steps: int):
+    """`steps` micro-batches of random tokens in the loop's batch format (input_ids, labels)."""
     import torch
 
-    on_gpu = torch.cuda.is_available()
-    device = torch.device("cuda", rank) if on_gpu else torch.device("cpu")
-    cfg, engine, step = build_engine(spec, folder, device, world)
-    gen = torch.Generator(device=device).manual_seed(rank)
-    mb, seq = spec.batch.micro_batch, spec.data.seq_len
+    from craken_cli.train.loop import _collate
+
+    gen = torch.Generator().manual_seed(rank)
+    ids = torch.randint(0, vocab, (steps * spec.batch.micro_batch, spec.data.seq_len), generator=gen)
+    return torch.utils.data.DataLoader([{"input_ids": row} for row in ids], batch_size=spec.batch.micro_batch,
+                                       collate_fn=_collate)
+
+
+def run_row(spec, run_dir: Path, rank: int, world: int) -> dict:
+    """One row through `craken train`'s own code: the Accelerator of the rendered launch, the model built,
+    converted and compiled by modeling (load_model, ready_for_training), the engine's prepare and the
+    Trainer's micro-step; random tokens instead of the data set, peak reserved memory over the steps."""
+    import torch
+
+    from craken_cli.train import modeling
+    from craken_cli.train.engine import make_engine
+    from craken_cli.train.loop import Trainer
+
+    trainer = Trainer(spec, run_dir / "run.yaml")
+    trainer.setup_accelerator()
+    acc = trainer.accelerator
+    model = modeling.load_model(spec, None, modeling.init_device(spec, acc.device))
+    model, record = modeling.ready_for_training(model, spec)
+    trainer.engine = make_engine(spec, acc)
+    loader = random_loader(spec, model.config.vocab_size, rank, WARMUP_STEPS + TIMED_STEPS)
+    trainer.model, loader, _ = trainer.engine.prepare(model, loader)
+    trainer.model.train()
+    on_gpu = acc.device.type == "cuda"
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     sync()
     if on_gpu:
-        torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(WARMUP_STEPS):
-        step(torch.randint(0, cfg.vocab_size, (mb, seq), generator=gen, device=device))
+        torch.cuda.reset_peak_memory_stats(acc.device)
+    for i, batch in enumerate(loader):
+        if i == WARMUP_STEPS:
+            sync()
+            start = time.time()
+        trainer.micro_step(batch)
     sync()
-    start = time.time()
-    for _ in range(TIMED_STEPS):
-        step(torch.randint(0, cfg.vocab_size, (mb, seq), generator=gen, device=device))
-    sync()
-    tps = TIMED_STEPS * mb * seq / (time.time() - start)
-    if engine is not None:
-        engine.destroy()
+    tps = TIMED_STEPS * spec.batch.micro_batch * spec.data.seq_len / (time.time() - start)
+    out = {"ran": record, "tokens_per_s": round(tps)}
     if not on_gpu:
-        return {"tokens_per_s": round(tps), "smoke": "CPU run: no GPU memory to measure"}
-    return {"measured_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 3),
-            "allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3), "tokens_per_s": round(tps)}
+        return {**out, "smoke": "CPU run: no GPU memory to measure"}
+    return {**out, "measured_gib": round(torch.cuda.max_memory_reserved(acc.device) / 2**30, 3),
+            "allocated_gib": round(torch.cuda.max_memory_allocated(acc.device) / 2**30, 3)}
 
 
-def child(conn, spec, folder: Path, rank: int, world: int, port: int) -> None:
+def child(conn, spec, run_dir: Path, rank: int, world: int, port: int) -> None:
     """One row in a fresh (forked) process: nothing a previous engine left behind can be counted."""
     import datetime
 
@@ -255,17 +263,14 @@ def child(conn, spec, folder: Path, rank: int, world: int, port: int) -> None:
     os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)  # each row its own store, on its own port
     os.environ["MASTER_PORT"] = str(port)
     try:
+        os.environ.update(launch_env(run_dir, port))
         on_gpu = torch.cuda.is_available()
         if on_gpu:
             torch.cuda.set_device(rank)
         dist.init_process_group("nccl" if on_gpu else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world, timeout=datetime.timedelta(seconds=120),
                                 device_id=torch.device("cuda", rank) if on_gpu else None)
-        if spec.uses_deepspeed:  # DeepSpeed's comm wraps that group (zero.Init needs it before initialize)
-            import deepspeed
-
-            deepspeed.init_distributed("nccl" if on_gpu else "gloo")
-        conn.send(run_row(spec, folder, rank, world))
+        conn.send(run_row(spec, run_dir, rank, world))
     except torch.OutOfMemoryError as exc:
         conn.send({"oom": str(exc)[:300]})
     except Exception as exc:  # a failed row is a row too
@@ -274,9 +279,9 @@ def child(conn, spec, folder: Path, rank: int, world: int, port: int) -> None:
     os._exit(0)  # skip NCCL and DeepSpeed teardown: the process is done
 
 
-def measure(ctx, spec, folder: Path, rank: int, world: int, port: int, timeout: float) -> dict:
+def measure(ctx, spec, run_dir: Path, rank: int, world: int, port: int, timeout: float) -> dict:
     parent_end, child_end = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=child, args=(child_end, spec, folder, rank, world, port))
+    proc = ctx.Process(target=child, args=(child_end, spec, run_dir, rank, world, port))
     proc.start()
     child_end.close()
     result = parent_end.recv() if parent_end.poll(timeout) else {"failed": f"timeout after {timeout:.0f} s"}
@@ -288,7 +293,7 @@ def measure(ctx, spec, folder: Path, rank: int, world: int, port: int, timeout: 
 
 def row_record(row: Row, strategy: str, micro: int, compiled: bool, pred, hw, world: int, head: str) -> dict:
     return {"gpus": world, "model": row.model, "seq": row.seq, "strategy": strategy + ("+compile" if compiled else ""),
-            "base_strategy": strategy.split("+")[0], "compiled": compiled, "extra": [], "micro_batch": micro,
+            "base_strategy": strategy.split("+")[0], "compiled": compiled, "extra": list(row.extra), "micro_batch": micro,
             "split": row.split, "asked": {"strategy": row.strategy, "micro_batch": row.micro_batch},
             "predicted_gib": round(pred.reserved_gib, 3), "predicted_total_gib": round(pred.total_gib, 3),
             "device": hw.gpus[0].name if hw.gpus else "cpu", "commit": head, "measured_on": time.strftime("%Y-%m-%d")}
@@ -306,7 +311,8 @@ def worker(args) -> int:
 
     from craken_cli.hardware import detect
     from craken_cli.launch import normalized_arch_list
-    from craken_cli.train import modeling  # noqa: F401
+    from craken_cli.train import engine, loop, modeling  # noqa: F401  (the children's training code)
+    from accelerate.commands import launch  # noqa: F401
 
     arch = normalized_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"))
     if arch:
@@ -319,10 +325,10 @@ def worker(args) -> int:
     for i, row in enumerate(GRID):
         folder = write_config(Path(args.models) / row.model, row.model)
         strategy, micro, compiled = resolve_row(row, folder, hw, world)
-        spec = spec_for(folder, row.seq, strategy, micro, compiled, world, hw=hw)
+        spec = spec_for(folder, row.seq, strategy, micro, compiled, world, row.extra, hw=hw)
         pred = predict(spec, folder, hw)
         rec = row_record(row, strategy, micro, compiled, pred, hw, world, head)
-        rec["loss"] = spec.model.loss  # rows recorded before train/loss.py trained the model's own loss
+        rec["loss"] = spec.model.loss  # the setting; rec["ran"]["loss_kind"]: the loss that trained
         left = args.budget - (time.time() - began)
         if pred.total_gib > card:
             rec["skipped"] = f"predicted {pred.total_gib:.1f} GiB > {card:.1f} GiB card"
@@ -330,7 +336,8 @@ def worker(args) -> int:
             rec["skipped"] = f"time budget: {left:.0f} s left"
         else:
             started = time.time()
-            rec.update(measure(ctx, spec, folder, rank, world, args.port + i, min(args.row_timeout, left)))
+            run_dir = write_run_folder(spec, Path(args.models) / "runs" / f"row{i}-rank{rank}")
+            rec.update(measure(ctx, spec, run_dir, rank, world, args.port + i, min(args.row_timeout, left)))
             if "measured_gib" in rec:
                 rec["error"] = round(rec["predicted_gib"] / rec["measured_gib"] - 1, 4)
             rec["wall_s"] = round(time.time() - started, 1)
@@ -351,6 +358,13 @@ def recorded_rows(paths=None) -> list[dict]:
     return [r for r in rows if not r.get("superseded")]
 
 
+def ran_loss(row: dict) -> str:
+    """The model.loss a recorded row is re-predicted with: the loss it trained with where the row says
+    ("ran", written since the bench trains through modeling.ready_for_training), else its setting; rows
+    from before train/loss.py have none (the model's own)."""
+    return row.get("ran", {}).get("loss_kind") or row.get("loss", "model")
+
+
 def hypothetical_hardware(rows: list[dict]):
     """One GPU of the rows' card (the prediction depends on its memory only where the row is skipped)."""
     from craken_cli.hardware import GPU, GiB, Hardware
@@ -366,7 +380,7 @@ def prepared(rows: list[dict], root: Path, hw) -> list[tuple[dict, object]]:
     out = []
     for r in rows:
         folder = write_config(root / r["model"], r["model"])
-        extra = (*r.get("extra", ()), f"model.loss={r.get('loss', 'model')}")
+        extra = (*r.get("extra", ()), f"model.loss={ran_loss(r)}")
         spec = spec_for(folder, r["seq"], r["strategy"].replace("+compile", ""), r["micro_batch"], r["compiled"],
                         r["gpus"], extra, hw)
         info = model_info(str(folder))
@@ -494,7 +508,7 @@ def pending(models: Path = Path(os.environ.get("TMPDIR", "/tmp")) / "craken-benc
     for row in (r for r in GRID if r.split == "held-out"):
         folder = write_config(models / row.model, row.model)
         strategy, micro, compiled = resolve_row(row, folder, hw)
-        pred = predict(spec_for(folder, row.seq, strategy, micro, compiled, 1, hw=hw), folder, hw)
+        pred = predict(spec_for(folder, row.seq, strategy, micro, compiled, 1, row.extra, hw=hw), folder, hw)
         lines.append(f"| {row.model} | {row.seq} | {strategy + ('+compile' if compiled else '')} | {micro} | "
                      f"{pred.reserved_gib:.2f} | **GPU: pending** | **pending** |")
     return lines
@@ -553,7 +567,7 @@ def dry_run(args) -> int:
     for row in GRID:
         folder = write_config(Path(args.models) / row.model, row.model)
         strategy, micro, compiled = resolve_row(row, folder, hw)
-        pred = predict(spec_for(folder, row.seq, strategy, micro, compiled, 1, hw=hw), folder, hw)
+        pred = predict(spec_for(folder, row.seq, strategy, micro, compiled, 1, row.extra, hw=hw), folder, hw)
         print(f"{row.split:8} {row.model:14} seq {row.seq:5} {strategy + ('+compile' if compiled else ''):34} "
               f"mb {micro:3}: {pred.reserved_gib:7.2f} GiB reserved, {pred.total_gib:7.2f} total")
     return 0

@@ -422,3 +422,24 @@ def test_the_fit_never_sees_held_out_rows(tmp_path, monkeypatch):
     alone = fitted([])
     assert fitted([far_off]) == alone
     assert fitted([{**far_off, "split": "train"}]) != alone
+
+
+@pytest.mark.e2e
+def test_planner_bench_measures_rows_through_craken_trains_own_code(tmp_path, free_port):
+    """planner_bench's rows train through the code `craken train` runs (modeling.ready_for_training,
+    the engine's prepare, Trainer.micro_step, the Accelerator the rendered accelerate.yaml gives), so each
+    row records the loss that ran: the smoke grid's (CPU, DeepSpeed on gloo) forced chunked row ran the
+    chunked loss, the other the model's own. Nothing is measured on CPU."""
+    import os
+
+    out = tmp_path / "out"
+    env = {**os.environ, "PLANNER_BENCH_SMOKE": "1", "DS_ACCELERATOR": "cpu",
+           "PYTHONPATH": str(RESULTS.parents[1] / "src")}
+    proc = subprocess.run([sys.executable, str(RESULTS.parent / "planner_bench.py"), "--out", str(out), "--models",
+                           str(tmp_path / "models"), "--budget", "240", "--port", str(free_port)],
+                          capture_output=True, text=True, env=env, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [json.loads(x) for x in (out / "planner_bench.jsonl").read_text().splitlines()]
+    assert [(r["strategy"], r["extra"], r["ran"]["loss_kind"]) for r in rows] == [
+        ("zero0", [], "model"), ("zero2", ["model.loss=chunked"], "chunked")], (out / "worker.log").read_text()[-3000:]
+    assert all(r["tokens_per_s"] > 0 and "measured_gib" not in r for r in rows)
