@@ -533,6 +533,92 @@ def compact(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+# ---------------------------------------------------------------------------------------------- census
+
+CENSUS = {"gpt2-medium": (1024, 32), "gemma-2-2b": (1024, 8), "qwen2.5-0.5b": (2048, 8), "llama-3.2-1b": (2048, 8),
+          "pythia-1.4b": (2048, 16)}  # model: (seq, micro-batch), one GPU
+
+
+def held_bytes(name: str, layers: int, seq: int, micro: int, compiled: bool) -> tuple[float, float]:
+    """(bytes held after the forward, peak bytes in the backward) above the built model, one micro-batch of
+    a `layers`-layer copy of the model, trained as a no-ZeRO craken run: fp32 weights under bf16 autocast,
+    the model's own loss (modeling.ready_for_training, model.loss=model)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from craken_cli.train import modeling
+
+    cfg = AutoConfig.for_model(**{k: v for k, v in model_config(name).items() if k != "architectures"})
+    for key in ("num_hidden_layers", "n_layer"):
+        if hasattr(cfg, key):
+            setattr(cfg, key, layers)
+    cfg.use_cache = False
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the code path only, every figure 0
+    gpu = device == "cuda"
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
+    spec = spec_for(write_config(Path("/tmp/craken-census") / name, name), seq, "zero0", micro, compiled, 1,
+                    ("model.loss=model",), hw=census_hardware())
+    model, _ = modeling.ready_for_training(model, spec)
+    model.train()
+    ids = torch.randint(0, cfg.vocab_size, (micro, seq), device=device)
+    allocated = torch.cuda.memory_allocated if gpu else (lambda: 0)
+    for _ in range(2):  # the first compiles
+        if gpu:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        base = allocated()
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        held = allocated() - base
+        loss.backward()
+        peak = (torch.cuda.max_memory_allocated() if gpu else 0) - base
+        model.zero_grad(set_to_none=True)
+        del loss
+    return held, peak
+
+
+def census_hardware():
+    from craken_cli.hardware import GPU, GiB, Hardware
+
+    return Hardware(gpus=(GPU(0, "NVIDIA H200", int(139.8 * GiB), int(139.8 * GiB), (9, 0)),), ram_total=128 * GiB)
+
+
+def census(names: list[str], out: Path) -> int:
+    """What one decoder layer and the logits hold on the GPU, measured (1- and 2-layer copies of each model)
+    against the planner's per-token terms: the family traits behind a row's error, in about a minute."""
+    from craken_cli.modelinfo import model_info
+    from craken_cli.planner import layer_activation_bytes_per_token, loss_bytes
+
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"{'model':14} {'mode':8} {'layer B/token':>14} {'planner':>9} {'rest B/logit':>13} {'bwd B/logit':>12} "
+             f"{'planner loss B/logit':>21}"]
+    for name in names:
+        seq, micro = CENSUS[name]
+        info = model_info(str(write_config(Path("/tmp/craken-census") / name, name)))
+        tokens = seq * micro
+        for compiled in ((False,) if info.family == "gpt" else (False, True)):  # GPT-2/NeoX never compile
+            try:
+                (h1, p1), (h2, _) = (held_bytes(name, n, seq, micro, compiled) for n in (1, 2))
+            except Exception as exc:  # a failed model is a line too
+                lines.append(f"{name:14} {'compiled' if compiled else 'eager':8} {type(exc).__name__}: {exc}"[:200])
+                continue
+            layer, logits = (h2 - h1) / tokens, tokens * info.vocab_size
+            rest, backward = (h1 - (h2 - h1)) / logits, (p1 - h1) / logits
+            on = compiled and info.family != "gpt"
+            rec = {"model": name, "seq": seq, "micro_batch": micro, "compiled": compiled, "layer_bytes_per_token":
+                   round(layer), "planner_layer": round(layer_activation_bytes_per_token(info, 2, on)),
+                   "rest_bytes_per_logit": round(rest, 2), "backward_bytes_per_logit": round(backward, 2),
+                   "planner_loss_bytes_per_logit": round(loss_bytes(info, tokens, 2, on) / logits, 2)}
+            with open(out / "census.jsonl", "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+            lines.append(f"{name:14} {'compiled' if compiled else 'eager':8} {layer:14,.0f} {rec['planner_layer']:9,} "
+                         f"{rest:13.2f} {backward:12.2f} {rec['planner_loss_bytes_per_logit']:21.2f}")
+            print(lines[-1], flush=True)
+    print("\n".join(lines))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -585,6 +671,8 @@ def main() -> int:
     ap.add_argument("--fit", action="store_true", help="fit FITTED on the training rows, report the held-out ones")
     ap.add_argument("--docs", default=None, help="markdown file whose bench block to rewrite from the recorded rows")
     ap.add_argument("--rows", nargs="*", default=None, help="row files (default: benchmarks/results/*.jsonl)")
+    ap.add_argument("--census", nargs="*", default=None, choices=sorted(CENSUS),
+                    help="measure one layer's and the logits' GPU memory of these models against the planner's terms")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--models", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "craken-bench-models"))
     args = ap.parse_args()
@@ -592,6 +680,8 @@ def main() -> int:
         return worker(args)
     if args.dry_run:
         return dry_run(args)
+    if args.census is not None:
+        return census(args.census or sorted(CENSUS), Path(args.out))
     if args.fit or args.docs:
         rows = recorded_rows(args.rows)
         pairs = prepared(rows, Path(args.models), hypothetical_hardware(rows))

@@ -280,7 +280,9 @@ def loss_bytes(m: ModelInfo, tokens: int, lp: int, compiled: bool = False, loss:
     if loss == "chunked":
         return chunked_loss_bytes(m, tokens, lp, compiled)
     fp32 = COMPILED_LOSS_FP32_BYTES if compiled else UPCAST_LOSS_FP32_BYTES
-    per_logit = lp + fp32 + (2 * lp if m.logit_softcap else 0)  # softcap: tanh's output and the rescaled copy
+    # Gemma-2's soft cap (logits / cap, tanh, * cap, eager in the model's forward): of its three 16-bit
+    # tensors only tanh's output is saved for the backward (the scalar divide and multiply save nothing).
+    per_logit = lp + fp32 + (lp if m.logit_softcap else 0)
     return per_logit * tokens * m.vocab_size
 
 
