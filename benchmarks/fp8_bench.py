@@ -362,6 +362,7 @@ def main() -> int:
     ap.add_argument("--budget", type=int, default=470, help="seconds for the whole grid (runs stopped at its end)")
     ap.add_argument("--min-run-s", type=int, default=75, help="a run starts only with this many seconds left")
     ap.add_argument("--dry-run", action="store_true", help="print the runs and the plans of their flags; train nothing")
+    ap.add_argument("--only", default=None, help="comma-separated run names of the grid to run (default: all)")
     ap.add_argument("--plot", action="store_true", help="plot the parity runs under --out into --png")
     ap.add_argument("--png", type=Path, default=Path("docs/img/fp8-parity.png"))
     args = ap.parse_args()
@@ -371,6 +372,13 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     RUNS.mkdir(parents=True, exist_ok=True)
     runs = parity_runs(args.steps) if args.grid == "parity" else speed_runs(args.grid)
+    if args.only:
+        names = args.only.split(",")
+        unknown = sorted(set(names) - {r["name"] for r in runs})
+        if unknown:
+            ap.error(f"--only: no run named {', '.join(unknown)} in --grid {args.grid}: "
+                     f"choose from {', '.join(r['name'] for r in runs)}")
+        runs = [r for r in runs if r["name"] in names]
     if args.dry_run:
         return dry_run(runs)
     with open(args.out / "bench.log", "w") as log:

@@ -68,16 +68,17 @@ GRID = [
     Row("pythia-1.4b", 2048, "auto", "auto", None, "held-out"),  # GPT-NeoX: fused qkv, parallel residual
     Row("phi-3-mini", 2048, "auto", "auto", None, "held-out"),  # fused qkv and gate/up, 3.8B
     Row("mistral-7b", 1024, "auto", "auto", None, "held-out"),  # 7B at the card's edge
+    # The model's own loss compiled at a large vocabulary (what the chunked loss replaces): the term
+    # COMPILED_LOSS_FP32_BYTES had no training row of its own but issue 16's out-of-memory bound. First of the
+    # training rows: the ones the refit needs most.
+    Row("qwen2.5-0.5b", 2048, "zero0", 16, True, "train", ("model.loss=model",)),
+    Row("llama-3.2-1b", 2048, "zero0", 8, True, "train", ("model.loss=model",)),
     Row("qwen2.5-0.5b", 1024, "zero0", "auto", False, "train"),
     Row("smollm2-1.7b", 2048, "zero0", "auto", True, "train"),
     Row("llama-3.2-1b", 1024, "zero2", "auto", False, "train"),
     Row("smollm2-1.7b", 1024, "zero1", "auto", True, "train"),
     Row("llama-3.2-1b", 1024, "zero3", "auto", False, "train"),
     Row("gemma-2-2b", 2048, "zero0", "auto", False, "train"),
-    # The model's own loss compiled at a large vocabulary (what the chunked loss replaces): the term
-    # COMPILED_LOSS_FP32_BYTES had no training row of its own but issue 16's out-of-memory bound.
-    Row("qwen2.5-0.5b", 2048, "zero0", 16, True, "train", ("model.loss=model",)),
-    Row("llama-3.2-1b", 2048, "zero0", 8, True, "train", ("model.loss=model",)),
 ]
 if os.environ.get("PLANNER_BENCH_SMOKE"):  # a CPU run of the code path (gloo, DS_ACCELERATOR=cpu): no numbers
     SHAPES = {"llama-160m": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -363,6 +364,20 @@ def ran_loss(row: dict) -> str:
     ("ran", written since the bench trains through modeling.ready_for_training), else its setting; rows
     from before train/loss.py have none (the model's own)."""
     return row.get("ran", {}).get("loss_kind") or row.get("loss", "model")
+
+
+def supersede(keys: list[str], reason: str, files=None) -> int:
+    """Mark the recorded rows named MODEL:SEQ:MICRO_BATCH:MEASURED_ON superseded (kept, with the reason,
+    and no longer re-predicted): rows of a program craken no longer runs. Returns how many were marked."""
+    wanted = {tuple(k.split(":")) for k in keys}
+    marked = 0
+    for f in [Path(p) for p in files] if files else sorted(RESULTS.glob("*.jsonl")):
+        rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+        for r in rows:
+            if (r["model"], str(r["seq"]), str(r["micro_batch"]), r.get("measured_on", "")) in wanted:
+                r["superseded"], marked = reason, marked + 1
+        f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return marked
 
 
 def hypothetical_hardware(rows: list[dict]):
@@ -673,6 +688,9 @@ def main() -> int:
     ap.add_argument("--rows", nargs="*", default=None, help="row files (default: benchmarks/results/*.jsonl)")
     ap.add_argument("--census", nargs="*", default=None, choices=sorted(CENSUS),
                     help="measure one layer's and the logits' GPU memory of these models against the planner's terms")
+    ap.add_argument("--supersede", nargs="*", default=None, metavar="MODEL:SEQ:MB:DATE",
+                    help="mark these recorded rows superseded (with --reason): kept, no longer re-predicted")
+    ap.add_argument("--reason", default=None, help="why the --supersede rows no longer describe craken's runs")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--models", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "craken-bench-models"))
     args = ap.parse_args()
@@ -680,6 +698,11 @@ def main() -> int:
         return worker(args)
     if args.dry_run:
         return dry_run(args)
+    if args.supersede:
+        if not args.reason:
+            ap.error("--supersede needs --reason: what about craken's runs changed since these rows")
+        print(f"{supersede(args.supersede, args.reason, args.rows)} rows marked superseded")
+        return 0
     if args.census is not None:
         return census(args.census or sorted(CENSUS), Path(args.out))
     if args.fit or args.docs:
