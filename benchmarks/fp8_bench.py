@@ -200,7 +200,8 @@ def print_table(rows: list[dict]) -> None:
             print(f"{r['name']} | {r['rc']} | {r.get('error', '')}")
             continue
         predicted = r.get("predicted_reserved_gib")
-        err = f"{predicted:.2f} ({(predicted / r['peak_reserved_gib'] - 1) * 100:+.0f}%)" if predicted else "-"
+        measured = r.get("peak_reserved_gib") or 0
+        err = f"{predicted:.2f} ({(predicted / measured - 1) * 100:+.0f}%)" if predicted and measured else "-"
         print(f"{r['name']} | {r['rc']} | {r.get('strategy', '-')} | {r.get('micro_batch')} | "
               f"{r.get('loss_kind', '-')} | {r.get('float8_linears', '-')} | {r['tokens_per_s_per_gpu']:,.0f} | "
               f"{r['mfu']:.3f} | {r['peak_reserved_gib']:.2f} | {err} | {r.get('first_step_s') or 0:.1f} | "

@@ -2,7 +2,7 @@
 
     python3 benchmarks/planner_bench.py --out "$OUT" --budget 440   # the grid, on this machine's GPU
     python3 benchmarks/planner_bench.py --dry-run                    # the rows and their predictions, no GPU
-    python3 benchmarks/planner_bench.py --fit                        # fit on the training rows: print constants, errors
+    python3 benchmarks/planner_bench.py --fit [--apply]              # fit on the training rows: constants, errors
     python3 benchmarks/planner_bench.py --docs docs/planner.md       # rewrite its tables (planner.py's constants)
 
 Models are config-only (benchmarks/model_configs/*.json, the public config.json values of ten families, and
@@ -473,6 +473,25 @@ def fit(train_pairs, rounds: int = 3, start: dict | None = None) -> dict:
     return {name: current(name) for name in FITTED}
 
 
+def apply_constants(values: dict, path: Path = ROOT / "src" / "craken_cli" / "planner.py") -> list[str]:
+    """Write fitted values into planner.py's `NAME = value` lines (FRAGMENTATION: the same value for every
+    stage); returns the lines changed, as "NAME: old -> new"."""
+    import re
+
+    text, changed = path.read_text(), []
+    for name, value in values.items():
+        new = "{" + ", ".join(f"{stage}: {value}" for stage in range(4)) + "}" if name == "FRAGMENTATION" else repr(value)
+        pattern = re.compile(rf"^{name} = (.*?)$", re.M)
+        match = pattern.search(text)
+        if match is None:
+            raise SystemExit(f"planner.py has no line `{name} = ...`")
+        if match.group(1).split("  #")[0].strip() != new:
+            changed.append(f"{name}: {match.group(1).split('  #')[0].strip()} -> {new}")
+            text = text[:match.start(1)] + new + text[match.end(1):]
+    path.write_text(text)
+    return changed
+
+
 # ---------------------------------------------------------------------------------------------- tables
 
 
@@ -684,6 +703,7 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=29800, help="first of the per-row rendezvous ports")
     ap.add_argument("--dry-run", action="store_true", help="print the rows and their predictions; train nothing")
     ap.add_argument("--fit", action="store_true", help="fit FITTED on the training rows, report the held-out ones")
+    ap.add_argument("--apply", action="store_true", help="with --fit: write the fitted constants into planner.py")
     ap.add_argument("--docs", default=None, help="markdown file whose bench block to rewrite from the recorded rows")
     ap.add_argument("--rows", nargs="*", default=None, help="row files (default: benchmarks/results/*.jsonl)")
     ap.add_argument("--census", nargs="*", default=None, choices=sorted(CENSUS),
@@ -708,8 +728,11 @@ def main() -> int:
     if args.fit or args.docs:
         rows = recorded_rows(args.rows)
         pairs = prepared(rows, Path(args.models), hypothetical_hardware(rows))
-        if args.fit:  # printed, not written: the constants go into planner.py by hand, then --docs
-            print(json.dumps(fit(training(pairs)), indent=1))
+        if args.fit:  # printed; with --apply also written into planner.py (then run --docs)
+            fitted = fit(training(pairs))
+            print(json.dumps(fitted, indent=1))
+            if args.apply:
+                print("planner.py: " + ("; ".join(apply_constants(fitted)) or "no constant moved"))
             print(report(pairs))
             return 0
         write_docs(report(pairs), Path(args.docs))

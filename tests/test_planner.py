@@ -452,3 +452,16 @@ def test_planner_bench_measures_rows_through_craken_trains_own_code(tmp_path, fr
     assert [(r["strategy"], r["extra"], r["ran"]["loss_kind"]) for r in rows] == [
         ("zero0", [], "model"), ("zero2", ["model.loss=chunked"], "chunked")], (out / "worker.log").read_text()[-3000:]
     assert all(r["tokens_per_s"] > 0 and "measured_gib" not in r for r in rows)
+
+
+def test_fit_apply_writes_the_fitted_constants_into_a_planner_file(tmp_path):
+    """planner_bench --fit --apply: the fitted values replace planner.py's `NAME = value` lines, comments kept."""
+    bench = load_bench()
+    target = tmp_path / "planner.py"
+    target.write_text((RESULTS.parents[1] / "src" / "craken_cli" / "planner.py").read_text())
+    same = {name: bench.current(name) for name in bench.FITTED}
+    assert bench.apply_constants(same, target) == []
+    changed = bench.apply_constants({**same, "COMPILED_LOSS_FP32_BYTES": 6, "FRAGMENTATION": 0.04}, target)
+    assert [c.split(":")[0] for c in changed] == ["FRAGMENTATION", "COMPILED_LOSS_FP32_BYTES"]
+    text = target.read_text()
+    assert "\nCOMPILED_LOSS_FP32_BYTES = 6\n" in text and "\nFRAGMENTATION = {0: 0.04, 1: 0.04, 2: 0.04, 3: 0.04}\n" in text
