@@ -18,6 +18,8 @@ app = typer.Typer(
 
 _RUN_DIR = typer.Argument(metavar="RUN_DIR",
     help="Run folder written by `craken train` (holds checkpoints/).", show_default=False)
+_RUN_OR_CKPT = typer.Argument(metavar="RUN_DIR",
+    help="Run folder written by `craken train`, or one of its checkpoints/step_* folders.", show_default=False)
 
 
 def _human(n: int) -> str:
@@ -59,7 +61,7 @@ def list_(
 @app.command("export", epilog="Examples: craken ckpt export runs/default --out exported/ | "
                               "craken ckpt export runs/default --step 100 --dtype fp32 --out exported-fp32/")
 def export(
-    run_dir: Annotated[Path, _RUN_DIR],
+    run_dir: Annotated[Path, _RUN_OR_CKPT],
     out: Annotated[Path, typer.Option("--out", metavar="DIR",
         help="Folder to write the model into (must not exist or be empty).",
                                       show_default=False)],
