@@ -90,3 +90,41 @@ def test_shell_completion_offers_the_choices(words, expected):
                       "COMP_CWORD": str(len(argv) - 1)})
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == expected
+
+
+def test_train_says_what_is_about_to_run(craken, workdir):
+    """`craken train --zero 3 --model ./my-llama` printed nothing of craken's before `eval step 0`, yet
+    ran with the preset's offloads: the summary names them, the batch arithmetic and every value that
+    is not a default with its source."""
+    (workdir / "craken.yaml").write_text("train:\n  max_steps: 7\n")
+    result = craken("train", "--dry-run", "--preset", "ds_zero3", "--zero", "3", "--lr", "1e-3", "--cpu",
+                    "--num-processes", "2", "--micro-batch", "2")
+    assert result.code == 0, result.err
+    lines = result.err.splitlines()
+    start = lines.index("craken: about to train")
+    text = "\n".join(lines[start:])
+    assert max(map(len, lines[start:])) <= 80
+    flat = " ".join(text.split())
+    assert "builtin:tiny (123.2k parameters)" in flat
+    assert "DeepSpeed ZeRO-3, optimizer offload cpu, parameter offload cpu; 2 CPU processes" in flat
+    assert "bf16 compute, fp32 master weights" in flat
+    assert "micro-batch 2 x accumulation 8 x 2 processes = 32 sequences per step" in flat
+    assert "64 tokens; 7 steps" in flat and "run folder runs/default" in flat
+    assert "file craken.yaml: train.max_steps=7" in flat
+    assert "flag: " in flat and "optimizer.lr=0.001" in flat and "zero.stage=3" in flat
+    assert "preset ds_zero3_config.json: " in flat and "offload.param.device=cpu" in flat
+    assert "detected: optimizer.fused=false" in flat
+
+
+def test_summary_is_a_pure_function_of_the_spec(cpu_only):
+    """`craken launch` prints the same lines (summary.summary_lines, no I/O)."""
+    from craken_cli.options import SpecArgs, load_run
+    from craken_cli.sources import FLAGS
+    from craken_cli.summary import summary_lines
+
+    resolved, _ = load_run(SpecArgs(flags={f: None for f in FLAGS} | {"--zero": 0, "--precision": "fp32"}),
+                           hardware=cpu_only)
+    lines = summary_lines(resolved.spec, resolved.sources, "runs/x", 1_500_000_000, Path("runs/x/checkpoints/s"))
+    text = "\n".join(lines)
+    assert "builtin:tiny (1.5B parameters)" in text and "fp32 (weights, gradients and optimizer states)" in text
+    assert "DeepSpeed ZeRO-0, no offload" in text and "resume      from runs/x/checkpoints/s" in text

@@ -39,12 +39,15 @@ def train(
     from ..console import err, out
     from ..execute import execute
     from ..prepare import TrainRequest, prepare
+    from ..summary import prepared_summary
 
     request = TrainRequest(spec_args=spec_args, auto=auto, test=test, dry_run=dry_run, resume=resume,
                            force=force, launcher_args=list(ctx.args), oom_fallback=oom_fallback)
     prepared = prepare(request, environ=os.environ)
     for warning in prepared.warnings:
         err.print(f"warning: {warning}", style="yellow")
+    for line in prepared_summary(prepared):
+        err.print(line, highlight=False)
     if dry_run:
         out.print_json(data={"argv": prepared.argv, "env": prepared.env_shown, "files": prepared.files_shown})
         return
