@@ -128,3 +128,39 @@ def test_summary_is_a_pure_function_of_the_spec(cpu_only):
     text = "\n".join(lines)
     assert "builtin:tiny (1.5B parameters)" in text and "fp32 (weights, gradients and optimizer states)" in text
     assert "DeepSpeed ZeRO-0, no offload" in text and "resume      from runs/x/checkpoints/s" in text
+
+
+def test_hub_model_without_hub_access_is_one_line_before_launch(craken, workdir):
+    """`--model gpt2` without hub access: 215 lines and 20 "Retrying in 8s" from every worker; now one
+    line before anything is written. The machine here has no network, so the real connect fails."""
+    import time
+
+    for env, cause in (({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
+                       ({"HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9"}, "cannot be reached")):
+        started = time.monotonic()
+        result = craken("train", "--model", "gpt2", "--max-steps", "1", env={"HF_HUB_CACHE": str(workdir / "hub"),
+                                                                            **env})
+        assert result.code == 2 and "Traceback" not in result.output and "Retrying" not in result.output
+        message = result.err.strip()
+        assert len(message.splitlines()) == 1, message
+        assert message.startswith("craken: cannot start this run: --model gpt2: not in the local hub cache and ")
+        assert cause in message and "huggingface-cli download gpt2" in message
+        assert time.monotonic() - started < 20
+        assert not (workdir / "runs").exists()
+
+
+def test_hub_check_passes_a_cached_or_reachable_model(workdir, cpu_only):
+    from craken_cli.hubcheck import hub_problems
+    from craken_cli.options import SpecArgs, load_run
+    from craken_cli.sources import FLAGS
+
+    resolved, _ = load_run(SpecArgs(flags={f: None for f in FLAGS} | {"--model": "org/m"}), hardware=cpu_only)
+    env = {"HF_HUB_CACHE": str(workdir / "hub")}
+    assert hub_problems(resolved.spec, env, reach=lambda endpoint: None) == []
+    assert hub_problems(resolved.spec, env, reach=lambda endpoint: "refused")[0].startswith("--model org/m: ")
+    snapshot = workdir / "hub" / "models--org--m" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (workdir / "hub" / "models--org--m" / "refs").mkdir()
+    (workdir / "hub" / "models--org--m" / "refs" / "main").write_text("abc")
+    assert hub_problems(resolved.spec, {**env, "HF_HUB_OFFLINE": "1"}, reach=lambda endpoint: "refused") == []
