@@ -96,7 +96,7 @@ CKPT4 = f"{RUN}/checkpoints/step_00000004"
 CASES: dict[str, Case] = {
     # --resume
     "resume-auto-without-checkpoints": Case(train("--resume", "auto"), ["--resume auto", "no complete checkpoint",
-                                                                        "drop --resume"]),
+                                                                        "--force"]),
     "resume-auto-only-partial": Case(train("--resume", "auto"), ["no complete checkpoint"], ckpt(seal=False)),
     "resume-missing-folder": Case(train("--resume", "nowhere/step_00000004"), ["--resume nowhere", "no such",
                                                                                "craken ckpt list"]),
@@ -120,7 +120,7 @@ CASES: dict[str, Case] = {
         ["saved by 2 processes", "this run has 1", "ds_to_universal failed", "craken ckpt convert",
          "--num-processes 2"], ckpt(world=2)),
     # run folder
-    "run-folder-already-holds-a-run": Case(train(), ["already holds a run", "--resume auto", "--force"],
+    "run-folder-already-holds-a-run": Case(train(), ["already holds a run", "no checkpoint", "--force"],
                                            write(f"{RUN}/metrics.jsonl", "{}\n")),
     "run-folder-is-a-file": Case(train(), ["is a file", "--output-dir"], write(RUN, "x")),
     # model

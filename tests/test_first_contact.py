@@ -164,3 +164,29 @@ def test_hub_check_passes_a_cached_or_reachable_model(workdir, cpu_only):
     (workdir / "hub" / "models--org--m" / "refs").mkdir()
     (workdir / "hub" / "models--org--m" / "refs" / "main").write_text("abc")
     assert hub_problems(resolved.spec, {**env, "HF_HUB_OFFLINE": "1"}, reach=lambda endpoint: "refused") == []
+
+
+def test_config_render_then_train_into_the_same_folder(craken, workdir):
+    """`config render` then `train` was refused: "already holds a run"."""
+    assert craken("config", "render", "--max-steps", "3").code == 0
+    result = craken("train", "--dry-run", "--max-steps", "3")
+    assert result.code == 0, result.err
+
+
+def test_a_run_that_failed_before_step_1_names_force_and_force_works(craken, workdir):
+    """A run that stopped before its first checkpoint: the rerun was refused with "--resume auto", which
+    refused in turn with "drop --resume": neither named --force. Each suggested command is run."""
+    import json
+
+    from craken_cli import runfolder
+
+    run = workdir / "runs" / "default"
+    assert craken("config", "render").code == 0
+    runfolder.write_marker(run)
+    (run / "metrics.jsonl").write_text(json.dumps({"event": "start", "strategy": "zero1"}) + "\n")
+    rerun = craken("train", "--max-steps", "3")
+    assert rerun.code == 2 and "--force" in rerun.err and "--resume auto" not in rerun.err, rerun.err
+    resume = craken("train", "--resume", "auto", "--max-steps", "3")
+    assert resume.code == 2 and "--force" in resume.err and "drop --resume" not in resume.err, resume.err
+    forced = craken("train", "--force", "--dry-run", "--max-steps", "3")
+    assert forced.code == 0, forced.err

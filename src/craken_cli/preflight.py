@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import modelcheck
 from .hardware import nearest_existing
-from .runfolder import CHECKPOINTS, FINAL, MARKER, METRICS, RUN_FILE, machine_file, metrics_file
+from .runfolder import CHECKPOINTS, FINAL, MARKER, METRICS, metrics_file
 from .train import builtin
 from .train.data import LOCAL_FORMATS
 
@@ -286,10 +286,12 @@ def tracker_problems(spec, find_spec=importlib.util.find_spec) -> list[str]:
 
 def own_run_markers(machine_rank: int) -> tuple[str, ...]:
     """What tells that this machine already ran in a run folder. Machine 0's run owns the folder;
-    a machine of rank R > 0 shares it (`craken cluster slurm`) and only has its own files there."""
+    a machine of rank R > 0 shares it (`craken cluster slurm`) and only has its own files there. The
+    rendered files alone (`craken config render`, or a launch that never started) are no run: `craken
+    train` renders them again from the same sources."""
     if machine_rank == 0:
-        return RUN_FILE, METRICS, CHECKPOINTS, FINAL
-    return (machine_file(RUN_FILE, machine_rank), metrics_file(machine_rank))
+        return METRICS, CHECKPOINTS, FINAL
+    return (metrics_file(machine_rank),)
 
 
 def output_name_problems(spec) -> list[str]:
@@ -357,9 +359,20 @@ def output_problems(run_dir: Path, resume: str | None, force: bool, machine_rank
         return [f"run folder {run_dir} cannot be created or written ({parent}: {why}): choose another --output-dir"]
     if run_dir.is_dir() and not resume and not force and any((run_dir / m).exists()
                                                              for m in own_run_markers(machine_rank)):
-        return [f"run folder {run_dir} already holds a run: pass --resume auto to continue it, --force to start "
-                "over (its checkpoints are replaced), or choose --name/--output-dir"]
+        return [earlier_run_message(run_dir)]
     return []
+
+
+def earlier_run_message(run_dir: Path) -> str:
+    """What to do with the run a folder holds: --resume auto only where a checkpoint can be resumed
+    (else it refuses in turn, naming --force: the circle of issue 21)."""
+    from .train import checkpoint
+
+    if checkpoint.latest_checkpoint(run_dir, verify=False)[0] is not None:
+        return (f"run folder {run_dir} already holds a run: pass --resume auto to continue it, --force to start "
+                "over (its checkpoints are replaced), or choose --name/--output-dir")
+    return (f"run folder {run_dir} already holds a run, with no checkpoint to continue from: pass --force to start "
+            "over (its metrics and weights are replaced), or choose --name/--output-dir")
 
 
 # What decides a model's shape: a checkpoint of another shape cannot be loaded into this run's model.

@@ -21,8 +21,8 @@ def resume_checkpoint(run_dir: Path, resume: str | None) -> tuple[Path | None, l
             # the newest broken one says why (skipped: its warning)
             why = f" ({warnings[0].removeprefix('skipping ')})" if warnings else ""
             raise CrakenError(f"--resume auto: no complete checkpoint in {run_dir / 'checkpoints'}{why}: "
-                              "drop --resume to start a new run (with --force over this one), or name a checkpoint "
-                              "folder", title="cannot resume")
+                              "nothing to continue: run again with --force instead of --resume to start over in this "
+                              "folder, or name a checkpoint folder with --resume", title="cannot resume")
         return found, warnings
     path = Path(resume).expanduser()
     if not path.is_dir():
