@@ -190,3 +190,35 @@ def test_a_run_that_failed_before_step_1_names_force_and_force_works(craken, wor
     assert resume.code == 2 and "--force" in resume.err and "drop --resume" not in resume.err, resume.err
     forced = craken("train", "--force", "--dry-run", "--max-steps", "3")
     assert forced.code == 0, forced.err
+
+
+def test_doctor_reads_the_cuda_of_a_cuda13_torch():
+    """torch 2.14's CUDA 13 wheels declare cuda-toolkit, not nvidia-cuda-runtime: "CUDA version unknown"."""
+    from craken_cli.doctor import torch_build_of
+
+    requires = ['cuda-toolkit[cublas,cudart,cufft]==13.0.3; platform_system == "Linux"']
+    assert torch_build_of("2.14.1", requires) == "13.0"
+    assert torch_build_of("2.14.1+cu130", []) == "13.0"
+    assert torch_build_of("2.5.1", ["nvidia-cuda-runtime-cu12==12.4.127"]) == "12.4"
+
+
+def test_dry_run_prints_readable_files_and_a_command_and_works_over_a_run(craken, workdir):
+    """--dry-run printed the files as escaped JSON strings, had no command to copy, and was refused
+    when the run folder existed."""
+    import shlex
+
+    from craken_cli import runfolder
+
+    run = workdir / "runs" / "default"
+    run.mkdir(parents=True)
+    runfolder.write_marker(run)
+    (run / "metrics.jsonl").write_text("{}\n")
+    result = craken("train", "--dry-run", "--max-steps", "3")
+    assert result.code == 0, result.err
+    assert "without --dry-run: run folder" in result.err and "--force" in result.err
+    lines = result.out.splitlines()
+    command = shlex.split(lines[lines.index("# the launch command (run from this folder):") + 1])
+    assert command[0] == "env" and "DS_ACCELERATOR=cpu" in command and "craken_cli.train.loop" in command
+    assert f"# {run.relative_to(workdir)}/ds_config.json" in lines
+    assert '  "gradient_accumulation_steps": 2,' in lines and "\\n" not in result.out
+    assert "  max_steps: 3" in lines  # run.yaml as YAML text

@@ -106,10 +106,14 @@ def prepare(request: TrainRequest, environ: Mapping[str, str], hardware=None) ->
     spec = resolved.spec
     run_dir = Path(spec.output.run_dir())
     force = request.force or request.test
+    folder_problems = preflight.output_problems(run_dir, request.resume, force, spec.cluster.machine_rank)
+    if request.dry_run and run_dir.is_dir():  # writes nothing: shows the run, and what the real one would meet
+        warnings += [f"without --dry-run: {problem}" for problem in folder_problems]
+        folder_problems = []
     problems = (preflight.model_problems(spec) + hub_problems(spec, environ) + preflight.data_problems(spec)
                 + preflight.precision_problems(spec)
                 + preflight.tracker_problems(spec) + preflight.output_name_problems(spec)
-                + preflight.output_problems(run_dir, request.resume, force, spec.cluster.machine_rank)
+                + folder_problems
                 + preflight.op_problems(spec, environ) + preflight.nvme_problems(spec, environ)
                 + fp8.install_problems(spec.precision) + script_problems(spec, run_dir, request))
     if problems:

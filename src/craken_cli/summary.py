@@ -97,3 +97,16 @@ def _not_defaults(spec, sources: Mapping[str, str]) -> list[tuple[str, str]]:
 
 def _shown(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
+
+
+def dry_run_text(prepared) -> list[str]:
+    """`craken train --dry-run`: the command to copy (the variables craken sets, then argv; secrets
+    redacted) and each rendered file as the text it would be written as."""
+    import shlex
+
+    env = [f"{k}={shlex.quote(v)}" for k, v in sorted(prepared.env_shown.items())]
+    command = " ".join(["env", *env, shlex.join(prepared.argv)]) if env else shlex.join(prepared.argv)
+    lines = ["# the launch command (run from this folder):", command]
+    for name, text in prepared.files_shown.items():
+        lines += ["", f"# {Path(prepared.run_dir) / name}", text.rstrip("\n")]
+    return lines

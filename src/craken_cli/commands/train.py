@@ -17,7 +17,7 @@ def train(
                                        "compilation from the detected GPUs (craken plan) for what you did not set.")] = False,
     test: Annotated[bool, typer.Option("--test", help=f"Smoke test: {TEST_STEPS} steps of exactly this run into "
                                        "runs/<name>-test; exit 0 when healthy.")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the launch command, its environment and the "
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the launch command to copy and the "
                                           "rendered files; launch nothing.")] = False,
     resume: Annotated[Optional[str], typer.Option("--resume", metavar="auto|CHECKPOINT",
         help="Continue a run: 'auto' (latest good "
@@ -39,7 +39,7 @@ def train(
     from ..console import err, out
     from ..execute import execute
     from ..prepare import TrainRequest, prepare
-    from ..summary import prepared_summary
+    from ..summary import dry_run_text, prepared_summary
 
     request = TrainRequest(spec_args=spec_args, auto=auto, test=test, dry_run=dry_run, resume=resume,
                            force=force, launcher_args=list(ctx.args), oom_fallback=oom_fallback)
@@ -49,6 +49,6 @@ def train(
     for line in prepared_summary(prepared):
         err.print(line, highlight=False)
     if dry_run:
-        out.print_json(data={"argv": prepared.argv, "env": prepared.env_shown, "files": prepared.files_shown})
+        out.print("\n".join(dry_run_text(prepared)), highlight=False)
         return
     raise typer.Exit(execute(prepared))

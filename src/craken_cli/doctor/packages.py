@@ -126,7 +126,8 @@ def torch_build_of(version: str | None, requires: list[str]) -> str | None:
     if local.startswith("rocm"):
         return local
     for req in requires:
-        m = re.match(r"nvidia-cuda-runtime(?:-cu\d+)?\s*[=~]=\s*(\d+)\.(\d+)", req)
+        # torch <= 2.8 pins nvidia-cuda-runtime(-cu12); the CUDA 13 wheels pin cuda-toolkit[cudart,...]
+        m = re.match(r"(?:nvidia-cuda-runtime(?:-cu\d+)?|cuda-toolkit)(?:\[[^\]]*\])?\s*[=~]=\s*(\d+)\.(\d+)", req)
         if m:
             return f"{m.group(1)}.{m.group(2)}"
     return None
