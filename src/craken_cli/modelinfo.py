@@ -227,9 +227,14 @@ def read_config(name_or_path: str, trust_remote_code: bool = False) -> dict:
             raise CrakenError(f"{path} has no config.json: pass a folder saved with save_pretrained, or a hub id",
                               title="cannot read the model")
         try:
-            return json.loads(file.read_text())
-        except json.JSONDecodeError as exc:
-            raise CrakenError(f"{file} is not valid JSON ({exc})", title="cannot read the model") from None
+            config = json.loads(file.read_text(encoding="utf-8"))
+        except ValueError as exc:  # not JSON, or not text at all
+            raise CrakenError(f"{file} is not valid JSON ({exc}): fix it, or re-save the model with save_pretrained",
+                              title="cannot read the model") from None
+        if not isinstance(config, dict):
+            raise CrakenError(f"{file} holds no JSON object: re-save the model with save_pretrained",
+                              title="cannot read the model")
+        return config
     try:
         from transformers import AutoConfig
 
