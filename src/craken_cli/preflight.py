@@ -1,6 +1,7 @@
 """Checks of a run's inputs before any process is launched: each problem found is one message
-naming what to change. Reads only small files (config.json, the first record of a data file);
-imports neither torch nor transformers."""
+naming what to change. Reads config.json, the model's file headers and local data files up to
+CONTENT_SCAN_BYTES; imports neither torch nor transformers, except to count the blocks of a local data
+set small enough that it may not fill one micro-batch per process (datasize, with the run's tokenizer)."""
 
 from __future__ import annotations
 
