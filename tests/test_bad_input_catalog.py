@@ -498,6 +498,9 @@ CASES.update({
     "data-too-little-for-the-micro-batch": Case(train("--dataset", "d.jsonl", "--micro-batch", "512"),
                                                 ["--micro-batch 512 needs 1024 training blocks", "use --micro-batch"],
                                                 data("d.jsonl")),
+    "builtin-data-too-little-for-the-micro-batch": Case(train("--micro-batch", "512"),
+                                                        ["--dataset builtin:counting", "--micro-batch 512 needs 1024",
+                                                         "use --micro-batch"]),
     "data-blank-lines-only": Case(train("--dataset", "d.txt"), ["training blocks", "add data"],
                                   data("d.txt", raw=b"\n \n\n")),
     # --- 2/7. numbers no run can use

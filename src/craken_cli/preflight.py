@@ -115,7 +115,7 @@ def data_problems(spec) -> list[str]:
     if builtin.is_builtin(d.dataset):
         if d.dataset != builtin.BUILTIN_DATA:
             return [f"--dataset {d.dataset}: the only built-in data set is {builtin.BUILTIN_DATA}"]
-        return []
+        return size_problems(spec)
     path = Path(d.dataset).expanduser()
     if not path.exists():
         if looks_like_path(d.dataset) or path.suffix in LOCAL_FORMATS:
@@ -155,15 +155,20 @@ BYTES_PER_TOKEN_AT_MOST = 32  # a data set of more bytes per token the run needs
 
 
 def size_problems(spec) -> list[str]:
-    """A local data set too small for one micro-batch per process: every process would stop after
-    loading the model. Counted exactly with the run's tokenizer (datasize), when the model's files are sound."""
+    """A local or built-in data set too small for one micro-batch per process: every process would stop
+    after loading the model. Counted exactly with the run's tokenizer (datasize), when the model's files are
+    sound."""
     from . import datasize
     from .planner import data_problem, train_blocks
+    from .train.data import builtin_lines
 
     world = spec.cluster.num_processes or 1
     needed_tokens = spec.batch.micro_batch * world * spec.data.seq_len / max(0.05, 1 - spec.data.eval_fraction)
     path = Path(spec.data.dataset).expanduser()
-    size = sum(f.stat().st_size for f in ([path] if path.is_file() else path.iterdir()) if f.is_file())
+    if builtin.is_builtin(spec.data.dataset):
+        size = sum(len(line) + 1 for line in builtin.pattern_lines(builtin_lines(spec.data.seq_len)))
+    else:
+        size = sum(f.stat().st_size for f in ([path] if path.is_file() else path.iterdir()) if f.is_file())
     if size > BYTES_PER_TOKEN_AT_MOST * needed_tokens or model_problems(spec):
         return []  # plenty (no token spans that many bytes in practice): not worth tokenizing in the CLI
     blocks = datasize.blocks_available(spec)
