@@ -1,5 +1,7 @@
-"""The bad-input catalog of issue 6: what `craken train`, `--resume` and `craken ckpt` get wrong in
-practice (flags, model and data paths, run folders, checkpoint folders), through the real CLI.
+"""The bad-input catalogue (issues 6 and 24): what `craken train`, `--resume`, `ckpt`, `plan`, `doctor`,
+`report` and `cluster` get wrong in practice (flags, run folders and `--force`, model folders, data
+files, numbers, configuration files, checkpoints), through the real CLI, all caught before any
+process is launched (a case that needs workers to be caught is a defect, not a slow test).
 
 Every case exits 2 with exactly one `craken: ...` line (or one usage error from the parser) that
 names the input and what to do, no traceback, nothing on stdout, and nothing written or deleted:
