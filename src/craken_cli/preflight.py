@@ -138,7 +138,8 @@ def data_problems(spec) -> list[str]:
     if columns == []:
         return [f"--dataset {d.dataset}: the data set is empty; add text"]
     if columns is not None and d.text_column not in columns:
-        shown = ", ".join(c[:40] for c in columns[:10]) + (f", ... ({len(columns)} in all)" if len(columns) > 10 else "")
+        shown = ", ".join(c[:40] for c in columns[:10])
+        shown += f", ... ({len(columns)} in all)" if len(columns) > 10 else ""
         return [f"--text-column {d.text_column!r} is not a column of {files[0].name} (columns: {shown}): "
                 "set --text-column"]
     if len({LOCAL_FORMATS[f.suffix] for f in files}) > 1:
@@ -196,7 +197,8 @@ def content_problem(path: Path, column: str) -> str | None:
         return (f"line {line} is not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start}; a binary file, "
                 "or another encoding such as latin-1): convert it to UTF-8 (iconv -f latin1 -t utf-8)")
     if "\0" in text:
-        return f"line {text[:text.index(chr(0))].count(chr(10)) + 1} holds NUL bytes: a binary file, not text; give a text file"
+        line = text[:text.index("\0")].count("\n") + 1
+        return f"line {line} holds NUL bytes: a binary file, not text; give a text file"
     if path.suffix == ".json":
         try:
             records = json.loads(text)
@@ -228,7 +230,8 @@ def json_lines_problem(text: str, column: str) -> str | None:
 
 def record_problem(record, column: str) -> str | None:
     if not isinstance(record, dict):
-        return f"a record is {type(record).__name__}, not a JSON object: each record is one object with a {column!r} field"
+        return (f"a record is {type(record).__name__}, not a JSON object: each record is one object with a "
+                f"{column!r} field")
     if column not in record:
         return f"the record has no {column!r} field: add it, or remove the record"
     if not isinstance(record[column], str):
@@ -360,7 +363,8 @@ def output_problems(run_dir: Path, resume: str | None, force: bool, machine_rank
     parent = nearest_existing(run_dir)
     why = unwritable(parent)
     if why:
-        return [f"run folder {run_dir} cannot be created or written ({parent}: {why}): choose another --output-dir"]
+        return [f"run folder {run_dir} cannot be created or written (creating a folder in {parent} failed: {why}): "
+                "choose another --output-dir"]
     if run_dir.is_dir() and not resume and not force and any((run_dir / m).exists()
                                                              for m in own_run_markers(machine_rank)):
         return [f"run folder {run_dir} already holds a run: pass --resume auto to continue it, --force to start "
