@@ -169,6 +169,8 @@ def test_the_failure_named_is_the_first_recorded_exception_not_its_followers():
     ordered = sorted(records, key=launcher.first_cause)
     assert launcher.failure_summary(ordered) == "rank 1 exited with code 1: ValueError: boom (and 2 more ranks)"
     assert launcher.failure_summary([records[2]]) == "rank 2 was killed by signal 15"
+    unrecorded = [{"rank": 0, "exitcode": -15, "message": "", "time": 3.0}, {"rank": 1, "exitcode": 3, "message": "", "time": 3.0}]
+    assert sorted(unrecorded, key=launcher.first_cause)[0]["rank"] == 1  # it exited; torchrun then stopped rank 0
     assert launcher.worker_exit_code(-15) == 143 and launcher.worker_exit_code(3) == 3
     assert launcher.last_line("Traceback\n  x\nKeyError: 'a'\n") == "KeyError: 'a'"
 

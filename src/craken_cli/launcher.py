@@ -66,9 +66,10 @@ def failure_record(rank: int, failure) -> dict:
 
 
 def first_cause(record: dict) -> tuple:
-    """The failure that started it first: a worker that recorded its exception, earliest first (the
-    others mostly followed it: "Connection closed by peer", or stopped by torchrun without a record)."""
-    return (not record["message"], record["time"], record["rank"])
+    """The failure that started it first: a worker that recorded its exception, earliest first, then one
+    that exited by itself (the others mostly followed it: "Connection closed by peer", or were stopped by
+    torchrun's signal)."""
+    return (not record["message"], record["exitcode"] < 0, record["time"], record["rank"])
 
 
 def last_line(text: str) -> str:

@@ -82,7 +82,10 @@ def run_target(script: str | None, module: str | None, script_args: list[str]) -
             sys.path.insert(0, str(Path(script).resolve().parent))  # as `python SCRIPT` does
             runpy.run_path(script, run_name="__main__")
     except SystemExit as exc:
-        return exit_code(exc.code)
+        code = exit_code(exc.code)
+        if code:
+            record_error(exc)  # "SystemExit: 3", and when: the rank that exited first is the one named
+        return code
     except KeyboardInterrupt:
         return CODES["sigint"]
     except PlanConflict as exc:  # craken launch words it from the error file; printed only without one
