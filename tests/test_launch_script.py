@@ -89,7 +89,7 @@ def test_bad_input_is_refused_before_launch_with_exit_2_and_nothing_written(crak
         "module": (["-m", "no_such_module_xyz"], "module no_such_module_xyz is not found"),
         "package": (["-m", "pkg"], "package without __main__.py"),
         "conflict": (["ok.py", "--per_device_train_batch_size", "8"],
-                     "argument --per_device_train_batch_size 8 but craken planned per_device_train_batch_size=4"),
+                     "argument --per_device_train_batch_size 8 contradicts craken's plan, per_device_train_batch_size=4"),
         "conflict_eq": (["ok.py", "--max_grad_norm=1.0"], "change the plan with --clip"),
         "deepspeed": (["ok.py", "--deepspeed", "ds.json"], "drop --deepspeed"),
         "auto": (["--auto", "ok.py"], "pass --model"),
@@ -147,7 +147,7 @@ def test_a_value_set_against_the_plan_stops_with_the_flag_to_change(args_class):
     with pytest.raises(PlanConflict) as info:
         args_class(report_to="none", per_device_train_batch_size=8, gradient_accumulation_steps=3, learning_rate=0.1)
     text = str(info.value)
-    assert "per_device_train_batch_size=8 but craken planned per_device_train_batch_size=4" in text
+    assert "per_device_train_batch_size=8 against craken's plan, per_device_train_batch_size=4" in text
     assert "--micro-batch" in text and "--lr" in text and "gradient_accumulation_steps" not in text
     ok = args_class(report_to="none", output_dir="mine", logging_steps=3, seed=9)  # fill-only values stay the script's
     assert (ok.output_dir, ok.logging_steps, ok.seed) == ("mine", 3, 9)
@@ -215,3 +215,31 @@ def test_make_targets_launch_the_script_when_script_is_set(tmp_path):
 def test_launch_test_is_a_short_run_of_the_same_plan_in_its_own_folder(craken, script):
     data = json.loads(craken("launch", "--dry-run", "--test", "--zero", "2", "--max-steps", "500", str(script)).out)
     assert data["env"]["CRAKEN_PLAN_MAX_STEPS"] == "20" and data["env"]["CRAKEN_PLAN_RUN_DIR"].endswith("default-test")
+
+
+@pytest.mark.parametrize("body, code, recorded", [
+    ("raise ValueError('bad row 3')", 1, "ValueError: bad row 3"),
+    ("import no_such_module_for_this_test", 1, "ModuleNotFoundError: No module named 'no_such_module_for_this_test'"),
+    ("import sys; sys.exit(3)", 3, "SystemExit: 3"),
+    ("raise KeyboardInterrupt", 130, None),
+    ("import sys; assert sys.argv[1:] == ['--a', '1'] and __name__ == '__main__'", 0, None),
+])
+def test_the_host_runs_the_script_as_main_and_records_how_it_failed(tmp_path, monkeypatch, capsys, body, code, recorded):
+    from craken_cli import script_host
+
+    script = tmp_path / "user_train.py"
+    script.write_text(body + "\n")
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    assert script_host.run_target(str(script), None, ["--a", "1"]) == code
+    if recorded is None:
+        assert not error_file.exists()
+        return
+    data = json.loads(error_file.read_text())["message"]
+    assert data["message"] == recorded and isinstance(data["extraInfo"]["time"], float)
+    err = capsys.readouterr().err
+    if code == 1:  # the traceback starts in the user's script, not in runpy or the host
+        assert err.startswith("[rank 0] Traceback") and "user_train.py" in err
+        assert "runpy" not in err and "script_host" not in err

@@ -206,9 +206,9 @@ def agrees(value: Any, planned: Any) -> bool:
 
 
 def conflict_message(name: str, value: Any, planned: Planned, argument: str | None = None) -> str:
-    said = f"the script's argument {argument}" if argument else f"the script sets {name}={value!r}"
-    return (f"{said} but craken planned {name}={planned.value!r}: drop it (craken fills it) or change the plan "
-            f"with {planned.flag}")
+    said = f"the script's argument {argument} contradicts" if argument else f"the script sets {name}={value!r} against"
+    return (f"{said} craken's plan, {name}={planned.value!r}: drop it (craken fills it) or change the plan with "
+            f"{planned.flag}")
 
 
 def arg_problems(spec, run_dir: Path, target: Target, keep_optimizer: bool) -> list[str]:
