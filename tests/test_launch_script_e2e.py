@@ -101,6 +101,14 @@ if trainer.is_world_process_zero():
     print("DONE " + json.dumps({"step": trainer.state.global_step}), flush=True)
 '''
 
+SLEEPING_SCRIPT = '''
+import time
+from accelerate import Accelerator
+accelerator = Accelerator()
+print("ready", accelerator.process_index, flush=True)
+time.sleep(120)
+'''
+
 FAILING_SCRIPT = '''
 from accelerate import Accelerator
 accelerator = Accelerator()
@@ -217,3 +225,25 @@ def test_a_failing_script_gets_one_message_naming_its_rank_and_error(tmp_path, f
     assert result.returncode == 1
     assert "craken: fail.py failed: rank 1 exited with code 1: ValueError: boom on rank one" in result.stderr
     assert_no_launcher_traceback(result)
+
+
+def test_sigterm_stops_the_script_with_143_and_one_line(tmp_path, free_port):
+    import signal
+    import time
+
+    (tmp_path / "sleepy.py").write_text(SLEEPING_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRAKEN_")}
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "craken_cli", "launch", "--main-process-port", str(free_port),
+                                 "sleepy.py"], cwd=tmp_path, env=env, stdout=stdout, stderr=stderr)
+        deadline = time.monotonic() + 300
+        while out.read_text().count("ready") < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=120)
+    result = subprocess.CompletedProcess(proc.args, code, out.read_text(), err.read_text())
+    assert code == 143, result.stderr[-4000:]
+    assert "craken: sleepy.py was stopped by a signal (exit 143)" in result.stderr
+    assert_no_launcher_traceback(result)
+    assert "Traceback" not in result.stderr

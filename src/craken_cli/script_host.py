@@ -87,6 +87,9 @@ def run_target(script: str | None, module: str | None, script_args: list[str]) -
             record_error(exc)  # "SystemExit: 3", and when: the rank that exited first is the one named
         return code
     except KeyboardInterrupt:
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the second copy of the same Ctrl-C
         return CODES["sigint"]
     except PlanConflict as exc:  # craken launch words it from the error file; printed only without one
         if not record_error(exc) and int(os.environ.get("RANK", "0")) == 0:
@@ -233,15 +236,24 @@ def is_default(value, default) -> bool:
     return value == default or str(getattr(value, "value", value)) == str(getattr(default, "value", default))
 
 
-if __name__ == "__main__":
-    code = main()
+def leave(code: int) -> None:
+    """Exit without interpreter teardown (train.loop.exit_without_teardown says why), deaf to a second
+    Ctrl-C: craken and torchrun both pass the first one on, and the script has already returned."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     try:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-    except Exception:
+    except Exception:  # leaving anyway; the group dies with the process
         pass
     from .train.loop import exit_without_teardown
 
     exit_without_teardown(code)
+
+
+if __name__ == "__main__":
+    leave(main())
