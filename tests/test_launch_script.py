@@ -243,3 +243,18 @@ def test_the_host_runs_the_script_as_main_and_records_how_it_failed(tmp_path, mo
     if code == 1:  # the traceback starts in the user's script, not in runpy or the host
         assert err.startswith("[rank 0] Traceback") and "user_train.py" in err
         assert "runpy" not in err and "script_host" not in err
+
+
+def test_craken_train_refuses_a_script_after_the_double_dash(craken, workdir, script):
+    result = craken("train", "--dry-run", "--", str(script))
+    assert result.code == 2 and "run your script with craken launch" in result.output
+    assert craken("train", "--dry-run", "--", "--main_process_port", "29601").code == 0  # launcher flags still pass
+
+
+def test_every_problem_of_a_launch_is_reported_at_once(craken, workdir):
+    (workdir / "runs" / "default").mkdir(parents=True)
+    (workdir / "runs" / "default" / "run.yaml").write_text("version: 1\n")  # an earlier run's folder
+    result = craken("launch", *RUN_FLAGS, "nope.py", "--gradient_accumulation_steps", "5")
+    assert result.code == 2
+    for part in ("nope.py does not exist", "already holds a run", "--gradient_accumulation_steps 5 contradicts"):
+        assert part in result.output

@@ -95,9 +95,10 @@ def resolve_spec(request: TrainRequest, environ: Mapping[str, str], hardware=Non
 
 def script_problems(spec, run_dir: Path, request: TrainRequest) -> list[str]:
     if request.script is None:
-        return []
+        return launch.launcher_arg_problems(request.launcher_args)
     keep = userscript.keeps_ds_optimizer(spec, request.ds_optimizer)
-    return userscript.arg_problems(spec, run_dir, request.script, keep)
+    return (userscript.target_problems(request.script)
+            + userscript.arg_problems(spec, run_dir, request.script, keep))
 
 
 def prepare(request: TrainRequest, environ: Mapping[str, str], hardware=None) -> Prepared:

@@ -198,11 +198,14 @@ def trainer_plan(spec, run_dir: Path, keep_optimizer: bool) -> dict[str, Planned
 
 
 def agrees(value: Any, planned: Any) -> bool:
+    """Equal as the Trainer would use them: booleans by truth, numbers within rounding, enums by value."""
     if isinstance(planned, bool) or isinstance(value, bool):
         return bool(value) == bool(planned)
     if isinstance(planned, (int, float)) and isinstance(value, (int, float)):
-        return math.isclose(float(value), float(planned), rel_tol=1e-9, abs_tol=0.0)
-    return str(getattr(value, "value", value)) == str(planned) if not isinstance(planned, dict) else value == planned
+        return math.isclose(float(value), float(planned), rel_tol=1e-9)
+    if isinstance(planned, dict):
+        return value == planned
+    return str(getattr(value, "value", value)) == str(planned)  # SchedulerType("linear") == "linear"
 
 
 def conflict_message(name: str, value: Any, planned: Planned, argument: str | None = None) -> str:
