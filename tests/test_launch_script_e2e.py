@@ -24,7 +24,6 @@ from transformers import AutoModelForCausalLM
 
 plan = {k[len("CRAKEN_PLAN_"):].lower(): v for k, v in os.environ.items() if k.startswith("CRAKEN_PLAN_")}
 micro, seq, steps = int(plan["micro_batch"]), int(plan["seq_len"]), int(plan["max_steps"])
-checkpoint = os.path.join(plan["output_dir"], "state")
 accelerator = Accelerator()
 torch.manual_seed(int(plan["seed"]))
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
@@ -39,22 +38,17 @@ else:
                                   betas=(float(plan["adam_beta1"]), float(plan["adam_beta2"])))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / int(plan["warmup_steps"])))
 model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-if "--resume" in sys.argv:
-    accelerator.load_state(checkpoint)
 engine, inner = model, getattr(model.optimizer, "optimizer", model.optimizer)
 offload = engine.zero_offload_optimizer()
 report = {"world": accelerator.num_processes, "train_batch_size": engine.train_batch_size(),
           "micro_batch": engine.train_micro_batch_size_per_gpu(), "grad_accum": engine.gradient_accumulation_steps(),
           "accelerator_grad_accum": accelerator.gradient_accumulation_steps, "clip": engine.gradient_clipping(),
           "stage": engine.zero_optimization_stage(), "offload_optimizer": str(offload.device) if offload else "none",
-          "optimizer": type(inner).__name__, "batches_per_process": len(loader), "start_step": engine.global_steps}
+          "optimizer": type(inner).__name__, "batches_per_process": len(loader)}
 if accelerator.is_main_process:
     print("DEEPSPEED_RAN " + json.dumps(report), flush=True)
 losses = []
-skip = engine.global_steps * engine.gradient_accumulation_steps()
-for i, (batch,) in enumerate(loader):
-    if i < skip:
-        continue
+for (batch,) in loader:
     with accelerator.accumulate(model):  # DeepSpeed steps at the JSON's accumulation boundary only inside it
         loss = model(input_ids=batch, labels=batch).loss
         accelerator.backward(loss)
@@ -62,7 +56,6 @@ for i, (batch,) in enumerate(loader):
     losses.append(loss.item())
     if engine.global_steps >= steps:
         break
-accelerator.save_state(checkpoint)
 if accelerator.is_main_process:
     print("DONE " + json.dumps({"step": engine.global_steps, "losses": losses}), flush=True)
 '''
@@ -91,6 +84,7 @@ class Report(TrainerCallback):
                 "clip": engine.gradient_clipping(), "stage": engine.zero_optimization_stage(),
                 "offload_optimizer": str(offload.device) if offload else "none", "optimizer": type(inner).__name__,
                 "lr": args.learning_rate, "max_steps": args.max_steps, "start_step": state.global_step,
+                "scheduler": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
                 "output_dir": args.output_dir}), flush=True)
 
 
@@ -205,18 +199,21 @@ def test_trainer_script_at_zero2_with_offload_trains_and_resumes_without_a_misma
     assert line(again, "DONE")["step"] == 4
 
 
-def test_accelerate_script_at_zero3_resumes_its_saved_state(tmp_path, model_dir, free_port):
-    (tmp_path / "train.py").write_text(ACCELERATE_SCRIPT)
+def test_trainer_script_at_zero3_builds_its_own_optimizer_and_schedule_from_the_plan(tmp_path, model_dir, free_port):
+    """Without offload the JSON has no optimizer: the Trainer makes its torch AdamW and its schedule from the
+    TrainingArguments the host filled, and DeepSpeed partitions them at stage 3."""
+    (tmp_path / "train.py").write_text(TRAINER_SCRIPT)
     flags = ["--zero", "3", "--offload-optimizer", "none", "--offload-param", "none", "--micro-batch", "2",
-             "--grad-accum", "1", "--max-steps", "2", "--main-process-port", free_port]
-    first = craken("launch", *flags, "train.py", model_dir, cwd=tmp_path)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
-    assert_ran_as_planned(line(first, "DEEPSPEED_RAN"), planned(flags, tmp_path))
-    flags[flags.index("--max-steps") + 1] = "4"
-    again = craken("launch", *flags, "--force", "train.py", model_dir, "--resume", cwd=tmp_path)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-5000:]
-    assert line(again, "DEEPSPEED_RAN")["start_step"] == 2
-    assert line(again, "DONE")["step"] == 4
+             "--grad-accum", "1", "--max-steps", "2", "--lr", "0.002", "--main-process-port", free_port]
+    result = craken("launch", *flags, "train.py", model_dir, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "mismatch TrainingArguments" not in result.stderr
+    ran = line(result, "DEEPSPEED_RAN")
+    spec = planned(flags, tmp_path)
+    assert_ran_as_planned(ran, spec)
+    assert ran["optimizer"] == "AdamW" and ran["lr"] == spec["optimizer"]["lr"] == 0.002
+    assert ran["scheduler"] == "cosine_with_min_lr" and ran["max_steps"] == 2
+    assert line(result, "DONE")["step"] == 2
 
 
 def test_a_failing_script_gets_one_message_naming_its_rank_and_error(tmp_path, free_port):
