@@ -81,6 +81,28 @@ def worker_exit_code(code: int) -> int:
     return 128 - code if code < 0 else code  # a worker killed by signal N: 128 + N, as a shell reports it
 
 
+def record_error(exc: BaseException) -> bool:
+    """This worker's torchrun error file (TORCHELASTIC_ERROR_FILE), in the format of torch's `@record`
+    (ErrorHandler.record_exception), plus the time to the microsecond, by which the failure that came
+    first is named; False where torchrun asked for none."""
+    import os
+    import time
+    import traceback
+
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return False
+    now = time.time()
+    data = {"message": {"message": f"{type(exc).__name__}: {exc}", "extraInfo": {
+        "py_callstack": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        "timestamp": str(int(now)), "time": now}}}
+    try:
+        Path(path).write_text(json.dumps(data))
+    except OSError:  # the file only improves craken's message; the failure itself is printed by the worker
+        return False
+    return True
+
+
 def write_failures(path: Path | None, failures: list[dict]) -> None:
     if path is not None:
         path.write_text(json.dumps(failures))

@@ -24,13 +24,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 import traceback
 from dataclasses import MISSING, fields
 from pathlib import Path
 
 from .runfolder import DS_FILE, EXIT_CODES as CODES, machine_file
 from . import userscript
+from .launcher import record_error
 
 PLAN_CONFLICT_EXIT = CODES["bad_input"]
 
@@ -121,23 +121,6 @@ def print_script_traceback(exc: BaseException, name: str) -> None:
     rank = os.environ.get("RANK", "0")
     text = "".join(traceback.format_exception(type(exc), exc, tb))
     print(f"[rank {rank}] {text}", end="", file=sys.stderr, flush=True)
-
-
-def record_error(exc: BaseException) -> bool:
-    """This rank's torchrun error file, in the format of torch's `@record` (ErrorHandler.record_exception),
-    plus the time to the microsecond, by which craken_cli.launcher finds the rank that failed first."""
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if not path:
-        return False
-    now = time.time()
-    data = {"message": {"message": f"{type(exc).__name__}: {exc}", "extraInfo": {
-        "py_callstack": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
-        "timestamp": str(int(now)), "time": now}}}
-    try:
-        Path(path).write_text(json.dumps(data))
-    except OSError:  # the file only improves craken's message; the failure itself is already printed
-        return False
-    return True
 
 
 # --- HF TrainingArguments -----------------------------------------------------------------------------
