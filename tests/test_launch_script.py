@@ -47,10 +47,12 @@ def test_the_workers_run_the_script_under_the_host_after_the_run_file(tmp_path):
 
 def test_dry_run_shows_the_plan_the_script_gets_and_writes_nothing(craken, workdir, script):
     shown = json.loads(craken("config", "show", "--json", *RUN_FLAGS).out)["spec"]
-    result = craken("launch", "--dry-run", *RUN_FLAGS, str(script), "--my-flag", "1", env={"HF_TOKEN": "hf_secret"})
+    result = craken("launch", "--dry-run", *RUN_FLAGS, str(script), "--my-flag", "1", "--lr", "5", "--dry-run",
+                    env={"HF_TOKEN": "hf_secret"})
     assert result.code == 0, result.output
     data = json.loads(result.out)
-    assert data["argv"][-3:] == [str(script), "--my-flag", "1"]
+    assert data["argv"][-6:] == [str(script), "--my-flag", "1", "--lr", "5", "--dry-run"]  # the script's, unparsed
+    assert data["env"]["CRAKEN_PLAN_LR"] == str(shown["optimizer"]["lr"])
     env = data["env"]
     assert env["CRAKEN_PLAN_MICRO_BATCH"] == str(shown["batch"]["micro_batch"]) == "4"
     assert env["CRAKEN_PLAN_GRAD_ACCUM"] == str(shown["batch"]["grad_accum"]) == "2"

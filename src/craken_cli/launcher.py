@@ -26,11 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     if args[:1] == [FAILURE_FLAG]:
         failure_file, args = Path(args[1]), args[2:]
 
+    import logging
+
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
-    import logging
 
     # torchrun's own "failed (exitcode: 1) local_rank: 0 (pid ...)" lines: craken words the failure itself
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         write_failures(failure_file, failures)
         return worker_exit_code(failures[0]["exitcode"])
     except SignalException as exc:
-        write_failures(failure_file, [{"rank": None, "exitcode": -int(exc.sigval), "message": f"signal {exc.sigval.name}",
-                                      "time": 0.0}])
+        stopped = {"rank": None, "exitcode": -int(exc.sigval), "message": f"signal {exc.sigval.name}", "time": 0.0}
+        write_failures(failure_file, [stopped])
         return 128 + int(exc.sigval)
     except subprocess.CalledProcessError as exc:  # the pdsh launcher (DeepSpeed's runner) of a multi-machine job
         write_failures(failure_file, [{"rank": None, "exitcode": exc.returncode, "message": "", "time": 0.0}])

@@ -13,7 +13,8 @@ from ..verdict import TEST_STEPS
 @spec_flags
 def launch(
     ctx: typer.Context,
-    script: Annotated[str, typer.Argument(metavar="SCRIPT [ARGS]...", help="Your training script (a .py file), or with -m a module; "
+    script: Annotated[str, typer.Argument(metavar="SCRIPT [ARGS]...", help="Your training script (a .py file), or "
+                                          "with -m a module; "
                                           "everything after it goes to the script unparsed.")],
     module: Annotated[bool, typer.Option("-m", "--module", help="SCRIPT names a module, run as python -m "
                                          "MODULE.")] = False,
