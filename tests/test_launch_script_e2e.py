@@ -178,6 +178,20 @@ def test_accelerate_script_at_zero1_runs_the_plan_with_its_own_adamw(tmp_path, m
     assert "finished" in result.stderr
 
 
+def test_accelerate_script_at_zero3_with_offload_takes_deepspeeds_optimizer(tmp_path, model_dir, free_port):
+    """Offloaded states are stepped by DeepSpeed's CPU Adam only: the JSON keeps its optimizer, and the
+    script, told by CRAKEN_PLAN_DS_OPTIMIZER=1, passes accelerate's DummyOptim / DummyScheduler."""
+    (tmp_path / "train.py").write_text(ACCELERATE_SCRIPT)
+    flags = ["--zero", "3", "--offload-optimizer", "cpu", "--offload-param", "cpu", "--micro-batch", "2",
+             "--grad-accum", "1", "--max-steps", "2", "--main-process-port", free_port]
+    result = craken("launch", *flags, "train.py", model_dir, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    ran = line(result, "DEEPSPEED_RAN")
+    assert_ran_as_planned(ran, planned(flags, tmp_path))
+    assert ran["optimizer"] == "DeepSpeedCPUAdam"
+    assert line(result, "DONE")["step"] == 2
+
+
 def test_trainer_script_at_zero2_with_offload_trains_and_resumes_without_a_mismatch(tmp_path, model_dir, free_port):
     (tmp_path / "train.py").write_text(TRAINER_SCRIPT)
     flags = ["--zero", "2", "--offload-optimizer", "cpu", "--micro-batch", "2", "--grad-accum", "2",
