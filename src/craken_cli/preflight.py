@@ -242,7 +242,7 @@ def record_problem(record, column: str) -> str | None:
 
 def op_problems(spec, environ) -> list[str]:
     """A DeepSpeed op this run loads whose last build was killed would hang every process silently."""
-    from .doctor import ops_for, stale_build_locks, stale_lock_message
+    from .dsops import ops_for, stale_build_locks, stale_lock_message
 
     if not spec.uses_deepspeed:
         return []
@@ -255,12 +255,12 @@ def op_problems(spec, environ) -> list[str]:
 def nvme_problems(spec, environ) -> list[str]:
     """NVMe offload loads DeepSpeed's async_io op, built against libaio at first use (or pre-built):
     without libaio every process fails after start-up ('Unable to JIT load the async_io op')."""
-    from .doctor import _deepspeed_ops, find_libaio, libaio_missing, nvme_offload_flags
+    from .dsops import deepspeed_ops, find_libaio, libaio_missing, nvme_offload_flags
 
     nvme = nvme_offload_flags(spec.offload.optimizer.device, spec.offload.param.device)
     if not nvme or not spec.uses_deepspeed:
         return []
-    prebuilt, _ = _deepspeed_ops(environ)
+    prebuilt, _ = deepspeed_ops(environ)
     missing = libaio_missing(bool(prebuilt.get("async_io")), *find_libaio(environ))
     if not missing:
         return []
