@@ -238,27 +238,41 @@ class Trainer:
         from . import data
 
         spec = self.spec
-        with self.accelerator.main_process_first():
-            raw = data.load_raw(spec)
-            blocks = data.pack(raw, self.tokenizer, spec.data.seq_len)
-        if len(blocks) == 0:
-            raise SystemExit(f"craken: the data set gives no {spec.data.seq_len}-token block: "
-                             "add text or lower --seq-len")
-        train_blocks, eval_blocks = data.train_eval_split(blocks, spec.data.eval_fraction, spec.train.seed)
+        built = self.build_data()
+        if len(built.rows) == 0:
+            raise SystemExit(f"craken: the data set gives no {spec.data.seq_len}-token row ({built.report()}): "
+                             "add data or lower --seq-len")
+        self.data_record = {"format": built.format, "samples": built.samples, "rows": len(built.rows),
+                            "cache": built.cache, "skipped": built.skipped}
+        train_blocks, eval_blocks = data.train_eval_split(built.rows, spec.data.eval_fraction, spec.train.seed)
         train_blocks.set_format("torch")
         gen = torch.Generator().manual_seed(spec.train.seed)
         train_dl = torch.utils.data.DataLoader(
             train_blocks, batch_size=spec.batch.micro_batch, shuffle=True, drop_last=True, generator=gen,
-            collate_fn=_collate, num_workers=spec.data.num_workers, pin_memory=not spec.cluster.use_cpu)
+            collate_fn=collate, num_workers=spec.data.num_workers, pin_memory=not spec.cluster.use_cpu)
         eval_dl = None
         if eval_blocks is not None:
             eval_blocks.set_format("torch")
             eval_dl = torch.utils.data.DataLoader(eval_blocks, batch_size=spec.batch.micro_batch, shuffle=False,
-                                                  collate_fn=_collate)
+                                                  collate_fn=collate)
         if len(train_dl) // self.accelerator.num_processes == 0:
             raise SystemExit(f"craken: {len(train_blocks)} training blocks are fewer than one micro-batch per "
                              "process: add data, lower --micro-batch or --seq-len")
         return train_dl, eval_dl
+
+    def build_data(self):
+        """The packed rows (train/data.prepared); a data problem is one message from the first process, exit 2."""
+        from . import data
+
+        try:
+            built = data.prepared(self.spec, self.tokenizer, self.accelerator)
+        except data.DataError as exc:
+            if self.accelerator.is_main_process:
+                print(f"craken: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_CODES["bad_input"]) from None
+        if self.accelerator.is_local_main_process:
+            data.print_report(built)
+        return built
 
     def setup_model(self):
         """Build or load the model in the engine's dtype, record what export needs, convert, compile."""
@@ -325,7 +339,8 @@ class Trainer:
                         "flops_per_token": self.flops_per_token, "seq_len": spec.data.seq_len,
                         "micro_batch": spec.batch.micro_batch, "grad_accum": spec.grad_accum,
                         "global_batch": spec.train_batch_size, "max_steps": spec.train.max_steps,
-                        "device": self.device_name, **dtypes, "final_dtype": str(self.final_dtype).split(".")[-1]})
+                        "device": self.device_name, "data": self.data_record, **dtypes,
+                        "final_dtype": str(self.final_dtype).split(".")[-1]})
         else:
             self.write({"event": "resume", "step": position.step, "num_processes": self.world})
         self.progress = ProgressReporter(spec.train.max_steps, spec.logging.steps_per_print)
@@ -573,11 +588,14 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
 
 
-def _collate(rows):
+def collate(rows):
+    """Rows -> a batch; text rows train on every token (labels are the inputs), supervised rows bring
+    their own labels (-100 on prompts) and position ids (restarting at every packed sample)."""
     import torch
 
-    ids = torch.stack([r["input_ids"] for r in rows])
-    return {"input_ids": ids, "labels": ids}
+    batch = {key: torch.stack([r[key] for r in rows]) for key in rows[0]}
+    batch.setdefault("labels", batch["input_ids"])
+    return batch
 
 
 def _check_batch(loader, device):
