@@ -240,8 +240,10 @@ class Trainer:
         spec = self.spec
         built = self.build_data()
         if len(built.rows) == 0:
-            raise SystemExit(f"craken: the data set gives no {spec.data.seq_len}-token row ({built.report()}): "
-                             "add data or lower --seq-len")
+            if self.accelerator.is_main_process:
+                print(f"craken: the data set gives no {spec.data.seq_len}-token row ({built.report()}): add data, "
+                      "or raise --seq-len when its prompts fill it", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_CODES["bad_input"])
         self.data_record = {"format": built.format, "samples": built.samples, "rows": len(built.rows),
                             "cache": built.cache, "skipped": built.skipped}
         train_blocks, eval_blocks = data.train_eval_split(built.rows, spec.data.eval_fraction, spec.train.seed)
