@@ -113,7 +113,7 @@ class Encoder:
 
     def encode_text(self, texts: list) -> dict:
         keep = [isinstance(t, str) for t in texts]
-        ids = self.tokenizer([t for t, k in zip(texts, keep) if k], add_special_tokens=False)["input_ids"]
+        ids = self.token_ids([t for t, k in zip(texts, keep) if k])
         tail = [self.eos] if self.eos is not None else []
         it = iter(ids)
         out = [next(it) + tail if k else [] for k in keep]
@@ -159,6 +159,14 @@ class Encoder:
             done = full
         return segments, ""
 
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Token ids without special tokens; through the Rust tokenizer's `encode_batch_fast` where there is
+        one (no character offsets: about 20% less CPU than the tokenizer's __call__, same ids)."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None or not hasattr(backend, "encode_batch_fast"):
+            return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+
     def render(self, messages, generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
                                                   add_generation_prompt=generation_prompt)
@@ -166,7 +174,7 @@ class Encoder:
     def encode_segments(self, pairs) -> dict:
         """Tokenize every segment of the batch at once; labels copy the training segments' tokens."""
         texts = [text for segments, _ in pairs for text, _ in segments]
-        ids = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+        ids = iter(self.token_ids(texts) if texts else [])
         bos = [self.tokenizer.bos_token_id] if self.fmt != "chat" and self.adds_bos() else []
         out_ids, out_labels, skips = [], [], []
         for segments, skip in pairs:
