@@ -1,27 +1,29 @@
-"""FP8 training and the large-vocabulary loss on one GPU (issue 19), each grid one call of <= ~8 minutes:
+"""FP8 training and the large-vocabulary loss on one GPU (issue 19), each grid one call of under 10 minutes
+(`--budget` seconds of runs, 470 by default; a run starts only with `--min-run-s` left):
 
-    python3 benchmarks/fp8_bench.py --grid speed --out $OUT    # (a) + (b) below, in this order
-    python3 benchmarks/fp8_bench.py --grid fp8 --out $OUT      # (a) only
-    python3 benchmarks/fp8_bench.py --grid loss --out $OUT     # (b) only
-    python3 benchmarks/fp8_bench.py --grid parity --out $OUT   # (c) FP8 against bf16 on real-ish text
-    python3 benchmarks/fp8_bench.py --plot $OUT --png docs/img/fp8-parity.png   # (c)'s curves
+    python3 benchmarks/fp8_bench.py --grid fp8 --out $OUT      # (a)
+    python3 benchmarks/fp8_bench.py --grid loss --out $OUT     # (b)
+    python3 benchmarks/fp8_bench.py --grid parity --out $OUT   # (c) FP8 against bf16 on real text
+    python3 benchmarks/fp8_bench.py --grid speed --out $OUT    # (a) + (b) interleaved: more than one call's time
+    python3 benchmarks/fp8_bench.py --grid fp8 --out /tmp/x --dry-run   # the runs and their plans, on CPU
+    python3 benchmarks/fp8_bench.py --plot --out $OUT --png docs/img/fp8-parity.png   # (c)'s curves
 
 (a) `craken train --auto --precision fp8` against `craken train --auto` (bf16) and against the
     hand-written float8 script (benchmarks/handwritten_float8.py: torchao's README with plain
-    Accelerate, no compilation) at craken's micro-batch, on the 1.1B (seq 2048, global batch 16) and
+    Accelerate, no compilation) at the micro-batch craken's fp8 run chose, on the 1.1B (seq 2048, global batch 16) and
     3B (seq 4096, global batch 8) shapes of benchmarks/gpu_bench.py; fp32 master weights everywhere.
-(b) The Qwen2.5-0.5B shape (vocab 151,936, tied, 14 heads / 2 KV, hidden 896, 24 layers, MLP 4864) at
+(b) The Qwen2.5-0.5B config (benchmarks/model_configs: vocab 151,936, tied, 14 heads / 2 KV, 24 layers) at
     seq 2048: `craken train --auto` with the chunked loss (model.loss auto) against the model's own
     compiled loss (--set model.loss=model), each at the micro-batch the planner picks from global batch 64;
-    then the same for the Llama-3.2-1B shape (vocab 128,256, tied), global batch 32.
+    then the same for the Llama-3.2-1B config (vocab 128,256, tied), global batch 32.
 (c) The 1.1B shape at seq 1024 on text gathered from the installed Python packages' sources and docs
     (no hub data here: real code and prose, not random tokens), a BPE tokenizer trained on it on the
     spot, bf16 and fp8 from the same seed and data; eval loss every 50 steps.
 
-Every craken row also shows the planner's prediction for the run's own settings (reserved GiB, the
-figure torch.cuda.max_memory_reserved() measures). tokens/s are the mean of the logged intervals after
-the first. A compact table and the ratios the issue asks for are printed last; the full log, rows.json
-and the run folders go to --out.
+Every craken row also shows what its start line says ran (loss_kind, float8_linears) and the planner's
+prediction for the run's own settings (reserved GiB, the figure torch.cuda.max_memory_reserved() measures). tokens/s are the mean of the logged intervals after
+the first. A compact table and the ratios the issue asks for are printed last; the full log (bench.log),
+rows.jsonl and the parity runs' metrics go to --out; run folders stay in /tmp/craken-fp8-bench/out.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -39,17 +42,10 @@ sys.path.insert(0, str(HERE))
 import gpu_bench  # noqa: E402  (shapes, craken argv, metrics summary: one place for each)
 
 WORK = Path("/tmp/craken-fp8-bench")
-BUDGET_S = 540  # stop starting runs after this: the call's limit is 600 s
-QWEN_05B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 896,
-            "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
-            "intermediate_size": 4864, "vocab_size": 151936, "tie_word_embeddings": True,
-            "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
-            "hidden_act": "silu", "bos_token_id": 151643, "eos_token_id": 151643, "torch_dtype": "bfloat16"}
-LLAMA3_1B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,  # Llama-3.2-1B
-             "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
-             "intermediate_size": 8192, "vocab_size": 128256, "tie_word_embeddings": True,
-             "max_position_embeddings": 131072, "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "hidden_act": "silu",
-             "bos_token_id": 128000, "eos_token_id": 128001}
+CONFIGS = HERE / "model_configs"  # the public config.json values planner_bench.py uses too
+# Run folders stay on the GPU machine: only a few files come back from $OUT (bench.log, rows.jsonl and
+# the parity runs' metrics).
+RUNS = WORK / "out"
 MUST = [  # (numerator row, denominator row, at least, what)
     ("fp8-1.1b", "bf16-1.1b", 1.20, "craken fp8 / craken bf16, 1.1B"),
     ("fp8-3b", "bf16-3b", 1.20, "craken fp8 / craken bf16, 3B"),
@@ -60,12 +56,30 @@ MUST = [  # (numerator row, denominator row, at least, what)
 ]
 
 
-def hand_float8(name, model, out, seq, steps, micro_batches):
-    out_json = out / f"{name}.json"
+def hand_float8(name, model, seq, steps, same_as):
+    """The hand-written float8 script at the micro-batch craken's `same_as` run chose (read when it starts;
+    halved on an out-of-memory error: the script tries each in turn)."""
+    out_json = RUNS / f"{name}.json"
     argv = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--mixed_precision", "bf16",
             str(HERE / "handwritten_float8.py"), "--model", str(model), "--seq-len", str(seq),
-            "--micro-batch", micro_batches, "--steps", str(steps), "--out", str(out_json)]
-    return {"name": name, "kind": "hand", "argv": argv, "result": out_json}
+            "--micro-batch", "MICRO_BATCHES", "--steps", str(steps), "--out", str(out_json)]
+    return {"name": name, "kind": "hand", "argv": argv, "result": out_json, "same_as": same_as}
+
+
+def micro_batches(first: int) -> str:
+    """"16,8,4,2,1" from 16: the hand-written script's list, largest first."""
+    out = [first]
+    while out[-1] > 1:
+        out.append(out[-1] // 2)
+    return ",".join(map(str, out))
+
+
+def config_folder(name: str) -> Path:
+    """WORK/<name>/config.json from benchmarks/model_configs/<name>.json (config only: random weights)."""
+    folder = WORK / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text((CONFIGS / f"{name}.json").read_text())
+    return folder
 
 
 def pattern_data(lines: int = 24_000) -> Path:
@@ -82,36 +96,33 @@ def pattern_data(lines: int = 24_000) -> Path:
     return path
 
 
-def speed_runs(grid: str, out: Path) -> list[dict]:
+def speed_runs(grid: str) -> list[dict]:
     data = ("--dataset", str(pattern_data()))
     m11 = gpu_bench.write_config(WORK / "llama-1.1b", "llama-1.1b")
     m3b = gpu_bench.write_config(WORK / "llama-3b", "llama-3b")
-    qwen, llama3 = WORK / "qwen2.5-0.5b", WORK / "llama3.2-1b"
-    for folder, cfg in ((qwen, QWEN_05B), (llama3, LLAMA3_1B)):
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps(cfg, indent=1))
+    qwen, llama3 = config_folder("qwen2.5-0.5b"), config_folder("llama-3.2-1b")
     gb11, gb3 = ("--global-batch", "16"), ("--global-batch", "8")  # the built-in data, as gpu_bench.py
     fp8 = [
-        gpu_bench.craken_run("bf16-1.1b", m11, out, 2048, 25, "--auto", "--precision", "bf16", *gb11),
-        gpu_bench.craken_run("fp8-1.1b", m11, out, 2048, 25, "--auto", "--precision", "fp8", *gb11),
-        gpu_bench.craken_run("bf16-3b", m3b, out, 4096, 20, "--auto", "--precision", "bf16", *gb3),
-        gpu_bench.craken_run("fp8-3b", m3b, out, 4096, 20, "--auto", "--precision", "fp8", *gb3),
-        hand_float8("hand-float8-1.1b", m11, out, 2048, 8, "16,8"),
-        hand_float8("hand-float8-3b", m3b, out, 4096, 5, "8,4,2"),
+        gpu_bench.craken_run("bf16-1.1b", m11, RUNS, 2048, 25, "--auto", "--precision", "bf16", *gb11),
+        gpu_bench.craken_run("fp8-1.1b", m11, RUNS, 2048, 25, "--auto", "--precision", "fp8", *gb11),
+        gpu_bench.craken_run("bf16-3b", m3b, RUNS, 4096, 20, "--auto", "--precision", "bf16", *gb3),
+        gpu_bench.craken_run("fp8-3b", m3b, RUNS, 4096, 20, "--auto", "--precision", "fp8", *gb3),
+        hand_float8("hand-float8-1.1b", m11, 2048, 8, "fp8-1.1b"),
+        hand_float8("hand-float8-3b", m3b, 4096, 5, "fp8-3b"),
     ]
     loss = [
-        gpu_bench.craken_run("qwen-model-loss", qwen, out, 2048, 25, "--auto", "--global-batch", "64", *data,
+        gpu_bench.craken_run("qwen-model-loss", qwen, RUNS, 2048, 25, "--auto", "--global-batch", "64", *data,
                              "--set", "model.loss=model"),
-        gpu_bench.craken_run("qwen-chunked-loss", qwen, out, 2048, 25, "--auto", "--global-batch", "64", *data),
-        gpu_bench.craken_run("llama3-model-loss", llama3, out, 2048, 20, "--auto", "--global-batch", "32", *data,
+        gpu_bench.craken_run("qwen-chunked-loss", qwen, RUNS, 2048, 25, "--auto", "--global-batch", "64", *data),
+        gpu_bench.craken_run("llama3-model-loss", llama3, RUNS, 2048, 20, "--auto", "--global-batch", "32", *data,
                              "--set", "model.loss=model"),
-        gpu_bench.craken_run("llama3-chunked-loss", llama3, out, 2048, 20, "--auto", "--global-batch", "32", *data),
+        gpu_bench.craken_run("llama3-chunked-loss", llama3, RUNS, 2048, 20, "--auto", "--global-batch", "32", *data),
     ]
-    if grid == "fp8":
-        return fp8
+    if grid == "fp8":  # each hand-written run right after the craken fp8 run whose micro-batch it takes
+        return [fp8[0], fp8[1], fp8[4], fp8[2], fp8[3], fp8[5]]
     if grid == "loss":
         return loss
-    return fp8[:2] + loss[:2] + fp8[2:] + loss[2:]  # 1.1B and Qwen first: the most asked for the least time
+    return fp8[:2] + loss[:2] + [fp8[4]] + fp8[2:4] + [fp8[5]] + loss[2:]  # 1.1B and Qwen first
 
 
 def predicted_reserved(run_dir: Path) -> float | None:
@@ -126,57 +137,108 @@ def predicted_reserved(run_dir: Path) -> float | None:
     return result.requested.reserved_gib
 
 
-def execute(runs: list[dict], out: Path, log) -> list[dict]:
+def argv_of(run: dict, rows: list[dict]) -> list[str]:
+    """The run's command; a hand-written run takes the micro-batch its craken run chose (16 if that failed)."""
+    if run["kind"] != "hand":
+        return run["argv"]
+    chosen = next((r.get("micro_batch") for r in rows if r["name"] == run["same_as"]), None) or 16
+    return [micro_batches(int(chosen)) if a == "MICRO_BATCHES" else a for a in run["argv"]]
+
+
+def execute(runs: list[dict], out: Path, log, budget: float, min_run_s: float) -> list[dict]:
+    """Each run in turn while `budget` seconds last: one starts only with `min_run_s` left and is stopped
+    when the budget ends, so the table always prints inside the call. Rows go to rows.jsonl as they end."""
     rows, started = [], time.time()
     for run in runs:
-        if time.time() - started > BUDGET_S:
-            rows.append({"name": run["name"], "rc": None, "error": "not started: the call's time was spent"})
+        left = budget - (time.time() - started)
+        if left < min_run_s:
+            rows.append({"name": run["name"], "rc": None, "error": f"not started: {left:.0f} s of the budget left"})
             continue
-        log.write(f"\n===== {run['name']}: {' '.join(map(str, run['argv']))}\n")
+        argv = argv_of(run, rows)
+        log.write(f"\n===== {run['name']}: {' '.join(map(str, argv))}\n")
         log.flush()
         t0 = time.time()
         try:
-            proc = subprocess.run(run["argv"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                  env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=max(30, BUDGET_S + 40 -
-                                                                                           (t0 - started)))
+            proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=left)
             rc, text = proc.returncode, proc.stdout
         except subprocess.TimeoutExpired as exc:
-            rc, text = "timeout", (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) \
-                else (exc.stdout or "")
+            out_text = exc.stdout or ""
+            rc, text = "timeout", out_text.decode(errors="replace") if isinstance(out_text, bytes) else out_text
         log.write(text)
         log.flush()
         row = {"name": run["name"], "rc": rc, "wall_s": round(time.time() - t0, 1)}
         try:
             if run["kind"] == "craken":
+                if run.get("keep_metrics"):  # the parity curves: the plot reads them from $OUT
+                    shutil.copy(run["run_dir"] / "metrics.jsonl", out / f"{run['name']}.metrics.jsonl")
                 row.update(gpu_bench.summarize_craken(run))
+                row.update(ran(run["run_dir"]))
                 row["predicted_reserved_gib"] = predicted_reserved(run["run_dir"])
             else:
                 row.update(json.loads(run["result"].read_text()))
         except Exception as exc:  # a failed run is a row too
             row["error"] = f"{exc.__class__.__name__}: {exc}"
         rows.append(row)
-        (out / "rows.json").write_text(json.dumps(rows, indent=1, default=str))
+        with open(out / "rows.jsonl", "a") as fh:
+            fh.write(json.dumps(row, default=str) + "\n")
         print(f"[{run['name']}] rc={rc} wall={row['wall_s']:.0f}s {row.get('error', '')}", flush=True)
     return rows
 
 
+def ran(run_dir: Path) -> dict:
+    """What the run's start line says ran: precision, the loss (chunked or the model's) and float8 Linears."""
+    start = next(json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+                 if '"start"' in x)
+    return {k: start.get(k) for k in ("precision", "loss_kind", "float8_linears", "compiled_layers")}
+
+
 def print_table(rows: list[dict]) -> None:
-    print("\nname | rc | strategy | mb | tok/s | MFU | reserved GiB | planner GiB | first step s | wall s")
+    print("\nname | rc | strategy | mb | loss | f8 linears | tok/s | MFU | reserved GiB | planner GiB | first step s | wall s")
     for r in rows:
         if "tokens_per_s_per_gpu" not in r:
             print(f"{r['name']} | {r['rc']} | {r.get('error', '')}")
             continue
         predicted = r.get("predicted_reserved_gib")
-        err = f"{predicted:.2f} ({(predicted / r['peak_reserved_gib'] - 1) * 100:+.0f}%)" if predicted else "-"
+        measured = r.get("peak_reserved_gib") or 0
+        err = f"{predicted:.2f} ({(predicted / measured - 1) * 100:+.0f}%)" if predicted and measured else "-"
         print(f"{r['name']} | {r['rc']} | {r.get('strategy', '-')} | {r.get('micro_batch')} | "
-              f"{r['tokens_per_s_per_gpu']:,.0f} | {r['mfu']:.3f} | {r['peak_reserved_gib']:.2f} | {err} | "
-              f"{r.get('first_step_s') or 0:.1f} | {r['wall_s']}")
+              f"{r.get('loss_kind', '-')} | {r.get('float8_linears', '-')} | {r['tokens_per_s_per_gpu']:,.0f} | "
+              f"{r['mfu']:.3f} | {r['peak_reserved_gib']:.2f} | {err} | {r.get('first_step_s') or 0:.1f} | "
+              f"{r['wall_s']}")
     speed = {r["name"]: r["tokens_per_s_per_gpu"] for r in rows if "tokens_per_s_per_gpu" in r}
     print("\nratio | measured | must be")
     for num, den, least, what in MUST:
         if num in speed and den in speed:
             ratio = speed[num] / speed[den]
             print(f"{what} | {ratio:.3f} | >= {least} {'ok' if ratio >= least else 'NOT MET'}")
+
+
+def dry_run(runs: list[dict]) -> int:
+    """Each run's command, and for craken's the plan its flags give on a hypothetical H200 (`craken plan`,
+    the same option parsing as `craken train`): a typo fails here, on CPU, not in the GPU call."""
+    failed = 0
+    for run in runs:
+        argv = [str(a) for a in argv_of(run, [])]
+        print(f"--- {run['name']}: {' '.join(argv)}")
+        if run["kind"] != "craken":
+            continue
+        train_only = {"--auto", "--force", "--output-dir"}
+        flags, skip = [], False
+        for a in argv[argv.index("train") + 1:]:
+            if skip:
+                skip = False
+            elif a in train_only:
+                skip = a == "--output-dir"
+            else:
+                flags.append(a)
+        proc = subprocess.run([sys.executable, "-m", "craken_cli", "plan", "--gpus", "1", "--gpu-memory", "139.8GiB",
+                               *flags], capture_output=True, text=True)
+        choice = [x for x in proc.stdout.splitlines() if x.startswith(("choice", "beside"))]
+        print("\n".join(choice) if proc.returncode == 0 else f"craken plan failed ({proc.returncode}): "
+              f"{(proc.stdout + proc.stderr)[-800:]}")
+        failed += proc.returncode != 0
+    return 1 if failed else 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,26 +299,27 @@ def tokenizer(folder: Path, data: Path, vocab: int = 32000) -> Path:
     return out
 
 
-def parity_runs(out: Path, steps: int) -> list[dict]:
+def parity_runs(steps: int) -> list[dict]:
     m11 = gpu_bench.write_config(WORK / "llama-1.1b", "llama-1.1b")
     data = corpus(WORK / "text")
     tok = tokenizer(WORK / "text", data)
     runs = []
     for precision in ("bf16", "fp8"):
-        run_dir = out / "runs" / f"parity-{precision}"
+        run_dir = RUNS / "runs" / f"parity-{precision}"
         argv = [sys.executable, "-m", "craken_cli", "train", "--auto", "--precision", precision, "--model", str(m11),
                 "--tokenizer", str(tok), "--dataset", str(data), "--seq-len", "1024", "--global-batch", "16",
                 "--max-steps", str(steps), "--lr", "3e-4", "--seed", "42", "--eval-every", "50",
                 "--steps-per-print", "10", "--set", "train.save_final=false", "--set", "train.eval_batches=16",
                 "--output-dir", str(run_dir), "--force"]
-        runs.append({"name": f"parity-{precision}", "kind": "craken", "argv": argv, "run_dir": run_dir})
+        runs.append({"name": f"parity-{precision}", "kind": "craken", "argv": argv, "run_dir": run_dir,
+                     "keep_metrics": True})
     return runs
 
 
 def print_parity(out: Path) -> None:
     evals = {}
     for precision in ("bf16", "fp8"):
-        path = out / "runs" / f"parity-{precision}" / "metrics.jsonl"
+        path = out / f"parity-{precision}.metrics.jsonl"
         if path.is_file():
             records = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
             evals[precision] = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
@@ -276,7 +339,7 @@ def plot(out: Path, png: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for precision, colour in (("bf16", "tab:blue"), ("fp8", "tab:orange")):
-        records = [json.loads(x) for x in (out / "runs" / f"parity-{precision}" / "metrics.jsonl").read_text()
+        records = [json.loads(x) for x in (out / f"parity-{precision}.metrics.jsonl").read_text()
                    .splitlines() if x.strip()]
         train = [(r["step"], r["loss"]) for r in records if "loss" in r]
         evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
@@ -293,10 +356,14 @@ def plot(out: Path, png: Path) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--grid", choices=("speed", "fp8", "loss", "parity"), default="speed")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--grid", choices=("speed", "fp8", "loss", "parity"), default="fp8")
     ap.add_argument("--out", type=Path, required=True, help="results folder (with --plot: a parity call's $OUT)")
     ap.add_argument("--steps", type=int, default=500, help="parity: optimizer steps of each run")
+    ap.add_argument("--budget", type=int, default=470, help="seconds for the whole grid (runs stopped at its end)")
+    ap.add_argument("--min-run-s", type=int, default=75, help="a run starts only with this many seconds left")
+    ap.add_argument("--dry-run", action="store_true", help="print the runs and the plans of their flags; train nothing")
+    ap.add_argument("--only", default=None, help="comma-separated run names of the grid to run (default: all)")
     ap.add_argument("--plot", action="store_true", help="plot the parity runs under --out into --png")
     ap.add_argument("--png", type=Path, default=Path("docs/img/fp8-parity.png"))
     args = ap.parse_args()
@@ -304,9 +371,19 @@ def main() -> int:
         plot(args.out, args.png)
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
-    runs = parity_runs(args.out, args.steps) if args.grid == "parity" else speed_runs(args.grid, args.out)
+    RUNS.mkdir(parents=True, exist_ok=True)
+    runs = parity_runs(args.steps) if args.grid == "parity" else speed_runs(args.grid)
+    if args.only:
+        names = args.only.split(",")
+        unknown = sorted(set(names) - {r["name"] for r in runs})
+        if unknown:
+            ap.error(f"--only: no run named {', '.join(unknown)} in --grid {args.grid}: "
+                     f"choose from {', '.join(r['name'] for r in runs)}")
+        runs = [r for r in runs if r["name"] in names]
+    if args.dry_run:
+        return dry_run(runs)
     with open(args.out / "bench.log", "w") as log:
-        rows = execute(runs, args.out, log)
+        rows = execute(runs, args.out, log, args.budget, args.min_run_s)
     print_table(rows)
     if args.grid == "parity":
         print_parity(args.out)

@@ -2,7 +2,7 @@
 
     python3 benchmarks/planner_bench.py --out "$OUT" --budget 440   # the grid, on this machine's GPU
     python3 benchmarks/planner_bench.py --dry-run                    # the rows and their predictions, no GPU
-    python3 benchmarks/planner_bench.py --fit                        # fit on the training rows: print constants, errors
+    python3 benchmarks/planner_bench.py --fit [--apply]              # fit on the training rows: constants, errors
     python3 benchmarks/planner_bench.py --docs docs/planner.md       # rewrite its tables (planner.py's constants)
 
 Models are config-only (benchmarks/model_configs/*.json, the public config.json values of ten families, and
@@ -56,6 +56,7 @@ class Row:
     micro_batch: int | str  # or "auto": the largest --auto would pick for this strategy
     compiled: bool | None  # None: as --auto decides
     split: str  # "train" (the fit may use it) or "held-out" (reported only)
+    extra: tuple[str, ...] = ()  # --set values of the row (e.g. "model.loss=model")
 
 
 # Held-out first, the one the issue names at the top: the call may end before the last rows.
@@ -67,6 +68,11 @@ GRID = [
     Row("pythia-1.4b", 2048, "auto", "auto", None, "held-out"),  # GPT-NeoX: fused qkv, parallel residual
     Row("phi-3-mini", 2048, "auto", "auto", None, "held-out"),  # fused qkv and gate/up, 3.8B
     Row("mistral-7b", 1024, "auto", "auto", None, "held-out"),  # 7B at the card's edge
+    # The model's own loss compiled at a large vocabulary (what the chunked loss replaces): the term
+    # COMPILED_LOSS_FP32_BYTES had no training row of its own but issue 16's out-of-memory bound. First of the
+    # training rows: the ones the refit needs most.
+    Row("qwen2.5-0.5b", 2048, "zero0", 16, True, "train", ("model.loss=model",)),
+    Row("llama-3.2-1b", 2048, "zero0", 8, True, "train", ("model.loss=model",)),
     Row("qwen2.5-0.5b", 1024, "zero0", "auto", False, "train"),
     Row("smollm2-1.7b", 2048, "zero0", "auto", True, "train"),
     Row("llama-3.2-1b", 1024, "zero2", "auto", False, "train"),
@@ -77,7 +83,8 @@ GRID = [
 if os.environ.get("PLANNER_BENCH_SMOKE"):  # a CPU run of the code path (gloo, DS_ACCELERATOR=cpu): no numbers
     SHAPES = {"llama-160m": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                  num_key_value_heads=2)}
-    GRID = [Row("llama-160m", 64, "zero0", 2, False, "held-out"), Row("llama-160m", 64, "zero2", 2, False, "train")]
+    GRID = [Row("llama-160m", 64, "zero0", 2, False, "held-out"),
+            Row("llama-160m", 64, "zero2", 2, False, "train", ("model.loss=chunked",))]
 
 
 def model_config(name: str) -> dict:
@@ -138,7 +145,8 @@ def resolve_row(row: Row, folder: Path, hw, world: int = 1) -> tuple[str, int, b
         compiled = compiles_by_default(info, hw)
     stage_name = "zero0" if row.strategy == "auto" else row.strategy
     for try_compiled in ([compiled, False] if compiled else [False]):
-        spec = spec_for(folder, row.seq, stage_name, 1, try_compiled, world, hw=hw, global_batch=AUTO_GLOBAL_BATCH)
+        spec = spec_for(folder, row.seq, stage_name, 1, try_compiled, world, row.extra, hw=hw,
+                        global_batch=AUTO_GLOBAL_BATCH)
         planned = plan(info, spec, hw)
         if row.strategy == "auto":
             pick = planned.choice
@@ -165,87 +173,88 @@ def commit() -> str:
 # ---------------------------------------------------------------------------------------------- worker
 
 
-def build_engine(spec, folder: Path, device, world: int):
-    """(model, step function) as craken's engines train: fp32 masters on both."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+def launch_env(run_dir: Path, port: int) -> dict[str, str]:
+    """The ACCELERATE_* variables `accelerate launch --config_file RUN/accelerate.yaml` gives each
+    process of this run (mixed precision, DeepSpeed and its config file, ...), computed by accelerate's
+    own launcher functions from the same rendered files `craken train` launches with. The process
+    group itself is the bench's (torchrun's worker, one fork per row)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import launch as accelerate_launch
 
-    from craken_cli.render import deepspeed_config
-    from craken_cli.train import modeling
-
-    cfg = AutoConfig.from_pretrained(folder)
-    cfg.use_cache = False
-    ds_cfg = deepspeed_config(spec) if spec.uses_deepspeed else None
-    if spec.zero.stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.Init(config_dict_or_path=ds_cfg, dtype=torch.bfloat16):
-            model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    args = launch_command_parser().parse_args(["--config_file", str(run_dir / "accelerate.yaml"), "--main_process_port",
+                                               str(port), "-m", "craken_cli.train.loop", str(run_dir / "run.yaml")])
+    args, defaults, mp_from_config_flag = _validate_launch_command(args)
+    if args.use_deepspeed:  # as accelerate's launch_command prepares its deepspeed_launcher
+        fields = list(defaults.deepspeed_config.keys()) if defaults else []
+        args.deepspeed_fields_from_accelerate_config = ",".join(fields + (["mixed_precision"] if mp_from_config_flag
+                                                                          else []))
+        env = accelerate_launch.prepare_deepspeed_cmd_env(args)[1]
+    elif args.multi_gpu:
+        env = accelerate_launch.prepare_multi_gpu_env(args)
     else:
-        with torch.device(device):  # DeepSpeed casts to bf16 before moving to the GPU: build it so
-            model = AutoModelForCausalLM.from_config(
-                cfg, attn_implementation="sdpa", dtype=torch.bfloat16 if ds_cfg else torch.float32)
-    if spec.model.activation_checkpointing:  # as modeling.load_model turns it on
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if spec.model.compile:
-        modeling.compile_regions(model)
-    groups = [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": 0.1},
-              {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]
-    if ds_cfg is not None:
-        import deepspeed
-
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_cfg)
-
-        def ds_step(ids):
-            engine.backward(engine(input_ids=ids, labels=ids).loss)
-            engine.step()
-
-        return cfg, engine, ds_step
-    opt = torch.optim.AdamW(groups, lr=1e-4, fused=device.type == "cuda")
-    wrapped = model
-    if world > 1:
-        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index])
-
-    def plain_step(ids):
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = wrapped(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), spec.optimizer.clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return cfg, None, plain_step
+        env = accelerate_launch.prepare_simple_launcher_cmd_env(args)[1]
+    return {k: v for k, v in env.items() if k.startswith("ACCELERATE_")}
 
 
-def run_row(spec, folder: Path, rank: int, world: int) -> dict:
+def write_run_folder(spec, run_dir: Path) -> Path:
+    """run.yaml, accelerate.yaml and (DeepSpeed) ds_config.json, rendered as `craken train` renders them."""
+    from craken_cli.render import rendered_files, write_files
+
+    write_files(rendered_files(spec, {}, run_dir), run_dir, force=True)
+    return run_dir
+
+
+def random_loader(spec, vocab: int, rank: int, steps: int):
+    """`steps` micro-batches of random tokens in the loop's batch format (input_ids, labels)."""
     import torch
 
-    on_gpu = torch.cuda.is_available()
-    device = torch.device("cuda", rank) if on_gpu else torch.device("cpu")
-    cfg, engine, step = build_engine(spec, folder, device, world)
-    gen = torch.Generator(device=device).manual_seed(rank)
-    mb, seq = spec.batch.micro_batch, spec.data.seq_len
+    from craken_cli.train.loop import _collate
+
+    gen = torch.Generator().manual_seed(rank)
+    ids = torch.randint(0, vocab, (steps * spec.batch.micro_batch, spec.data.seq_len), generator=gen)
+    return torch.utils.data.DataLoader([{"input_ids": row} for row in ids], batch_size=spec.batch.micro_batch,
+                                       collate_fn=_collate)
+
+
+def run_row(spec, run_dir: Path, rank: int, world: int) -> dict:
+    """One row through `craken train`'s own code: the Accelerator of the rendered launch, the model built,
+    converted and compiled by modeling (load_model, ready_for_training), the engine's prepare and the
+    Trainer's micro-step; random tokens instead of the data set, peak reserved memory over the steps."""
+    import torch
+
+    from craken_cli.train import modeling
+    from craken_cli.train.engine import make_engine
+    from craken_cli.train.loop import Trainer
+
+    trainer = Trainer(spec, run_dir / "run.yaml")
+    trainer.setup_accelerator()
+    acc = trainer.accelerator
+    model = modeling.load_model(spec, None, modeling.init_device(spec, acc.device))
+    model, record = modeling.ready_for_training(model, spec)
+    trainer.engine = make_engine(spec, acc)
+    loader = random_loader(spec, model.config.vocab_size, rank, WARMUP_STEPS + TIMED_STEPS)
+    trainer.model, loader, _ = trainer.engine.prepare(model, loader)
+    trainer.model.train()
+    on_gpu = acc.device.type == "cuda"
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     sync()
     if on_gpu:
-        torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(WARMUP_STEPS):
-        step(torch.randint(0, cfg.vocab_size, (mb, seq), generator=gen, device=device))
+        torch.cuda.reset_peak_memory_stats(acc.device)
+    for i, batch in enumerate(loader):
+        if i == WARMUP_STEPS:
+            sync()
+            start = time.time()
+        trainer.micro_step(batch)
     sync()
-    start = time.time()
-    for _ in range(TIMED_STEPS):
-        step(torch.randint(0, cfg.vocab_size, (mb, seq), generator=gen, device=device))
-    sync()
-    tps = TIMED_STEPS * mb * seq / (time.time() - start)
-    if engine is not None:
-        engine.destroy()
+    tps = TIMED_STEPS * spec.batch.micro_batch * spec.data.seq_len / (time.time() - start)
+    out = {"ran": record, "tokens_per_s": round(tps)}
     if not on_gpu:
-        return {"tokens_per_s": round(tps), "smoke": "CPU run: no GPU memory to measure"}
-    return {"measured_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 3),
-            "allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3), "tokens_per_s": round(tps)}
+        return {**out, "smoke": "CPU run: no GPU memory to measure"}
+    return {**out, "measured_gib": round(torch.cuda.max_memory_reserved(acc.device) / 2**30, 3),
+            "allocated_gib": round(torch.cuda.max_memory_allocated(acc.device) / 2**30, 3)}
 
 
-def child(conn, spec, folder: Path, rank: int, world: int, port: int) -> None:
+def child(conn, spec, run_dir: Path, rank: int, world: int, port: int) -> None:
     """One row in a fresh (forked) process: nothing a previous engine left behind can be counted."""
     import datetime
 
@@ -255,17 +264,14 @@ def child(conn, spec, folder: Path, rank: int, world: int, port: int) -> None:
     os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)  # each row its own store, on its own port
     os.environ["MASTER_PORT"] = str(port)
     try:
+        os.environ.update(launch_env(run_dir, port))
         on_gpu = torch.cuda.is_available()
         if on_gpu:
             torch.cuda.set_device(rank)
         dist.init_process_group("nccl" if on_gpu else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world, timeout=datetime.timedelta(seconds=120),
                                 device_id=torch.device("cuda", rank) if on_gpu else None)
-        if spec.uses_deepspeed:  # DeepSpeed's comm wraps that group (zero.Init needs it before initialize)
-            import deepspeed
-
-            deepspeed.init_distributed("nccl" if on_gpu else "gloo")
-        conn.send(run_row(spec, folder, rank, world))
+        conn.send(run_row(spec, run_dir, rank, world))
     except torch.OutOfMemoryError as exc:
         conn.send({"oom": str(exc)[:300]})
     except Exception as exc:  # a failed row is a row too
@@ -274,9 +280,9 @@ def child(conn, spec, folder: Path, rank: int, world: int, port: int) -> None:
     os._exit(0)  # skip NCCL and DeepSpeed teardown: the process is done
 
 
-def measure(ctx, spec, folder: Path, rank: int, world: int, port: int, timeout: float) -> dict:
+def measure(ctx, spec, run_dir: Path, rank: int, world: int, port: int, timeout: float) -> dict:
     parent_end, child_end = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=child, args=(child_end, spec, folder, rank, world, port))
+    proc = ctx.Process(target=child, args=(child_end, spec, run_dir, rank, world, port))
     proc.start()
     child_end.close()
     result = parent_end.recv() if parent_end.poll(timeout) else {"failed": f"timeout after {timeout:.0f} s"}
@@ -288,7 +294,7 @@ def measure(ctx, spec, folder: Path, rank: int, world: int, port: int, timeout: 
 
 def row_record(row: Row, strategy: str, micro: int, compiled: bool, pred, hw, world: int, head: str) -> dict:
     return {"gpus": world, "model": row.model, "seq": row.seq, "strategy": strategy + ("+compile" if compiled else ""),
-            "base_strategy": strategy.split("+")[0], "compiled": compiled, "extra": [], "micro_batch": micro,
+            "base_strategy": strategy.split("+")[0], "compiled": compiled, "extra": list(row.extra), "micro_batch": micro,
             "split": row.split, "asked": {"strategy": row.strategy, "micro_batch": row.micro_batch},
             "predicted_gib": round(pred.reserved_gib, 3), "predicted_total_gib": round(pred.total_gib, 3),
             "device": hw.gpus[0].name if hw.gpus else "cpu", "commit": head, "measured_on": time.strftime("%Y-%m-%d")}
@@ -306,7 +312,8 @@ def worker(args) -> int:
 
     from craken_cli.hardware import detect
     from craken_cli.launch import normalized_arch_list
-    from craken_cli.train import modeling  # noqa: F401
+    from craken_cli.train import engine, loop, modeling  # noqa: F401  (the children's training code)
+    from accelerate.commands import launch  # noqa: F401
 
     arch = normalized_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"))
     if arch:
@@ -319,10 +326,10 @@ def worker(args) -> int:
     for i, row in enumerate(GRID):
         folder = write_config(Path(args.models) / row.model, row.model)
         strategy, micro, compiled = resolve_row(row, folder, hw, world)
-        spec = spec_for(folder, row.seq, strategy, micro, compiled, world, hw=hw)
+        spec = spec_for(folder, row.seq, strategy, micro, compiled, world, row.extra, hw=hw)
         pred = predict(spec, folder, hw)
         rec = row_record(row, strategy, micro, compiled, pred, hw, world, head)
-        rec["loss"] = spec.model.loss  # rows recorded before train/loss.py trained the model's own loss
+        rec["loss"] = spec.model.loss  # the setting; rec["ran"]["loss_kind"]: the loss that trained
         left = args.budget - (time.time() - began)
         if pred.total_gib > card:
             rec["skipped"] = f"predicted {pred.total_gib:.1f} GiB > {card:.1f} GiB card"
@@ -330,7 +337,8 @@ def worker(args) -> int:
             rec["skipped"] = f"time budget: {left:.0f} s left"
         else:
             started = time.time()
-            rec.update(measure(ctx, spec, folder, rank, world, args.port + i, min(args.row_timeout, left)))
+            run_dir = write_run_folder(spec, Path(args.models) / "runs" / f"row{i}-rank{rank}")
+            rec.update(measure(ctx, spec, run_dir, rank, world, args.port + i, min(args.row_timeout, left)))
             if "measured_gib" in rec:
                 rec["error"] = round(rec["predicted_gib"] / rec["measured_gib"] - 1, 4)
             rec["wall_s"] = round(time.time() - started, 1)
@@ -351,6 +359,27 @@ def recorded_rows(paths=None) -> list[dict]:
     return [r for r in rows if not r.get("superseded")]
 
 
+def ran_loss(row: dict) -> str:
+    """The model.loss a recorded row is re-predicted with: the loss it trained with where the row says
+    ("ran", written since the bench trains through modeling.ready_for_training), else its setting; rows
+    from before train/loss.py have none (the model's own)."""
+    return row.get("ran", {}).get("loss_kind") or row.get("loss", "model")
+
+
+def supersede(keys: list[str], reason: str, files=None) -> int:
+    """Mark the recorded rows named MODEL:SEQ:MICRO_BATCH:MEASURED_ON superseded (kept, with the reason,
+    and no longer re-predicted): rows of a program craken no longer runs. Returns how many were marked."""
+    wanted = {tuple(k.split(":")) for k in keys}
+    marked = 0
+    for f in [Path(p) for p in files] if files else sorted(RESULTS.glob("*.jsonl")):
+        rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+        for r in rows:
+            if (r["model"], str(r["seq"]), str(r["micro_batch"]), r.get("measured_on", "")) in wanted:
+                r["superseded"], marked = reason, marked + 1
+        f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return marked
+
+
 def hypothetical_hardware(rows: list[dict]):
     """One GPU of the rows' card (the prediction depends on its memory only where the row is skipped)."""
     from craken_cli.hardware import GPU, GiB, Hardware
@@ -366,7 +395,7 @@ def prepared(rows: list[dict], root: Path, hw) -> list[tuple[dict, object]]:
     out = []
     for r in rows:
         folder = write_config(root / r["model"], r["model"])
-        extra = (*r.get("extra", ()), f"model.loss={r.get('loss', 'model')}")
+        extra = (*r.get("extra", ()), f"model.loss={ran_loss(r)}")
         spec = spec_for(folder, r["seq"], r["strategy"].replace("+compile", ""), r["micro_batch"], r["compiled"],
                         r["gpus"], extra, hw)
         info = model_info(str(folder))
@@ -444,6 +473,25 @@ def fit(train_pairs, rounds: int = 3, start: dict | None = None) -> dict:
     return {name: current(name) for name in FITTED}
 
 
+def apply_constants(values: dict, path: Path = ROOT / "src" / "craken_cli" / "planner.py") -> list[str]:
+    """Write fitted values into planner.py's `NAME = value` lines (FRAGMENTATION: the same value for every
+    stage); returns the lines changed, as "NAME: old -> new"."""
+    import re
+
+    text, changed = path.read_text(), []
+    for name, value in values.items():
+        new = "{" + ", ".join(f"{stage}: {value}" for stage in range(4)) + "}" if name == "FRAGMENTATION" else repr(value)
+        pattern = re.compile(rf"^{name} = (.*?)$", re.M)
+        match = pattern.search(text)
+        if match is None:
+            raise SystemExit(f"planner.py has no line `{name} = ...`")
+        if match.group(1).split("  #")[0].strip() != new:
+            changed.append(f"{name}: {match.group(1).split('  #')[0].strip()} -> {new}")
+            text = text[:match.start(1)] + new + text[match.end(1):]
+    path.write_text(text)
+    return changed
+
+
 # ---------------------------------------------------------------------------------------------- tables
 
 
@@ -494,7 +542,7 @@ def pending(models: Path = Path(os.environ.get("TMPDIR", "/tmp")) / "craken-benc
     for row in (r for r in GRID if r.split == "held-out"):
         folder = write_config(models / row.model, row.model)
         strategy, micro, compiled = resolve_row(row, folder, hw)
-        pred = predict(spec_for(folder, row.seq, strategy, micro, compiled, 1, hw=hw), folder, hw)
+        pred = predict(spec_for(folder, row.seq, strategy, micro, compiled, 1, row.extra, hw=hw), folder, hw)
         lines.append(f"| {row.model} | {row.seq} | {strategy + ('+compile' if compiled else '')} | {micro} | "
                      f"{pred.reserved_gib:.2f} | **GPU: pending** | **pending** |")
     return lines
@@ -517,6 +565,92 @@ def compact(rows: list[dict]) -> str:
         out.append(f"{r['model']:14} {r['seq']:5} {r['strategy']:34} {r['micro_batch']:3} {r['split']:8} "
                    f"{r['predicted_gib']:7.2f} {meas} {err}")
     return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------- census
+
+CENSUS = {"gpt2-medium": (1024, 32), "gemma-2-2b": (1024, 8), "qwen2.5-0.5b": (2048, 8), "llama-3.2-1b": (2048, 8),
+          "pythia-1.4b": (2048, 16)}  # model: (seq, micro-batch), one GPU
+
+
+def held_bytes(name: str, layers: int, seq: int, micro: int, compiled: bool) -> tuple[float, float]:
+    """(bytes held after the forward, peak bytes in the backward) above the built model, one micro-batch of
+    a `layers`-layer copy of the model, trained as a no-ZeRO craken run: fp32 weights under bf16 autocast,
+    the model's own loss (modeling.ready_for_training, model.loss=model)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from craken_cli.train import modeling
+
+    cfg = AutoConfig.for_model(**{k: v for k, v in model_config(name).items() if k != "architectures"})
+    for key in ("num_hidden_layers", "n_layer"):
+        if hasattr(cfg, key):
+            setattr(cfg, key, layers)
+    cfg.use_cache = False
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the code path only, every figure 0
+    gpu = device == "cuda"
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
+    spec = spec_for(write_config(Path("/tmp/craken-census") / name, name), seq, "zero0", micro, compiled, 1,
+                    ("model.loss=model",), hw=census_hardware())
+    model, _ = modeling.ready_for_training(model, spec)
+    model.train()
+    ids = torch.randint(0, cfg.vocab_size, (micro, seq), device=device)
+    allocated = torch.cuda.memory_allocated if gpu else (lambda: 0)
+    for _ in range(2):  # the first compiles
+        if gpu:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        base = allocated()
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        held = allocated() - base
+        loss.backward()
+        peak = (torch.cuda.max_memory_allocated() if gpu else 0) - base
+        model.zero_grad(set_to_none=True)
+        del loss
+    return held, peak
+
+
+def census_hardware():
+    from craken_cli.hardware import GPU, GiB, Hardware
+
+    return Hardware(gpus=(GPU(0, "NVIDIA H200", int(139.8 * GiB), int(139.8 * GiB), (9, 0)),), ram_total=128 * GiB)
+
+
+def census(names: list[str], out: Path) -> int:
+    """What one decoder layer and the logits hold on the GPU, measured (1- and 2-layer copies of each model)
+    against the planner's per-token terms: the family traits behind a row's error, in about a minute."""
+    from craken_cli.modelinfo import model_info
+    from craken_cli.planner import layer_activation_bytes_per_token, loss_bytes
+
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"{'model':14} {'mode':8} {'layer B/token':>14} {'planner':>9} {'rest B/logit':>13} {'bwd B/logit':>12} "
+             f"{'planner loss B/logit':>21}"]
+    for name in names:
+        seq, micro = CENSUS[name]
+        info = model_info(str(write_config(Path("/tmp/craken-census") / name, name)))
+        tokens = seq * micro
+        for compiled in ((False,) if info.family == "gpt" else (False, True)):  # GPT-2/NeoX never compile
+            try:
+                (h1, p1), (h2, _) = (held_bytes(name, n, seq, micro, compiled) for n in (1, 2))
+            except Exception as exc:  # a failed model is a line too
+                lines.append(f"{name:14} {'compiled' if compiled else 'eager':8} {type(exc).__name__}: {exc}"[:200])
+                continue
+            layer, logits = (h2 - h1) / tokens, tokens * info.vocab_size
+            rest, backward = (h1 - (h2 - h1)) / logits, (p1 - h1) / logits
+            on = compiled and info.family != "gpt"
+            rec = {"model": name, "seq": seq, "micro_batch": micro, "compiled": compiled, "layer_bytes_per_token":
+                   round(layer), "planner_layer": round(layer_activation_bytes_per_token(info, 2, on)),
+                   "rest_bytes_per_logit": round(rest, 2), "backward_bytes_per_logit": round(backward, 2),
+                   "planner_loss_bytes_per_logit": round(loss_bytes(info, tokens, 2, on) / logits, 2)}
+            with open(out / "census.jsonl", "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+            lines.append(f"{name:14} {'compiled' if compiled else 'eager':8} {layer:14,.0f} {rec['planner_layer']:9,} "
+                         f"{rest:13.2f} {backward:12.2f} {rec['planner_loss_bytes_per_logit']:21.2f}")
+            print(lines[-1], flush=True)
+    print("\n".join(lines))
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -553,7 +687,7 @@ def dry_run(args) -> int:
     for row in GRID:
         folder = write_config(Path(args.models) / row.model, row.model)
         strategy, micro, compiled = resolve_row(row, folder, hw)
-        pred = predict(spec_for(folder, row.seq, strategy, micro, compiled, 1, hw=hw), folder, hw)
+        pred = predict(spec_for(folder, row.seq, strategy, micro, compiled, 1, row.extra, hw=hw), folder, hw)
         print(f"{row.split:8} {row.model:14} seq {row.seq:5} {strategy + ('+compile' if compiled else ''):34} "
               f"mb {micro:3}: {pred.reserved_gib:7.2f} GiB reserved, {pred.total_gib:7.2f} total")
     return 0
@@ -569,8 +703,14 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=29800, help="first of the per-row rendezvous ports")
     ap.add_argument("--dry-run", action="store_true", help="print the rows and their predictions; train nothing")
     ap.add_argument("--fit", action="store_true", help="fit FITTED on the training rows, report the held-out ones")
+    ap.add_argument("--apply", action="store_true", help="with --fit: write the fitted constants into planner.py")
     ap.add_argument("--docs", default=None, help="markdown file whose bench block to rewrite from the recorded rows")
     ap.add_argument("--rows", nargs="*", default=None, help="row files (default: benchmarks/results/*.jsonl)")
+    ap.add_argument("--census", nargs="*", default=None, choices=sorted(CENSUS),
+                    help="measure one layer's and the logits' GPU memory of these models against the planner's terms")
+    ap.add_argument("--supersede", nargs="*", default=None, metavar="MODEL:SEQ:MB:DATE",
+                    help="mark these recorded rows superseded (with --reason): kept, no longer re-predicted")
+    ap.add_argument("--reason", default=None, help="why the --supersede rows no longer describe craken's runs")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--models", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "craken-bench-models"))
     args = ap.parse_args()
@@ -578,11 +718,21 @@ def main() -> int:
         return worker(args)
     if args.dry_run:
         return dry_run(args)
+    if args.supersede:
+        if not args.reason:
+            ap.error("--supersede needs --reason: what about craken's runs changed since these rows")
+        print(f"{supersede(args.supersede, args.reason, args.rows)} rows marked superseded")
+        return 0
+    if args.census is not None:
+        return census(args.census or sorted(CENSUS), Path(args.out))
     if args.fit or args.docs:
         rows = recorded_rows(args.rows)
         pairs = prepared(rows, Path(args.models), hypothetical_hardware(rows))
-        if args.fit:  # printed, not written: the constants go into planner.py by hand, then --docs
-            print(json.dumps(fit(training(pairs)), indent=1))
+        if args.fit:  # printed; with --apply also written into planner.py (then run --docs)
+            fitted = fit(training(pairs))
+            print(json.dumps(fitted, indent=1))
+            if args.apply:
+                print("planner.py: " + ("; ".join(apply_constants(fitted)) or "no constant moved"))
             print(report(pairs))
             return 0
         write_docs(report(pairs), Path(args.docs))

@@ -48,6 +48,8 @@ def test_formats_are_detected_from_the_columns_and_a_mismatch_names_the_flag():
     assert formats.detect(["body"], "body") == "text"
     assert formats.detect(["question"], "text") is None
     assert "--text-column or --data-format" in formats.format_problem("auto", ["question"], "text", "x.jsonl")
+    assert "(columns: c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, ... (50 in all))" in formats.format_problem(
+        "auto", [f"c{i}" for i in range(50)], "text", "x.csv")
     problem = formats.format_problem("alpaca", ["prompt", "completion"], "text", "x.jsonl")
     assert "instruction, output" in problem and "set --data-format" in problem
     assert formats.format_problem("alpaca", ["instruction", "output"], "text", "x") is None  # input is optional

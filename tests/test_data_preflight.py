@@ -10,17 +10,16 @@ import pytest
 CHAT = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
 
 CASES = {
-    "unknown-format-columns": ({"d.jsonl": '{"question": "a"}\n'}, [], ["no known format", "question",
-                                                                        "--data-format"]),
+    "unknown-format-columns": ({"d.jsonl": '{"question": "a"}\n'}, [], ["--text-column 'text' is not a column",
+                                                                        "question", "--data-format"]),
     "format-columns-missing": ({"d.jsonl": '{"text": "a"}\n'}, ["--data-format", "alpaca"],
                                ["--data-format alpaca", "instruction, output", "columns: text"]),
     "unknown-format-value": ({"d.jsonl": '{"text": "a"}\n'}, ["--data-format", "sharegpt"], ["sharegpt"]),
     "corrupt-line": ({"d.jsonl": '{"text": "a"}\n{"text": "b"}\n{"text": "c"\n'}, [],
-                     ["d.jsonl line 3", "not valid JSON", "fix or remove that line"]),
+                     ["d.jsonl: line 3 is not valid JSON", "fix or remove that line"]),
     "mixed-folder": ({"d/a.jsonl": '{"text": "a"}\n', "d/b.csv": "text\nb\n"}, [],
-                     ["mixes .csv, .jsonl", "keep one kind"]),
-    "non-string-text": ({"d.jsonl": '{"text": 3}\n'}, [], ["'text' value of the first record is a int",
-                                                          "--text-column"]),
+                     ["mixes .csv, .jsonl", "keep one format"]),
+    "non-string-text": ({"d.jsonl": '{"text": 3}\n'}, [], ["line 1: 'text' is 3, not a string"]),
     "chat-without-template": ({"d.jsonl": CHAT + "\n"}, [], ["no chat template", "--chat-template"]),
     "chat-template-file-missing": ({"d.jsonl": CHAT + "\n"}, ["--chat-template", "tmpl.jinja"],
                                    ["--chat-template tmpl.jinja", "no such file"]),
@@ -55,10 +54,12 @@ def test_a_chat_set_with_a_template_given_passes_preflight(tmp_path):
     data.write_text(CHAT + "\n")
     template = tmp_path / "t.jinja"
     template.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
-    spec = RunSpec.model_validate({"data": {"dataset": str(data), "chat_template": str(template)}})
+    spec = RunSpec.model_validate({"data": {"dataset": str(data), "chat_template": str(template), "eval_fraction": 0},
+                                   "batch": {"micro_batch": 1}})
     assert preflight.data_problems(spec) == []
     tokenizer = tmp_path / "tok"
     tokenizer.mkdir()
     (tokenizer / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
-    spec = RunSpec.model_validate({"data": {"dataset": str(data)}, "model": {"tokenizer": str(tokenizer)}})
+    spec = RunSpec.model_validate({"data": {"dataset": str(data), "eval_fraction": 0}, "batch": {"micro_batch": 1},
+                                   "model": {"tokenizer": str(tokenizer)}})
     assert preflight.data_problems(spec) == []

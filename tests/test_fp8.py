@@ -242,6 +242,7 @@ def test_fp8_training_checkpoints_resumes_and_exports_a_plain_model(craken, work
     assert resumed.code == 0, resumed.output[-4000:]
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["event"] == "start" and records[0]["precision"] == "fp8"
+    assert (records[0]["float8_linears"], records[0]["loss_kind"]) == (4, "model")  # what ran: 2 layers x gate, up
     assert any(r.get("event") == "resume" and r["step"] == 4 for r in records)
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 4 and losses[-1] < losses[0]

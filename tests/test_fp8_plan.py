@@ -120,5 +120,8 @@ def test_auto_keeps_bf16_and_says_fp8_would_be_faster(tmp_path):
                                               detect(H200, environ={}))
     assert resolved.spec.precision == "bf16" and choice == "zero0"
     assert any("--precision fp8" in n and "predicted 1.22x" in n for n in notes), notes
+    unset = {k: v for k, v in flags.items() if k != "--precision"}  # precision left to craken (auto)
+    resolved, notes, _, _ = resolve_spec(TrainRequest(SpecArgs(flags=unset), auto=True), {}, detect(H200, environ={}))
+    assert resolved.spec.precision == "bf16" and any("--precision fp8" in n for n in notes), notes
     _, notes, _, _ = resolve_spec(TrainRequest(SpecArgs(flags=flags), auto=True), {}, detect(A100, environ={}))
     assert not any("fp8" in n for n in notes)  # no float8 tensor cores: nothing to recommend

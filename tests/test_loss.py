@@ -62,7 +62,7 @@ def test_loss_and_gradients_equal_the_models_own(model_type, tied, monkeypatch):
     monkeypatch.setattr(vocab_loss, "chunk_tokens", lambda vocab: 20)  # 96 tokens: 5 chunks, the last short
     model = tiny(model_type, tied)
     reference = copy.deepcopy(model)
-    assert vocab_loss.install(model, spec())
+    assert vocab_loss.install(model, spec()) == "chunked"
     ids, labels = batch()
     own = reference(input_ids=ids, labels=labels).loss
     out = model(input_ids=ids, labels=labels)
@@ -105,15 +105,25 @@ def test_evaluation_without_gradients_and_calls_without_labels():
         assert logits.shape == (2, 48, VOCAB) and torch.allclose(logits, reference(input_ids=ids).logits)
 
 
-def test_other_families_and_settings_keep_the_models_loss():
+def test_other_families_and_settings_keep_the_models_loss_without_logits():
+    """Where the chunked loss does not apply the model's own loss trains, and a call with labels returns
+    no logits: Accelerate's mixed-precision wrapper of the plain engine then has no 16-bit tensor to copy
+    into fp32 (convert_outputs_to_fp32, 4 bytes per logit). Calls without labels keep their logits."""
+    from accelerate.utils import convert_outputs_to_fp32
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    gpt = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2))
-    forward = gpt.forward
-    assert not vocab_loss.install(gpt, spec())
-    assert gpt.forward == forward
-    assert not vocab_loss.install(tiny("llama", False), spec("model"))
-    assert not vocab_loss.install(tiny("llama", False), spec(stage=3))
+    torch.manual_seed(0)
+    gpt = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2)).to(torch.bfloat16).eval()
+    reference = copy.deepcopy(gpt)
+    assert vocab_loss.install(gpt, spec()) == "model"
+    ids, labels = batch()
+    wrapped = convert_outputs_to_fp32(gpt.forward)  # what Accelerate's prepare puts around the forward
+    out = wrapped(input_ids=ids, labels=labels)
+    assert out.logits is None and list(out.keys()) == ["loss"]
+    assert torch.equal(out.loss, convert_outputs_to_fp32(reference.forward)(input_ids=ids, labels=labels).loss)
+    assert torch.equal(gpt(input_ids=ids).logits, reference(input_ids=ids).logits)
+    assert vocab_loss.install(tiny("llama", False), spec("model")) == "model"
+    assert vocab_loss.install(tiny("llama", False), spec(stage=3)) == "model"
 
 
 def saved_bytes(model, ids, labels) -> int:

@@ -72,7 +72,7 @@ class ModelInfo:
     norms_per_layer: int = 2  # Gemma-2 also normalizes after attention and after the MLP: 4
     fused_qkv: bool = False  # one q/k/v projection whose output stays saved (its v is a view of it)
     mlp_saved: int = 4  # intermediate-sized tensors the MLP saves per token (gated 4, GELU 2, GPT-2's tanh GELU 5)
-    logit_softcap: bool = False  # Gemma-2's tanh cap on the logits: two more vocabulary-sized tensors
+    logit_softcap: bool = False  # Gemma-2's tanh cap on the logits: one more vocabulary-sized tensor (tanh's)
 
     @property
     def non_embedding_params(self) -> int:

@@ -280,17 +280,26 @@ def loss_bytes(m: ModelInfo, tokens: int, lp: int, compiled: bool = False, loss:
     if loss == "chunked":
         return chunked_loss_bytes(m, tokens, lp, compiled)
     fp32 = COMPILED_LOSS_FP32_BYTES if compiled else UPCAST_LOSS_FP32_BYTES
-    per_logit = lp + fp32 + (2 * lp if m.logit_softcap else 0)  # softcap: tanh's output and the rescaled copy
+    # Gemma-2's soft cap (logits / cap, tanh, * cap, eager in the model's forward): of its three 16-bit
+    # tensors only tanh's output is saved for the backward (the scalar divide and multiply save nothing).
+    per_logit = lp + fp32 + (lp if m.logit_softcap else 0)
     return per_logit * tokens * m.vocab_size
 
 
 def chunked_loss_bytes(m: ModelInfo, tokens: int, lp: int, compiled: bool) -> float:
-    """train/loss.py's chunked loss: one chunk's logits and their gradient (16-bit compiled; eager, the
-    fp32 logits, their softmax and the 16-bit gradient), the output weight's fp32 gradient and 16-bit
-    copy, and the hidden states' gradient, which it keeps for the backward instead of any logits."""
+    """train/loss.py's chunked loss at the larger of its two peaks; no logits survive their chunk.
+
+    In the loss's forward (the chunk loop): one chunk's logits and their gradient (compiled: the 16-bit
+    matmul output and the 16-bit gradient, the upcast and softmax fused between them; eager: the fp32
+    logits, log-sum-exp's and the softmax's fp32 temporaries and the 16-bit gradient, 12 + lp bytes), the
+    chunk's 16-bit output-weight gradient before it is added into the fp32 sum, that sum, the 16-bit copy
+    of the output weight, and the hidden states' gradient. At the start of the backward: the saved fp32
+    sum and hidden-state gradient, each beside its copy scaled by the incoming gradient."""
     chunk = min(tokens, vocab_loss.chunk_tokens(m.vocab_size)) * m.vocab_size
-    return chunk * (2 * lp if compiled else 8 + lp) + m.vocab_size * m.hidden_size * (4 + lp) + \
-        tokens * m.hidden_size * lp
+    weight, hidden = m.vocab_size * m.hidden_size, tokens * m.hidden_size
+    forward = chunk * (2 * lp if compiled else 12 + lp) + weight * (4 + 2 * lp) + hidden * lp
+    backward = weight * 2 * 4 + hidden * 2 * lp
+    return max(forward, backward)
 
 
 def activation_bytes(m: ModelInfo, micro_batch: int, seq_len: int, lp: int, checkpointing: bool,

@@ -52,12 +52,13 @@ def columns_of(fmt: str, text_column: str) -> tuple[str, ...]:
 
 def format_problem(fmt: str, columns: list[str], text_column: str, where: str) -> str | None:
     """What to change when the columns found do not fit the format asked for (or none fits `auto`)."""
-    found = ", ".join(columns) or "none"
+    found = ", ".join(c[:40] for c in columns[:10]) + (f", ... ({len(columns)} in all)" if len(columns) > 10 else "")
+    found = found or "none"
     if fmt == "auto":
         if detect(columns, text_column) is None:
-            return (f"--dataset {where}: no known format in its columns ({found}): expected messages (chat), "
-                    f"instruction/output (alpaca), prompt/completion, or the text column (--text-column "
-                    f"{text_column!r} is not one); set --text-column or --data-format")
+            return (f"--text-column {text_column!r} is not a column of {Path(where).name} (columns: {found}), and no "
+                    "other format fits (messages: chat, instruction/output: alpaca, prompt/completion): set "
+                    "--text-column or --data-format")
         return None
     needed = columns_of(fmt, text_column)
     missing = [c for c in needed if c not in columns and not (fmt == "alpaca" and c == "input")]

@@ -175,8 +175,13 @@ def convert_model(model, spec):
                                              config=config)
 
 
+def converted_count(model) -> int:
+    """How many of the model's Linears are torchao Float8Linears."""
+    return sum(type(m).__name__ == "Float8Linear" for m in model.modules())
+
+
 def is_converted(model) -> bool:
-    return any(type(m).__name__ == "Float8Linear" for m in model.modules())
+    return converted_count(model) > 0
 
 
 def unconvert(model):

@@ -166,6 +166,7 @@ class Trainer:
         self.last_good: dict = {"loss": None, "lr": None}
         self.first_step_s = None
         self.states_pending = False
+        self.model_record: dict = {}  # what setup_model converted and compiled (modeling.ready_for_training)
 
     def run(self) -> int:
         from accelerate.utils import set_seed
@@ -286,9 +287,7 @@ class Trainer:
         checkpoint.write_model_meta(acc, self.run_dir, model, self.tokenizer, self.final_dtype)
         self.n_params, n_embedding = parameter_counts(model)
         self.flops_per_token = flops_per_token(model.config, self.n_params - n_embedding, spec.data.seq_len)
-        model = modeling.convert_model(model, spec)
-        if spec.model.compile and not spec.cluster.use_cpu:
-            modeling.compile_regions(model)
+        model, self.model_record = modeling.ready_for_training(model, spec)
         return model
 
     def setup_device(self) -> None:
@@ -342,7 +341,7 @@ class Trainer:
                         "micro_batch": spec.batch.micro_batch, "grad_accum": spec.grad_accum,
                         "global_batch": spec.train_batch_size, "max_steps": spec.train.max_steps,
                         "device": self.device_name, "data": self.data_record, **dtypes,
-                        "final_dtype": str(self.final_dtype).split(".")[-1]})
+                        "final_dtype": str(self.final_dtype).split(".")[-1], **self.model_record})
         else:
             self.write({"event": "resume", "step": position.step, "num_processes": self.world})
         self.progress = ProgressReporter(spec.train.max_steps, spec.logging.steps_per_print)
@@ -371,9 +370,7 @@ class Trainer:
             self.train_dl.set_epoch(position.epoch)
             loader = acc.skip_first_batches(self.train_dl, position.micro) if position.micro else self.train_dl
             for batch in loader:
-                with acc.accumulate(self.model):
-                    loss = self.model(**batch).loss
-                    self.engine.backward_step(loss)
+                loss = self.micro_step(batch)
                 self.window.add(loss)
                 position.micro += 1
                 if not acc.sync_gradients:
@@ -386,6 +383,14 @@ class Trainer:
                 position.epoch += 1
                 position.micro = 0
         return exit_code, position
+
+    def micro_step(self, batch):
+        """One micro-batch: forward, backward and, at an accumulation boundary, the optimizer step; the
+        loss. (benchmarks/planner_bench.py measures memory through this same call.)"""
+        with self.accelerator.accumulate(self.model):
+            loss = self.model(**batch).loss
+            self.engine.backward_step(loss)
+        return loss
 
     def after_step(self, position: Position) -> tuple[int, bool]:
         """Checks, logging, evaluation and checkpoints after optimizer step `position.step`:

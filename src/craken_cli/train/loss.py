@@ -1,7 +1,6 @@
 """The large-vocabulary loss: the output layer and cross-entropy, a chunk of tokens at a time.
 
-    if loss.install(model, spec):   # before accelerator.prepare; False: the model keeps its own loss
-        ...
+    loss.install(model, spec)   # before accelerator.prepare: "chunked", or "model" (its own loss, no logits)
 
 A causal LM's own forward multiplies every hidden state by the output layer, keeps the whole
 (tokens x vocabulary) logits for the backward and hands them to its loss, which upcasts them to fp32.
@@ -148,16 +147,18 @@ def matmul_dtype(tensor):
     return tensor.dtype
 
 
-def install(model, spec) -> bool:
-    """Give `model` (a transformers causal LM, before wrapping) the chunked loss where `applies`;
-    returns whether it did."""
+def install(model, spec) -> str:
+    """Give `model` (a transformers causal LM, before wrapping) the chunked loss where `applies`, else
+    its own loss returned without logits (`loss_only`); returns which loss trains: "chunked" or "model"."""
     import types
 
     if not applies(spec.model.loss, getattr(model.config, "model_type", ""), model.config.vocab_size,
                    spec.zero.stage):
-        return False
+        loss_only(model)
+        return "model"
     if not (hasattr(model, "model") and hasattr(model, "lm_head")) or getattr(model.lm_head, "bias", None) is not None:
-        return False
+        loss_only(model)
+        return "model"
     compiled = None
     if spec.model.compile and not spec.cluster.use_cpu:
         import torch
@@ -179,4 +180,25 @@ def install(model, spec) -> bool:
         return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values)
 
     model.forward = types.MethodType(forward, model)
-    return True
+    return "chunked"
+
+
+def loss_only(model) -> None:
+    """Calls with labels return the model's own loss and no logits (calls without labels are unchanged).
+
+    Nothing reads a training step's logits, and Accelerate's mixed-precision wrapper of the plain
+    engine (`convert_outputs_to_fp32`) turns every 16-bit tensor of the forward's output into an fp32
+    copy: 4 bytes per logit at the end of the forward, 37 GiB at Qwen2.5-0.5B's micro-batch 32 x 2048,
+    on top of what the loss holds for its backward (issue 16's out-of-memory row asked for exactly that).
+    """
+    import types
+
+    own_forward = model.forward
+
+    def forward(self, *args, labels=None, **kwargs):
+        out = own_forward(*args, labels=labels, **kwargs)
+        if labels is None:
+            return out
+        return type(out)(loss=out.loss)
+
+    model.forward = types.MethodType(forward, model)

@@ -134,15 +134,28 @@ def load_model(spec, tokenizer, device=None):
 
 def convert_model(model, spec):
     """The one step between building the model and compiling it where its modules may be swapped
-    for the run's precision: torchao's float8 Linears under fp8 (train/fp8.py), and the chunked loss of
-    large vocabularies (train/loss.py, which replaces the forward's output layer and loss). Nothing to
-    convert for bf16/fp16/fp32: the engines' mixed precision needs the model as built."""
+    for the run's precision: torchao's float8 Linears under fp8 (train/fp8.py), and the loss
+    (train/loss.py: the chunked loss of large vocabularies, or the model's own returning no logits).
+    Nothing to convert for bf16/fp16/fp32: the engines' mixed precision needs the model as built.
+    Returns (model, which loss trains: "chunked" or "model")."""
     from . import fp8
     from . import loss as vocab_loss
 
     model = fp8.convert_model(model, spec)
-    vocab_loss.install(model, spec)
-    return model
+    return model, vocab_loss.install(model, spec)
+
+
+def ready_for_training(model, spec):
+    """The model as every craken run trains it, from the built one: converted (`convert_model`), then
+    its decoder layers compiled (`compile_regions`, GPUs only). The training loop and
+    benchmarks/planner_bench.py both call this, so a benchmark row measures what `craken train` runs.
+    Returns (model, record): which loss trains (`loss_kind`; "loss" is the train lines' value), how many
+    Linears float8 converted, how many layers compiled; the metrics start line writes the record."""
+    from . import fp8
+
+    model, loss_kind = convert_model(model, spec)
+    compiled = compile_regions(model) if spec.model.compile and not spec.cluster.use_cpu else 0
+    return model, {"loss_kind": loss_kind, "float8_linears": fp8.converted_count(model), "compiled_layers": compiled}
 
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
