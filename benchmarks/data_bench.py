@@ -3,7 +3,7 @@
 (`num_proc` processes, packing on Arrow/NumPy arrays), then the cache: a second build of the same
 input reads the cached rows instead of tokenizing. `--launch` also runs `craken train --max-steps 1`
 twice on the file (2 CPU processes) and prints each launch's data phase from metrics.jsonl's end line
-(`startup.data_s - startup.imports_s`: tokenizer loading plus data).
+(`startup.data_s - startup.imports_s`: tokenizer loading plus data; the built-in model, so seq_len 512).
 
     nice python benchmarks/data_bench.py [--mb 1024] [--seq-len 1024] [--launch] [--keep DIR]
 
@@ -91,7 +91,7 @@ def launch_data_seconds(work: Path, data: Path, cache: Path) -> list[float]:
     for n in range(2):
         name = f"launch{n}"
         subprocess.run([sys.executable, "-m", "craken_cli", "train", "--cpu", "--num-processes", "2", "--name", name,
-                        "--dataset", str(data), "--seq-len", "1024", "--max-steps", "1", "--micro-batch", "1",
+                        "--dataset", str(data), "--seq-len", "512", "--max-steps", "1", "--micro-batch", "1",
                         "--grad-accum", "1", "--set", "train.eval_every=0", "--set", f"data.cache_dir={cache}"],
                        cwd=work, env=env, check=True, capture_output=True, text=True)
         lines = (work / "runs" / name / "metrics.jsonl").read_text().splitlines()
@@ -131,6 +131,7 @@ def main() -> None:
     hit, seconds, _ = timed(data.cached_build, spec, tokenizer)
     assert hit.cache == "hit" and len(hit.rows) == len(built.rows)
     result["cache_hit_s"] = round(seconds, 2)
+    print(json.dumps(result), flush=True)  # before the launches, which take minutes
     if args.launch:
         result["launch_data_s"] = launch_data_seconds(work, path, work / "launch-cache")
     print(json.dumps(result, indent=1))

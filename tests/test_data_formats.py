@@ -182,3 +182,20 @@ def test_corrupt_jsonl_line_and_mixed_folders_are_named(tmp_path, tok):
     (folder / "b.csv").write_text("text\nb\n")
     with pytest.raises(data.DataError, match=r"found \.csv, \.jsonl"):
         data.load_raw(spec_for(folder))
+
+
+def test_streaming_rows_are_packed_and_masked_like_the_cached_ones(tmp_path, tok):
+    records = [{"prompt": f"count {i} by 1 :", "completion": " " + " ".join(str(i + k) for k in range(6))}
+               for i in range(300)]
+    path = write_jsonl(tmp_path / "pc.jsonl", records + [{"prompt": "a", "completion": ""}])
+    spec = spec_for(path, seq_len=64, streaming=True)
+    rows, fmt = data.stream_rows(spec, tok)
+    assert fmt == "prompt_completion"
+    seen = list(rows)
+    cached = data.build(spec_for(path, seq_len=64), tok)
+    assert len(seen) >= len(cached.rows) and all(len(r["input_ids"]) == 64 for r in seen)
+    for row in seen[:20]:
+        ids, labels, pos = (np.asarray(row[k]) for k in ("input_ids", "labels", "position_ids"))
+        assert (labels[pos == 0] == formats.IGNORE).all()  # no token trained to predict the next sample
+        trained = trained_text(tok, ids, labels)
+        assert "count" not in trained and trained.endswith(builtin.EOS)

@@ -19,6 +19,8 @@ def blocks_available(spec) -> int | None:
     from .train import builtin
 
     data = spec.data
+    if data.streaming:
+        return None  # read while training, never counted
     if not builtin.is_builtin(data.dataset):
         path = Path(data.dataset).expanduser()
         if not path.exists() or _size(path) > LOCAL_EXACT_BYTES:

@@ -120,8 +120,9 @@ class DataSection(Section):
         "and seq_len, so a later launch reads instead of tokenizing (None: $XDG_CACHE_HOME/craken/data, "
         "else ~/.cache/craken/data).")
     streaming: bool = Field(
-        False, description="Read and tokenize the data while training (datasets' IterableDataset, one shard per "
-        "process), for data larger than memory or disk; no cache, no eval split, epochs are not counted.")
+        False, description="Read and tokenize the data while training (datasets' IterableDataset; accelerate gives "
+        "each process its own files when there are at least as many files as processes, else every process reads "
+        "all and keeps its own batches), for data larger than memory or disk; no cache, no eval split.")
 
 
 class BatchSection(Section):

@@ -298,6 +298,40 @@ def prepared(spec, tokenizer, accelerator) -> Built:
     return built
 
 
+class StreamPacker:
+    """Batched map over an encoded stream: the kept samples of each batch of records -> rows of seq_len
+    (the same packing as the cached path, one batch of records at a time)."""
+
+    def __init__(self, fmt: str, seq_len: int, pad: int, packing: bool):
+        self.fmt, self.seq_len, self.pad, self.packing = fmt, seq_len, pad, packing
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+
+        keep = [i for i, skip in enumerate(batch["skip"]) if formats.kept(skip)]
+        lengths = np.array([len(batch["input_ids"][i]) for i in keep], dtype=np.int64)
+        offsets = np.r_[0, np.cumsum(lengths)]
+        flat = np.fromiter((t for i in keep for t in batch["input_ids"][i]), dtype=np.int32, count=int(offsets[-1]))
+        if self.fmt == "text":
+            return {"input_ids": formats.pack_text(flat, self.seq_len)}
+        labels = np.fromiter((t for i in keep for t in batch["labels"][i]), dtype=np.int32, count=int(offsets[-1]))
+        return formats.pack_supervised(flat, labels, offsets, self.seq_len, self.pad, self.packing)
+
+
+def stream_rows(spec, tokenizer):
+    """`--streaming`: the rows as a datasets.IterableDataset, read, encoded and packed while training,
+    shuffled in a buffer; accelerate gives each process its own shards of it (files, or the built-in
+    set's 8 shards) when there are at least as many as processes, else every process reads all of it
+    and keeps its own batches."""
+    raw, fmt = load_records(spec, streaming=True)
+    encoded = raw.map(encoder_for(spec, tokenizer, fmt), batched=True, batch_size=1000,
+                      remove_columns=list(raw.column_names or []))
+    packer = StreamPacker(fmt, spec.data.seq_len, pad_id(tokenizer), spec.data.packing)
+    columns = ["input_ids", "skip"] + (["labels"] if fmt in formats.SUPERVISED else [])
+    rows = encoded.map(packer, batched=True, batch_size=1000, remove_columns=columns)
+    return rows.shuffle(seed=spec.train.seed, buffer_size=10_000), fmt
+
+
 def train_eval_split(blocks, eval_fraction: float, seed: int):
     """(train, eval) block sets; eval is None when eval_fraction is 0. Indices only: nothing is written."""
     import numpy as np

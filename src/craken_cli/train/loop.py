@@ -206,7 +206,9 @@ class Trainer:
         self.accelerator = Accelerator(
             kwargs_handlers=handlers,
             gradient_accumulation_steps=spec.grad_accum,
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+            # streaming: each process reads its own shards of the stream (not batches sent from the first)
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
+                                                      dispatch_batches=False if spec.data.streaming else None),
             log_with=None if spec.logging.report_to == "none" else spec.logging.report_to,
             project_config=ProjectConfiguration(project_dir=str(self.run_dir),
                                                 logging_dir=str(self.run_dir / TENSORBOARD)),
@@ -239,6 +241,8 @@ class Trainer:
         from . import data
 
         spec = self.spec
+        if spec.data.streaming:
+            return self.stream_data(), None
         built = self.build_data()
         if len(built.rows) == 0:
             if self.accelerator.is_main_process:
@@ -262,6 +266,22 @@ class Trainer:
             raise SystemExit(f"craken: {len(train_blocks)} training blocks are fewer than one micro-batch per "
                              "process: add data, lower --micro-batch or --seq-len")
         return train_dl, eval_dl
+
+    def stream_data(self):
+        """`--streaming`: a loader over rows made while training (no eval split, no length)."""
+        import torch
+
+        from . import data
+
+        try:
+            rows, fmt = data.stream_rows(self.spec, self.tokenizer)
+        except data.DataError as exc:
+            if self.accelerator.is_main_process:
+                print(f"craken: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_CODES["bad_input"]) from None
+        self.data_record = {"format": fmt, "streaming": True}
+        return torch.utils.data.DataLoader(rows.with_format("torch"), batch_size=self.spec.batch.micro_batch,
+                                           drop_last=True, collate_fn=collate)
 
     def build_data(self):
         """The packed rows (train/data.prepared); a data problem is one message from the first process, exit 2."""
@@ -608,6 +628,11 @@ def collate(rows):
 def _check_batch(loader, device):
     """A fixed, small batch to compare the trained model's logits with the saved one's."""
     ds = loader.dataset if hasattr(loader, "dataset") else loader.base_dataloader.dataset
+    import datasets
+    import torch
+
+    if isinstance(ds, (datasets.IterableDataset, torch.utils.data.IterableDataset)):  # --streaming
+        return next(iter(loader))["input_ids"][:1, :32].to(device)
     ids = ds[0]["input_ids"][:32].unsqueeze(0).to(device)
     return ids
 
