@@ -56,7 +56,7 @@ DS_ALLREDUCE_BUCKET = 500_000_000  # engine.MEMORY_OPT_ALLREDUCE_SIZE, stage 0 g
 # Fitted: freed activation blocks that later, differently sized requests cannot reuse (share of activations).
 FRAGMENTATION = {0: 0.0, 1: 0.0, 2: 0.0, 3: 0.0}
 # Fitted: compiled layers free blocks of inductor's own sizes, and more of them stay reserved.
-COMPILED_FRAGMENTATION = 0.0
+COMPILED_FRAGMENTATION = 0.05
 # Fitted: stage 3 on several GPUs gathers and reduce-scatters between activation allocations.
 STAGE3_MULTI_GPU_SLACK = 0.24
 # Fitted: share of the freed layer activations that ZeRO-1/2's step buffers reuse (eager layers only:
@@ -67,12 +67,15 @@ STEP_REUSE_OF_ACTIVATIONS = 0.25
 UPCAST_LOSS_FP32_BYTES = 12
 # Fitted: the same with the loss compiled (modeling.compile_regions); the Qwen2.5-0.5B out-of-memory row
 # (vocabulary 151,936) needs the fused loss to hold as much as the eager one.
-COMPILED_LOSS_FP32_BYTES = 12
+COMPILED_LOSS_FP32_BYTES = 2
+# Fitted: intermediate-sized 16-bit tensors a compiled layer's MLP keeps for the backward (gate and up: 2
+# derived; the product, when the partitioner saves it rather than recomputing it: 3).
+COMPILED_MLP_SAVED = 3
 # Fitted: share of autocast's 16-bit weight copies (weight_copy_bytes) held at the peak, plain engine
 # only (DeepSpeed trains a 16-bit module). No compiled training row constrains the compiled share yet:
 # 1.0 is the derived value (the compiled graph saves every cast weight for its backward).
 EAGER_WEIGHT_COPY_SHARE = 0.75
-COMPILED_WEIGHT_COPY_SHARE = 1.0
+COMPILED_WEIGHT_COPY_SHARE = 0.0
 CPU_PER_PROCESS_GIB = 3.0  # Python, torch, CUDA host allocations and the data loader of one process
 ACTIVATION_CHECKPOINTING_SPEED = 0.75  # about 1/3 more compute for the recomputed forward
 
@@ -243,32 +246,40 @@ def model_state_bytes(params: int, stage: int, world: int, *, offload_optimizer:
     return p, live + (4 if mixed else lp_bytes) * P / N, (master + 8) * P / N
 
 
-def norm_bytes_per_token(m: ModelInfo, lp: int) -> float:
+def norm_bytes_per_token(m: ModelInfo, lp: int, resid: int | None = None) -> float:
     """What one normalization layer saves per token, with the output the next projection saves.
 
     RMSNorm: an fp32 copy of the input (kept by pow and mul), the normalized 16-bit value (kept by
     the weight multiply) and the output; in fp32 the "copy" is the input itself, so 4h + 2 lp h holds
-    for both precisions. LayerNorm (GPT-2/NeoX): its input and its output.
+    for both precisions. LayerNorm (GPT-2/NeoX): its input, in the residual stream's dtype (`resid`),
+    and its output in the projection's dtype (autocast runs layer_norm in fp32 and the matmul saves its
+    16-bit cast).
     """
     h = m.hidden_size
-    return 2 * lp * h if m.family == "gpt" else 4 * h + 2 * lp * h
+    return ((resid or lp) + lp) * h if m.family == "gpt" else 4 * h + 2 * lp * h
 
 
-def layer_activation_bytes_per_token(m: ModelInfo, lp: int, compiled: bool = False) -> float:
-    """Bytes one decoder layer saves for the backward pass, per token (SDPA, no s^2 scores)."""
+def layer_activation_bytes_per_token(m: ModelInfo, lp: int, compiled: bool = False, resid: int | None = None) -> float:
+    """Bytes one decoder layer saves for the backward pass, per token (SDPA, no s^2 scores). `resid`: bytes
+    per element of the residual stream (default lp; 4 on the no-ZeRO engine's fp32 weights under 16-bit
+    autocast: the embedding and every residual add run in fp32 there, `residual_bytes`)."""
     h, f = m.hidden_size, m.intermediate_size
     q_dim, kv_dim = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
     # SDPA saves q, k, v and its output (which o_proj also saves: same storage) and an fp32 log-sum-exp.
     attn = lp * (2 * q_dim + 2 * kv_dim) + 4 * m.num_heads
-    if m.fused_qkv:
+    if m.fused_qkv and m.rotary:
         attn += lp * (q_dim + kv_dim)  # rotary makes new q and k; v stays a view of the fused output
     if compiled:
         # Inductor's partitioner keeps the matmul inputs it cannot cheaply recompute and recomputes the
-        # pointwise rest (norms, SiLU, the product) in the backward: the layer input and the residual
-        # after attention, SDPA's q, k, v, output and log-sum-exp, and the MLP's gate and up.
-        return 2 * lp * h + attn + 2 * lp * f
+        # pointwise rest (norms, SiLU) in the backward: the layer input and the residual after attention
+        # (in the residual stream's dtype), SDPA's q, k, v, output and log-sum-exp, and the MLP's
+        # intermediate-sized tensors (COMPILED_MLP_SAVED: gate and up derived, fitted).
+        return 2 * (resid or lp) * h + attn + COMPILED_MLP_SAVED * lp * f
     drop = 2 * h if m.dropout > 0 else 0  # two residual-dropout masks (1 byte each)
-    return m.norms_per_layer * norm_bytes_per_token(m, lp) + attn + m.mlp_saved * lp * f + drop
+    norms = m.norms_per_layer * norm_bytes_per_token(m, lp, resid)
+    if m.parallel_residual:  # both LayerNorms read the layer input: its storage is saved once
+        norms -= (m.norms_per_layer - 1) * (resid or lp) * h
+    return norms + attn + m.mlp_saved * lp * f + drop
 
 
 def loss_bytes(m: ModelInfo, tokens: int, lp: int, compiled: bool = False, loss: str = "upcast") -> float:
@@ -302,20 +313,27 @@ def chunked_loss_bytes(m: ModelInfo, tokens: int, lp: int, compiled: bool) -> fl
     return max(forward, backward)
 
 
+def residual_bytes(stage: int, lp: int) -> int:
+    """Bytes per element of the decoder's residual stream: fp32 on the no-ZeRO engine, whose fp32 master
+    weights train under 16-bit autocast (the embedding lookup and the residual adds are not autocast);
+    the module's own dtype under DeepSpeed (16-bit) and in fp32 runs."""
+    return 4 if stage == 0 else lp
+
+
 def activation_bytes(m: ModelInfo, micro_batch: int, seq_len: int, lp: int, checkpointing: bool,
                      compiled: bool = False, loss: str = "upcast",
-                     fp8_recipe: str | None = None) -> tuple[float, float]:
+                     fp8_recipe: str | None = None, resid: int | None = None) -> tuple[float, float]:
     """(decoder layers, logits + loss) bytes at the start of the backward pass, for one micro-batch."""
     tokens = micro_batch * seq_len
-    per_layer = layer_activation_bytes_per_token(m, lp, compiled) * tokens
+    per_layer = layer_activation_bytes_per_token(m, lp, compiled, resid) * tokens
     if fp8_recipe and compiled:
         per_layer *= 1 - (1 - FP8_ACTIVATION_SHARE) * fp8.converted_share(m, fp8_recipe)
     if checkpointing:
         # Each layer keeps only its input; one layer at a time is recomputed in the backward.
-        layers = m.num_layers * lp * m.hidden_size * tokens + per_layer
+        layers = m.num_layers * (resid or lp) * m.hidden_size * tokens + per_layer
     else:
         layers = m.num_layers * per_layer
-    final_norm = norm_bytes_per_token(m, lp) * tokens
+    final_norm = norm_bytes_per_token(m, lp, resid) * tokens
     return layers + final_norm, loss_bytes(m, tokens, lp, compiled and m.family != "gpt", loss)
 
 
@@ -434,7 +452,7 @@ def estimate(m: ModelInfo, c: Candidate, micro_batch: int, grad_accum: int, s: S
                                              grad_accum=grad_accum, fp32_grads=fp32_grads)
     loss = "chunked" if vocab_loss.applies(s.loss, m.model_type, m.vocab_size, c.stage) else "upcast"
     layers, logits = activation_bytes(m, micro_batch, s.seq_len, lp, c.activation_checkpointing, s.compiled,
-                                      loss, s.fp8_recipe)
+                                      loss, s.fp8_recipe, residual_bytes(c.stage, lp))
     acts = layers + logits
     d = engine_buffers(m, c, s, layers, acts, fp32_grads)
     reserved = params + grads + optim + acts + sum(d.values())
