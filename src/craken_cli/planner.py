@@ -65,15 +65,16 @@ STEP_REUSE_OF_ACTIVATIONS = 0.25
 # Fitted (derived value kept): fp32 bytes per logit at the loss's peak (transformers' loss): the upcast's
 # log-softmax output, and in its backward the incoming and the outgoing gradient at once, beside the 16-bit logits.
 UPCAST_LOSS_FP32_BYTES = 12
-# Fitted: the same with the loss compiled (modeling.compile_regions); the Qwen2.5-0.5B out-of-memory row
-# (vocabulary 151,936) needs the fused loss to hold as much as the eager one.
+# Fitted (derived value kept): bytes per logit beside the 16-bit logits with the loss compiled
+# (modeling.compile_regions): the upcast, log-softmax and NLL fuse, and the backward writes the 16-bit
+# gradient only (2). Measured on H200 rows: about 4 bytes per logit in all (docs/planner.md).
 COMPILED_LOSS_FP32_BYTES = 2
 # Fitted: intermediate-sized 16-bit tensors a compiled layer's MLP keeps for the backward (gate and up: 2
 # derived; the product, when the partitioner saves it rather than recomputing it: 3).
 COMPILED_MLP_SAVED = 3
 # Fitted: share of autocast's 16-bit weight copies (weight_copy_bytes) held at the peak, plain engine
-# only (DeepSpeed trains a 16-bit module). No compiled training row constrains the compiled share yet:
-# 1.0 is the derived value (the compiled graph saves every cast weight for its backward).
+# only (DeepSpeed trains a 16-bit module). Compiled layers keep none: the partitioner recomputes the cast
+# of each fp32 weight in the backward rather than saving it (fitted 0.0 on the compiled no-ZeRO rows).
 EAGER_WEIGHT_COPY_SHARE = 0.75
 COMPILED_WEIGHT_COPY_SHARE = 0.0
 CPU_PER_PROCESS_GIB = 3.0  # Python, torch, CUDA host allocations and the data loader of one process
