@@ -451,7 +451,7 @@ def estimate(m: ModelInfo, c: Candidate, micro_batch: int, grad_accum: int, s: S
     params, grads, optim = model_state_bytes(P, c.stage, N, offload_optimizer=off_opt, offload_param=off_par,
                                              largest_layer=m.largest_layer_params, lp_bytes=lp,
                                              grad_accum=grad_accum, fp32_grads=fp32_grads)
-    loss = "chunked" if vocab_loss.applies(s.loss, m.model_type, m.vocab_size, c.stage) else "upcast"
+    loss = "chunked" if vocab_loss.applies(s.loss, m.model_type, m.vocab_size, c.stage, s.compiled) else "upcast"
     layers, logits = activation_bytes(m, micro_batch, s.seq_len, lp, c.activation_checkpointing, s.compiled,
                                       loss, s.fp8_recipe, residual_bytes(c.stage, lp))
     acts = layers + logits
