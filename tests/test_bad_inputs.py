@@ -112,7 +112,7 @@ CASES = {
                                            ["train_batch_size 60", "train_micro_batch_size_per_gpu 4"],
                                            files={"ds.json": js({**GOOD_DS, "train_batch_size": 60})}),
     # (in a DeepSpeed JSON DeepSpeed ignores them at stage 2, and craken says so; in a run file they are a mistake)
-    "stage3-keys-at-stage2": Case(
+    "stage3-keys-at-stage2-in-craken-yaml": Case(
         render(), ["zero.stage3_max_live_parameters", "--zero 3"],
         files={"craken.yaml": "zero:\n  stage: 2\n  stage3_max_live_parameters: 1000\n"}),
     "nvme-without-path-in-ds-json": Case(

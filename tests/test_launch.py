@@ -10,7 +10,7 @@ def test_launch_does_not_inherit_a_parent_process_group(tmp_path):
     parent = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "37385", "RANK": "0", "WORLD_SIZE": "1",
               "LOCAL_RANK": "0", "PATH": "/usr/bin", "HF_TOKEN": "hf_secret"}
     argv, env = launch.build(resolved.spec, tmp_path, parent, cpu_count=2)
-    assert isinstance(argv, list) and argv[1:3] == ["-m", "accelerate.commands.launch"]
+    assert isinstance(argv, list) and argv[1:3] == ["-m", launch.LAUNCHER_MODULE]
     assert argv[-3:] == ["-m", launch.LOOP_MODULE, str(tmp_path.absolute() / "run.yaml")]
     assert not {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"} & set(env)
     assert env["PATH"] == "/usr/bin" and env["DS_ACCELERATOR"] == "cpu" and env["OMP_NUM_THREADS"] == "1"

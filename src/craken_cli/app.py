@@ -24,6 +24,10 @@ LAZY_COMMANDS: dict[str, tuple[str, dict[str, Any]]] = {
         "context_settings": {"allow_extra_args": True},
         "epilog": "Examples: craken train | craken train --zero 2 --auto | "
                   "craken train --test -- --main_process_port 29600"}),
+    "launch": ("craken_cli.commands.launch:launch", {
+        "context_settings": {"allow_extra_args": True, "allow_interspersed_args": False},
+        "epilog": "Examples: craken launch train.py --my-arg 1 | craken launch --zero 3 --micro-batch 4 -m mypkg.train | "
+                  "craken launch --auto --model ./my-model train.py"}),
     "config": ("craken_cli.commands.config:app", {}),
     "plan": ("craken_cli.commands.plan:plan", {"epilog": "Examples: craken plan --gpus 8 --gpu-memory 80GiB --model path/to/llama-7b --seq-len 4096 | craken plan --json"}),
     "ckpt": ("craken_cli.commands.ckpt:app", {}),

@@ -80,7 +80,14 @@ def rows(run_dir: Path) -> list[dict]:
 
 
 def pick(run_dir: Path, step: int | None) -> Path:
-    """The checkpoint of `run_dir` at `step`, or its latest good one."""
+    """The checkpoint of `run_dir` at `step`, or its latest good one; a checkpoint folder itself (what a
+    refused resume names) is taken as it is."""
+    if Path(run_dir).is_dir() and ck.step_of(run_dir) is not None and not ck.checkpoint_dir(run_dir).is_dir():
+        state = require_checkpoint(run_dir, "cannot export")
+        if step is not None and step != state.step:
+            raise CrakenError(f"--step {step}: {run_dir} is the checkpoint of step {state.step}; drop --step, or give "
+                              "the run folder", title="cannot export")
+        return Path(run_dir)
     run_dir = require_run_dir(run_dir)
     if step is None:
         found, _ = ck.latest_checkpoint(run_dir)

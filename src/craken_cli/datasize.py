@@ -24,9 +24,12 @@ def blocks_available(spec) -> int | None:
         if not path.exists() or _size(path) > LOCAL_EXACT_BYTES:
             return None
     try:
+        import datasets
+
         from .train import data as data_mod
         from .train import modeling
 
+        datasets.disable_progress_bars()  # one line per split on the CLI's stderr, before craken's own output
         texts = data_mod.load_raw(spec)["text"]
         tokenizer = modeling.load_tokenizer(spec)
     except Exception:  # unreadable data or tokenizer: preflight and the workers report it with a fix

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import socket
@@ -97,6 +98,10 @@ def deepspeed_problems(exc: Exception, cfg: dict, world_size: int) -> list[str]:
     if "Either train_batch_size or train_micro_batch_size_per_gpu needs to be provided" in said:
         return [f"neither train_batch_size nor train_micro_batch_size_per_gpu is given (DeepSpeed: {said}): set one, "
                 "or \"auto\" to take craken's --micro-batch"]
+    listed = [k for k, v in cfg.items() if isinstance(v, list)]
+    if listed:  # DeepSpeed reads no top-level list; its error then names an operator, not the key
+        return [f"{k} is a list ({json.dumps(cfg[k])[:40]}): DeepSpeed refuses it ({said}): give a number, or a "
+                "mapping for a section" for k in listed]
     return [f"DeepSpeed refuses it: {said}: fix the file"]
 
 

@@ -1,14 +1,16 @@
 """Launch a prepared run, relaunch it under --auto after an out-of-memory, and turn the workers'
-own exit (from the metrics' end line) into craken's exit code and one message."""
+own exit (from the metrics' end line, or the failure file of `craken_cli.launcher`: which rank failed
+and its exception's last line) into craken's exit code and one message."""
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from . import launch
+from . import launch, launcher
 from .runfolder import EXIT_CODES, OOM_MARKER_PREFIX, RUN_FILE, machine_file, metrics_file
 from .prepare import Prepared, prepare
 from .verdict import smoke_test_health, write_report
@@ -20,7 +22,7 @@ def execute(prepared: Prepared) -> int:
     machine_rank = prepared.resolved.spec.cluster.machine_rank
     metrics = prepared.run_dir / metrics_file(machine_rank)
     offset = metrics.stat().st_size if metrics.exists() else 0
-    code = launch.run(prepared.argv, prepared.env, keep_fds=lock_fds(prepared))
+    code, failures = run_workers(prepared)
     while code != 0 and (step := oom_step(prepared)) is not None:
         # The existing troubleshooting advice, made automatic: the next strategy in speed order.
         req = prepared.request
@@ -32,7 +34,9 @@ def execute(prepared: Prepared) -> int:
         prepared = prepare(replace(req, exclude=excluded, force=True), environ=os.environ)
         for warning in prepared.warnings:
             err.print(f"warning: {warning}", markup=False)
-        code = launch.run(prepared.argv, prepared.env, keep_fds=lock_fds(prepared))
+        code, failures = run_workers(prepared)
+    if prepared.request is not None and prepared.request.script is not None:
+        return script_verdict(prepared, code, failures)
     if code == 0 and metrics.exists() and machine_rank == 0:  # one report per job, from machine 0's log
         write_report(prepared.run_dir)
     if prepared.test:
@@ -53,7 +57,37 @@ def execute(prepared: Prepared) -> int:
         err.print(f"craken: stopped at step {end.get('steps')} on a non-finite loss or gradient norm (advice above); "
                   "no checkpoint was written after it", markup=False)
     elif code != 0:
-        err.print(f"[red]craken: training exited with code {code}[/]; run folder: {prepared.run_dir}")
+        why = launcher.failure_summary(failures)
+        err.print(f"craken: training exited with code {code}{f' ({why})' if why else ''}; run folder: "
+                  f"{prepared.run_dir}", markup=False)
+    return code
+
+
+def run_workers(prepared: Prepared) -> tuple[int, list[dict]]:
+    """The launcher's exit code and the failed workers it reported (rank, exit code, last line)."""
+    with tempfile.TemporaryDirectory(prefix="craken-launch-") as tmp:
+        failure_file = Path(tmp) / "failures.json"
+        code = launch.run(launch.with_failure_file(prepared.argv, failure_file), prepared.env,
+                          keep_fds=lock_fds(prepared))
+        return code, launcher.read_failures(failure_file) if code != 0 else []
+
+
+def script_verdict(prepared: Prepared, code: int, failures: list[dict]) -> int:
+    """`craken launch`: the script's own exit code, and on failure one line naming the rank and its error."""
+    from .console import err
+
+    target = prepared.request.script
+    if code == 0:
+        err.print(f"craken: {target.shown} finished; run folder: {prepared.run_dir}", markup=False)
+    elif code in (EXIT_CODES["sigint"], EXIT_CODES["sigterm"]):
+        err.print(f"craken: {target.shown} was stopped by a signal (exit {code}); run folder: {prepared.run_dir}",
+                  markup=False)
+    elif code == EXIT_CODES["bad_input"] and failures and failures[0].get("message", "").startswith("PlanConflict"):
+        err.print(f"craken: {target.shown} was stopped before training: "
+                  f"{failures[0]['message'].partition(': ')[2]}", markup=False)
+    else:
+        why = launcher.failure_summary(failures) or f"exited with code {code}"
+        err.print(f"craken: {target.shown} failed: {why}; run folder: {prepared.run_dir}", markup=False)
     return code
 
 

@@ -1,7 +1,10 @@
 """Build the launch command of a run: a pure function from spec to (argv, env), run in one place.
 
 The child processes re-enter craken through a module (`-m craken_cli.train.loop RUN/run.yaml
-[--resume-from CHECKPOINT]`), so they read the very run file the configs were rendered from. No shell is involved anywhere.
+[--resume-from CHECKPOINT]`, or for `craken launch` `-m craken_cli.script_host RUN/run.yaml SCRIPT ARGS`),
+so they read the very run file the configs were rendered from. accelerate's launch command runs inside
+`craken_cli.launcher`, which turns torchrun's failure tracebacks into an exit code and a failure file.
+No shell is involved anywhere.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from typing import Mapping, Sequence
 from .runfolder import ACCELERATE_FILE, DS_ENV_FILE, RUN_FILE, machine_file
 
 LOOP_MODULE = "craken_cli.train.loop"
+SCRIPT_HOST_MODULE = "craken_cli.script_host"
+LAUNCHER_MODULE = "craken_cli.launcher"
 # Environment variables whose values must never be printed or written by craken: a name with one
 # of these as a word, or at the end of a word (HF_TOKEN, WANDB_API_KEY, GITHUB_AUTHTOKEN).
 SECRET_MARKERS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS", "AUTHORIZATION",
@@ -64,13 +69,14 @@ def redact_env(env: Mapping[str, str]) -> dict[str, str]:
 
 
 def build(spec, run_dir: str | os.PathLike, base_env: Mapping[str, str], cpu_count: int,
-          extra_args: Sequence[str] = (), resume_from: str | None = None) -> tuple[list[str], dict[str, str]]:
-    """(argv, env) that start every process of this machine."""
+          extra_args: Sequence[str] = (), resume_from: str | None = None,
+          script_args: Sequence[str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """(argv, env) that start every process of this machine: craken's loop, or with `script_args`
+    (userscript.Target.host_args) the user's script under the script host."""
     run = Path(run_dir).absolute()
     c = spec.cluster
     rank = c.machine_rank
-    argv = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            str(run / machine_file(ACCELERATE_FILE, rank))]
+    argv = [sys.executable, "-m", LAUNCHER_MODULE, "--config_file", str(run / machine_file(ACCELERATE_FILE, rank))]
     if c.max_restarts:
         argv += ["--max_restarts", str(c.max_restarts), "--monitor_interval", "1"]
     if c.rdzv_backend and c.rdzv_backend != "static":
@@ -78,8 +84,11 @@ def build(spec, run_dir: str | os.PathLike, base_env: Mapping[str, str], cpu_cou
         # defaults to "static": `rdzv_backend: c10d` in the YAML alone never reaches torchrun.
         argv += ["--rdzv_backend", c.rdzv_backend]
     argv += list(extra_args)
-    argv += ["-m", LOOP_MODULE, str(run / machine_file(RUN_FILE, rank))]
-    if resume_from:
+    if script_args is not None:
+        argv += ["-m", SCRIPT_HOST_MODULE, str(run / machine_file(RUN_FILE, rank)), *script_args]
+    else:
+        argv += ["-m", LOOP_MODULE, str(run / machine_file(RUN_FILE, rank))]
+    if resume_from and script_args is None:
         argv += ["--resume-from", str(resume_from)]
 
     env = dict(base_env)
@@ -114,6 +123,13 @@ def build(spec, run_dir: str | os.PathLike, base_env: Mapping[str, str], cpu_cou
         for name in [k for k, v in env.items() if is_secret(k, v)]:
             del env[name]  # would be written into that file: each machine needs its own (e.g. hf auth login)
     return argv, env
+
+
+def with_failure_file(argv: Sequence[str], path: str | os.PathLike) -> list[str]:
+    """The launcher's argv, told where to write the failed workers' ranks and messages."""
+    argv = list(argv)
+    at = argv.index(LAUNCHER_MODULE) + 1
+    return [*argv[:at], "--failure-file", str(path), *argv[at:]]
 
 
 def uses_pdsh(spec) -> bool:

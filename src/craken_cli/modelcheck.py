@@ -127,6 +127,23 @@ def tokenizer_size(folder: Path) -> int | None:
         return None
 
 
+def tokenizer_file_problems(tokenizer_folder: Path | None, tokenizer_flag: str) -> list[str]:
+    """A tokenizer.json or tokenizer_config.json that is no JSON object: every process fails loading it."""
+    out = []
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        path = tokenizer_folder / name if tokenizer_folder is not None else None
+        if path is None or not path.is_file():
+            continue
+        try:
+            ok = isinstance(json.loads(path.read_text(encoding="utf-8")), dict)
+        except (OSError, ValueError):
+            ok = False
+        if not ok:
+            out.append(f"{tokenizer_flag}: {path} is not a JSON object (corrupt or cut short): save the tokenizer "
+                       "again with save_pretrained, or copy it again")
+    return out
+
+
 def vocab_problems(flag: str, cfg: dict, tokenizer_folder: Path | None, tokenizer_flag: str) -> list[str]:
     vocab = cfg.get("vocab_size")
     size = tokenizer_size(tokenizer_folder) if tokenizer_folder is not None else None
@@ -253,7 +270,8 @@ def folder_problems(flag: str, folder: Path, trust_remote_code: bool, tokenizer_
         return out
     out += architecture_problems(flag, cfg, trust_remote_code)
     out += shape_problems(flag, cfg)
-    out += vocab_problems(flag, cfg, tokenizer_folder, tokenizer_flag)
+    out += tokenizer_file_problems(tokenizer_folder, tokenizer_flag) or vocab_problems(flag, cfg, tokenizer_folder,
+                                                                                        tokenizer_flag)
     weights = weights_problems(flag, folder)
     if not weights and not out:
         shapes = {k: v for path in sorted(folder.glob("*.safetensors")) for k, v in header_shapes(path).items()}

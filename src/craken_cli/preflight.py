@@ -30,6 +30,8 @@ def model_max_positions(name: str) -> int | None:
         cfg = json.loads(cfg_file.read_text())
     except (OSError, ValueError):
         return None
+    if not isinstance(cfg, dict):
+        return None  # model_problems says why
     for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
         if isinstance(cfg.get(key), int):
             return cfg[key]
@@ -135,9 +137,98 @@ def data_problems(spec) -> list[str]:
     if columns == []:
         return [f"--dataset {d.dataset}: the data set is empty; add text"]
     if columns is not None and d.text_column not in columns:
-        return [f"--text-column {d.text_column!r} is not a column of {files[0].name} (columns: "
-                f"{', '.join(columns)}): set --text-column"]
-    return []
+        shown = ", ".join(c[:40] for c in columns[:10]) + (f", ... ({len(columns)} in all)" if len(columns) > 10 else "")
+        return [f"--text-column {d.text_column!r} is not a column of {files[0].name} (columns: {shown}): "
+                "set --text-column"]
+    if len({LOCAL_FORMATS[f.suffix] for f in files}) > 1:
+        return [f"--dataset {d.dataset}: the folder mixes {', '.join(sorted({f.suffix for f in files}))} files, "
+                "which are read as one data set of one format: keep one format, or point --dataset at one file"]
+    for f in files:
+        problem = content_problem(f, d.text_column)
+        if problem:
+            return [f"--dataset {f}: {problem}"]
+    return size_problems(spec)
+
+
+BYTES_PER_TOKEN_AT_MOST = 32  # a data set of more bytes per token the run needs is counted as enough
+
+
+def size_problems(spec) -> list[str]:
+    """A local data set too small for one micro-batch per process: every process would stop after
+    loading the model. Counted exactly with the run's tokenizer (datasize), when the model's files are sound."""
+    from . import datasize
+    from .planner import data_problem, train_blocks
+
+    world = spec.cluster.num_processes or 1
+    needed_tokens = spec.batch.micro_batch * world * spec.data.seq_len / max(0.05, 1 - spec.data.eval_fraction)
+    path = Path(spec.data.dataset).expanduser()
+    size = sum(f.stat().st_size for f in ([path] if path.is_file() else path.iterdir()) if f.is_file())
+    if size > BYTES_PER_TOKEN_AT_MOST * needed_tokens or model_problems(spec):
+        return []  # plenty (no token spans that many bytes in practice): not worth tokenizing in the CLI
+    blocks = datasize.blocks_available(spec)
+    if blocks is None:
+        return []
+    problem = data_problem(train_blocks(blocks, spec.data.eval_fraction), world, spec.data.seq_len,
+                           spec.batch.micro_batch)
+    return [f"--dataset {spec.data.dataset}: {problem}"] if problem else []
+
+
+CONTENT_SCAN_BYTES = 64 << 20  # local files up to this size are read whole before launch
+
+
+def content_problem(path: Path, column: str) -> str | None:
+    """What in a local text data file would stop every process after start-up: bytes that are not
+    UTF-8 (a binary or latin-1 file), a JSON line that does not parse, a text value that is not a
+    string; each with its line. Parquet files and files over CONTENT_SCAN_BYTES are left to the workers."""
+    if LOCAL_FORMATS.get(path.suffix) == "parquet" or path.stat().st_size > CONTENT_SCAN_BYTES:
+        return None
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        return (f"line {line} is not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start}; a binary file, "
+                "or another encoding such as latin-1): convert it to UTF-8 (iconv -f latin1 -t utf-8)")
+    if "\0" in text:
+        return f"line {text[:text.index(chr(0))].count(chr(10)) + 1} holds NUL bytes: a binary file, not text; give a text file"
+    if path.suffix == ".json":
+        try:
+            records = json.loads(text)
+        except ValueError:
+            records = None  # JSON lines under a .json name, as datasets reads them too
+        if isinstance(records, list):
+            return next((f"record {i + 1}: {why}" for i, r in enumerate(records)
+                         if (why := record_problem(r, column))), None)
+        if records is not None:
+            return None  # one object: datasets' own reading decides
+    if path.suffix in (".json", ".jsonl"):
+        return json_lines_problem(text, column)
+    return None
+
+
+def json_lines_problem(text: str, column: str) -> str | None:
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            return f"line {number} is not valid JSON ({exc.msg}, column {exc.colno}): fix or remove that line"
+        why = record_problem(record, column)
+        if why:
+            return f"line {number}: {why}"
+    return None
+
+
+def record_problem(record, column: str) -> str | None:
+    if not isinstance(record, dict):
+        return f"a record is {type(record).__name__}, not a JSON object: each record is one object with a {column!r} field"
+    if column not in record:
+        return f"the record has no {column!r} field: add it, or remove the record"
+    if not isinstance(record[column], str):
+        return (f"{column!r} is {json.dumps(record[column])[:40]}, not a string: every {column!r} value must be "
+                "text")
+    return None
 
 
 def op_problems(spec, environ) -> list[str]:
@@ -301,8 +392,10 @@ def resume_problems(ckpt: Path, state, spec) -> list[str]:
             continue  # a checkpoint of an older craken
         now = current()
         if saved != now:
-            out.append(f"it was trained with {flag} {saved}, this run has {now}: resume with {flag} {saved}, or start a "
-                       f"new run from its weights (craken ckpt export {ckpt} --out DIR, then --model DIR)")
+            how = (f" ({spec.batch.micro_batch} x {spec.grad_accum} accumulation steps x {spec.world_size} processes: "
+                   "a new --grad-accum, --micro-batch or --num-processes changes it)" if flag == "--global-batch" else "")
+            out.append(f"it was trained with {flag} {saved}, this run has {now}{how}: resume with {flag} {saved}, or "
+                       f"start a new run from its weights (craken ckpt export {ckpt} --out DIR, then --model DIR)")
     if state.micro_batch and state.micro_batch != spec.batch.micro_batch and state.world_size:
         samples = state.batch_in_epoch * state.world_size * state.micro_batch
         if samples % (spec.batch.micro_batch * spec.world_size):

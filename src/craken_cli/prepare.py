@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from . import launch, preflight
+from . import launch, preflight, userscript
 from .autoplan import auto_layer
 from .errors import CrakenError
 from .options import SpecArgs, layers
@@ -25,6 +25,7 @@ from .resume import convert_if_world_changed, is_universal, resume_checkpoint, w
 from .sources import Resolved, build_spec
 from .runfolder import DS_ENV_FILE
 from .startover import claim_run_folder, clear_previous_run, drop_metrics_after_resume
+from .userscript import Target
 from .verdict import smoke_test_layer
 
 @dataclass
@@ -38,6 +39,8 @@ class TrainRequest:
     launcher_args: list[str] = field(default_factory=list)
     oom_fallback: bool = True  # under --auto: relaunch with the next strategy after an out-of-memory
     exclude: tuple[tuple[str, int], ...] = ()  # (planner strategy, micro-batch) that ran out of memory
+    script: Target | None = None  # craken launch: the user's script instead of craken's loop
+    ds_optimizer: bool | None = None  # craken launch: keep DeepSpeed's optimizer in the JSON (None: under offload)
 
 
 @dataclass
@@ -78,6 +81,9 @@ def resolve_spec(request: TrainRequest, environ: Mapping[str, str], hardware=Non
     hw = hardware if hardware is not None else hw_mod.detect()
     notes: list[str] = []
     choice = None
+    if request.auto and request.script is not None and resolved.sources.get("model.name_or_path", "default") == "default":
+        raise CrakenError("--auto plans for the model your script trains, and craken does not know it: pass --model "
+                          "PATH_OR_HUB_ID (or set model.name_or_path in craken.yaml)", title="cannot plan this run")
     if request.auto:
         first, _ = resolve(resolved, hw)
         planned, notes, choice = auto_layer(first, hw, exclude=request.exclude)
@@ -85,6 +91,13 @@ def resolve_spec(request: TrainRequest, environ: Mapping[str, str], hardware=Non
     else:
         resolved, decisions = resolve(resolved, hw)
     return resolved, decisions.warnings + notes, hw, choice
+
+
+def script_problems(spec, run_dir: Path, request: TrainRequest) -> list[str]:
+    if request.script is None:
+        return []
+    keep = userscript.keeps_ds_optimizer(spec, request.ds_optimizer)
+    return userscript.arg_problems(spec, run_dir, request.script, keep)
 
 
 def prepare(request: TrainRequest, environ: Mapping[str, str], hardware=None) -> Prepared:
@@ -96,7 +109,7 @@ def prepare(request: TrainRequest, environ: Mapping[str, str], hardware=None) ->
                 + preflight.tracker_problems(spec) + preflight.output_name_problems(spec)
                 + preflight.output_problems(run_dir, request.resume, force, spec.cluster.machine_rank)
                 + preflight.op_problems(spec, environ) + preflight.nvme_problems(spec, environ)
-                + fp8.install_problems(spec.precision))
+                + fp8.install_problems(spec.precision) + script_problems(spec, run_dir, request))
     if problems:
         raise CrakenError(problems, title="cannot start this run")
     resume_from, resume_warnings = resume_checkpoint(run_dir, request.resume)
@@ -106,7 +119,14 @@ def prepare(request: TrainRequest, environ: Mapping[str, str], hardware=None) ->
     files = rendered_files(spec, resolved.sources, run_dir, spec.cluster.machine_rank)
     if resume_from is not None and is_universal(resume_from):
         files = with_universal_load(files, spec.cluster.machine_rank)
-    argv, env = launch.build(spec, run_dir, environ, hw.cpu_count, request.launcher_args, resume_from)
+    script_args = None
+    if request.script is not None:
+        keep = userscript.keeps_ds_optimizer(spec, request.ds_optimizer)
+        files = userscript.script_files(files, spec.cluster.machine_rank, keep)
+        script_args = request.script.host_args
+    argv, env = launch.build(spec, run_dir, environ, hw.cpu_count, request.launcher_args, resume_from, script_args)
+    if request.script is not None:
+        env.update(userscript.plan_env(spec, run_dir, keep))
     if launch.uses_pdsh(spec):
         held_back = sorted(k for k, v in environ.items() if launch.is_secret(k, v))
         if held_back:

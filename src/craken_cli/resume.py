@@ -18,22 +18,26 @@ def resume_checkpoint(run_dir: Path, resume: str | None) -> tuple[Path | None, l
     if resume == "auto":
         found, warnings = checkpoint.latest_checkpoint(run_dir)
         if found is None:
-            raise CrakenError(f"--resume auto: no complete checkpoint in {run_dir / 'checkpoints'}: "
-                              "drop --resume to start a new run, or name a checkpoint folder")
+            # the newest broken one says why (skipped: its warning)
+            why = f" ({warnings[0].removeprefix('skipping ')})" if warnings else ""
+            raise CrakenError(f"--resume auto: no complete checkpoint in {run_dir / 'checkpoints'}{why}: "
+                              "drop --resume to start a new run (with --force over this one), or name a checkpoint "
+                              "folder", title="cannot resume")
         return found, warnings
     path = Path(resume).expanduser()
     if not path.is_dir():
         raise CrakenError(f"--resume {resume}: no such checkpoint folder; use --resume auto or a path "
-                          "from `craken ckpt list RUN_DIR`")
+                          "from `craken ckpt list RUN_DIR`", title="cannot resume")
     if checkpoint.checkpoint_dir(path).is_dir():  # a run folder: its latest good checkpoint
         found, warnings = checkpoint.latest_checkpoint(path)
         if found is None:
-            raise CrakenError(f"--resume {resume}: this run folder has no complete checkpoint")
+            raise CrakenError(f"--resume {resume}: this run folder has no complete checkpoint (`craken ckpt list "
+                              f"{resume}` says why): name another checkpoint, or drop --resume", title="cannot resume")
         return found, warnings
     why = checkpoint.problems(path, verify=True)
     if why:
         raise CrakenError(f"--resume {resume}: this checkpoint is partial or corrupt ({'; '.join(why[:3])}); "
-                          "use an earlier one from `craken ckpt list RUN_DIR`")
+                          "use an earlier one from `craken ckpt list RUN_DIR`", title="cannot resume")
     return path, []
 
 
@@ -50,6 +54,9 @@ def convert_if_world_changed(ckpt: Path, spec, warnings: list[str], run_dir: Pat
     problems += preflight.resume_problems(ckpt, state, spec)
     if problems:
         raise CrakenError([f"--resume {ckpt}: {p}" for p in problems], title="cannot resume")
+    note = schedule_change(state, spec)
+    if note:
+        warnings.append(f"--resume {ckpt}: {note}")
     if state.universal or not state.world_size or checkpoint.is_plain(ckpt):
         # a run without DeepSpeed holds the whole model and optimizer state in every process: any
         # process count loads it as it is
@@ -82,6 +89,29 @@ def convert_if_world_changed(ckpt: Path, spec, warnings: list[str], run_dir: Pat
         raise CrakenError(f"{ckpt} {reason}; converting it failed: {exc.problems[0]}; convert it by hand with "
                           f"`craken ckpt convert {ckpt} --out DIR` and resume with --resume DIR, or resume with "
                           f"{' '.join(fix)}", title="cannot resume") from None
+
+
+def schedule_change(state, spec) -> str | None:
+    """How the lr of the resumed steps differs from the run the checkpoint came from (a new --max-steps
+    stretches the schedule, a new --lr scales it), with the flags that keep it; None when it does not.
+    Neither engine keeps the schedule's length in its checkpoint: the resumed launch's applies."""
+    from .train.schedule import deepspeed_block, lr_lambda
+
+    if state.lr_schedule is None or state.lr is None:
+        return None  # a checkpoint of an older craken
+    block = deepspeed_block(spec)
+    if block == state.lr_schedule and spec.optimizer.lr == state.lr:
+        return None
+    try:
+        before = lr_lambda(state.lr_schedule, state.lr)(state.step + 1) * state.lr
+        after = lr_lambda(block, spec.optimizer.lr)(state.step + 1) * spec.optimizer.lr
+    except (KeyError, TypeError, ValueError):
+        return None
+    keep = [f"--max-steps {state.max_steps}"] if state.max_steps not in (None, spec.train.max_steps) else []
+    keep += [f"--lr {state.lr:g}"] if state.lr != spec.optimizer.lr else []
+    changed = ", ".join(keep) or "the schedule settings (schedule.*) it was trained with"
+    return (f"the lr schedule differs from the one it was trained with: the lr of step {state.step + 1} is "
+            f"{after:.3g} instead of {before:.3g}; resume with {changed} to keep it")
 
 
 class OptimizerLayout(NamedTuple):

@@ -153,7 +153,7 @@ def protected(path: Path, reads: tuple[Path, ...] = (), cwd: Path | None = None,
     for item in reads:
         item = Path(os.path.abspath(item))
         if target == item or target in item.parents:
-            return f"it holds {item}, which this command reads"
+            return f"{'' if target == item else 'a folder holding '}{item}, which this command reads"
     return None
 
 

@@ -153,7 +153,7 @@ def env_layer(environ: Mapping[str, str] | None = None) -> Layer:
     environ = os.environ if environ is None else environ
     flat: dict[str, Any] = {}
     for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or name in _ENV_NOT_SPEC:
+        if not name.startswith(ENV_PREFIX) or name in _ENV_NOT_SPEC or name.startswith(_ENV_PLAN_PREFIX):
             continue
         path = name[len(ENV_PREFIX):].lower().replace("__", ".")
         flat[path] = yamlio.loads(raw, origin=f"${name}") if raw.strip() else None
@@ -162,6 +162,7 @@ def env_layer(environ: Mapping[str, str] | None = None) -> Layer:
 
 # Environment variables that belong to craken but are not spec fields.
 _ENV_NOT_SPEC = {"CRAKEN_NO_PROGRESS", "CRAKEN_HOME"}
+_ENV_PLAN_PREFIX = "CRAKEN_PLAN_"  # the plan `craken launch` hands a user script (userscript.plan_env)
 
 
 def flag_layer(flags: Mapping[str, Any], sets: Iterable[str] = ()) -> Layer:

@@ -16,6 +16,8 @@ app = typer.Typer(
 )
 
 _RUN_DIR = typer.Argument(help="Run folder written by `craken train` (holds checkpoints/).", show_default=False)
+_RUN_OR_CKPT = typer.Argument(help="Run folder written by `craken train`, or one of its checkpoints/step_* folders.",
+                              show_default=False)
 
 
 def _human(n: int) -> str:
@@ -57,7 +59,7 @@ def list_(
 @app.command("export", epilog="Examples: craken ckpt export runs/default --out exported/ | "
                               "craken ckpt export runs/default --step 100 --dtype fp32 --out exported-fp32/")
 def export(
-    run_dir: Annotated[Path, _RUN_DIR],
+    run_dir: Annotated[Path, _RUN_OR_CKPT],
     out: Annotated[Path, typer.Option("--out", help="Folder to write the model into (must not exist or be empty).",
                                       show_default=False)],
     step: Annotated[Optional[int], typer.Option("--step", help="Checkpoint step (default: the latest good one).",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -65,6 +66,10 @@ class TrainState:
     global_batch: int | None = None
     seed: int | None = None
     precision: str | None = None
+    # what the lr of the next steps depends on: a resume with another schedule says how it changes
+    max_steps: int | None = None
+    lr: float | None = None
+    lr_schedule: dict | None = None  # the DeepSpeed scheduler block (train/schedule.deepspeed_block)
     files: dict[str, int] = field(default_factory=dict)  # manifest: relative path -> size in bytes
     sha256: dict[str, str] = field(default_factory=dict)  # relative path -> content digest (older craken: none)
 
@@ -111,6 +116,10 @@ def state_type_problems(raw: dict) -> list[str]:
             ok = isinstance(value, bool)
         elif kind.startswith("str"):
             ok = isinstance(value, str)
+        elif kind.startswith("float"):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        elif kind.startswith("dict"):
+            ok = isinstance(value, dict)
         elif kind.startswith("list"):
             ok = isinstance(value, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value)
         else:
@@ -162,7 +171,7 @@ def problems(path: Path, verify: bool = False) -> list[str]:
         return [f"no {STATE_FILE} (the save did not finish)"]
     except (OSError, ValueError) as exc:
         return [f"{STATE_FILE} is unreadable ({exc.__class__.__name__})"]
-    if not isinstance(raw, dict) or not isinstance(raw.get("step"), int):
+    if not isinstance(raw, dict) or "step" not in raw:
         return [f"{STATE_FILE} has no step"]
     wrong = state_type_problems(raw)
     if wrong:
@@ -311,8 +320,11 @@ def require_space(accelerator, folder: Path, needed: int, what: str) -> None:
 
 def data_shape(spec) -> dict:
     """What a checkpoint's data position and weights depend on, recorded in its state."""
+    from .schedule import deepspeed_block
+
     return {"seq_len": spec.data.seq_len, "micro_batch": spec.batch.micro_batch,
-            "global_batch": spec.train_batch_size, "seed": spec.train.seed, "precision": spec.precision}
+            "global_batch": spec.train_batch_size, "seed": spec.train.seed, "precision": spec.precision,
+            "max_steps": spec.train.max_steps, "lr": spec.optimizer.lr, "lr_schedule": deepspeed_block(spec)}
 
 
 def gathered_loss(accelerator, partial_loss) -> tuple[list[float], int]:

@@ -1,0 +1,244 @@
+"""Worker side of `craken launch`: each process runs the user's script through this host,
+
+    accelerate launch --config_file RUN/accelerate.yaml -m craken_cli.script_host RUN/run.yaml \
+        (SCRIPT | -m MODULE) [SCRIPT ARGS...]
+
+which prepares what a script cannot know, then runs it with runpy as `__main__` (sys.argv as if it
+had been started itself):
+
+- CPU processes: accelerate finds no distributed backend on a CPU and would run each process alone
+  (num_processes 1, no data sharding); the host starts the gloo group first (accelerate's PartialState),
+  which the script's Accelerator or TrainingArguments then joins.
+- HF Trainer scripts: `TrainingArguments.__post_init__` is wrapped so that what the script leaves at
+  its default takes craken's planned value (userscript.trainer_plan) and what it sets against the plan
+  stops the run with one message naming the craken flag; the Trainer's DeepSpeed check then finds the
+  JSON and the arguments equal.
+- Failures: the script's exception is printed from the script's own frames and recorded in torchrun's
+  per-rank error file (TORCHELASTIC_ERROR_FILE), from which `craken launch` words its one message.
+
+Plain Accelerate scripts read the plan from the CRAKEN_PLAN_* variables (userscript.plan_env).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+from .runfolder import DS_FILE, EXIT_CODES as CODES, machine_file
+from . import userscript
+
+PLAN_CONFLICT_EXIT = CODES["bad_input"]
+
+
+class PlanConflict(Exception):
+    """The script set TrainingArguments against craken's plan (every such value, one message)."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) < 2 or (args[1] == "-m" and len(args) < 3):
+        print("usage: python -m craken_cli.script_host RUN/run.yaml (SCRIPT | -m MODULE) [ARGS...]", file=sys.stderr)
+        return CODES["bad_input"]
+    run_file = Path(args[0]).resolve()
+    module = args[2] if args[1] == "-m" else None
+    script = None if module else args[1]
+    script_args = args[3:] if module else args[2:]
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    from .sources import build_spec, file_layer
+
+    spec = build_spec([file_layer(run_file)]).spec
+    run_dir = run_file.parent
+    if spec.cluster.use_cpu:
+        from accelerate import PartialState
+
+        PartialState(backend="gloo")
+    install_trainer_plan(userscript.trainer_plan(spec, run_dir, ds_optimizer_in(run_dir, spec)))
+    return run_target(script, module, script_args)
+
+
+def ds_optimizer_in(run_dir: Path, spec) -> bool:
+    """Whether the rendered JSON holds DeepSpeed's optimizer (the one fact: the file DeepSpeed reads)."""
+    path = run_dir / machine_file(DS_FILE, spec.cluster.machine_rank)
+    try:
+        return "optimizer" in json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def run_target(script: str | None, module: str | None, script_args: list[str]) -> int:
+    import runpy
+
+    sys.argv = [module or script, *script_args]
+    try:
+        if module:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        else:
+            sys.path.insert(0, str(Path(script).resolve().parent))  # as `python SCRIPT` does
+            runpy.run_path(script, run_name="__main__")
+    except SystemExit as exc:
+        return exit_code(exc.code)
+    except KeyboardInterrupt:
+        return CODES["sigint"]
+    except PlanConflict as exc:  # craken launch words it from the error file; printed only without one
+        if not record_error(exc) and int(os.environ.get("RANK", "0")) == 0:
+            print(f"craken: {exc}", file=sys.stderr, flush=True)
+        return PLAN_CONFLICT_EXIT
+    except BaseException as exc:  # the script's own failure: its traceback, and torchrun's error file
+        print_script_traceback(exc, script or module)
+        record_error(exc)
+        return CODES["failed"]
+    return 0
+
+
+def exit_code(code) -> int:
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr, flush=True)  # sys.exit("message") prints it and exits 1
+    return 1
+
+
+def print_script_traceback(exc: BaseException, name: str) -> None:
+    """The traceback from the first frame of the user's code on (runpy's and the host's frames dropped)."""
+    tb = exc.__traceback__
+    while tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().parent == Path(__file__).parent:
+        tb = tb.tb_next
+    while tb is not None and "runpy" in Path(tb.tb_frame.f_code.co_filename).name:
+        tb = tb.tb_next
+    rank = os.environ.get("RANK", "0")
+    text = "".join(traceback.format_exception(type(exc), exc, tb))
+    print(f"[rank {rank}] {text}", end="", file=sys.stderr, flush=True)
+
+
+def record_error(exc: BaseException) -> bool:
+    """This rank's torchrun error file, in the format of torch's `@record` (ErrorHandler.record_exception),
+    plus the time to the microsecond, by which craken_cli.launcher finds the rank that failed first."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return False
+    now = time.time()
+    data = {"message": {"message": f"{type(exc).__name__}: {exc}", "extraInfo": {
+        "py_callstack": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        "timestamp": str(int(now)), "time": now}}}
+    try:
+        Path(path).write_text(json.dumps(data))
+    except OSError:  # the file only improves craken's message; the failure itself is already printed
+        return False
+    return True
+
+
+# --- HF TrainingArguments -----------------------------------------------------------------------------
+
+def install_trainer_plan(plan: dict) -> None:
+    """Wrap TrainingArguments.__post_init__ once transformers' training_args is imported (a script that
+    never imports transformers pays nothing)."""
+    if "transformers.training_args" in sys.modules:
+        patch_training_arguments(sys.modules["transformers.training_args"].TrainingArguments, plan)
+        return
+    sys.meta_path.insert(0, _TrainingArgsFinder(plan))
+
+
+class _TrainingArgsFinder:
+    """Import hook: patches TrainingArguments right after transformers.training_args executes."""
+
+    def __init__(self, plan: dict):
+        self.plan = plan
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "transformers.training_args":
+            return None
+        import importlib.machinery
+
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return spec
+        loader, plan = spec.loader, self.plan
+        original = loader.exec_module
+
+        def exec_module(module):
+            original(module)
+            patch_training_arguments(module.TrainingArguments, plan)
+
+        loader.exec_module = exec_module
+        return spec
+
+
+def patch_training_arguments(cls, plan: dict) -> None:
+    """`__new__` notes which fields the script passed (inherited by subclasses such as trl's SFTConfig, whose
+    dataclass __init__ is their own); `__post_init__` then reconciles them with the plan before anything
+    reads them."""
+    if getattr(cls.__post_init__, "_craken_plan", False):
+        return
+    original = cls.__post_init__
+
+    def __new__(klass, *args, **kwargs):
+        self = object.__new__(klass)
+        names = [f.name for f in fields(klass) if f.init]
+        self.__dict__["_craken_given"] = {*names[:len(args)], *kwargs}
+        return self
+
+    def __post_init__(self, *args, **kwargs):
+        reconcile(self, plan)
+        original(self, *args, **kwargs)
+
+    __post_init__._craken_plan = True
+    cls.__new__ = __new__
+    cls.__post_init__ = __post_init__
+
+
+def reconcile(args, plan: dict) -> None:
+    """Fill the fields the script left unset from the plan; refuse the ones it set against the plan."""
+    conflicts = []
+    defaults = {f.name: field_default(f) for f in fields(type(args)) if f.init}
+    given = args.__dict__.pop("_craken_given", set())
+    if set(defaults) <= given:  # HfArgumentParser passes every field: what equals its default was not given
+        given = {name for name in defaults if not is_default(getattr(args, name), defaults[name])}
+    for name, planned in plan.items():
+        if name not in defaults:
+            continue
+        value = getattr(args, name)
+        if name not in given:
+            setattr(args, name, planned.value)
+        elif planned.must_agree and not userscript.agrees(value, planned.value):
+            conflicts.append(userscript.conflict_message(name, value, planned))
+    if getattr(args, "deepspeed", None):
+        conflicts.append(f"the script sets TrainingArguments(deepspeed={args.deepspeed!r}): craken launch renders "
+                         "the DeepSpeed config itself; drop it and set the run with craken's flags")
+    if conflicts:
+        raise PlanConflict("; ".join(conflicts))
+
+
+def field_default(f):
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return MISSING
+
+
+def is_default(value, default) -> bool:
+    if default is MISSING:
+        return False
+    return value == default or str(getattr(value, "value", value)) == str(getattr(default, "value", default))
+
+
+if __name__ == "__main__":
+    code = main()
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:
+        pass
+    from .train.loop import exit_without_teardown
+
+    exit_without_teardown(code)

@@ -1,0 +1,260 @@
+"""`craken launch`: what craken knows about a user's own training script, as pure functions.
+
+    Target              the script file or module, and the arguments that go to it untouched
+    target_problems     a missing / non-Python script, a module that does not import (before launch)
+    script_files        the rendered files as a user script gets them: without DeepSpeed's optimizer and
+                        scheduler blocks, unless DeepSpeed runs the optimizer (offload, --ds-optimizer)
+    plan_env            the planned values, as the CRAKEN_PLAN_* variables a plain Accelerate script reads
+    trainer_plan        the TrainingArguments fields craken plans (value, and the craken flag that sets it)
+    arg_problems        script arguments that contradict the plan (`--per_device_train_batch_size 8`)
+
+The worker side (`script_host`) applies `trainer_plan` to the script's TrainingArguments. Standard
+library only, so the host can import it before torch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+from .runfolder import DS_FILE, machine_file
+
+PLAN_ENV_PREFIX = "CRAKEN_PLAN_"
+# What a script finds beside its own output: the Trainer's output_dir when the script leaves it unset.
+SCRIPT_OUTPUT = "output"
+# The planned schedule, as the HF Trainer names it (cosine ends at min_lr_ratio through its kwargs).
+HF_SCHEDULERS = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "constant_with_warmup"}
+
+
+@dataclass(frozen=True)
+class Target:
+    """`craken launch SCRIPT ARGS` (module None) or `craken launch -m MODULE ARGS` (script None)."""
+
+    script: str | None = None
+    module: str | None = None
+    args: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def host_args(self) -> list[str]:
+        """What follows `-m craken_cli.script_host RUN/run.yaml` in the workers' command."""
+        head = ["-m", self.module] if self.module else [str(Path(self.script).absolute())]
+        return [*head, *self.args]
+
+    @property
+    def shown(self) -> str:
+        return f"-m {self.module}" if self.module else str(self.script)
+
+
+def target_problems(target: Target) -> list[str]:
+    """What makes the target unrunnable, found before anything is launched or written."""
+    if target.module:
+        return module_problems(target.module)
+    path = Path(target.script)
+    if not path.exists():
+        return [f"script {path} does not exist: check the path (a module is run with -m MODULE)"]
+    if not path.is_file():
+        return [f"script {path} is a folder, not a Python file: name the .py file, or run a package with -m PACKAGE"]
+    if path.suffix != ".py":
+        return [f"script {path} is not a .py file: craken launch runs Python training scripts "
+                "(run other programs with accelerate launch --no_python yourself)"]
+    try:
+        compile(path.read_bytes(), str(path), "exec")
+    except SyntaxError as exc:
+        return [f"script {path} is not valid Python (line {exc.lineno}: {exc.msg}): fix the script"]
+    except (OSError, ValueError) as exc:
+        return [f"script {path} cannot be read as Python ({exc}): fix the script"]
+    return []
+
+
+def module_problems(module: str) -> list[str]:
+    import os
+    import sys
+
+    # The workers start as `python -m`, which puts the current folder first on the path.
+    sys.path.insert(0, os.getcwd())
+    try:
+        found = importlib.util.find_spec(module)
+    except Exception as exc:  # a parent package that is missing or fails to import
+        return [f"module {module} does not import ({type(exc).__name__}: {exc}): install it, or run from the "
+                "folder that holds it"]
+    finally:
+        sys.path.pop(0)
+    if found is None:
+        return [f"module {module} is not found on this Python's path: install it, or run from the folder that "
+                "holds it"]
+    if found.submodule_search_locations is not None and not any(
+            (Path(folder) / "__main__.py").is_file() for folder in found.submodule_search_locations):
+        return [f"module {module} is a package without __main__.py: name the module that trains ({module}.train?)"]
+    return []
+
+
+def keeps_ds_optimizer(spec, requested: bool | None) -> bool:
+    """Whether the JSON keeps craken's optimizer and scheduler blocks for a user script. A script builds
+    its own optimizer (torch.optim.AdamW, or the Trainer's), and accelerate refuses one in the code
+    beside one in the config; offloaded optimizer states, though, only DeepSpeed's CPU Adam steps (it
+    refuses a torch optimizer there), so then the script takes accelerate's DummyOptim/DummyScheduler."""
+    if requested is not None:
+        return requested
+    return spec.offload.optimizer.device != "none"
+
+
+def script_ds_config(cfg: dict, keep_optimizer: bool) -> dict:
+    if keep_optimizer:
+        return cfg
+    return {k: v for k, v in cfg.items() if k not in ("optimizer", "scheduler")}
+
+
+def script_files(files: dict[str, str], machine_rank: int, keep_optimizer: bool) -> dict[str, str]:
+    """The rendered files of a user-script run (the DeepSpeed JSON rewritten where it has one)."""
+    name = machine_file(DS_FILE, machine_rank)
+    if name not in files or keep_optimizer:
+        return files
+    cfg = script_ds_config(json.loads(files[name]), keep_optimizer)
+    return {**files, name: json.dumps(cfg, indent=2, allow_nan=False) + "\n"}
+
+
+def warmup_steps(spec) -> int:
+    """The warm-up the DeepSpeed scheduler block holds (train.schedule.deepspeed_block: at least 1)."""
+    return max(1, min(spec.schedule.warmup_steps, spec.train.max_steps))
+
+
+def plan_env(spec, run_dir: Path, keep_optimizer: bool) -> dict[str, str]:
+    """CRAKEN_PLAN_*: the plan, for a plain Accelerate script to size its data loader and loop by."""
+    values = {
+        "RUN_DIR": str(run_dir.absolute()),
+        "OUTPUT_DIR": str(run_dir.absolute() / SCRIPT_OUTPUT),
+        "MICRO_BATCH": spec.batch.micro_batch,
+        "GRAD_ACCUM": spec.grad_accum,
+        "GLOBAL_BATCH": spec.train_batch_size,
+        "SEQ_LEN": spec.data.seq_len,
+        "MAX_STEPS": spec.train.max_steps,
+        "LR": spec.optimizer.lr,
+        "WEIGHT_DECAY": spec.optimizer.weight_decay,
+        "ADAM_BETA1": spec.optimizer.betas[0],
+        "ADAM_BETA2": spec.optimizer.betas[1],
+        "ADAM_EPS": spec.optimizer.eps,
+        "CLIP": spec.optimizer.clip,
+        "WARMUP_STEPS": warmup_steps(spec),
+        "SCHEDULE": spec.schedule.kind,
+        "MIN_LR_RATIO": spec.schedule.min_lr_ratio,
+        "SEED": spec.train.seed,
+        "PRECISION": spec.base_precision,
+        "ZERO_STAGE": spec.zero.stage,
+        "MODEL": spec.model.name_or_path,
+        "DATASET": spec.data.dataset,
+        "SAVE_EVERY": spec.train.save_every,
+        "STEPS_PER_PRINT": spec.logging.steps_per_print,
+        # 1: the JSON holds DeepSpeed's optimizer and scheduler; build accelerate's DummyOptim/DummyScheduler
+        "DS_OPTIMIZER": int(keep_optimizer),
+    }
+    env = {PLAN_ENV_PREFIX + k: str(v) for k, v in values.items()}
+    # accelerate's Accelerator() reads its accumulation default from here: the script's then starts with the
+    # JSON's instead of 1 (which accelerate overrides from the JSON with a "mismatch" warning).
+    env["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] = str(spec.grad_accum)
+    return env
+
+
+class Planned(NamedTuple):
+    value: Any
+    flag: str  # the craken flag that changes it
+    must_agree: bool = True  # False: craken only fills it when the script leaves it unset
+
+
+def trainer_plan(spec, run_dir: Path, keep_optimizer: bool) -> dict[str, Planned]:
+    """TrainingArguments field -> what craken planned for it. The must-agree fields are the ones the HF
+    Trainer checks against the DeepSpeed JSON, or that decide what is trained (steps, schedule)."""
+    o, precision = spec.optimizer, spec.base_precision
+    plan = {
+        "per_device_train_batch_size": Planned(spec.batch.micro_batch, "--micro-batch"),
+        "gradient_accumulation_steps": Planned(spec.grad_accum, "--grad-accum"),
+        "max_grad_norm": Planned(o.clip, "--clip"),
+        "learning_rate": Planned(o.lr, "--lr"),
+        "weight_decay": Planned(o.weight_decay, "--set optimizer.weight_decay=..."),
+        "adam_beta1": Planned(o.betas[0], "--set optimizer.betas=[b1,b2]"),
+        "adam_beta2": Planned(o.betas[1], "--set optimizer.betas=[b1,b2]"),
+        "adam_epsilon": Planned(o.eps, "--set optimizer.eps=..."),
+        "bf16": Planned(precision == "bf16", "--precision"),
+        "fp16": Planned(precision == "fp16", "--precision"),
+        "max_steps": Planned(spec.train.max_steps, "--max-steps"),
+        "warmup_steps": Planned(warmup_steps(spec), "--set schedule.warmup_steps=..."),
+        "output_dir": Planned(str(run_dir.absolute() / SCRIPT_OUTPUT), "--output-dir", must_agree=False),
+        "seed": Planned(spec.train.seed, "--seed", must_agree=False),
+        # on CPU processes the Trainer refuses bf16 unless told it runs on the CPU
+        "use_cpu": Planned(bool(spec.cluster.use_cpu), "--cpu", must_agree=False),
+        "logging_steps": Planned(spec.logging.steps_per_print, "--steps-per-print", must_agree=False),
+    }
+    if not keep_optimizer:  # the Trainer builds the schedule itself, from these
+        plan["lr_scheduler_type"] = Planned(HF_SCHEDULERS[spec.schedule.kind], "--set schedule.kind=...")
+        if spec.schedule.kind == "cosine":
+            plan["lr_scheduler_kwargs"] = Planned({"min_lr_rate": spec.schedule.min_lr_ratio},
+                                                  "--set schedule.min_lr_ratio=...")
+    if spec.train.save_every:
+        plan["save_steps"] = Planned(spec.train.save_every, "--save-every", must_agree=False)
+    return plan
+
+
+def agrees(value: Any, planned: Any) -> bool:
+    if isinstance(planned, bool) or isinstance(value, bool):
+        return bool(value) == bool(planned)
+    if isinstance(planned, (int, float)) and isinstance(value, (int, float)):
+        return math.isclose(float(value), float(planned), rel_tol=1e-9, abs_tol=0.0)
+    return str(getattr(value, "value", value)) == str(planned) if not isinstance(planned, dict) else value == planned
+
+
+def conflict_message(name: str, value: Any, planned: Planned, argument: str | None = None) -> str:
+    said = f"the script's argument {argument}" if argument else f"the script sets {name}={value!r}"
+    return (f"{said} but craken planned {name}={planned.value!r}: drop it (craken fills it) or change the plan "
+            f"with {planned.flag}")
+
+
+def arg_problems(spec, run_dir: Path, target: Target, keep_optimizer: bool) -> list[str]:
+    """Script arguments in HfArgumentParser's spelling (`--name value`, `--name=value`) that contradict
+    the plan, found before launch; what a script sets in its code, the host finds when it runs."""
+    plan = trainer_plan(spec, run_dir, keep_optimizer)
+    found = parsed_options(target.args)
+    problems = []
+    for name, raw in found.items():
+        if name == "deepspeed":
+            problems.append(f"the script gets --deepspeed {raw}: craken launch renders the DeepSpeed config "
+                            "itself; drop --deepspeed and set the run with craken's flags")
+            continue
+        planned = plan.get(name)
+        if planned is None or not planned.must_agree:
+            continue
+        value = read_scalar(raw, planned.value)
+        if value is not None and not agrees(value, planned.value):
+            problems.append(conflict_message(name, value, planned, argument=f"--{name} {raw}"))
+    return problems
+
+
+def parsed_options(args: Sequence[str]) -> dict[str, str]:
+    """`--name value` / `--name=value` pairs (a bare boolean flag reads as "true")."""
+    out: dict[str, str] = {}
+    items = list(args)
+    for i, item in enumerate(items):
+        if not item.startswith("--") or item == "--":
+            continue
+        name, sep, value = item[2:].partition("=")
+        if not sep:
+            following = items[i + 1] if i + 1 < len(items) else None
+            value = following if following is not None and not following.startswith("--") else "true"
+        out[name.replace("-", "_")] = value
+    return out
+
+
+def read_scalar(raw: str, like: Any) -> Any:
+    """`raw` read as the planned value's type; None when it is not one (the script's own parser judges)."""
+    try:
+        if isinstance(like, bool):
+            return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[raw.lower()]
+        if isinstance(like, int):
+            return int(raw)
+        if isinstance(like, float):
+            return float(raw)
+    except (KeyError, ValueError):
+        return None
+    return None if isinstance(like, dict) else raw

@@ -1,0 +1,215 @@
+"""`craken launch` without training: the workers' argv, the plan handed to a script, the host's
+TrainingArguments reconciliation, the launcher's failure words, and every bad input (exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from craken_cli import launch, launcher, userscript
+from craken_cli.hardware import FakeProbe, detect
+from craken_cli.options import SpecArgs, load_run
+
+RUN_FLAGS = ["--zero", "1", "--micro-batch", "4", "--grad-accum", "2", "--max-steps", "6", "--cpu"]
+
+
+def spec_of(flags: dict):
+    resolved, _ = load_run(SpecArgs(flags={"--cpu": True, **flags}), hardware=detect(FakeProbe()), environ={})
+    return resolved.spec
+
+
+@pytest.fixture
+def script(workdir) -> Path:
+    path = workdir / "train.py"
+    path.write_text("print('training')\n")
+    return path
+
+
+def test_the_workers_run_the_script_under_the_host_after_the_run_file(tmp_path):
+    spec = spec_of({"--zero": 2})
+    target = userscript.Target(script="train.py", args=("--epochs", "1", "--name=a b"))
+    argv, env = launch.build(spec, tmp_path, {}, cpu_count=2, script_args=target.host_args)
+    assert argv[1:3] == ["-m", launch.LAUNCHER_MODULE]
+    assert argv[argv.index("--config_file") + 1] == str(tmp_path.absolute() / "accelerate.yaml")
+    tail = argv[argv.index(launch.SCRIPT_HOST_MODULE) - 1:]
+    assert tail == ["-m", launch.SCRIPT_HOST_MODULE, str(tmp_path.absolute() / "run.yaml"),
+                    str(Path("train.py").absolute()), "--epochs", "1", "--name=a b"]  # untouched, no shell
+    module = userscript.Target(module="pkg.train", args=("--x",))
+    argv, _ = launch.build(spec, tmp_path, {}, cpu_count=2, script_args=module.host_args)
+    assert argv[-4:] == [str(tmp_path.absolute() / "run.yaml"), "-m", "pkg.train", "--x"]
+    told = launch.with_failure_file(argv, "/tmp/f.json")
+    assert told[1:5] == ["-m", launch.LAUNCHER_MODULE, "--failure-file", "/tmp/f.json"] and told[5:] == argv[3:]
+
+
+def test_dry_run_shows_the_plan_the_script_gets_and_writes_nothing(craken, workdir, script):
+    shown = json.loads(craken("config", "show", "--json", *RUN_FLAGS).out)["spec"]
+    result = craken("launch", "--dry-run", *RUN_FLAGS, str(script), "--my-flag", "1", env={"HF_TOKEN": "hf_secret"})
+    assert result.code == 0, result.output
+    data = json.loads(result.out)
+    assert data["argv"][-3:] == [str(script), "--my-flag", "1"]
+    env = data["env"]
+    assert env["CRAKEN_PLAN_MICRO_BATCH"] == str(shown["batch"]["micro_batch"]) == "4"
+    assert env["CRAKEN_PLAN_GRAD_ACCUM"] == str(shown["batch"]["grad_accum"]) == "2"
+    assert env["CRAKEN_PLAN_GLOBAL_BATCH"] == str(4 * 2 * shown["cluster"]["num_processes"])
+    assert env["CRAKEN_PLAN_MAX_STEPS"] == "6" and env["CRAKEN_PLAN_DS_OPTIMIZER"] == "0"
+    assert "hf_secret" not in result.output
+    ds = json.loads(data["files"]["ds_config.json"])
+    assert "optimizer" not in ds and "scheduler" not in ds  # the script brings its own
+    assert ds["gradient_accumulation_steps"] == 2 and ds["train_micro_batch_size_per_gpu"] == 4
+    assert not (workdir / "runs").exists()
+    kept = json.loads(craken("launch", "--dry-run", "--ds-optimizer", *RUN_FLAGS, str(script)).out)
+    assert {"optimizer", "scheduler"} <= set(json.loads(kept["files"]["ds_config.json"]))
+    assert kept["env"]["CRAKEN_PLAN_DS_OPTIMIZER"] == "1"
+
+
+def test_offloaded_optimizer_keeps_deepspeeds_optimizer_which_alone_steps_it():
+    spec = spec_of({"--zero": 2, "--offload-optimizer": "cpu"})
+    assert userscript.keeps_ds_optimizer(spec, None)
+    assert not userscript.keeps_ds_optimizer(spec_of({"--zero": 2, "--offload-optimizer": "none"}), None)
+    assert not userscript.keeps_ds_optimizer(spec, False)  # asked for: the script's own (DeepSpeed may refuse it)
+
+
+@pytest.mark.parametrize("case", ["missing", "folder", "shell", "syntax", "module", "package", "conflict",
+                                  "conflict_eq", "deepspeed", "auto"])
+def test_bad_input_is_refused_before_launch_with_exit_2_and_nothing_written(craken, workdir, case):
+    (workdir / "pkg").mkdir()
+    (workdir / "pkg" / "__init__.py").write_text("")
+    (workdir / "train.sh").write_text("echo hi\n")
+    (workdir / "broken.py").write_text("def f(:\n")
+    (workdir / "ok.py").write_text("pass\n")
+    args, expected = {
+        "missing": (["nope.py"], "nope.py does not exist"),
+        "folder": (["pkg"], "is a folder"),
+        "shell": (["train.sh"], "not a .py file"),
+        "syntax": (["broken.py"], "not valid Python (line 1"),
+        "module": (["-m", "no_such_module_xyz"], "module no_such_module_xyz is not found"),
+        "package": (["-m", "pkg"], "package without __main__.py"),
+        "conflict": (["ok.py", "--per_device_train_batch_size", "8"],
+                     "argument --per_device_train_batch_size 8 but craken planned per_device_train_batch_size=4"),
+        "conflict_eq": (["ok.py", "--max_grad_norm=1.0"], "change the plan with --clip"),
+        "deepspeed": (["ok.py", "--deepspeed", "ds.json"], "drop --deepspeed"),
+        "auto": (["--auto", "ok.py"], "pass --model"),
+    }[case]
+    before = sorted(p.name for p in workdir.iterdir())
+    if args[0] == "--auto":
+        result = craken("launch", *RUN_FLAGS, *args)
+    else:
+        result = craken("launch", *RUN_FLAGS, *args)
+    assert result.code == 2, result.output
+    assert expected in result.output
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in workdir.iterdir()) == before  # no runs/ folder
+
+
+def test_a_script_argument_that_agrees_with_the_plan_is_accepted(tmp_path):
+    spec = spec_of({"--micro-batch": 4, "--lr": 1e-3})
+    target = userscript.Target(script="t.py", args=("--per_device_train_batch_size", "4", "--learning_rate=0.001",
+                                                    "--bf16", "--output_dir", "elsewhere", "--epochs", "3"))
+    assert userscript.arg_problems(spec, tmp_path, target, False) == []
+
+
+# --- the host's TrainingArguments plan --------------------------------------------------------------------
+
+@pytest.fixture
+def args_class():
+    """A subclass, patched alone: TrainingArguments itself stays as transformers made it for other tests."""
+    from transformers import TrainingArguments
+
+    from craken_cli import script_host
+
+    @dataclasses.dataclass
+    class ScriptArgs(TrainingArguments):
+        learning_rate: float = 2e-5  # a subclass with defaults of its own (trl's SFTConfig has some)
+
+    plan = userscript.trainer_plan(spec_of({"--zero": 2, "--micro-batch": 4, "--grad-accum": 3, "--clip": 0.5,
+                                            "--lr": 1e-3, "--max-steps": 7, "--seed": 5, "--precision": "fp32"}),
+                                   Path("/runs/x"), keep_optimizer=False)
+    script_host.patch_training_arguments(ScriptArgs, plan)
+    return ScriptArgs
+
+
+def test_values_the_script_leaves_at_their_defaults_take_the_plan(args_class):
+    args = args_class(report_to="none")
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.max_grad_norm) == (4, 3, 0.5)
+    assert (args.learning_rate, args.max_steps, args.seed, args.adam_beta2) == (1e-3, 7, 5, 0.95)
+    assert (args.bf16, args.fp16, args.use_cpu) == (False, False, True)
+    assert str(args.lr_scheduler_type.value) == "cosine_with_min_lr" and args.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
+    assert args.output_dir == "/runs/x/output" and args.warmup_steps == 7  # the plan's 10, capped at max_steps
+
+
+def test_a_value_set_against_the_plan_stops_with_the_flag_to_change(args_class):
+    from craken_cli.script_host import PlanConflict
+
+    with pytest.raises(PlanConflict) as info:
+        args_class(report_to="none", per_device_train_batch_size=8, gradient_accumulation_steps=3, learning_rate=0.1)
+    text = str(info.value)
+    assert "per_device_train_batch_size=8 but craken planned per_device_train_batch_size=4" in text
+    assert "--micro-batch" in text and "--lr" in text and "gradient_accumulation_steps" not in text
+    ok = args_class(report_to="none", output_dir="mine", logging_steps=3, seed=9)  # fill-only values stay the script's
+    assert (ok.output_dir, ok.logging_steps, ok.seed) == ("mine", 3, 9)
+    with pytest.raises(PlanConflict, match="renders the DeepSpeed config itself"):
+        args_class(report_to="none", deepspeed="ds.json")
+
+
+def test_with_deepspeeds_scheduler_the_trainer_gets_no_schedule_of_its_own():
+    plan = userscript.trainer_plan(spec_of({"--zero": 2, "--offload-optimizer": "cpu"}), Path("r"), keep_optimizer=True)
+    assert "lr_scheduler_type" not in plan and plan["warmup_steps"].must_agree
+
+
+# --- the launcher's words -----------------------------------------------------------------------------------
+
+def test_the_failure_named_is_the_first_recorded_exception_not_its_followers():
+    records = [{"rank": 0, "exitcode": 1, "message": "RuntimeError: Connection closed by peer", "time": 10.5},
+               {"rank": 1, "exitcode": 1, "message": "ValueError: boom", "time": 10.2},
+               {"rank": 2, "exitcode": -15, "message": "", "time": 10.0}]
+    ordered = sorted(records, key=launcher.first_cause)
+    assert launcher.failure_summary(ordered) == "rank 1 exited with code 1: ValueError: boom (and 2 more ranks)"
+    assert launcher.failure_summary([records[2]]) == "rank 2 was killed by signal 15"
+    assert launcher.worker_exit_code(-15) == 143 and launcher.worker_exit_code(3) == 3
+    assert launcher.last_line("Traceback\n  x\nKeyError: 'a'\n") == "KeyError: 'a'"
+
+
+def test_script_options_are_read_as_hf_argument_parser_writes_them():
+    assert userscript.parsed_options(["pos", "--a", "1", "--b=2", "--flag", "--c-d", "x", "--"]) == \
+        {"a": "1", "b": "2", "flag": "true", "c_d": "x"}
+    assert userscript.read_scalar("yes", True) is True and userscript.read_scalar("x", 3) is None
+
+
+def test_hf_argument_parser_scripts_are_judged_by_what_differs_from_the_defaults(args_class):
+    """HfArgumentParser passes every field; a value on the command line equal to its default is caught
+    before launch from the script's arguments (arg_problems), not here."""
+    from transformers import HfArgumentParser
+
+    from craken_cli.script_host import PlanConflict
+
+    (args,) = HfArgumentParser((args_class,)).parse_args_into_dataclasses(args=["--report_to", "none"])
+    assert (args.per_device_train_batch_size, args.learning_rate) == (4, 1e-3)
+    with pytest.raises(PlanConflict, match="learning_rate=0.1"):
+        HfArgumentParser((args_class,)).parse_args_into_dataclasses(args=["--report_to", "none", "--learning_rate", "0.1"])
+
+
+def test_make_targets_launch_the_script_when_script_is_set(tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    root = Path(__file__).resolve().parents[1]
+
+    def dry(*args):
+        return subprocess.run(["make", "-s", "-n", "-C", str(root), *args], capture_output=True, text=True).stdout
+
+    assert dry("craken_ds2").strip() == "craken train --zero 2 --name ds2"
+    assert dry("craken_ds2", "SCRIPT=train.py", "SCRIPT_ARGS=--epochs 1", "ARGS=--lr 1e-4").strip() == \
+        "craken launch --zero 2 --name ds2 --lr 1e-4 train.py --epochs 1"
+    assert dry("test_craken_ds3_auto", "SCRIPT=-m pkg.train").strip() == \
+        "craken launch --zero 3 --auto --test --name ds3_auto -m pkg.train"
+
+
+def test_launch_test_is_a_short_run_of_the_same_plan_in_its_own_folder(craken, script):
+    data = json.loads(craken("launch", "--dry-run", "--test", "--zero", "2", "--max-steps", "500", str(script)).out)
+    assert data["env"]["CRAKEN_PLAN_MAX_STEPS"] == "20" and data["env"]["CRAKEN_PLAN_RUN_DIR"].endswith("default-test")

@@ -1,0 +1,219 @@
+"""Real user scripts through `craken launch`: 2 CPU processes, real DeepSpeed (gloo), real accelerate and
+transformers. The scripts are written here; each prints what DeepSpeed's engine actually runs, which
+must equal `craken config show --json` for the same flags. Few short runs, each checking several things."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+ACCELERATE_SCRIPT = '''
+"""A plain Accelerate loop sized by craken's CRAKEN_PLAN_* variables, with its own torch AdamW."""
+import json, os, sys
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DummyOptim, DummyScheduler
+from transformers import AutoModelForCausalLM
+
+plan = {k[len("CRAKEN_PLAN_"):].lower(): v for k, v in os.environ.items() if k.startswith("CRAKEN_PLAN_")}
+micro, seq, steps = int(plan["micro_batch"]), int(plan["seq_len"]), int(plan["max_steps"])
+checkpoint = os.path.join(plan["output_dir"], "state")
+accelerator = Accelerator()
+torch.manual_seed(int(plan["seed"]))
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+data = torch.randint(0, model.config.vocab_size, (int(plan["global_batch"]) * steps, seq),
+                     generator=torch.Generator().manual_seed(0))
+loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=micro)
+if plan["ds_optimizer"] == "1":
+    optimizer = DummyOptim(model.parameters())
+    scheduler = DummyScheduler(optimizer)
+else:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=float(plan["lr"]), weight_decay=float(plan["weight_decay"]),
+                                  betas=(float(plan["adam_beta1"]), float(plan["adam_beta2"])))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / int(plan["warmup_steps"])))
+model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+if "--resume" in sys.argv:
+    accelerator.load_state(checkpoint)
+engine, inner = model, getattr(model.optimizer, "optimizer", model.optimizer)
+offload = engine.zero_offload_optimizer()
+report = {"world": accelerator.num_processes, "train_batch_size": engine.train_batch_size(),
+          "micro_batch": engine.train_micro_batch_size_per_gpu(), "grad_accum": engine.gradient_accumulation_steps(),
+          "accelerator_grad_accum": accelerator.gradient_accumulation_steps, "clip": engine.gradient_clipping(),
+          "stage": engine.zero_optimization_stage(), "offload_optimizer": str(offload.device) if offload else "none",
+          "optimizer": type(inner).__name__, "batches_per_process": len(loader), "start_step": engine.global_steps}
+if accelerator.is_main_process:
+    print("DEEPSPEED_RAN " + json.dumps(report), flush=True)
+losses = []
+skip = engine.global_steps * engine.gradient_accumulation_steps()
+for i, (batch,) in enumerate(loader):
+    if i < skip:
+        continue
+    with accelerator.accumulate(model):  # DeepSpeed steps at the JSON's accumulation boundary only inside it
+        loss = model(input_ids=batch, labels=batch).loss
+        accelerator.backward(loss)
+        optimizer.step(); scheduler.step(); optimizer.zero_grad()
+    losses.append(loss.item())
+    if engine.global_steps >= steps:
+        break
+accelerator.save_state(checkpoint)
+if accelerator.is_main_process:
+    print("DONE " + json.dumps({"step": engine.global_steps, "losses": losses}), flush=True)
+'''
+
+TRAINER_SCRIPT = '''
+"""An HF Trainer script that sets none of the batch, optimizer or schedule values: craken launch fills them."""
+import json, os, sys
+import torch
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+seq = int(os.environ["CRAKEN_PLAN_SEQ_LEN"])
+rows = torch.randint(0, model.config.vocab_size, (256, seq), generator=torch.Generator().manual_seed(0))
+dataset = [{"input_ids": r, "labels": r} for r in rows]
+
+
+class Report(TrainerCallback):
+    def on_train_begin(self, args, state, control, **kwargs):
+        engine = trainer.model_wrapped
+        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        offload = engine.zero_offload_optimizer()
+        if state.is_world_process_zero:
+            print("DEEPSPEED_RAN " + json.dumps({
+                "world": args.world_size, "train_batch_size": engine.train_batch_size(),
+                "micro_batch": engine.train_micro_batch_size_per_gpu(), "grad_accum": engine.gradient_accumulation_steps(),
+                "clip": engine.gradient_clipping(), "stage": engine.zero_optimization_stage(),
+                "offload_optimizer": str(offload.device) if offload else "none", "optimizer": type(inner).__name__,
+                "lr": args.learning_rate, "max_steps": args.max_steps, "start_step": state.global_step,
+                "output_dir": args.output_dir}), flush=True)
+
+
+args = TrainingArguments(report_to="none", save_strategy="steps", dataloader_drop_last=True, disable_tqdm=True)
+trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[Report()])
+trainer.train(resume_from_checkpoint="--resume" in sys.argv)
+if trainer.is_world_process_zero():
+    print("DONE " + json.dumps({"step": trainer.state.global_step}), flush=True)
+'''
+
+FAILING_SCRIPT = '''
+from accelerate import Accelerator
+accelerator = Accelerator()
+if accelerator.process_index == 1:
+    raise ValueError("boom on rank one")
+accelerator.wait_for_everyone()
+'''
+
+
+def craken(*args, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRAKEN_")}
+    return subprocess.run([sys.executable, "-m", "craken_cli", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def line(result: subprocess.CompletedProcess, tag: str) -> dict:
+    found = [l for l in result.stdout.splitlines() if l.startswith(tag + " ")]
+    assert found, result.stdout[-3000:] + result.stderr[-5000:]
+    return json.loads(found[-1][len(tag) + 1:])
+
+
+def planned(flags: list, cwd: Path) -> dict:
+    shown = craken("config", "show", "--json", *flags, cwd=cwd)
+    assert shown.returncode == 0, shown.stderr
+    return json.loads(shown.stdout)["spec"]
+
+
+def assert_ran_as_planned(ran: dict, spec: dict) -> None:
+    world = spec["cluster"]["num_processes"]
+    b = spec["batch"]
+    assert ran["world"] == world == 2  # each process saw the whole group (gloo), so data is sharded
+    assert (ran["micro_batch"], ran["grad_accum"]) == (b["micro_batch"], b["grad_accum"])
+    assert ran["train_batch_size"] == b["micro_batch"] * b["grad_accum"] * world
+    assert ran["clip"] == spec["optimizer"]["clip"]
+    assert ran["stage"] == spec["zero"]["stage"]
+    assert ran["offload_optimizer"] == spec["offload"]["optimizer"]["device"]
+
+
+def assert_no_launcher_traceback(result: subprocess.CompletedProcess) -> None:
+    text = result.stdout + result.stderr
+    for launcher_words in ("ChildFailedError", "SignalException", "torch/distributed/run.py", "accelerate/commands"):
+        assert launcher_words not in text, text[-4000:]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    from craken_cli.train import builtin
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tok = builtin.build_tokenizer()
+    cfg = builtin.model_config(tok)
+    cfg.hidden_size, cfg.intermediate_size = 48, 96
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_accelerate_script_at_zero1_runs_the_plan_with_its_own_adamw(tmp_path, model_dir, free_port):
+    (tmp_path / "train.py").write_text(ACCELERATE_SCRIPT)
+    flags = ["--zero", "1", "--micro-batch", "2", "--grad-accum", "2", "--max-steps", "3", "--clip", "0.7",
+             "--main-process-port", free_port]
+    result = craken("launch", *flags, "train.py", model_dir, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    ran = line(result, "DEEPSPEED_RAN")
+    assert_ran_as_planned(ran, planned(flags, tmp_path))
+    assert ran["accelerator_grad_accum"] == ran["grad_accum"]  # accelerate reads the JSON's
+    assert ran["optimizer"] == "AdamW"  # the script's own: no "optimizer in the config and in the code"
+    assert ran["batches_per_process"] == 2 * 2 * 2 * 3 // (2 * 2)  # the data split over both processes
+    done = line(result, "DONE")
+    assert done["step"] == 3 and len(done["losses"]) == 3 * 2
+    assert "finished" in result.stderr
+
+
+def test_trainer_script_at_zero2_with_offload_trains_and_resumes_without_a_mismatch(tmp_path, model_dir, free_port):
+    (tmp_path / "train.py").write_text(TRAINER_SCRIPT)
+    flags = ["--zero", "2", "--offload-optimizer", "cpu", "--micro-batch", "2", "--grad-accum", "2",
+             "--save-every", "2", "--main-process-port", free_port]
+    first = craken("launch", *flags, "--max-steps", "2", "train.py", model_dir, cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
+    assert "mismatch TrainingArguments" not in first.stderr
+    ran = line(first, "DEEPSPEED_RAN")
+    spec = planned([*flags, "--max-steps", "2"], tmp_path)
+    assert_ran_as_planned(ran, spec)
+    assert ran["optimizer"] == "DeepSpeedCPUAdam"  # the JSON's, through the Trainer's DummyOptim
+    assert (ran["lr"], ran["max_steps"]) == (spec["optimizer"]["lr"], 2)
+    run_dir = tmp_path / "runs" / "default"
+    assert ran["output_dir"] == str(run_dir / "output") and (run_dir / "output" / "checkpoint-2").is_dir()
+
+    again = craken("launch", *flags, "--max-steps", "4", "--force", "train.py", model_dir, "--resume", cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-5000:]
+    assert line(again, "DEEPSPEED_RAN")["start_step"] == 2  # the Trainer's own resume_from_checkpoint
+    assert line(again, "DONE")["step"] == 4
+
+
+def test_accelerate_script_at_zero3_resumes_its_saved_state(tmp_path, model_dir, free_port):
+    (tmp_path / "train.py").write_text(ACCELERATE_SCRIPT)
+    flags = ["--zero", "3", "--offload-optimizer", "none", "--offload-param", "none", "--micro-batch", "2",
+             "--grad-accum", "1", "--max-steps", "2", "--main-process-port", free_port]
+    first = craken("launch", *flags, "train.py", model_dir, cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
+    assert_ran_as_planned(line(first, "DEEPSPEED_RAN"), planned(flags, tmp_path))
+    flags[flags.index("--max-steps") + 1] = "4"
+    again = craken("launch", *flags, "--force", "train.py", model_dir, "--resume", cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-5000:]
+    assert line(again, "DEEPSPEED_RAN")["start_step"] == 2
+    assert line(again, "DONE")["step"] == 4
+
+
+def test_a_failing_script_gets_one_message_naming_its_rank_and_error(tmp_path, free_port):
+    (tmp_path / "fail.py").write_text(FAILING_SCRIPT)
+    result = craken("launch", "--zero", "1", "--main-process-port", free_port, "fail.py", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "craken: fail.py failed: rank 1 exited with code 1: ValueError: boom on rank one" in result.stderr
+    assert_no_launcher_traceback(result)
