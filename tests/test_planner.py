@@ -172,8 +172,7 @@ def test_every_recorded_benchmark_row_is_predicted_within_10_percent(tmp_path):
 # a row that comes within +-10%, or another that leaves it, fails the test above until this list and
 # docs/planner.md say so.
 HELD_OUT_MISSES = {
-    ("gpt2-medium", 1024, "zero0", 32): "-16.8%: not in the GPT-2 terms derived so far (`planner_bench.py --census`)",
-    ("qwen2.5-0.5b", 2048, "zero0+compile", 32): "-10.2%: the model's compiled loss, 15 GiB reserved above allocated",
+    ("gpt2-medium", 1024, "zero0", 32): "-18.9%: not in the GPT-2 terms derived so far (`planner_bench.py --census`)",
 }
 
 
@@ -219,7 +218,7 @@ def test_checkpointing_and_compile_reduce_activations_and_scale_with_tokens():
     assert 0.4 * full < compiled < 0.65 * full  # inductor recomputes the pointwise ops (see planner)
     assert compiled_logits == (2 + planner.COMPILED_LOSS_FP32_BYTES) * 4 * 2048 * 32000
     assert double == pytest.approx(2 * full)
-    assert logits == (2 + 12) * 4 * 2048 * 32000  # 16-bit logits + fp32 upcast: 12 bytes per logit at the peak
+    assert logits == (2 + planner.UPCAST_LOSS_FP32_BYTES) * 4 * 2048 * 32000  # 16-bit logits + the fp32 upcast's buffers
 
 
 def test_large_vocabularies_tied_embeddings_and_softcap_in_the_loss_term():
@@ -230,9 +229,10 @@ def test_large_vocabularies_tied_embeddings_and_softcap_in_the_loss_term():
     qwen = analytic_info(json.loads((CONFIGS / "qwen2.5-0.5b.json").read_text()))
     gemma = analytic_info(json.loads((CONFIGS / "gemma-2-2b.json").read_text()))
     tokens = 32 * 2048
-    assert qwen.tied_embeddings and loss_bytes(qwen, tokens, 2) == 14 * tokens * 151_936
-    assert loss_bytes(qwen, tokens, 2) / GiB > 37.09  # more than the fp32 copy the Qwen run could not get
-    assert gemma.logit_softcap and loss_bytes(gemma, tokens, 2) == (14 + 2) * tokens * 256_000  # + tanh's output
+    eager = 2 + planner.UPCAST_LOSS_FP32_BYTES
+    assert qwen.tied_embeddings and loss_bytes(qwen, tokens, 2) == eager * tokens * 151_936
+    assert loss_bytes(qwen, tokens, 2) / GiB > 37.09  # more than one fp32 copy of the logits
+    assert gemma.logit_softcap and loss_bytes(gemma, tokens, 2) == (eager + 2) * tokens * 256_000  # + tanh's output
     chunked = loss_bytes(qwen, tokens, 2, loss="chunked")
     assert chunked == chunked_loss_bytes(qwen, tokens, 2, False) and chunked < loss_bytes(qwen, tokens, 2) / 10
 

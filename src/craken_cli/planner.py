@@ -54,7 +54,7 @@ CUDA_CONTEXT_GIB = 0.55  # CUDA context, kernels and cuBLAS workspace: outside t
 NCCL_GIB = 0.5  # NCCL communicator buffers with more than one process
 DS_ALLREDUCE_BUCKET = 500_000_000  # engine.MEMORY_OPT_ALLREDUCE_SIZE, stage 0 gradient all-reduce
 # Fitted: freed activation blocks that later, differently sized requests cannot reuse (share of activations).
-FRAGMENTATION = {0: 0.0, 1: 0.0, 2: 0.0, 3: 0.0}
+FRAGMENTATION = {0: 0.06, 1: 0.06, 2: 0.06, 3: 0.06}
 # Fitted: compiled layers free blocks of inductor's own sizes, and more of them stay reserved.
 COMPILED_FRAGMENTATION = 0.05
 # Fitted: stage 3 on several GPUs gathers and reduce-scatters between activation allocations.
@@ -62,9 +62,10 @@ STAGE3_MULTI_GPU_SLACK = 0.24
 # Fitted: share of the freed layer activations that ZeRO-1/2's step buffers reuse (eager layers only:
 # compiled layers free blocks of inductor's sizes, which the step's flat buffers do not fit).
 STEP_REUSE_OF_ACTIVATIONS = 0.25
-# Fitted (derived value kept): fp32 bytes per logit at the loss's peak (transformers' loss): the upcast's
-# log-softmax output, and in its backward the incoming and the outgoing gradient at once, beside the 16-bit logits.
-UPCAST_LOSS_FP32_BYTES = 12
+# Fitted: fp32 bytes per logit at the eager loss's peak (transformers' loss) beside the 16-bit logits: the
+# upcast's log-softmax output, and in its backward the incoming and the outgoing gradient (12 derived; 10
+# fitted on the eager large-vocabulary rows, whose buffers are partly freed before the next is made).
+UPCAST_LOSS_FP32_BYTES = 10
 # Fitted (derived value kept): bytes per logit beside the 16-bit logits with the loss compiled
 # (modeling.compile_regions): the upcast, log-softmax and NLL fuse, and the backward writes the 16-bit
 # gradient only (2). Measured on H200 rows: about 4 bytes per logit in all (docs/planner.md).
@@ -73,10 +74,10 @@ COMPILED_LOSS_FP32_BYTES = 2
 # derived; the product, when the partitioner saves it rather than recomputing it: 3).
 COMPILED_MLP_SAVED = 3
 # Fitted: share of autocast's 16-bit weight copies (weight_copy_bytes) held at the peak, plain engine
-# only (DeepSpeed trains a 16-bit module). Compiled layers keep none: the partitioner recomputes the cast
-# of each fp32 weight in the backward rather than saving it (fitted 0.0 on the compiled no-ZeRO rows).
-EAGER_WEIGHT_COPY_SHARE = 0.75
-COMPILED_WEIGHT_COPY_SHARE = 0.0
+# only (DeepSpeed trains a 16-bit module); compiled layers keep fewer (the partitioner may recompute the
+# cast of an fp32 weight in the backward rather than save it).
+EAGER_WEIGHT_COPY_SHARE = 0.5
+COMPILED_WEIGHT_COPY_SHARE = 0.25
 CPU_PER_PROCESS_GIB = 3.0  # Python, torch, CUDA host allocations and the data loader of one process
 ACTIVATION_CHECKPOINTING_SPEED = 0.75  # about 1/3 more compute for the recomputed forward
 
