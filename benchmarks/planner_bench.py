@@ -367,14 +367,18 @@ def ran_loss(row: dict) -> str:
 
 
 def supersede(keys: list[str], reason: str, files=None) -> int:
-    """Mark the recorded rows named MODEL:SEQ:MICRO_BATCH:MEASURED_ON superseded (kept, with the reason,
-    and no longer re-predicted): rows of a program craken no longer runs. Returns how many were marked."""
+    """Mark the recorded rows named MODEL:SEQ:MICRO_BATCH:MEASURED_ON ("all": every row of `files`)
+    superseded (kept, with the reason, and no longer re-predicted): rows of a program craken no longer runs,
+    or re-measured. Returns how many were marked."""
+    if keys == ["all"] and not files:
+        raise SystemExit("--supersede all needs --rows FILE: the files whose rows are superseded")
     wanted = {tuple(k.split(":")) for k in keys}
     marked = 0
     for f in [Path(p) for p in files] if files else sorted(RESULTS.glob("*.jsonl")):
         rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
         for r in rows:
-            if (r["model"], str(r["seq"]), str(r["micro_batch"]), r.get("measured_on", "")) in wanted:
+            key = (r["model"], str(r["seq"]), str(r["micro_batch"]), r.get("measured_on", ""))
+            if (keys == ["all"] or key in wanted) and not r.get("superseded"):
                 r["superseded"], marked = reason, marked + 1
         f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return marked
@@ -728,7 +732,7 @@ def main() -> int:
     ap.add_argument("--rows", nargs="*", default=None, help="row files (default: benchmarks/results/*.jsonl)")
     ap.add_argument("--census", nargs="*", default=None, choices=sorted(CENSUS),
                     help="measure one layer's and the logits' GPU memory of these models against the planner's terms")
-    ap.add_argument("--supersede", nargs="*", default=None, metavar="MODEL:SEQ:MB:DATE",
+    ap.add_argument("--supersede", nargs="*", default=None, metavar="MODEL:SEQ:MB:DATE|all",
                     help="mark these recorded rows superseded (with --reason): kept, no longer re-predicted")
     ap.add_argument("--reason", default=None, help="why the --supersede rows no longer describe craken's runs")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
