@@ -82,7 +82,8 @@ class ModelSection(Section):
     loss: Literal["auto", "chunked", "model"] = Field(
         "auto", description="Training loss: 'chunked' computes the output layer and cross-entropy a few thousand "
         "tokens at a time and never holds the whole logits (Llama, Mistral, Qwen2/3); 'model' is the model's own "
-        "loss; auto: chunked for vocabularies of 100,000 or more (Llama-3, Qwen), else the model's."
+        "loss; auto: chunked for vocabularies of 100,000 or more (Llama-3, Qwen) in eager runs, else the model's "
+        "(compiled, it holds only the 16-bit logits and their gradient, and trains faster)."
     )
 
 
