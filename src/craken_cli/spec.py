@@ -106,7 +106,7 @@ class DataSection(Section):
         "train only on the completion / output / assistant tokens. auto: from the columns found.")
     chat_template: str | None = Field(
         None, description="Jinja chat template for format 'chat', as text or the path of a file holding it "
-        "(None: the tokenizer's own).")
+        "(unset: the tokenizer's own).")
     overlong: Literal["truncate", "drop"] = Field(
         "truncate", description="A supervised sample longer than seq_len: cut to seq_len, or left out (counted "
         "and reported either way).")
@@ -115,10 +115,10 @@ class DataSection(Section):
         "transformers' attention masks (sdpa, eager, flash_attention_2) keep a sample from attending to another; "
         "off: one sample per row, padded to seq_len.")
     num_proc: int | None = Field(
-        None, gt=0, description="Processes that tokenize the data set (None: every CPU core of the machine).")
+        None, gt=0, description="Processes that tokenize the data set (unset: every CPU core of the machine).")
     cache_dir: str | None = Field(
         None, description="Folder of the tokenized data cache, keyed by data files, tokenizer, format, template "
-        "and seq_len, so a later launch reads instead of tokenizing (None: $XDG_CACHE_HOME/craken/data, "
+        "and seq_len, so a later launch reads instead of tokenizing (unset: $XDG_CACHE_HOME/craken/data, "
         "else ~/.cache/craken/data).")
     streaming: bool = Field(
         False, description="Read and tokenize the data while training (datasets' IterableDataset; accelerate gives "
