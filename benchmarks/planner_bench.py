@@ -208,12 +208,12 @@ def random_loader(spec, vocab: int, rank: int, steps: int):
     """`steps` micro-batches of random tokens in the loop's batch format (input_ids, labels)."""
     import torch
 
-    from craken_cli.train.loop import _collate
+    from craken_cli.train.loop import collate
 
     gen = torch.Generator().manual_seed(rank)
     ids = torch.randint(0, vocab, (steps * spec.batch.micro_batch, spec.data.seq_len), generator=gen)
     return torch.utils.data.DataLoader([{"input_ids": row} for row in ids], batch_size=spec.batch.micro_batch,
-                                       collate_fn=_collate)
+                                       collate_fn=collate)
 
 
 def run_row(spec, run_dir: Path, rank: int, world: int) -> dict:
