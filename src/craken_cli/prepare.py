@@ -82,7 +82,8 @@ def resolve_spec(request: TrainRequest, environ: Mapping[str, str], hardware=Non
     hw = hardware if hardware is not None else hw_mod.detect()
     notes: list[str] = []
     choice = None
-    if request.auto and request.script is not None and resolved.sources.get("model.name_or_path", "default") == "default":
+    model_unknown = resolved.sources.get("model.name_or_path", "default") == "default"
+    if request.auto and request.script is not None and model_unknown:
         raise CrakenError("--auto plans for the model your script trains, and craken does not know it: pass --model "
                           "PATH_OR_HUB_ID (or set model.name_or_path in craken.yaml)", title="cannot plan this run")
     if request.auto:
@@ -96,9 +97,10 @@ def resolve_spec(request: TrainRequest, environ: Mapping[str, str], hardware=Non
 
 def script_problems(spec, run_dir: Path, request: TrainRequest) -> list[str]:
     if request.script is None:
-        return []
+        return launch.launcher_arg_problems(request.launcher_args)
     keep = userscript.keeps_ds_optimizer(spec, request.ds_optimizer)
-    return userscript.arg_problems(spec, run_dir, request.script, keep)
+    return (userscript.target_problems(request.script)
+            + userscript.arg_problems(spec, run_dir, request.script, keep))
 
 
 def prepare(request: TrainRequest, environ: Mapping[str, str], hardware=None) -> Prepared:

@@ -82,7 +82,8 @@ class ModelSection(Section):
     loss: Literal["auto", "chunked", "model"] = Field(
         "auto", description="Training loss: 'chunked' computes the output layer and cross-entropy a few thousand "
         "tokens at a time and never holds the whole logits (Llama, Mistral, Qwen2/3); 'model' is the model's own "
-        "loss; auto: chunked for vocabularies of 100,000 or more (Llama-3, Qwen), else the model's."
+        "loss; auto: chunked for vocabularies of 100,000 or more (Llama-3, Qwen) in eager runs, else the model's "
+        "(compiled, it holds only the 16-bit logits and their gradient, and trains faster)."
     )
 
 
@@ -98,6 +99,31 @@ class DataSection(Section):
     eval_fraction: float = Field(0.05, ge=0, lt=0.5, description="Share of packed blocks held out for evaluation.")
     max_samples: int | None = Field(None, gt=0, description="Read at most this many raw records (unset: all).")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    format: Literal["auto", "text", "prompt_completion", "alpaca", "chat"] = Field(
+        "auto", description="How records become training samples: 'text' (the text column, packed, every token "
+        "trains), 'prompt_completion' (prompt/completion columns), 'alpaca' (instruction/input/output), 'chat' "
+        "(a messages list of {role, content}, rendered with the tokenizer's chat template); the supervised formats "
+        "train only on the completion / output / assistant tokens. auto: from the columns found.")
+    chat_template: str | None = Field(
+        None, description="Jinja chat template for format 'chat', as text or the path of a file holding it "
+        "(unset: the tokenizer's own).")
+    overlong: Literal["truncate", "drop"] = Field(
+        "truncate", description="A supervised sample longer than seq_len: cut to seq_len, or left out (counted "
+        "and reported either way).")
+    packing: bool = Field(
+        True, description="Supervised samples: several per row, each with position ids starting at 0, so "
+        "transformers' attention masks (sdpa, eager, flash_attention_2) keep a sample from attending to another; "
+        "off: one sample per row, padded to seq_len.")
+    num_proc: int | None = Field(
+        None, gt=0, description="Processes that tokenize the data set (unset: every CPU core of the machine).")
+    cache_dir: str | None = Field(
+        None, description="Folder of the tokenized data cache, keyed by data files, tokenizer, format, template "
+        "and seq_len, so a later launch reads instead of tokenizing (unset: $XDG_CACHE_HOME/craken/data, "
+        "else ~/.cache/craken/data).")
+    streaming: bool = Field(
+        False, description="Read and tokenize the data while training (datasets' IterableDataset; accelerate gives "
+        "each process its own files when there are at least as many files as processes, else every process reads "
+        "all and keeps its own batches), for data larger than memory or disk; no cache, no eval split.")
 
 
 class BatchSection(Section):

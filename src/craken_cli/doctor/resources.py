@@ -28,7 +28,7 @@ def model_params(name: str, environ: Mapping[str, str]) -> tuple[int | None, str
             cfg = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        n = params_from_config(cfg)
+        n = params_from_config(cfg) if isinstance(cfg, dict) else None  # the model check names a bad file
         if n:
             return n, f"estimated from {path}"
     return None, f"no config.json for {name!r} on this machine"
