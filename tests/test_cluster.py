@@ -201,8 +201,8 @@ BAD_SLURM = [
     (["--gpus-per-node", "0"], "--gpus-per-node"),
     (["--port", "80"], "--port"),
     (["--port", "70000"], "--port"),
-    (["--time", "90"], "--time"),
-    (["--time", "1:00"], "--time"),
+    (["--time", "1:75"], "--time"),
+    (["--time", "1:00:00:00"], "--time"),
     (["--time", "12:60:00"], "--time"),
     (["--time", "2-24:00:00"], "--time"),
     (["--time", "00:00:00"], "--time"),
@@ -259,7 +259,8 @@ def test_no_run_file_at_all(tmp_path, monkeypatch, capsys):
     assert code == 2 and "--config" in err and out == ""
 
 
-@pytest.mark.parametrize("value", ["00:30:00", "48:00:00", "1-00:00:00", "7-23:59:59", "0-00:00:01"])
+@pytest.mark.parametrize("value", ["00:30:00", "48:00:00", "1-00:00:00", "7-23:59:59", "0-00:00:01",
+                                   "25:00", "90", "1:00", "2-12", "2-12:30", "UNLIMITED"])
 def test_good_times(value):
     assert cluster.time_problem(value) is None
 

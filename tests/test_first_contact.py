@@ -108,7 +108,7 @@ def test_train_says_what_is_about_to_run(craken, workdir):
     assert "builtin:tiny (123.2k parameters)" in flat
     assert "DeepSpeed ZeRO-3, optimizer offload cpu, parameter offload cpu; 2 CPU processes" in flat
     assert "bf16 compute, fp32 master weights" in flat
-    assert "micro-batch 2 x accumulation 8 x 2 processes = 32 sequences per step" in flat
+    assert "micro-batch 2 x accumulation 8 x 2 processes = global batch 32" in flat
     assert "64 tokens; 7 steps" in flat and "run folder runs/default" in flat
     assert "file craken.yaml: train.max_steps=7" in flat
     assert "flag: " in flat and "optimizer.lr=0.001" in flat and "zero.stage=3" in flat

@@ -22,7 +22,10 @@ DEFAULT_PORT = 29500
 SCRIPT_FLAGS = ("--num-machines", "--num-processes", "--machine-rank", "--main-process-ip",
                 "--main-process-port", "--config", "-c", "--launcher")
 
-_TIME = re.compile(r"^(?:(?P<days>\d+)-(?P<dh>\d{1,2})|(?P<h>\d+)):(?P<m>\d{2}):(?P<s>\d{2})$", re.ASCII)
+# sbatch --time: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS (the leading field unbounded)
+_TIME = re.compile(r"^(?:(?P<days>\d+)-(?P<dh>\d{1,2})(?::(?P<dm>\d{1,2})(?::(?P<ds>\d{1,2}))?)?"
+                   r"|(?P<a>\d+)(?::(?P<b>\d{1,2})(?::(?P<c>\d{1,2}))?)?)$", re.ASCII)
+_UNLIMITED = ("UNLIMITED", "INFINITE")
 # Values pasted into `#SBATCH` lines: no spaces, quotes or newlines, which would end or split the line.
 _SBATCH_VALUE = re.compile(r"^[A-Za-z0-9._,:@+\-]+$")
 _LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
@@ -52,12 +55,18 @@ class SlurmJob:
 
 
 def time_problem(value: str) -> str | None:
-    """None when `value` is a SLURM time limit craken accepts (HH:MM:SS or D-HH:MM:SS)."""
+    """None when `value` is a time limit sbatch accepts (its formats: MM, MM:SS, HH:MM:SS, D-HH,
+    D-HH:MM, D-HH:MM:SS, UNLIMITED)."""
+    if value.upper() in _UNLIMITED:
+        return None
     m = _TIME.match(value)
-    fix = f"--time {value!r}: write HH:MM:SS or D-HH:MM:SS, e.g. --time 12:00:00 or --time 2-00:00:00"
+    fix = (f"--time {value!r}: write one of SLURM's formats MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS, "
+           "e.g. --time 25:00 or --time 2-00:00:00")
     if not m:
         return fix
-    if int(m["m"]) > 59 or int(m["s"]) > 59 or (m["dh"] is not None and int(m["dh"]) > 23):
+    # b is the minutes of HH:MM:SS or the seconds of MM:SS: at most 59 either way
+    bounded = [(m["dh"], 23), (m["dm"], 59), (m["ds"], 59), (m["b"], 59), (m["c"], 59)]
+    if any(field is not None and int(field) > limit for field, limit in bounded):
         return f"{fix} (minutes and seconds go to 59, hours after a day count to 23)"
     if not any(int(x) for x in m.groups() if x is not None):
         return f"--time {value!r} is zero: give a positive limit, e.g. --time 01:00:00"

@@ -27,7 +27,7 @@ def summary_lines(spec, sources: Mapping[str, str], run_dir: Path | str, params:
         ("strategy", _strategy(spec)),
         ("precision", _precision(spec.precision)),
         ("batch", f"micro-batch {spec.batch.micro_batch} x accumulation {spec.grad_accum} x {spec.world_size} "
-                  f"processes = {spec.train_batch_size} sequences per step"),
+                  f"processes = global batch {spec.train_batch_size}"),
         ("sequence", f"{spec.data.seq_len} tokens; {spec.train.max_steps} steps"),
         ("run folder", str(run_dir)),
     ]
