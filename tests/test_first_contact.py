@@ -222,3 +222,27 @@ def test_dry_run_prints_readable_files_and_a_command_and_works_over_a_run(craken
     assert f"# {run.relative_to(workdir)}/ds_config.json" in lines
     assert '  "gradient_accumulation_steps": 2,' in lines and "\\n" not in result.out
     assert "  max_steps: 3" in lines  # run.yaml as YAML text
+
+
+def test_the_bar_moves_every_step_and_starts_at_the_resumed_step(monkeypatch):
+    """The bar moved only every steps_per_print steps, and restarted at 0/300 after a resume."""
+    import io
+
+    from craken_cli.progress import ProgressReporter
+
+    monkeypatch.delenv("CRAKEN_NO_PROGRESS", raising=False)
+    monkeypatch.setenv("COLUMNS", "160")
+    with ProgressReporter(total_steps=300, steps_per_print=10, stream=io.StringIO(), interactive=True) as bar:
+        bar.update(201)  # the first step after resuming at 200: no numbers yet
+        task = bar._progress.tasks[0]
+        assert task.completed == 201
+        for step in range(202, 211):
+            bar.update(step, {"loss": 1.5} if step == 210 else None)
+            assert task.completed == step
+        bar.update(211)
+        assert "loss 1.5000" in task.fields["stats"]  # the numbers stay between log steps
+    plain = io.StringIO()
+    with ProgressReporter(total_steps=300, steps_per_print=10, stream=plain, interactive=False) as lines:
+        for step in range(201, 221):
+            lines.update(step, {"loss": 1.0} if step % 10 == 0 else None)
+    assert [line.split()[1] for line in plain.getvalue().splitlines()] == ["210/300", "220/300"]

@@ -83,6 +83,7 @@ class ProgressReporter:
         self._closed = False
         self._first: tuple[int, float] | None = None  # (step, time) of the first update: the ETA's origin
         self._last_printed: int | None = None
+        self._stats = ""  # the bar's last numbers, kept through the steps that bring none
 
     # -- lifecycle
 
@@ -122,7 +123,8 @@ class ProgressReporter:
         if resumed_here:
             self._first = (step, now)
         if self._progress is not None:
-            text = format_metrics(metrics, skip=("lr",))  # the bar's line is short: lr goes to the log lines
+            # the bar's line is short: lr goes to the log lines; a step without numbers keeps the last ones
+            text = self._stats = format_metrics(metrics, skip=("lr",)) if metrics else self._stats
             if resumed_here:
                 # Start the bar's speed estimate here, so a resume at step 500 is not counted as
                 # 500 steps done in no time.

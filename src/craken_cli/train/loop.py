@@ -439,6 +439,8 @@ class Trainer:
             self.window.clear_loss()
         if step % spec.logging.steps_per_print == 0 or step == spec.train.max_steps:
             self.log_train(step)
+        elif self.is_main:
+            self.progress.update(step)  # the bar moves every step; the numbers come every steps_per_print
         if spec.train.eval_every and step % spec.train.eval_every == 0 and step != spec.train.max_steps:
             self.log_eval(step)
         if stop_requested:
