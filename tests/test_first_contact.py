@@ -246,3 +246,11 @@ def test_the_bar_moves_every_step_and_starts_at_the_resumed_step(monkeypatch):
         for step in range(201, 221):
             lines.update(step, {"loss": 1.0} if step % 10 == 0 else None)
     assert [line.split()[1] for line in plain.getvalue().splitlines()] == ["210/300", "220/300"]
+
+
+def test_a_word_for_a_number_is_not_called_quoted(craken, workdir):
+    wrong = craken("config", "show", "--set", "train.max_steps=abc")
+    assert wrong.code == 2 and "train.max_steps = 'abc'" in wrong.err and "quoted" not in wrong.err, wrong.err
+    (workdir / "craken.yaml").write_text("train:\n  max_steps: '30'\n")
+    quoted = craken("config", "show")
+    assert quoted.code == 2 and "must not be quoted" in quoted.err, quoted.err

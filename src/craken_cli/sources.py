@@ -272,10 +272,19 @@ def format_validation_errors(exc: ValidationError, flat: Mapping[str, Any], orig
         hint = f"; set {flag}" if flag else ""
         given = flat.get(path, err.get("input"))
         msg = err["msg"].removeprefix("Value error, ")
-        if err["type"].endswith("_type") and isinstance(given, str):
-            msg += " (numbers and booleans must not be quoted)"
+        if err["type"].endswith("_type") and isinstance(given, str) and _reads_as_scalar(given):
+            msg += " (numbers and booleans must not be quoted)"  # '3' in a file: a quoted number
         problems.append(f"{path} = {given!r} (from {where}): {msg}{hint}")
     return problems
+
+
+def _reads_as_scalar(text: str) -> bool:
+    """Would `text` unquoted be a number or a boolean (so quoting was the mistake)?"""
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return text.strip().lower() in ("true", "false", "yes", "no", "on", "off")
 
 
 def _is_field_name(part) -> bool:

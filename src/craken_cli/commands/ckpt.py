@@ -33,7 +33,7 @@ def _human(n: int) -> str:
 @app.command("list", epilog="Example: craken ckpt list runs/default --json")
 def list_(
     run_dir: Annotated[Path, _RUN_DIR],
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per checkpoint.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON array, one object per checkpoint.")] = False,
 ) -> None:
     """List a run's checkpoints: step, processes that wrote it, complete or not (and why), size."""
     from ..ckpt_ops import rows
