@@ -1,5 +1,7 @@
-"""The bad-input catalog of issue 6: what `craken train`, `--resume` and `craken ckpt` get wrong in
-practice (flags, model and data paths, run folders, checkpoint folders), through the real CLI.
+"""The bad-input catalogue (issues 6 and 24): what `craken train`, `--resume`, `ckpt`, `plan`, `doctor`,
+`report` and `cluster` get wrong in practice (flags, run folders and `--force`, model folders, data
+files, numbers, configuration files, checkpoints), through the real CLI, all caught before any
+process is launched (a case that needs workers to be caught is a defect, not a slow test).
 
 Every case exits 2 with exactly one `craken: ...` line (or one usage error from the parser) that
 names the input and what to do, no traceback, nothing on stdout, and nothing written or deleted:
@@ -439,6 +441,8 @@ CASES.update({
     "doctor-model-invalid-config": Case(["doctor", "--model", "./mymodel"], ["config.json is not valid JSON",
                                                                             "fix:"],
                                         model(raw_config="{oops"), doctor=True),
+    "doctor-model-config-a-list": Case(["doctor", "--model", "./mymodel"], ["config.json holds no JSON object"],
+                                       model(raw_config="[1, 2]"), doctor=True),
     "doctor-model-t5": Case(["doctor", "--model", "./mymodel"], ["not a causal language model"],
                             model({"model_type": "t5"}), doctor=True),
     "doctor-model-scrambled-weights": Case(["doctor", "--model", "./mymodel"], ["NaN/Inf bit patterns"],
@@ -448,7 +452,11 @@ CASES.update({
     "plan-t5": Case(["plan", *M, "--gpus", "1", "--gpu-memory", "80GiB"], ["'t5'", "causal LM"],
                     model({"model_type": "t5"})),
     "plan-config-not-json": Case(["plan", *M, "--gpus", "1", "--gpu-memory", "80GiB"],
-                                 ["config.json is not valid JSON"], model(raw_config="{oops")),
+                                 ["config.json is not valid JSON", "save_pretrained"], model(raw_config="{oops")),
+    "plan-config-binary": Case(["plan", *M, "--gpus", "1", "--gpu-memory", "80GiB"],
+                               ["config.json is not valid JSON", "save_pretrained"], model(raw_config=b"\xff\xfe\x00")),
+    "plan-config-a-list": Case(["plan", *M, "--gpus", "1", "--gpu-memory", "80GiB"],
+                               ["config.json holds no JSON object"], model(raw_config="[1]")),
     # --- 2. data files: encoding, corruption, size (formats are tests/test_data*.py's)
     "data-binary-text-file": Case(train("--dataset", "d.txt"), ["--dataset d.txt", "a binary file"],
                                   data("d.txt", raw=bytes(range(256)) * 4)),
@@ -492,6 +500,9 @@ CASES.update({
     "data-too-little-for-the-micro-batch": Case(train("--dataset", "d.jsonl", "--micro-batch", "512"),
                                                 ["--micro-batch 512 needs 1024 training blocks", "use --micro-batch"],
                                                 data("d.jsonl")),
+    "builtin-data-too-little-for-the-micro-batch": Case(train("--micro-batch", "512"),
+                                                        ["--dataset builtin:counting", "--micro-batch 512 needs 1024",
+                                                         "use --micro-batch"]),
     "data-blank-lines-only": Case(train("--dataset", "d.txt"), ["training blocks", "add data"],
                                   data("d.txt", raw=b"\n \n\n")),
     # --- 2/7. numbers no run can use
@@ -560,6 +571,12 @@ CASES.update({
     "report-out-is-a-file": Case(["report", RUN, "--out", "plots"], ["--out plots is a file", "give a folder"],
                                  both(write(f"{RUN}/metrics.jsonl", '{"step": 1, "loss": 2.0}\n'),
                                       write("plots", "x"))),
+    "report-line-a-list": Case(["report", RUN], ["metrics.jsonl:1 is not a JSON object", "remove the damaged line"],
+                               write(f"{RUN}/metrics.jsonl", "[1, 2]\n")),
+    "report-step-a-string": Case(["report", RUN], ["has no integer `step`", "docs/metrics-format.md"],
+                                 write(f"{RUN}/metrics.jsonl", '{"step": "x", "loss": 1.0}\n')),
+    "report-binary-metrics": Case(["report", RUN], ["metrics.jsonl cannot be read"],
+                                  write(f"{RUN}/metrics.jsonl", b"\x00\xff\x01")),
     "report-without-metrics": Case(["report", RUN], ["metrics.jsonl does not exist", "Pass the run folder"],
                                    write(f"{RUN}/notes.txt", "x")),
     "dry-run-into-proc": Case(["train", "--dry-run", "--output-dir", "/proc/forbidden"],
@@ -697,9 +714,9 @@ def test_offload_run_refuses_a_left_over_op_build_lock(craken, workdir, monkeypa
     import os
     import time
 
-    from craken_cli import doctor
+    from craken_cli import dsops
 
-    monkeypatch.setattr(doctor, "torch_uses_build_baton", lambda: True)
+    monkeypatch.setattr(dsops, "torch_uses_build_baton", lambda: True)
 
     lock = workdir / "ext" / "cpu_adam" / "lock"
     lock.parent.mkdir(parents=True)
@@ -754,7 +771,7 @@ def test_tensorboard_is_satisfied_by_either_writer():
 
 def test_nvme_offload_without_libaio_is_refused_before_launch(craken, workdir):
     """Every process would fail after start-up loading DeepSpeed's async_io op."""
-    from craken_cli.doctor import find_libaio
+    from craken_cli.dsops import find_libaio
 
     _, header, link = find_libaio({})
     if header and link:

@@ -149,7 +149,7 @@ def test_guide_commands_run_as_shown(tmp_path):
         if step.argv[0] == "make" and shutil.which("make") is None:
             continue  # make is not installed here; the craken commands it wraps are tested on their own
         run_env = dict(env)
-        if step.argv[:2] == ("craken", "train"):
+        if step.argv[:2] in (("craken", "train"), ("craken", "launch")):
             # a fresh rendezvous port, in case something else holds the default one
             run_env["CRAKEN_CLUSTER__MAIN_PROCESS_PORT"] = str(free_port())
         start = time.monotonic()

@@ -47,10 +47,12 @@ def test_the_workers_run_the_script_under_the_host_after_the_run_file(tmp_path):
 
 def test_dry_run_shows_the_plan_the_script_gets_and_writes_nothing(craken, workdir, script):
     shown = json.loads(craken("config", "show", "--json", *RUN_FLAGS).out)["spec"]
-    result = craken("launch", "--dry-run", *RUN_FLAGS, str(script), "--my-flag", "1", env={"HF_TOKEN": "hf_secret"})
+    result = craken("launch", "--dry-run", *RUN_FLAGS, str(script), "--my-flag", "1", "--lr", "5", "--dry-run",
+                    env={"HF_TOKEN": "hf_secret"})
     assert result.code == 0, result.output
     data = json.loads(result.out)
-    assert data["argv"][-3:] == [str(script), "--my-flag", "1"]
+    assert data["argv"][-6:] == [str(script), "--my-flag", "1", "--lr", "5", "--dry-run"]  # the script's, unparsed
+    assert data["env"]["CRAKEN_PLAN_LR"] == str(shown["optimizer"]["lr"])
     env = data["env"]
     assert env["CRAKEN_PLAN_MICRO_BATCH"] == str(shown["batch"]["micro_batch"]) == "4"
     assert env["CRAKEN_PLAN_GRAD_ACCUM"] == str(shown["batch"]["grad_accum"]) == "2"
@@ -89,7 +91,7 @@ def test_bad_input_is_refused_before_launch_with_exit_2_and_nothing_written(crak
         "module": (["-m", "no_such_module_xyz"], "module no_such_module_xyz is not found"),
         "package": (["-m", "pkg"], "package without __main__.py"),
         "conflict": (["ok.py", "--per_device_train_batch_size", "8"],
-                     "argument --per_device_train_batch_size 8 but craken planned per_device_train_batch_size=4"),
+                     "argument --per_device_train_batch_size 8 contradicts craken's plan, per_device_train_batch_size=4"),
         "conflict_eq": (["ok.py", "--max_grad_norm=1.0"], "change the plan with --clip"),
         "deepspeed": (["ok.py", "--deepspeed", "ds.json"], "drop --deepspeed"),
         "auto": (["--auto", "ok.py"], "pass --model"),
@@ -147,7 +149,7 @@ def test_a_value_set_against_the_plan_stops_with_the_flag_to_change(args_class):
     with pytest.raises(PlanConflict) as info:
         args_class(report_to="none", per_device_train_batch_size=8, gradient_accumulation_steps=3, learning_rate=0.1)
     text = str(info.value)
-    assert "per_device_train_batch_size=8 but craken planned per_device_train_batch_size=4" in text
+    assert "per_device_train_batch_size=8 against craken's plan, per_device_train_batch_size=4" in text
     assert "--micro-batch" in text and "--lr" in text and "gradient_accumulation_steps" not in text
     ok = args_class(report_to="none", output_dir="mine", logging_steps=3, seed=9)  # fill-only values stay the script's
     assert (ok.output_dir, ok.logging_steps, ok.seed) == ("mine", 3, 9)
@@ -169,6 +171,8 @@ def test_the_failure_named_is_the_first_recorded_exception_not_its_followers():
     ordered = sorted(records, key=launcher.first_cause)
     assert launcher.failure_summary(ordered) == "rank 1 exited with code 1: ValueError: boom (and 2 more ranks)"
     assert launcher.failure_summary([records[2]]) == "rank 2 was killed by signal 15"
+    unrecorded = [{"rank": 0, "exitcode": -15, "message": "", "time": 3.0}, {"rank": 1, "exitcode": 3, "message": "", "time": 3.0}]
+    assert sorted(unrecorded, key=launcher.first_cause)[0]["rank"] == 1  # it exited; torchrun then stopped rank 0
     assert launcher.worker_exit_code(-15) == 143 and launcher.worker_exit_code(3) == 3
     assert launcher.last_line("Traceback\n  x\nKeyError: 'a'\n") == "KeyError: 'a'"
 
@@ -203,13 +207,56 @@ def test_make_targets_launch_the_script_when_script_is_set(tmp_path):
     def dry(*args):
         return subprocess.run(["make", "-s", "-n", "-C", str(root), *args], capture_output=True, text=True).stdout
 
-    assert dry("craken_ds2").strip() == "craken train --zero 2 --name ds2"
+    assert dry("craken_ds2").strip() == "craken train --preset ds_zero2 --name ds2"
     assert dry("craken_ds2", "SCRIPT=train.py", "SCRIPT_ARGS=--epochs 1", "ARGS=--lr 1e-4").strip() == \
-        "craken launch --zero 2 --name ds2 --lr 1e-4 train.py --epochs 1"
+        "craken launch --preset ds_zero2 --name ds2 --lr 1e-4 train.py --epochs 1"
     assert dry("test_craken_ds3_auto", "SCRIPT=-m pkg.train").strip() == \
-        "craken launch --zero 3 --auto --test --name ds3_auto -m pkg.train"
+        "craken launch --preset ds_zero3 --auto --test --name ds3_auto -m pkg.train"
 
 
 def test_launch_test_is_a_short_run_of_the_same_plan_in_its_own_folder(craken, script):
     data = json.loads(craken("launch", "--dry-run", "--test", "--zero", "2", "--max-steps", "500", str(script)).out)
     assert data["env"]["CRAKEN_PLAN_MAX_STEPS"] == "20" and data["env"]["CRAKEN_PLAN_RUN_DIR"].endswith("default-test")
+
+
+@pytest.mark.parametrize("body, code, recorded", [
+    ("raise ValueError('bad row 3')", 1, "ValueError: bad row 3"),
+    ("import no_such_module_for_this_test", 1, "ModuleNotFoundError: No module named 'no_such_module_for_this_test'"),
+    ("import sys; sys.exit(3)", 3, "SystemExit: 3"),
+    ("raise KeyboardInterrupt", 130, None),
+    ("import sys; assert sys.argv[1:] == ['--a', '1'] and __name__ == '__main__'", 0, None),
+])
+def test_the_host_runs_the_script_as_main_and_records_how_it_failed(tmp_path, monkeypatch, capsys, body, code, recorded):
+    from craken_cli import script_host
+
+    script = tmp_path / "user_train.py"
+    script.write_text(body + "\n")
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    assert script_host.run_target(str(script), None, ["--a", "1"]) == code
+    if recorded is None:
+        assert not error_file.exists()
+        return
+    data = json.loads(error_file.read_text())["message"]
+    assert data["message"] == recorded and isinstance(data["extraInfo"]["time"], float)
+    err = capsys.readouterr().err
+    if code == 1:  # the traceback starts in the user's script, not in runpy or the host
+        assert err.startswith("[rank 0] Traceback") and "user_train.py" in err
+        assert "runpy" not in err and "script_host" not in err
+
+
+def test_craken_train_refuses_a_script_after_the_double_dash(craken, workdir, script):
+    result = craken("train", "--dry-run", "--", str(script))
+    assert result.code == 2 and "run your script with craken launch" in result.output
+    assert craken("train", "--dry-run", "--", "--main_process_port", "29601").code == 0  # launcher flags still pass
+
+
+def test_every_problem_of_a_launch_is_reported_at_once(craken, workdir):
+    (workdir / "runs" / "default").mkdir(parents=True)
+    (workdir / "runs" / "default" / "run.yaml").write_text("version: 1\n")  # an earlier run's folder
+    result = craken("launch", *RUN_FLAGS, "nope.py", "--gradient_accumulation_steps", "5")
+    assert result.code == 2
+    for part in ("nope.py does not exist", "already holds a run", "--gradient_accumulation_steps 5 contradicts"):
+        assert part in result.output

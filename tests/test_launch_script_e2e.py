@@ -24,7 +24,6 @@ from transformers import AutoModelForCausalLM
 
 plan = {k[len("CRAKEN_PLAN_"):].lower(): v for k, v in os.environ.items() if k.startswith("CRAKEN_PLAN_")}
 micro, seq, steps = int(plan["micro_batch"]), int(plan["seq_len"]), int(plan["max_steps"])
-checkpoint = os.path.join(plan["output_dir"], "state")
 accelerator = Accelerator()
 torch.manual_seed(int(plan["seed"]))
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
@@ -39,22 +38,17 @@ else:
                                   betas=(float(plan["adam_beta1"]), float(plan["adam_beta2"])))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / int(plan["warmup_steps"])))
 model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-if "--resume" in sys.argv:
-    accelerator.load_state(checkpoint)
 engine, inner = model, getattr(model.optimizer, "optimizer", model.optimizer)
 offload = engine.zero_offload_optimizer()
 report = {"world": accelerator.num_processes, "train_batch_size": engine.train_batch_size(),
           "micro_batch": engine.train_micro_batch_size_per_gpu(), "grad_accum": engine.gradient_accumulation_steps(),
           "accelerator_grad_accum": accelerator.gradient_accumulation_steps, "clip": engine.gradient_clipping(),
           "stage": engine.zero_optimization_stage(), "offload_optimizer": str(offload.device) if offload else "none",
-          "optimizer": type(inner).__name__, "batches_per_process": len(loader), "start_step": engine.global_steps}
+          "optimizer": type(inner).__name__, "batches_per_process": len(loader)}
 if accelerator.is_main_process:
     print("DEEPSPEED_RAN " + json.dumps(report), flush=True)
 losses = []
-skip = engine.global_steps * engine.gradient_accumulation_steps()
-for i, (batch,) in enumerate(loader):
-    if i < skip:
-        continue
+for (batch,) in loader:
     with accelerator.accumulate(model):  # DeepSpeed steps at the JSON's accumulation boundary only inside it
         loss = model(input_ids=batch, labels=batch).loss
         accelerator.backward(loss)
@@ -62,7 +56,6 @@ for i, (batch,) in enumerate(loader):
     losses.append(loss.item())
     if engine.global_steps >= steps:
         break
-accelerator.save_state(checkpoint)
 if accelerator.is_main_process:
     print("DONE " + json.dumps({"step": engine.global_steps, "losses": losses}), flush=True)
 '''
@@ -91,6 +84,7 @@ class Report(TrainerCallback):
                 "clip": engine.gradient_clipping(), "stage": engine.zero_optimization_stage(),
                 "offload_optimizer": str(offload.device) if offload else "none", "optimizer": type(inner).__name__,
                 "lr": args.learning_rate, "max_steps": args.max_steps, "start_step": state.global_step,
+                "scheduler": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
                 "output_dir": args.output_dir}), flush=True)
 
 
@@ -99,6 +93,14 @@ trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[Repo
 trainer.train(resume_from_checkpoint="--resume" in sys.argv)
 if trainer.is_world_process_zero():
     print("DONE " + json.dumps({"step": trainer.state.global_step}), flush=True)
+'''
+
+SLEEPING_SCRIPT = '''
+import time
+from accelerate import Accelerator
+accelerator = Accelerator()
+print("ready", accelerator.process_index, flush=True)
+time.sleep(120)
 '''
 
 FAILING_SCRIPT = '''
@@ -176,6 +178,20 @@ def test_accelerate_script_at_zero1_runs_the_plan_with_its_own_adamw(tmp_path, m
     assert "finished" in result.stderr
 
 
+def test_accelerate_script_at_zero3_with_offload_takes_deepspeeds_optimizer(tmp_path, model_dir, free_port):
+    """Offloaded states are stepped by DeepSpeed's CPU Adam only: the JSON keeps its optimizer, and the
+    script, told by CRAKEN_PLAN_DS_OPTIMIZER=1, passes accelerate's DummyOptim / DummyScheduler."""
+    (tmp_path / "train.py").write_text(ACCELERATE_SCRIPT)
+    flags = ["--zero", "3", "--offload-optimizer", "cpu", "--offload-param", "cpu", "--micro-batch", "2",
+             "--grad-accum", "1", "--max-steps", "2", "--main-process-port", free_port]
+    result = craken("launch", *flags, "train.py", model_dir, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    ran = line(result, "DEEPSPEED_RAN")
+    assert_ran_as_planned(ran, planned(flags, tmp_path))
+    assert ran["optimizer"] == "DeepSpeedCPUAdam"
+    assert line(result, "DONE")["step"] == 2
+
+
 def test_trainer_script_at_zero2_with_offload_trains_and_resumes_without_a_mismatch(tmp_path, model_dir, free_port):
     (tmp_path / "train.py").write_text(TRAINER_SCRIPT)
     flags = ["--zero", "2", "--offload-optimizer", "cpu", "--micro-batch", "2", "--grad-accum", "2",
@@ -197,18 +213,21 @@ def test_trainer_script_at_zero2_with_offload_trains_and_resumes_without_a_misma
     assert line(again, "DONE")["step"] == 4
 
 
-def test_accelerate_script_at_zero3_resumes_its_saved_state(tmp_path, model_dir, free_port):
-    (tmp_path / "train.py").write_text(ACCELERATE_SCRIPT)
+def test_trainer_script_at_zero3_builds_its_own_optimizer_and_schedule_from_the_plan(tmp_path, model_dir, free_port):
+    """Without offload the JSON has no optimizer: the Trainer makes its torch AdamW and its schedule from the
+    TrainingArguments the host filled, and DeepSpeed partitions them at stage 3."""
+    (tmp_path / "train.py").write_text(TRAINER_SCRIPT)
     flags = ["--zero", "3", "--offload-optimizer", "none", "--offload-param", "none", "--micro-batch", "2",
-             "--grad-accum", "1", "--max-steps", "2", "--main-process-port", free_port]
-    first = craken("launch", *flags, "train.py", model_dir, cwd=tmp_path)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
-    assert_ran_as_planned(line(first, "DEEPSPEED_RAN"), planned(flags, tmp_path))
-    flags[flags.index("--max-steps") + 1] = "4"
-    again = craken("launch", *flags, "--force", "train.py", model_dir, "--resume", cwd=tmp_path)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-5000:]
-    assert line(again, "DEEPSPEED_RAN")["start_step"] == 2
-    assert line(again, "DONE")["step"] == 4
+             "--grad-accum", "1", "--max-steps", "2", "--lr", "0.002", "--main-process-port", free_port]
+    result = craken("launch", *flags, "train.py", model_dir, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "mismatch TrainingArguments" not in result.stderr
+    ran = line(result, "DEEPSPEED_RAN")
+    spec = planned(flags, tmp_path)
+    assert_ran_as_planned(ran, spec)
+    assert ran["optimizer"] == "AdamW" and ran["lr"] == spec["optimizer"]["lr"] == 0.002
+    assert ran["scheduler"] == "cosine_with_min_lr" and ran["max_steps"] == 2
+    assert line(result, "DONE")["step"] == 2
 
 
 def test_a_failing_script_gets_one_message_naming_its_rank_and_error(tmp_path, free_port):
@@ -217,3 +236,25 @@ def test_a_failing_script_gets_one_message_naming_its_rank_and_error(tmp_path, f
     assert result.returncode == 1
     assert "craken: fail.py failed: rank 1 exited with code 1: ValueError: boom on rank one" in result.stderr
     assert_no_launcher_traceback(result)
+
+
+def test_sigterm_stops_the_script_with_143_and_one_line(tmp_path, free_port):
+    import signal
+    import time
+
+    (tmp_path / "sleepy.py").write_text(SLEEPING_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRAKEN_")}
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "craken_cli", "launch", "--main-process-port", str(free_port),
+                                 "sleepy.py"], cwd=tmp_path, env=env, stdout=stdout, stderr=stderr)
+        deadline = time.monotonic() + 300
+        while out.read_text().count("ready") < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=120)
+    result = subprocess.CompletedProcess(proc.args, code, out.read_text(), err.read_text())
+    assert code == 143, result.stderr[-4000:]
+    assert "craken: sleepy.py was stopped by a signal (exit 143)" in result.stderr
+    assert_no_launcher_traceback(result)
+    assert "Traceback" not in result.stderr

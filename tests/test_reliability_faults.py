@@ -165,16 +165,17 @@ def test_credentials_inside_values_are_shown_redacted():
 
 
 @pytest.mark.e2e
-def test_url_credentials_are_in_no_file_of_a_pdsh_launch(tmp_path):
+def test_url_credentials_are_in_no_file_of_a_pdsh_launch(tmp_path, free_port):
     """--launcher deepspeed over two machines: accelerate writes the whole environment into DeepSpeed's
     env file (RUN/.deepspeed_env), and DATABASE_URL=postgres://u:<pw>@... went in; credentials inside
     values are held back like HF_TOKEN. The launch itself fails here (no pdsh): what it wrote counts."""
     env = {**ENV, **{k: v for k, (v, _) in SECRET_VALUES.items()}}
     done = subprocess.run([sys.executable, "-m", "craken_cli", "train", "--launcher", "deepspeed", "--num-machines", "2",
-                           "--num-processes", "2", "--main-process-ip", "127.0.0.1", "--max-steps", "2",
+                           "--num-processes", "2", "--main-process-ip", "127.0.0.1", "--main-process-port", str(free_port),
+                           "--max-steps", "2",
                            "--output-dir", "run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     env_file = tmp_path / "run" / ".deepspeed_env"
-    assert env_file.is_file() and "DS_ACCELERATOR=cpu" in env_file.read_text(), done.stderr[-3000:]
+    assert env_file.is_file() and "DS_ACCELERATOR=cpu" in env_file.read_text(), (done.stdout + done.stderr)[-3000:]
     assert "not passed to the other machines" in done.stderr and "DATABASE_URL" in done.stderr
     secrets = [v.split("@")[0].split(":")[-1] if "@" in v else v.split()[-1] for v, _ in SECRET_VALUES.values()]
     hits = [f"{p}: {s}" for p in tmp_path.rglob("*") if p.is_file() for s in secrets if s.encode() in p.read_bytes()]

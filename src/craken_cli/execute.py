@@ -41,12 +41,13 @@ def execute(prepared: Prepared) -> int:
         write_report(prepared.run_dir)
     if prepared.test:
         healthy, message = smoke_test_health(metrics) if code == 0 else (False, f"the run exited with code {code}")
-        err.print(("[green]test training healthy:[/] " if healthy else "[red]test training failed:[/] ") + message)
+        err.print(("test training healthy: " if healthy else "test training failed: ") + message,
+                  style="green" if healthy else "red")
         return 0 if healthy else (code or 1)
-    # torchrun reports any worker exit as 1; the workers' own code is in the metrics' end line.
+    # The launcher returns the first failed worker's code; why it stopped is in the metrics' end line.
     end = last_end_event(metrics, offset) if code != 0 else {}
     if end.get("exit_code") in (EXIT_CODES["sigint"], EXIT_CODES["sigterm"]):
-        # A signal (torchrun adds a SignalException traceback); the workers finished their step and
+        # A signal (craken_cli.launcher keeps torchrun's SignalException quiet); the workers finished their step and
         # saved a checkpoint: say so, and exit 143 (SIGTERM) / 130 (SIGINT).
         code = end["exit_code"]
         err.print(f"craken: stopped by a signal at step {end.get('steps')}; its checkpoint is saved. Resume with: "

@@ -125,6 +125,14 @@ def build(spec, run_dir: str | os.PathLike, base_env: Mapping[str, str], cpu_cou
     return argv, env
 
 
+def launcher_arg_problems(args: Sequence[str]) -> list[str]:
+    """`craken train -- my_train.py` ran the script by accident, with craken's loop appended to its argv."""
+    if any(a in ("-m", "--module", "--no_python") or a.endswith(".py") for a in args):
+        return [f"`{' '.join(args)}` after -- would name a program for accelerate launch: craken train runs its "
+                "own loop; run your script with craken launch [flags] SCRIPT [ARGS] (or -m MODULE)"]
+    return []
+
+
 def with_failure_file(argv: Sequence[str], path: str | os.PathLike) -> list[str]:
     """The launcher's argv, told where to write the failed workers' ranks and messages."""
     argv = list(argv)

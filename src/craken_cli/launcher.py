@@ -26,11 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     if args[:1] == [FAILURE_FLAG]:
         failure_file, args = Path(args[1]), args[2:]
 
+    import logging
+
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
-    import logging
 
     # torchrun's own "failed (exitcode: 1) local_rank: 0 (pid ...)" lines: craken words the failure itself
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         write_failures(failure_file, failures)
         return worker_exit_code(failures[0]["exitcode"])
     except SignalException as exc:
-        write_failures(failure_file, [{"rank": None, "exitcode": -int(exc.sigval), "message": f"signal {exc.sigval.name}",
-                                      "time": 0.0}])
+        stopped = {"rank": None, "exitcode": -int(exc.sigval), "message": f"signal {exc.sigval.name}", "time": 0.0}
+        write_failures(failure_file, [stopped])
         return 128 + int(exc.sigval)
     except subprocess.CalledProcessError as exc:  # the pdsh launcher (DeepSpeed's runner) of a multi-machine job
         write_failures(failure_file, [{"rank": None, "exitcode": exc.returncode, "message": "", "time": 0.0}])
@@ -66,9 +66,10 @@ def failure_record(rank: int, failure) -> dict:
 
 
 def first_cause(record: dict) -> tuple:
-    """The failure that started it first: a worker that recorded its exception, earliest first (the
-    others mostly followed it: "Connection closed by peer", or stopped by torchrun without a record)."""
-    return (not record["message"], record["time"], record["rank"])
+    """The failure that started it first: a worker that recorded its exception, earliest first, then one
+    that exited by itself (the others mostly followed it: "Connection closed by peer", or were stopped by
+    torchrun's signal)."""
+    return (not record["message"], record["exitcode"] < 0, record["time"], record["rank"])
 
 
 def last_line(text: str) -> str:
@@ -78,6 +79,28 @@ def last_line(text: str) -> str:
 
 def worker_exit_code(code: int) -> int:
     return 128 - code if code < 0 else code  # a worker killed by signal N: 128 + N, as a shell reports it
+
+
+def record_error(exc: BaseException) -> bool:
+    """This worker's torchrun error file (TORCHELASTIC_ERROR_FILE), in the format of torch's `@record`
+    (ErrorHandler.record_exception), plus the time to the microsecond, by which the failure that came
+    first is named; False where torchrun asked for none."""
+    import os
+    import time
+    import traceback
+
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return False
+    now = time.time()
+    data = {"message": {"message": f"{type(exc).__name__}: {exc}", "extraInfo": {
+        "py_callstack": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        "timestamp": str(int(now)), "time": now}}}
+    try:
+        Path(path).write_text(json.dumps(data))
+    except OSError:  # the file only improves craken's message; the failure itself is printed by the worker
+        return False
+    return True
 
 
 def write_failures(path: Path | None, failures: list[dict]) -> None:

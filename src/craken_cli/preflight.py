@@ -1,6 +1,7 @@
 """Checks of a run's inputs before any process is launched: each problem found is one message
-naming what to change. Reads only small files (config.json, the first record of a data file, every
-line of a jsonl data set up to datasize.LOCAL_EXACT_BYTES); imports neither torch nor transformers."""
+naming what to change. Reads config.json, the model's file headers and local data files up to
+CONTENT_SCAN_BYTES; imports neither torch nor transformers, except to count the blocks of a local data
+set small enough that it may not fill one micro-batch per process (datasize, with the run's tokenizer)."""
 
 from __future__ import annotations
 
@@ -137,7 +138,7 @@ def data_problems(spec) -> list[str]:
     if builtin.is_builtin(d.dataset):
         if d.dataset != builtin.BUILTIN_DATA:
             return [f"--dataset {d.dataset}: the only built-in data set is {builtin.BUILTIN_DATA}"]
-        return template_problems(spec, "text" if d.format == "auto" else d.format)
+        return template_problems(spec, "text" if d.format == "auto" else d.format) or size_problems(spec)
     path = Path(d.dataset).expanduser()
     if not path.exists():
         if looks_like_path(d.dataset) or path.suffix in LOCAL_FORMATS:
@@ -209,15 +210,20 @@ BYTES_PER_TOKEN_AT_MOST = 32  # a data set of more bytes per token the run needs
 
 
 def size_problems(spec) -> list[str]:
-    """A local data set too small for one micro-batch per process: every process would stop after
-    loading the model. Counted exactly with the run's tokenizer (datasize), when the model's files are sound."""
+    """A local or built-in data set too small for one micro-batch per process: every process would stop
+    after loading the model. Counted exactly with the run's tokenizer (datasize), when the model's files are
+    sound."""
     from . import datasize
     from .planner import data_problem, train_blocks
+    from .train.data import builtin_lines
 
     world = spec.cluster.num_processes or 1
     needed_tokens = spec.batch.micro_batch * world * spec.data.seq_len / max(0.05, 1 - spec.data.eval_fraction)
     path = Path(spec.data.dataset).expanduser()
-    size = sum(f.stat().st_size for f in ([path] if path.is_file() else path.iterdir()) if f.is_file())
+    if builtin.is_builtin(spec.data.dataset):
+        size = sum(len(line) + 1 for line in builtin.pattern_lines(builtin_lines(spec.data.seq_len)))
+    else:
+        size = sum(f.stat().st_size for f in ([path] if path.is_file() else path.iterdir()) if f.is_file())
     if size > BYTES_PER_TOKEN_AT_MOST * needed_tokens or model_problems(spec):
         return []  # plenty (no token spans that many bytes in practice): not worth tokenizing in the CLI
     blocks, report = datasize.rows_and_report(spec)
@@ -247,7 +253,8 @@ def content_problem(path: Path, column: str) -> str | None:
         return (f"line {line} is not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start}; a binary file, "
                 "or another encoding such as latin-1): convert it to UTF-8 (iconv -f latin1 -t utf-8)")
     if "\0" in text:
-        return f"line {text[:text.index(chr(0))].count(chr(10)) + 1} holds NUL bytes: a binary file, not text; give a text file"
+        line = text[:text.index("\0")].count("\n") + 1
+        return f"line {line} holds NUL bytes: a binary file, not text; give a text file"
     if path.suffix == ".json":
         try:
             records = json.loads(text)
@@ -280,7 +287,8 @@ def json_lines_problem(text: str, column: str) -> str | None:
 def record_problem(record, column: str | None) -> str | None:
     """What is wrong with one record: not an object, or (text format: `column`) its text missing or not a string."""
     if not isinstance(record, dict):
-        return f"a record is {type(record).__name__}, not a JSON object: each record is one object with a {column!r} field"
+        return (f"a record is {type(record).__name__}, not a JSON object: each record is one object with a "
+                f"{column!r} field")
     if column is None:  # a supervised format: its encoder counts and reports bad values
         return None
     if column not in record:
@@ -293,7 +301,7 @@ def record_problem(record, column: str | None) -> str | None:
 
 def op_problems(spec, environ) -> list[str]:
     """A DeepSpeed op this run loads whose last build was killed would hang every process silently."""
-    from .doctor import ops_for, stale_build_locks, stale_lock_message
+    from .dsops import ops_for, stale_build_locks, stale_lock_message
 
     if not spec.uses_deepspeed:
         return []
@@ -306,12 +314,12 @@ def op_problems(spec, environ) -> list[str]:
 def nvme_problems(spec, environ) -> list[str]:
     """NVMe offload loads DeepSpeed's async_io op, built against libaio at first use (or pre-built):
     without libaio every process fails after start-up ('Unable to JIT load the async_io op')."""
-    from .doctor import _deepspeed_ops, find_libaio, libaio_missing, nvme_offload_flags
+    from .dsops import deepspeed_ops, find_libaio, libaio_missing, nvme_offload_flags
 
     nvme = nvme_offload_flags(spec.offload.optimizer.device, spec.offload.param.device)
     if not nvme or not spec.uses_deepspeed:
         return []
-    prebuilt, _ = _deepspeed_ops(environ)
+    prebuilt, _ = deepspeed_ops(environ)
     missing = libaio_missing(bool(prebuilt.get("async_io")), *find_libaio(environ))
     if not missing:
         return []
@@ -414,7 +422,8 @@ def output_problems(run_dir: Path, resume: str | None, force: bool, machine_rank
     parent = nearest_existing(run_dir)
     why = unwritable(parent)
     if why:
-        return [f"run folder {run_dir} cannot be created or written ({parent}: {why}): choose another --output-dir"]
+        return [f"run folder {run_dir} cannot be created or written (creating a folder in {parent} failed: {why}): "
+                "choose another --output-dir"]
     if run_dir.is_dir() and not resume and not force and any((run_dir / m).exists()
                                                              for m in own_run_markers(machine_rank)):
         return [f"run folder {run_dir} already holds a run: pass --resume auto to continue it, --force to start "

@@ -18,6 +18,7 @@ from typing import Mapping
 from . import launch, preflight, userscript
 from .autoplan import auto_layer
 from .errors import CrakenError
+from .hubcheck import hub_problems
 from .options import SpecArgs, layers
 from .render import rendered_files, write_files
 from .train import fp8
@@ -81,7 +82,8 @@ def resolve_spec(request: TrainRequest, environ: Mapping[str, str], hardware=Non
     hw = hardware if hardware is not None else hw_mod.detect()
     notes: list[str] = []
     choice = None
-    if request.auto and request.script is not None and resolved.sources.get("model.name_or_path", "default") == "default":
+    model_unknown = resolved.sources.get("model.name_or_path", "default") == "default"
+    if request.auto and request.script is not None and model_unknown:
         raise CrakenError("--auto plans for the model your script trains, and craken does not know it: pass --model "
                           "PATH_OR_HUB_ID (or set model.name_or_path in craken.yaml)", title="cannot plan this run")
     if request.auto:
@@ -95,9 +97,10 @@ def resolve_spec(request: TrainRequest, environ: Mapping[str, str], hardware=Non
 
 def script_problems(spec, run_dir: Path, request: TrainRequest) -> list[str]:
     if request.script is None:
-        return []
+        return launch.launcher_arg_problems(request.launcher_args)
     keep = userscript.keeps_ds_optimizer(spec, request.ds_optimizer)
-    return userscript.arg_problems(spec, run_dir, request.script, keep)
+    return (userscript.target_problems(request.script)
+            + userscript.arg_problems(spec, run_dir, request.script, keep))
 
 
 def prepare(request: TrainRequest, environ: Mapping[str, str], hardware=None) -> Prepared:
@@ -105,7 +108,8 @@ def prepare(request: TrainRequest, environ: Mapping[str, str], hardware=None) ->
     spec = resolved.spec
     run_dir = Path(spec.output.run_dir())
     force = request.force or request.test
-    problems = (preflight.model_problems(spec) + preflight.data_problems(spec) + preflight.precision_problems(spec)
+    problems = (preflight.model_problems(spec) + hub_problems(spec, environ) + preflight.data_problems(spec)
+                + preflight.precision_problems(spec)
                 + preflight.tracker_problems(spec) + preflight.output_name_problems(spec)
                 + preflight.output_problems(run_dir, request.resume, force, spec.cluster.machine_rank)
                 + preflight.op_problems(spec, environ) + preflight.nvme_problems(spec, environ)

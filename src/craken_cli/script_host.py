@@ -24,13 +24,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 import traceback
 from dataclasses import MISSING, fields
 from pathlib import Path
 
 from .runfolder import DS_FILE, EXIT_CODES as CODES, machine_file
 from . import userscript
+from .launcher import record_error
 
 PLAN_CONFLICT_EXIT = CODES["bad_input"]
 
@@ -82,8 +82,14 @@ def run_target(script: str | None, module: str | None, script_args: list[str]) -
             sys.path.insert(0, str(Path(script).resolve().parent))  # as `python SCRIPT` does
             runpy.run_path(script, run_name="__main__")
     except SystemExit as exc:
-        return exit_code(exc.code)
+        code = exit_code(exc.code)
+        if code:
+            record_error(exc)  # "SystemExit: 3", and when: the rank that exited first is the one named
+        return code
     except KeyboardInterrupt:
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the second copy of the same Ctrl-C
         return CODES["sigint"]
     except PlanConflict as exc:  # craken launch words it from the error file; printed only without one
         if not record_error(exc) and int(os.environ.get("RANK", "0")) == 0:
@@ -115,23 +121,6 @@ def print_script_traceback(exc: BaseException, name: str) -> None:
     rank = os.environ.get("RANK", "0")
     text = "".join(traceback.format_exception(type(exc), exc, tb))
     print(f"[rank {rank}] {text}", end="", file=sys.stderr, flush=True)
-
-
-def record_error(exc: BaseException) -> bool:
-    """This rank's torchrun error file, in the format of torch's `@record` (ErrorHandler.record_exception),
-    plus the time to the microsecond, by which craken_cli.launcher finds the rank that failed first."""
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if not path:
-        return False
-    now = time.time()
-    data = {"message": {"message": f"{type(exc).__name__}: {exc}", "extraInfo": {
-        "py_callstack": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
-        "timestamp": str(int(now)), "time": now}}}
-    try:
-        Path(path).write_text(json.dumps(data))
-    except OSError:  # the file only improves craken's message; the failure itself is already printed
-        return False
-    return True
 
 
 # --- HF TrainingArguments -----------------------------------------------------------------------------
@@ -230,15 +219,24 @@ def is_default(value, default) -> bool:
     return value == default or str(getattr(value, "value", value)) == str(getattr(default, "value", default))
 
 
-if __name__ == "__main__":
-    code = main()
+def leave(code: int) -> None:
+    """Exit without interpreter teardown (train.loop.exit_without_teardown says why), deaf to a second
+    Ctrl-C: craken and torchrun both pass the first one on, and the script has already returned."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     try:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-    except Exception:
+    except Exception:  # leaving anyway; the group dies with the process
         pass
     from .train.loop import exit_without_teardown
 
     exit_without_teardown(code)
+
+
+if __name__ == "__main__":
+    leave(main())

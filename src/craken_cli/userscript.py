@@ -198,17 +198,20 @@ def trainer_plan(spec, run_dir: Path, keep_optimizer: bool) -> dict[str, Planned
 
 
 def agrees(value: Any, planned: Any) -> bool:
+    """Equal as the Trainer would use them: booleans by truth, numbers within rounding, enums by value."""
     if isinstance(planned, bool) or isinstance(value, bool):
         return bool(value) == bool(planned)
     if isinstance(planned, (int, float)) and isinstance(value, (int, float)):
-        return math.isclose(float(value), float(planned), rel_tol=1e-9, abs_tol=0.0)
-    return str(getattr(value, "value", value)) == str(planned) if not isinstance(planned, dict) else value == planned
+        return math.isclose(float(value), float(planned), rel_tol=1e-9)
+    if isinstance(planned, dict):
+        return value == planned
+    return str(getattr(value, "value", value)) == str(planned)  # SchedulerType("linear") == "linear"
 
 
 def conflict_message(name: str, value: Any, planned: Planned, argument: str | None = None) -> str:
-    said = f"the script's argument {argument}" if argument else f"the script sets {name}={value!r}"
-    return (f"{said} but craken planned {name}={planned.value!r}: drop it (craken fills it) or change the plan "
-            f"with {planned.flag}")
+    said = f"the script's argument {argument} contradicts" if argument else f"the script sets {name}={value!r} against"
+    return (f"{said} craken's plan, {name}={planned.value!r}: drop it (craken fills it) or change the plan with "
+            f"{planned.flag}")
 
 
 def arg_problems(spec, run_dir: Path, target: Target, keep_optimizer: bool) -> list[str]:

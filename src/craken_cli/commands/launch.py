@@ -13,7 +13,8 @@ from ..verdict import TEST_STEPS
 @spec_flags
 def launch(
     ctx: typer.Context,
-    script: Annotated[str, typer.Argument(help="Your training script (a .py file), or with -m a module; "
+    script: Annotated[str, typer.Argument(metavar="SCRIPT [ARGS]...", help="Your training script (a .py file), or "
+                                          "with -m a module; "
                                           "everything after it goes to the script unparsed.")],
     module: Annotated[bool, typer.Option("-m", "--module", help="SCRIPT names a module, run as python -m "
                                          "MODULE.")] = False,
@@ -39,20 +40,16 @@ def launch(
     import os
 
     from ..console import err, out
-    from ..errors import CrakenError
     from ..execute import execute
     from ..prepare import TrainRequest, prepare
-    from ..userscript import Target, target_problems
+    from ..userscript import Target
 
     target = Target(module=script, args=tuple(ctx.args)) if module else Target(script=script, args=tuple(ctx.args))
-    problems = target_problems(target)
-    if problems:
-        raise CrakenError(problems, title="cannot launch this script")
     request = TrainRequest(spec_args=spec_args, auto=auto, test=test, dry_run=dry_run, force=force, script=target,
                            ds_optimizer=ds_optimizer)
     prepared = prepare(request, environ=os.environ)
     for warning in prepared.warnings:
-        err.print(f"[yellow]warning:[/] {warning}")
+        err.print(f"warning: {warning}", style="yellow")
     if dry_run:
         out.print_json(data={"argv": prepared.argv, "env": prepared.env_shown, "files": prepared.files_shown})
         return

@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CODES["disk_full"]
     except Exception as exc:
         if not _is_oom(exc):
+            from ..launcher import record_error
+
+            record_error(exc)  # the rank and the last line of this error, for craken's one message
             raise
         # Leave a marker for `craken train --auto`, which relaunches with the next strategy.
         rank = int(os.environ.get("RANK", "0"))
