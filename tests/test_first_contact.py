@@ -254,3 +254,16 @@ def test_a_word_for_a_number_is_not_called_quoted(craken, workdir):
     (workdir / "craken.yaml").write_text("train:\n  max_steps: '30'\n")
     quoted = craken("config", "show")
     assert quoted.code == 2 and "must not be quoted" in quoted.err, quoted.err
+
+
+def test_plot_titles_carry_the_run_name(tmp_path):
+    import json
+
+    from craken_cli.report import _subtitle, read_metrics
+
+    run = tmp_path / "runs" / "llama-lr3e-4"
+    run.mkdir(parents=True)
+    lines = [{"event": "start", "strategy": "zero2", "precision": "bf16", "device": "cpu", "num_processes": 2},
+             {"step": 1, "loss": 2.0, "lr": 1e-4}, {"step": 2, "loss": 1.9, "lr": 2e-4}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert _subtitle(read_metrics(run)) == "run llama-lr3e-4: zero2, bf16, cpu x 2"

@@ -241,7 +241,8 @@ def _subtitle(metrics: Metrics) -> str:
     if start.get("device"):
         n = start.get("num_processes")
         parts.append(f"{start['device']}" + (f" x {n}" if n else ""))
-    return ", ".join(parts)
+    # the run's name first: plots of several runs side by side are told apart by it
+    return f"run {metrics.path.parent.name}" + (f": {', '.join(parts)}" if parts else "")
 
 
 def _draw_loss(ax, metrics: Metrics) -> bool:
