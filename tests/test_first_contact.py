@@ -267,3 +267,22 @@ def test_plot_titles_carry_the_run_name(tmp_path):
              {"step": 1, "loss": 2.0, "lr": 1e-4}, {"step": 2, "loss": 1.9, "lr": 2e-4}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert _subtitle(read_metrics(run)) == "run llama-lr3e-4: zero2, bf16, cpu x 2"
+
+
+def test_known_noise_is_dropped_by_exact_message_only():
+    import logging
+
+    from craken_cli.noise import quiet_known_noise
+
+    quiet_known_noise(cpu_processes=True)
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        logger.warning("No CUDA runtime is found, using CUDA_HOME='/usr/local'")
+        logger.warning("Error building extension 'cpu_adam'")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["Error building extension 'cpu_adam'"]

@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import DiskFull
 
     spec = build_spec([file_layer(run_file)]).spec
+    from ..noise import quiet_known_noise
+
+    quiet_known_noise(bool(spec.cluster.use_cpu))
     trainer = Trainer(spec, run_file, resume_from=args.resume_from)
     try:
         return trainer.run()
