@@ -286,3 +286,17 @@ def test_known_noise_is_dropped_by_exact_message_only():
     finally:
         logger.removeHandler(handler)
     assert seen == ["Error building extension 'cpu_adam'"]
+
+
+def test_an_op_build_is_announced_before_launch(craken, workdir):
+    """cpu_adam's first build is about 70 s of silence inside the workers."""
+    env = {"TORCH_EXTENSIONS_DIR": str(workdir / "ext")}  # an empty JIT cache
+    result = craken("train", "--dry-run", "--zero", "2", "--offload-optimizer", "cpu", env=env)
+    assert result.code == 0, result.err
+    assert "craken: DeepSpeed's cpu_adam op is built on first use (about 70 s" in result.err
+    (workdir / "ext" / "cpu_adam").mkdir(parents=True)
+    (workdir / "ext" / "cpu_adam" / "cpu_adam.so").write_bytes(b"")
+    cached = craken("train", "--dry-run", "--zero", "2", "--offload-optimizer", "cpu", env=env)
+    assert "cpu_adam op is built" not in cached.err
+    plain = craken("train", "--dry-run", "--zero", "2", env=env)
+    assert "op is built" not in plain.err

@@ -158,3 +158,21 @@ def find_libaio(environ: Mapping[str, str]) -> tuple[str | None, str | None, str
     except Exception:  # a broken ldconfig/gcc: fall back to the linker's copy
         library = None
     return library or link, header, link
+
+
+# About how long a first JIT build of each op takes on a 2-core machine (measured: cpu_adam ~70 s).
+BUILD_SECONDS = {"cpu_adam": 70, "fused_adam": 60, "async_io": 40}
+
+
+def ops_to_build(spec, environ: Mapping[str, str]) -> list[str]:
+    """The ops this run loads that are neither pre-built nor in torch's JIT cache: the first processes
+    compile them (a minute or more, silent): `craken train` says so before launch."""
+    ops = ops_for(spec.offload.optimizer.device, bool(spec.cluster.use_cpu), spec.optimizer.fused,
+                  spec.offload.param.device)
+    prebuilt, cached = deepspeed_ops(environ)
+    return [op for op in ops if not prebuilt.get(op) and op not in cached]
+
+
+def build_note(op: str) -> str:
+    return (f"craken: DeepSpeed's {op} op is built on first use (about {BUILD_SECONDS.get(op, 60)} s, once; "
+            "later runs load the cached build)")

@@ -39,6 +39,7 @@ def train(
     from ..console import err, out
     from ..execute import execute
     from ..prepare import TrainRequest, prepare
+    from ..dsops import build_note, ops_to_build
     from ..summary import dry_run_text, prepared_summary
 
     request = TrainRequest(spec_args=spec_args, auto=auto, test=test, dry_run=dry_run, resume=resume,
@@ -48,6 +49,8 @@ def train(
         err.print(f"warning: {warning}", style="yellow")
     for line in prepared_summary(prepared):
         err.print(line, highlight=False)
+    for op in ops_to_build(prepared.resolved.spec, os.environ):  # a silent minute otherwise
+        err.print(build_note(op), highlight=False)
     if dry_run:
         out.print("\n".join(dry_run_text(prepared)), highlight=False)
         return
