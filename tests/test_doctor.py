@@ -563,12 +563,18 @@ def test_cli_plain_output_and_exit_code(tmp_path):
     assert "[packages]" in done.stdout and "[run]" in done.stdout
 
 
-def test_cli_port_in_use_fails(tmp_path):
+def test_cli_port_in_use_warns_on_one_machine_and_fails_for_several(tmp_path):
+    """On one machine accelerate moves the rendezvous to a free port and `craken train` runs (issue
+    21: doctor exited 2 on it); the other machines of a job connect to rank 0's port, so there it fails."""
     with socket.socket() as s:
         s.bind(("", 0))
         s.listen(1)
-        done = _doctor("--main-process-port", str(s.getsockname()[1]), cwd=tmp_path)
-    assert done.returncode == 2 and "already in use" in done.stdout
+        port = str(s.getsockname()[1])
+        one = _doctor("--main-process-port", port, cwd=tmp_path)
+        several = _doctor("--main-process-port", port, "--num-machines", "2", "--num-processes", "2",
+                          "--main-process-ip", "127.0.0.1", cwd=tmp_path)
+    assert "WARN  port: " in one.stdout and "already in use" in one.stdout and "FAIL  port" not in one.stdout
+    assert several.returncode == 2 and "FAIL  port: " in several.stdout
 
 
 def test_cli_bad_settings_still_report(tmp_path):

@@ -72,7 +72,10 @@ def check_network(f: Facts, view: RunView | None) -> list[Check]:
                                  "or use --launcher accelerate"))
     if f.port_checked:
         where = "on this machine (rank 0)" if view.machines > 1 else "for the local rendezvous"
-        if f.port_error:
+        if f.port_error and view.machines == 1:  # accelerate moves a one-machine rendezvous to a free port
+            out.append(Check("network", "port", "warn", f"{view.port} {where}: {f.port_error}; accelerate will "
+                             "pick a free port instead", "choose another --main-process-port to silence its warning"))
+        elif f.port_error:  # the other machines connect to this one: it must listen where they look
             out.append(Check("network", "port", "fail", f"{view.port} {where}: {f.port_error}",
                              "choose another --main-process-port (or stop the run that holds it)"))
         else:
