@@ -300,3 +300,15 @@ def test_an_op_build_is_announced_before_launch(craken, workdir):
     assert "cpu_adam op is built" not in cached.err
     plain = craken("train", "--dry-run", "--zero", "2", env=env)
     assert "op is built" not in plain.err
+
+
+def test_rendered_files_follow_the_umask(craken, workdir):
+    """Rendered configs (and every atomic write: exports, final/'s extras) were 0600: teammates on a
+    shared file system could not read them."""
+    old = os.umask(0o022)
+    try:
+        assert craken("config", "render", "--out", "cfg").code == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (workdir / "cfg").iterdir()}
+    assert modes == {"ds_config.json": 0o644, "accelerate.yaml": 0o644, "run.yaml": 0o644}, modes

@@ -86,12 +86,20 @@ def fsync_tree(root: Path) -> None:
             os.close(fd)
 
 
+def file_mode() -> int:
+    """The mode a plain `open()` would give a new file: 0666 less the process's umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: Path, text: str) -> None:
     """Write `text` to `path` so that a reader sees the old content or the new, never half; a failed
     write (a full disk) leaves no temporary file behind."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.fchmod(fd, file_mode())  # mkstemp's 0600 would hide the run from teammates on a shared disk
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
