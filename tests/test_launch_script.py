@@ -255,7 +255,7 @@ def test_craken_train_refuses_a_script_after_the_double_dash(craken, workdir, sc
 
 def test_every_problem_of_a_launch_is_reported_at_once(craken, workdir):
     (workdir / "runs" / "default").mkdir(parents=True)
-    (workdir / "runs" / "default" / "run.yaml").write_text("version: 1\n")  # an earlier run's folder
+    (workdir / "runs" / "default" / "metrics.jsonl").write_text("{}\n")  # an earlier run's folder
     result = craken("launch", *RUN_FLAGS, "nope.py", "--gradient_accumulation_steps", "5")
     assert result.code == 2
     for part in ("nope.py does not exist", "already holds a run", "--gradient_accumulation_steps 5 contradicts"):

@@ -154,7 +154,7 @@ def seed_deepspeed_env(target: Path, home: Path, cwd: Path) -> None:
         if source.is_file() and source.resolve() != target.resolve():
             lines += [line for line in source.read_text().splitlines()
                       if "=" in line and not is_secret(*(part.strip() for part in line.split("=", 1)))]
-    atomic_write(target, "".join(f"{line}\n" for line in lines))
+    atomic_write(target, "".join(f"{line}\n" for line in lines), private=True)
 
 
 def normalized_arch_list(value: str | None) -> str | None:

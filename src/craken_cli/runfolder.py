@@ -93,13 +93,15 @@ def file_mode() -> int:
     return 0o666 & ~mask
 
 
-def atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str, private: bool = False) -> None:
     """Write `text` to `path` so that a reader sees the old content or the new, never half; a failed
-    write (a full disk) leaves no temporary file behind."""
+    write (a full disk) leaves no temporary file behind. The mode follows the umask, except a
+    `private` file (one that may hold secrets) stays 0600."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        os.fchmod(fd, file_mode())  # mkstemp's 0600 would hide the run from teammates on a shared disk
+        if not private:  # mkstemp's 0600 would hide the run from teammates on a shared disk
+            os.fchmod(fd, file_mode())
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
