@@ -258,3 +258,14 @@ def test_sigterm_stops_the_script_with_143_and_one_line(tmp_path, free_port):
     assert "craken: sleepy.py was stopped by a signal (exit 143)" in result.stderr
     assert_no_launcher_traceback(result)
     assert "Traceback" not in result.stderr
+
+
+def test_a_trainer_value_set_against_the_plan_stops_before_training_with_exit_2(tmp_path, model_dir, free_port):
+    (tmp_path / "train.py").write_text(TRAINER_SCRIPT.replace('report_to="none",', 'report_to="none", max_grad_norm=0.5,'))
+    result = craken("launch", "--zero", "1", "--clip", "0.3", "--main-process-port", free_port, "train.py", model_dir,
+                    cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-4000:]
+    assert ("craken: train.py was stopped before training: the script sets max_grad_norm=0.5 against craken's plan, "
+            "max_grad_norm=0.3: drop it (craken fills it) or change the plan with --clip") in result.stderr
+    assert "DEEPSPEED_RAN" not in result.stdout and "Traceback" not in result.stderr
+    assert_no_launcher_traceback(result)
