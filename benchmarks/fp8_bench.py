@@ -13,8 +13,8 @@
     Accelerate, no compilation) at the micro-batch craken's fp8 run chose, on the 1.1B (seq 2048, global batch 16) and
     3B (seq 4096, global batch 8) shapes of benchmarks/gpu_bench.py; fp32 master weights everywhere.
 (b) The Qwen2.5-0.5B config (benchmarks/model_configs: vocab 151,936, tied, 14 heads / 2 KV, 24 layers) at
-    seq 2048: `craken train --auto` with the chunked loss (model.loss auto) against the model's own
-    compiled loss (--set model.loss=model), each at the micro-batch the planner picks from global batch 64;
+    seq 2048: `craken train --auto` with the chunked loss (--set model.loss=chunked) against the model's own
+    compiled loss (--set model.loss=model, what auto picks compiled), each at the micro-batch the planner picks from global batch 64;
     then the same for the Llama-3.2-1B config (vocab 128,256, tied), global batch 32.
 (c) The 1.1B shape at seq 1024 on text gathered from the installed Python packages' sources and docs
     (no hub data here: real code and prose, not random tokens), a BPE tokenizer trained on it on the
@@ -113,10 +113,12 @@ def speed_runs(grid: str) -> list[dict]:
     loss = [
         gpu_bench.craken_run("qwen-model-loss", qwen, RUNS, 2048, 25, "--auto", "--global-batch", "64", *data,
                              "--set", "model.loss=model"),
-        gpu_bench.craken_run("qwen-chunked-loss", qwen, RUNS, 2048, 25, "--auto", "--global-batch", "64", *data),
+        gpu_bench.craken_run("qwen-chunked-loss", qwen, RUNS, 2048, 25, "--auto", "--global-batch", "64", *data,
+                             "--set", "model.loss=chunked"),
         gpu_bench.craken_run("llama3-model-loss", llama3, RUNS, 2048, 20, "--auto", "--global-batch", "32", *data,
                              "--set", "model.loss=model"),
-        gpu_bench.craken_run("llama3-chunked-loss", llama3, RUNS, 2048, 20, "--auto", "--global-batch", "32", *data),
+        gpu_bench.craken_run("llama3-chunked-loss", llama3, RUNS, 2048, 20, "--auto", "--global-batch", "32", *data,
+                             "--set", "model.loss=chunked"),
     ]
     if grid == "fp8":  # each hand-written run right after the craken fp8 run whose micro-batch it takes
         return [fp8[0], fp8[1], fp8[4], fp8[2], fp8[3], fp8[5]]

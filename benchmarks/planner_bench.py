@@ -208,12 +208,12 @@ def random_loader(spec, vocab: int, rank: int, steps: int):
     """`steps` micro-batches of random tokens in the loop's batch format (input_ids, labels)."""
     import torch
 
-    from craken_cli.train.loop import _collate
+    from craken_cli.train.loop import collate
 
     gen = torch.Generator().manual_seed(rank)
     ids = torch.randint(0, vocab, (steps * spec.batch.micro_batch, spec.data.seq_len), generator=gen)
     return torch.utils.data.DataLoader([{"input_ids": row} for row in ids], batch_size=spec.batch.micro_batch,
-                                       collate_fn=_collate)
+                                       collate_fn=collate)
 
 
 def run_row(spec, run_dir: Path, rank: int, world: int) -> dict:
@@ -367,14 +367,18 @@ def ran_loss(row: dict) -> str:
 
 
 def supersede(keys: list[str], reason: str, files=None) -> int:
-    """Mark the recorded rows named MODEL:SEQ:MICRO_BATCH:MEASURED_ON superseded (kept, with the reason,
-    and no longer re-predicted): rows of a program craken no longer runs. Returns how many were marked."""
+    """Mark the recorded rows named MODEL:SEQ:MICRO_BATCH:MEASURED_ON ("all": every row of `files`)
+    superseded (kept, with the reason, and no longer re-predicted): rows of a program craken no longer runs,
+    or re-measured. Returns how many were marked."""
+    if keys == ["all"] and not files:
+        raise SystemExit("--supersede all needs --rows FILE: the files whose rows are superseded")
     wanted = {tuple(k.split(":")) for k in keys}
     marked = 0
     for f in [Path(p) for p in files] if files else sorted(RESULTS.glob("*.jsonl")):
         rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
         for r in rows:
-            if (r["model"], str(r["seq"]), str(r["micro_batch"]), r.get("measured_on", "")) in wanted:
+            key = (r["model"], str(r["seq"]), str(r["micro_batch"]), r.get("measured_on", ""))
+            if (keys == ["all"] or key in wanted) and not r.get("superseded"):
                 r["superseded"], marked = reason, marked + 1
         f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return marked
@@ -428,7 +432,8 @@ FITTED = {
     "COMPILED_FRAGMENTATION": [round(0.025 * i, 3) for i in range(17)],
     "STEP_REUSE_OF_ACTIVATIONS": [round(0.05 * i, 2) for i in range(13)],
     "UPCAST_LOSS_FP32_BYTES": [4, 6, 8, 10, 12, 14],
-    "COMPILED_LOSS_FP32_BYTES": [4, 6, 8, 10, 12, 14],
+    "COMPILED_LOSS_FP32_BYTES": [0, 2, 4, 6, 8, 10, 12, 14],
+    "COMPILED_MLP_SAVED": [2, 3, 4],
     "EAGER_WEIGHT_COPY_SHARE": [0.0, 0.25, 0.5, 0.75, 1.0],
     "COMPILED_WEIGHT_COPY_SHARE": [0.0, 0.25, 0.5, 0.75, 1.0],
 }
@@ -457,11 +462,15 @@ def objective(pairs) -> tuple[float, float]:
     return (max(abs(e) for e in errs), sum(e * e for e in errs)) if errs else (0.0, 0.0)
 
 
-def fit(train_pairs, rounds: int = 3, start: dict | None = None) -> dict:
-    """Coordinate descent over FITTED: the smallest largest error on the training rows (then the
-    smallest sum of squares); a constant no training row moves keeps its value. Leaves the planner
-    module set to the result. `start`: the values to begin from (default: the planner's own)."""
-    for name, value in (start or {}).items():
+# Where a second descent starts: each constant's derived value (docs/planner.md), no slack.
+DERIVED = {"FRAGMENTATION": 0.0, "COMPILED_FRAGMENTATION": 0.0, "STEP_REUSE_OF_ACTIVATIONS": 0.25,
+           "UPCAST_LOSS_FP32_BYTES": 12, "COMPILED_LOSS_FP32_BYTES": 2, "COMPILED_MLP_SAVED": 2,
+           "EAGER_WEIGHT_COPY_SHARE": 1.0, "COMPILED_WEIGHT_COPY_SHARE": 1.0}
+
+
+def descend(train_pairs, rounds: int, start: dict) -> tuple[tuple[float, float], dict]:
+    """Coordinate descent over FITTED from `start`: (objective reached, the values)."""
+    for name, value in start.items():
         set_constant(name, value)
     for _ in range(rounds):
         for name, values in FITTED.items():
@@ -470,7 +479,22 @@ def fit(train_pairs, rounds: int = 3, start: dict | None = None) -> dict:
                 set_constant(name, value)
                 scores.append((objective(train_pairs), value != before, value))
             set_constant(name, min(scores)[2])
-    return {name: current(name) for name in FITTED}
+    return objective(train_pairs), {name: current(name) for name in FITTED}
+
+
+def fit(train_pairs, rounds: int = 3, start: dict | None = None) -> dict:
+    """The smallest largest error on the training rows (then the smallest sum of squares), by coordinate
+    descent over FITTED from several starts, the best kept: the planner's own values (or `start`), and
+    DERIVED with each count of the compiled MLP's saved tensors (a discrete choice that one-at-a-time
+    steps cannot leave: it moves together with the compiled slack). A constant no training row moves
+    keeps its value. Leaves the planner module set to the result."""
+    own = {name: current(name) for name in FITTED} | (start or {})
+    begins = [own] + [DERIVED | {"COMPILED_MLP_SAVED": k} for k in FITTED["COMPILED_MLP_SAVED"]]
+    results = [descend(train_pairs, rounds, begin) for begin in begins]
+    best = min(results, key=lambda r: r[0])[1]
+    for name, value in best.items():
+        set_constant(name, value)
+    return best
 
 
 def apply_constants(values: dict, path: Path = ROOT / "src" / "craken_cli" / "planner.py") -> list[str]:
@@ -481,12 +505,12 @@ def apply_constants(values: dict, path: Path = ROOT / "src" / "craken_cli" / "pl
     text, changed = path.read_text(), []
     for name, value in values.items():
         new = "{" + ", ".join(f"{stage}: {value}" for stage in range(4)) + "}" if name == "FRAGMENTATION" else repr(value)
-        pattern = re.compile(rf"^{name} = (.*?)$", re.M)
-        match = pattern.search(text)
+        match = re.compile(rf"^{name} = (.*?)$", re.M).search(text)
         if match is None:
             raise SystemExit(f"planner.py has no line `{name} = ...`")
-        if match.group(1).split("  #")[0].strip() != new:
-            changed.append(f"{name}: {match.group(1).split('  #')[0].strip()} -> {new}")
+        old = match.group(1).split("  #")[0].strip()
+        if old != new:
+            changed.append(f"{name}: {old} -> {new}")
             text = text[:match.start(1)] + new + text[match.end(1):]
     path.write_text(text)
     return changed
@@ -708,7 +732,7 @@ def main() -> int:
     ap.add_argument("--rows", nargs="*", default=None, help="row files (default: benchmarks/results/*.jsonl)")
     ap.add_argument("--census", nargs="*", default=None, choices=sorted(CENSUS),
                     help="measure one layer's and the logits' GPU memory of these models against the planner's terms")
-    ap.add_argument("--supersede", nargs="*", default=None, metavar="MODEL:SEQ:MB:DATE",
+    ap.add_argument("--supersede", nargs="*", default=None, metavar="MODEL:SEQ:MB:DATE|all",
                     help="mark these recorded rows superseded (with --reason): kept, no longer re-predicted")
     ap.add_argument("--reason", default=None, help="why the --supersede rows no longer describe craken's runs")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -90,7 +90,7 @@ def test_h100_two_machines_doubles_processes():
 ])
 def test_doctor_verdicts(name, verdict, not_ok):
     view, checks = doctor_for(name)
-    assert d.verdict(checks) == verdict and d.exit_code(checks) == d.EXIT_CODES[verdict]
+    assert d.verdict(checks) == verdict and d.exit_code(checks) == d.VERDICT_EXIT[verdict]
     assert {(c.area, c.name) for c in checks if c.status != "ok"} == not_ok
     gpu_rows = [c for c in checks if c.area == "gpu" and c.name.startswith("GPU ")]
     assert len(gpu_rows) == machine(name).gpu_count

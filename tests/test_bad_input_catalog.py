@@ -714,9 +714,9 @@ def test_offload_run_refuses_a_left_over_op_build_lock(craken, workdir, monkeypa
     import os
     import time
 
-    from craken_cli import doctor
+    from craken_cli import dsops
 
-    monkeypatch.setattr(doctor, "torch_uses_build_baton", lambda: True)
+    monkeypatch.setattr(dsops, "torch_uses_build_baton", lambda: True)
 
     lock = workdir / "ext" / "cpu_adam" / "lock"
     lock.parent.mkdir(parents=True)
@@ -771,7 +771,7 @@ def test_tensorboard_is_satisfied_by_either_writer():
 
 def test_nvme_offload_without_libaio_is_refused_before_launch(craken, workdir):
     """Every process would fail after start-up loading DeepSpeed's async_io op."""
-    from craken_cli.doctor import find_libaio
+    from craken_cli.dsops import find_libaio
 
     _, header, link = find_libaio({})
     if header and link:

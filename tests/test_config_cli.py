@@ -96,7 +96,7 @@ def test_help_texts_are_the_field_descriptions(craken):
     assert result.code == 0
     for flag in ("--micro-batch", "--offload-optimizer", "--main-process-port", "--set", "--force"):
         assert flag in result.out
-    assert "Sequences per GPU (process) per forward pass." in result.out
+    assert "Sequences per GPU (process) per forward pass." in " ".join(result.out.split())
 
 
 def test_top_level_help_lists_the_commands(craken):

@@ -11,6 +11,8 @@ import sys
 import pytest
 
 from craken_cli import doctor as d
+from craken_cli import dsops
+from craken_cli.doctor import collect as doctor_gather
 from craken_cli.doctor import Check, Facts, PathState
 from craken_cli.hardware import GPU, GiB, FakeProbe, Hardware, detect
 
@@ -186,13 +188,13 @@ def test_left_over_build_lock_is_found_and_named_with_its_fix(tmp_path):
     lock.parent.mkdir()
     lock.touch()
     env = {"TORCH_EXTENSIONS_DIR": str(tmp_path)}
-    assert d.stale_build_locks(["cpu_adam"], env, baton=True) == {}  # a build may be running right now
+    assert dsops.stale_build_locks(["cpu_adam"], env, baton=True) == {}  # a build may be running right now
     old = time.time() - 3600
     os.utime(lock, (old, old))
-    assert d.stale_build_locks(["cpu_adam", "fused_adam"], env, baton=True) == \
+    assert dsops.stale_build_locks(["cpu_adam", "fused_adam"], env, baton=True) == \
         {"cpu_adam": (str(lock), pytest.approx(3600, abs=60))}
     hw = hw_with(0)
-    f = healthy_facts(hw, environ=env, jit_locks=d.stale_build_locks(["cpu_adam"], env, baton=True))
+    f = healthy_facts(hw, environ=env, jit_locks=dsops.stale_build_locks(["cpu_adam"], env, baton=True))
     row = by_name(d.check_ops(f, view(hw, zero=2, offload_optimizer="cpu")))["cpu_adam"]
     assert row.status == "fail" and row.fix == f"delete {lock} (when no build is running)" and "60 min" in row.detail
     row = by_name(d.check_ops(f, view(hw, zero=2, offload_optimizer="none")))["cpu_adam"]
@@ -211,7 +213,7 @@ def test_an_os_lock_file_left_on_disk_is_never_stale(tmp_path):
     old = time.time() - 3600
     os.utime(lock, (old, old))
     env = {"TORCH_EXTENSIONS_DIR": str(tmp_path)}
-    assert d.stale_build_locks(["cpu_adam"], env, baton=False) == {}
+    assert dsops.stale_build_locks(["cpu_adam"], env, baton=False) == {}
 
 
 def test_the_installed_torch_lock_kind_is_read_from_its_source():
@@ -219,7 +221,7 @@ def test_the_installed_torch_lock_kind_is_read_from_its_source():
 
     import torch.utils.cpp_extension as cpp
 
-    assert d.torch_uses_build_baton() == ("FileBaton(" in inspect.getsource(cpp))
+    assert dsops.torch_uses_build_baton() == ("FileBaton(" in inspect.getsource(cpp))
 
 
 def test_no_compiler():
@@ -261,9 +263,9 @@ def test_ds_skip_cuda_check_accepts_mismatch():
 def test_nvme_offload_needs_async_io_and_libaio(tmp_path):
     """NVMe offload loads DeepSpeed's async_io op, built against libaio: without libaio-dev every check
     passed and the run died after launch with 'Unable to JIT load the async_io op'."""
-    assert d.ops_for("nvme", True, False) == ["cpu_adam", "async_io"]  # preflight's positional call
-    assert d.ops_for("none", True, False, "nvme") == ["async_io"]
-    assert d.ops_for("cpu", True, False, "cpu") == ["cpu_adam"]
+    assert dsops.ops_for("nvme", True, False) == ["cpu_adam", "async_io"]  # preflight's positional call
+    assert dsops.ops_for("none", True, False, "nvme") == ["async_io"]
+    assert dsops.ops_for("cpu", True, False, "cpu") == ["cpu_adam"]
     hw = hw_with(0)
     nv = view(hw, zero=3, offload_optimizer="nvme", offload_param="none", nvme_path=str(tmp_path))
     f = healthy_facts(hw, aio_library=None, aio_header=None, aio_link=None)
@@ -315,14 +317,14 @@ def test_find_libaio_in_cflags_and_ldflags_folders(tmp_path, monkeypatch):
     import ctypes.util
 
     monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
-    library, header, link = d.find_libaio({"CFLAGS": f"-O2 -I{inc}", "LDFLAGS": f"-L {tmp_path} -L{lib}"})
+    library, header, link = dsops.find_libaio({"CFLAGS": f"-O2 -I{inc}", "LDFLAGS": f"-L {tmp_path} -L{lib}"})
     assert (header, link, library) == (str(inc / "libaio.h"), str(lib / "libaio.so"), str(lib / "libaio.so"))
     monkeypatch.setattr(ctypes.util, "find_library", lambda name: "libaio.so.1" if name == "aio" else None)
-    assert d.find_libaio({})[0] == "libaio.so.1"
+    assert dsops.find_libaio({})[0] == "libaio.so.1"
 
 
 def test_gather_looks_for_libaio_for_nvme_runs_only(tmp_path, monkeypatch):
-    monkeypatch.setattr(d, "find_libaio", lambda environ: (None, None, None) if environ.get("NO_AIO") else
+    monkeypatch.setattr(doctor_gather, "find_libaio", lambda environ: (None, None, None) if environ.get("NO_AIO") else
                         ("libaio.so.1", "/i/libaio.h", "/l/libaio.so"))
     hw = hw_with(0)
     nv = view(hw, zero=3, offload_optimizer="nvme", nvme_path=str(tmp_path))
@@ -343,7 +345,7 @@ def _fake_stack(monkeypatch, accelerator="cpu", fail=()):
 
     class Builder:
         def __init__(self, name):
-            self.NAME = {v: k for k, v in d.OP_BUILDERS.items()}[name]
+            self.NAME = {v: k for k, v in dsops.OP_BUILDERS.items()}[name]
 
         def load(self, verbose=False):
             built.append(self.NAME)
@@ -546,7 +548,7 @@ def _free_port() -> str:
 def test_cli_json(tmp_path):
     done = _doctor("--json", "--main-process-port", _free_port(), cwd=tmp_path)
     report = json.loads(done.stdout)
-    assert done.returncode == report["exit_code"] == d.EXIT_CODES[report["verdict"]]
+    assert done.returncode == report["exit_code"] == d.VERDICT_EXIT[report["verdict"]]
     names = {(c["area"], c["name"]) for c in report["checks"]}
     assert {("packages", "torch"), ("gpu", "GPUs"), ("run", "processes"), ("network", "port")} <= names
     assert all(c["fix"] for c in report["checks"] if c["status"] != "ok")

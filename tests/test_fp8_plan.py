@@ -52,7 +52,9 @@ def test_fp8_keeps_fewer_activations_is_faster_and_refuses_zero3_and_offload(tmp
     bf16, f8 = planned(model, precision="bf16"), planned(model, precision="fp8")
     a, b = by_name(bf16, "zero0"), by_name(f8, "zero0")
     assert a.micro_batch == b.micro_batch == 16 and a.fits and b.fits
-    assert b.detail["layer_activations"] < 0.7 * a.detail["layer_activations"]
+    # the measured reserved saving at this shape (65.00 -> 60.41 GiB through craken on one H200)
+    assert b.detail["layer_activations"] < 0.92 * a.detail["layer_activations"]
+    assert a.total_gib - b.total_gib == pytest.approx(65.00 - 60.41, abs=1.0)
     assert b.params_gib == a.params_gib and b.optimizer_gib == a.optimizer_gib  # fp32 masters either way
     assert b.speed == pytest.approx(1.22, abs=0.005) and a.speed == 1.0
     for name in ("zero3", "zero2+offload_optimizer_cpu"):
@@ -85,15 +87,18 @@ def test_small_gemms_gain_less(tmp_path):
 def test_the_chunked_loss_removes_the_logits_from_the_qwen_prediction(tmp_path):
     model = folder(tmp_path, "qwen", QWEN_05B)
     own = by_name(planned(model, micro_batch=16, sets=["model.loss=model"]), "zero0")
-    chunked = by_name(planned(model, micro_batch=16), "zero0")  # auto: 151,936 >= the threshold
+    assert by_name(planned(model, micro_batch=16), "zero0").detail == own.detail  # auto, compiled: the model's
+    chunked = by_name(planned(model, micro_batch=16, sets=["model.loss=chunked"]), "zero0")
     tokens = 16 * 2048
-    # the model's compiled loss: 16-bit logits and the fp32 buffers fitted on the Qwen out-of-memory row
+    # the model's compiled loss: the 16-bit logits and their 16-bit gradient (fitted, measured on H200 rows)
     assert own.detail["logits_loss"] == pytest.approx((2 + planner.COMPILED_LOSS_FP32_BYTES) * tokens * 151936 / GiB)
     assert chunked.detail["logits_loss"] < own.detail["logits_loss"] / 5  # one chunk + the weight gradient
     assert chunked.detail["layer_activations"] == own.detail["layer_activations"]
-    searched = planned(model, global_batch=64)
-    assert by_name(searched, "zero0").micro_batch == 64  # the logits no longer decide the micro-batch
-    assert by_name(planned(model, global_batch=64, sets=["model.loss=model"]), "zero0").micro_batch < 64
+    searched = planned(model, global_batch=64, sets=["model.loss=chunked"])
+    own_searched = planned(model, global_batch=64, sets=["model.loss=model"])
+    # micro-batch 64 (138.4 GiB reserved, measured) does not fit 141 GiB with the margin, with either loss
+    assert by_name(searched, "zero0").micro_batch == by_name(own_searched, "zero0").micro_batch == 32
+    assert by_name(searched, "zero0").total_gib < by_name(own_searched, "zero0").total_gib - 30
 
 
 def test_plan_shows_fp8_beside_bf16_on_float8_gpus_only(craken, tmp_path):

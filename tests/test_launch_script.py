@@ -207,11 +207,11 @@ def test_make_targets_launch_the_script_when_script_is_set(tmp_path):
     def dry(*args):
         return subprocess.run(["make", "-s", "-n", "-C", str(root), *args], capture_output=True, text=True).stdout
 
-    assert dry("craken_ds2").strip() == "craken train --zero 2 --name ds2"
+    assert dry("craken_ds2").strip() == "craken train --preset ds_zero2 --name ds2"
     assert dry("craken_ds2", "SCRIPT=train.py", "SCRIPT_ARGS=--epochs 1", "ARGS=--lr 1e-4").strip() == \
-        "craken launch --zero 2 --name ds2 --lr 1e-4 train.py --epochs 1"
+        "craken launch --preset ds_zero2 --name ds2 --lr 1e-4 train.py --epochs 1"
     assert dry("test_craken_ds3_auto", "SCRIPT=-m pkg.train").strip() == \
-        "craken launch --zero 3 --auto --test --name ds3_auto -m pkg.train"
+        "craken launch --preset ds_zero3 --auto --test --name ds3_auto -m pkg.train"
 
 
 def test_launch_test_is_a_short_run_of_the_same_plan_in_its_own_folder(craken, script):

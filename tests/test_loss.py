@@ -20,17 +20,18 @@ def spec(setting="auto", stage=0, compile=False):
                                  zero=types.SimpleNamespace(stage=stage), cluster=types.SimpleNamespace(use_cpu=True))
 
 
-@pytest.mark.parametrize("setting, model_type, vocab, stage, expected", [
-    ("auto", "qwen2", 151_936, 0, True),
-    ("auto", "llama", 128_256, 2, True),
-    ("auto", "llama", 32_000, 0, False),  # small vocabularies keep the model's (compiled) loss
-    ("chunked", "llama", 32_000, 0, True),
-    ("model", "qwen2", 151_936, 0, False),
-    ("auto", "qwen2", 151_936, 3, False),  # ZeRO-3: the output weight is a partitioned placeholder
-    ("auto", "gpt2", 200_000, 0, False),  # other families: their own loss
+@pytest.mark.parametrize("setting, model_type, vocab, stage, compiled, expected", [
+    ("auto", "qwen2", 151_936, 0, False, True),
+    ("auto", "llama", 128_256, 2, False, True),
+    ("auto", "qwen2", 151_936, 0, True, False),  # compiled, the model's own loss is leaner and faster
+    ("auto", "llama", 32_000, 0, False, False),  # small vocabularies keep the model's loss
+    ("chunked", "llama", 32_000, 0, True, True),
+    ("model", "qwen2", 151_936, 0, False, False),
+    ("auto", "qwen2", 151_936, 3, False, False),  # ZeRO-3: the output weight is a partitioned placeholder
+    ("auto", "gpt2", 200_000, 0, False, False),  # other families: their own loss
 ])
-def test_where_it_applies(setting, model_type, vocab, stage, expected):
-    assert vocab_loss.applies(setting, model_type, vocab, stage) is expected
+def test_where_it_applies(setting, model_type, vocab, stage, compiled, expected):
+    assert vocab_loss.applies(setting, model_type, vocab, stage, compiled) is expected
 
 
 def test_chunks_are_whole_tiles_of_about_a_gibibyte():

@@ -162,7 +162,7 @@ def zero2(tmp_path_factory):
     """A: 24 steps. B: killed (SIGKILL, all processes) at a random step after its first checkpoint,
     resumed and stopped by SIGTERM, resumed again to the end."""
     root = tmp_path_factory.mktemp("zero2")
-    args = ["--zero", "2", *COMMON]
+    args = ["--preset", "ds_zero2", *COMMON]
     a_dir, b_dir = root / "A", root / "B"
     t0 = time.time()
     run(a_dir, *args, log="run")
@@ -188,7 +188,7 @@ def zero2(tmp_path_factory):
 @pytest.fixture(scope="module")
 def zero3(tmp_path_factory):
     root = tmp_path_factory.mktemp("zero3")
-    args = ["--zero", "3", "--offload-param", "none", *COMMON]
+    args = ["--preset", "ds_zero3", "--offload-param", "none", *COMMON]
     a_dir, b_dir = root / "A", root / "B"
     t0 = time.time()
     run(a_dir, *args, log="run")

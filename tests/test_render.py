@@ -146,10 +146,10 @@ def test_global_batch_derives_accumulation(craken, workdir):
 
 
 def test_zero2_reproduces_the_preset(craken, workdir):
-    """`craken config render --zero 2`: bf16, accumulation 8, clipping 0.3, optimizer CPU offload,
+    """`craken config render --preset ds_zero2`: bf16, accumulation 8, clipping 0.3, optimizer CPU offload,
     steps_per_print 10, wall_clock_breakdown false, in the JSON that accelerate.yaml points at."""
     out = workdir / "out"
-    result = craken("config", "render", "--zero", "2", "--out", out)
+    result = craken("config", "render", "--preset", "ds_zero2", "--out", out)
     assert result.code == 0, result.output
     ds = json.loads((out / render.DS_FILE).read_text())
     cluster = load_config_from_file(str(out / render.ACCELERATE_FILE))
@@ -191,8 +191,8 @@ def test_shipped_preset(name, craken, workdir, cpu_only):
         imported = importers.from_deepspeed(data, origin=name)
         assert imported.problems == []
         assert importers.preset_path(stage).read_bytes() == path.read_bytes()
-        flags = {f: None for f in FLAGS} | {"--zero": stage, "--model": "my-org/model"}
-        resolved, _ = load_run(SpecArgs(flags=flags), hardware=cpu_only)
+        flags = {f: None for f in FLAGS} | {"--model": "my-org/model"}
+        resolved, _ = load_run(SpecArgs(flags=flags, preset=f"ds_zero{stage}"), hardware=cpu_only)
         ds = render.deepspeed_config(resolved.spec)
         assert subset_mismatches(data, ds) == []
         parse_deepspeed_config(ds, resolved.spec.world_size)

@@ -50,7 +50,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 def test_sigkill_and_resume_are_bit_exact_with_cpu_offload(preset, tmp_path):
     from craken_cli.train import checkpoint
 
-    args = ["--zero", preset, *ARGS]
+    args = ["--preset", f"ds_zero{preset}", *ARGS]
     a_dir, b_dir = tmp_path / "A", tmp_path / "B"
     assert start(a_dir, *args).wait(timeout=900) == 0, (tmp_path / "A-0.log").read_text()[-3000:]
     proc = start(b_dir, *args)

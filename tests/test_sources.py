@@ -16,9 +16,9 @@ from craken_cli.sources import FLAGS, Layer, build_spec, env_layer, flag_layer, 
 MODEL = "my-org/my-model"
 
 
-def args(config=None, sets=(), **flags) -> SpecArgs:
+def args(config=None, sets=(), preset=None, **flags) -> SpecArgs:
     given = {"--model": MODEL, **{f"--{k.replace('_', '-')}": v for k, v in flags.items()}}
-    return SpecArgs(flags={f: given.get(f) for f in FLAGS}, config=config, sets=list(sets))
+    return SpecArgs(flags={f: given.get(f) for f in FLAGS}, config=config, sets=list(sets), preset=preset)
 
 
 def test_flatten_unflatten_round_trip():
@@ -46,7 +46,7 @@ def test_each_layer_overrides_the_ones_below(workdir, monkeypatch, top):
         (workdir / "craken.yaml").write_text("batch:\n  grad_accum: 4\n")
     if "env" in upto:
         monkeypatch.setenv("CRAKEN_BATCH__GRAD_ACCUM", "3")
-    a = args(zero=1 if "preset" in upto else None, grad_accum=2 if "flag" in upto else None)
+    a = args(preset="ds_zero1" if "preset" in upto else None, grad_accum=2 if "flag" in upto else None)
     resolved = load_spec(a)
     assert resolved.spec.batch.grad_accum == value[top]
     expected_source = {"default": "default", "preset": "preset ds_zero1_config.json",
@@ -56,7 +56,7 @@ def test_each_layer_overrides_the_ones_below(workdir, monkeypatch, top):
 
 def test_layer_order(workdir, monkeypatch):
     (workdir / "craken.yaml").write_text("zero:\n  stage: 2\n")
-    kinds = [layer.kind for layer in layers(args(zero=3), environ={})]
+    kinds = [layer.kind for layer in layers(args(preset="ds_zero3"), environ={})]
     assert kinds == ["default", "preset", "file", "env", "flag"]
 
 
@@ -71,7 +71,7 @@ def test_explicit_config_file_replaces_craken_yaml(workdir):
 
 def test_preset_is_below_the_project_file(workdir):
     (workdir / "craken.yaml").write_text("offload:\n  optimizer:\n    device: none\n")
-    resolved = load_spec(args(zero=2))
+    resolved = load_spec(args(preset="ds_zero2"))
     assert resolved.spec.offload.optimizer.device == "none"
     assert resolved.sources["offload.optimizer.device"] == "file craken.yaml"
     assert resolved.sources["optimizer.clip"] == "preset ds_zero2_config.json"
@@ -119,7 +119,7 @@ def test_detected_values_are_labelled(workdir, cpu_only):
 
 def test_config_show_sources_json(craken, workdir):
     (workdir / "craken.yaml").write_text("train:\n  max_steps: 11\nbatch:\n  micro_batch: 2\n")
-    result = craken("config", "show", "--sources", "--json", "--zero", "2", "--model", MODEL, "--lr", "1e-3",
+    result = craken("config", "show", "--sources", "--json", "--preset", "ds_zero2", "--zero", "2", "--model", MODEL, "--lr", "1e-3",
                     env={"CRAKEN_BATCH__GRAD_ACCUM": "5"})
     assert result.code == 0, result.err
     payload = json.loads(result.out)
@@ -142,7 +142,7 @@ def test_config_show_json_without_sources(craken):
 
 
 def test_config_show_table_lists_sources(craken):
-    result = craken("config", "show", "--sources", "--zero", "3")
+    result = craken("config", "show", "--sources", "--preset", "ds_zero3")
     assert result.code == 0
     line = next(ln for ln in result.out.splitlines() if ln.startswith("offload.param.device"))
     assert '"cpu"' in line and "preset ds_zero3_config.json" in line
@@ -150,7 +150,7 @@ def test_config_show_table_lists_sources(craken):
 
 def test_global_batch_above_a_preset_derives_the_accumulation(workdir, cpu_only):
     # the ZeRO preset says accumulation 8; a global batch given on the command line wins over it
-    resolved, _ = load_run(args(zero=2, global_batch=128, micro_batch=4), hardware=cpu_only)
+    resolved, _ = load_run(args(preset="ds_zero2", global_batch=128, micro_batch=4), hardware=cpu_only)
     assert resolved.spec.batch.grad_accum == 16  # 128 / (4 x 2 processes)
     assert resolved.spec.train_batch_size == 128
     # both given by the user, and inconsistent: an error that names both flags
@@ -159,10 +159,32 @@ def test_global_batch_above_a_preset_derives_the_accumulation(workdir, cpu_only)
 
 
 def test_builtin_model_preset_is_below_the_zero_preset(workdir):
-    resolved = load_spec(SpecArgs(flags={f: None for f in FLAGS} | {"--zero": 2}))
+    resolved = load_spec(SpecArgs(flags={f: None for f in FLAGS}, preset="ds_zero2"))
     assert resolved.spec.model.name_or_path == "builtin:tiny"
     assert resolved.spec.batch.grad_accum == 8
     assert resolved.sources["batch.grad_accum"] == "preset ds_zero2_config.json"
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_flag_sets_only_the_stage_as_set_and_the_project_file_do(workdir, stage):
+    """Issue 21: `--zero N` used to load the whole ds_zeroN template (CPU offload, accumulation 8) while
+    `--set zero.stage=N` and craken.yaml set only the stage: one flag, two meanings."""
+    by_flag = load_spec(args(zero=stage))
+    by_set = load_spec(args(sets=[f"zero.stage={stage}"]))
+    (workdir / "craken.yaml").write_text(f"zero:\n  stage: {stage}\n")
+    by_file = load_spec(args())
+    assert by_flag.spec == by_set.spec == by_file.spec
+    assert by_flag.spec.zero.stage == stage and by_flag.spec.offload.optimizer.device == "none"
+    assert not any(src.startswith("preset ds_zero") for src in by_flag.sources.values())
+    (workdir / "craken.yaml").unlink()
+    templated = load_spec(args(preset=f"ds_zero{stage}"))
+    assert templated.sources["zero.stage"] == f"preset ds_zero{stage}_config.json"
+    assert templated.spec.batch.grad_accum == 8
+
+
+def test_preset_flag_takes_only_the_shipped_names(craken):
+    result = craken("config", "show", "--preset", "ds_zero4")
+    assert result.code == 2 and "ds_zero1" in result.output and "Traceback" not in result.output
 
 
 def test_a_cross_field_problem_with_a_semicolon_stays_one_problem():

@@ -146,7 +146,7 @@ def test_zero1_local_model_and_jsonl(tmp_path, tiny_model_dir, jsonl_data):
 
 
 def test_zero2_optimizer_offload(tmp_path):
-    result = craken("train", "--zero", "2", "--max-steps", "30", "--grad-accum", "2", "--name", "z2",
+    result = craken("train", "--preset", "ds_zero2", "--max-steps", "30", "--grad-accum", "2", "--name", "z2",
                     "--set", "cluster.main_process_port=29612", cwd=tmp_path)
     run_dir = tmp_path / "runs" / "z2"
     records = assert_trained(run_dir, result)

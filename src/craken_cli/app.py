@@ -7,9 +7,10 @@ deepspeed (tests/test_config_cli.py, docs/performance.md)."""
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Annotated, Any
 
 import typer
+from typer._click.exceptions import UsageError
 from typer.core import TyperCommand, TyperGroup
 
 from .commands import cluster as cluster_cmd
@@ -49,7 +50,22 @@ class _LazyGroup(TyperGroup):
             if self._listing:
                 return TyperCommand(cmd_name, callback=None, help=_short_help(target))
             self.commands[cmd_name] = _build(cmd_name, target, kwargs)
-        return super().get_command(ctx, cmd_name)
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _name_arguments_only(command)
+        return command
+
+    def resolve_command(self, ctx, args):
+        """Typer's "did you mean" reads only the commands built so far; the lazy ones count too."""
+        try:
+            return self._click_resolve_command(ctx, args)
+        except UsageError as exc:
+            import difflib
+
+            close = difflib.get_close_matches(args[0], self.list_commands(ctx)) if args else []
+            if close and "Did you mean" not in exc.message:
+                exc.message = f"{exc.message.rstrip('.')}. Did you mean {' or '.join(map(repr, close))}?"
+            raise
 
     def format_help(self, ctx, formatter) -> None:
         self._listing = True
@@ -57,6 +73,16 @@ class _LazyGroup(TyperGroup):
             super().format_help(ctx, formatter)
         finally:
             self._listing = False
+
+
+def _name_arguments_only(command) -> None:
+    """Typer prints an argument's Python type after its name (`RUN_DIR <path>`, `FILES <list[Path]>`);
+    the metavar every craken argument has says what to type, so the help shows that alone."""
+    for param in getattr(command, "params", ()):
+        if param.param_type_name == "argument" and param.metavar:
+            param.display_type_rich = lambda ctx: None
+    for sub in getattr(command, "commands", {}).values():
+        _name_arguments_only(sub)
 
 
 def _build(name: str, target: str, kwargs: dict[str, Any]):
@@ -67,7 +93,7 @@ def _build(name: str, target: str, kwargs: dict[str, Any]):
     if isinstance(obj, typer.Typer):
         command = typer.main.get_group(obj)
     else:
-        single = typer.Typer(add_completion=False)
+        single = typer.Typer(add_completion=False, rich_markup_mode=None)
         single.command(name=name, **kwargs)(obj)
         command = typer.main.get_command(single)
     command.name = name
@@ -103,8 +129,24 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=True,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,  # help and errors as plain text: user text is never Rich markup, flags never cut
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"craken {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
+                                                 help="Print craken's version and exit.")] = False) -> None:
+    pass
+
+
 app.command(name="report", epilog=report_cmd.EPILOG)(report_cmd.report)
 app.add_typer(cluster_cmd.app, name="cluster")
 

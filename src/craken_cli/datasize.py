@@ -1,9 +1,9 @@
 """How many training blocks the run's data set gives, known before launch (`craken train --auto`).
 
-`blocks_available(spec)` counts the `seq_len`-token blocks `train/data.pack` will cut, exactly, by
-tokenizing the texts the workers will read with the run's tokenizer: the built-in data set always, local
-files up to LOCAL_EXACT_BYTES. Anything else (hub data sets, larger files) is None: unknown, and large
-enough in practice to fill any micro-batch; the workers still check. The planner turns the count into
+`blocks_available(spec)` counts the `seq_len`-token rows the workers will train on, exactly, by building
+them with train/data.py and the run's tokenizer (into the data cache, which the workers then read): the
+built-in data set always, local files up to LOCAL_EXACT_BYTES. Anything else (hub data sets, larger
+files) is None: unknown, and large enough in practice to fill any micro-batch; the workers still check. The planner turns the count into
 the largest micro-batch every process can fill (`planner.data_cap`).
 """
 
@@ -19,6 +19,8 @@ def blocks_available(spec) -> int | None:
     from .train import builtin
 
     data = spec.data
+    if data.streaming:
+        return None  # read while training, never counted
     if not builtin.is_builtin(data.dataset):
         path = Path(data.dataset).expanduser()
         if not path.exists() or _size(path) > LOCAL_EXACT_BYTES:
@@ -30,22 +32,10 @@ def blocks_available(spec) -> int | None:
         from .train import modeling
 
         datasets.disable_progress_bars()  # one line per split on the CLI's stderr, before craken's own output
-        texts = data_mod.load_raw(spec)["text"]
         tokenizer = modeling.load_tokenizer(spec)
+        return len(data_mod.cached_build(spec, tokenizer).rows)  # the workers then read the cache
     except Exception:  # unreadable data or tokenizer: preflight and the workers report it with a fix
         return None
-    return packed_blocks([len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]],
-                         data.seq_len, data_mod.PACK_ROWS, tokenizer.eos_token_id is not None)
-
-
-def packed_blocks(lengths: list[int], seq_len: int, group_rows: int, eos: bool = True) -> int:
-    """Blocks `train/data.pack` cuts from texts of these token lengths: each group of `group_rows`
-    texts is joined (with an EOS after each) and cut into whole blocks, the remainder dropped."""
-    blocks = 0
-    for start in range(0, len(lengths), group_rows):
-        tokens = sum(n + (1 if eos else 0) for n in lengths[start:start + group_rows])
-        blocks += tokens // seq_len
-    return blocks
 
 
 def _size(path: Path) -> int:

@@ -41,7 +41,8 @@ def execute(prepared: Prepared) -> int:
         write_report(prepared.run_dir)
     if prepared.test:
         healthy, message = smoke_test_health(metrics) if code == 0 else (False, f"the run exited with code {code}")
-        err.print(("[green]test training healthy:[/] " if healthy else "[red]test training failed:[/] ") + message)
+        err.print(("test training healthy: " if healthy else "test training failed: ") + message,
+                  style="green" if healthy else "red")
         return 0 if healthy else (code or 1)
     # The launcher returns the first failed worker's code; why it stopped is in the metrics' end line.
     end = last_end_event(metrics, offset) if code != 0 else {}

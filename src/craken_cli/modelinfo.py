@@ -71,6 +71,8 @@ class ModelInfo:
     # What the activations depend on beyond the sizes (planner.layer_activation_bytes_per_token):
     norms_per_layer: int = 2  # Gemma-2 also normalizes after attention and after the MLP: 4
     fused_qkv: bool = False  # one q/k/v projection whose output stays saved (its v is a view of it)
+    rotary: bool = True  # rotary positions make new q and k (GPT-2's learned positions do not)
+    parallel_residual: bool = False  # GPT-NeoX: attention and MLP read the same input (both norms save it once)
     mlp_saved: int = 4  # intermediate-sized tensors the MLP saves per token (gated 4, GELU 2, GPT-2's tanh GELU 5)
     logit_softcap: bool = False  # Gemma-2's tanh cap on the logits: one more vocabulary-sized tensor (tanh's)
 
@@ -132,7 +134,7 @@ def _gpt2(cfg: dict, name: str) -> ModelInfo:
     tanh_gelu = cfg.get("activation_function", "gelu_new") in ("gelu_new", "gelu_fast")
     return ModelInfo(name, "gpt2", "gpt", total, layers, h, heads, heads, h // heads, inner, vocab, tied, largest,
                      embed if tied else 2 * embed, dropout=float(_get(cfg, "resid_pdrop", f)), fused_qkv=True,
-                     mlp_saved=5 if tanh_gelu else 2)
+                     rotary=False, mlp_saved=5 if tanh_gelu else 2)
 
 
 def _gpt_neox(cfg: dict, name: str) -> ModelInfo:
@@ -149,7 +151,7 @@ def _gpt_neox(cfg: dict, name: str) -> ModelInfo:
     largest = max(embed, h * inter + inter, 3 * h * h + (3 * h if bias else 0))
     return ModelInfo(name, "gpt_neox", "gpt", total, layers, h, heads, heads, h // heads, inter, vocab, tied,
                      largest, embed if tied else 2 * embed, dropout=float(_get(cfg, "hidden_dropout", f)),
-                     fused_qkv=True, mlp_saved=2)
+                     fused_qkv=True, mlp_saved=2, parallel_residual=bool(cfg.get("use_parallel_residual", True)))
 
 
 def analytic_info(cfg: dict, name: str = "model") -> ModelInfo | None:

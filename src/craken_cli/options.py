@@ -13,14 +13,17 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import typer
 
 from . import sources, yamlio
 from .sources import FLAGS, NVME_PATH_FLAG, Layer, Resolved
 
-_PANEL = "Run settings (override craken.yaml, CRAKEN_* and the --zero preset)"
+_PANEL = "Run settings (override craken.yaml, CRAKEN_* and the --preset)"
+# --preset NAME -> ZeRO stage of the shipped template (templates/NAME_config.json)
+PRESET_NAMES = {"ds_zero1": 1, "ds_zero2": 2, "ds_zero3": 3}  # the Literal of --preset lists the same
+PRESET_FLAG = "--preset"
 
 
 @dataclass
@@ -29,6 +32,7 @@ class SpecArgs:
     config: Path | None = None
     sets: list[str] = field(default_factory=list)
     nvme_path: str | None = None
+    preset: str | None = None  # a PRESET_NAMES key
 
 
 def _python_type(annotation) -> type:
@@ -44,6 +48,49 @@ def _python_type(annotation) -> type:
     return annotation if annotation in (int, float, str, bool) else str
 
 
+def _choices(annotation) -> list[str]:
+    """The values of a Literal field (its `| None` and `"auto"` included), for completion and the help."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return [str(a) for a in typing.get_args(annotation)]
+    if origin in (typing.Union, types.UnionType, Annotated):
+        return [c for a in typing.get_args(annotation) if a is not type(None) for c in _choices(a)]
+    return []
+
+
+# How the help names a value: never a Python type (`<int>`, `<list[str]>`).
+_METAVAR = {int: "N", float: "NUMBER", str: "TEXT", bool: ""}
+
+
+def _metavar(annotation, typ: type) -> str:
+    choices = _choices(annotation)
+    return "|".join(choices) if choices else _METAVAR[typ]
+
+
+def _completer(choices: list[str]):
+    def complete(incomplete: str) -> list[str]:
+        return [c for c in choices if c.startswith(incomplete)]
+    return complete
+
+
+def _shown_default(path: str, info) -> str | None:
+    """`[default: ...]` of a flag: the field's default, and the built-in model's preset value where it
+    differs (that preset applies to builtin:tiny only); nothing for a default left to craken (None)."""
+    default = info.get_default(call_default_factory=True)
+    if default is None or isinstance(default, bool):
+        return None
+    text = str(default)
+    builtin = _builtin_preset_values().get(path)
+    if builtin is not None and builtin != default:
+        text += f"; {BUILTIN_PRESET_MODEL}: {builtin}"
+    return text
+
+
+@functools.cache
+def _builtin_preset_values() -> dict[str, Any]:
+    return sources.flatten(yamlio.read_mapping(builtin_preset_path()))
+
+
 def _param_name(flag: str) -> str:
     return "flag_" + flag.lstrip("-").replace("-", "_")
 
@@ -55,19 +102,29 @@ def _spec_parameters() -> list[inspect.Parameter]:
         info = paths[path]
         typ = _python_type(info.annotation)
         decl = f"{flag}/--no-{flag[2:]}" if typ is bool else flag
-        opt = typer.Option(decl, help=info.description, rich_help_panel=_PANEL, show_default=False)
+        choices = _choices(info.annotation)
+        default = _shown_default(path, info)
+        opt = typer.Option(decl, help=sources.describe(path) + (f"  [default: {default}]" if default else ""),
+                           rich_help_panel=_PANEL, show_default=False, metavar=_metavar(info.annotation, typ) or None,
+                           autocompletion=_completer(choices) if choices else None)
         params.append(inspect.Parameter(_param_name(flag), inspect.Parameter.KEYWORD_ONLY, default=None,
                                         annotation=Annotated[Optional[typ], opt]))
     params += [
         inspect.Parameter("spec_config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
-            Optional[Path], typer.Option("--config", "-c", help="Project file (default: ./craken.yaml if present).",
+            Optional[Path], typer.Option("--config", "-c",
+                help="Project file (default: ./craken.yaml if present).", metavar="FILE",
                                          rich_help_panel=_PANEL)]),
         inspect.Parameter("spec_set", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
             Optional[list[str]], typer.Option("--set", help="Any field: --set zero.reduce_bucket_size=2e8 "
-                                              "(repeatable).", rich_help_panel=_PANEL)]),
+                                              "(repeatable).", metavar="FIELD=VALUE", rich_help_panel=_PANEL)]),
+        inspect.Parameter("spec_preset", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+            Optional[Literal["ds_zero1", "ds_zero2", "ds_zero3"]], typer.Option(
+                PRESET_FLAG, metavar="|".join(PRESET_NAMES), rich_help_panel=_PANEL,
+                help="Start from a shipped DeepSpeed template, the seed's templates/NAME_config.json (ds_zero2: "
+                     "ZeRO-2 with CPU optimizer offload and accumulation 8); every other source overrides it.")]),
         inspect.Parameter("spec_nvme_path", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
             Optional[str], typer.Option(NVME_PATH_FLAG, help=sources.describe("offload.optimizer.nvme_path"),
-                                        rich_help_panel=_PANEL)]),
+                                        metavar="FOLDER", rich_help_panel=_PANEL)]),
     ]
     return params
 
@@ -87,6 +144,7 @@ def spec_flags(func):
             config=kwargs.pop("spec_config", None),
             sets=list(kwargs.pop("spec_set", None) or []),
             nvme_path=kwargs.pop("spec_nvme_path", None),
+            preset=kwargs.pop("spec_preset", None),
         )
         return func(*args, spec_args=spec_args, **kwargs)
 
@@ -102,9 +160,9 @@ def layers(args: SpecArgs, environ=None) -> list[Layer]:
     from .importers import PRESETS, preset_values
 
     out = [Layer("default", "default", {})]
-    zero = args.flags.get("--zero")
-    if zero in PRESETS:
-        out.append(Layer("preset", PRESETS[zero], preset_values(zero)))
+    if args.preset is not None:  # --zero N sets only the stage, as --set zero.stage=N and craken.yaml do
+        stage = PRESET_NAMES[args.preset]
+        out.append(Layer("preset", PRESETS[stage], preset_values(stage)))
     config = args.config
     if config is None and Path(sources.PROJECT_FILE).exists():
         config = Path(sources.PROJECT_FILE)  # a folder of that name is refused by read_mapping, not skipped
@@ -112,8 +170,8 @@ def layers(args: SpecArgs, environ=None) -> list[Layer]:
         out.append(sources.file_layer(config))
     out.append(sources.env_layer(environ))
     out.append(sources.flag_layer(args.flags, args.sets))
-    # The built-in model brings its own sizes, below the ZeRO preset the user picked with --zero N (so
-    # `--zero 2` gives exactly the ds_zero2 preset: accumulation 8) and below the user's own sources.
+    # The built-in model brings its own sizes, below the ZeRO template the user picked with --preset (so
+    # `--preset ds_zero2` gives exactly that template: accumulation 8) and below the user's own sources.
     merged, _ = sources.merge(out)
     if merged.get("model.name_or_path", "builtin:tiny") == BUILTIN_PRESET_MODEL:
         path = builtin_preset_path()

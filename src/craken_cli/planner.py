@@ -54,25 +54,30 @@ CUDA_CONTEXT_GIB = 0.55  # CUDA context, kernels and cuBLAS workspace: outside t
 NCCL_GIB = 0.5  # NCCL communicator buffers with more than one process
 DS_ALLREDUCE_BUCKET = 500_000_000  # engine.MEMORY_OPT_ALLREDUCE_SIZE, stage 0 gradient all-reduce
 # Fitted: freed activation blocks that later, differently sized requests cannot reuse (share of activations).
-FRAGMENTATION = {0: 0.0, 1: 0.0, 2: 0.0, 3: 0.0}
+FRAGMENTATION = {0: 0.06, 1: 0.06, 2: 0.06, 3: 0.06}
 # Fitted: compiled layers free blocks of inductor's own sizes, and more of them stay reserved.
-COMPILED_FRAGMENTATION = 0.0
+COMPILED_FRAGMENTATION = 0.05
 # Fitted: stage 3 on several GPUs gathers and reduce-scatters between activation allocations.
 STAGE3_MULTI_GPU_SLACK = 0.24
 # Fitted: share of the freed layer activations that ZeRO-1/2's step buffers reuse (eager layers only:
 # compiled layers free blocks of inductor's sizes, which the step's flat buffers do not fit).
 STEP_REUSE_OF_ACTIVATIONS = 0.25
-# Fitted (derived value kept): fp32 bytes per logit at the loss's peak (transformers' loss): the upcast's
-# log-softmax output, and in its backward the incoming and the outgoing gradient at once, beside the 16-bit logits.
-UPCAST_LOSS_FP32_BYTES = 12
-# Fitted: the same with the loss compiled (modeling.compile_regions); the Qwen2.5-0.5B out-of-memory row
-# (vocabulary 151,936) needs the fused loss to hold as much as the eager one.
-COMPILED_LOSS_FP32_BYTES = 12
+# Fitted: fp32 bytes per logit at the eager loss's peak (transformers' loss) beside the 16-bit logits: the
+# upcast's log-softmax output, and in its backward the incoming and the outgoing gradient (12 derived; 10
+# fitted on the eager large-vocabulary rows, whose buffers are partly freed before the next is made).
+UPCAST_LOSS_FP32_BYTES = 10
+# Fitted (derived value kept): bytes per logit beside the 16-bit logits with the loss compiled
+# (modeling.compile_regions): the upcast, log-softmax and NLL fuse, and the backward writes the 16-bit
+# gradient only (2). Measured on H200 rows: about 4 bytes per logit in all (docs/planner.md).
+COMPILED_LOSS_FP32_BYTES = 2
+# Fitted: intermediate-sized 16-bit tensors a compiled layer's MLP keeps for the backward (gate and up: 2
+# derived; the product, when the partitioner saves it rather than recomputing it: 3).
+COMPILED_MLP_SAVED = 3
 # Fitted: share of autocast's 16-bit weight copies (weight_copy_bytes) held at the peak, plain engine
-# only (DeepSpeed trains a 16-bit module). No compiled training row constrains the compiled share yet:
-# 1.0 is the derived value (the compiled graph saves every cast weight for its backward).
-EAGER_WEIGHT_COPY_SHARE = 0.75
-COMPILED_WEIGHT_COPY_SHARE = 1.0
+# only (DeepSpeed trains a 16-bit module); compiled layers keep fewer (the partitioner may recompute the
+# cast of an fp32 weight in the backward rather than save it).
+EAGER_WEIGHT_COPY_SHARE = 0.5
+COMPILED_WEIGHT_COPY_SHARE = 0.25
 CPU_PER_PROCESS_GIB = 3.0  # Python, torch, CUDA host allocations and the data loader of one process
 ACTIVATION_CHECKPOINTING_SPEED = 0.75  # about 1/3 more compute for the recomputed forward
 
@@ -86,12 +91,13 @@ SPEED_NGPU = {"zero0": 1.0, "zero1": 0.98, "zero2": 0.98, "zero3": 0.51, "offloa
 NVME_SPEED = 0.5  # on top of CPU offload
 COMPILE_MIN_PARAMS = 100_000_000  # smaller models: compilation costs more time than it saves
 # Compiled layers whose Linears all convert to torchao float8 keep this share of the bf16 layers'
-# activations (the inputs the backward needs are kept as float8 casts); a layer converted in part saves
-# that part of the difference. Issue 19's one-H200 lab (plain Accelerate, compiled): peak reserved
-# 75.06 -> 62.70 GiB at 1.1B mb 16 seq 2048, 125.95 -> 99.32 GiB at 2.4B mb 8 seq 4096, 0.36 and 0.42 of
-# this model's compiled activations + slack taken away; the smaller saving is kept. Not yet measured
-# through craken (benchmarks/fp8_bench.py prints predicted against measured).
-FP8_ACTIVATION_SHARE = 0.64
+# reserved activations (the backward's inputs kept as float8 casts, less the allocator's share of torchao's
+# odd-sized blocks); a layer converted in part saves that part of the difference. Measured through craken
+# on one H200 (fp8_bench.py --grid fp8, benchmarks/results/2026-12-02-fp8), the bf16 and fp8 runs of one
+# call: reserved 65.00 -> 60.41 GiB at 1.1B mb 16 seq 2048 (allocated 63.49 -> 52.79), 122.96 -> 107.12 at
+# 3B mb 8 seq 4096; the smaller saving (1.1B: 0.11 of its converted compiled activations) is kept, so 3B
+# is predicted 2-4% high.
+FP8_ACTIVATION_SHARE = 0.89
 
 
 def strategy_name(stage: int, offload_optimizer: str = "none", offload_param: str = "none",
@@ -243,32 +249,40 @@ def model_state_bytes(params: int, stage: int, world: int, *, offload_optimizer:
     return p, live + (4 if mixed else lp_bytes) * P / N, (master + 8) * P / N
 
 
-def norm_bytes_per_token(m: ModelInfo, lp: int) -> float:
+def norm_bytes_per_token(m: ModelInfo, lp: int, resid: int | None = None) -> float:
     """What one normalization layer saves per token, with the output the next projection saves.
 
     RMSNorm: an fp32 copy of the input (kept by pow and mul), the normalized 16-bit value (kept by
     the weight multiply) and the output; in fp32 the "copy" is the input itself, so 4h + 2 lp h holds
-    for both precisions. LayerNorm (GPT-2/NeoX): its input and its output.
+    for both precisions. LayerNorm (GPT-2/NeoX): its input, in the residual stream's dtype (`resid`),
+    and its output in the projection's dtype (autocast runs layer_norm in fp32 and the matmul saves its
+    16-bit cast).
     """
     h = m.hidden_size
-    return 2 * lp * h if m.family == "gpt" else 4 * h + 2 * lp * h
+    return ((resid or lp) + lp) * h if m.family == "gpt" else 4 * h + 2 * lp * h
 
 
-def layer_activation_bytes_per_token(m: ModelInfo, lp: int, compiled: bool = False) -> float:
-    """Bytes one decoder layer saves for the backward pass, per token (SDPA, no s^2 scores)."""
+def layer_activation_bytes_per_token(m: ModelInfo, lp: int, compiled: bool = False, resid: int | None = None) -> float:
+    """Bytes one decoder layer saves for the backward pass, per token (SDPA, no s^2 scores). `resid`: bytes
+    per element of the residual stream (default lp; 4 on the no-ZeRO engine's fp32 weights under 16-bit
+    autocast: the embedding and every residual add run in fp32 there, `residual_bytes`)."""
     h, f = m.hidden_size, m.intermediate_size
     q_dim, kv_dim = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
     # SDPA saves q, k, v and its output (which o_proj also saves: same storage) and an fp32 log-sum-exp.
     attn = lp * (2 * q_dim + 2 * kv_dim) + 4 * m.num_heads
-    if m.fused_qkv:
+    if m.fused_qkv and m.rotary:
         attn += lp * (q_dim + kv_dim)  # rotary makes new q and k; v stays a view of the fused output
     if compiled:
         # Inductor's partitioner keeps the matmul inputs it cannot cheaply recompute and recomputes the
-        # pointwise rest (norms, SiLU, the product) in the backward: the layer input and the residual
-        # after attention, SDPA's q, k, v, output and log-sum-exp, and the MLP's gate and up.
-        return 2 * lp * h + attn + 2 * lp * f
+        # pointwise rest (norms, SiLU) in the backward: the layer input and the residual after attention
+        # (in the residual stream's dtype), SDPA's q, k, v, output and log-sum-exp, and the MLP's
+        # intermediate-sized tensors (COMPILED_MLP_SAVED: gate and up derived, fitted).
+        return 2 * (resid or lp) * h + attn + COMPILED_MLP_SAVED * lp * f
     drop = 2 * h if m.dropout > 0 else 0  # two residual-dropout masks (1 byte each)
-    return m.norms_per_layer * norm_bytes_per_token(m, lp) + attn + m.mlp_saved * lp * f + drop
+    norms = m.norms_per_layer * norm_bytes_per_token(m, lp, resid)
+    if m.parallel_residual:  # both LayerNorms read the layer input: its storage is saved once
+        norms -= (m.norms_per_layer - 1) * (resid or lp) * h
+    return norms + attn + m.mlp_saved * lp * f + drop
 
 
 def loss_bytes(m: ModelInfo, tokens: int, lp: int, compiled: bool = False, loss: str = "upcast") -> float:
@@ -302,20 +316,27 @@ def chunked_loss_bytes(m: ModelInfo, tokens: int, lp: int, compiled: bool) -> fl
     return max(forward, backward)
 
 
+def residual_bytes(stage: int, lp: int) -> int:
+    """Bytes per element of the decoder's residual stream: fp32 on the no-ZeRO engine, whose fp32 master
+    weights train under 16-bit autocast (the embedding lookup and the residual adds are not autocast);
+    the module's own dtype under DeepSpeed (16-bit) and in fp32 runs."""
+    return 4 if stage == 0 else lp
+
+
 def activation_bytes(m: ModelInfo, micro_batch: int, seq_len: int, lp: int, checkpointing: bool,
                      compiled: bool = False, loss: str = "upcast",
-                     fp8_recipe: str | None = None) -> tuple[float, float]:
+                     fp8_recipe: str | None = None, resid: int | None = None) -> tuple[float, float]:
     """(decoder layers, logits + loss) bytes at the start of the backward pass, for one micro-batch."""
     tokens = micro_batch * seq_len
-    per_layer = layer_activation_bytes_per_token(m, lp, compiled) * tokens
+    per_layer = layer_activation_bytes_per_token(m, lp, compiled, resid) * tokens
     if fp8_recipe and compiled:
         per_layer *= 1 - (1 - FP8_ACTIVATION_SHARE) * fp8.converted_share(m, fp8_recipe)
     if checkpointing:
         # Each layer keeps only its input; one layer at a time is recomputed in the backward.
-        layers = m.num_layers * lp * m.hidden_size * tokens + per_layer
+        layers = m.num_layers * (resid or lp) * m.hidden_size * tokens + per_layer
     else:
         layers = m.num_layers * per_layer
-    final_norm = norm_bytes_per_token(m, lp) * tokens
+    final_norm = norm_bytes_per_token(m, lp, resid) * tokens
     return layers + final_norm, loss_bytes(m, tokens, lp, compiled and m.family != "gpt", loss)
 
 
@@ -432,9 +453,9 @@ def estimate(m: ModelInfo, c: Candidate, micro_batch: int, grad_accum: int, s: S
     params, grads, optim = model_state_bytes(P, c.stage, N, offload_optimizer=off_opt, offload_param=off_par,
                                              largest_layer=m.largest_layer_params, lp_bytes=lp,
                                              grad_accum=grad_accum, fp32_grads=fp32_grads)
-    loss = "chunked" if vocab_loss.applies(s.loss, m.model_type, m.vocab_size, c.stage) else "upcast"
+    loss = "chunked" if vocab_loss.applies(s.loss, m.model_type, m.vocab_size, c.stage, s.compiled) else "upcast"
     layers, logits = activation_bytes(m, micro_batch, s.seq_len, lp, c.activation_checkpointing, s.compiled,
-                                      loss, s.fp8_recipe)
+                                      loss, s.fp8_recipe, residual_bytes(c.stage, lp))
     acts = layers + logits
     d = engine_buffers(m, c, s, layers, acts, fp32_grads)
     reserved = params + grads + optim + acts + sum(d.values())

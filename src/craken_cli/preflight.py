@@ -15,6 +15,7 @@ from . import modelcheck
 from .hardware import nearest_existing
 from .runfolder import CHECKPOINTS, FINAL, MARKER, METRICS, RUN_FILE, machine_file, metrics_file
 from .train import builtin
+from .train import formats
 from .train.data import LOCAL_FORMATS
 
 
@@ -84,30 +85,52 @@ def model_problems(spec) -> list[str]:
     return out
 
 
-def first_record_columns(path: Path) -> list[str] | None:
-    """Column names from the first record of a local data file; None if it cannot tell cheaply."""
+def first_record(path: Path) -> dict | None:
+    """The first record of a local data file (a text file's first line as {'text': ...}), {} when it has
+    none, None when it cannot tell cheaply."""
     fmt = LOCAL_FORMATS.get(path.suffix)
     if fmt == "text":
-        return ["text"]
+        return {"text": ""}
     with open(path, encoding="utf-8", errors="replace") as fh:
         if path.suffix == ".jsonl":
             for line in fh:
                 if line.strip():
                     rec = json.loads(line)
-                    return list(rec) if isinstance(rec, dict) else None
-            return []
+                    return rec if isinstance(rec, dict) else None
+            return {}
         if path.suffix == ".csv":
-            return next(csv.reader(fh), [])
+            return dict.fromkeys(next(csv.reader(fh), []), "")
         if path.suffix == ".json":
             data = json.load(fh)
             if isinstance(data, list):
-                return list(data[0]) if data and isinstance(data[0], dict) else []
+                return data[0] if data and isinstance(data[0], dict) else {}
             return None
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
-        return list(pq.read_schema(path).names)
+        return dict.fromkeys(pq.read_schema(path).names, "")
     return None
+
+
+def first_record_columns(path: Path) -> list[str] | None:
+    """Column names from the first record of a local data file; None if it cannot tell cheaply."""
+    record = first_record(path)
+    return None if record is None else list(record)
+
+
+def data_files(path: Path) -> tuple[list[Path], str | None]:
+    """The data files of --dataset and the problem with them, if any (a folder mixing formats included)."""
+    if path.is_file():
+        if path.suffix not in LOCAL_FORMATS:
+            return [], f"--dataset {path}: unsupported file type '{path.suffix}'; use one of {', '.join(LOCAL_FORMATS)}"
+        return [path], None
+    files = sorted(p for p in path.iterdir() if p.suffix in LOCAL_FORMATS)
+    if not files:
+        return [], f"--dataset {path}: the folder holds no {', '.join(LOCAL_FORMATS)} files"
+    if len({LOCAL_FORMATS[p.suffix] for p in files}) > 1:
+        return [], (f"--dataset {path}: the folder mixes {', '.join(sorted({p.suffix for p in files}))} files, which "
+                    "are read as one data set of one format: keep one format, or point --dataset at one file")
+    return files, None
 
 
 def data_problems(spec) -> list[str]:
@@ -115,7 +138,7 @@ def data_problems(spec) -> list[str]:
     if builtin.is_builtin(d.dataset):
         if d.dataset != builtin.BUILTIN_DATA:
             return [f"--dataset {d.dataset}: the only built-in data set is {builtin.BUILTIN_DATA}"]
-        return size_problems(spec)
+        return template_problems(spec, "text" if d.format == "auto" else d.format) or size_problems(spec)
     path = Path(d.dataset).expanduser()
     if not path.exists():
         if looks_like_path(d.dataset) or path.suffix in LOCAL_FORMATS:
@@ -124,32 +147,63 @@ def data_problems(spec) -> list[str]:
     if d.split != "train":
         return [f"--set data.split={d.split}: splits are read from hub data sets; the local {d.dataset} is read "
                 "whole: point --dataset at the file of that split instead"]
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in LOCAL_FORMATS)
-    if path.is_file() and path.suffix not in LOCAL_FORMATS:
-        return [f"--dataset {d.dataset}: unsupported file type '{path.suffix}'; use one of {', '.join(LOCAL_FORMATS)}"]
-    if not files:
-        return [f"--dataset {d.dataset}: the folder holds no {', '.join(LOCAL_FORMATS)} files"]
+    files, problem = data_files(path)
+    if problem:
+        return [problem]
     if all(f.stat().st_size == 0 for f in files):
         return [f"--dataset {d.dataset}: the data set is empty; add text"]
     try:
-        columns = first_record_columns(files[0])
+        record = first_record(files[0])
     except (ValueError, UnicodeDecodeError, OSError, csv.Error) as exc:
         return [f"--dataset {files[0]}: cannot be read ({exc.__class__.__name__}: {exc}); fix the file"]
-    if columns == []:
+    if record == {}:
         return [f"--dataset {d.dataset}: the data set is empty; add text"]
-    if columns is not None and d.text_column not in columns:
-        shown = ", ".join(c[:40] for c in columns[:10])
-        shown += f", ... ({len(columns)} in all)" if len(columns) > 10 else ""
-        return [f"--text-column {d.text_column!r} is not a column of {files[0].name} (columns: {shown}): "
-                "set --text-column"]
-    if len({LOCAL_FORMATS[f.suffix] for f in files}) > 1:
-        return [f"--dataset {d.dataset}: the folder mixes {', '.join(sorted({f.suffix for f in files}))} files, "
-                "which are read as one data set of one format: keep one format, or point --dataset at one file"]
+    return record_problems(spec, files, record)
+
+
+def record_problems(spec, files: list[Path], record: dict | None) -> list[str]:
+    """The format against the first record's columns; every record of small files (content_problem);
+    the chat template; enough data for one micro-batch per process."""
+    d = spec.data
+    if record is None:
+        return []
+    problem = formats.format_problem(d.format, list(record), d.text_column, str(files[0]))
+    if problem:
+        return [problem]
+    fmt = d.format if d.format != "auto" else formats.detect(list(record), d.text_column)
     for f in files:
-        problem = content_problem(f, d.text_column)
+        problem = content_problem(f, d.text_column if fmt == "text" else None)
         if problem:
             return [f"--dataset {f}: {problem}"]
-    return size_problems(spec)
+    return template_problems(spec, fmt) or size_problems(spec)
+
+
+def template_problems(spec, fmt: str | None) -> list[str]:
+    """A chat data set needs a chat template: --chat-template (text or an existing file), or the tokenizer's own."""
+    d = spec.data
+    if fmt != "chat":
+        return []
+    if d.chat_template is not None:
+        if "{" not in d.chat_template and not Path(d.chat_template).expanduser().is_file():
+            return [f"--chat-template {d.chat_template}: no such file, and not a Jinja template"]
+        return []
+    name = spec.model.tokenizer or spec.model.name_or_path
+    if builtin.is_builtin(name):
+        return [formats.no_template_message(name)]
+    folder = Path(name).expanduser()
+    if folder.is_dir() and not has_chat_template(folder):
+        return [formats.no_template_message(name)]
+    return []  # a hub tokenizer: the workers check
+
+
+def has_chat_template(folder: Path) -> bool:
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(isinstance(config, dict) and config.get("chat_template"))
 
 
 BYTES_PER_TOKEN_AT_MOST = 32  # a data set of more bytes per token the run needs is counted as enough
@@ -228,10 +282,13 @@ def json_lines_problem(text: str, column: str) -> str | None:
     return None
 
 
-def record_problem(record, column: str) -> str | None:
+def record_problem(record, column: str | None) -> str | None:
+    """What is wrong with one record: not an object, or (text format: `column`) its text missing or not a string."""
     if not isinstance(record, dict):
         return (f"a record is {type(record).__name__}, not a JSON object: each record is one object with a "
                 f"{column!r} field")
+    if column is None:  # a supervised format: its encoder counts and reports bad values
+        return None
     if column not in record:
         return f"the record has no {column!r} field: add it, or remove the record"
     if not isinstance(record[column], str):
@@ -242,7 +299,7 @@ def record_problem(record, column: str) -> str | None:
 
 def op_problems(spec, environ) -> list[str]:
     """A DeepSpeed op this run loads whose last build was killed would hang every process silently."""
-    from .doctor import ops_for, stale_build_locks, stale_lock_message
+    from .dsops import ops_for, stale_build_locks, stale_lock_message
 
     if not spec.uses_deepspeed:
         return []
@@ -255,12 +312,12 @@ def op_problems(spec, environ) -> list[str]:
 def nvme_problems(spec, environ) -> list[str]:
     """NVMe offload loads DeepSpeed's async_io op, built against libaio at first use (or pre-built):
     without libaio every process fails after start-up ('Unable to JIT load the async_io op')."""
-    from .doctor import _deepspeed_ops, find_libaio, libaio_missing, nvme_offload_flags
+    from .dsops import deepspeed_ops, find_libaio, libaio_missing, nvme_offload_flags
 
     nvme = nvme_offload_flags(spec.offload.optimizer.device, spec.offload.param.device)
     if not nvme or not spec.uses_deepspeed:
         return []
-    prebuilt, _ = _deepspeed_ops(environ)
+    prebuilt, _ = deepspeed_ops(environ)
     missing = libaio_missing(bool(prebuilt.get("async_io")), *find_libaio(environ))
     if not missing:
         return []

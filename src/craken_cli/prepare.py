@@ -18,6 +18,7 @@ from typing import Mapping
 from . import launch, preflight, userscript
 from .autoplan import auto_layer
 from .errors import CrakenError
+from .hubcheck import hub_problems
 from .options import SpecArgs, layers
 from .render import rendered_files, write_files
 from .train import fp8
@@ -107,7 +108,8 @@ def prepare(request: TrainRequest, environ: Mapping[str, str], hardware=None) ->
     spec = resolved.spec
     run_dir = Path(spec.output.run_dir())
     force = request.force or request.test
-    problems = (preflight.model_problems(spec) + preflight.data_problems(spec) + preflight.precision_problems(spec)
+    problems = (preflight.model_problems(spec) + hub_problems(spec, environ) + preflight.data_problems(spec)
+                + preflight.precision_problems(spec)
                 + preflight.tracker_problems(spec) + preflight.output_name_problems(spec)
                 + preflight.output_problems(run_dir, request.resume, force, spec.cluster.machine_rank)
                 + preflight.op_problems(spec, environ) + preflight.nvme_problems(spec, environ)

@@ -1,6 +1,6 @@
 """Layered sources of a run, lowest to highest:
 
-    default < preset (templates/, --zero N) < project file (craken.yaml / --config)
+    default < preset (templates/, --preset NAME) < project file (craken.yaml / --config)
             < environment (CRAKEN_SECTION__FIELD) < command-line flags
 
 Each layer is a nested partial dict. `build_spec` merges them, validates once with Pydantic, and
@@ -55,6 +55,9 @@ FLAGS: dict[str, str] = {
     "--dataset": "data.dataset",
     "--text-column": "data.text_column",
     "--seq-len": "data.seq_len",
+    "--data-format": "data.format",
+    "--chat-template": "data.chat_template",
+    "--streaming": "data.streaming",
     "--max-steps": "train.max_steps",
     "--seed": "train.seed",
     "--eval-every": "train.eval_every",
@@ -123,8 +126,17 @@ def field_paths(model: type[BaseModel] = RunSpec, prefix: str = "") -> dict[str,
 
 
 def describe(path: str) -> str:
-    """The help text of a field: its Pydantic description."""
-    return field_paths()[path].description or ""
+    """The help text of a field: its Pydantic description, after its section's where the section's class
+    serves several fields (offload.optimizer.device and offload.param.device: one leaf description)."""
+    text = field_paths()[path].description or ""
+    parent, _, _ = path.rpartition(".")
+    if parent.count(".") == 1:
+        section, name = parent.split(".")
+        owner = RunSpec.model_fields[section].annotation
+        above = owner.model_fields[name].description if hasattr(owner, "model_fields") else None
+        if above and text:
+            return f"{above.rstrip('.')}: {text[0].lower()}{text[1:]}"
+    return text
 
 
 def flag_for(path: str) -> str | None:

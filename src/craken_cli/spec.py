@@ -82,7 +82,8 @@ class ModelSection(Section):
     loss: Literal["auto", "chunked", "model"] = Field(
         "auto", description="Training loss: 'chunked' computes the output layer and cross-entropy a few thousand "
         "tokens at a time and never holds the whole logits (Llama, Mistral, Qwen2/3); 'model' is the model's own "
-        "loss; auto: chunked for vocabularies of 100,000 or more (Llama-3, Qwen), else the model's."
+        "loss; auto: chunked for vocabularies of 100,000 or more (Llama-3, Qwen) in eager runs, else the model's "
+        "(compiled, it holds only the 16-bit logits and their gradient, and trains faster)."
     )
 
 
@@ -96,16 +97,41 @@ class DataSection(Section):
     split: str = Field("train", description="Split of a hub data set to read (a local file or folder is read whole).")
     seq_len: int = Field(128, gt=0, description="Tokens per training sequence (texts are packed into blocks).")
     eval_fraction: float = Field(0.05, ge=0, lt=0.5, description="Share of packed blocks held out for evaluation.")
-    max_samples: int | None = Field(None, gt=0, description="Read at most this many raw records (None: all).")
+    max_samples: int | None = Field(None, gt=0, description="Read at most this many raw records (unset: all).")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    format: Literal["auto", "text", "prompt_completion", "alpaca", "chat"] = Field(
+        "auto", description="How records become training samples: 'text' (the text column, packed, every token "
+        "trains), 'prompt_completion' (prompt/completion columns), 'alpaca' (instruction/input/output), 'chat' "
+        "(a messages list of {role, content}, rendered with the tokenizer's chat template); the supervised formats "
+        "train only on the completion / output / assistant tokens. auto: from the columns found.")
+    chat_template: str | None = Field(
+        None, description="Jinja chat template for format 'chat', as text or the path of a file holding it "
+        "(unset: the tokenizer's own).")
+    overlong: Literal["truncate", "drop"] = Field(
+        "truncate", description="A supervised sample longer than seq_len: cut to seq_len, or left out (counted "
+        "and reported either way).")
+    packing: bool = Field(
+        True, description="Supervised samples: several per row, each with position ids starting at 0, so "
+        "transformers' attention masks (sdpa, eager, flash_attention_2) keep a sample from attending to another; "
+        "off: one sample per row, padded to seq_len.")
+    num_proc: int | None = Field(
+        None, gt=0, description="Processes that tokenize the data set (unset: every CPU core of the machine).")
+    cache_dir: str | None = Field(
+        None, description="Folder of the tokenized data cache, keyed by data files, tokenizer, format, template "
+        "and seq_len, so a later launch reads instead of tokenizing (unset: $XDG_CACHE_HOME/craken/data, "
+        "else ~/.cache/craken/data).")
+    streaming: bool = Field(
+        False, description="Read and tokenize the data while training (datasets' IterableDataset; accelerate gives "
+        "each process its own files when there are at least as many files as processes, else every process reads "
+        "all and keeps its own batches), for data larger than memory or disk; no cache, no eval split.")
 
 
 class BatchSection(Section):
     micro_batch: int | None = Field(
-        4, gt=0, description="Sequences per GPU (process) per forward pass. None: global_batch / (grad_accum x "
+        4, gt=0, description="Sequences per GPU (process) per forward pass. Unset: global_batch / (grad_accum x "
         "processes), as DeepSpeed derives it from a file that states only train_batch_size.")
     grad_accum: int | None = Field(
-        None, gt=0, description="Micro-batches accumulated per optimizer step (None: from global_batch, else 8)."
+        None, gt=0, description="Micro-batches accumulated per optimizer step (unset: from global_batch, else 8)."
     )
     global_batch: int | None = Field(
         None, gt=0, description="Sequences per optimizer step over all processes; must equal "
@@ -128,7 +154,7 @@ class OptimizerSection(Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
     clip: float = Field(0.3, ge=0, description="Gradient clipping by global norm (0 disables).")
     fused: bool | None = Field(
-        None, description="DeepSpeed's JIT-built FusedAdam CUDA op instead of torch's AdamW (None: no; torch's "
+        None, description="DeepSpeed's JIT-built FusedAdam CUDA op instead of torch's AdamW (unset: no; torch's "
         "AdamW uses its own fused kernel on GPU and needs no op to build)."
     )
 
@@ -173,30 +199,30 @@ class ZeroSection(Section):
         "of accumulation steps and faster on one GPU (ZeRO-1 1.07x on one H200, docs/performance.md), for more "
         "memory: each GPU keeps the whole model's gradients in 16 and 32 bits (6 bytes per parameter, 6/N with the "
         "ZeRO optimizer; 1.3 GiB more for 1.1B on one GPU). ZeRO-1 with bf16 and no optimizer offload only. "
-        "None: on with one process; with several it all-reduces fp32 gradients after the backward (4x the bytes of the 16-bit "
+        "Unset: on with one process; with several it all-reduces fp32 gradients after the backward (4x the bytes of the 16-bit "
         "reduce-scatter, not overlapped), not measured on GPUs, so off."
     )
     stage3_prefetch_bucket_size: AutoCount | None = Field(
-        None, description="Stage 3: parameter elements prefetched ahead (None: 50M; auto: 0.9 x hidden_size "
+        None, description="Stage 3: parameter elements prefetched ahead (unset: 50M; auto: 0.9 x hidden_size "
         "squared, as the HF Trainer fills it)."
     )
     stage3_param_persistence_threshold: AutoCount | None = Field(
-        None, description="Stage 3: parameters smaller than this stay unpartitioned (None: 100k; auto: 10 x "
+        None, description="Stage 3: parameters smaller than this stay unpartitioned (unset: 100k; auto: 10 x "
         "hidden_size, as the HF Trainer fills it)."
     )
     stage3_max_live_parameters: Count | None = Field(
-        None, ge=0, description="Stage 3: parameter elements kept gathered at once (None: 1e9)."
+        None, ge=0, description="Stage 3: parameter elements kept gathered at once (unset: 1e9)."
     )
     stage3_max_reuse_distance: Count | None = Field(
-        None, ge=0, description="Stage 3: keep a parameter if reused within this many elements (None: 1e9)."
+        None, ge=0, description="Stage 3: keep a parameter if reused within this many elements (unset: 1e9)."
     )
     gather_16bit_weights_on_save: bool | None = Field(
-        None, description="Stage 3: gather full 16-bit weights when saving (None: on at stage 3)."
+        None, description="Stage 3: gather full 16-bit weights when saving (unset: on at stage 3)."
     )
 
 
 class OffloadTarget(Section):
-    device: OffloadDevice = Field("none", description="Where the states live: none (GPU), cpu or nvme.")
+    device: OffloadDevice = Field("none", description="Where they live: none (GPU), cpu or nvme.")
     nvme_path: str | None = Field(None, description="Folder on a fast local NVMe disk (required for nvme).")
     pin_memory: bool = Field(True, description="Page-locked CPU buffers: faster copies, more locked RAM.")
 
@@ -222,7 +248,7 @@ class LoggingSection(Section):
 
 class ClusterSection(Section):
     num_processes: int | None = Field(
-        None, gt=0, description="Processes over all machines (None: one per GPU found, or 2 on a CPU-only machine)."
+        None, gt=0, description="Processes over all machines (unset: one per GPU found, or 2 on a CPU-only machine)."
     )
     num_machines: int = Field(1, gt=0, description="Machines taking part.")
     machine_rank: int = Field(0, ge=0, description="This machine's rank, 0 .. num_machines-1.")
@@ -231,19 +257,19 @@ class ClusterSection(Section):
     )
     main_process_port: int = Field(29500, gt=0, lt=65536, description="TCP port of the rendezvous on rank 0.")
     rdzv_backend: Literal["static", "c10d"] | None = Field(
-        None, description="torchrun rendezvous backend (None: static, or c10d with max_restarts, since a restarted "
+        None, description="torchrun rendezvous backend (unset: static, or c10d with max_restarts, since a restarted "
         "static group reads its dead workers' stale addresses)."
     )
     launcher: Literal["accelerate", "deepspeed"] = Field(
         "accelerate", description="accelerate (torchrun) or DeepSpeed's hostfile launcher (pdsh + ssh)."
     )
     max_restarts: int = Field(0, ge=0, description="Restart a failed worker group this often, resuming.")
-    use_cpu: bool | None = Field(None, description="Train on CPU processes (None: when no GPU is found).")
+    use_cpu: bool | None = Field(None, description="Train on CPU processes (unset: when no GPU is found).")
 
 
 class OutputSection(Section):
     name: str = Field("default", min_length=1, description="Run name; the run folder is runs/<name>.")
-    dir: str | None = Field(None, description="Run folder (None: runs/<name>).")
+    dir: str | None = Field(None, description="Run folder (unset: runs/<name>).")
 
     def run_dir(self) -> str:
         return self.dir if self.dir is not None else f"runs/{self.name}"

@@ -36,7 +36,7 @@ def write_report(run_dir: Path) -> None:
         summary = summarize(metrics)
         err.print(f"report: {run_dir / REPORT} ({summary.get('steps')} steps)")
     except Exception as exc:  # a plotting failure must not fail a finished training
-        err.print(f"[yellow]warning:[/] report not written: {exc}")
+        err.print(f"warning: report not written: {exc}", style="yellow")
 
 
 def smoke_test_health(metrics: Path) -> tuple[bool, str]:

@@ -13,11 +13,13 @@ app = typer.Typer(
     help="Checkpoints: list them, export HF safetensors weights, convert for another number of processes.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,
 )
 
-_RUN_DIR = typer.Argument(help="Run folder written by `craken train` (holds checkpoints/).", show_default=False)
-_RUN_OR_CKPT = typer.Argument(help="Run folder written by `craken train`, or one of its checkpoints/step_* folders.",
-                              show_default=False)
+_RUN_DIR = typer.Argument(metavar="RUN_DIR",
+    help="Run folder written by `craken train` (holds checkpoints/).", show_default=False)
+_RUN_OR_CKPT = typer.Argument(metavar="RUN_DIR",
+    help="Run folder written by `craken train`, or one of its checkpoints/step_* folders.", show_default=False)
 
 
 def _human(n: int) -> str:
@@ -60,11 +62,14 @@ def list_(
                               "craken ckpt export runs/default --step 100 --dtype fp32 --out exported-fp32/")
 def export(
     run_dir: Annotated[Path, _RUN_OR_CKPT],
-    out: Annotated[Path, typer.Option("--out", help="Folder to write the model into (must not exist or be empty).",
+    out: Annotated[Path, typer.Option("--out", metavar="DIR",
+        help="Folder to write the model into (must not exist or be empty).",
                                       show_default=False)],
-    step: Annotated[Optional[int], typer.Option("--step", help="Checkpoint step (default: the latest good one).",
+    step: Annotated[Optional[int], typer.Option("--step", metavar="N",
+        help="Checkpoint step (default: the latest good one).",
                                                 show_default=False)] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="auto (the training precision), fp32, bf16 or fp16.")]
+    dtype: Annotated[str, typer.Option("--dtype", metavar="auto|fp32|bf16|fp16",
+        help="auto (the training precision), fp32, bf16 or fp16.")]
     = "auto",
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out folder.")] = False,
 ) -> None:
@@ -83,8 +88,9 @@ def export(
 @app.command("convert", epilog="Example: craken ckpt convert runs/default/checkpoints/step_00000100 && "
                                "craken train --num-processes 4 --resume runs/default/checkpoints/universal/step_00000100")
 def convert(
-    ckpt: Annotated[Path, typer.Argument(help="A checkpoint folder (RUN/checkpoints/step_N).", show_default=False)],
-    out: Annotated[Optional[Path], typer.Option("--out", help="Where to write it (default: "
+    ckpt: Annotated[Path, typer.Argument(metavar="CKPT",
+        help="A checkpoint folder (RUN/checkpoints/step_N).", show_default=False)],
+    out: Annotated[Optional[Path], typer.Option("--out", metavar="DIR", help="Where to write it (default: "
                                                 "RUN/checkpoints/universal/step_N).", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out folder.")] = False,
 ) -> None:

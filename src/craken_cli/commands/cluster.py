@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 app = typer.Typer(help="Write files for several machines: a SLURM batch script, a DeepSpeed hostfile.",
-                  no_args_is_help=True)
+                  no_args_is_help=True, rich_markup_mode=None)
 
 _OUT_HELP = "Write to this file instead of stdout (an existing file needs --force)."
 
@@ -26,19 +26,26 @@ def _emit(text: str, out: Path | None, force: bool) -> None:
 @app.command(epilog="Example: craken cluster slurm --nodes 2 --gpus-per-node 8 --time 12:00:00 "
                     "--config craken.yaml -- --zero 3 > job.sbatch")
 def slurm(
-    nodes: Annotated[int, typer.Option("--nodes", help="Machines (SLURM nodes); one craken train runs on each.")],
-    gpus_per_node: Annotated[int, typer.Option("--gpus-per-node", help="GPUs of each node; one process each.")],
+    nodes: Annotated[int, typer.Option("--nodes", metavar="N",
+        help="Machines (SLURM nodes); one craken train runs on each.")],
+    gpus_per_node: Annotated[int, typer.Option("--gpus-per-node", metavar="N",
+        help="GPUs of each node; one process each.")],
     config: Annotated[Optional[Path], typer.Option(
-        "--config", "-c", help="Run file every node reads, on a shared file system (default: ./craken.yaml).")] = None,
-    partition: Annotated[Optional[str], typer.Option("--partition", help="SLURM partition.")] = None,
-    time: Annotated[Optional[str], typer.Option("--time", help="Time limit, HH:MM:SS or D-HH:MM:SS.")] = None,
-    account: Annotated[Optional[str], typer.Option("--account", help="SLURM account to charge.")] = None,
-    job_name: Annotated[Optional[str], typer.Option("--job-name", help="SLURM job name (default: craken).")] = None,
-    cpus_per_task: Annotated[Optional[int], typer.Option("--cpus-per-task", help="CPUs for each node's task.")] = None,
-    port: Annotated[int, typer.Option("--port", help="Rendezvous TCP port on the first node.")] = 29500,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help=_OUT_HELP)] = None,
+        "--config", "-c", metavar="FILE",
+            help="Run file every node reads, on a shared file system (default: ./craken.yaml).")] = None,
+    partition: Annotated[Optional[str], typer.Option("--partition", metavar="NAME", help="SLURM partition.")] = None,
+    time: Annotated[Optional[str], typer.Option("--time", metavar="TIME",
+        help="Time limit, HH:MM:SS or D-HH:MM:SS.")] = None,
+    account: Annotated[Optional[str], typer.Option("--account", metavar="NAME",
+        help="SLURM account to charge.")] = None,
+    job_name: Annotated[Optional[str], typer.Option("--job-name", metavar="NAME",
+        help="SLURM job name (default: craken).")] = None,
+    cpus_per_task: Annotated[Optional[int], typer.Option("--cpus-per-task", metavar="N",
+        help="CPUs for each node's task.")] = None,
+    port: Annotated[int, typer.Option("--port", metavar="PORT", help="Rendezvous TCP port on the first node.")] = 29500,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="FILE", help=_OUT_HELP)] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
-    train_args: Annotated[Optional[list[str]], typer.Argument(
+    train_args: Annotated[Optional[list[str]], typer.Argument(metavar="TRAIN_ARGS",
         help="Extra `craken train` arguments, after `--`.", show_default=False)] = None,
 ) -> None:
     """Print an sbatch script that runs `craken train` on every node with its own machine rank."""
@@ -55,10 +62,12 @@ def slurm(
 
 @app.command(epilog="Example: craken cluster hostfile node1:8 node2:8 --out hostfile")
 def hostfile(
-    hosts: Annotated[list[str], typer.Argument(help="HOST or HOST:SLOTS (slots = processes, usually GPUs).",
+    hosts: Annotated[list[str], typer.Argument(metavar="HOSTS",
+        help="HOST or HOST:SLOTS (slots = processes, usually GPUs).",
                                                show_default=False)],
-    slots: Annotated[Optional[int], typer.Option("--slots", help="Slots of hosts given without :SLOTS.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help=_OUT_HELP)] = None,
+    slots: Annotated[Optional[int], typer.Option("--slots", metavar="N",
+        help="Slots of hosts given without :SLOTS.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="FILE", help=_OUT_HELP)] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
 ) -> None:
     """Write a DeepSpeed hostfile (`host slots=N` lines) for `--launcher deepspeed`."""

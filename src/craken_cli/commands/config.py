@@ -10,13 +10,15 @@ import typer
 
 from ..options import SpecArgs, load_run, spec_flags
 
-app = typer.Typer(help="Render, show, validate and describe run configurations.", no_args_is_help=True)
+app = typer.Typer(help="Render, show, validate and describe run configurations.", no_args_is_help=True,
+                  rich_markup_mode=None)
 
 
 @app.command(epilog="Example: craken config render --zero 2 --out configs/ --force")
 @spec_flags
 def render(
-    out: Annotated[Optional[Path], typer.Option("--out", help="Folder to write into (default: the run folder).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", metavar="DIR",
+        help="Folder to write into (default: the run folder).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing files.")] = False,
     *,
     spec_args: SpecArgs,
@@ -31,7 +33,7 @@ def render(
         from ..console import err  # rich costs ~40 ms to import: only when there is something to say
 
         for warning in decisions.warnings:
-            err.print(f"[yellow]warning:[/] {warning}")
+            err.print(f"warning: {warning}", style="yellow")
     for path in written:
         typer.echo(str(path))
 
@@ -69,9 +71,10 @@ def show(
 
 @app.command(epilog="Example: craken config validate ds_config.json accelerate.yaml")
 def validate(
-    files: Annotated[list[Path], typer.Argument(help="craken.yaml, or a DeepSpeed JSON and/or accelerate YAML.")],
-    num_processes: Annotated[Optional[int], typer.Option(
-        "--num-processes", help="World size to check a lone DeepSpeed JSON's batch triple against.")] = None,
+    files: Annotated[list[Path], typer.Argument(metavar="FILES",
+        help="craken.yaml, or a DeepSpeed JSON and/or accelerate YAML.")],
+    num_processes: Annotated[Optional[int], typer.Option("--num-processes", metavar="N",
+        help="World size to check a lone DeepSpeed JSON's batch triple against.")] = None,
 ) -> None:
     """Check files and list every problem at once, each with the key and the fix."""
     from ..console import out
@@ -88,8 +91,8 @@ def validate(
 
 @app.command("import", epilog="Example: craken config import ds_config.json accelerate.yaml --out craken.yaml")
 def import_(
-    files: Annotated[list[Path], typer.Argument(help="A DeepSpeed JSON and/or an accelerate YAML.")],
-    out_file: Annotated[Path, typer.Option("--out", help="Run file to write.")] = Path("craken.yaml"),
+    files: Annotated[list[Path], typer.Argument(metavar="FILES", help="A DeepSpeed JSON and/or an accelerate YAML.")],
+    out_file: Annotated[Path, typer.Option("--out", metavar="FILE", help="Run file to write.")] = Path("craken.yaml"),
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing run file.")] = False,
 ) -> None:
     """Turn a DeepSpeed JSON / accelerate YAML into a craken run file that renders back to the same run."""

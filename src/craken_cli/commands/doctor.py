@@ -1,7 +1,7 @@
 """`craken doctor [--json] [--deep]`: check this machine for the run the current settings describe.
 
 The command only parses, calls `doctor.gather` / `doctor.run_checks` and prints; the checks live in
-`craken_cli/doctor.py`. Without --deep nothing heavy (torch, deepspeed) is imported.
+`craken_cli/doctor/`. Without --deep nothing heavy (torch, deepspeed) is imported.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ def _print(checks) -> None:
         sys.stdout.write(render_plain(checks) + "\n")
         return
     from rich.table import Table
+    from rich.text import Text
 
     from ..console import out
 
@@ -64,9 +65,9 @@ def _print(checks) -> None:
     for c in checks:
         if area is not None and c.area != area:
             table.add_section()
-        table.add_row(c.area if c.area != area else "", c.name, f"[{style[c.status]}]{c.status}[/]", c.detail,
+        table.add_row(c.area if c.area != area else "", c.name, Text(c.status, style=style[c.status]), c.detail,
                       c.fix if c.status != "ok" else "")
         area = c.area
     out.print(table)
     v = verdict(checks)
-    out.print(f"[{style[v]}]{verdict_line(checks)}[/]")
+    out.print(verdict_line(checks), style=style[v])

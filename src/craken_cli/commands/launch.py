@@ -49,7 +49,7 @@ def launch(
                            ds_optimizer=ds_optimizer)
     prepared = prepare(request, environ=os.environ)
     for warning in prepared.warnings:
-        err.print(f"[yellow]warning:[/] {warning}")
+        err.print(f"warning: {warning}", style="yellow")
     if dry_run:
         out.print_json(data={"argv": prepared.argv, "env": prepared.env_shown, "files": prepared.files_shown})
         return

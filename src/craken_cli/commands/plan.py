@@ -44,11 +44,13 @@ def hypothetical_hardware(gpus: int, gpu_memory: int, cpu_memory: int | None):
 
 @spec_flags
 def plan(
-    gpus: Annotated[Optional[int], typer.Option("--gpus", min=1, help="Plan for N GPUs per machine instead of "
+    gpus: Annotated[Optional[int], typer.Option("--gpus", metavar="N", min=1,
+        help="Plan for N GPUs per machine instead of "
                                                  "the detected ones (hypothetical hardware).")] = None,
-    gpu_memory: Annotated[str, typer.Option("--gpu-memory", help="Memory of each hypothetical GPU "
+    gpu_memory: Annotated[str, typer.Option("--gpu-memory", metavar="SIZE", help="Memory of each hypothetical GPU "
                                             "(80GiB, 80GB, 141GiB; used with --gpus).")] = "80GiB",
-    cpu_memory: Annotated[Optional[str], typer.Option("--cpu-memory", help="RAM per machine, for CPU offload "
+    cpu_memory: Annotated[Optional[str], typer.Option("--cpu-memory", metavar="SIZE",
+        help="RAM per machine, for CPU offload "
                                                       "(default: detected; unchecked for --gpus).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help='Print {"strategies": [...], "choice": {...}}.')] = False,
     *,

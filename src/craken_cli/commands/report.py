@@ -12,9 +12,11 @@ EPILOG = "Example: craken report runs/tiny-zero2 --json"
 
 
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="Run folder written by `craken train` (holds metrics.jsonl).",
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR",
+        help="Run folder written by `craken train` (holds metrics.jsonl).",
                                             show_default=False)],
-    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for the PNGs (default: RUN_DIR/report/).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", metavar="DIR",
+        help="Folder for the PNGs (default: RUN_DIR/report/).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON for scripts.")] = False,
 ) -> None:
     """Plot loss, learning rate, tokens/s and GPU memory against steps, and summarize the run.

@@ -19,7 +19,8 @@ def train(
                                        "runs/<name>-test; exit 0 when healthy.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the launch command, its environment and the "
                                           "rendered files; launch nothing.")] = False,
-    resume: Annotated[Optional[str], typer.Option("--resume", help="Continue a run: 'auto' (latest good "
+    resume: Annotated[Optional[str], typer.Option("--resume", metavar="auto|CHECKPOINT",
+        help="Continue a run: 'auto' (latest good "
                                                   "checkpoint of the run folder) or a checkpoint folder.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Start over in an existing run folder.")] = False,
     oom_fallback: Annotated[bool, typer.Option("--oom-fallback/--no-oom-fallback", help="Under --auto, when a "
@@ -38,12 +39,15 @@ def train(
     from ..console import err, out
     from ..execute import execute
     from ..prepare import TrainRequest, prepare
+    from ..summary import prepared_summary
 
     request = TrainRequest(spec_args=spec_args, auto=auto, test=test, dry_run=dry_run, resume=resume,
                            force=force, launcher_args=list(ctx.args), oom_fallback=oom_fallback)
     prepared = prepare(request, environ=os.environ)
     for warning in prepared.warnings:
-        err.print(f"[yellow]warning:[/] {warning}")
+        err.print(f"warning: {warning}", style="yellow")
+    for line in prepared_summary(prepared):
+        err.print(line, highlight=False)
     if dry_run:
         out.print_json(data={"argv": prepared.argv, "env": prepared.env_shown, "files": prepared.files_shown})
         return

@@ -1,17 +1,33 @@
-"""Text -> packed blocks of `seq_len` tokens, split into train and eval.
+"""Records -> rows of `seq_len` tokens, split into train and eval, cached on disk.
 
-Loading is the real one: `datasets.load_dataset` on a hub id, or on local json/jsonl/csv/parquet/
-txt files; the built-in pattern language is generated in memory. Texts are tokenized with a
-batched `map`, joined with EOS and cut into equal blocks (no padding, every token trains).
+Loading is the real one: `datasets.load_dataset` on a hub id, or on local json/jsonl/csv/parquet/txt
+files; the built-in pattern language is generated in memory. The format (train/formats.py) is the
+one asked for or the one the columns show. Records are encoded by a batched `map` on `num_proc`
+processes, then packed on the Arrow columns as NumPy arrays. The rows of a local data set are saved in
+a cache keyed by the data files (path, size, mtime), the tokenizer, the format, the chat template and
+the packing settings (`cache_key`), so the next launch on this machine reads them instead of
+tokenizing; each machine's first process builds them while the others wait (`prepared`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import builtin
+from . import builtin, formats
 
-PACK_ROWS = 2000  # tokenized texts joined and cut together; each group's remainder short of a block is dropped
+CACHE_VERSION = 1  # bump when the rows a given input gives change
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+class DataError(ValueError):
+    """A data problem the user fixes (one message naming what to change)."""
 
 
 def builtin_lines(seq_len: int) -> int:
@@ -19,66 +35,313 @@ def builtin_lines(seq_len: int) -> int:
     return max(4000, seq_len * 64 // 16)
 
 
-# file suffix -> datasets builder
-LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
-
-
 def local_data_files(path: Path) -> tuple[str, list[str]]:
     """(builder, files) for a local file or a folder of files of one format."""
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in LOCAL_FORMATS)
-    formats = {LOCAL_FORMATS.get(p.suffix) for p in files}
-    if not files or None in formats or len(formats) != 1:
-        raise ValueError(f"{path}: expected {', '.join(LOCAL_FORMATS)} files of one format")
-    return formats.pop(), [str(p) for p in files]
+    formats_found = {LOCAL_FORMATS.get(p.suffix) for p in files}
+    if not files or None in formats_found or len(formats_found) != 1:
+        suffixes = sorted({p.suffix or p.name for p in files})
+        raise DataError(f"--dataset {path}: expected {', '.join(LOCAL_FORMATS)} files of one format, found "
+                        f"{', '.join(suffixes) or 'none'}: point --dataset at one file or a folder of one kind")
+    return formats_found.pop(), [str(p) for p in files]
+
+
+def corrupt_json_line(files: list[str]) -> str | None:
+    """'FILE line N: ...' for the first line of a .jsonl file that is not a JSON object, else None."""
+    for name in files:
+        if not name.endswith(".jsonl"):
+            continue
+        with open(name, encoding="utf-8", errors="replace") as fh:
+            for number, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError as exc:
+                    return f"{name} line {number}: not valid JSON ({exc})"
+                if not isinstance(record, dict):
+                    return f"{name} line {number}: a JSON {type(record).__name__}, not an object"
+    return None
 
 
 def load_raw(spec):
-    """The raw text data set (a `datasets.Dataset`) with a `text` column."""
+    """The raw records of the run's format columns (a `datasets.Dataset`)."""
+    return load_records(spec)[0]
+
+
+def load_records(spec, streaming: bool = False):
+    """The raw records (a `datasets.Dataset`, or IterableDataset when streaming) and their format."""
     import datasets
 
     d = spec.data
     if builtin.is_builtin(d.dataset):
         raw = datasets.Dataset.from_dict(builtin.dataset_records(builtin_lines(d.seq_len), seed=spec.train.seed))
-        column = "text"
+        if streaming:
+            raw = raw.to_iterable_dataset(num_shards=8)
     else:
         path = Path(d.dataset).expanduser()
         if path.exists():
             builder, files = local_data_files(path)
-            raw = datasets.load_dataset(builder, data_files=files, split="train")
+            try:
+                raw = datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming)
+            except Exception as exc:  # datasets names neither file nor line of a corrupt record
+                where = corrupt_json_line(files)
+                raise DataError(f"--dataset {where}: fix or remove that line" if where else
+                                f"--dataset {d.dataset}: cannot be read ({exc.__class__.__name__}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else ''}); fix the file") from exc
         else:
-            raw = datasets.load_dataset(d.dataset, split=d.split)
-        column = d.text_column
+            raw = datasets.load_dataset(d.dataset, split=d.split, streaming=streaming)
     if d.max_samples is not None:
-        raw = raw.select(range(min(d.max_samples, len(raw))))
-    if column not in raw.column_names:
-        raise ValueError(f"column '{column}' not in the data set (columns: {raw.column_names}): set --text-column")
-    raw = raw.select_columns([column])
-    return raw.rename_column(column, "text") if column != "text" else raw
+        raw = raw.take(d.max_samples) if streaming else raw.select(range(min(d.max_samples, len(raw))))
+    columns = list(raw.column_names or raw.features or [])
+    fmt = d.format if d.format != "auto" else formats.detect(columns, d.text_column)
+    problem = formats.format_problem(d.format, columns, d.text_column, d.dataset)
+    if problem:
+        raise DataError(problem)
+    return raw.select_columns([c for c in formats.columns_of(fmt, d.text_column) if c in columns]), fmt
+
+
+def chat_template(spec, tokenizer) -> str | None:
+    """The template chat records are rendered with; a DataError when there is none."""
+    template = formats.template_text(spec.data.chat_template)
+    if template is None and not getattr(tokenizer, "chat_template", None):
+        raise DataError(formats.no_template_message(spec.model.tokenizer or spec.model.name_or_path))
+    return template
+
+
+def num_proc(spec, rows: int) -> int | None:
+    """Tokenizing processes: data.num_proc, else every core; one (no pool) for small data sets."""
+    cores = spec.data.num_proc or len(os.sched_getaffinity(0))
+    procs = min(cores, max(1, rows // 10_000))
+    return procs if procs > 1 else None
+
+
+@dataclass
+class Built:
+    """The packed rows and what building them found."""
+    rows: object  # datasets.Dataset of input_ids [, labels, position_ids]
+    format: str
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> records
+    samples: int = 0
+    cache: str = "none"  # hit | written | none
+    seconds: float = 0.0
+    bytes_read: int = 0
+
+    def report(self) -> str:
+        parts = [f"data: {self.format}, {self.samples} samples -> {len(self.rows)} rows"]
+        if self.cache == "hit":
+            parts.append("cache hit")
+        elif self.bytes_read:
+            mb = self.bytes_read / 1e6
+            parts.append(f"tokenized {mb:.1f} MB in {self.seconds:.1f} s ({mb / max(self.seconds, 1e-9):.1f} MB/s)")
+        if self.skipped:
+            parts.append("skipped or cut: " + ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items())))
+        return "; ".join(parts)
+
+
+def encoder_for(spec, tokenizer, fmt: str) -> formats.Encoder:
+    template = chat_template(spec, tokenizer) if fmt == "chat" else None
+    d = spec.data
+    return formats.Encoder(tokenizer, fmt, d.seq_len, d.overlong, d.text_column, template)
+
+
+def build(spec, tokenizer) -> Built:
+    """Load, encode and pack the whole data set (no cache)."""
+    import datasets
+    import pyarrow.compute as pc
+
+    start = time.time()
+    raw, fmt = load_records(spec)
+    encoder = encoder_for(spec, tokenizer, fmt)
+    features = {"input_ids": datasets.List(datasets.Value("int32")), "skip": datasets.Value("string")}
+    if fmt in formats.SUPERVISED:
+        features["labels"] = datasets.List(datasets.Value("int32"))
+    encoded = raw.map(encoder, batched=True, batch_size=1000, remove_columns=raw.column_names,
+                      num_proc=num_proc(spec, len(raw)), features=datasets.Features(features),
+                      desc=f"tokenizing ({fmt})")
+    table = encoded.data.table
+    skip = table.column("skip")
+    counts = {str(v["values"]): int(v["counts"]) for v in pc.value_counts(skip).to_pylist() if v["values"]}
+    keep = pc.or_(pc.equal(skip, ""), pc.ends_with(skip, "(truncated, kept)"))
+    table = table.filter(keep)
+    rows = pack_table(table, fmt, spec.data.seq_len, pad_id(tokenizer), spec.data.packing)
+    return Built(rows, fmt, counts, table.num_rows, seconds=time.time() - start, bytes_read=data_bytes(spec))
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
+def pack_table(table, fmt: str, seq_len: int, pad: int, packing: bool):
+    """Encoded Arrow rows -> a datasets.Dataset of fixed-length rows."""
+    import datasets
+    import numpy as np
+    import pyarrow as pa
+
+    values, offsets = formats.list_column(table, "input_ids")
+    if fmt == "text":
+        columns = {"input_ids": formats.pack_text(values, seq_len)}
+    else:
+        labels, _ = formats.list_column(table, "labels")
+        columns = formats.pack_supervised(values, labels, offsets, seq_len, pad, packing)
+    arrays = {name: pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(a, dtype=np.int32).ravel()),
+                                                      seq_len) for name, a in columns.items()}
+    return datasets.Dataset(pa.table(arrays))
 
 
 def pack(raw, tokenizer, seq_len: int, num_proc: int | None = None):
-    """Tokenize and cut into blocks of seq_len; returns a Dataset with `input_ids`."""
-    eos = tokenizer.eos_token_id
+    """Text records (a `text` column) -> blocks of seq_len with `input_ids`."""
+    encoded = raw.map(formats.Encoder(tokenizer, "text", seq_len), batched=True, remove_columns=raw.column_names,
+                      num_proc=num_proc)
+    return pack_table(encoded.data.table, "text", seq_len, pad_id(tokenizer), True)
 
-    def tokenize(batch):
-        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-        return {"ids": [x + [eos] if eos is not None else x for x in ids]}
 
-    def group(batch):
-        flat = [t for seq in batch["ids"] for t in seq]
-        usable = len(flat) // seq_len * seq_len
-        return {"input_ids": [flat[i:i + seq_len] for i in range(0, usable, seq_len)]}
+# --- the cache ------------------------------------------------------------------------------------
 
-    tokenized = raw.map(tokenize, batched=True, remove_columns=["text"], num_proc=num_proc,
-                        desc="tokenizing")
-    return tokenized.map(group, batched=True, batch_size=PACK_ROWS, remove_columns=["ids"], num_proc=num_proc,
-                         desc=f"packing into {seq_len}-token blocks")
+def data_files(spec) -> list[Path]:
+    path = Path(spec.data.dataset).expanduser()
+    return [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in LOCAL_FORMATS)
+
+
+def data_bytes(spec) -> int:
+    if builtin.is_builtin(spec.data.dataset) or not Path(spec.data.dataset).expanduser().exists():
+        return 0
+    return sum(p.stat().st_size for p in data_files(spec))
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """A hash of what tokenizing depends on: the vocabulary and rules, special tokens, chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    extra = json.dumps([tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id,
+                        getattr(tokenizer, "chat_template", None), type(tokenizer).__name__])
+    return hashlib.sha256((body + extra).encode()).hexdigest()
+
+
+def cache_key(spec, tokenizer) -> str | None:
+    """The cache entry of this data set, tokenizer and packing; None when not cached (built-in or hub data)."""
+    d = spec.data
+    path = Path(d.dataset).expanduser()
+    if builtin.is_builtin(d.dataset) or not path.exists():
+        return None
+    files = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in data_files(spec)]
+    fields = {"version": CACHE_VERSION, "files": files, "tokenizer": tokenizer_digest(tokenizer),
+              "format": d.format, "text_column": d.text_column, "template": formats.template_text(d.chat_template),
+              "seq_len": d.seq_len, "overlong": d.overlong, "packing": d.packing, "max_samples": d.max_samples}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def cache_root(spec) -> Path:
+    if spec.data.cache_dir:
+        return Path(spec.data.cache_dir).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "craken" / "data"
+
+
+def read_cache(folder: Path) -> Built | None:
+    import datasets
+
+    info_file = folder / "info.json"
+    if not info_file.is_file():
+        return None
+    info = json.loads(info_file.read_text())
+    rows = datasets.load_from_disk(str(folder / "rows"))
+    return Built(rows, info["format"], info["skipped"], info["samples"], cache="hit")
+
+
+def write_cache(folder: Path, built: Built) -> None:
+    """rows/ then info.json, in a temporary folder renamed into place: a half-written entry is never read."""
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    built.rows.save_to_disk(str(tmp / "rows"))
+    (tmp / "info.json").write_text(json.dumps({"format": built.format, "skipped": built.skipped,
+                                               "samples": built.samples}))
+    try:
+        tmp.rename(folder)
+    except OSError:  # another machine sharing the cache folder was first
+        shutil.rmtree(tmp, ignore_errors=True)
+    built.cache = "written"
+
+
+def cached_build(spec, tokenizer) -> Built:
+    """The rows from the cache when this input was built before, else built (and cached when local)."""
+    key = cache_key(spec, tokenizer)
+    folder = cache_root(spec) / key if key else None
+    if folder is not None:
+        hit = read_cache(folder)
+        if hit is not None:
+            return hit
+    built = build(spec, tokenizer)
+    if folder is not None and len(built.rows):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        write_cache(folder, built)
+        reread = read_cache(folder)  # memory-mapped from disk, as every other process reads it
+        if reread is not None:
+            built.rows = reread.rows
+    return built
+
+
+def prepared(spec, tokenizer, accelerator) -> Built:
+    """The rows, built by each machine's first process while the others wait, then read from the cache."""
+    start = time.time()
+    problem = None
+    with accelerator.local_main_process_first():
+        # raised after the context: a first process leaving it by an exception would skip the barrier
+        # the others wait at; they meet the same problem on their own turn
+        try:
+            built = cached_build(spec, tokenizer)
+        except DataError as exc:
+            problem = exc
+    if problem is not None:
+        raise problem
+    if built.cache == "hit":
+        built.seconds = time.time() - start
+    return built
+
+
+class StreamPacker:
+    """Batched map over an encoded stream: the kept samples of each batch of records -> rows of seq_len
+    (the same packing as the cached path, one batch of records at a time)."""
+
+    def __init__(self, fmt: str, seq_len: int, pad: int, packing: bool):
+        self.fmt, self.seq_len, self.pad, self.packing = fmt, seq_len, pad, packing
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+
+        keep = [i for i, skip in enumerate(batch["skip"]) if formats.kept(skip)]
+        lengths = np.array([len(batch["input_ids"][i]) for i in keep], dtype=np.int64)
+        offsets = np.r_[0, np.cumsum(lengths)]
+        flat = np.fromiter((t for i in keep for t in batch["input_ids"][i]), dtype=np.int32, count=int(offsets[-1]))
+        if self.fmt == "text":
+            return {"input_ids": formats.pack_text(flat, self.seq_len)}
+        labels = np.fromiter((t for i in keep for t in batch["labels"][i]), dtype=np.int32, count=int(offsets[-1]))
+        return formats.pack_supervised(flat, labels, offsets, self.seq_len, self.pad, self.packing)
+
+
+def stream_rows(spec, tokenizer):
+    """`--streaming`: the rows as a datasets.IterableDataset, read, encoded and packed while training,
+    shuffled in a buffer; accelerate gives each process its own shards of it (files, or the built-in
+    set's 8 shards) when there are at least as many as processes, else every process reads all of it
+    and keeps its own batches."""
+    raw, fmt = load_records(spec, streaming=True)
+    encoded = raw.map(encoder_for(spec, tokenizer, fmt), batched=True, batch_size=1000,
+                      remove_columns=list(raw.column_names or []))
+    packer = StreamPacker(fmt, spec.data.seq_len, pad_id(tokenizer), spec.data.packing)
+    columns = ["input_ids", "skip"] + (["labels"] if fmt in formats.SUPERVISED else [])
+    rows = encoded.map(packer, batched=True, batch_size=1000, remove_columns=columns)
+    return rows.shuffle(seed=spec.train.seed, buffer_size=10_000), fmt
 
 
 def train_eval_split(blocks, eval_fraction: float, seed: int):
-    """(train, eval) block sets; eval is None when eval_fraction is 0."""
+    """(train, eval) block sets; eval is None when eval_fraction is 0. Indices only: nothing is written."""
+    import numpy as np
+
     if eval_fraction <= 0 or len(blocks) < 2:
         return blocks, None
     n_eval = max(1, int(len(blocks) * eval_fraction))
-    split = blocks.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
-    return split["train"], split["test"]
+    order = np.random.default_rng(seed).permutation(len(blocks))
+    return blocks.select(np.sort(order[n_eval:])), blocks.select(np.sort(order[:n_eval]))
+
+
+def print_report(built: Built) -> None:
+    print(f"craken: {built.report()}", file=sys.stderr, flush=True)

@@ -209,7 +209,9 @@ class Trainer:
         self.accelerator = Accelerator(
             kwargs_handlers=handlers,
             gradient_accumulation_steps=spec.grad_accum,
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+            # streaming: each process reads its own shards of the stream (not batches sent from the first)
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
+                                                      dispatch_batches=False if spec.data.streaming else None),
             log_with=None if spec.logging.report_to == "none" else spec.logging.report_to,
             project_config=ProjectConfiguration(project_dir=str(self.run_dir),
                                                 logging_dir=str(self.run_dir / TENSORBOARD)),
@@ -242,27 +244,61 @@ class Trainer:
         from . import data
 
         spec = self.spec
-        with self.accelerator.main_process_first():
-            raw = data.load_raw(spec)
-            blocks = data.pack(raw, self.tokenizer, spec.data.seq_len)
-        if len(blocks) == 0:
-            raise SystemExit(f"craken: the data set gives no {spec.data.seq_len}-token block: "
-                             "add text or lower --seq-len")
-        train_blocks, eval_blocks = data.train_eval_split(blocks, spec.data.eval_fraction, spec.train.seed)
+        if spec.data.streaming:
+            return self.stream_data(), None
+        built = self.build_data()
+        if len(built.rows) == 0:
+            if self.accelerator.is_main_process:
+                print(f"craken: the data set gives no {spec.data.seq_len}-token row ({built.report()}): add data, "
+                      "or raise --seq-len when its prompts fill it", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_CODES["bad_input"])
+        self.data_record = {"format": built.format, "samples": built.samples, "rows": len(built.rows),
+                            "cache": built.cache, "skipped": built.skipped}
+        train_blocks, eval_blocks = data.train_eval_split(built.rows, spec.data.eval_fraction, spec.train.seed)
         train_blocks.set_format("torch")
         gen = torch.Generator().manual_seed(spec.train.seed)
         train_dl = torch.utils.data.DataLoader(
             train_blocks, batch_size=spec.batch.micro_batch, shuffle=True, drop_last=True, generator=gen,
-            collate_fn=_collate, num_workers=spec.data.num_workers, pin_memory=not spec.cluster.use_cpu)
+            collate_fn=collate, num_workers=spec.data.num_workers, pin_memory=not spec.cluster.use_cpu)
         eval_dl = None
         if eval_blocks is not None:
             eval_blocks.set_format("torch")
             eval_dl = torch.utils.data.DataLoader(eval_blocks, batch_size=spec.batch.micro_batch, shuffle=False,
-                                                  collate_fn=_collate)
+                                                  collate_fn=collate)
         if len(train_dl) // self.accelerator.num_processes == 0:
             raise SystemExit(f"craken: {len(train_blocks)} training blocks are fewer than one micro-batch per "
                              "process: add data, lower --micro-batch or --seq-len")
         return train_dl, eval_dl
+
+    def stream_data(self):
+        """`--streaming`: a loader over rows made while training (no eval split, no length)."""
+        import torch
+
+        from . import data
+
+        try:
+            rows, fmt = data.stream_rows(self.spec, self.tokenizer)
+        except data.DataError as exc:
+            if self.accelerator.is_main_process:
+                print(f"craken: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_CODES["bad_input"]) from None
+        self.data_record = {"format": fmt, "streaming": True}
+        return torch.utils.data.DataLoader(rows.with_format("torch"), batch_size=self.spec.batch.micro_batch,
+                                           drop_last=True, collate_fn=collate)
+
+    def build_data(self):
+        """The packed rows (train/data.prepared); a data problem is one message from the first process, exit 2."""
+        from . import data
+
+        try:
+            built = data.prepared(self.spec, self.tokenizer, self.accelerator)
+        except data.DataError as exc:
+            if self.accelerator.is_main_process:
+                print(f"craken: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_CODES["bad_input"]) from None
+        if self.accelerator.is_local_main_process:
+            data.print_report(built)
+        return built
 
     def setup_model(self):
         """Build or load the model in the engine's dtype, record what export needs, convert, compile."""
@@ -327,8 +363,8 @@ class Trainer:
                         "flops_per_token": self.flops_per_token, "seq_len": spec.data.seq_len,
                         "micro_batch": spec.batch.micro_batch, "grad_accum": spec.grad_accum,
                         "global_batch": spec.train_batch_size, "max_steps": spec.train.max_steps,
-                        "device": self.device_name, **dtypes, "final_dtype": str(self.final_dtype).split(".")[-1],
-                        **self.model_record})
+                        "device": self.device_name, "data": self.data_record, **dtypes,
+                        "final_dtype": str(self.final_dtype).split(".")[-1], **self.model_record})
         else:
             self.write({"event": "resume", "step": position.step, "num_processes": self.world})
         self.progress = ProgressReporter(spec.train.max_steps, spec.logging.steps_per_print)
@@ -582,16 +618,24 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
 
 
-def _collate(rows):
+def collate(rows):
+    """Rows -> a batch; text rows train on every token (labels are the inputs), supervised rows bring
+    their own labels (-100 on prompts) and position ids (restarting at every packed sample)."""
     import torch
 
-    ids = torch.stack([r["input_ids"] for r in rows])
-    return {"input_ids": ids, "labels": ids}
+    batch = {key: torch.stack([r[key] for r in rows]) for key in rows[0]}
+    batch.setdefault("labels", batch["input_ids"])
+    return batch
 
 
 def _check_batch(loader, device):
     """A fixed, small batch to compare the trained model's logits with the saved one's."""
     ds = loader.dataset if hasattr(loader, "dataset") else loader.base_dataloader.dataset
+    import datasets
+    import torch
+
+    if isinstance(ds, (datasets.IterableDataset, torch.utils.data.IterableDataset)):  # --streaming
+        return next(iter(loader))["input_ids"][:1, :32].to(device)
     ids = ds[0]["input_ids"][:32].unsqueeze(0).to(device)
     return ids
 

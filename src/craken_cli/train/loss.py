@@ -19,8 +19,9 @@ kernels; no fp32 copy of a chunk's logits is written).
 Where it applies (`applies`): the Llama, Mistral and Qwen2/Qwen3 families (plain `lm_head` over
 `model`, no logit scaling or soft-capping), not under ZeRO-3 (whose output weight is a partitioned
 placeholder outside the lm_head's own forward). `model.loss: auto` picks it at vocabularies of
-`VOCAB_THRESHOLD` or more; smaller ones keep the model's loss, compiled by
-`modeling.compile_regions`, whose logits are small enough (32k-vocabulary Llamas: 0.55 MFU).
+`VOCAB_THRESHOLD` or more in eager runs, where the model's loss holds the fp32 upcast (about 14 bytes
+per logit); compiled runs keep the model's loss, compiled by `modeling.compile_regions`, which holds
+the 16-bit logits and their gradient only and measured faster than the chunked one (docs/performance.md).
 Calls without labels (generation, the final check's logits) run the model's own forward.
 """
 
@@ -35,11 +36,14 @@ CHUNK_LOGITS = 2**29
 IGNORE_INDEX = -100  # transformers' label of tokens without a loss
 
 
-def applies(setting: str, model_type: str, vocab_size: int, zero_stage: int) -> bool:
-    """Whether a run trains with the chunked loss (pure: the planner and the loop both ask)."""
+def applies(setting: str, model_type: str, vocab_size: int, zero_stage: int, compiled: bool = False) -> bool:
+    """Whether a run trains with the chunked loss (pure: the planner and the loop both ask). `auto` picks it
+    for large vocabularies in eager runs only: compiled, the model's own loss fuses the fp32 upcast away
+    (16-bit logits and their 16-bit gradient, about 4 bytes per logit, measured) and ran faster on one
+    H200 than the chunked one at the micro-batch each fit (Qwen2.5-0.5B 1.05x, Llama-3.2-1B 1.10x)."""
     if setting == "model" or model_type not in FAMILIES or zero_stage >= 3:
         return False
-    return setting == "chunked" or vocab_size >= VOCAB_THRESHOLD
+    return setting == "chunked" or (vocab_size >= VOCAB_THRESHOLD and not compiled)
 
 
 def chunk_tokens(vocab_size: int) -> int:
@@ -152,15 +156,16 @@ def install(model, spec) -> str:
     its own loss returned without logits (`loss_only`); returns which loss trains: "chunked" or "model"."""
     import types
 
+    compiles = spec.model.compile and not spec.cluster.use_cpu  # as modeling.ready_for_training compiles
     if not applies(spec.model.loss, getattr(model.config, "model_type", ""), model.config.vocab_size,
-                   spec.zero.stage):
+                   spec.zero.stage, compiles):
         loss_only(model)
         return "model"
     if not (hasattr(model, "model") and hasattr(model, "lm_head")) or getattr(model.lm_head, "bias", None) is not None:
         loss_only(model)
         return "model"
     compiled = None
-    if spec.model.compile and not spec.cluster.use_cpu:
+    if compiles:
         import torch
 
         compiled = (torch.compile(_chunk_grads, dynamic=False), torch.compile(_chunk_loss, dynamic=False))

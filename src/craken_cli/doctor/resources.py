@@ -1,0 +1,127 @@
+"""Checks of host memory (offload, /dev/shm) and disk room for checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from .model import BUILTIN_PARAMS_BOUND, SHM_MIN, Check, Facts, RunView, fmt_count, fmt_gib
+
+
+def model_params(name: str, environ: Mapping[str, str]) -> tuple[int | None, str]:
+    """Approximate parameter count from the model's config.json, where it is on disk."""
+    if name.startswith("builtin:"):
+        try:
+            from ..train.builtin import TINY_CONFIG
+
+            return params_from_config(TINY_CONFIG), "built-in model"
+        except Exception:  # another engineer's module changed: an upper bound still answers
+            return BUILTIN_PARAMS_BOUND, "built-in model (upper bound)"
+    candidates = [Path(name) / "config.json"]
+    hub = environ.get("HF_HUB_CACHE") or os.path.join(
+        environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface")), "hub")
+    candidates += sorted(Path(hub).glob(f"models--{name.replace('/', '--')}/snapshots/*/config.json"))
+    for path in candidates:
+        try:
+            cfg = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        n = params_from_config(cfg) if isinstance(cfg, dict) else None  # the model check names a bad file
+        if n:
+            return n, f"estimated from {path}"
+    return None, f"no config.json for {name!r} on this machine"
+
+
+def params_from_config(cfg: Mapping[str, Any]) -> int | None:
+    """Parameters from a HF config: the planner's count (modelinfo.config_params)."""
+    from ..modelinfo import config_params
+
+    return config_params(dict(cfg))
+
+
+def offload_bytes(view: RunView, params: int) -> tuple[int, int]:
+    """(CPU RAM, NVMe) bytes per machine that the offloaded states take: the planner's count
+    (planner.offload_host_bytes), partitioned over all processes."""
+    from ..planner import offload_host_bytes
+
+    cpu, nvme = offload_host_bytes(params, view.processes, view.per_machine, view.offload_optimizer,
+                                   view.offload_param, 4 if view.precision == "fp32" else 2)
+    return int(cpu), int(nvme)
+
+
+def offload_ram(view: RunView, params: int) -> int:
+    """CPU RAM per machine that the offloaded states take."""
+    return offload_bytes(view, params)[0]
+
+
+def check_memory(f: Facts, view: RunView) -> list[Check]:
+    hw = f.hardware
+    out = []
+    many = view.per_machine > 1 or view.num_workers > 0
+    if hw.shm_total is None:
+        out.append(Check("memory", "/dev/shm", "warn" if many else "ok", "/dev/shm does not exist",
+                         "mount a tmpfs at /dev/shm (docker: --shm-size=16g or --ipc=host)" if many else ""))
+    elif hw.shm_total < SHM_MIN:
+        out.append(Check("memory", "/dev/shm", "fail" if many else "warn",
+                         f"{fmt_gib(hw.shm_total)}: NCCL and DataLoader workers need more (Bus error, NCCL "
+                         "'unhandled system error')",
+                         "docker run --shm-size=16g (or --ipc=host); Kubernetes: an emptyDir with medium: Memory "
+                         "mounted at /dev/shm"))
+    else:
+        out.append(Check("memory", "/dev/shm", "ok", fmt_gib(hw.shm_total)))
+    if view.offload_optimizer != "cpu" and view.offload_param != "cpu":
+        out.append(Check("memory", "RAM for offload", "ok", "no CPU offload asked for"))
+    elif f.params is None:
+        out.append(Check("memory", "RAM for offload", "warn", f"cannot estimate the model's size: {f.params_source}",
+                         "download the model first (or give a local folder) so its size is known"))
+    else:
+        need = offload_ram(view, f.params)
+        what = "+".join(x for x, on in (("optimizer", view.offload_optimizer == "cpu"),
+                                         ("parameters", view.offload_param == "cpu")) if on)
+        detail = (f"{what} offload of ~{fmt_count(f.params)} params needs ~{fmt_gib(need)} per machine; "
+                  f"{fmt_gib(hw.ram_available)} available")
+        if need > hw.ram_available:
+            out.append(Check("memory", "RAM for offload", "fail", detail,
+                             "use --offload-optimizer nvme --nvme-path DIR, more machines, or a smaller model"))
+        elif need > 0.8 * hw.ram_available:
+            out.append(Check("memory", "RAM for offload", "warn", detail + " (little headroom)",
+                             "close other programs, or offload to nvme"))
+        else:
+            out.append(Check("memory", "RAM for offload", "ok", detail))
+    return out
+
+
+def check_disk(f: Facts, view: RunView) -> list[Check]:
+    out = []
+    o = f.paths.get("output")
+    if o is not None:
+        ckpt = None if f.params is None else f.params * 14 * (view.keep_checkpoints + 1) // max(1, view.machines)
+        if not o.writable:
+            out.append(Check("disk", "output folder", "fail", f"{o.path}: not writable ({o.error or 'permission'})",
+                             "choose another folder with --output-dir"))
+        elif ckpt is not None and o.free is not None and ckpt > o.free:
+            out.append(Check("disk", "output folder", "fail", f"{o.path}: {fmt_gib(o.free)} free, "
+                             f"{view.keep_checkpoints + 1} checkpoints need ~{fmt_gib(ckpt)}",
+                             "free space, use --output-dir elsewhere, or lower --keep-checkpoints"))
+        else:
+            need = f", checkpoints need ~{fmt_gib(ckpt)}" if ckpt else ""
+            out.append(Check("disk", "output folder", "ok", f"{o.path}: {fmt_gib(o.free)} free{need}"))
+    n = f.paths.get("nvme")
+    if view.nvme_path and n is not None:
+        need = None if f.params is None else offload_bytes(view, f.params)[1]
+        fs = f" ({n.fstype})" if n.fstype else ""
+        if not n.writable:
+            out.append(Check("disk", "NVMe path", "fail", f"{n.path}{fs}: not writable ({n.error or 'permission'})",
+                             f"mkdir -p {n.path} && chown $USER {n.path}, or choose another --nvme-path"))
+        elif need is not None and n.free is not None and need > n.free:
+            out.append(Check("disk", "NVMe path", "fail", f"{n.path}{fs}: {fmt_gib(n.free)} free, offload needs "
+                             f"~{fmt_gib(need)}", "free space or choose another --nvme-path"))
+        elif n.fstype in ("nfs", "nfs4", "cifs", "smb3", "fuse", "fuse.sshfs", "tmpfs", "overlay"):
+            out.append(Check("disk", "NVMe path", "warn", f"{n.path}{fs}: not a local disk; "
+                             f"{fmt_gib(n.free)} free", "point --nvme-path at a local NVMe drive"))
+        else:
+            need_s = f", offload needs ~{fmt_gib(need)}" if need is not None else ""
+            out.append(Check("disk", "NVMe path", "ok", f"{n.path}{fs}: writable, {fmt_gib(n.free)} free{need_s}"))
+    return out

@@ -1,0 +1,44 @@
+"""Checks of the run's own settings against this machine, and of a local model folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .model import Check, RunView
+
+
+def check_run(view: RunView | None, spec_error: str | None) -> list[Check]:
+    if view is None:
+        return [Check("run", "settings", "fail", spec_error or "invalid settings", "fix the settings named above")]
+    out = []
+    where = "CPU processes" if view.use_cpu else "GPU processes"
+    why = {k: w for k, _, w in view.decisions}
+    detail = f"{view.processes} {where}" + (f" over {view.machines} machines" if view.machines > 1 else "")
+    if "cluster.num_processes" in why:
+        detail += f" (auto: {why['cluster.num_processes']})"
+    out.append(Check("run", "processes", "ok", detail))
+    pdetail = view.precision + (f" (auto: {why['precision']})" if "precision" in why else "")
+    fp16_warning = [w for w in view.warnings if "fp16" in w]
+    out.append(Check("run", "precision", "warn" if fp16_warning else "ok", pdetail,
+                     "expected on GPUs older than Ampere; watch for skipped steps, or use --precision fp32"
+                     if fp16_warning else ""))
+    for w in view.warnings:
+        if w not in fp16_warning:
+            out.append(Check("run", "decision", "warn", w, ""))
+    for p in view.problems:
+        out.append(Check("run", "settings vs machine", "fail", p.split(": ")[0], p.rsplit(": ", 1)[-1]))
+    return out + check_model_folder(view.model)
+
+
+def check_model_folder(name: str) -> list[Check]:
+    """A local model folder's files, as `craken train` checks them before launch (modelcheck)."""
+    from .. import modelcheck
+
+    folder = Path(name).expanduser()
+    if not (folder / "config.json").is_file():
+        return []
+    tokenizer = folder if (folder / "tokenizer.json").is_file() else None
+    problems = modelcheck.folder_problems(f"--model {name}", folder, False, tokenizer, f"--model {name}")
+    if not problems:
+        return [Check("run", "model files", "ok", f"{folder}: config.json, tokenizer and weights headers read")]
+    return [Check("run", "model files", "fail", p, "fix the file named, or choose another --model") for p in problems]

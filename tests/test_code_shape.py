@@ -1,0 +1,75 @@
+"""The shape of src/ that issue 22 asks to keep: short functions and no import cycle between modules.
+
+Module-level imports only: an import inside a function is how craken keeps `craken --help` fast, and runs
+when the function does, after both modules have loaded.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parent.parent / "src" / "craken_cli"
+LONGEST_FUNCTION = 80
+
+
+def modules() -> dict[str, ast.Module]:
+    found = {}
+    for path in sorted(SRC.rglob("*.py")):
+        parts = path.relative_to(SRC.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found[name] = ast.parse(path.read_text(), filename=str(path))
+    return found
+
+
+def test_no_function_is_longer_than_80_lines():
+    long = [f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines"
+            for name, tree in modules().items() for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > LONGEST_FUNCTION]
+    assert not long, long
+
+
+def imported_at_module_level(name: str, tree: ast.Module, known: set[str]) -> set[str]:
+    package = name if any(k.startswith(name + ".") for k in known) else name.rpartition(".")[0]
+    targets = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            targets |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            targets |= {f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names}
+    return {t for t in targets if t in known and t != name}
+
+
+def test_no_import_cycle_between_modules():
+    trees = modules()
+    graph = {name: imported_at_module_level(name, tree, set(trees)) for name, tree in trees.items()}
+    cycles, state = [], {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                cycles.append(path[path.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert not cycles, cycles
+
+
+def test_the_cycle_finder_finds_a_cycle(tmp_path):
+    """The check above can fail: two modules importing each other at module level are a cycle."""
+    a = ast.parse("from . import b\n")
+    b = ast.parse("from .a import thing\n")
+    known = {"pkg", "pkg.a", "pkg.b"}
+    assert imported_at_module_level("pkg.a", a, known) == {"pkg.b"}
+    assert imported_at_module_level("pkg.b", b, known) == {"pkg.a"}
