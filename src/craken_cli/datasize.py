@@ -16,15 +16,20 @@ LOCAL_EXACT_BYTES = 64 * 1024**2  # local data up to this size is tokenized befo
 
 def blocks_available(spec) -> int | None:
     """Blocks of `spec.data.seq_len` tokens the data set packs into (train and eval together), or None."""
+    return rows_and_report(spec)[0]
+
+
+def rows_and_report(spec) -> tuple[int | None, str]:
+    """(blocks, train/data.Built.report(): the format, samples and what was skipped or cut) or (None, '')."""
     from .train import builtin
 
     data = spec.data
     if data.streaming:
-        return None  # read while training, never counted
+        return None, ""  # read while training, never counted
     if not builtin.is_builtin(data.dataset):
         path = Path(data.dataset).expanduser()
         if not path.exists() or _size(path) > LOCAL_EXACT_BYTES:
-            return None
+            return None, ""
     try:
         import datasets
 
@@ -33,9 +38,10 @@ def blocks_available(spec) -> int | None:
 
         datasets.disable_progress_bars()  # one line per split on the CLI's stderr, before craken's own output
         tokenizer = modeling.load_tokenizer(spec)
-        return len(data_mod.cached_build(spec, tokenizer).rows)  # the workers then read the cache
+        built = data_mod.cached_build(spec, tokenizer)  # the workers then read the cache
+        return len(built.rows), built.report()
     except Exception:  # unreadable data or tokenizer: preflight and the workers report it with a fix
-        return None
+        return None, ""
 
 
 def _size(path: Path) -> int:

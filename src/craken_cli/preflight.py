@@ -226,11 +226,13 @@ def size_problems(spec) -> list[str]:
         size = sum(f.stat().st_size for f in ([path] if path.is_file() else path.iterdir()) if f.is_file())
     if size > BYTES_PER_TOKEN_AT_MOST * needed_tokens or model_problems(spec):
         return []  # plenty (no token spans that many bytes in practice): not worth tokenizing in the CLI
-    blocks = datasize.blocks_available(spec)
+    blocks, report = datasize.rows_and_report(spec)
     if blocks is None:
         return []
     problem = data_problem(train_blocks(blocks, spec.data.eval_fraction), world, spec.data.seq_len,
                            spec.batch.micro_batch)
+    if problem and "prompt fills seq_len" in report:
+        problem += f" ({report}: raise --seq-len, now {spec.data.seq_len})"
     return [f"--dataset {spec.data.dataset}: {problem}"] if problem else []
 
 
