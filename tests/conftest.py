@@ -114,3 +114,19 @@ def free_port() -> int:
 @pytest.fixture
 def python() -> str:
     return sys.executable
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A local model folder written by save_pretrained: a small Llama and a locally trained tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    from craken_cli.train import builtin
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tok = builtin.build_tokenizer()
+    cfg = builtin.model_config(tok)
+    cfg.hidden_size, cfg.intermediate_size = 48, 96
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

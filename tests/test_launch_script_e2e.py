@@ -147,26 +147,11 @@ def assert_no_launcher_traceback(result: subprocess.CompletedProcess) -> None:
         assert launcher_words not in text, text[-4000:]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    from transformers import AutoModelForCausalLM
-
-    from craken_cli.train import builtin
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tok = builtin.build_tokenizer()
-    cfg = builtin.model_config(tok)
-    cfg.hidden_size, cfg.intermediate_size = 48, 96
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
-def test_accelerate_script_at_zero1_runs_the_plan_with_its_own_adamw(tmp_path, model_dir, free_port):
+def test_accelerate_script_at_zero1_runs_the_plan_with_its_own_adamw(tmp_path, tiny_model_dir, free_port):
     (tmp_path / "train.py").write_text(ACCELERATE_SCRIPT)
     flags = ["--zero", "1", "--micro-batch", "2", "--grad-accum", "2", "--max-steps", "3", "--clip", "0.7",
              "--main-process-port", free_port]
-    result = craken("launch", *flags, "train.py", model_dir, cwd=tmp_path)
+    result = craken("launch", *flags, "train.py", tiny_model_dir, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     ran = line(result, "DEEPSPEED_RAN")
     assert_ran_as_planned(ran, planned(flags, tmp_path))
@@ -178,13 +163,13 @@ def test_accelerate_script_at_zero1_runs_the_plan_with_its_own_adamw(tmp_path, m
     assert "finished" in result.stderr
 
 
-def test_accelerate_script_at_zero3_with_offload_takes_deepspeeds_optimizer(tmp_path, model_dir, free_port):
+def test_accelerate_script_at_zero3_with_offload_takes_deepspeeds_optimizer(tmp_path, tiny_model_dir, free_port):
     """Offloaded states are stepped by DeepSpeed's CPU Adam only: the JSON keeps its optimizer, and the
     script, told by CRAKEN_PLAN_DS_OPTIMIZER=1, passes accelerate's DummyOptim / DummyScheduler."""
     (tmp_path / "train.py").write_text(ACCELERATE_SCRIPT)
     flags = ["--zero", "3", "--offload-optimizer", "cpu", "--offload-param", "cpu", "--micro-batch", "2",
              "--grad-accum", "1", "--max-steps", "2", "--main-process-port", free_port]
-    result = craken("launch", *flags, "train.py", model_dir, cwd=tmp_path)
+    result = craken("launch", *flags, "train.py", tiny_model_dir, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     ran = line(result, "DEEPSPEED_RAN")
     assert_ran_as_planned(ran, planned(flags, tmp_path))
@@ -192,11 +177,11 @@ def test_accelerate_script_at_zero3_with_offload_takes_deepspeeds_optimizer(tmp_
     assert line(result, "DONE")["step"] == 2
 
 
-def test_trainer_script_at_zero2_with_offload_trains_and_resumes_without_a_mismatch(tmp_path, model_dir, free_port):
+def test_trainer_script_at_zero2_with_offload_trains_and_resumes_without_a_mismatch(tmp_path, tiny_model_dir, free_port):
     (tmp_path / "train.py").write_text(TRAINER_SCRIPT)
     flags = ["--zero", "2", "--offload-optimizer", "cpu", "--micro-batch", "2", "--grad-accum", "2",
              "--save-every", "2", "--main-process-port", free_port]
-    first = craken("launch", *flags, "--max-steps", "2", "train.py", model_dir, cwd=tmp_path)
+    first = craken("launch", *flags, "--max-steps", "2", "train.py", tiny_model_dir, cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
     assert "mismatch TrainingArguments" not in first.stderr
     ran = line(first, "DEEPSPEED_RAN")
@@ -207,19 +192,19 @@ def test_trainer_script_at_zero2_with_offload_trains_and_resumes_without_a_misma
     run_dir = tmp_path / "runs" / "default"
     assert ran["output_dir"] == str(run_dir / "output") and (run_dir / "output" / "checkpoint-2").is_dir()
 
-    again = craken("launch", *flags, "--max-steps", "4", "--force", "train.py", model_dir, "--resume", cwd=tmp_path)
+    again = craken("launch", *flags, "--max-steps", "4", "--force", "train.py", tiny_model_dir, "--resume", cwd=tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-5000:]
     assert line(again, "DEEPSPEED_RAN")["start_step"] == 2  # the Trainer's own resume_from_checkpoint
     assert line(again, "DONE")["step"] == 4
 
 
-def test_trainer_script_at_zero3_builds_its_own_optimizer_and_schedule_from_the_plan(tmp_path, model_dir, free_port):
+def test_trainer_script_at_zero3_builds_its_own_optimizer_and_schedule_from_the_plan(tmp_path, tiny_model_dir, free_port):
     """Without offload the JSON has no optimizer: the Trainer makes its torch AdamW and its schedule from the
     TrainingArguments the host filled, and DeepSpeed partitions them at stage 3."""
     (tmp_path / "train.py").write_text(TRAINER_SCRIPT)
     flags = ["--zero", "3", "--offload-optimizer", "none", "--offload-param", "none", "--micro-batch", "2",
              "--grad-accum", "1", "--max-steps", "2", "--lr", "0.002", "--main-process-port", free_port]
-    result = craken("launch", *flags, "train.py", model_dir, cwd=tmp_path)
+    result = craken("launch", *flags, "train.py", tiny_model_dir, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert "mismatch TrainingArguments" not in result.stderr
     ran = line(result, "DEEPSPEED_RAN")
@@ -258,3 +243,14 @@ def test_sigterm_stops_the_script_with_143_and_one_line(tmp_path, free_port):
     assert "craken: sleepy.py was stopped by a signal (exit 143)" in result.stderr
     assert_no_launcher_traceback(result)
     assert "Traceback" not in result.stderr
+
+
+def test_a_trainer_value_set_against_the_plan_stops_before_training_with_exit_2(tmp_path, tiny_model_dir, free_port):
+    (tmp_path / "train.py").write_text(TRAINER_SCRIPT.replace('report_to="none",', 'report_to="none", max_grad_norm=0.5,'))
+    result = craken("launch", "--zero", "1", "--clip", "0.3", "--main-process-port", free_port, "train.py", tiny_model_dir,
+                    cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-4000:]
+    assert ("craken: train.py was stopped before training: the script sets max_grad_norm=0.5 against craken's plan, "
+            "max_grad_norm=0.3: drop it (craken fills it) or change the plan with --clip") in result.stderr
+    assert "DEEPSPEED_RAN" not in result.stdout and "Traceback" not in result.stderr
+    assert_no_launcher_traceback(result)
