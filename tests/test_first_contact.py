@@ -312,3 +312,22 @@ def test_rendered_files_follow_the_umask(craken, workdir):
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in (workdir / "cfg").iterdir()}
     assert modes == {"ds_config.json": 0o644, "accelerate.yaml": 0o644, "run.yaml": 0o644}, modes
+
+
+def test_the_report_after_a_resume_counts_every_step_and_segment(tmp_path):
+    """After a resume the report said `steps 300 / 3000` and timed only the last segment."""
+    import json
+
+    from craken_cli.report import read_metrics, summarize, summary_rows
+
+    run = tmp_path / "r"
+    run.mkdir()
+    lines = [{"event": "start", "max_steps": 4}, {"step": 2, "loss": 2.0, "time_s": 9.0},
+             {"event": "end", "steps": 2, "wall_s": 10.0},
+             {"event": "start", "max_steps": 4}, {"event": "resume", "step": 2}, {"step": 4, "loss": 1.5, "time_s": 4.0},
+             {"event": "end", "steps": 4, "wall_s": 5.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    summary = summarize(read_metrics(run))
+    assert summary["steps"] == 4 and summary["wall_s"] == 15.0 and summary["segments"] == 2
+    rows = dict(summary_rows(summary))
+    assert rows["steps"] == "4 / 4" and "2 segments" in rows["wall time"]

@@ -30,6 +30,7 @@ class Metrics:
     train: list[dict[str, Any]] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)
     end: dict[str, Any] | None = None
+    ends: list[dict[str, Any]] = field(default_factory=list)  # one per segment (a run resumed has several)
     warnings: list[str] = field(default_factory=list)
 
 
@@ -94,6 +95,7 @@ def _sort(metrics: Metrics, record: dict[str, Any], path: Path, lineno: int) -> 
         metrics.start = record
     elif event == "end":
         metrics.end = record
+        metrics.ends.append(record)
     elif event is not None:
         return  # an event kind newer than this reader: not needed for the report
     elif not isinstance(record.get("step"), int):
@@ -146,10 +148,12 @@ def summarize(metrics: Metrics) -> dict[str, Any]:
         "num_processes": start.get("num_processes"),
         "precision": start.get("precision"),
         "complete": metrics.end is not None,
-        "steps": end.get("steps", last["step"]),
+        "steps": max(end.get("steps") or 0, last["step"]),  # the run's last step, over every segment
         "max_steps": start.get("max_steps"),
         "tokens": last.get("tokens"),
-        "wall_s": end.get("wall_s", max(times) if times else None),
+        # every segment's time: a resumed run's last segment alone undercounts it
+        "wall_s": _segments_wall(metrics.ends) if metrics.ends else (max(times) if times else None),
+        "segments": max(1, len(metrics.ends)),
         "first_step_s": end.get("first_step_s"),
         "startup": end.get("startup"),
         "mean_tokens_per_s": _mean(r.get("tokens_per_s") for r in train),
@@ -162,6 +166,11 @@ def summarize(metrics: Metrics) -> dict[str, Any]:
         "best_eval_step": best["step"] if best else None,
         "final_dir": end.get("final_dir"),
     }
+
+
+def _segments_wall(ends: list[dict[str, Any]]) -> float | None:
+    walls = _finite(e.get("wall_s") for e in ends)
+    return sum(walls) if walls else None
 
 
 def json_safe(summary: dict[str, Any]) -> dict[str, Any]:
@@ -214,7 +223,8 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         ("precision", str(summary.get("precision") or "n/a")),
         ("steps", steps),
         ("tokens", _num(summary["tokens"], ",")),
-        ("wall time", _duration(summary["wall_s"])),
+        ("wall time", _duration(summary["wall_s"]) + (f" ({summary['segments']} segments: resumed)"
+                                                       if summary.get("segments", 1) > 1 else "")),
         *_startup_rows(summary),
         ("mean tokens/s", _num(summary["mean_tokens_per_s"], ",.0f")),
         ("mean tokens/s per " + ("process" if on_cpu else "GPU"), _num(summary["mean_tokens_per_s_per_gpu"], ",.0f")),
