@@ -253,10 +253,15 @@ def test_run_file_asking_for_cpu_is_refused(project, capsys):
     assert code == 2 and "use_cpu" in err and out == ""
 
 
-def test_no_run_file_at_all(tmp_path, monkeypatch, capsys):
+def test_a_flags_only_run_needs_no_run_file(tmp_path, monkeypatch, capsys):
+    """Issue 21: `cluster slurm` refused a run given by flags alone."""
     monkeypatch.chdir(tmp_path)
-    code, out, err = cli(["cluster", "slurm", "--nodes", "2", "--gpus-per-node", "4"], capsys)
-    assert code == 2 and "--config" in err and out == ""
+    code, out, err = cli(["cluster", "slurm", "--nodes", "2", "--gpus-per-node", "4", "--time", "25:00",
+                          "--", "--zero", "2", "--max-steps", "100"], capsys)
+    assert code == 0, err
+    assert "--config" not in out and "#SBATCH --time=25:00" in out and "no run file" in out
+    assert "--num-machines 2 --num-processes 8 --main-process-port 29500 --launcher accelerate" in out
+    assert "--zero 2 --max-steps 100" in out
 
 
 @pytest.mark.parametrize("value", ["00:30:00", "48:00:00", "1-00:00:00", "7-23:59:59", "0-00:00:01",

@@ -40,7 +40,7 @@ _IPV4 = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$", re.ASCII)
 class SlurmJob:
     nodes: int
     gpus_per_node: int
-    config: Path  # absolute: every node reads the same run file from the shared file system
+    config: Path | None  # absolute: every node reads the same run file (None: a flags-only run)
     port: int = DEFAULT_PORT
     partition: str | None = None
     time: str | None = None
@@ -79,9 +79,6 @@ def slurm_job(nodes: int, gpus_per_node: int, config: Path | None, *, port: int 
               train_args: list[str] | tuple[str, ...] = ()) -> SlurmJob:
     """A validated job; every problem is reported at once, each naming the flag and the fix."""
     problems = []
-    if config is None:
-        problems.append("no run file: pass --config FILE (every node must read the same one), "
-                        "or run this where craken.yaml is")
     if config is not None and any(ord(ch) < 32 or ord(ch) == 127 for ch in str(config)):
         problems.append(f"--config {str(config)!r}: a newline or control character in the path would end up as a "
                         "line of its own in the sbatch script: rename the file")
@@ -107,7 +104,8 @@ def slurm_job(nodes: int, gpus_per_node: int, config: Path | None, *, port: int 
                             "--port or --config of `craken cluster slurm` instead")
     if problems:
         raise CrakenError(problems, title="invalid cluster job")
-    return SlurmJob(nodes=nodes, gpus_per_node=gpus_per_node, config=Path(config).absolute(), port=port,
+    return SlurmJob(nodes=nodes, gpus_per_node=gpus_per_node, config=Path(config).absolute() if config is not None else None,
+                     port=port,
                     partition=partition, time=time, account=account, job_name=job_name or "craken",
                     cpus_per_task=cpus_per_task, train_args=tuple(train_args))
 
@@ -126,7 +124,7 @@ def cluster_args(job: SlurmJob) -> list[str]:
     return ["--num-machines", str(job.nodes),
             "--num-processes", str(job.num_processes),
             "--main-process-port", str(job.port),
-            "--config", str(job.config),
+            *(["--config", str(job.config)] if job.config is not None else []),
             # One launcher per node, started by srun: DeepSpeed's pdsh launcher would start every node again.
             "--launcher", "accelerate"]
 
@@ -146,8 +144,9 @@ def slurm_script(job: SlurmJob) -> str:
         "",
         "# Written by `craken cluster slurm`.",
         "# Submit with: sbatch THIS_FILE. The job inherits the submitting shell's environment",
-        "# (activate craken's environment first); every node reads the same run file:",
-        f"#   {job.config}",
+        *(["# (activate craken's environment first); every node reads the same run file:", f"#   {job.config}"]
+          if job.config is not None else
+          ["# (activate craken's environment first); no run file: every node gets the same flags below."]),
         "set -eu",
         "",
         "# The rendezvous runs on the first node of the allocation.",
@@ -169,6 +168,8 @@ def slurm_script(job: SlurmJob) -> str:
 def check_run_file(job: SlurmJob) -> None:
     """The run file exists and, when no extra train arguments could change it, validates for this
     job's world size (so a wrong batch triple fails here, not after the job has queued)."""
+    if job.config is None:
+        return  # a flags-only run: the flags after `--` are checked by each node's craken train
     if not job.config.is_file():
         raise CrakenError(f"--config {job.config}: no such file; write the run file (a craken.yaml) on a "
                           "file system all nodes share and pass its path", title="invalid cluster job")

@@ -32,10 +32,11 @@ def slurm(
         help="GPUs of each node; one process each.")],
     config: Annotated[Optional[Path], typer.Option(
         "--config", "-c", metavar="FILE",
-            help="Run file every node reads, on a shared file system (default: ./craken.yaml).")] = None,
+            help="Run file every node reads, on a shared file system (default: ./craken.yaml if present; "
+                 "without one the flags after -- are the whole run).")] = None,
     partition: Annotated[Optional[str], typer.Option("--partition", metavar="NAME", help="SLURM partition.")] = None,
     time: Annotated[Optional[str], typer.Option("--time", metavar="TIME",
-        help="Time limit, HH:MM:SS or D-HH:MM:SS.")] = None,
+        help="Time limit in SLURM's formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.")] = None,
     account: Annotated[Optional[str], typer.Option("--account", metavar="NAME",
         help="SLURM account to charge.")] = None,
     job_name: Annotated[Optional[str], typer.Option("--job-name", metavar="NAME",
