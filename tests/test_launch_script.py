@@ -75,7 +75,7 @@ def test_offloaded_optimizer_keeps_deepspeeds_optimizer_which_alone_steps_it():
     assert not userscript.keeps_ds_optimizer(spec, False)  # asked for: the script's own (DeepSpeed may refuse it)
 
 
-@pytest.mark.parametrize("case", ["missing", "folder", "shell", "syntax", "module", "package", "conflict",
+@pytest.mark.parametrize("case", ["missing", "folder", "device", "shell", "syntax", "module", "package", "conflict",
                                   "conflict_eq", "deepspeed", "auto"])
 def test_bad_input_is_refused_before_launch_with_exit_2_and_nothing_written(craken, workdir, case):
     (workdir / "pkg").mkdir()
@@ -86,6 +86,7 @@ def test_bad_input_is_refused_before_launch_with_exit_2_and_nothing_written(crak
     args, expected = {
         "missing": (["nope.py"], "nope.py does not exist"),
         "folder": (["pkg"], "is a folder"),
+        "device": (["/dev/null"], "/dev/null is not a regular file"),
         "shell": (["train.sh"], "not a .py file"),
         "syntax": (["broken.py"], "not valid Python (line 1"),
         "module": (["-m", "no_such_module_xyz"], "module no_such_module_xyz is not found"),

@@ -56,8 +56,10 @@ def target_problems(target: Target) -> list[str]:
     path = Path(target.script)
     if not path.exists():
         return [f"script {path} does not exist: check the path (a module is run with -m MODULE)"]
-    if not path.is_file():
+    if path.is_dir():
         return [f"script {path} is a folder, not a Python file: name the .py file, or run a package with -m PACKAGE"]
+    if not path.is_file():
+        return [f"script {path} is not a regular file (a device, a pipe, ...): name the .py file"]
     if path.suffix != ".py":
         return [f"script {path} is not a .py file: craken launch runs Python training scripts "
                 "(run other programs with accelerate launch --no_python yourself)"]

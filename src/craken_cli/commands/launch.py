@@ -42,6 +42,7 @@ def launch(
     from ..console import err, out
     from ..execute import execute
     from ..prepare import TrainRequest, prepare
+    from ..summary import prepared_summary
     from ..userscript import Target
 
     target = Target(module=script, args=tuple(ctx.args)) if module else Target(script=script, args=tuple(ctx.args))
@@ -50,6 +51,8 @@ def launch(
     prepared = prepare(request, environ=os.environ)
     for warning in prepared.warnings:
         err.print(f"warning: {warning}", style="yellow")
+    for line in prepared_summary(prepared):
+        err.print(line, highlight=False)
     if dry_run:
         out.print_json(data={"argv": prepared.argv, "env": prepared.env_shown, "files": prepared.files_shown})
         return
