@@ -331,3 +331,18 @@ def test_the_report_after_a_resume_counts_every_step_and_segment(tmp_path):
     assert summary["steps"] == 4 and summary["wall_s"] == 15.0 and summary["segments"] == 2
     rows = dict(summary_rows(summary))
     assert rows["steps"] == "4 / 4" and "2 segments" in rows["wall time"]
+
+
+def test_plan_table_fits_an_80_column_terminal(tmp_path):
+    """At 80 columns the table cut every column (`tot…`, `sp…`); a terminal that narrow gets the totals."""
+    (tmp_path / "config.json").write_text((Path(__file__).resolve().parents[1] / "benchmarks" / "model_configs" /
+                                           "llama-3.2-1b.json").read_text())
+    args = ("plan", "--model", str(tmp_path), "--gpus", "8", "--gpu-memory", "80GiB")
+    narrow = cli(*args, env={"FORCE_COLOR": "1"})
+    assert narrow.returncode == 0, narrow.stderr
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in narrow.stdout.splitlines()]
+    table = lines[1:next(i for i, line in enumerate(lines) if line.startswith("choice:"))]  # prose wraps itself
+    assert table and "…" not in narrow.stdout and max(map(len, table)) <= 80, narrow.stdout
+    assert table[1].split() == ["strategy", "mb", "ga", "total", "CPU", "speed", "fits"]
+    wide = cli(*args, env={"FORCE_COLOR": "1"}, columns=120).stdout
+    assert "param" in wide and "activ" in wide

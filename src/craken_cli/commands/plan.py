@@ -98,6 +98,9 @@ def plan(
         _print_other(other, beside, result)
 
 
+WHOLE_TABLE_COLUMNS = 93
+
+
 def _print(result, changes: list[str]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -109,19 +112,23 @@ def _print(result, changes: list[str]) -> None:
               f"{result.gpu_memory_gib:.0f} GiB ({result.usable_gib:.1f} usable), global batch "
               f"{result.global_batch}, {'compiled layers (--no-compile: eager)' if result.compiled else 'eager'}",
               markup=False)
-    table = Table(box=None, pad_edge=False, title="GiB per GPU (CPU: per machine)", title_justify="left")
-    for name in ("strategy", "mb", "ga", "param", "grad", "optim", "activ", "other", "total", "CPU", "speed",
-                 "fits"):
+    # A pipe gets Rich's 80 columns: print the whole table there. A terminal narrower than the whole
+    # table (about 93 columns) gets the totals only, so no column is cut.
+    wide = out if out.is_terminal else Console(file=out.file, width=120, highlight=False)
+    whole = wide.width >= WHOLE_TABLE_COLUMNS
+    title = "GiB per GPU (CPU: per machine)" if whole else \
+        f"GiB per GPU, totals (CPU: per machine; parts: {WHOLE_TABLE_COLUMNS} columns or --json)"
+    table = Table(box=None, pad_edge=False, title=title, title_justify="left")
+    parts = ("param", "grad", "optim", "activ", "other") if whole else ()
+    for name in ("strategy", "mb", "ga", *parts, "total", "CPU", "speed", "fits"):
         table.add_column(name, no_wrap=True, justify="left" if name == "strategy" else "right")
     for s in result.strategies:
         style = "bold green" if s is result.choice else (None if s.fits else "dim")
         short = s.name.replace("offload_optimizer_", "opt:").replace("offload_param_", "param:")
-        table.add_row(short, str(s.micro_batch), str(s.grad_accum), f"{s.params_gib:.1f}", f"{s.grads_gib:.1f}",
-                      f"{s.optimizer_gib:.1f}", f"{s.activations_gib:.1f}", f"{s.other_gib:.1f}",
+        values = (s.params_gib, s.grads_gib, s.optimizer_gib, s.activations_gib, s.other_gib) if whole else ()
+        table.add_row(short, str(s.micro_batch), str(s.grad_accum), *(f"{v:.1f}" for v in values),
                       f"{s.total_gib:.1f}", f"{s.cpu_memory_gib:.0f}", f"{s.speed:.2f}",
                       "yes" if s.fits else "no", style=style)
-    # A pipe gets Rich's 80 columns, too narrow for this table: print it at full width there.
-    wide = out if out.is_terminal else Console(file=out.file, width=120, highlight=False)
     wide.print(table)
     if result.choice is None:
         out.print("nothing fits; any one of these would:" if changes else "nothing fits", markup=False)
