@@ -202,13 +202,15 @@ def test_doctor_reads_the_cuda_of_a_cuda13_torch():
     assert torch_build_of("2.5.1", ["nvidia-cuda-runtime-cu12==12.4.127"]) == "12.4"
 
 
-def test_dry_run_prints_readable_files_and_a_command_and_works_over_a_run(craken, workdir):
+def test_dry_run_prints_readable_files_and_a_command_and_works_over_a_run(craken, workdir, monkeypatch):
     """--dry-run printed the files as escaped JSON strings, had no command to copy, and was refused
     when the run folder existed."""
     import shlex
 
     from craken_cli import runfolder
 
+    # the command lists what craken sets beyond this environment: an earlier test's DS_ACCELERATOR would hide it
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
     run = workdir / "runs" / "default"
     run.mkdir(parents=True)
     runfolder.write_marker(run)
@@ -276,6 +278,11 @@ def test_known_noise_is_dropped_by_exact_message_only():
 
     quiet_known_noise(cpu_processes=True)
     logger = logging.getLogger("torch.utils.cpp_extension")
+    # earlier tests' libraries may have silenced this logger; what is checked here is the filter alone
+    was = logger.disabled, logger.level, logging.root.manager.disable
+    logger.disabled = False
+    logger.setLevel(logging.WARNING)
+    logging.disable(logging.NOTSET)
     seen = []
     handler = logging.Handler()
     handler.emit = lambda record: seen.append(record.getMessage())
@@ -285,6 +292,9 @@ def test_known_noise_is_dropped_by_exact_message_only():
         logger.warning("Error building extension 'cpu_adam'")
     finally:
         logger.removeHandler(handler)
+        logger.disabled, _, _ = was
+        logger.setLevel(was[1])
+        logging.disable(was[2])
     assert seen == ["Error building extension 'cpu_adam'"]
 
 
