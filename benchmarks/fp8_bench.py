@@ -46,6 +46,7 @@ CONFIGS = HERE / "model_configs"  # the public config.json values planner_bench.
 # Run folders stay on the GPU machine: only a few files come back from $OUT (bench.log, rows.jsonl and
 # the parity runs' metrics).
 RUNS = WORK / "out"
+OLD_SRC = HERE.parent / ".bench-old" / "src"  # `git archive 22992b9 src | tar -x -C .bench-old`, carried
 MUST = [  # (numerator row, denominator row, at least, what)
     ("fp8-1.1b", "bf16-1.1b", 1.20, "craken fp8 / craken bf16, 1.1B"),
     ("fp8-3b", "bf16-3b", 1.20, "craken fp8 / craken bf16, 3B"),
@@ -53,16 +54,20 @@ MUST = [  # (numerator row, denominator row, at least, what)
     ("fp8-3b", "hand-float8-3b", 1.15, "craken fp8 / hand-written float8, 3B"),
     ("qwen-chunked-loss", "qwen-model-loss", 1.25, "chunked loss / compiled model loss, Qwen2.5-0.5B"),
     ("llama3-chunked-loss", "llama3-model-loss", 1.0, "chunked loss / compiled model loss, Llama-3 1B (128k)"),
+    ("qwen-model-loss", "qwen-loss-as-filed", 1.25, "model loss without the fp32 logits copy / as filed, Qwen2.5-0.5B"),
+    ("qwen-chunked-loss", "qwen-loss-as-filed", 1.25, "chunked loss / as filed, Qwen2.5-0.5B"),
+    ("fp8-1.1b", "hand-float8-compiled-1.1b", 1.0, "craken fp8 / hand-written float8 compiled, 1.1B"),
+    ("fp8-3b", "hand-float8-compiled-3b", 1.0, "craken fp8 / hand-written float8 compiled, 3B"),
 ]
 
 
-def hand_float8(name, model, seq, steps, same_as):
+def hand_float8(name, model, seq, steps, same_as, *extra):
     """The hand-written float8 script at the micro-batch craken's `same_as` run chose (read when it starts;
     halved on an out-of-memory error: the script tries each in turn)."""
     out_json = RUNS / f"{name}.json"
     argv = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--mixed_precision", "bf16",
             str(HERE / "handwritten_float8.py"), "--model", str(model), "--seq-len", str(seq),
-            "--micro-batch", "MICRO_BATCHES", "--steps", str(steps), "--out", str(out_json)]
+            "--micro-batch", "MICRO_BATCHES", "--steps", str(steps), "--out", str(out_json), *extra]
     return {"name": name, "kind": "hand", "argv": argv, "result": out_json, "same_as": same_as}
 
 
@@ -109,8 +114,17 @@ def speed_runs(grid: str) -> list[dict]:
         gpu_bench.craken_run("fp8-3b", m3b, RUNS, 4096, 20, "--auto", "--precision", "fp8", *gb3),
         hand_float8("hand-float8-1.1b", m11, 2048, 8, "fp8-1.1b"),
         hand_float8("hand-float8-3b", m3b, 4096, 5, "fp8-3b"),
+        hand_float8("hand-float8-compiled-1.1b", m11, 2048, 8, "fp8-1.1b", "--compile"),
+        hand_float8("hand-float8-compiled-3b", m3b, 4096, 5, "fp8-3b", "--compile"),
     ]
     loss = [
+        # issue 16's must-show: the plain `--auto` at global batch 32 (the loss auto picks) fits on the first launch
+        gpu_bench.craken_run("qwen-auto-gb32", qwen, RUNS, 2048, 25, "--auto", "--global-batch", "32", *data),
+        # issue 19's "today's compiled loss": the code as it was before Accelerate's fp32 copy of the logits was
+        # removed (main 22992b9, its src/ carried in .bench-old/), at the micro-batch that fitted then (mb 32 ran
+        # out of memory); the row the large-vocabulary loss is measured against, in the same call
+        {**gpu_bench.craken_run("qwen-loss-as-filed", qwen, RUNS, 2048, 25, "--global-batch", "64", "--micro-batch",
+                                "16", *data, "--set", "model.loss=model"), "pythonpath": OLD_SRC},
         gpu_bench.craken_run("qwen-model-loss", qwen, RUNS, 2048, 25, "--auto", "--global-batch", "64", *data,
                              "--set", "model.loss=model"),
         gpu_bench.craken_run("qwen-chunked-loss", qwen, RUNS, 2048, 25, "--auto", "--global-batch", "64", *data,
@@ -121,10 +135,10 @@ def speed_runs(grid: str) -> list[dict]:
                              "--set", "model.loss=chunked"),
     ]
     if grid == "fp8":  # each hand-written run right after the craken fp8 run whose micro-batch it takes
-        return [fp8[0], fp8[1], fp8[4], fp8[2], fp8[3], fp8[5]]
+        return [fp8[0], fp8[1], fp8[4], fp8[6], fp8[2], fp8[3], fp8[5], fp8[7]]
     if grid == "loss":
         return loss
-    return fp8[:2] + loss[:2] + [fp8[4]] + fp8[2:4] + [fp8[5]] + loss[2:]  # 1.1B and Qwen first
+    return fp8[:2] + loss[:4] + fp8[4:5] + fp8[2:4] + fp8[5:] + loss[4:]  # 1.1B and Qwen first
 
 
 def predicted_reserved(run_dir: Path) -> float | None:
@@ -162,14 +176,15 @@ def execute(runs: list[dict], out: Path, log, budget: float, min_run_s: float) -
         t0 = time.time()
         try:
             proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                  env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=left)
+                                  env=run_env(run), timeout=left)
             rc, text = proc.returncode, proc.stdout
         except subprocess.TimeoutExpired as exc:
             out_text = exc.stdout or ""
             rc, text = "timeout", out_text.decode(errors="replace") if isinstance(out_text, bytes) else out_text
         log.write(text)
         log.flush()
-        row = {"name": run["name"], "rc": rc, "wall_s": round(time.time() - t0, 1)}
+        row = {"name": run["name"], "rc": rc, "wall_s": round(time.time() - t0, 1),
+               "relaunched": "relaunching with the next fastest" in text}
         try:
             if run["kind"] == "craken":
                 if run.get("keep_metrics"):  # the parity curves: the plot reads them from $OUT
@@ -186,6 +201,15 @@ def execute(runs: list[dict], out: Path, log, budget: float, min_run_s: float) -
             fh.write(json.dumps(row, default=str) + "\n")
         print(f"[{run['name']}] rc={rc} wall={row['wall_s']:.0f}s {row.get('error', '')}", flush=True)
     return rows
+
+
+def run_env(run: dict) -> dict:
+    """The environment of a run: an older craken's source first on the path where the run names one."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if run.get("pythonpath"):
+        env["PYTHONPATH"] = os.pathsep.join([str(run["pythonpath"])] + [p for p in env.get("PYTHONPATH", "").split(
+            os.pathsep) if p and not p.endswith("/src")])
+    return env
 
 
 def ran(run_dir: Path) -> dict:
@@ -207,7 +231,7 @@ def print_table(rows: list[dict]) -> None:
         print(f"{r['name']} | {r['rc']} | {r.get('strategy', '-')} | {r.get('micro_batch')} | "
               f"{r.get('loss_kind', '-')} | {r.get('float8_linears', '-')} | {r['tokens_per_s_per_gpu']:,.0f} | "
               f"{r['mfu']:.3f} | {r['peak_reserved_gib']:.2f} | {err} | {r.get('first_step_s') or 0:.1f} | "
-              f"{r['wall_s']}")
+              f"{r['wall_s']}{' RELAUNCHED' if r.get('relaunched') else ''}")
     speed = {r["name"]: r["tokens_per_s_per_gpu"] for r in rows if "tokens_per_s_per_gpu" in r}
     print("\nratio | measured | must be")
     for num, den, least, what in MUST:
