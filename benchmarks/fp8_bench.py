@@ -54,6 +54,7 @@ MUST = [  # (numerator row, denominator row, at least, what)
     ("fp8-3b", "hand-float8-3b", 1.15, "craken fp8 / hand-written float8, 3B"),
     ("qwen-chunked-loss", "qwen-model-loss", 1.25, "chunked loss / compiled model loss, Qwen2.5-0.5B"),
     ("llama3-chunked-loss", "llama3-model-loss", 1.0, "chunked loss / compiled model loss, Llama-3 1B (128k)"),
+    ("qwen-auto-gb32", "qwen-auto-gb32-fixed-segments", 1.0, "grown / fixed allocator segments, Qwen --auto gb 32"),
     ("qwen-model-loss", "qwen-loss-as-filed", 1.25, "model loss without the fp32 logits copy / as filed, Qwen2.5-0.5B"),
     ("qwen-chunked-loss", "qwen-loss-as-filed", 1.25, "chunked loss / as filed, Qwen2.5-0.5B"),
     ("fp8-1.1b", "hand-float8-compiled-1.1b", 1.0, "craken fp8 / hand-written float8 compiled, 1.1B"),
@@ -120,11 +121,15 @@ def speed_runs(grid: str) -> list[dict]:
     loss = [
         # issue 16's must-show: the plain `--auto` at global batch 32 (the loss auto picks) fits on the first launch
         gpu_bench.craken_run("qwen-auto-gb32", qwen, RUNS, 2048, 25, "--auto", "--global-batch", "32", *data),
+        # the same with the allocator's fixed segments (craken's workers grow them: launch.GPU_ALLOCATOR_ENV)
+        {**gpu_bench.craken_run("qwen-auto-gb32-fixed-segments", qwen, RUNS, 2048, 25, "--auto", "--global-batch",
+                                "32", *data), "env": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}},
         # issue 19's "today's compiled loss": the code as it was before Accelerate's fp32 copy of the logits was
         # removed (main 22992b9, its src/ carried in .bench-old/), at the micro-batch that fitted then (mb 32 ran
         # out of memory); the row the large-vocabulary loss is measured against, in the same call
         {**gpu_bench.craken_run("qwen-loss-as-filed", qwen, RUNS, 2048, 25, "--global-batch", "64", "--micro-batch",
-                                "16", *data, "--set", "model.loss=model"), "pythonpath": OLD_SRC},
+                                "16", *data, "--set", "model.loss=model", "--set", "zero.stage=0", "--set",
+                                "model.compile=true"), "pythonpath": OLD_SRC},
         gpu_bench.craken_run("qwen-model-loss", qwen, RUNS, 2048, 25, "--auto", "--global-batch", "64", *data,
                              "--set", "model.loss=model"),
         gpu_bench.craken_run("qwen-chunked-loss", qwen, RUNS, 2048, 25, "--auto", "--global-batch", "64", *data,
@@ -138,7 +143,7 @@ def speed_runs(grid: str) -> list[dict]:
         return [fp8[0], fp8[1], fp8[4], fp8[6], fp8[2], fp8[3], fp8[5], fp8[7]]
     if grid == "loss":
         return loss
-    return fp8[:2] + loss[:4] + fp8[4:5] + fp8[2:4] + fp8[5:] + loss[4:]  # 1.1B and Qwen first
+    return fp8[:2] + loss[:5] + fp8[4:5] + fp8[2:4] + fp8[5:] + loss[5:]  # 1.1B and Qwen first
 
 
 def predicted_reserved(run_dir: Path) -> float | None:
@@ -205,7 +210,7 @@ def execute(runs: list[dict], out: Path, log, budget: float, min_run_s: float) -
 
 def run_env(run: dict) -> dict:
     """The environment of a run: an older craken's source first on the path where the run names one."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **run.get("env", {})}
     if run.get("pythonpath"):
         env["PYTHONPATH"] = os.pathsep.join([str(run["pythonpath"])] + [p for p in env.get("PYTHONPATH", "").split(
             os.pathsep) if p and not p.endswith("/src")])

@@ -646,7 +646,7 @@ def census(names: list[str], out: Path) -> int:
     """What one decoder layer and the logits hold on the GPU, measured (1- and 2-layer copies of each model)
     against the planner's per-token terms: the family traits behind a row's error, in about a minute."""
     from craken_cli.modelinfo import model_info
-    from craken_cli.planner import layer_activation_bytes_per_token, loss_bytes
+    from craken_cli.planner import layer_activation_bytes_per_token, loss_bytes, residual_bytes
 
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"{'model':14} {'mode':8} {'layer B/token':>14} {'planner':>9} {'rest B/logit':>13} {'bwd B/logit':>12} "
@@ -665,7 +665,7 @@ def census(names: list[str], out: Path) -> int:
             rest, backward = (h1 - (h2 - h1)) / logits, (p1 - h1) / logits
             on = compiled and info.family != "gpt"
             rec = {"model": name, "seq": seq, "micro_batch": micro, "compiled": compiled, "layer_bytes_per_token":
-                   round(layer), "planner_layer": round(layer_activation_bytes_per_token(info, 2, on)),
+                   round(layer), "planner_layer": round(layer_activation_bytes_per_token(info, 2, on, residual_bytes(0, 2))),
                    "rest_bytes_per_logit": round(rest, 2), "backward_bytes_per_logit": round(backward, 2),
                    "planner_loss_bytes_per_logit": round(loss_bytes(info, tokens, 2, on) / logits, 2)}
             with open(out / "census.jsonl", "a") as fh:
@@ -682,13 +682,14 @@ def census(names: list[str], out: Path) -> int:
 
 def run_grid(args) -> int:
     from craken_cli.hardware import detect
+    from craken_cli.launch import allocator_env  # the rows reserve memory as craken train's workers do
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     hw = detect()
     if not hw.gpus:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(allocator_env(os.environ) if hw.gpus else {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}",
            __file__, "--worker", "--out", str(out), "--models", str(args.models), "--row-timeout",
            str(args.row_timeout), "--port", str(args.port), "--budget", str(args.budget),

@@ -92,3 +92,11 @@ def test_pdsh_launch_keeps_its_env_file_in_the_run_folder_fresh_and_without_secr
     launch.seed_deepspeed_env(target, home, cwd)
     assert target.read_text() == "NCCL_IB_HCA=mlx5\nNCCL_SOCKET_IFNAME=eth0\n"
     assert target.stat().st_mode & 0o077 == 0
+
+
+def test_gpu_workers_grow_allocator_segments_unless_the_user_chose_a_setting():
+    from craken_cli.launch import GPU_ALLOCATOR_ENV, allocator_env
+
+    assert allocator_env({}) == GPU_ALLOCATOR_ENV
+    assert allocator_env({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}) == {}
+    assert allocator_env({"PYTORCH_ALLOC_CONF": "max_split_size_mb:512"}) == {}

@@ -38,6 +38,18 @@ STOP_GRACE_S = 600
 # values, and tokens were written to disk.
 
 
+# The caching allocator grows segments in place instead of cutting fixed ones: without it a run whose
+# big blocks (the logits of a large vocabulary) are held across micro-steps reserved 18 GiB more than it
+# allocated (Qwen2.5-0.5B, accumulation 2, one H200). torchtitan sets the same. A value the user set wins.
+GPU_ALLOCATOR_ENV = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+ALLOCATOR_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")  # torch >= 2.9 reads either name
+
+
+def allocator_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The allocator setting a GPU run gets, unless the environment already names one."""
+    return {} if any(environ.get(name) for name in ALLOCATOR_VARS) else dict(GPU_ALLOCATOR_ENV)
+
+
 INHERITED_DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
                        "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "TORCHELASTIC_RESTART_COUNT",
                        "TORCHELASTIC_RUN_ID")
@@ -100,6 +112,8 @@ def build(spec, run_dir: str | os.PathLike, base_env: Mapping[str, str], cpu_cou
     env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
                # accelerate's and transformers' own nags that say nothing about this run
                TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
+    if not c.use_cpu:
+        env.update(allocator_env(env))
     if c.use_cpu:
         env["DS_ACCELERATOR"] = "cpu"
         per_machine = max(1, c.num_processes // c.num_machines)
