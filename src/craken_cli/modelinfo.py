@@ -74,6 +74,9 @@ class ModelInfo:
     rotary: bool = True  # rotary positions make new q and k (GPT-2's learned positions do not)
     parallel_residual: bool = False  # GPT-NeoX: attention and MLP read the same input (both norms save it once)
     mlp_saved: int = 4  # intermediate-sized tensors the MLP saves per token (gated 4, GELU 2, GPT-2's tanh GELU 5)
+    # Of those, the ones 16-bit autocast keeps in fp32: gelu_new's torch.pow is on autocast's fp32 list, so
+    # pow's input copy, tanh's output and 1 + tanh are fp32 (saved_tensors.py on an H200: 3 of 5).
+    mlp_autocast_fp32: int = 0
     logit_softcap: bool = False  # Gemma-2's tanh cap on the logits: one more vocabulary-sized tensor (tanh's)
 
     @property
@@ -131,10 +134,12 @@ def _gpt2(cfg: dict, name: str) -> ModelInfo:
     total = embed + pos * h + layers * per_layer + 2 * h + (0 if tied else embed)
     largest = max(embed, h * inner + inner, 3 * h * h + 3 * h)
     # "gelu_new" (GPT-2's default) is written out of pointwise ops, each saving its own tensor.
-    tanh_gelu = cfg.get("activation_function", "gelu_new") in ("gelu_new", "gelu_fast")
+    activation = cfg.get("activation_function", "gelu_new")
+    tanh_gelu = activation in ("gelu_new", "gelu_fast")
     return ModelInfo(name, "gpt2", "gpt", total, layers, h, heads, heads, h // heads, inner, vocab, tied, largest,
                      embed if tied else 2 * embed, dropout=float(_get(cfg, "resid_pdrop", f)), fused_qkv=True,
-                     rotary=False, mlp_saved=5 if tanh_gelu else 2)
+                     rotary=False, mlp_saved=5 if tanh_gelu else 2,
+                     mlp_autocast_fp32=3 if activation == "gelu_new" else 0)
 
 
 def _gpt_neox(cfg: dict, name: str) -> ModelInfo:

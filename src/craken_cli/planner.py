@@ -77,7 +77,7 @@ COMPILED_MLP_SAVED = 3
 # only (DeepSpeed trains a 16-bit module); compiled layers keep fewer (the partitioner may recompute the
 # cast of an fp32 weight in the backward rather than save it).
 EAGER_WEIGHT_COPY_SHARE = 0.5
-COMPILED_WEIGHT_COPY_SHARE = 0.25
+COMPILED_WEIGHT_COPY_SHARE = 0.0
 CPU_PER_PROCESS_GIB = 3.0  # Python, torch, CUDA host allocations and the data loader of one process
 ACTIVATION_CHECKPOINTING_SPEED = 0.75  # about 1/3 more compute for the recomputed forward
 
@@ -282,7 +282,9 @@ def layer_activation_bytes_per_token(m: ModelInfo, lp: int, compiled: bool = Fal
     norms = m.norms_per_layer * norm_bytes_per_token(m, lp, resid)
     if m.parallel_residual:  # both LayerNorms read the layer input: its storage is saved once
         norms -= (m.norms_per_layer - 1) * (resid or lp) * h
-    return norms + attn + m.mlp_saved * lp * f + drop
+    autocast_fp32 = m.mlp_autocast_fp32 if (resid or lp) > lp else 0  # an fp32 residual means 16-bit autocast
+    mlp = (m.mlp_saved - autocast_fp32) * lp * f + autocast_fp32 * 4 * f
+    return norms + attn + mlp + drop
 
 
 def loss_bytes(m: ModelInfo, tokens: int, lp: int, compiled: bool = False, loss: str = "upcast") -> float:
