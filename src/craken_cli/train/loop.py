@@ -204,14 +204,18 @@ class Trainer:
 
     def setup_accelerator(self) -> None:
         from accelerate import Accelerator
-        from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration
+        from accelerate.utils import (DataLoaderConfiguration, GradientAccumulationPlugin, InitProcessGroupKwargs,
+                                      ProjectConfiguration)
 
         spec = self.spec
         # On CPU processes accelerate finds no backend by itself and would run each process alone.
         handlers = [InitProcessGroupKwargs(backend="gloo")] if spec.cluster.use_cpu else []
         self.accelerator = Accelerator(
             kwargs_handlers=handlers,
-            gradient_accumulation_steps=spec.grad_accum,
+            # A window may span an epoch's end, so every optimizer step gets the whole global batch
+            # (accelerate's default steps early on what is left of the window at each epoch's end).
+            gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=spec.grad_accum,
+                                                                    sync_with_dataloader=False),
             # streaming: each process reads its own shards of the stream (not batches sent from the first)
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
                                                       dispatch_batches=False if spec.data.streaming else None),
@@ -345,6 +349,9 @@ class Trainer:
             return Position()
         state = self.engine.load(Path(self.resume_from), self.spec.batch.micro_batch)
         self.resumed = state
+        # Checkpoints are taken at window ends; accelerate's restored micro-step count is of the saved
+        # run's accumulation, which a resume at another micro-batch changes.
+        self.accelerator.step = 0
         if self.is_main:
             print(f"craken: resumed from {self.resume_from} at step {state.step}", flush=True)
         return Position(state.step, state.epoch, state.batch_in_epoch)
