@@ -10,8 +10,9 @@
 
 (a) `craken train --auto --precision fp8` against `craken train --auto` (bf16) and against the
     hand-written float8 script (benchmarks/handwritten_float8.py: torchao's README with plain
-    Accelerate, no compilation) at the micro-batch craken's fp8 run chose, on the 1.1B (seq 2048, global batch 16) and
-    3B (seq 4096, global batch 8) shapes of benchmarks/gpu_bench.py; fp32 master weights everywhere.
+    Accelerate, eager, and with every decoder layer compiled: the expert's row) at the micro-batch craken's
+    fp8 run chose, on the 1.1B (seq 2048, global batch 16) and 3B (seq 4096, global batch 8) shapes of
+    benchmarks/gpu_bench.py; fp32 master weights everywhere.
 (b) The Qwen2.5-0.5B config (benchmarks/model_configs: vocab 151,936, tied, 14 heads / 2 KV, 24 layers) at
     seq 2048: `craken train --auto` with the chunked loss (--set model.loss=chunked) against the model's own
     compiled loss (--set model.loss=model, what auto picks compiled), each at the micro-batch the planner picks from global batch 64;
@@ -88,9 +89,10 @@ def config_folder(name: str) -> Path:
     return folder
 
 
-def pattern_data(lines: int = 24_000) -> Path:
-    """The built-in pattern language, more of it: the built-in set packs into 61 blocks of 2048 tokens,
-    fewer than one Qwen micro-batch of 64 (about 180 blocks here)."""
+def pattern_data(lines: int = 320_000) -> Path:
+    """The built-in pattern language, more of it: about 2,400 blocks of 2048 tokens, more than the 25 steps
+    of global batch 64 take, so no run reaches an epoch's end (the code as filed stepped early there on a
+    part of the global batch and counted a whole one)."""
     from craken_cli.train import builtin
 
     path = WORK / "patterns.jsonl"
@@ -218,10 +220,13 @@ def run_env(run: dict) -> dict:
 
 
 def ran(run_dir: Path) -> dict:
-    """What the run's start line says ran: precision, the loss (chunked or the model's) and float8 Linears."""
+    """What the run's start line says ran: precision, the loss (chunked or the model's), float8 Linears, and
+    whether the run went past the end of its data (an epoch boundary inside the timed steps)."""
     start = next(json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()
                  if '"start"' in x)
-    return {k: start.get(k) for k in ("precision", "loss_kind", "float8_linears", "compiled_layers")}
+    rows = (start.get("data") or {}).get("rows")
+    return {**{k: start.get(k) for k in ("precision", "loss_kind", "float8_linears", "compiled_layers")},
+            "data_rows": rows, "epoch_wrapped": rows is not None and start["max_steps"] * start["global_batch"] > rows}
 
 
 def print_table(rows: list[dict]) -> None:
