@@ -52,9 +52,10 @@ def test_fp8_keeps_fewer_activations_is_faster_and_refuses_zero3_and_offload(tmp
     bf16, f8 = planned(model, precision="bf16"), planned(model, precision="fp8")
     a, b = by_name(bf16, "zero0"), by_name(f8, "zero0")
     assert a.micro_batch == b.micro_batch == 16 and a.fits and b.fits
-    # the measured reserved saving at this shape (65.00 -> 60.41 GiB through craken on one H200)
-    assert b.detail["layer_activations"] < 0.92 * a.detail["layer_activations"]
-    assert a.total_gib - b.total_gib == pytest.approx(65.00 - 60.41, abs=1.0)
+    # measured at this shape through craken on one H200 (benchmarks/results/2026-12-03-fp8): bf16 61.81,
+    # fp8 51.15 GiB reserved
+    assert b.detail["layer_activations"] < 0.80 * a.detail["layer_activations"]
+    assert a.reserved_gib == pytest.approx(61.81, rel=0.05) and b.reserved_gib == pytest.approx(51.15, rel=0.03)
     assert b.params_gib == a.params_gib and b.optimizer_gib == a.optimizer_gib  # fp32 masters either way
     assert b.speed == pytest.approx(1.22, abs=0.005) and a.speed == 1.0
     for name in ("zero3", "zero2+offload_optimizer_cpu"):
