@@ -41,9 +41,9 @@ from dataclasses import asdict, dataclass, field, replace
 
 from .hardware import Hardware
 from .modelinfo import ModelInfo
-from .spec import fp8_layout_problems, fp32_grad_accum_on
-from .train import fp8
-from .train import loss as vocab_loss
+from ..config.spec import fp8_layout_problems, fp32_grad_accum_on
+from ..train import fp8
+from ..train import loss as vocab_loss
 
 GiB = 1024**3
 

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import CrakenError
+from ..errors import CrakenError
 
 # Family defaults: what transformers' config class assumes when config.json omits a key.
 _DEFAULTS: dict[str, dict[str, Any]] = {
@@ -254,7 +254,7 @@ def read_config(name_or_path: str, trust_remote_code: bool = False) -> dict:
 
 def builtin_config(name: str) -> dict:
     """The built-in model's config dict (train/builtin.py owns its shape)."""
-    from .train import builtin
+    from ..train import builtin
 
     if name != builtin.BUILTIN_MODEL:
         raise CrakenError(f"unknown built-in model {name!r}: use {builtin.BUILTIN_MODEL}", title="cannot read the model")

@@ -20,7 +20,7 @@ from typing import Any, Iterable, Mapping
 from pydantic import BaseModel, ValidationError
 
 from . import yamlio
-from .errors import CrakenError
+from ..errors import CrakenError
 from .spec import CrossFieldProblems, RunSpec
 
 ENV_PREFIX = "CRAKEN_"
