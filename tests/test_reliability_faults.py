@@ -84,7 +84,7 @@ def test_a_signal_to_craken_alone_reaches_workers_in_sessions_of_their_own(sig, 
     worker in a session of its own, so only craken can pass the signal on, SIGINT like SIGTERM."""
     seen = tmp_path / "worker"
     craken = subprocess.Popen(
-        [sys.executable, "-c", "import os, sys; from craken_cli import launch; sys.exit(launch.run("
+        [sys.executable, "-c", "import os, sys; from craken_cli.launch import command as launch; sys.exit(launch.run("
          f"[sys.executable, '-c', {LAUNCHER!r}, {str(seen)!r}, {WORKER!r}], dict(os.environ)))"],
         env=ENV, start_new_session=True)
     try:

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import NamedTuple
 
-from ..launch import preflight
 from ..errors import CrakenError
+from ..launch import preflight
 
 def resume_checkpoint(run_dir: Path, resume: str | None) -> tuple[Path | None, list[str]]:
     from ..train import checkpoint

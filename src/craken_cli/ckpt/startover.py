@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..launch import preflight
 from .. import runfolder
 from ..errors import CrakenError
+from ..launch import preflight
 
 
 def clear_previous_run(run_dir: Path, machine_rank: int = 0) -> None:

@@ -12,8 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Mapping
 
-from .dsops import OP_BUILDERS, deepspeed_ops, find_libaio, stale_build_locks
 from ..plan.hardware import Hardware, nearest_existing
+from .dsops import OP_BUILDERS, deepspeed_ops, find_libaio, stale_build_locks
 from .model import DECLARERS, KNOWN_BAD, STACK, Facts, PathState, RunView, major_minor, needed_ops
 from .network import port_error, resolve_address
 from .packages import applicable_requirements, torch_build_of

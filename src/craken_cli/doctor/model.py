@@ -7,9 +7,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
-from .dsops import ops_for
 from ..plan.hardware import GiB, Hardware
 from ..runfolder import VERDICT_EXIT
+from .dsops import ops_for
 
 
 Status = Literal["ok", "warn", "fail"]

@@ -43,7 +43,7 @@ def params_from_config(cfg: Mapping[str, Any]) -> int | None:
 
 def offload_bytes(view: RunView, params: int) -> tuple[int, int]:
     """(CPU RAM, NVMe) bytes per machine that the offloaded states take: the planner's count
-    (planner.offload_host_bytes), partitioned over all processes."""
+    (plan.memory.offload_host_bytes), partitioned over all processes."""
     from ..plan.memory import offload_host_bytes
 
     cpu, nvme = offload_host_bytes(params, view.processes, view.per_machine, view.offload_optimizer,

@@ -11,12 +11,12 @@ import json
 import os
 from pathlib import Path
 
-from . import modelcheck
 from ..plan.hardware import nearest_existing
 from ..runfolder import CHECKPOINTS, FINAL, MARKER, METRICS, metrics_file
 from ..train import builtin
 from ..train import formats
 from ..train.data import LOCAL_FORMATS
+from . import modelcheck
 
 
 

@@ -10,10 +10,10 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from . import command as launch, launcher
-from ..runfolder import EXIT_CODES, OOM_MARKER_PREFIX, RUN_FILE, machine_file, metrics_file
-from .prepare import Prepared, prepare
 from ..report.verdict import smoke_test_health, write_report
+from ..runfolder import EXIT_CODES, OOM_MARKER_PREFIX, RUN_FILE, machine_file, metrics_file
+from . import command as launch, launcher
+from .prepare import Prepared, prepare
 
 
 def execute(prepared: Prepared) -> int:

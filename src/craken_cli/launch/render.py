@@ -14,9 +14,9 @@ import tempfile
 from pathlib import Path
 
 from ..config import yamlio
+from ..config.spec import STAGE3_FIELDS, RunSpec
 from ..errors import CrakenError
 from ..runfolder import ACCELERATE_FILE, DS_FILE, RUN_FILE, atomic_write, disk_message, is_disk_full, machine_file
-from ..config.spec import STAGE3_FIELDS, RunSpec
 from ..train import schedule
 
 SOURCE_ORDER = "default < preset < file < env < flag; detected = filled from the hardware, auto = chosen by the planner"
@@ -121,7 +121,7 @@ def _launch_shape(spec: RunSpec) -> dict:
         "rdzv_backend": c.rdzv_backend,
         "same_network": True,
         # Always false: accelerate's use_cpu switches DeepSpeed off. CPU processes are selected by
-        # DS_ACCELERATOR=cpu (launch.build) and the gloo backend (train.loop) instead.
+        # DS_ACCELERATOR=cpu (command.build) and the gloo backend (train.loop) instead.
         "use_cpu": False,
     }
     if c.num_machines > 1:

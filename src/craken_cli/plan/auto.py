@@ -5,8 +5,8 @@ Shared by `craken train` and `craken launch` (through prepare.resolve_spec).
 
 from __future__ import annotations
 
-from ..errors import CrakenError
 from ..config.sources import Layer, Resolved
+from ..errors import CrakenError
 from ..train import fp8
 
 # What --auto may choose where the user did not set it (Resolved.user_set); model.compile: auto_compile.
@@ -17,7 +17,7 @@ AUTO_PATHS = ("zero.stage", "offload.optimizer.device", "offload.param.device", 
 def auto_compile(resolved: Resolved, info, hw) -> bool:
     """--auto turns on regional compilation unless the user set it: it is the largest measured speed
     lever (1.1B on one H100: 70,307 tokens/s against 40,101 eager, docs/performance.md), and the
-    planner predicts its memory (where: planner.compiles_by_default)."""
+    planner predicts its memory (where: memory.compiles_by_default)."""
     from .memory import compiles_by_default
 
     return not resolved.user_set("model.compile") and compiles_by_default(info, hw)

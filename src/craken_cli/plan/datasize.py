@@ -4,7 +4,7 @@
 them with train/data.py and the run's tokenizer (into the data cache, which the workers then read): the
 built-in data set always, local files up to LOCAL_EXACT_BYTES. Anything else (hub data sets, larger
 files) is None: unknown, and large enough in practice to fill any micro-batch; the workers still check. The planner turns the count into
-the largest micro-batch every process can fill (`planner.data_cap`).
+the largest micro-batch every process can fill (`memory.data_cap`).
 """
 
 from __future__ import annotations

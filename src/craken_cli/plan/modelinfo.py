@@ -68,7 +68,7 @@ class ModelInfo:
     embedding_params: int  # input + output embeddings (output counted only when untied)
     dropout: float = 0.0  # residual dropout, which stores a mask per element in training
     counted_by: str = "analytic"  # or "meta"
-    # What the activations depend on beyond the sizes (planner.layer_activation_bytes_per_token):
+    # What the activations depend on beyond the sizes (memory.layer_activation_bytes_per_token):
     norms_per_layer: int = 2  # Gemma-2 also normalizes after attention and after the MLP: 4
     fused_qkv: bool = False  # one q/k/v projection whose output stays saved (its v is a view of it)
     rotary: bool = True  # rotary positions make new q and k (GPT-2's learned positions do not)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..config.sources import Layer, Resolved, build_spec, merge
 from ..errors import CrakenError
 from .hardware import Hardware
-from ..config.sources import Layer, Resolved, build_spec, merge
 
 # Stage-3 knobs craken fills when the user leaves them at None (DeepSpeed's own defaults).
 STAGE3_DEFAULTS = {

@@ -6,8 +6,8 @@ import json
 import math
 from pathlib import Path
 
-from ..runfolder import REPORT
 from ..config.sources import Layer
+from ..runfolder import REPORT
 
 TEST_STEPS = 20
 
