@@ -66,7 +66,7 @@ def main_path(files: list[str], tokenizer, seq_len: int, cache: Path) -> int:
 
 
 def spec_for(path: Path, seq_len: int, cache: Path):
-    from craken_cli.spec import RunSpec
+    from craken_cli.config.spec import RunSpec
 
     return RunSpec.model_validate({"data": {"dataset": str(path), "seq_len": seq_len, "cache_dir": str(cache)}})
 

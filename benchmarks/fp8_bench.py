@@ -150,10 +150,10 @@ def speed_runs(grid: str) -> list[dict]:
 
 def predicted_reserved(run_dir: Path) -> float | None:
     """The planner's reserved GiB for the run's own settings (its run.yaml), on this machine's GPUs."""
-    from craken_cli.hardware import detect
-    from craken_cli.modelinfo import model_info
-    from craken_cli.planner import plan
-    from craken_cli.sources import build_spec, file_layer
+    from craken_cli.plan.hardware import detect
+    from craken_cli.plan.modelinfo import model_info
+    from craken_cli.plan.memory import plan
+    from craken_cli.config.sources import build_spec, file_layer
 
     spec = build_spec([file_layer(run_dir / "run.yaml")]).spec
     result = plan(model_info(spec.model.name_or_path), spec, detect(), search_micro_batch=False)

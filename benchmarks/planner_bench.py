@@ -3,7 +3,7 @@
     python3 benchmarks/planner_bench.py --out "$OUT" --budget 440   # the grid, on this machine's GPU
     python3 benchmarks/planner_bench.py --dry-run                    # the rows and their predictions, no GPU
     python3 benchmarks/planner_bench.py --fit [--apply]              # fit on the training rows: constants, errors
-    python3 benchmarks/planner_bench.py --docs docs/planner.md       # rewrite its tables (planner.py's constants)
+    python3 benchmarks/planner_bench.py --docs docs/planner.md       # rewrite its tables (plan/memory.py's constants)
 
 Models are config-only (benchmarks/model_configs/*.json, the public config.json values of ten families, and
 the 32k-vocabulary Llama shapes of the first grid), built with random weights, nothing downloaded. Each row
@@ -106,7 +106,7 @@ def spec_for(folder: Path, seq: int, strategy: str, micro: int, compiled: bool, 
              global_batch: int | None = None):
     """The spec `craken train --model F --seq-len S --zero N --micro-batch M ...` resolves to, with exactly
     the offloads the strategy name holds (the presets' own offloads never leak into a row)."""
-    from craken_cli.options import SpecArgs, load_run
+    from craken_cli.config.options import SpecArgs, load_run
 
     stage = int(strategy.split("+")[0].removeprefix("zero"))
     offload = "cpu" if "offload_optimizer_cpu" in strategy else "none"
@@ -124,8 +124,8 @@ def spec_for(folder: Path, seq: int, strategy: str, micro: int, compiled: bool, 
 
 
 def plan_for(spec, folder: Path, hw):
-    from craken_cli.modelinfo import model_info
-    from craken_cli.planner import plan
+    from craken_cli.plan.modelinfo import model_info
+    from craken_cli.plan.memory import plan
 
     return plan(model_info(str(folder)), spec, hw, search_micro_batch=False)
 
@@ -136,8 +136,8 @@ def predict(spec, folder: Path, hw):
 
 def resolve_row(row: Row, folder: Path, hw, world: int = 1) -> tuple[str, int, bool]:
     """(strategy, micro-batch, compiled) of a row, with "auto" parts chosen as --auto chooses them."""
-    from craken_cli.modelinfo import model_info
-    from craken_cli.planner import compiled_where_measured, compiles_by_default, plan
+    from craken_cli.plan.modelinfo import model_info
+    from craken_cli.plan.memory import compiled_where_measured, compiles_by_default, plan
 
     info = model_info(str(folder))
     compiled = row.compiled
@@ -198,7 +198,7 @@ def launch_env(run_dir: Path, port: int) -> dict[str, str]:
 
 def write_run_folder(spec, run_dir: Path) -> Path:
     """run.yaml, accelerate.yaml and (DeepSpeed) ds_config.json, rendered as `craken train` renders them."""
-    from craken_cli.render import rendered_files, write_files
+    from craken_cli.launch.render import rendered_files, write_files
 
     write_files(rendered_files(spec, {}, run_dir), run_dir, force=True)
     return run_dir
@@ -310,8 +310,8 @@ def worker(args) -> int:
     import transformers  # noqa: F401
     from transformers import AutoModelForCausalLM  # noqa: F401
 
-    from craken_cli.hardware import detect
-    from craken_cli.launch import normalized_arch_list
+    from craken_cli.plan.hardware import detect
+    from craken_cli.launch.command import normalized_arch_list
     from craken_cli.train import engine, loop, modeling  # noqa: F401  (the children's training code)
     from accelerate.commands import launch  # noqa: F401
 
@@ -386,15 +386,15 @@ def supersede(keys: list[str], reason: str, files=None) -> int:
 
 def hypothetical_hardware(rows: list[dict]):
     """One GPU of the rows' card (the prediction depends on its memory only where the row is skipped)."""
-    from craken_cli.hardware import GPU, GiB, Hardware
+    from craken_cli.plan.hardware import GPU, GiB, Hardware
 
     return Hardware(gpus=(GPU(0, "recorded", int(139.8 * GiB), int(139.8 * GiB), (9, 0)),), ram_total=1024 * GiB)
 
 
 def prepared(rows: list[dict], root: Path, hw) -> list[tuple[dict, object]]:
     """(row, a function returning the current planner's prediction of it in GiB reserved)."""
-    from craken_cli.modelinfo import model_info
-    from craken_cli.planner import Candidate, estimate, shape_of
+    from craken_cli.plan.modelinfo import model_info
+    from craken_cli.plan.memory import Candidate, estimate, shape_of
 
     out = []
     for r in rows:
@@ -426,7 +426,7 @@ def errors(pairs) -> list[tuple[dict, float]]:
 
 # ---------------------------------------------------------------------------------------------- fit
 
-# The planner's fitted constants and the values the fit tries (planner.py marks them "Fitted").
+# The planner's fitted constants and the values the fit tries (plan/memory.py marks them "Fitted").
 FITTED = {
     "FRAGMENTATION": [round(0.02 * i, 2) for i in range(16)],  # one value for every stage
     "COMPILED_FRAGMENTATION": [round(0.025 * i, 3) for i in range(17)],
@@ -440,13 +440,13 @@ FITTED = {
 
 
 def set_constant(name: str, value) -> None:
-    from craken_cli import planner
+    from craken_cli.plan import memory as planner
 
     setattr(planner, name, {stage: value for stage in range(4)} if name == "FRAGMENTATION" else value)
 
 
 def current(name: str):
-    from craken_cli import planner
+    from craken_cli.plan import memory as planner
 
     value = getattr(planner, name)
     return value[0] if name == "FRAGMENTATION" else value
@@ -497,8 +497,8 @@ def fit(train_pairs, rounds: int = 3, start: dict | None = None) -> dict:
     return best
 
 
-def apply_constants(values: dict, path: Path = ROOT / "src" / "craken_cli" / "planner.py") -> list[str]:
-    """Write fitted values into planner.py's `NAME = value` lines (FRAGMENTATION: the same value for every
+def apply_constants(values: dict, path: Path = ROOT / "src" / "craken_cli" / "plan" / "memory.py") -> list[str]:
+    """Write fitted values into plan/memory.py's `NAME = value` lines (FRAGMENTATION: the same value for every
     stage); returns the lines changed, as "NAME: old -> new"."""
     import re
 
@@ -507,7 +507,7 @@ def apply_constants(values: dict, path: Path = ROOT / "src" / "craken_cli" / "pl
         new = "{" + ", ".join(f"{stage}: {value}" for stage in range(4)) + "}" if name == "FRAGMENTATION" else repr(value)
         match = re.compile(rf"^{name} = (.*?)$", re.M).search(text)
         if match is None:
-            raise SystemExit(f"planner.py has no line `{name} = ...`")
+            raise SystemExit(f"plan/memory.py has no line `{name} = ...`")
         old = match.group(1).split("  #")[0].strip()
         if old != new:
             changed.append(f"{name}: {old} -> {new}")
@@ -557,7 +557,7 @@ def report(pairs) -> str:
 
 def pending(models: Path = Path(os.environ.get("TMPDIR", "/tmp")) / "craken-bench-models") -> list[str]:
     """GRID's held-out rows as --auto would run them on one H200, predicted, the measurement left open."""
-    from craken_cli.hardware import GPU, GiB, Hardware
+    from craken_cli.plan.hardware import GPU, GiB, Hardware
 
     hw = Hardware(gpus=(GPU(0, "NVIDIA H200", int(139.8 * GiB), int(139.8 * GiB), (9, 0)),), ram_total=128 * GiB)
     lines = ["<!-- GPU: the held-out rows below are not measured yet; the lead's planner_bench.py call fills them -->",
@@ -637,7 +637,7 @@ def held_bytes(name: str, layers: int, seq: int, micro: int, compiled: bool) -> 
 
 
 def census_hardware():
-    from craken_cli.hardware import GPU, GiB, Hardware
+    from craken_cli.plan.hardware import GPU, GiB, Hardware
 
     return Hardware(gpus=(GPU(0, "NVIDIA H200", int(139.8 * GiB), int(139.8 * GiB), (9, 0)),), ram_total=128 * GiB)
 
@@ -645,8 +645,8 @@ def census_hardware():
 def census(names: list[str], out: Path) -> int:
     """What one decoder layer and the logits hold on the GPU, measured (1- and 2-layer copies of each model)
     against the planner's per-token terms: the family traits behind a row's error, in about a minute."""
-    from craken_cli.modelinfo import model_info
-    from craken_cli.planner import layer_activation_bytes_per_token, loss_bytes, residual_bytes
+    from craken_cli.plan.modelinfo import model_info
+    from craken_cli.plan.memory import layer_activation_bytes_per_token, loss_bytes, residual_bytes
 
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"{'model':14} {'mode':8} {'layer B/token':>14} {'planner':>9} {'rest B/logit':>13} {'bwd B/logit':>12} "
@@ -681,8 +681,8 @@ def census(names: list[str], out: Path) -> int:
 
 
 def run_grid(args) -> int:
-    from craken_cli.hardware import detect
-    from craken_cli.launch import allocator_env  # the rows reserve memory as craken train's workers do
+    from craken_cli.plan.hardware import detect
+    from craken_cli.launch.command import allocator_env  # the rows reserve memory as craken train's workers do
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -706,7 +706,7 @@ def run_grid(args) -> int:
 
 
 def dry_run(args) -> int:
-    from craken_cli.hardware import GPU, GiB, Hardware
+    from craken_cli.plan.hardware import GPU, GiB, Hardware
 
     hw = Hardware(gpus=(GPU(0, "H200 (assumed)", int(139.8 * GiB), int(139.8 * GiB), (9, 0)),), ram_total=128 * GiB)
     for row in GRID:
@@ -728,7 +728,7 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=29800, help="first of the per-row rendezvous ports")
     ap.add_argument("--dry-run", action="store_true", help="print the rows and their predictions; train nothing")
     ap.add_argument("--fit", action="store_true", help="fit FITTED on the training rows, report the held-out ones")
-    ap.add_argument("--apply", action="store_true", help="with --fit: write the fitted constants into planner.py")
+    ap.add_argument("--apply", action="store_true", help="with --fit: write the fitted constants into plan/memory.py")
     ap.add_argument("--docs", default=None, help="markdown file whose bench block to rewrite from the recorded rows")
     ap.add_argument("--rows", nargs="*", default=None, help="row files (default: benchmarks/results/*.jsonl)")
     ap.add_argument("--census", nargs="*", default=None, choices=sorted(CENSUS),
@@ -753,11 +753,11 @@ def main() -> int:
     if args.fit or args.docs:
         rows = recorded_rows(args.rows)
         pairs = prepared(rows, Path(args.models), hypothetical_hardware(rows))
-        if args.fit:  # printed; with --apply also written into planner.py (then run --docs)
+        if args.fit:  # printed; with --apply also written into plan/memory.py (then run --docs)
             fitted = fit(training(pairs))
             print(json.dumps(fitted, indent=1))
             if args.apply:
-                print("planner.py: " + ("; ".join(apply_constants(fitted)) or "no constant moved"))
+                print("plan/memory.py: " + ("; ".join(apply_constants(fitted)) or "no constant moved"))
             print(report(pairs))
             return 0
         write_docs(report(pairs), Path(args.docs))

@@ -58,8 +58,8 @@ def saved(name: str, layers: int, seq: int, micro: int) -> collections.Counter:
 
 
 def main() -> int:
-    from craken_cli.modelinfo import model_info
-    from craken_cli.planner import layer_activation_bytes_per_token, residual_bytes
+    from craken_cli.plan.modelinfo import model_info
+    from craken_cli.plan.memory import layer_activation_bytes_per_token, residual_bytes
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model", choices=sorted(planner_bench.CENSUS))

@@ -99,7 +99,7 @@ def craken(workdir, monkeypatch):
 @pytest.fixture
 def cpu_only():
     """A machine with no GPU (what CI has), so resolution is deterministic everywhere."""
-    from craken_cli.hardware import Hardware
+    from craken_cli.plan.hardware import Hardware
 
     return Hardware(cpu_count=2)
 

@@ -7,8 +7,8 @@ import pytest
 
 from craken_cli import doctor as d
 from craken_cli.errors import CrakenError
-from craken_cli.hardware import GPU, GiB, FakeProbe, detect
-from craken_cli.options import SpecArgs, load_run, load_spec
+from craken_cli.plan.hardware import GPU, GiB, FakeProbe, detect
+from craken_cli.config.options import SpecArgs, load_run, load_spec
 from test_doctor import healthy_facts
 
 
@@ -60,7 +60,7 @@ def test_auto_decisions(name, processes, use_cpu, precision, fused):
     assert spec.precision == precision
     # No DeepSpeed op to JIT-build by default: torch's AdamW, with its fused kernel on GPU.
     assert spec.optimizer.fused is False
-    from craken_cli.render import deepspeed_config
+    from craken_cli.launch.render import deepspeed_config
 
     params = deepspeed_config(spec)["optimizer"]["params"]
     assert params["torch_adam"] is True and params.get("fused", False) is fused

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from craken_cli import datasize, launch, planner
+from craken_cli.plan import datasize, memory as planner
+from craken_cli.launch import command as launch
 from craken_cli.errors import CrakenError
-from craken_cli.hardware import GPU, GiB, Hardware
-from craken_cli.modelinfo import analytic_info
-from craken_cli.options import SpecArgs, load_run
-from craken_cli.prepare import TrainRequest, prepare
+from craken_cli.plan.hardware import GPU, GiB, Hardware
+from craken_cli.plan.modelinfo import analytic_info
+from craken_cli.config.options import SpecArgs, load_run
+from craken_cli.launch.prepare import TrainRequest, prepare
 
 H200 = 139.8  # GiB, as NVML reports one H200
 LLAMA_13B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 5120,

@@ -714,7 +714,7 @@ def test_offload_run_refuses_a_left_over_op_build_lock(craken, workdir, monkeypa
     import os
     import time
 
-    from craken_cli import dsops
+    from craken_cli.doctor import dsops
 
     monkeypatch.setattr(dsops, "torch_uses_build_baton", lambda: True)
 
@@ -753,8 +753,8 @@ def test_tracker_without_its_package_is_refused_before_launch(craken, workdir):
 
 
 def test_tensorboard_is_satisfied_by_either_writer():
-    from craken_cli.preflight import tracker_problems
-    from craken_cli.spec import RunSpec
+    from craken_cli.launch.preflight import tracker_problems
+    from craken_cli.config.spec import RunSpec
 
     def spec(tracker):
         return RunSpec.model_validate({"logging": {"report_to": tracker}})
@@ -771,7 +771,7 @@ def test_tensorboard_is_satisfied_by_either_writer():
 
 def test_nvme_offload_without_libaio_is_refused_before_launch(craken, workdir):
     """Every process would fail after start-up loading DeepSpeed's async_io op."""
-    from craken_cli.dsops import find_libaio
+    from craken_cli.doctor.dsops import find_libaio
 
     _, header, link = find_libaio({})
     if header and link:
@@ -790,7 +790,7 @@ def test_nvme_offload_without_libaio_is_refused_before_launch(craken, workdir):
 def test_a_machine_of_rank_above_0_joins_the_run_folder_machine_0_set_up(tmp_path):
     """`craken cluster slurm` starts every node in one run folder: machine 1 is refused only by a
     run of its own there, never by machine 0's."""
-    from craken_cli.preflight import output_problems
+    from craken_cli.launch.preflight import output_problems
 
     run = tmp_path / "run"
     run.mkdir()

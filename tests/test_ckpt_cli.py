@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from craken_cli import ckpt_ops
+from craken_cli.ckpt import ckpt_ops
 from craken_cli.train import checkpoint
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from craken_cli import ckpt_ops
+from craken_cli.ckpt import ckpt_ops
 from craken_cli.train import checkpoint
 
 STEP = 4
@@ -130,8 +130,8 @@ def test_list_shows_a_plain_checkpoint(craken, plain_run):
 
 def test_resume_of_a_plain_checkpoint_needs_a_run_without_deepspeed(plain_run):
     """Accelerate's plain files hold no DeepSpeed shards; any process count loads them as they are."""
-    from craken_cli.spec import RunSpec
-    from craken_cli.resume import convert_if_world_changed, engine_mismatch
+    from craken_cli.config.spec import RunSpec
+    from craken_cli.ckpt.resume import convert_if_world_changed, engine_mismatch
 
     ckpt = _ckpt(plain_run)
     state = checkpoint.read_state(ckpt)

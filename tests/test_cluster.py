@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from craken_cli import cluster
+from craken_cli.launch import cluster
 from craken_cli.app import main
 from craken_cli.errors import CrakenError
 

@@ -8,9 +8,9 @@ import subprocess
 import pytest
 import yaml
 
-from craken_cli import render
+from craken_cli.launch import render
 from craken_cli.app import LAZY_COMMANDS
-from craken_cli.spec import RunSpec
+from craken_cli.config.spec import RunSpec
 
 FILES = {render.DS_FILE, render.ACCELERATE_FILE, render.RUN_FILE}
 

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from craken_cli.spec import RunSpec
+from craken_cli.config.spec import RunSpec
 from craken_cli.train import builtin, data, formats
 
 TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}{% endfor %}"

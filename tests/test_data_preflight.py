@@ -47,8 +47,8 @@ def test_bad_data_is_refused_before_launch(name, craken, workdir):
 
 
 def test_a_chat_set_with_a_template_given_passes_preflight(tmp_path):
-    from craken_cli import preflight
-    from craken_cli.spec import RunSpec
+    from craken_cli.launch import preflight
+    from craken_cli.config.spec import RunSpec
 
     data = tmp_path / "chat.jsonl"
     data.write_text(CHAT + "\n")

@@ -11,10 +11,10 @@ import sys
 import pytest
 
 from craken_cli import doctor as d
-from craken_cli import dsops
+from craken_cli.doctor import dsops
 from craken_cli.doctor import collect as doctor_gather
 from craken_cli.doctor import Check, Facts, PathState
-from craken_cli.hardware import GPU, GiB, FakeProbe, Hardware, detect
+from craken_cli.plan.hardware import GPU, GiB, FakeProbe, Hardware, detect
 
 LLAMA2_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
              "num_key_value_heads": 32, "vocab_size": 32000, "tie_word_embeddings": False}
@@ -53,7 +53,7 @@ def hw_with(n=0, cap=(9, 0), shm=16 * GiB, ram=64 * GiB, cuda=(12, 4), nvlink=Tr
 
 
 def view(hw: Hardware, **flags):
-    from craken_cli.options import SpecArgs, load_spec
+    from craken_cli.config.options import SpecArgs, load_spec
 
     spec = load_spec(SpecArgs(flags={f"--{k.replace('_', '-')}": v for k, v in flags.items()},
                               nvme_path=flags.pop("nvme_path", None) if "nvme_path" in flags else None),

@@ -118,9 +118,9 @@ def test_train_says_what_is_about_to_run(craken, workdir):
 
 def test_summary_is_a_pure_function_of_the_spec(cpu_only):
     """`craken launch` prints the same lines (summary.summary_lines, no I/O)."""
-    from craken_cli.options import SpecArgs, load_run
-    from craken_cli.sources import FLAGS
-    from craken_cli.summary import summary_lines
+    from craken_cli.config.options import SpecArgs, load_run
+    from craken_cli.config.sources import FLAGS
+    from craken_cli.report.summary import summary_lines
 
     resolved, _ = load_run(SpecArgs(flags={f: None for f in FLAGS} | {"--zero": 0, "--precision": "fp32"}),
                            hardware=cpu_only)
@@ -150,9 +150,9 @@ def test_hub_model_without_hub_access_is_one_line_before_launch(craken, workdir)
 
 
 def test_hub_check_passes_a_cached_or_reachable_model(workdir, cpu_only):
-    from craken_cli.hubcheck import hub_problems
-    from craken_cli.options import SpecArgs, load_run
-    from craken_cli.sources import FLAGS
+    from craken_cli.launch.hubcheck import hub_problems
+    from craken_cli.config.options import SpecArgs, load_run
+    from craken_cli.config.sources import FLAGS
 
     resolved, _ = load_run(SpecArgs(flags={f: None for f in FLAGS} | {"--model": "org/m"}), hardware=cpu_only)
     env = {"HF_HUB_CACHE": str(workdir / "hub")}
@@ -230,7 +230,7 @@ def test_the_bar_moves_every_step_and_starts_at_the_resumed_step(monkeypatch):
     """The bar moved only every steps_per_print steps, and restarted at 0/300 after a resume."""
     import io
 
-    from craken_cli.progress import ProgressReporter
+    from craken_cli.report.progress import ProgressReporter
 
     monkeypatch.delenv("CRAKEN_NO_PROGRESS", raising=False)
     monkeypatch.setenv("COLUMNS", "160")
@@ -261,7 +261,7 @@ def test_a_word_for_a_number_is_not_called_quoted(craken, workdir):
 def test_plot_titles_carry_the_run_name(tmp_path):
     import json
 
-    from craken_cli.report import _subtitle, read_metrics
+    from craken_cli.report.report import _subtitle, read_metrics
 
     run = tmp_path / "runs" / "llama-lr3e-4"
     run.mkdir(parents=True)
@@ -328,7 +328,7 @@ def test_the_report_after_a_resume_counts_every_step_and_segment(tmp_path):
     """After a resume the report said `steps 300 / 3000` and timed only the last segment."""
     import json
 
-    from craken_cli.report import read_metrics, summarize, summary_rows
+    from craken_cli.report.report import read_metrics, summarize, summary_rows
 
     run = tmp_path / "r"
     run.mkdir()

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from craken_cli.errors import CrakenError
-from craken_cli.hardware import GPU, GiB, FakeProbe, detect
-from craken_cli.options import SpecArgs, load_run
+from craken_cli.plan.hardware import GPU, GiB, FakeProbe, detect
+from craken_cli.config.options import SpecArgs, load_run
 from craken_cli.train import fp8
 
 H100 = FakeProbe(gpus=[GPU(0, "NVIDIA H100 80GB HBM3", 80 * GiB, 79 * GiB, (9, 0))])
@@ -56,7 +56,7 @@ def test_fp8_on_a_gpu_without_float8_is_refused():
 
 
 def test_fp8_without_torchao_is_refused_before_launch_with_the_install_command(monkeypatch, workdir):
-    from craken_cli.prepare import TrainRequest, prepare
+    from craken_cli.launch.prepare import TrainRequest, prepare
 
     monkeypatch.setattr(fp8, "torchao_installed", lambda: False)
     request = TrainRequest(args(precision="fp8", zero=0))
@@ -82,7 +82,7 @@ def test_fp8_at_zero3_or_with_offload_is_refused_naming_the_flag(flags, needle):
 
 @pytest.mark.parametrize("zero", [0, 1, 2])
 def test_fp8_renders_bf16_for_deepspeed_and_accelerate(zero, monkeypatch):
-    from craken_cli.render import accelerate_config, deepspeed_config
+    from craken_cli.launch.render import accelerate_config, deepspeed_config
 
     monkeypatch.setattr(fp8, "torchao_installed", lambda: True)
     resolved, _ = load_run(args(precision="fp8", zero=zero, offload_optimizer="none"),
@@ -137,7 +137,7 @@ def test_conversion_of_the_1b_shape_keeps_small_gemms_and_the_output_layer_in_bf
 
 
 def _spec(precision="fp8", recipe="tensorwise"):
-    from craken_cli.spec import RunSpec
+    from craken_cli.config.spec import RunSpec
 
     return RunSpec.model_validate({"precision": precision, "fp8": {"recipe": recipe}})
 
@@ -266,7 +266,7 @@ def test_fp8_training_checkpoints_resumes_and_exports_a_plain_model(craken, work
 
 def _doctor(hw, torchao, **flags):
     from craken_cli import doctor as d
-    from craken_cli.options import load_spec
+    from craken_cli.config.options import load_spec
     from test_doctor import healthy_facts
 
     view = d.run_view(load_spec(args(**flags), environ={}).spec, hw)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from craken_cli import planner
-from craken_cli.hardware import GPU, GiB, FakeProbe, detect
-from craken_cli.modelinfo import model_info
-from craken_cli.options import SpecArgs, load_run
+from craken_cli.plan import memory as planner
+from craken_cli.plan.hardware import GPU, GiB, FakeProbe, detect
+from craken_cli.plan.modelinfo import model_info
+from craken_cli.config.options import SpecArgs, load_run
 from craken_cli.train import fp8
 
 H200 = FakeProbe(gpus=[GPU(0, "NVIDIA H200", 141 * GiB, 140 * GiB, (9, 0))])
@@ -118,7 +118,7 @@ def test_plan_shows_fp8_beside_bf16_on_float8_gpus_only(craken, tmp_path):
 
 
 def test_auto_keeps_bf16_and_says_fp8_would_be_faster(tmp_path):
-    from craken_cli.prepare import TrainRequest, resolve_spec
+    from craken_cli.launch.prepare import TrainRequest, resolve_spec
 
     model = folder(tmp_path, "llama", LLAMA_1B)
     flags = {"--model": model, "--seq-len": 2048, "--global-batch": 16, "--precision": "bf16"}

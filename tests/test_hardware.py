@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from craken_cli.hardware import GPU, GiB, FakeProbe, Hardware, detect, free_disk
+from craken_cli.plan.hardware import GPU, GiB, FakeProbe, Hardware, detect, free_disk
 
 
 def gpus(n: int, name: str = "NVIDIA H100 80GB HBM3", cap=(9, 0), mem=80) -> list[GPU]:

@@ -1,8 +1,8 @@
 """The launch command is a pure function of the spec: argv list, no shell, a clean environment."""
 
-from craken_cli import launch
-from craken_cli.options import SpecArgs, load_run
-from craken_cli.hardware import detect, FakeProbe
+from craken_cli.launch import command as launch
+from craken_cli.config.options import SpecArgs, load_run
+from craken_cli.plan.hardware import detect, FakeProbe
 
 
 def test_launch_does_not_inherit_a_parent_process_group(tmp_path):
@@ -70,7 +70,7 @@ def test_pdsh_launch_keeps_its_env_file_in_the_run_folder_fresh_and_without_secr
     """accelerate appends the whole environment to DeepSpeed's env file and DeepSpeed exports every
     line on every machine: at ./.deepspeed_env it grew each launch (an old CRAKEN_RESUME_FROM came
     back in a later run) and held tokens."""
-    from craken_cli.hardware import GPU
+    from craken_cli.plan.hardware import GPU
 
     hw = detect(FakeProbe(gpus=[GPU(i, "NVIDIA H100 80GB HBM3", 80 << 30, 79 << 30, (9, 0)) for i in range(8)]),
                 environ={})
@@ -95,7 +95,7 @@ def test_pdsh_launch_keeps_its_env_file_in_the_run_folder_fresh_and_without_secr
 
 
 def test_gpu_workers_grow_allocator_segments_unless_the_user_chose_a_setting():
-    from craken_cli.launch import GPU_ALLOCATOR_ENV, allocator_env
+    from craken_cli.launch.command import GPU_ALLOCATOR_ENV, allocator_env
 
     assert allocator_env({}) == GPU_ALLOCATOR_ENV
     assert allocator_env({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}) == {}

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from craken_cli import launch, launcher, userscript
-from craken_cli.hardware import FakeProbe, detect
-from craken_cli.options import SpecArgs, load_run
+from craken_cli.launch import command as launch, launcher, userscript
+from craken_cli.plan.hardware import FakeProbe, detect
+from craken_cli.config.options import SpecArgs, load_run
 
 RUN_FLAGS = ["--zero", "1", "--micro-batch", "4", "--grad-accum", "2", "--max-steps", "6", "--cpu"]
 
@@ -122,7 +122,7 @@ def args_class():
     """A subclass, patched alone: TrainingArguments itself stays as transformers made it for other tests."""
     from transformers import TrainingArguments
 
-    from craken_cli import script_host
+    from craken_cli.launch import script_host
 
     @dataclasses.dataclass
     class ScriptArgs(TrainingArguments):
@@ -145,7 +145,7 @@ def test_values_the_script_leaves_at_their_defaults_take_the_plan(args_class):
 
 
 def test_a_value_set_against_the_plan_stops_with_the_flag_to_change(args_class):
-    from craken_cli.script_host import PlanConflict
+    from craken_cli.launch.script_host import PlanConflict
 
     with pytest.raises(PlanConflict) as info:
         args_class(report_to="none", per_device_train_batch_size=8, gradient_accumulation_steps=3, learning_rate=0.1)
@@ -189,7 +189,7 @@ def test_hf_argument_parser_scripts_are_judged_by_what_differs_from_the_defaults
     before launch from the script's arguments (arg_problems), not here."""
     from transformers import HfArgumentParser
 
-    from craken_cli.script_host import PlanConflict
+    from craken_cli.launch.script_host import PlanConflict
 
     (args,) = HfArgumentParser((args_class,)).parse_args_into_dataclasses(args=["--report_to", "none"])
     assert (args.per_device_train_batch_size, args.learning_rate) == (4, 1e-3)
@@ -228,7 +228,7 @@ def test_launch_test_is_a_short_run_of_the_same_plan_in_its_own_folder(craken, s
     ("import sys; assert sys.argv[1:] == ['--a', '1'] and __name__ == '__main__'", 0, None),
 ])
 def test_the_host_runs_the_script_as_main_and_records_how_it_failed(tmp_path, monkeypatch, capsys, body, code, recorded):
-    from craken_cli import script_host
+    from craken_cli.launch import script_host
 
     script = tmp_path / "user_train.py"
     script.write_text(body + "\n")

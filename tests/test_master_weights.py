@@ -16,8 +16,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from craken_cli.hardware import GPU, FakeProbe, GiB, detect  # noqa: E402
-from craken_cli.options import SpecArgs, load_run  # noqa: E402
+from craken_cli.plan.hardware import GPU, FakeProbe, GiB, detect  # noqa: E402
+from craken_cli.config.options import SpecArgs, load_run  # noqa: E402
 
 LR = 1e-5
 STEPS = 12

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from craken_cli.errors import CrakenError
-from craken_cli.modelinfo import analytic_info, meta_info, model_info
+from craken_cli.plan.modelinfo import analytic_info, meta_info, model_info
 
 SMALL = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=300)
@@ -94,7 +94,7 @@ def test_missing_config_is_a_user_error(tmp_path):
 
 def test_analytic_families_do_not_import_torch(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(FAMILY_CONFIGS["llama"]))
-    code = ("import sys; from craken_cli.modelinfo import model_info; "
+    code = ("import sys; from craken_cli.plan.modelinfo import model_info; "
             f"print(model_info({str(tmp_path)!r}).num_params); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == [str(analytic_info(FAMILY_CONFIGS["llama"]).num_params), "False"]

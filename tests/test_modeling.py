@@ -6,7 +6,7 @@ torch = pytest.importorskip("torch")
 
 
 def _builtin_model():
-    from craken_cli.spec import RunSpec
+    from craken_cli.config.spec import RunSpec
     from craken_cli.train import modeling
 
     spec = RunSpec.model_validate({"model": {"name_or_path": "builtin:tiny"}})
@@ -43,7 +43,7 @@ def test_decoder_layers_share_one_compiled_graph_and_match_eager():
 
 
 def _spec(name="builtin:tiny", **sections):
-    from craken_cli.spec import RunSpec
+    from craken_cli.config.spec import RunSpec
 
     return RunSpec.model_validate({"model": {"name_or_path": name}, **sections})
 

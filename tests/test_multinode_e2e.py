@@ -101,7 +101,7 @@ def loop_workers(pid: int) -> list[psutil.Process]:
         try:
             cmd = " ".join(child.cmdline())
             if (child.status() != psutil.STATUS_ZOMBIE and "craken_cli.train.loop" in cmd
-                    and "accelerate.commands.launch" not in cmd and "craken_cli.launcher" not in cmd):
+                    and "accelerate.commands.launch" not in cmd and "craken_cli.launch.launcher" not in cmd):
                 out.append(child)
         except psutil.Error:  # exited while we looked
             pass

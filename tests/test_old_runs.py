@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from craken_cli import render
+from craken_cli.launch import render
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run-e271467.yaml"
 

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from craken_cli import hardware, launch
+from craken_cli.plan import hardware
+from craken_cli.launch import command as launch
 from craken_cli.errors import CrakenError
-from craken_cli.options import SpecArgs
-from craken_cli.execute import execute
-from craken_cli.prepare import TrainRequest, prepare
+from craken_cli.config.options import SpecArgs
+from craken_cli.launch.process import execute
+from craken_cli.launch.prepare import TrainRequest, prepare
 
 GiB = 2**30
 

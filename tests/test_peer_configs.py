@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from craken_cli import importers, render, yamlio
-from craken_cli.resolve import resolve
-from craken_cli.sources import Layer, build_spec, flatten, unflatten
+from craken_cli.config import importers, yamlio
+from craken_cli.launch import render
+from craken_cli.plan.resolve import resolve
+from craken_cli.config.sources import Layer, build_spec, flatten, unflatten
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,7 +87,7 @@ def _original_deepspeed(files: list[Path]) -> dict | None:
 
 
 def _parsed(cfg: dict, world: int):
-    from craken_cli.dscheck import parse_deepspeed_config
+    from craken_cli.config.dscheck import parse_deepspeed_config
 
     return parse_deepspeed_config(cfg, world)
 
@@ -142,7 +143,7 @@ def _accepted_by_consumers(files: list[Path]) -> str | None:
 
 
 def _imported_spec(files: list[Path], imported):
-    from craken_cli.hardware import Hardware
+    from craken_cli.plan.hardware import Hardware
 
     values = dict(imported.values)
     ds = _original_deepspeed(files)
@@ -223,7 +224,7 @@ def test_the_guides_verdict_table_is_the_count(verdicts):
 
 
 def _differences(original: dict, spec) -> list[str]:
-    from craken_cli.modelinfo import model_info
+    from craken_cli.plan.modelinfo import model_info
 
     hidden = model_info(spec.model.name_or_path).hidden_size
     fill = importers.AutoFill.of(spec, hidden)
@@ -319,8 +320,8 @@ def test_a_deepspeed_json_works_as_config(craken, workdir):
 
 def test_craken_reads_its_own_plain_accelerate_yaml(craken, workdir):
     """The accelerate.yaml craken renders for a run without ZeRO (MULTI_GPU / NO) was refused."""
-    from craken_cli.render import plain_accelerate_config
-    from craken_cli.spec import RunSpec
+    from craken_cli.launch.render import plain_accelerate_config
+    from craken_cli.config.spec import RunSpec
 
     spec = RunSpec.model_validate({"zero": {"stage": 0}, "precision": "bf16",
                                    "cluster": {"num_processes": 2, "use_cpu": False, "rdzv_backend": "static"}})

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from craken_cli.hardware import GPU, GiB, Hardware
-from craken_cli.modelinfo import analytic_info
-from craken_cli import planner
-from craken_cli.planner import Candidate, Shape, estimate, model_state_bytes, plan
-from craken_cli.spec import RunSpec
+from craken_cli.plan.hardware import GPU, GiB, Hardware
+from craken_cli.plan.modelinfo import analytic_info
+from craken_cli.plan import memory as planner
+from craken_cli.plan.memory import Candidate, Shape, estimate, model_state_bytes, plan
+from craken_cli.config.spec import RunSpec
 
 CONFIGS = Path(__file__).resolve().parents[1] / "benchmarks" / "model_configs"
 
@@ -206,7 +206,7 @@ def test_peak_is_far_above_the_16_bytes_per_parameter_count():
 
 
 def test_checkpointing_and_compile_reduce_activations_and_scale_with_tokens():
-    from craken_cli.planner import activation_bytes
+    from craken_cli.plan.memory import activation_bytes
 
     full, logits = activation_bytes(TINYLLAMA, 4, 2048, 2, checkpointing=False)
     ckpt, logits2 = activation_bytes(TINYLLAMA, 4, 2048, 2, checkpointing=True)
@@ -222,7 +222,7 @@ def test_checkpointing_and_compile_reduce_activations_and_scale_with_tokens():
 def test_large_vocabularies_tied_embeddings_and_softcap_in_the_loss_term():
     """The loss term scales with the vocabulary (Qwen's 151,936 against Llama 2's 32,000), Gemma-2's
     soft-capped logits hold one more 16-bit tensor (tanh's output), and the chunked loss (train/loss.py) holds one chunk."""
-    from craken_cli.planner import chunked_loss_bytes, loss_bytes
+    from craken_cli.plan.memory import chunked_loss_bytes, loss_bytes
 
     qwen = analytic_info(json.loads((CONFIGS / "qwen2.5-0.5b.json").read_text()))
     gemma = analytic_info(json.loads((CONFIGS / "gemma-2-2b.json").read_text()))
@@ -236,7 +236,7 @@ def test_large_vocabularies_tied_embeddings_and_softcap_in_the_loss_term():
 
 
 def test_gqa_saves_less_than_full_attention():
-    from craken_cli.planner import layer_activation_bytes_per_token
+    from craken_cli.plan.memory import layer_activation_bytes_per_token
 
     mha = analytic_info({**LLAMA_7B})
     gqa = analytic_info({**LLAMA_7B, "num_key_value_heads": 8})
@@ -471,10 +471,10 @@ def test_planner_bench_measures_rows_through_craken_trains_own_code(tmp_path, fr
 
 
 def test_fit_apply_writes_the_fitted_constants_into_a_planner_file(tmp_path):
-    """planner_bench --fit --apply: the fitted values replace planner.py's `NAME = value` lines, comments kept."""
+    """planner_bench --fit --apply: the fitted values replace plan/memory.py's `NAME = value` lines, comments kept."""
     bench = load_bench()
     target = tmp_path / "planner.py"
-    target.write_text((RESULTS.parents[1] / "src" / "craken_cli" / "planner.py").read_text())
+    target.write_text((RESULTS.parents[1] / "src" / "craken_cli" / "plan" / "memory.py").read_text())
     same = {name: bench.current(name) for name in bench.FITTED}
     assert bench.apply_constants(same, target) == []
     changed = bench.apply_constants({**same, "COMPILED_LOSS_FP32_BYTES": 6, "FRAGMENTATION": 0.04}, target)

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from craken_cli.progress import ProgressReporter, format_metrics
+from craken_cli.report.progress import ProgressReporter, format_metrics
 
 
 class FakeClock:

@@ -109,7 +109,7 @@ def wait_until(pred, timeout: float = 300, what: str = "") -> None:
 def kill_everything(proc: subprocess.Popen) -> None:
     """SIGKILL the whole tree at once: craken, the launcher and the workers. torchrun starts each
     worker in a session of its own, so killpg alone would leave them training."""
-    from craken_cli.launch import descendants
+    from craken_cli.launch.command import descendants
 
     for pid in descendants(proc.pid):
         try:
@@ -365,7 +365,7 @@ def test_same_size_scrambled_or_stale_shards_are_refused_by_content(tmp_path, cr
     """A shard of the right size but other bytes (scrambled, or copied from an older step) was listed
     complete and loaded: the run hit NaN, and --resume auto loaded it again."""
     from craken_cli.train import checkpoint
-    from craken_cli.resume import resume_checkpoint
+    from craken_cli.ckpt.resume import resume_checkpoint
 
     run = workdir / "run"
     good = _fake_checkpoint(run, 4)
@@ -388,7 +388,7 @@ def test_same_size_scrambled_or_stale_shards_are_refused_by_content(tmp_path, cr
 
 
 def test_resume_auto_warns_and_uses_previous_good_checkpoint(tmp_path):
-    from craken_cli.resume import resume_checkpoint
+    from craken_cli.ckpt.resume import resume_checkpoint
 
     good = _fake_checkpoint(tmp_path, 4)
     _fake_checkpoint(tmp_path, 8, seal=False)
@@ -399,7 +399,7 @@ def test_resume_auto_warns_and_uses_previous_good_checkpoint(tmp_path):
 def test_world_change_dry_run_converts_nothing(tmp_path):
     from types import SimpleNamespace
 
-    from craken_cli.resume import convert_if_world_changed, is_universal, with_universal_load
+    from craken_cli.ckpt.resume import convert_if_world_changed, is_universal, with_universal_load
 
     ckpt = _fake_checkpoint(tmp_path, 4, world=2)
     warnings: list[str] = []

@@ -34,7 +34,7 @@ def test_a_second_run_into_a_live_runs_folder_is_refused(craken, workdir):
     run = workdir / "run"
     ready = workdir / "held"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import pathlib, sys, time; from craken_cli.startover import claim_run_folder; "
+        [sys.executable, "-c", "import pathlib, sys, time; from craken_cli.ckpt.startover import claim_run_folder; "
          f"claim_run_folder(pathlib.Path({str(run)!r}), 0); pathlib.Path({str(ready)!r}).write_text('1'); "
          "time.sleep(120)"], env=ENV)
     try:
@@ -84,7 +84,7 @@ def test_a_signal_to_craken_alone_reaches_workers_in_sessions_of_their_own(sig, 
     worker in a session of its own, so only craken can pass the signal on, SIGINT like SIGTERM."""
     seen = tmp_path / "worker"
     craken = subprocess.Popen(
-        [sys.executable, "-c", "import os, sys; from craken_cli import launch; sys.exit(launch.run("
+        [sys.executable, "-c", "import os, sys; from craken_cli.launch import command as launch; sys.exit(launch.run("
          f"[sys.executable, '-c', {LAUNCHER!r}, {str(seen)!r}, {WORKER!r}], dict(os.environ)))"],
         env=ENV, start_new_session=True)
     try:
@@ -115,8 +115,8 @@ def test_metrics_after_the_checkpoint_resumed_from_are_dropped(tmp_path):
 def test_a_resume_that_changes_the_lr_schedule_says_how(tmp_path):
     """A new --max-steps stretches the cosine schedule (the lr jumped from 2.97e-3 to 4.9e-4 in
     issue 21): the resume names the lr of its next step before and after, and the flag that keeps it."""
-    from craken_cli.resume import schedule_change
-    from craken_cli.spec import RunSpec
+    from craken_cli.ckpt.resume import schedule_change
+    from craken_cli.config.spec import RunSpec
     from craken_cli.train import checkpoint
     from craken_cli.train.schedule import deepspeed_block, lr_lambda
 
@@ -139,7 +139,7 @@ def test_a_resume_that_changes_the_lr_schedule_says_how(tmp_path):
 
 
 def test_export_takes_the_checkpoint_folder_a_refused_resume_names(tmp_path):
-    from craken_cli.ckpt_ops import pick
+    from craken_cli.ckpt.ckpt_ops import pick
     from craken_cli.errors import CrakenError
     from craken_cli.train import checkpoint
 
@@ -158,7 +158,7 @@ SECRET_VALUES = {"DATABASE_URL": ("postgres://u:PgFAKEpass0@db:5432/x", "postgre
 
 
 def test_credentials_inside_values_are_shown_redacted():
-    from craken_cli import launch
+    from craken_cli.launch import command as launch
 
     shown = launch.redact_env({k: v for k, (v, _) in SECRET_VALUES.items()} | {"PATH": "/usr/bin"})
     assert shown == {k: red for k, (_, red) in SECRET_VALUES.items()} | {"PATH": "/usr/bin"}

@@ -11,10 +11,11 @@ import pytest
 import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 
-from craken_cli import importers, render, yamlio
-from craken_cli.dscheck import parse_deepspeed_config
-from craken_cli.options import SpecArgs, load_run
-from craken_cli.sources import FLAGS, Layer, build_spec
+from craken_cli.config import importers, yamlio
+from craken_cli.launch import render
+from craken_cli.config.dscheck import parse_deepspeed_config
+from craken_cli.config.options import SpecArgs, load_run
+from craken_cli.config.sources import FLAGS, Layer, build_spec
 
 from conftest import TEMPLATES  # noqa: E402  (tests/ is on sys.path under pytest)
 
@@ -208,7 +209,7 @@ def test_shipped_preset(name, craken, workdir, cpu_only):
 def test_restarts_reach_torchrun_with_c10d_and_a_fresh_store(workdir, cpu_only):
     """accelerate ignores `rdzv_backend` in its YAML (the flag's default wins), torch shares one store
     across restarts unless told not to, and one machine's c10d would meet at localhost:29400."""
-    from craken_cli import launch
+    from craken_cli.launch import command as launch
 
     flags = {f: None for f in FLAGS} | {"--max-restarts": 1, "--main-process-port": 29612}
     resolved, _ = load_run(SpecArgs(flags=flags), hardware=cpu_only)

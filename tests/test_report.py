@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from craken_cli.app import app
 from craken_cli.app import main
-from craken_cli.report import json_safe, read_metrics, summarize, summary_rows
+from craken_cli.report.report import json_safe, read_metrics, summarize, summary_rows
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -53,7 +53,7 @@ def _write(run: Path, lines: list[dict], tail: str = "") -> Path:
 
 
 def _expected(lines: list[dict]) -> dict:
-    """The summary numbers, computed here from the lines, independently of craken_cli.report."""
+    """The summary numbers, computed here from the lines, independently of craken_cli.report.report."""
     train = [line for line in lines if "loss" in line]
     evals = [line for line in lines if "eval_loss" in line]
     best = min(evals, key=lambda e: e["eval_loss"])
@@ -229,7 +229,7 @@ def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
 
 
 def test_command_module_is_light_to_import():
-    code = ("import sys, craken_cli.app, craken_cli.commands.report, craken_cli.report, craken_cli.progress; "
+    code = ("import sys, craken_cli.app, craken_cli.commands.report, craken_cli.report.report, craken_cli.report.progress; "
             "print(sorted(m for m in ('matplotlib', 'torch', 'deepspeed') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

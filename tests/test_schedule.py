@@ -11,8 +11,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from craken_cli.render import deepspeed_config  # noqa: E402
-from craken_cli.spec import RunSpec  # noqa: E402
+from craken_cli.launch.render import deepspeed_config  # noqa: E402
+from craken_cli.config.spec import RunSpec  # noqa: E402
 from craken_cli.train import schedule  # noqa: E402
 
 LR = 3e-4

@@ -47,7 +47,7 @@ def trained_rows(run_dir: Path):
     """The run's rows, read from the cache the workers wrote, as the loop batches them."""
     import torch
 
-    from craken_cli.sources import build_spec, file_layer
+    from craken_cli.config.sources import build_spec, file_layer
     from craken_cli.train import data, loop, modeling
 
     spec = build_spec([file_layer(run_dir / "run.yaml")]).spec

@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from craken_cli import sources
+from craken_cli.config import sources
 from craken_cli.errors import CrakenError
-from craken_cli.options import SpecArgs, layers, load_run, load_spec
-from craken_cli.sources import FLAGS, Layer, build_spec, env_layer, flag_layer, flatten, unflatten
+from craken_cli.config.options import SpecArgs, layers, load_run, load_spec
+from craken_cli.config.sources import FLAGS, Layer, build_spec, env_layer, flag_layer, flatten, unflatten
 
 # A model that is not the built-in one, so only the layers under test set the batch numbers.
 MODEL = "my-org/my-model"
@@ -191,7 +191,7 @@ def test_a_cross_field_problem_with_a_semicolon_stays_one_problem():
     """Cross-field problems travel as a list (spec.CrossFieldProblems); they were joined with "; " and split
     again, so this one message printed as two problems."""
     from craken_cli.errors import CrakenError
-    from craken_cli.sources import Layer, build_spec
+    from craken_cli.config.sources import Layer, build_spec
 
     with pytest.raises(CrakenError) as caught:
         build_spec([Layer("file", "f", {"cluster": {"max_restarts": 1, "rdzv_backend": "static"},

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from craken_cli.spec import STAGE3_FIELDS, BatchSection, RunSpec, cross_field_problems
+from craken_cli.config.spec import STAGE3_FIELDS, BatchSection, RunSpec, cross_field_problems
 
 
 def spec(**sections) -> RunSpec:
@@ -27,7 +27,7 @@ def test_defaults_are_valid_and_left_open_for_the_hardware():
 
 
 def test_every_field_has_a_description():
-    from craken_cli.sources import field_paths
+    from craken_cli.config.sources import field_paths
 
     missing = [path for path, info in field_paths().items() if not (info.description or "").strip()]
     assert not missing
@@ -147,7 +147,7 @@ def test_configuration_doc_is_up_to_date():
     gen = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(gen)
     assert gen.DOC.read_text(encoding="utf-8") == gen.render_markdown(), "run: python tools/gen_config_docs.py"
-    from craken_cli.sources import field_paths
+    from craken_cli.config.sources import field_paths
 
     for path in field_paths():
         assert f"| `{path}` |" in gen.DOC.read_text(encoding="utf-8")

@@ -204,10 +204,10 @@ def test_no_zero_runs_without_deepspeed(tmp_path, monkeypatch):
     """ZeRO stage 0 on a GPU machine runs plain Accelerate (no DeepSpeed JSON at all). The GPU is
     faked through the hardware probe; accelerate then runs that one process on the CPU, which is
     enough to exercise the real render -> launch -> loop path of the plain engine."""
-    from craken_cli.hardware import GPU, FakeProbe, detect
-    from craken_cli.options import SpecArgs
-    from craken_cli.execute import execute
-    from craken_cli.prepare import TrainRequest, prepare
+    from craken_cli.plan.hardware import GPU, FakeProbe, detect
+    from craken_cli.config.options import SpecArgs
+    from craken_cli.launch.process import execute
+    from craken_cli.launch.prepare import TrainRequest, prepare
 
     monkeypatch.chdir(tmp_path)
     one_gpu = detect(FakeProbe(gpus=[GPU(0, "NVIDIA H100 80GB HBM3", 80 * 2**30, 79 * 2**30, (9, 0))]))

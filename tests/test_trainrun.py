@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from craken_cli import runfolder
-from craken_cli.startover import clear_previous_run
+from craken_cli.ckpt.startover import clear_previous_run
 
 OUTPUTS = ("metrics.jsonl", "final_check.pt", "oom-rank1.json", "checkpoints/step_00000004/craken_state.json",
            "checkpoints/latest", "checkpoints/universal/step_00000004/x", "checkpoints/.tmp_step_00000006/x",

@@ -14,7 +14,7 @@ _OUT_HELP = "Write to this file instead of stdout (an existing file needs --forc
 
 
 def _emit(text: str, out: Path | None, force: bool) -> None:
-    from ..cluster import write_new
+    from ..launch.cluster import write_new
 
     if out is None:
         typer.echo(text, nl=False)
@@ -50,8 +50,8 @@ def slurm(
         help="Extra `craken train` arguments, after `--`.", show_default=False)] = None,
 ) -> None:
     """Print an sbatch script that runs `craken train` on every node with its own machine rank."""
-    from ..cluster import check_run_file, slurm_job, slurm_script
-    from ..sources import PROJECT_FILE
+    from ..launch.cluster import check_run_file, slurm_job, slurm_script
+    from ..config.sources import PROJECT_FILE
 
     if config is None and Path(PROJECT_FILE).is_file():
         config = Path(PROJECT_FILE)
@@ -72,6 +72,6 @@ def hostfile(
     force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
 ) -> None:
     """Write a DeepSpeed hostfile (`host slots=N` lines) for `--launcher deepspeed`."""
-    from ..cluster import hostfile_text, parse_hosts
+    from ..launch.cluster import hostfile_text, parse_hosts
 
     _emit(hostfile_text(parse_hosts(hosts, slots)), out, force)

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..options import SpecArgs, load_run, spec_flags
+from ..config.options import SpecArgs, load_run, spec_flags
 
 app = typer.Typer(help="Render, show, validate and describe run configurations.", no_args_is_help=True,
                   rich_markup_mode=None)
@@ -24,7 +24,7 @@ def render(
     spec_args: SpecArgs,
 ) -> None:
     """Write ds_config.json, accelerate.yaml and run.yaml without launching anything."""
-    from ..render import rendered_files, write_files
+    from ..launch.render import rendered_files, write_files
 
     resolved, decisions = load_run(spec_args)
     target = out if out is not None else Path(resolved.spec.output.run_dir())
@@ -50,7 +50,7 @@ def show(
     from rich.table import Table
 
     from ..console import out
-    from ..sources import flatten
+    from ..config.sources import flatten
 
     resolved, _ = load_run(spec_args)
     values = flatten(resolved.spec.model_dump(mode="json"))
@@ -79,7 +79,7 @@ def validate(
     """Check files and list every problem at once, each with the key and the fix."""
     from ..console import out
     from ..errors import CrakenError
-    from ..validate import validate_files
+    from ..config.validate import validate_files
 
     report = validate_files(files, num_processes=num_processes)
     if report.problems:  # the problems alone: notes on a file that fails would bury them
@@ -98,9 +98,9 @@ def import_(
     """Turn a DeepSpeed JSON / accelerate YAML into a craken run file that renders back to the same run."""
     from ..console import err
     from ..errors import CrakenError
-    from ..importers import import_files, run_file_text
-    from ..render import write_files
-    from ..sources import Layer, build_spec, unflatten
+    from ..config.importers import import_files, run_file_text
+    from ..launch.render import write_files
+    from ..config.sources import Layer, build_spec, unflatten
 
     if len(files) > 2 or sum(Path(f).suffix == ".json" for f in files) > 1:
         raise CrakenError("give one DeepSpeed JSON and/or one accelerate YAML", title="cannot import")
@@ -118,6 +118,6 @@ def import_(
 @app.command()
 def schema() -> None:
     """Print the JSON Schema of the run file (craken.yaml / run.yaml)."""
-    from ..spec import RunSpec
+    from ..config.spec import RunSpec
 
     typer.echo(json.dumps(RunSpec.model_json_schema(), indent=2))

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from ..options import SpecArgs, spec_flags
+from ..config.options import SpecArgs, spec_flags
 
 # The epilog (exit codes, examples) is registered with the command in app.py's LAZY_COMMANDS.
 
@@ -28,8 +28,8 @@ def doctor(
     """Check the environment for the run the settings describe; every problem comes with its fix."""
     from .. import doctor as d
     from ..errors import CrakenError
-    from ..hardware import detect
-    from ..options import load_spec
+    from ..plan.hardware import detect
+    from ..config.options import load_spec
 
     hw = detect()
     view = spec_error = None

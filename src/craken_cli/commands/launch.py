@@ -6,8 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..options import SpecArgs, spec_flags
-from ..verdict import TEST_STEPS
+from ..config.options import SpecArgs, spec_flags
+from ..report.verdict import TEST_STEPS
 
 
 @spec_flags
@@ -40,10 +40,10 @@ def launch(
     import os
 
     from ..console import err, out
-    from ..execute import execute
-    from ..prepare import TrainRequest, prepare
-    from ..summary import prepared_summary
-    from ..userscript import Target
+    from ..launch.process import execute
+    from ..launch.prepare import TrainRequest, prepare
+    from ..report.summary import prepared_summary
+    from ..launch.userscript import Target
 
     target = Target(module=script, args=tuple(ctx.args)) if module else Target(script=script, args=tuple(ctx.args))
     request = TrainRequest(spec_args=spec_args, auto=auto, test=test, dry_run=dry_run, force=force, script=target,

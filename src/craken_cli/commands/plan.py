@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..options import SpecArgs, spec_flags
+from ..config.options import SpecArgs, spec_flags
 
 _UNITS = {"": 1024**3, "g": 1024**3, "gib": 1024**3, "gb": 1000**3, "t": 1024**4, "tib": 1024**4, "tb": 1000**4,
           "m": 1024**2, "mib": 1024**2, "mb": 1000**2}
@@ -33,7 +33,7 @@ def hypothetical_hardware(gpus: int, gpu_memory: int, cpu_memory: int | None):
     """Hardware with `gpus` identical GPUs per machine (bf16-capable), through hardware.FakeProbe."""
     import dataclasses
 
-    from ..hardware import GPU, FakeProbe, detect
+    from ..plan.hardware import GPU, FakeProbe, detect
 
     gib = gpu_memory / 1024**3
     probe = FakeProbe(gpus=[GPU(i, f"hypothetical {gib:g} GiB GPU", gpu_memory, gpu_memory, (9, 0))
@@ -60,11 +60,11 @@ def plan(
     import dataclasses
 
     from ..errors import CrakenError
-    from ..hardware import detect
-    from ..modelinfo import model_info
-    from ..options import load_run
-    from ..planner import plan as make_plan
-    from ..planner import other_numerics, plan_by_default, smallest_changes, with_precision
+    from ..plan.hardware import detect
+    from ..plan.modelinfo import model_info
+    from ..config.options import load_run
+    from ..plan.memory import plan as make_plan
+    from ..plan.memory import other_numerics, plan_by_default, smallest_changes, with_precision
 
     cpu_bytes = parse_size(cpu_memory, "--cpu-memory") if cpu_memory else None
     if gpus is not None:

@@ -24,7 +24,7 @@ def report(
     Writes loss.png, lr.png, tokens_per_s.png, gpu_memory.png (GPU runs only) and overview.png.
     """
     from ..console import err, out as stdout
-    from ..report import json_safe, summary_rows, write_report
+    from ..report.report import json_safe, summary_rows, write_report
 
     metrics, summary, plots = write_report(run_dir, out)
     for warning in metrics.warnings:

@@ -6,8 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..options import SpecArgs, spec_flags
-from ..verdict import TEST_STEPS
+from ..config.options import SpecArgs, spec_flags
+from ..report.verdict import TEST_STEPS
 
 
 @spec_flags
@@ -37,10 +37,10 @@ def train(
     import os
 
     from ..console import err, out
-    from ..execute import execute
-    from ..prepare import TrainRequest, prepare
-    from ..dsops import build_note, ops_to_build
-    from ..summary import dry_run_text, prepared_summary
+    from ..launch.process import execute
+    from ..launch.prepare import TrainRequest, prepare
+    from ..doctor.dsops import build_note, ops_to_build
+    from ..report.summary import dry_run_text, prepared_summary
 
     request = TrainRequest(spec_args=spec_args, auto=auto, test=test, dry_run=dry_run, resume=resume,
                            force=force, launcher_args=list(ctx.args), oom_fallback=oom_fallback)

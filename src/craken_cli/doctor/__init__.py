@@ -7,7 +7,7 @@ Two halves, kept apart so that tests call the checks on any machine they can des
 
 One module per group of checks (`packages`, `gpu`, `ops`, `resources`, `network`, `run`), the data
 they share in `model`, the reading in `collect` (`gather`), `--deep` in `deep`, the report in `output`; the
-DeepSpeed-op facts the preflight also reads live in `craken_cli.dsops`. Nothing here imports torch,
+DeepSpeed-op facts the preflight also reads live in `dsops`. Nothing here imports torch,
 deepspeed, transformers or accelerate (`craken doctor` answers in well under a second); versions come
 from package metadata. Only `deep_checks()` (`--deep`) imports torch and DeepSpeed and builds the ops.
 """
@@ -15,8 +15,8 @@ from package metadata. Only `deep_checks()` (`--deep`) imports torch and DeepSpe
 from __future__ import annotations
 
 from ..runfolder import VERDICT_EXIT
-from .deep import deep_checks
 from .collect import gather, path_state
+from .deep import deep_checks
 from .gpu import check_fp8, check_gpus
 from .model import (AREAS, BUILTIN_PARAMS_BOUND, STACK, Check, Facts, PathState, RunView, exit_code,
                     needed_ops, run_view, verdict)

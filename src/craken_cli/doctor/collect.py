@@ -12,8 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Mapping
 
-from ..dsops import OP_BUILDERS, deepspeed_ops, find_libaio, stale_build_locks
-from ..hardware import Hardware, nearest_existing
+from ..plan.hardware import Hardware, nearest_existing
+from .dsops import OP_BUILDERS, deepspeed_ops, find_libaio, stale_build_locks
 from .model import DECLARERS, KNOWN_BAD, STACK, Facts, PathState, RunView, major_minor, needed_ops
 from .network import port_error, resolve_address
 from .packages import applicable_requirements, torch_build_of
@@ -97,7 +97,7 @@ def build_tools(environ: Mapping[str, str]) -> tuple[dict[str, str | None], str 
 
 def add_run_facts(facts: Facts, view: RunView) -> None:
     """What only this run needs read: its tracker's package, libaio, its folders, model size, address, port."""
-    from ..preflight import TRACKER_PACKAGES
+    from ..launch.preflight import TRACKER_PACKAGES
 
     for name in TRACKER_PACKAGES.get(view.report_to, ()):
         facts.versions[name] = _version(name)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..dsops import OP_BUILDERS
+from .dsops import OP_BUILDERS
 from .model import Check, RunView, needed_ops
 from .ops import aio_fix
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..hardware import GiB, Hardware
+from ..plan.hardware import GiB, Hardware
 from .model import Check, Facts, RunView, Status, fmt_gib, major_minor
 
 

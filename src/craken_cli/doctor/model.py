@@ -7,9 +7,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
-from ..dsops import ops_for
-from ..hardware import GiB, Hardware
+from ..plan.hardware import GiB, Hardware
 from ..runfolder import VERDICT_EXIT
+from .dsops import ops_for
 
 
 Status = Literal["ok", "warn", "fail"]
@@ -124,8 +124,8 @@ def run_view(spec, hw: Hardware) -> RunView:
     """Resolve `spec` against `hw` as `craken train` would, without raising: refusals become
     `problems`, so the doctor reports them next to everything else."""
     from ..errors import CrakenError
-    from ..resolve import hardware_values, resolve
-    from ..sources import Resolved
+    from ..plan.resolve import hardware_values, resolve
+    from ..config.sources import Resolved
 
     values, decisions = hardware_values(spec, hw)
     problems: tuple[str, ...] = ()

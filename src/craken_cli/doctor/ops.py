@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..dsops import libaio_missing, nvme_offload_flags, stale_lock_message
+from .dsops import libaio_missing, nvme_offload_flags, stale_lock_message
 from .model import DS_CUDA_MINOR_OK, Check, Facts, RunView, Status, major_minor, needed_ops
 
 

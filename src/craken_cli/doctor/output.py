@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from ..hardware import Hardware
+from ..plan.hardware import Hardware
 from ..runfolder import VERDICT_EXIT
 from .model import STACK, Check, Facts, verdict
 

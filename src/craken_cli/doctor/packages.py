@@ -97,7 +97,7 @@ def check_packages(f: Facts) -> list[Check]:
 
 def check_tracker(f: Facts, view: RunView | None) -> list[Check]:
     """The package of the run's --report-to tracker (accelerate would drop a missing one silently)."""
-    from ..preflight import TRACKER_PACKAGES
+    from ..launch.preflight import TRACKER_PACKAGES
 
     if view is None or view.report_to == "none":
         return []

@@ -36,15 +36,15 @@ def model_params(name: str, environ: Mapping[str, str]) -> tuple[int | None, str
 
 def params_from_config(cfg: Mapping[str, Any]) -> int | None:
     """Parameters from a HF config: the planner's count (modelinfo.config_params)."""
-    from ..modelinfo import config_params
+    from ..plan.modelinfo import config_params
 
     return config_params(dict(cfg))
 
 
 def offload_bytes(view: RunView, params: int) -> tuple[int, int]:
     """(CPU RAM, NVMe) bytes per machine that the offloaded states take: the planner's count
-    (planner.offload_host_bytes), partitioned over all processes."""
-    from ..planner import offload_host_bytes
+    (plan.memory.offload_host_bytes), partitioned over all processes."""
+    from ..plan.memory import offload_host_bytes
 
     cpu, nvme = offload_host_bytes(params, view.processes, view.per_machine, view.offload_optimizer,
                                    view.offload_param, 4 if view.precision == "fp32" else 2)

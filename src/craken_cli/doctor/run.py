@@ -32,7 +32,7 @@ def check_run(view: RunView | None, spec_error: str | None) -> list[Check]:
 
 def check_model_folder(name: str) -> list[Check]:
     """A local model folder's files, as `craken train` checks them before launch (modelcheck)."""
-    from .. import modelcheck
+    from ..launch import modelcheck
 
     folder = Path(name).expanduser()
     if not (folder / "config.json").is_file():

@@ -110,7 +110,7 @@ def install_problems(precision: str) -> list[str]:
 def recommendation(precision: str, gpus, choice, model, seq_len: int) -> list[str]:
     """--auto's note where FP8 would be at least 5% faster than the bf16 it keeps (it never changes
     numerics); `choice` is the planner's strategy, `model` its ModelInfo."""
-    from ..spec import fp8_layout_problems
+    from ..config.spec import fp8_layout_problems
 
     if precision != "bf16" or not gpus or not all(g.fp8 for g in gpus) or choice is None:
         return []

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = run_file.parent
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    from ..sources import build_spec, file_layer
+    from ..config.sources import build_spec, file_layer
     from .checkpoint import DiskFull
 
     spec = build_spec([file_layer(run_file)]).spec
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CODES["disk_full"]
     except Exception as exc:
         if not _is_oom(exc):
-            from ..launcher import record_error
+            from ..launch.launcher import record_error
 
             record_error(exc)  # the rank and the last line of this error, for craken's one message
             raise
@@ -364,7 +364,7 @@ class Trainer:
         self.states_pending = dtypes["optimizer_state_dtype"] is None and position.step == 0
         if not self.is_main:
             return
-        from ..progress import ProgressReporter
+        from ..report.progress import ProgressReporter
 
         self.write, self.metrics_fh = _jsonl(self.run_dir / metrics_file(spec.cluster.machine_rank))
         if position.step == 0:
@@ -654,7 +654,7 @@ def _check_batch(loader, device):
 
 def strategy_name(spec) -> str:
     """The run's strategy under the planner's one name (metrics.jsonl's "strategy")."""
-    from ..planner import strategy_name as name_of
+    from ..plan.memory import strategy_name as name_of
 
     return name_of(spec.zero.stage, spec.offload.optimizer.device, spec.offload.param.device,
                    spec.model.activation_checkpointing, spec.model.compile)

@@ -13,11 +13,11 @@ import os
 import tempfile
 from pathlib import Path
 
-from . import yamlio
-from .errors import CrakenError
-from .runfolder import ACCELERATE_FILE, DS_FILE, RUN_FILE, atomic_write, disk_message, is_disk_full, machine_file
-from .spec import STAGE3_FIELDS, RunSpec
-from .train import schedule
+from ..config import yamlio
+from ..config.spec import STAGE3_FIELDS, RunSpec
+from ..errors import CrakenError
+from ..runfolder import ACCELERATE_FILE, DS_FILE, RUN_FILE, atomic_write, disk_message, is_disk_full, machine_file
+from ..train import schedule
 
 SOURCE_ORDER = "default < preset < file < env < flag; detected = filled from the hardware, auto = chosen by the planner"
 
@@ -92,7 +92,7 @@ def with_extra(cfg: dict, spec: RunSpec) -> dict:
     extra = spec.deepspeed.extra
     if not extra:
         return cfg
-    from .importers import AutoFill, fill_auto
+    from ..config.importers import AutoFill, fill_auto
 
     filled = fill_auto(extra, AutoFill.of(spec))
     if "scheduler" in filled:
@@ -121,7 +121,7 @@ def _launch_shape(spec: RunSpec) -> dict:
         "rdzv_backend": c.rdzv_backend,
         "same_network": True,
         # Always false: accelerate's use_cpu switches DeepSpeed off. CPU processes are selected by
-        # DS_ACCELERATOR=cpu (launch.build) and the gloo backend (train.loop) instead.
+        # DS_ACCELERATOR=cpu (command.build) and the gloo backend (train.loop) instead.
         "use_cpu": False,
     }
     if c.num_machines > 1:

@@ -1,5 +1,5 @@
 """Launch a prepared run, relaunch it under --auto after an out-of-memory, and turn the workers'
-own exit (from the metrics' end line, or the failure file of `craken_cli.launcher`: which rank failed
+own exit (from the metrics' end line, or the failure file of `craken_cli.launch.launcher`: which rank failed
 and its exception's last line) into craken's exit code and one message."""
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from . import launch, launcher
-from .runfolder import EXIT_CODES, OOM_MARKER_PREFIX, RUN_FILE, machine_file, metrics_file
+from ..report.verdict import smoke_test_health, write_report
+from ..runfolder import EXIT_CODES, OOM_MARKER_PREFIX, RUN_FILE, machine_file, metrics_file
+from . import command as launch, launcher
 from .prepare import Prepared, prepare
-from .verdict import smoke_test_health, write_report
 
 
 def execute(prepared: Prepared) -> int:
-    from .console import err
+    from ..console import err
 
     machine_rank = prepared.resolved.spec.cluster.machine_rank
     metrics = prepared.run_dir / metrics_file(machine_rank)
@@ -47,7 +47,7 @@ def execute(prepared: Prepared) -> int:
     # The launcher returns the first failed worker's code; why it stopped is in the metrics' end line.
     end = last_end_event(metrics, offset) if code != 0 else {}
     if end.get("exit_code") in (EXIT_CODES["sigint"], EXIT_CODES["sigterm"]):
-        # A signal (craken_cli.launcher keeps torchrun's SignalException quiet); the workers finished their step and
+        # A signal (craken_cli.launch.launcher keeps torchrun's SignalException quiet); the workers finished their step and
         # saved a checkpoint: say so, and exit 143 (SIGTERM) / 130 (SIGINT).
         code = end["exit_code"]
         err.print(f"craken: stopped by a signal at step {end.get('steps')}; its checkpoint is saved. Resume with: "
@@ -75,7 +75,7 @@ def run_workers(prepared: Prepared) -> tuple[int, list[dict]]:
 
 def script_verdict(prepared: Prepared, code: int, failures: list[dict]) -> int:
     """`craken launch`: the script's own exit code, and on failure one line naming the rank and its error."""
-    from .console import err
+    from ..console import err
 
     target = prepared.request.script
     if code == 0:

@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import CrakenError
+from ..errors import CrakenError
 from .spec import DEEPSPEED_FIELDS, fp32_grad_accum_possible
 
 PRESETS = {1: "ds_zero1_config.json", 2: "ds_zero2_config.json", 3: "ds_zero3_config.json"}
@@ -41,7 +41,7 @@ def template_path(name: str) -> Path:
     packaged = resources.files("craken_cli").joinpath("templates", name)
     if packaged.is_file():
         return Path(str(packaged))
-    return Path(__file__).resolve().parents[2] / "templates" / name
+    return Path(__file__).resolve().parents[3] / "templates" / name
 
 
 def preset_path(stage: int) -> Path:
@@ -456,7 +456,7 @@ def _own_choices(cfg: dict, values: dict) -> dict[str, Any]:
 def craken_schedule(block: dict, values: dict) -> dict | None:
     """The schedule.* values of a scheduler block that is exactly one craken renders, else None."""
     from .spec import RunSpec
-    from .train.schedule import deepspeed_block
+    from ..train.schedule import deepspeed_block
 
     params = block.get("params") or {}
     kind = _SCHEDULE_KINDS.get(block.get("type"))

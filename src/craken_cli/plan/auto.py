@@ -5,9 +5,9 @@ Shared by `craken train` and `craken launch` (through prepare.resolve_spec).
 
 from __future__ import annotations
 
-from .errors import CrakenError
-from .sources import Layer, Resolved
-from .train import fp8
+from ..config.sources import Layer, Resolved
+from ..errors import CrakenError
+from ..train import fp8
 
 # What --auto may choose where the user did not set it (Resolved.user_set); model.compile: auto_compile.
 AUTO_PATHS = ("zero.stage", "offload.optimizer.device", "offload.param.device", "model.activation_checkpointing",
@@ -17,8 +17,8 @@ AUTO_PATHS = ("zero.stage", "offload.optimizer.device", "offload.param.device", 
 def auto_compile(resolved: Resolved, info, hw) -> bool:
     """--auto turns on regional compilation unless the user set it: it is the largest measured speed
     lever (1.1B on one H100: 70,307 tokens/s against 40,101 eager, docs/performance.md), and the
-    planner predicts its memory (where: planner.compiles_by_default)."""
-    from .planner import compiles_by_default
+    planner predicts its memory (where: memory.compiles_by_default)."""
+    from .memory import compiles_by_default
 
     return not resolved.user_set("model.compile") and compiles_by_default(info, hw)
 
@@ -29,8 +29,8 @@ def auto_layer(resolved: Resolved, hw, exclude: tuple[tuple[str, int], ...] = ()
     setting the user gave explicitly (file, env or flag); presets and defaults may be changed."""
     from .datasize import micro_batch_cap
     from .modelinfo import model_info
-    from .planner import compatible, compiled_where_measured, plan, refusal, smallest_changes, with_compile
-    from .sources import unflatten
+    from .memory import compatible, compiled_where_measured, plan, refusal, smallest_changes, with_compile
+    from ..config.sources import unflatten
 
     spec = resolved.spec
     if hw.gpu_count == 0:

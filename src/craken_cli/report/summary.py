@@ -45,7 +45,7 @@ def prepared_summary(prepared) -> list[str]:
     """`summary_lines` of a `prepare.Prepared` run; the parameter count read from the model's config."""
     import os
 
-    from .doctor.resources import model_params
+    from ..doctor.resources import model_params
 
     spec = prepared.resolved.spec
     params, _ = model_params(spec.model.name_or_path, os.environ)
@@ -84,7 +84,7 @@ def _precision(precision: str) -> str:
 
 def _not_defaults(spec, sources: Mapping[str, str]) -> list[tuple[str, str]]:
     """One row per source other than the defaults: 'set by flag: zero.stage=2, ...'."""
-    from .sources import flatten
+    from ..config.sources import flatten
 
     values = flatten(spec.model_dump(mode="json"))
     by_source: dict[str, list[str]] = {}

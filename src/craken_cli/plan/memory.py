@@ -39,11 +39,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
+from ..config.spec import fp8_layout_problems, fp32_grad_accum_on
+from ..train import fp8
+from ..train import loss as vocab_loss
 from .hardware import Hardware
 from .modelinfo import ModelInfo
-from .spec import fp8_layout_problems, fp32_grad_accum_on
-from .train import fp8
-from .train import loss as vocab_loss
 
 GiB = 1024**3
 

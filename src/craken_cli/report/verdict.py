@@ -6,8 +6,8 @@ import json
 import math
 from pathlib import Path
 
-from .runfolder import REPORT
-from .sources import Layer
+from ..config.sources import Layer
+from ..runfolder import REPORT
 
 TEST_STEPS = 20
 
@@ -24,7 +24,7 @@ def smoke_test_layer(spec) -> Layer:
 
 
 def write_report(run_dir: Path) -> None:
-    from .console import err
+    from ..console import err
 
     try:
         from .report import read_metrics, summarize, write_plots

@@ -15,7 +15,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import CrakenError
+from ..errors import CrakenError
 
 DEFAULT_PORT = 29500
 # Train flags that the SLURM script sets itself on every node; giving them after `--` would clash.
@@ -173,8 +173,8 @@ def check_run_file(job: SlurmJob) -> None:
     if not job.config.is_file():
         raise CrakenError(f"--config {job.config}: no such file; write the run file (a craken.yaml) on a "
                           "file system all nodes share and pass its path", title="invalid cluster job")
-    from . import sources
-    from .options import SpecArgs, load_spec
+    from ..config import sources
+    from ..config.options import SpecArgs, load_spec
 
     layer = sources.file_layer(job.config)  # a readable YAML mapping at least
     if (layer.values.get("cluster") or {}).get("use_cpu") is True:
@@ -248,7 +248,7 @@ def hostfile_text(entries: list[tuple[str, int]]) -> str:
 
 def write_new(path: Path, text: str, force: bool = False) -> None:
     """Write `text` to `path` atomically; an existing file is refused unless `force`."""
-    from .runfolder import atomic_write
+    from ..runfolder import atomic_write
 
     path = Path(path)
     if path.exists() and not force:

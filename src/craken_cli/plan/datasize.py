@@ -4,7 +4,7 @@
 them with train/data.py and the run's tokenizer (into the data cache, which the workers then read): the
 built-in data set always, local files up to LOCAL_EXACT_BYTES. Anything else (hub data sets, larger
 files) is None: unknown, and large enough in practice to fill any micro-batch; the workers still check. The planner turns the count into
-the largest micro-batch every process can fill (`planner.data_cap`).
+the largest micro-batch every process can fill (`memory.data_cap`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def blocks_available(spec) -> int | None:
 
 def rows_and_report(spec) -> tuple[int | None, str]:
     """(blocks, train/data.Built.report(): the format, samples and what was skipped or cut) or (None, '')."""
-    from .train import builtin
+    from ..train import builtin
 
     data = spec.data
     if data.streaming:
@@ -33,8 +33,8 @@ def rows_and_report(spec) -> tuple[int | None, str]:
     try:
         import datasets
 
-        from .train import data as data_mod
-        from .train import modeling
+        from ..train import data as data_mod
+        from ..train import modeling
 
         datasets.disable_progress_bars()  # one line per split on the CLI's stderr, before craken's own output
         tokenizer = modeling.load_tokenizer(spec)
@@ -52,8 +52,8 @@ def _size(path: Path) -> int:
 def micro_batch_cap(spec, fixed_micro_batch: int | None = None) -> int | None:
     """The largest micro-batch every process can fill (None: unknown); a data set too small for the run
     (or for the micro-batch the user fixed) is a CrakenError naming what to change, before launch."""
-    from .errors import CrakenError
-    from .planner import data_cap, data_problem, train_blocks
+    from ..errors import CrakenError
+    from .memory import data_cap, data_problem, train_blocks
 
     blocks = blocks_available(spec)
     if blocks is None:

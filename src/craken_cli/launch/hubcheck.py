@@ -18,7 +18,7 @@ CONNECT_TIMEOUT_S = 3.0
 def hub_ids(spec) -> list[tuple[str, str]]:
     """(flag, hub id) of the model and tokenizer the workers would load from the hub."""
     from .preflight import looks_like_path
-    from .train import builtin
+    from ..train import builtin
 
     m = spec.model
     names = [("--model", m.name_or_path)] + ([("--tokenizer", m.tokenizer)] if m.tokenizer else [])

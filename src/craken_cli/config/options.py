@@ -185,7 +185,7 @@ def _print_notes(found: list[Layer]) -> None:
     command that reads the run's sources."""
     notes = [note for layer in found for note in layer.notes]
     if notes:
-        from .console import err
+        from ..console import err
 
         for note in notes:
             err.print(f"note: {note}", markup=False, highlight=False)
@@ -207,8 +207,8 @@ def load_spec(args: SpecArgs, environ=None) -> Resolved:
 
 def load_run(args: SpecArgs, hardware=None, environ=None):
     """Spec from every source, resolved against `hardware` (detected when None). -> (Resolved, Decisions)."""
-    from . import hardware as hw_mod
-    from .resolve import resolve
+    from ..plan import hardware as hw_mod
+    from ..plan.resolve import resolve
 
     resolved = load_spec(args, environ)
     if hardware is None:

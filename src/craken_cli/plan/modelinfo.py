@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import CrakenError
+from ..errors import CrakenError
 
 # Family defaults: what transformers' config class assumes when config.json omits a key.
 _DEFAULTS: dict[str, dict[str, Any]] = {
@@ -68,7 +68,7 @@ class ModelInfo:
     embedding_params: int  # input + output embeddings (output counted only when untied)
     dropout: float = 0.0  # residual dropout, which stores a mask per element in training
     counted_by: str = "analytic"  # or "meta"
-    # What the activations depend on beyond the sizes (planner.layer_activation_bytes_per_token):
+    # What the activations depend on beyond the sizes (memory.layer_activation_bytes_per_token):
     norms_per_layer: int = 2  # Gemma-2 also normalizes after attention and after the MLP: 4
     fused_qkv: bool = False  # one q/k/v projection whose output stays saved (its v is a view of it)
     rotary: bool = True  # rotary positions make new q and k (GPT-2's learned positions do not)
@@ -254,7 +254,7 @@ def read_config(name_or_path: str, trust_remote_code: bool = False) -> dict:
 
 def builtin_config(name: str) -> dict:
     """The built-in model's config dict (train/builtin.py owns its shape)."""
-    from .train import builtin
+    from ..train import builtin
 
     if name != builtin.BUILTIN_MODEL:
         raise CrakenError(f"unknown built-in model {name!r}: use {builtin.BUILTIN_MODEL}", title="cannot read the model")

@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 from typing import NamedTuple
 
-from . import preflight
-from .errors import CrakenError
+from ..errors import CrakenError
+from ..launch import preflight
 
 def resume_checkpoint(run_dir: Path, resume: str | None) -> tuple[Path | None, list[str]]:
-    from .train import checkpoint
+    from ..train import checkpoint
 
     if not resume:
         return None, []
@@ -46,7 +46,7 @@ def convert_if_world_changed(ckpt: Path, spec, warnings: list[str], run_dir: Pat
     gradient accumulation: each reads only its own files): its universal copy (DeepSpeed's
     ds_to_universal), made now unless one exists. With `convert` off (--dry-run) only the path it would have."""
     from . import ckpt_ops
-    from .train import checkpoint
+    from ..train import checkpoint
 
     state = checkpoint.read_state(ckpt)
     engine_problem = engine_mismatch(ckpt, state, spec)
@@ -95,7 +95,7 @@ def schedule_change(state, spec) -> str | None:
     """How the lr of the resumed steps differs from the run the checkpoint came from (a new --max-steps
     stretches the schedule, a new --lr scales it), with the flags that keep it; None when it does not.
     Neither engine keeps the schedule's length in its checkpoint: the resumed launch's applies."""
-    from .train.schedule import deepspeed_block, lr_lambda
+    from ..train.schedule import deepspeed_block, lr_lambda
 
     if state.lr_schedule is None or state.lr is None:
         return None  # a checkpoint of an older craken
@@ -140,7 +140,7 @@ def layout(stage: int, deepspeed: bool, offload_optimizer: str) -> OptimizerLayo
 def engine_mismatch(ckpt: Path, state, spec) -> str | None:
     """Why this run cannot load the checkpoint's optimizer shards at all (DeepSpeed fails after the
     launch otherwise), with what to change; None when it can."""
-    from .train import checkpoint
+    from ..train import checkpoint
 
     plain = checkpoint.is_plain(ckpt)
     if state.zero_stage is None and not plain:
@@ -156,7 +156,7 @@ def engine_mismatch(ckpt: Path, state, spec) -> str | None:
 
 
 def is_universal(ckpt: Path) -> bool:
-    from .train import checkpoint
+    from ..train import checkpoint
 
     return checkpoint.is_complete(ckpt) and checkpoint.read_state(ckpt).universal or not ckpt.exists()
 
@@ -164,7 +164,7 @@ def is_universal(ckpt: Path) -> bool:
 def with_universal_load(files: dict[str, str], machine_rank: int = 0) -> dict[str, str]:
     """The DeepSpeed JSON of a launch that resumes from a universal checkpoint. Only that launch:
     the checkpoints it writes are ordinary ones again."""
-    from .render import DS_FILE, machine_file
+    from ..launch.render import DS_FILE, machine_file
 
     name = machine_file(DS_FILE, machine_rank)
     cfg = json.loads(files[name])

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CrakenError
-from .runfolder import METRICS, REPORT
+from ..errors import CrakenError
+from ..runfolder import METRICS, REPORT
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from .errors import CrakenError
+from ..errors import CrakenError
 
 
 class _Loader(yaml.SafeLoader):

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import preflight, runfolder
-from .errors import CrakenError
+from .. import runfolder
+from ..errors import CrakenError
+from ..launch import preflight
 
 
 def clear_previous_run(run_dir: Path, machine_rank: int = 0) -> None:
@@ -35,6 +36,6 @@ def claim_run_folder(run_dir: Path, machine_rank: int) -> int:
 
 def drop_metrics_after_resume(run_dir: Path, machine_rank: int, resume_from: Path) -> None:
     """The lines logged after the checkpoint a resume goes back to are trained again: they go."""
-    from .train import checkpoint
+    from ..train import checkpoint
 
     runfolder.drop_metrics_after(run_dir / runfolder.metrics_file(machine_rank), checkpoint.saved_step(resume_from))

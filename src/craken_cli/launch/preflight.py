@@ -11,12 +11,12 @@ import json
 import os
 from pathlib import Path
 
+from ..plan.hardware import nearest_existing
+from ..runfolder import CHECKPOINTS, FINAL, MARKER, METRICS, metrics_file
+from ..train import builtin
+from ..train import formats
+from ..train.data import LOCAL_FORMATS
 from . import modelcheck
-from .hardware import nearest_existing
-from .runfolder import CHECKPOINTS, FINAL, MARKER, METRICS, metrics_file
-from .train import builtin
-from .train import formats
-from .train.data import LOCAL_FORMATS
 
 
 
@@ -213,9 +213,9 @@ def size_problems(spec) -> list[str]:
     """A local or built-in data set too small for one micro-batch per process: every process would stop
     after loading the model. Counted exactly with the run's tokenizer (datasize), when the model's files are
     sound."""
-    from . import datasize
-    from .planner import data_problem, train_blocks
-    from .train.data import builtin_lines
+    from ..plan import datasize
+    from ..plan.memory import data_problem, train_blocks
+    from ..train.data import builtin_lines
 
     world = spec.cluster.num_processes or 1
     needed_tokens = spec.batch.micro_batch * world * spec.data.seq_len / max(0.05, 1 - spec.data.eval_fraction)
@@ -301,7 +301,7 @@ def record_problem(record, column: str | None) -> str | None:
 
 def op_problems(spec, environ) -> list[str]:
     """A DeepSpeed op this run loads whose last build was killed would hang every process silently."""
-    from .dsops import ops_for, stale_build_locks, stale_lock_message
+    from ..doctor.dsops import ops_for, stale_build_locks, stale_lock_message
 
     if not spec.uses_deepspeed:
         return []
@@ -314,7 +314,7 @@ def op_problems(spec, environ) -> list[str]:
 def nvme_problems(spec, environ) -> list[str]:
     """NVMe offload loads DeepSpeed's async_io op, built against libaio at first use (or pre-built):
     without libaio every process fails after start-up ('Unable to JIT load the async_io op')."""
-    from .dsops import deepspeed_ops, find_libaio, libaio_missing, nvme_offload_flags
+    from ..doctor.dsops import deepspeed_ops, find_libaio, libaio_missing, nvme_offload_flags
 
     nvme = nvme_offload_flags(spec.offload.optimizer.device, spec.offload.param.device)
     if not nvme or not spec.uses_deepspeed:
@@ -381,7 +381,7 @@ def lock_message(run_dir: Path, holder: str) -> str:
 
 def force_problems(run_dir: Path) -> list[str]:
     """--force clears a run folder: only a craken run's, never a folder above what the user works in."""
-    from .runfolder import foreign_outputs, protected
+    from ..runfolder import foreign_outputs, protected
 
     why = protected(run_dir)
     if why:
@@ -410,7 +410,7 @@ def unwritable(folder: Path) -> str | None:
 
 
 def output_problems(run_dir: Path, resume: str | None, force: bool, machine_rank: int = 0) -> list[str]:
-    from .runfolder import lock_holder
+    from ..runfolder import lock_holder
 
     holder = lock_holder(run_dir, machine_rank) if run_dir.is_dir() else None
     if holder:
@@ -435,7 +435,7 @@ def output_problems(run_dir: Path, resume: str | None, force: bool, machine_rank
 def earlier_run_message(run_dir: Path) -> str:
     """What to do with the run a folder holds: --resume auto only where a checkpoint can be resumed
     (else it refuses in turn, naming --force: the circle of issue 21)."""
-    from .train import checkpoint
+    from ..train import checkpoint
 
     if checkpoint.latest_checkpoint(run_dir, verify=False)[0] is not None:
         return (f"run folder {run_dir} already holds a run: pass --resume auto to continue it, --force to start "

@@ -25,10 +25,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .errors import CrakenError
-from .hardware import nearest_existing
-from .runfolder import CHECKPOINTS, FINAL, disk_message, free_bytes, fsync_tree, is_disk_full, protected
-from .train import checkpoint as ck
+from ..errors import CrakenError
+from ..plan.hardware import nearest_existing
+from ..runfolder import CHECKPOINTS, FINAL, disk_message, free_bytes, fsync_tree, is_disk_full, protected
+from ..train import checkpoint as ck
 
 UNIVERSAL_DIR = "universal"  # RUN/checkpoints/universal/step_N: converted copies
 DTYPES = ("auto", "fp32", "bf16", "fp16")

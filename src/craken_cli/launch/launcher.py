@@ -1,6 +1,6 @@
 """accelerate launch, without the launcher's tracebacks:
 
-    python -m craken_cli.launcher [--failure-file PATH] ACCELERATE LAUNCH ARGS...
+    python -m craken_cli.launch.launcher [--failure-file PATH] ACCELERATE LAUNCH ARGS...
 
 `craken train` and `craken launch` start their workers through this module. It runs accelerate's
 launch command in this process; when a worker fails, torchrun raises ChildFailedError (and

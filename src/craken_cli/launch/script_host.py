@@ -1,6 +1,6 @@
 """Worker side of `craken launch`: each process runs the user's script through this host,
 
-    accelerate launch --config_file RUN/accelerate.yaml -m craken_cli.script_host RUN/run.yaml \
+    accelerate launch --config_file RUN/accelerate.yaml -m craken_cli.launch.script_host RUN/run.yaml \
         (SCRIPT | -m MODULE) [SCRIPT ARGS...]
 
 which prepares what a script cannot know, then runs it with runpy as `__main__` (sys.argv as if it
@@ -28,7 +28,7 @@ import traceback
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from .runfolder import DS_FILE, EXIT_CODES as CODES, machine_file
+from ..runfolder import DS_FILE, EXIT_CODES as CODES, machine_file
 from . import userscript
 from .launcher import record_error
 
@@ -42,7 +42,7 @@ class PlanConflict(Exception):
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) < 2 or (args[1] == "-m" and len(args) < 3):
-        print("usage: python -m craken_cli.script_host RUN/run.yaml (SCRIPT | -m MODULE) [ARGS...]", file=sys.stderr)
+        print("usage: python -m craken_cli.launch.script_host RUN/run.yaml (SCRIPT | -m MODULE) [ARGS...]", file=sys.stderr)
         return CODES["bad_input"]
     run_file = Path(args[0]).resolve()
     module = args[2] if args[1] == "-m" else None
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     script_args = args[3:] if module else args[2:]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    from .sources import build_spec, file_layer
+    from ..config.sources import build_spec, file_layer
 
     spec = build_spec([file_layer(run_file)]).spec
     run_dir = run_file.parent
@@ -233,7 +233,7 @@ def leave(code: int) -> None:
             dist.destroy_process_group()
     except Exception:  # leaving anyway; the group dies with the process
         pass
-    from .train.loop import exit_without_teardown
+    from ..train.loop import exit_without_teardown
 
     exit_without_teardown(code)
 

@@ -5,7 +5,7 @@
     prepare(request)       -> inputs checked, resume point found, files rendered into the run
                               folder, (argv, env) built
 
-execute.execute(prepared) then launches it.
+process.execute(prepared) then launches it.
 """
 
 from __future__ import annotations
@@ -15,19 +15,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from . import launch, preflight, userscript
-from .autoplan import auto_layer
-from .errors import CrakenError
+from ..ckpt.resume import convert_if_world_changed, is_universal, resume_checkpoint, with_universal_load
+from ..ckpt.startover import claim_run_folder, clear_previous_run, drop_metrics_after_resume
+from ..config.options import SpecArgs, layers
+from ..config.sources import Resolved, build_spec
+from ..errors import CrakenError
+from ..plan.auto import auto_layer
+from ..report.verdict import smoke_test_layer
+from ..runfolder import DS_ENV_FILE
+from ..train import fp8
+from . import command as launch, preflight, userscript
 from .hubcheck import hub_problems
-from .options import SpecArgs, layers
 from .render import rendered_files, write_files
-from .train import fp8
-from .resume import convert_if_world_changed, is_universal, resume_checkpoint, with_universal_load
-from .sources import Resolved, build_spec
-from .runfolder import DS_ENV_FILE
-from .startover import claim_run_folder, clear_previous_run, drop_metrics_after_resume
 from .userscript import Target
-from .verdict import smoke_test_layer
 
 @dataclass
 class TrainRequest:
@@ -72,8 +72,8 @@ class Prepared:
 
 
 def resolve_spec(request: TrainRequest, environ: Mapping[str, str], hardware=None):
-    from . import hardware as hw_mod
-    from .resolve import resolve
+    from ..plan import hardware as hw_mod
+    from ..plan.resolve import resolve
 
     source_layers = layers(request.spec_args, environ)
     resolved = build_spec(source_layers, nvme_path=request.spec_args.nvme_path)

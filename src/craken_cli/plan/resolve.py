@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import CrakenError
+from ..config.sources import Layer, Resolved, build_spec, merge
+from ..errors import CrakenError
 from .hardware import Hardware
-from .sources import Layer, Resolved, build_spec, merge
 
 # Stage-3 knobs craken fills when the user leaves them at None (DeepSpeed's own defaults).
 STAGE3_DEFAULTS = {
@@ -93,7 +93,7 @@ def _batch_values(batch, num: int) -> dict[str, tuple[object, str]]:
 
 def bucket_values(spec) -> dict[str, tuple[object, str]]:
     """ZeRO buckets given as "auto": from the model's hidden size, as the HF Trainer fills them."""
-    from .importers import hidden_size_buckets
+    from ..config.importers import hidden_size_buckets
 
     z = spec.zero
     autos = [k for k in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold")
@@ -118,7 +118,7 @@ def bucket_values(spec) -> dict[str, tuple[object, str]]:
 
 def hardware_problems(spec, hw: Hardware) -> list[str]:
     """What the resolved spec asks of this machine that it cannot give."""
-    from .train import fp8
+    from ..train import fp8
 
     c = spec.cluster
     out = fp8.problems(spec.precision, bool(c.use_cpu), hw.gpus)
@@ -139,7 +139,7 @@ def hardware_problems(spec, hw: Hardware) -> list[str]:
 
 def resolve(resolved: Resolved, hw: Hardware, extra_layers: tuple[Layer, ...] = ()) -> tuple[Resolved, Decisions]:
     """Fill the spec's open values from `hw`, revalidate, and check it against the machine."""
-    from .sources import unflatten
+    from ..config.sources import unflatten
 
     values, decisions = hardware_values(resolved.spec, hw)
     base = Layer("default", "resolved", resolved.spec.model_dump(mode="json"))

@@ -1,9 +1,9 @@
 """Build the launch command of a run: a pure function from spec to (argv, env), run in one place.
 
 The child processes re-enter craken through a module (`-m craken_cli.train.loop RUN/run.yaml
-[--resume-from CHECKPOINT]`, or for `craken launch` `-m craken_cli.script_host RUN/run.yaml SCRIPT ARGS`),
+[--resume-from CHECKPOINT]`, or for `craken launch` `-m craken_cli.launch.script_host RUN/run.yaml SCRIPT ARGS`),
 so they read the very run file the configs were rendered from. accelerate's launch command runs inside
-`craken_cli.launcher`, which turns torchrun's failure tracebacks into an exit code and a failure file.
+`craken_cli.launch.launcher`, which turns torchrun's failure tracebacks into an exit code and a failure file.
 No shell is involved anywhere.
 """
 
@@ -15,11 +15,11 @@ import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from .runfolder import ACCELERATE_FILE, DS_ENV_FILE, RUN_FILE, machine_file
+from ..runfolder import ACCELERATE_FILE, DS_ENV_FILE, RUN_FILE, machine_file
 
 LOOP_MODULE = "craken_cli.train.loop"
-SCRIPT_HOST_MODULE = "craken_cli.script_host"
-LAUNCHER_MODULE = "craken_cli.launcher"
+SCRIPT_HOST_MODULE = "craken_cli.launch.script_host"
+LAUNCHER_MODULE = "craken_cli.launch.launcher"
 # Environment variables whose values must never be printed or written by craken: a name with one
 # of these as a word, or at the end of a word (HF_TOKEN, WANDB_API_KEY, GITHUB_AUTHTOKEN).
 SECRET_MARKERS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS", "AUTHORIZATION",
@@ -161,7 +161,7 @@ def uses_pdsh(spec) -> bool:
 def seed_deepspeed_env(target: Path, home: Path, cwd: Path) -> None:
     """Start this launch's env file afresh from the user's own ~/.deepspeed_env and ./.deepspeed_env
     lines (what DeepSpeed reads when DS_ENV_FILE is not set), without secrets; owner-only."""
-    from .runfolder import atomic_write
+    from ..runfolder import atomic_write
 
     lines = []
     for source in (home / DS_ENV_FILE, cwd / DS_ENV_FILE):

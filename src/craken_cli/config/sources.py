@@ -19,8 +19,8 @@ from typing import Any, Iterable, Mapping
 
 from pydantic import BaseModel, ValidationError
 
+from ..errors import CrakenError
 from . import yamlio
-from .errors import CrakenError
 from .spec import CrossFieldProblems, RunSpec
 
 ENV_PREFIX = "CRAKEN_"

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
-from .runfolder import DS_FILE, machine_file
+from ..runfolder import DS_FILE, machine_file
 
 PLAN_ENV_PREFIX = "CRAKEN_PLAN_"
 # What a script finds beside its own output: the Trainer's output_dir when the script leaves it unset.
@@ -40,7 +40,7 @@ class Target:
 
     @property
     def host_args(self) -> list[str]:
-        """What follows `-m craken_cli.script_host RUN/run.yaml` in the workers' command."""
+        """What follows `-m craken_cli.launch.script_host RUN/run.yaml` in the workers' command."""
         head = ["-m", self.module] if self.module else [str(Path(self.script).absolute())]
         return [*head, *self.args]
 

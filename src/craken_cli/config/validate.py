@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import CrakenError
 from . import yamlio
-from .errors import CrakenError
 from .importers import import_files, is_foreign
 from .sources import Layer, build_spec, unflatten
 

@@ -1,0 +1,1 @@
+"""From a resolved spec to running workers: checks, rendered files, the command, the processes."""
