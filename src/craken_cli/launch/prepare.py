@@ -24,7 +24,7 @@ from ..plan.auto import auto_layer
 from ..report.verdict import smoke_test_layer
 from ..runfolder import DS_ENV_FILE
 from ..train import fp8
-from . import command as launch, preflight, userscript
+from . import command, preflight, userscript
 from .hubcheck import hub_problems
 from .render import rendered_files, write_files
 from .userscript import Target
@@ -63,7 +63,7 @@ class Prepared:
         """The variables craken sets or changes, secrets redacted."""
         base = os.environ
         changed = {k: v for k, v in self.env.items() if base.get(k) != v}
-        return launch.redact_env(changed)
+        return command.redact_env(changed)
 
     @property
     def files_shown(self) -> dict[str, str]:
@@ -97,7 +97,7 @@ def resolve_spec(request: TrainRequest, environ: Mapping[str, str], hardware=Non
 
 def script_problems(spec, run_dir: Path, request: TrainRequest) -> list[str]:
     if request.script is None:
-        return launch.launcher_arg_problems(request.launcher_args)
+        return command.launcher_arg_problems(request.launcher_args)
     keep = userscript.keeps_ds_optimizer(spec, request.ds_optimizer)
     return (userscript.target_problems(request.script)
             + userscript.arg_problems(spec, run_dir, request.script, keep))
@@ -132,11 +132,11 @@ def prepare(request: TrainRequest, environ: Mapping[str, str], hardware=None) ->
         keep = userscript.keeps_ds_optimizer(spec, request.ds_optimizer)
         files = userscript.script_files(files, spec.cluster.machine_rank, keep)
         script_args = request.script.host_args
-    argv, env = launch.build(spec, run_dir, environ, hw.cpu_count, request.launcher_args, resume_from, script_args)
+    argv, env = command.build(spec, run_dir, environ, hw.cpu_count, request.launcher_args, resume_from, script_args)
     if request.script is not None:
         env.update(userscript.plan_env(spec, run_dir, keep))
-    if launch.uses_pdsh(spec):
-        held_back = sorted(k for k, v in environ.items() if launch.is_secret(k, v))
+    if command.uses_pdsh(spec):
+        held_back = sorted(k for k, v in environ.items() if command.is_secret(k, v))
         if held_back:
             warnings.append(f"--launcher deepspeed: {', '.join(held_back)} not passed to the other machines (DeepSpeed "
                             "would write them into its env file): set them in each machine's own environment")
@@ -148,6 +148,6 @@ def prepare(request: TrainRequest, environ: Mapping[str, str], hardware=None) ->
         if resume_from is not None:
             drop_metrics_after_resume(run_dir, spec.cluster.machine_rank, resume_from)
         write_files(files, run_dir, force=True)
-        if launch.uses_pdsh(spec):
-            launch.seed_deepspeed_env(run_dir / DS_ENV_FILE, Path.home(), Path.cwd())
+        if command.uses_pdsh(spec):
+            command.seed_deepspeed_env(run_dir / DS_ENV_FILE, Path.home(), Path.cwd())
     return prepared

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..report.verdict import smoke_test_health, write_report
 from ..runfolder import EXIT_CODES, OOM_MARKER_PREFIX, RUN_FILE, machine_file, metrics_file
-from . import command as launch, launcher
+from . import command, launcher
 from .prepare import Prepared, prepare
 
 
@@ -68,7 +68,7 @@ def run_workers(prepared: Prepared) -> tuple[int, list[dict]]:
     """The launcher's exit code and the failed workers it reported (rank, exit code, last line)."""
     with tempfile.TemporaryDirectory(prefix="craken-launch-") as tmp:
         failure_file = Path(tmp) / "failures.json"
-        code = launch.run(launch.with_failure_file(prepared.argv, failure_file), prepared.env,
+        code = command.run(command.with_failure_file(prepared.argv, failure_file), prepared.env,
                           keep_fds=lock_fds(prepared))
         return code, launcher.read_failures(failure_file) if code != 0 else []
 
