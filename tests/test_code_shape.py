@@ -73,3 +73,11 @@ def test_the_cycle_finder_finds_a_cycle(tmp_path):
     known = {"pkg", "pkg.a", "pkg.b"}
     assert imported_at_module_level("pkg.a", a, known) == {"pkg.b"}
     assert imported_at_module_level("pkg.b", b, known) == {"pkg.a"}
+
+
+def test_the_builtin_names_are_written_once():
+    """One fact, one place: the built-in model's and data set's names are one constant each (config/spec.py)."""
+    for name in ("builtin:tiny", "builtin:counting"):
+        where = [module for module, tree in modules().items()
+                 for node in ast.walk(tree) if isinstance(node, ast.Constant) and node.value == name]
+        assert where == ["craken_cli.config.spec"], (name, where)

@@ -19,6 +19,7 @@ import typer
 
 from . import sources, yamlio
 from .sources import FLAGS, NVME_PATH_FLAG, Layer, Resolved
+from .spec import BUILTIN_MODEL
 
 _PANEL = "Run settings (override craken.yaml, CRAKEN_* and the --preset)"
 # --preset NAME -> ZeRO stage of the shipped template (templates/NAME_config.json)
@@ -82,7 +83,7 @@ def _shown_default(path: str, info) -> str | None:
     text = str(default)
     builtin = _builtin_preset_values().get(path)
     if builtin is not None and builtin != default:
-        text += f"; {BUILTIN_PRESET_MODEL}: {builtin}"
+        text += f"; {BUILTIN_MODEL}: {builtin}"
     return text
 
 
@@ -173,7 +174,7 @@ def layers(args: SpecArgs, environ=None) -> list[Layer]:
     # The built-in model brings its own sizes, below the ZeRO template the user picked with --preset (so
     # `--preset ds_zero2` gives exactly that template: accumulation 8) and below the user's own sources.
     merged, _ = sources.merge(out)
-    if merged.get("model.name_or_path", "builtin:tiny") == BUILTIN_PRESET_MODEL:
+    if merged.get("model.name_or_path", BUILTIN_MODEL) == BUILTIN_MODEL:
         path = builtin_preset_path()
         out.insert(1, Layer("preset", path.name, yamlio.read_mapping(path)))
     _print_notes(out)
@@ -189,9 +190,6 @@ def _print_notes(found: list[Layer]) -> None:
 
         for note in notes:
             err.print(f"note: {note}", markup=False, highlight=False)
-
-
-BUILTIN_PRESET_MODEL = "builtin:tiny"
 
 
 def builtin_preset_path() -> Path:

@@ -33,6 +33,10 @@ PositiveAutoCount = Annotated[Annotated[int, Field(gt=0, le=2**50)] | Literal["a
                               BeforeValidator(_integral_float_to_int)]
 AutoCount = Annotated[Annotated[int, Field(ge=0, le=2**50)] | Literal["auto"], BeforeValidator(_integral_float_to_int)]
 
+# The embedded defaults (train/builtin.py builds them; named here, where the lightest module can own them).
+BUILTIN_MODEL = "builtin:tiny"
+BUILTIN_DATA = "builtin:counting"
+
 
 class CrossFieldProblems(ValueError):
     """Every cross-field problem of a spec. Pydantic keeps the exception it wraps, so
@@ -60,8 +64,8 @@ class Section(BaseModel):
 
 class ModelSection(Section):
     name_or_path: str = Field(
-        "builtin:tiny",
-        description="Model to train: a hub id, a local folder with config.json, or 'builtin:tiny' "
+        BUILTIN_MODEL,
+        description=f"Model to train: a hub id, a local folder with config.json, or '{BUILTIN_MODEL}' "
         "(a small Llama built from a config, no download).",
     )
     tokenizer: str | None = Field(
@@ -89,9 +93,9 @@ class ModelSection(Section):
 
 class DataSection(Section):
     dataset: str = Field(
-        "builtin:counting",
+        BUILTIN_DATA,
         description="Training text: a hub id, a local .json/.jsonl/.csv/.parquet/.txt file or folder, "
-        "or 'builtin:counting' (a generated pattern language, no download).",
+        f"or '{BUILTIN_DATA}' (a generated pattern language, no download).",
     )
     text_column: str = Field("text", description="Column holding the text.")
     split: str = Field("train", description="Split of a hub data set to read (a local file or folder is read whole).")
