@@ -502,10 +502,17 @@ def test_environment_variables(env, name, status):
 
 def test_invalid_settings_are_one_failure_among_the_rest():
     hw = hw_with(0)
-    checks = d.run_checks(healthy_facts(hw), None, "zero.stage = 7 (from flag): Input should be 0, 1, 2 or 3")
+    checks = d.run_checks(healthy_facts(hw), None, ["zero.stage = 7 (from flag): Input should be 0, 1, 2 or 3"])
     rows = by_name(checks)
     assert rows["settings"].status == "fail" and "zero.stage" in rows["settings"].detail
     assert rows["torch"].status == "ok"  # the environment is still checked
+
+
+def test_each_invalid_setting_is_one_failure_even_with_a_semicolon_in_its_text():
+    hw = hw_with(0)
+    problems = ["a.b = 1 (from flag): too big; set --b", "c.d = 2 (from flag): too small"]
+    checks = d.run_checks(healthy_facts(hw), None, problems)
+    assert [c.detail for c in checks if c.name == "settings"] == problems
 
 
 def test_verdict_and_plain_rendering():

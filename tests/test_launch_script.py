@@ -158,6 +158,28 @@ def test_a_value_set_against_the_plan_stops_with_the_flag_to_change(args_class):
         args_class(report_to="none", deepspeed="ds.json")
 
 
+def test_each_conflict_reaches_craken_launch_as_one_problem_even_with_a_semicolon(tmp_path, monkeypatch, capsys):
+    """The worker records the list; craken launch prints one line per problem, never a joined string split again."""
+    from types import SimpleNamespace
+
+    from craken_cli.launch import process
+    from craken_cli.launch.script_host import PlanConflict
+    from craken_cli.runfolder import EXIT_CODES
+
+    problems = ["the script sets a=1 against craken's plan, a=2: drop it; or set --a", "the script sets b=3: drop it"]
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
+    assert launcher.record_error(PlanConflict(problems), PlanConflict(problems).problems)
+    failure = SimpleNamespace(error_file_data=json.loads((tmp_path / "error.json").read_text()), exitcode=2,
+                              timestamp=0)
+    record = launcher.failure_record(0, failure)
+    assert record["problems"] == problems
+    prepared = SimpleNamespace(request=SimpleNamespace(script=SimpleNamespace(shown="train.py")), run_dir=tmp_path)
+    process.script_verdict(prepared, EXIT_CODES["bad_input"], [record])
+    printed = capsys.readouterr().err
+    assert "craken: train.py was stopped before training (2 problems):" in printed
+    assert [line for line in printed.splitlines() if line.startswith("  - ")] == [f"  - {p}" for p in problems]
+
+
 def test_with_deepspeeds_scheduler_the_trainer_gets_no_schedule_of_its_own():
     plan = userscript.trainer_plan(spec_of({"--zero": 2, "--offload-optimizer": "cpu"}), Path("r"), keep_optimizer=True)
     assert "lr_scheduler_type" not in plan and plan["warmup_steps"].must_agree

@@ -15,8 +15,13 @@ class CrakenError(Exception):
         super().__init__(self.render())
 
     def render(self) -> str:
-        if len(self.problems) == 1:
-            return f"craken: {self.title}: {self.problems[0]}"
-        lines = [f"craken: {self.title} ({len(self.problems)} problems):"]
-        lines += [f"  - {p}" for p in self.problems]
-        return "\n".join(lines)
+        return problems_text(self.title, self.problems)
+
+
+def problems_text(title: str, problems: list[str]) -> str:
+    """'craken: TITLE: PROBLEM', or one line per problem under 'craken: TITLE (N problems):'."""
+    if len(problems) == 1:
+        return f"craken: {title}: {problems[0]}"
+    lines = [f"craken: {title} ({len(problems)} problems):"]
+    lines += [f"  - {p}" for p in problems]
+    return "\n".join(lines)

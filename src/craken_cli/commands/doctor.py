@@ -32,13 +32,13 @@ def doctor(
     from ..config.options import load_spec
 
     hw = detect()
-    view = spec_error = None
+    view, spec_problems = None, []
     try:
         view = d.run_view(load_spec(spec_args).spec, hw)
     except CrakenError as exc:  # report bad settings next to the rest instead of stopping at them
-        spec_error = "; ".join(exc.problems)
+        spec_problems = exc.problems
     facts = d.gather(hw, view)
-    checks = d.run_checks(facts, view, spec_error)
+    checks = d.run_checks(facts, view, spec_problems)
     if deep:
         checks += d.deep_checks(view)
     if as_json:

@@ -14,6 +14,8 @@ from package metadata. Only `deep_checks()` (`--deep`) imports torch and DeepSpe
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from ..runfolder import VERDICT_EXIT
 from .collect import gather, path_state
 from .deep import deep_checks
@@ -35,8 +37,8 @@ __all__ = ["AREAS", "BUILTIN_PARAMS_BOUND", "STACK", "VERDICT_EXIT", "Check", "F
            "verdict", "verdict_line"]
 
 
-def run_checks(facts: Facts, view: RunView | None, spec_error: str | None = None) -> list[Check]:
-    """Every check, in area order. `view` is None when the settings themselves are invalid."""
+def run_checks(facts: Facts, view: RunView | None, spec_problems: Sequence[str] = ()) -> list[Check]:
+    """Every check, in area order. `view` is None when the settings themselves are invalid (`spec_problems`)."""
     checks: list[Check] = []
     checks += check_system(facts)
     checks += check_packages(facts)
@@ -50,6 +52,6 @@ def run_checks(facts: Facts, view: RunView | None, spec_error: str | None = None
     else:
         checks += check_ops(facts, None)
     checks += check_network(facts, view)
-    checks += check_run(view, spec_error)
+    checks += check_run(view, spec_problems)
     order = {a: i for i, a in enumerate(AREAS)}
     return sorted(checks, key=lambda c: order.get(c.area, len(order)))  # stable within an area

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 from .model import Check, RunView
 
 
-def check_run(view: RunView | None, spec_error: str | None) -> list[Check]:
-    if view is None:
-        return [Check("run", "settings", "fail", spec_error or "invalid settings", "fix the settings named above")]
+def check_run(view: RunView | None, spec_problems: Sequence[str] = ()) -> list[Check]:
+    if view is None:  # one failure per problem of the settings
+        return [Check("run", "settings", "fail", problem, "fix the settings named above")
+                for problem in spec_problems or ["invalid settings"]]
     out = []
     where = "CPU processes" if view.use_cpu else "GPU processes"
     why = {k: w for k, _, w in view.decisions}

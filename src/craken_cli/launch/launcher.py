@@ -61,8 +61,11 @@ def failure_record(rank: int, failure) -> dict:
     message = data.get("message", "") if isinstance(data, dict) else str(data or "")
     extra = data.get("extraInfo", {}) if isinstance(data, dict) else {}
     when = float(extra.get("time", failure.timestamp))  # script_host records it to the microsecond
-    return {"rank": rank, "exitcode": failure.exitcode, "message": last_line(message) if recorded else "",
-            "time": when}
+    record = {"rank": rank, "exitcode": failure.exitcode, "message": last_line(message) if recorded else "",
+              "time": when}
+    if isinstance(extra.get("problems"), list):
+        record["problems"] = [str(p) for p in extra["problems"]]
+    return record
 
 
 def first_cause(record: dict) -> tuple:
@@ -81,10 +84,11 @@ def worker_exit_code(code: int) -> int:
     return 128 - code if code < 0 else code  # a worker killed by signal N: 128 + N, as a shell reports it
 
 
-def record_error(exc: BaseException) -> bool:
+def record_error(exc: BaseException, problems: list[str] | None = None) -> bool:
     """This worker's torchrun error file (TORCHELASTIC_ERROR_FILE), in the format of torch's `@record`
     (ErrorHandler.record_exception), plus the time to the microsecond, by which the failure that came
-    first is named; False where torchrun asked for none."""
+    first is named, and `problems` (a list, one entry each) for craken to word; False where torchrun
+    asked for none."""
     import os
     import time
     import traceback
@@ -96,6 +100,8 @@ def record_error(exc: BaseException) -> bool:
     data = {"message": {"message": f"{type(exc).__name__}: {exc}", "extraInfo": {
         "py_callstack": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
         "timestamp": str(int(now)), "time": now}}}
+    if problems:
+        data["message"]["extraInfo"]["problems"] = list(problems)
     try:
         Path(path).write_text(json.dumps(data))
     except OSError:  # the file only improves craken's message; the failure itself is printed by the worker

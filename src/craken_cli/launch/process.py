@@ -10,6 +10,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+from ..errors import problems_text
 from ..report.verdict import smoke_test_health, write_report
 from ..runfolder import EXIT_CODES, OOM_MARKER_PREFIX, RUN_FILE, machine_file, metrics_file
 from . import command, launcher
@@ -83,9 +84,8 @@ def script_verdict(prepared: Prepared, code: int, failures: list[dict]) -> int:
     elif code in (EXIT_CODES["sigint"], EXIT_CODES["sigterm"]):
         err.print(f"craken: {target.shown} was stopped by a signal (exit {code}); run folder: {prepared.run_dir}",
                   markup=False)
-    elif code == EXIT_CODES["bad_input"] and failures and failures[0].get("message", "").startswith("PlanConflict"):
-        err.print(f"craken: {target.shown} was stopped before training: "
-                  f"{failures[0]['message'].partition(': ')[2]}", markup=False)
+    elif code == EXIT_CODES["bad_input"] and failures and failures[0].get("problems"):  # script_host's PlanConflict
+        err.print(problems_text(f"{target.shown} was stopped before training", failures[0]["problems"]), markup=False)
     else:
         why = launcher.failure_summary(failures) or f"exited with code {code}"
         err.print(f"craken: {target.shown} failed: {why}; run folder: {prepared.run_dir}", markup=False)

@@ -36,7 +36,11 @@ PLAN_CONFLICT_EXIT = CODES["bad_input"]
 
 
 class PlanConflict(Exception):
-    """The script set TrainingArguments against craken's plan (every such value, one message)."""
+    """The script set TrainingArguments against craken's plan; `problems` lists every such value, one each."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))  # for display only; readers take .problems
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,8 +96,9 @@ def run_target(script: str | None, module: str | None, script_args: list[str]) -
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the second copy of the same Ctrl-C
         return CODES["sigint"]
     except PlanConflict as exc:  # craken launch words it from the error file; printed only without one
-        if not record_error(exc) and int(os.environ.get("RANK", "0")) == 0:
-            print(f"craken: {exc}", file=sys.stderr, flush=True)
+        if not record_error(exc, exc.problems) and int(os.environ.get("RANK", "0")) == 0:
+            for problem in exc.problems:
+                print(f"craken: {problem}", file=sys.stderr, flush=True)
         return PLAN_CONFLICT_EXIT
     except BaseException as exc:  # the script's own failure: its traceback, and torchrun's error file
         print_script_traceback(exc, script or module)
@@ -202,7 +207,7 @@ def reconcile(args, plan: dict) -> None:
         conflicts.append(f"the script sets TrainingArguments(deepspeed={args.deepspeed!r}): craken launch renders "
                          "the DeepSpeed config itself; drop it and set the run with craken's flags")
     if conflicts:
-        raise PlanConflict("; ".join(conflicts))
+        raise PlanConflict(conflicts)
 
 
 def field_default(f):
