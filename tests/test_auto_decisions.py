@@ -41,7 +41,7 @@ def args(**flags) -> SpecArgs:
 
 def doctor_for(name: str, environ=None, **flags):
     hw = machine(name)
-    view = d.run_view(load_spec(args(**flags), environ={}).spec, hw)
+    view = d.run_view(load_spec(args(**flags), environ={}), hw)
     checks = d.run_checks(healthy_facts(hw, environ=environ or {}), view)
     return view, checks
 
@@ -109,7 +109,7 @@ def test_doctor_reports_gpus_and_links():
 
 def test_doctor_a100_without_any_peer_to_peer_warns():
     hw = detect(FakeProbe(gpus=MACHINES["4xA100-pcie"].gpus), environ={})
-    view = d.run_view(load_spec(args(), environ={}).spec, hw)
+    view = d.run_view(load_spec(args(), environ={}), hw)
     links = {c.name: c for c in d.run_checks(healthy_facts(hw), view)}["links"]
     assert links.status == "warn" and "nvidia-smi topo" in links.fix
 
@@ -121,7 +121,7 @@ def test_doctor_nccl_p2p_disable_on_nvlink_machine():
     assert "NVLink" in bad[0].detail and bad[0].fix == "unset NCCL_P2P_DISABLE"
     # the same variable is a harmless workaround on a machine without peer-to-peer
     hw = detect(FakeProbe(gpus=MACHINES["4xA100-pcie"].gpus), environ={})
-    view = d.run_view(load_spec(args(), environ={}).spec, hw)
+    view = d.run_view(load_spec(args(), environ={}), hw)
     assert "NCCL_P2P_DISABLE" not in {c.name for c in d.run_checks(healthy_facts(hw, {"NCCL_P2P_DISABLE": "1"}),
                                                                     view)}
 

@@ -55,10 +55,10 @@ def hw_with(n=0, cap=(9, 0), shm=16 * GiB, ram=64 * GiB, cuda=(12, 4), nvlink=Tr
 def view(hw: Hardware, **flags):
     from craken_cli.config.options import SpecArgs, load_spec
 
-    spec = load_spec(SpecArgs(flags={f"--{k.replace('_', '-')}": v for k, v in flags.items()},
-                              nvme_path=flags.pop("nvme_path", None) if "nvme_path" in flags else None),
-                     environ={}).spec
-    return d.run_view(spec, hw)
+    sourced = load_spec(SpecArgs(flags={f"--{k.replace('_', '-')}": v for k, v in flags.items()},
+                                 nvme_path=flags.pop("nvme_path", None) if "nvme_path" in flags else None),
+                        environ={})
+    return d.run_view(sourced, hw)
 
 
 def by_name(checks: list[Check]) -> dict[str, Check]:

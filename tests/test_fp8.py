@@ -269,7 +269,7 @@ def _doctor(hw, torchao, **flags):
     from craken_cli.config.options import load_spec
     from test_doctor import healthy_facts
 
-    view = d.run_view(load_spec(args(**flags), environ={}).spec, hw)
+    view = d.run_view(load_spec(args(**flags), environ={}), hw)
     facts = healthy_facts(hw)
     facts.versions["torchao"] = torchao
     checks = d.run_checks(facts, view)

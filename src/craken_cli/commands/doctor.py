@@ -34,7 +34,7 @@ def doctor(
     hw = detect()
     view, spec_problems = None, []
     try:
-        view = d.run_view(load_spec(spec_args).spec, hw)
+        view = d.run_view(load_spec(spec_args), hw)
     except CrakenError as exc:  # report bad settings next to the rest instead of stopping at them
         spec_problems = exc.problems
     facts = d.gather(hw, view)

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal, Optional
 import typer
 
 from . import sources, yamlio
-from .sources import FLAGS, NVME_PATH_FLAG, Layer, Resolved
+from .sources import FLAGS, NVME_PATH_FLAG, Layer, SourcedSpec
 from .spec import BUILTIN_MODEL
 
 _PANEL = "Run settings (override craken.yaml, CRAKEN_* and the --preset)"
@@ -198,17 +198,17 @@ def builtin_preset_path() -> Path:
     return template_path("builtin_tiny.yaml")
 
 
-def load_spec(args: SpecArgs, environ=None) -> Resolved:
+def load_spec(args: SpecArgs, environ=None) -> SourcedSpec:
     """The spec from every source, validated, before hardware is looked at."""
     return sources.build_spec(layers(args, environ), nvme_path=args.nvme_path)
 
 
 def load_run(args: SpecArgs, hardware=None, environ=None):
-    """Spec from every source, resolved against `hardware` (detected when None). -> (Resolved, Decisions)."""
+    """Spec from every source, resolved against `hardware` (detected when None). -> (SourcedSpec, Decisions)."""
     from ..plan import hardware as hw_mod
     from ..plan.resolve import resolve
 
-    resolved = load_spec(args, environ)
+    sourced = load_spec(args, environ)
     if hardware is None:
         hardware = hw_mod.detect()
-    return resolve(resolved, hardware)
+    return resolve(sourced, hardware)

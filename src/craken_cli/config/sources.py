@@ -197,7 +197,10 @@ def flag_layer(flags: Mapping[str, Any], sets: Iterable[str] = ()) -> Layer:
 
 
 @dataclass
-class Resolved:
+class SourcedSpec:
+    """A validated spec and where each of its values came from: what `build_spec` makes of the layers
+    (nothing resolved yet), and what `plan.resolve.resolve` returns once the hardware has filled the rest."""
+
     spec: RunSpec
     sources: dict[str, str]  # dotted path -> label of the layer that set it
 
@@ -221,7 +224,7 @@ def merge(layers: Iterable[Layer]) -> tuple[dict, dict[str, str]]:
     return flat, origin
 
 
-def build_spec(layers: Iterable[Layer], nvme_path: str | None = None) -> Resolved:
+def build_spec(layers: Iterable[Layer], nvme_path: str | None = None) -> SourcedSpec:
     layers = list(layers)
     flat, origin = merge(layers)
     # A global batch given above the layer that set grad_accum (a preset's 8, say) means "derive the
@@ -247,7 +250,7 @@ def build_spec(layers: Iterable[Layer], nvme_path: str | None = None) -> Resolve
     except (TypeError, ValueError) as exc:  # not JSON-serialisable input (e.g. a YAML date)
         raise CrakenError(f"a value could not be read: {exc}") from None
     sources = {path: origin.get(path, "default") for path in flatten(spec.model_dump(mode="json"))}
-    return Resolved(spec, sources)
+    return SourcedSpec(spec, sources)
 
 
 def format_validation_errors(exc: ValidationError, flat: Mapping[str, Any], origin: Mapping[str, str]) -> list[str]:

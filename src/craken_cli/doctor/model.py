@@ -120,17 +120,17 @@ class RunView:
         return max(1, self.processes // max(1, self.machines))
 
 
-def run_view(spec, hw: Hardware) -> RunView:
-    """Resolve `spec` against `hw` as `craken train` would, without raising: refusals become
-    `problems`, so the doctor reports them next to everything else."""
+def run_view(sourced, hw: Hardware) -> RunView:
+    """Resolve `sourced` (config.sources.SourcedSpec, as `load_spec` returns it) against `hw` as `craken train`
+    would, without raising: refusals become `problems`, so the doctor reports them next to everything else."""
     from ..errors import CrakenError
     from ..plan.resolve import hardware_values, resolve
-    from ..config.sources import Resolved
 
+    spec = sourced.spec
     values, decisions = hardware_values(spec, hw)
     problems: tuple[str, ...] = ()
     try:
-        spec = resolve(Resolved(spec, {}), hw)[0].spec
+        spec = resolve(sourced, hw)[0].spec
     except CrakenError as exc:
         problems = tuple(exc.problems)
 

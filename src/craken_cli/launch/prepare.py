@@ -18,7 +18,7 @@ from typing import Mapping
 from ..ckpt.resume import convert_if_world_changed, is_universal, resume_checkpoint, with_universal_load
 from ..ckpt.startover import claim_run_folder, clear_previous_run, drop_metrics_after_resume
 from ..config.options import SpecArgs, layers
-from ..config.sources import Resolved, build_spec
+from ..config.sources import SourcedSpec, build_spec
 from ..errors import CrakenError
 from ..plan.auto import auto_layer
 from ..report.verdict import smoke_test_layer
@@ -46,7 +46,7 @@ class TrainRequest:
 
 @dataclass
 class Prepared:
-    resolved: Resolved
+    resolved: SourcedSpec
     run_dir: Path
     argv: list[str]
     env: dict[str, str]
@@ -76,22 +76,22 @@ def resolve_spec(request: TrainRequest, environ: Mapping[str, str], hardware=Non
     from ..plan.resolve import resolve
 
     source_layers = layers(request.spec_args, environ)
-    resolved = build_spec(source_layers, nvme_path=request.spec_args.nvme_path)
+    sourced = build_spec(source_layers, nvme_path=request.spec_args.nvme_path)
     if request.test:
-        resolved = build_spec([*source_layers, smoke_test_layer(resolved.spec)], nvme_path=request.spec_args.nvme_path)
+        sourced = build_spec([*source_layers, smoke_test_layer(sourced.spec)], nvme_path=request.spec_args.nvme_path)
     hw = hardware if hardware is not None else hw_mod.detect()
     notes: list[str] = []
     choice = None
-    model_unknown = resolved.sources.get("model.name_or_path", "default") == "default"
+    model_unknown = sourced.sources.get("model.name_or_path", "default") == "default"
     if request.auto and request.script is not None and model_unknown:
         raise CrakenError("--auto plans for the model your script trains, and craken does not know it: pass --model "
                           "PATH_OR_HUB_ID (or set model.name_or_path in craken.yaml)", title="cannot plan this run")
     if request.auto:
-        first, _ = resolve(resolved, hw)
+        first, _ = resolve(sourced, hw)
         planned, notes, choice = auto_layer(first, hw, exclude=request.exclude)
-        resolved, decisions = resolve(resolved, hw, extra_layers=planned)
+        resolved, decisions = resolve(sourced, hw, extra_layers=planned)
     else:
-        resolved, decisions = resolve(resolved, hw)
+        resolved, decisions = resolve(sourced, hw)
     return resolved, decisions.warnings + notes, hw, choice
 
 

@@ -5,16 +5,16 @@ Shared by `craken train` and `craken launch` (through prepare.resolve_spec).
 
 from __future__ import annotations
 
-from ..config.sources import Layer, Resolved
+from ..config.sources import Layer, SourcedSpec
 from ..errors import CrakenError
 from ..train import fp8
 
-# What --auto may choose where the user did not set it (Resolved.user_set); model.compile: auto_compile.
+# What --auto may choose where the user did not set it (SourcedSpec.user_set); model.compile: auto_compile.
 AUTO_PATHS = ("zero.stage", "offload.optimizer.device", "offload.param.device", "model.activation_checkpointing",
               "batch.micro_batch", "batch.grad_accum")
 
 
-def auto_compile(resolved: Resolved, info, hw) -> bool:
+def auto_compile(resolved: SourcedSpec, info, hw) -> bool:
     """--auto turns on regional compilation unless the user set it: it is the largest measured speed
     lever (1.1B on one H100: 70,307 tokens/s against 40,101 eager, docs/performance.md), and the
     planner predicts its memory (where: memory.compiles_by_default)."""
@@ -23,7 +23,7 @@ def auto_compile(resolved: Resolved, info, hw) -> bool:
     return not resolved.user_set("model.compile") and compiles_by_default(info, hw)
 
 
-def auto_layer(resolved: Resolved, hw, exclude: tuple[tuple[str, int], ...] = ()
+def auto_layer(resolved: SourcedSpec, hw, exclude: tuple[tuple[str, int], ...] = ()
                ) -> tuple[tuple[Layer, ...], list[str], str | None]:
     """--auto: the fastest strategy the planner predicts to fit, among those that keep every
     setting the user gave explicitly (file, env or flag); presets and defaults may be changed."""

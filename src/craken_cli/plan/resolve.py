@@ -1,6 +1,6 @@
 """Fill what the user left to craken (None / "auto") from the hardware, and check the result.
 
-Pure: `resolve(resolved, hardware)` returns a new `Resolved` whose spec has no unresolved value, so
+Pure: `resolve(resolved, hardware)` returns a new `SourcedSpec` whose spec has no unresolved value, so
 the renderers never emit an "auto" that DeepSpeed or Accelerate would have to guess.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config.sources import Layer, Resolved, build_spec, merge
+from ..config.sources import Layer, SourcedSpec, build_spec, merge
 from ..errors import CrakenError
 from .hardware import Hardware
 
@@ -137,7 +137,7 @@ def hardware_problems(spec, hw: Hardware) -> list[str]:
     return out
 
 
-def resolve(resolved: Resolved, hw: Hardware, extra_layers: tuple[Layer, ...] = ()) -> tuple[Resolved, Decisions]:
+def resolve(resolved: SourcedSpec, hw: Hardware, extra_layers: tuple[Layer, ...] = ()) -> tuple[SourcedSpec, Decisions]:
     """Fill the spec's open values from `hw`, revalidate, and check it against the machine."""
     from ..config.sources import unflatten
 
@@ -152,7 +152,7 @@ def resolve(resolved: Resolved, hw: Hardware, extra_layers: tuple[Layer, ...] = 
     for path, label in origin.items():
         if path not in values:
             sources[path] = label
-    out = Resolved(out.spec, sources)
+    out = SourcedSpec(out.spec, sources)
     problems = hardware_problems(out.spec, hw)
     if problems:
         raise CrakenError(problems, title="this machine cannot run that")
