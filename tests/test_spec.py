@@ -151,3 +151,17 @@ def test_configuration_doc_is_up_to_date():
 
     for path in field_paths():
         assert f"| `{path}` |" in gen.DOC.read_text(encoding="utf-8")
+
+
+def test_the_stage3_help_states_the_defaults_resolve_fills():
+    """STAGE3_DEFAULTS is the one place of the stage-3 defaults; the help text (unset: ...) must agree with it."""
+    from craken_cli.config.spec import STAGE3_DEFAULTS, ZeroSection
+
+    def stated(description: str):
+        text = description.split("unset: ", 1)[1].split(";")[0].split(")")[0]
+        if text.startswith("on"):
+            return True
+        return int(float(text.rstrip("kM")) * {"k": 1e3, "M": 1e6}.get(text[-1], 1))
+
+    for key, default in STAGE3_DEFAULTS.items():
+        assert stated(ZeroSection.model_fields[key].description) == default, key

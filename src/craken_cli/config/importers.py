@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CrakenError
-from .spec import DEEPSPEED_FIELDS, fp32_grad_accum_possible
+from .spec import AUTO_BUCKETS, DEEPSPEED_FIELDS, STAGE3_DEFAULTS, STAGE3_FIELDS, fp32_grad_accum_possible
 
 PRESETS = {1: "ds_zero1_config.json", 2: "ds_zero2_config.json", 3: "ds_zero3_config.json"}
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
@@ -109,7 +109,7 @@ class AutoFill:
     max_steps: int = 200
     precision: str = "bf16"
     hidden_size: int | None = None
-    gather_16bit: bool = True
+    gather_16bit: bool = STAGE3_DEFAULTS["gather_16bit_weights_on_save"]
 
     @classmethod
     def of(cls, spec, hidden_size: int | None = None) -> AutoFill:
@@ -118,7 +118,7 @@ class AutoFill:
         warmup = min(spec.schedule.warmup_steps, spec.train.max_steps)
         return cls(spec.batch.micro_batch, spec.grad_accum, spec.world_size, opt.clip, opt.lr, tuple(opt.betas),
                    opt.eps, opt.weight_decay, warmup, spec.train.max_steps, spec.precision, hidden_size,
-                   spec.zero.gather_16bit_weights_on_save is not False)
+                   _or_default(spec.zero.gather_16bit_weights_on_save, "gather_16bit_weights_on_save"))
 
     def values(self) -> dict[str, Any]:
         out = {"train_micro_batch_size_per_gpu": self.micro_batch, "gradient_accumulation_steps": self.grad_accum,
@@ -138,9 +138,11 @@ class AutoFill:
 
 
 # The "auto" keys the HF Trainer / accelerate fill from the run; any other "auto" DeepSpeed reads as its default.
-TRAINER_FILLS = frozenset(AutoFill().values()) | {"zero_optimization.reduce_bucket_size",
-                                                  "zero_optimization.stage3_prefetch_bucket_size",
-                                                  "zero_optimization.stage3_param_persistence_threshold"}
+TRAINER_FILLS = frozenset(AutoFill().values()) | {f"zero_optimization.{key}" for key in AUTO_BUCKETS}
+
+
+def _or_default(value, stage3_key: str):
+    return STAGE3_DEFAULTS[stage3_key] if value is None else value
 
 
 def hidden_size_buckets(hidden: int) -> dict[str, int]:
@@ -303,10 +305,8 @@ def _modeled(parsed, stated: dict, origin: str, out: Imported) -> None:
     if isinstance(parsed.steps_per_print, int):  # None: DeepSpeed prints nothing; accelerate writes inf for that
         values["logging.steps_per_print"] = parsed.steps_per_print
     if zero.stage == 3:
-        values.update({"zero.stage3_prefetch_bucket_size": zero.prefetch_bucket_size,
-                       "zero.stage3_param_persistence_threshold": zero.param_persistence_threshold,
-                       "zero.stage3_max_live_parameters": zero.max_live_parameters,
-                       "zero.stage3_max_reuse_distance": zero.max_reuse_distance})
+        # DeepSpeed's parsed config names them without the stage3_ of its JSON keys
+        values.update({f"zero.{key}": getattr(zero, key.removeprefix("stage3_")) for key in STAGE3_FIELDS})
         if "zero_optimization.stage3_gather_16bit_weights_on_model_save" in stated:
             values["zero.gather_16bit_weights_on_save"] = zero.gather_16bit_weights_on_model_save
     for target, offload in (("optimizer", zero.offload_optimizer), ("param", zero.offload_param)):
@@ -320,9 +320,7 @@ def _modeled(parsed, stated: dict, origin: str, out: Imported) -> None:
     autos = {DEEPSPEED_FIELDS[key] for key, value in stated.items()
              if value == "auto" and key in TRAINER_FILLS and key in DEEPSPEED_FIELDS}
     for path in autos & set(values):
-        keep_auto = path in ("zero.reduce_bucket_size", "zero.stage3_prefetch_bucket_size",
-                             "zero.stage3_param_persistence_threshold")
-        if keep_auto:
+        if path.removeprefix("zero.") in AUTO_BUCKETS:
             values[path] = "auto"  # resolve fills it from the model's hidden size
         else:
             del values[path]
@@ -521,8 +519,9 @@ def _unused(stated: dict, stage: int, origin: str) -> list[str]:
 def _ignored_at(key: str, stage: int) -> bool:
     if key.startswith("zero_optimization.offload_optimizer"):
         return stage == 0
-    stage3_only = DEEPSPEED_FIELDS[key].startswith("zero.stage3") or key.startswith("zero_optimization.offload_param") \
-        or key.endswith("gather_16bit_weights_on_model_save")
+    spec_path = DEEPSPEED_FIELDS[key]
+    stage3_only = spec_path.startswith("zero.") and spec_path.removeprefix("zero.") in STAGE3_DEFAULTS \
+        or key.startswith("zero_optimization.offload_param")
     return stage3_only and stage != 3
 
 

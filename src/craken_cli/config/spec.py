@@ -47,13 +47,20 @@ class CrossFieldProblems(ValueError):
         super().__init__("\n".join(self.problems))  # for display only; readers take .problems
 
 
-# Stage-3-only knobs; setting one at stage 0-2 is a mistake DeepSpeed silently ignores.
-STAGE3_FIELDS = (
-    "stage3_prefetch_bucket_size",
-    "stage3_param_persistence_threshold",
-    "stage3_max_live_parameters",
-    "stage3_max_reuse_distance",
-)
+# Stage-3-only settings (zero.*) and the value resolve fills for each one left unset (DeepSpeed's own
+# defaults); setting one at stage 0-2 is a mistake DeepSpeed silently ignores.
+STAGE3_DEFAULTS = {
+    "stage3_prefetch_bucket_size": 50_000_000,
+    "stage3_param_persistence_threshold": 100_000,
+    "stage3_max_live_parameters": 1_000_000_000,
+    "stage3_max_reuse_distance": 1_000_000_000,
+    "gather_16bit_weights_on_save": True,
+}
+# Those DeepSpeed reads under the same names in zero_optimization (the last one it calls
+# stage3_gather_16bit_weights_on_model_save).
+STAGE3_FIELDS = tuple(key for key in STAGE3_DEFAULTS if key.startswith("stage3_"))
+# The zero.* buckets that may be "auto": filled from the model's hidden size (importers.hidden_size_buckets).
+AUTO_BUCKETS = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold")
 
 
 class Section(BaseModel):
@@ -433,7 +440,7 @@ def cross_field_problems(spec: RunSpec) -> list[str]:
     if off.optimizer.device != "none" and z.stage == 0:
         out.append("optimizer offload needs ZeRO stage 1, 2 or 3: use --zero 1/2/3 or --offload-optimizer none")
     if z.stage != 3:
-        set_s3 = [f for f in (*STAGE3_FIELDS, "gather_16bit_weights_on_save") if getattr(z, f) is not None]
+        set_s3 = [f for f in STAGE3_DEFAULTS if getattr(z, f) is not None]
         if set_s3:
             out.append(f"zero.{', zero.'.join(set_s3)} only apply at ZeRO stage 3 (stage is {z.stage}): "
                        "remove them or use --zero 3")

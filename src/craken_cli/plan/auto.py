@@ -6,6 +6,7 @@ Shared by `craken train` and `craken launch` (through prepare.resolve_spec).
 from __future__ import annotations
 
 from ..config.sources import Layer, SourcedSpec
+from ..config.spec import STAGE3_DEFAULTS
 from ..errors import CrakenError
 from ..train import fp8
 
@@ -73,10 +74,7 @@ def auto_layer(resolved: SourcedSpec, hw, exclude: tuple[tuple[str, int], ...] =
     if values.get("offload.optimizer.device") == "none":
         values["offload.optimizer.nvme_path"] = None
     if values.get("zero.stage", spec.zero.stage) != 3:
-        values.update({f"zero.{k}": None for k in ("stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
-                                                   "stage3_max_live_parameters", "stage3_max_reuse_distance",
-                                                   "gather_16bit_weights_on_save")
-                       if not resolved.user_set(f"zero.{k}")})
+        values.update({f"zero.{k}": None for k in STAGE3_DEFAULTS if not resolved.user_set(f"zero.{k}")})
     note = (f"--auto chose {choice.name}{' + compile' if compile_chosen else ''}, micro-batch {choice.micro_batch} "
             f"x accumulation {choice.grad_accum} (predicted {choice.total_gib:.1f} GiB of "
             f"{result.gpu_memory_gib:.0f} GiB per GPU)")

@@ -9,17 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config.sources import Layer, SourcedSpec, build_spec, merge
+from ..config.spec import AUTO_BUCKETS, STAGE3_DEFAULTS, ZeroSection
 from ..errors import CrakenError
 from .hardware import Hardware
 
-# Stage-3 knobs craken fills when the user leaves them at None (DeepSpeed's own defaults).
-STAGE3_DEFAULTS = {
-    "stage3_prefetch_bucket_size": 50_000_000,
-    "stage3_param_persistence_threshold": 100_000,
-    "stage3_max_live_parameters": 1_000_000_000,
-    "stage3_max_reuse_distance": 1_000_000_000,
-    "gather_16bit_weights_on_save": True,
-}
 CPU_PROCESSES = 2  # processes per machine on a machine without GPUs
 
 
@@ -96,8 +89,7 @@ def bucket_values(spec) -> dict[str, tuple[object, str]]:
     from ..config.importers import hidden_size_buckets
 
     z = spec.zero
-    autos = [k for k in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold")
-             if getattr(z, k) == "auto"]
+    autos = [k for k in AUTO_BUCKETS if getattr(z, k) == "auto"]
     if not autos:
         return {}
     from .modelinfo import model_info
@@ -109,7 +101,7 @@ def bucket_values(spec) -> dict[str, tuple[object, str]]:
     buckets = hidden_size_buckets(hidden) if hidden else {}
     made = {}
     for key in autos:
-        value = buckets.get(f"zero_optimization.{key}", STAGE3_DEFAULTS.get(key, 500_000_000))
+        value = buckets.get(f"zero_optimization.{key}", STAGE3_DEFAULTS.get(key, ZeroSection.model_fields[key].default))
         why = f"auto: from hidden size {hidden}" if hidden else "auto: the model's hidden size is unknown, " \
             "DeepSpeed's default"
         made[f"zero.{key}"] = (value, why)
