@@ -99,19 +99,20 @@ def add_run_facts(facts: Facts, view: RunView) -> None:
     """What only this run needs read: its tracker's package, libaio, its folders, model size, address, port."""
     from ..launch.preflight import TRACKER_PACKAGES
 
-    for name in TRACKER_PACKAGES.get(view.report_to, ()):
+    for name in TRACKER_PACKAGES.get(view.spec.logging.report_to, ()):
         facts.versions[name] = _version(name)
     if "async_io" in needed_ops(view):
         facts.aio_library, facts.aio_header, facts.aio_link = find_libaio(facts.environ)
-    facts.paths["output"] = path_state(view.output_dir)
+    facts.paths["output"] = path_state(view.spec.output.run_dir())
     if view.nvme_path:
         facts.paths["nvme"] = path_state(view.nvme_path)
-    facts.params, facts.params_source = model_params(view.model, facts.environ)  # reads a config.json at most
-    if view.machines > 1 and view.main_ip:
-        facts.address, facts.address_error = resolve_address(view.main_ip)
-    if view.rank == 0:
+    model = view.spec.model.name_or_path
+    facts.params, facts.params_source = model_params(model, facts.environ)  # reads a config.json at most
+    if view.machines > 1 and view.spec.cluster.main_process_ip:
+        facts.address, facts.address_error = resolve_address(view.spec.cluster.main_process_ip)
+    if view.spec.cluster.machine_rank == 0:
         facts.port_checked = True
-        facts.port_error = port_error(view.port)
+        facts.port_error = port_error(view.spec.cluster.main_process_port)
 
 
 def _toolkit_version(cuda_home: str) -> tuple[int, int] | None:

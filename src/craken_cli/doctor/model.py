@@ -91,33 +91,46 @@ class Facts:
 
 @dataclass(frozen=True)
 class RunView:
-    """The settings the checks care about, taken from a run that may have failed to resolve."""
+    """The run the checks look at: its spec (resolved, or as loaded where resolving refused it), the values
+    the hardware fills even then, and what resolving decided, warned and refused."""
 
+    spec: Any  # config.spec.RunSpec
     use_cpu: bool
     processes: int
-    machines: int
-    rank: int
     precision: str
     fused: bool
-    zero: int
-    offload_optimizer: str
-    offload_param: str
-    nvme_path: str | None
-    main_ip: str | None
-    port: int
-    launcher: str
-    num_workers: int
-    model: str
-    output_dir: str
-    keep_checkpoints: int
-    report_to: str = "none"
     decisions: tuple[tuple[str, Any, str], ...] = ()  # (path, value, why) decided from the hardware
     warnings: tuple[str, ...] = ()
     problems: tuple[str, ...] = ()  # what this machine cannot give the run (resolve's refusals)
 
+    # Shorthands for the settings several checks read (the resources checks among them).
+    @property
+    def machines(self) -> int:
+        return self.spec.cluster.num_machines
+
     @property
     def per_machine(self) -> int:
         return max(1, self.processes // max(1, self.machines))
+
+    @property
+    def offload_optimizer(self) -> str:
+        return self.spec.offload.optimizer.device
+
+    @property
+    def offload_param(self) -> str:
+        return self.spec.offload.param.device
+
+    @property
+    def nvme_path(self) -> str | None:
+        return self.spec.offload.optimizer.nvme_path or self.spec.offload.param.nvme_path
+
+    @property
+    def num_workers(self) -> int:
+        return self.spec.data.num_workers
+
+    @property
+    def keep_checkpoints(self) -> int:
+        return self.spec.train.keep_checkpoints
 
 
 def run_view(sourced, hw: Hardware) -> RunView:
@@ -142,16 +155,9 @@ def run_view(sourced, hw: Hardware) -> RunView:
             node = getattr(node, part)
         return node
 
-    off = spec.offload
-    nvme = off.optimizer.nvme_path or off.param.nvme_path
     return RunView(
-        use_cpu=bool(get("cluster.use_cpu")), processes=int(get("cluster.num_processes")),
-        machines=spec.cluster.num_machines, rank=spec.cluster.machine_rank, precision=str(get("precision")),
-        fused=bool(get("optimizer.fused")), zero=spec.zero.stage, offload_optimizer=off.optimizer.device,
-        offload_param=off.param.device, nvme_path=nvme, main_ip=spec.cluster.main_process_ip,
-        port=spec.cluster.main_process_port, launcher=spec.cluster.launcher, num_workers=spec.data.num_workers,
-        model=spec.model.name_or_path, output_dir=spec.output.run_dir(), keep_checkpoints=spec.train.keep_checkpoints,
-        report_to=spec.logging.report_to,
+        spec=spec, use_cpu=bool(get("cluster.use_cpu")), processes=int(get("cluster.num_processes")),
+        precision=str(get("precision")), fused=bool(get("optimizer.fused")),
         decisions=tuple((k, v, why) for k, (v, why) in decisions.made.items()),
         warnings=tuple(decisions.warnings), problems=problems,
     )

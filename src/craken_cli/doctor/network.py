@@ -56,14 +56,16 @@ def check_network(f: Facts, view: RunView | None) -> list[Check]:
     out = check_env(f, view)
     if view is None:
         return out
+    cluster = view.spec.cluster
+    port = cluster.main_process_port
     if view.machines > 1:
         if f.address_error:
-            out.append(Check("network", "main address", "fail", f"{view.main_ip}: {f.address_error}",
+            out.append(Check("network", "main address", "fail", f"{cluster.main_process_ip}: {f.address_error}",
                              "set --main-process-ip to an address of the rank-0 machine that resolves here"))
         else:
-            resolved = f" -> {f.address}" if f.address and f.address != view.main_ip else ""
-            out.append(Check("network", "main address", "ok", f"{view.main_ip}{resolved}"))
-        if view.launcher == "deepspeed":
+            resolved = f" -> {f.address}" if f.address and f.address != cluster.main_process_ip else ""
+            out.append(Check("network", "main address", "ok", f"{cluster.main_process_ip}{resolved}"))
+        if cluster.launcher == "deepspeed":
             for tool in ("pdsh", "ssh"):
                 path = f.tools.get(tool)
                 out.append(Check("network", tool, "ok" if path else "fail",
@@ -73,15 +75,15 @@ def check_network(f: Facts, view: RunView | None) -> list[Check]:
     if f.port_checked:
         where = "on this machine (rank 0)" if view.machines > 1 else "for the local rendezvous"
         if f.port_error and view.machines == 1:  # accelerate moves a one-machine rendezvous to a free port
-            out.append(Check("network", "port", "warn", f"{view.port} {where}: {f.port_error}; accelerate will "
+            out.append(Check("network", "port", "warn", f"{port} {where}: {f.port_error}; accelerate will "
                              "pick a free port instead", "choose another --main-process-port to silence its warning"))
         elif f.port_error:  # the other machines connect to this one: it must listen where they look
-            out.append(Check("network", "port", "fail", f"{view.port} {where}: {f.port_error}",
+            out.append(Check("network", "port", "fail", f"{port} {where}: {f.port_error}",
                              "choose another --main-process-port (or stop the run that holds it)"))
         else:
-            out.append(Check("network", "port", "ok", f"{view.port} is free {where}"))
+            out.append(Check("network", "port", "ok", f"{port} is free {where}"))
     elif view.machines > 1:
-        out.append(Check("network", "port", "ok", f"{view.port}: checked on the rank-0 machine, not here"))
+        out.append(Check("network", "port", "ok", f"{port}: checked on the rank-0 machine, not here"))
     return out
 
 

@@ -99,13 +99,14 @@ def check_tracker(f: Facts, view: RunView | None) -> list[Check]:
     """The package of the run's --report-to tracker (accelerate would drop a missing one silently)."""
     from ..launch.preflight import TRACKER_PACKAGES
 
-    if view is None or view.report_to == "none":
+    if view is None or view.spec.logging.report_to == "none":
         return []
-    names = TRACKER_PACKAGES[view.report_to]
+    report_to = view.spec.logging.report_to
+    names = TRACKER_PACKAGES[report_to]
     found = [(n, f.versions.get(n)) for n in names if f.versions.get(n)]
     if found:
-        return [Check("packages", found[0][0], "ok", f"{found[0][1]} (--report-to {view.report_to})")]
-    return [Check("packages", names[0], "fail", f"not installed (--report-to {view.report_to})",
+        return [Check("packages", found[0][0], "ok", f"{found[0][1]} (--report-to {report_to})")]
+    return [Check("packages", names[0], "fail", f"not installed (--report-to {report_to})",
                   f"pip install {names[0]}, or --report-to none")]
 
 

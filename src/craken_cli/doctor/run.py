@@ -29,7 +29,7 @@ def check_run(view: RunView | None, spec_problems: Sequence[str] = ()) -> list[C
             out.append(Check("run", "decision", "warn", w, ""))
     for p in view.problems:
         out.append(Check("run", "settings vs machine", "fail", p.split(": ")[0], p.rsplit(": ", 1)[-1]))
-    return out + check_model_folder(view.model)
+    return out + check_model_folder(view.spec.model.name_or_path)
 
 
 def check_model_folder(name: str) -> list[Check]:
