@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def failure_record(rank: int, failure) -> dict:
-    """One failed worker: its global rank, exit code, the last line of what it recorded, and when."""
+    """One failed worker: its global rank, exit code, the last line of what it recorded, and when (and the
+    problems it listed, kept a list)."""
     # Without an error file torchrun makes up "Signal 9 (SIGKILL)" or a pointer to its docs: not the worker's words.
     data = failure.error_file_data.get("message")
     recorded = data not in (None, "<NONE>")
