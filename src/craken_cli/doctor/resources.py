@@ -11,13 +11,14 @@ from .model import BUILTIN_PARAMS_BOUND, SHM_MIN, Check, Facts, RunView, fmt_cou
 
 
 def model_params(name: str, environ: Mapping[str, str]) -> tuple[int | None, str]:
-    """Approximate parameter count from the model's config.json, where it is on disk."""
+    """Parameter count from the model's config (the built-in one, or a config.json on disk), counted as the
+    planner counts it (plan/modelinfo.config_params)."""
     if name.startswith("builtin:"):
         try:
-            from ..train.builtin import TINY_CONFIG
+            from ..plan.modelinfo import builtin_config
 
-            return params_from_config(TINY_CONFIG), "built-in model"
-        except Exception:  # another engineer's module changed: an upper bound still answers
+            return params_from_config(builtin_config(name)), "built-in model"
+        except Exception:  # an unknown built-in name, or train/builtin.py changed: an upper bound still answers
             return BUILTIN_PARAMS_BOUND, "built-in model (upper bound)"
     candidates = [Path(name) / "config.json"]
     hub = environ.get("HF_HUB_CACHE") or os.path.join(
