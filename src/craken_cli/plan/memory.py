@@ -63,12 +63,11 @@ STAGE3_MULTI_GPU_SLACK = 0.24
 # compiled layers free blocks of inductor's sizes, which the step's flat buffers do not fit).
 STEP_REUSE_OF_ACTIVATIONS = 0.25
 # Fitted: fp32 bytes per logit at the eager loss's peak (transformers' loss) beside the 16-bit logits: the
-# upcast's log-softmax output, and in its backward the incoming and the outgoing gradient (12 derived; 10
-# fitted on the eager large-vocabulary rows, whose buffers are partly freed before the next is made).
+# upcast's log-softmax output, and in its backward the incoming and the outgoing gradient (12 derived; the
+# fit finds fewer: those buffers are partly freed before the next is made).
 UPCAST_LOSS_FP32_BYTES = 10
-# Fitted (derived value kept): bytes per logit beside the 16-bit logits with the loss compiled
-# (modeling.compile_regions): the upcast, log-softmax and NLL fuse, and the backward writes the 16-bit
-# gradient only (2). Measured on H200 rows: about 4 bytes per logit in all (docs/planner.md).
+# Fitted: bytes per logit beside the 16-bit logits with the loss compiled (modeling.compile_regions): the
+# upcast, log-softmax and NLL fuse, and the backward writes the 16-bit gradient only (2 derived).
 COMPILED_LOSS_FP32_BYTES = 2
 # Fitted: intermediate-sized 16-bit tensors a compiled layer's MLP keeps for the backward (gate and up: 2
 # derived; the product, when the partitioner saves it rather than recomputing it: 3).
@@ -92,7 +91,7 @@ NVME_SPEED = 0.5  # on top of CPU offload
 COMPILE_MIN_PARAMS = 100_000_000  # smaller models: compilation costs more time than it saves
 # Compiled layers whose Linears all convert to torchao float8 keep this share of the bf16 layers'
 # reserved activations (the backward's inputs kept as float8 casts); a layer converted in part saves that
-# part of the difference. Fitted on the 1.1B fp8 row and judged on the 3B one (docs/planner.md, "FP8").
+# part of the difference. Not in planner_bench's fit: docs/planner.md, "FP8", gives its rows and errors.
 FP8_ACTIVATION_SHARE = 0.70
 
 

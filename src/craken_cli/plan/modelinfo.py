@@ -75,7 +75,7 @@ class ModelInfo:
     parallel_residual: bool = False  # GPT-NeoX: attention and MLP read the same input (both norms save it once)
     mlp_saved: int = 4  # intermediate-sized tensors the MLP saves per token (gated 4, GELU 2, GPT-2's tanh GELU 5)
     # Of those, the ones 16-bit autocast keeps in fp32: gelu_new's torch.pow is on autocast's fp32 list, so
-    # pow's input copy, tanh's output and 1 + tanh are fp32 (saved_tensors.py on an H200: 3 of 5).
+    # pow's input copy, tanh's output and 1 + tanh are fp32, 3 of 5 (found by benchmarks/saved_tensors.py).
     mlp_autocast_fp32: int = 0
     logit_softcap: bool = False  # Gemma-2's tanh cap on the logits: one more vocabulary-sized tensor (tanh's)
 
