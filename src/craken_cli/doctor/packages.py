@@ -48,8 +48,9 @@ def _broken(requirement, installed: str | None) -> bool:
     """Does the installed version (None: missing) break `requirement`?"""
     if installed is None:
         return True
-    v = parse_version(installed)
-    return v is not None and bool(requirement.specifier) and not requirement.specifier.contains(v, prereleases=True)
+    version = parse_version(installed)
+    return (version is not None and bool(requirement.specifier)
+            and not requirement.specifier.contains(version, prereleases=True))
 
 
 def check_packages(facts: Facts) -> list[Check]:

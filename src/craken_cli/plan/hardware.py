@@ -64,8 +64,8 @@ class Hardware:
         return (min(first, second), max(first, second)) in self.nvlink_pairs
 
     def pairs(self) -> list[tuple[int, int]]:
-        n = self.gpu_count
-        return [(i, j) for i in range(n) for j in range(i + 1, n)]
+        count = self.gpu_count
+        return [(i, j) for i in range(count) for j in range(i + 1, count)]
 
     @property
     def nvlink_all(self) -> bool:
