@@ -22,12 +22,12 @@ _RUN_OR_CKPT = typer.Argument(metavar="RUN_DIR",
     help="Run folder written by `craken train`, or one of its checkpoints/step_* folders.", show_default=False)
 
 
-def _human(n: int) -> str:
+def _human(size: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(size)
 
 
 @app.command("list", epilog="Example: craken ckpt list runs/default --json")
