@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from craken_cli.ckpt import ckpt_ops
+from craken_cli.ckpt import manage
 from craken_cli.train import checkpoint
 
 
@@ -68,7 +68,7 @@ def test_convert_runs_ds_to_universal_as_an_argv_list(craken, workdir, monkeypat
         (out.parent / "latest_universal").write_text(out.name)
         return subprocess.CompletedProcess(argv, 0, "", "")
 
-    monkeypatch.setattr(ckpt_ops.subprocess, "run", fake_run)
+    monkeypatch.setattr(manage.subprocess, "run", fake_run)
     result = craken("ckpt", "convert", str(src))
     assert result.code == 0, result.output
     argv, kwargs = calls[0]
@@ -83,13 +83,13 @@ def test_convert_runs_ds_to_universal_as_an_argv_list(craken, workdir, monkeypat
     assert not (out / "latest_universal").exists()
     # converted copies are not ordinary checkpoints: `--resume auto` and keep-K never pick them
     assert checkpoint.list_checkpoints(workdir / "run") == [src]
-    rows = ckpt_ops.rows(workdir / "run")
+    rows = manage.rows(workdir / "run")
     assert rows[-1]["universal"] and rows[-1]["step"] == 8
 
 
 def test_failed_convert_leaves_nothing(craken, workdir, monkeypatch):
     src = fake(workdir / "run", 8)
-    monkeypatch.setattr(ckpt_ops.subprocess, "run",
+    monkeypatch.setattr(manage.subprocess, "run",
                         lambda argv, **kw: subprocess.CompletedProcess(argv, 1, "", "Traceback\nKeyError: 'x'\n"))
     result = craken("ckpt", "convert", str(src))
     assert result.code == 2
@@ -103,8 +103,8 @@ def test_export_picks_latest_good_or_named_step(workdir):
     fake(run, 4)
     fake(run, 8)
     fake(run, 12, seal=False)
-    assert ckpt_ops.pick(run, None).name == "step_00000008"
-    assert ckpt_ops.pick(run, 4).name == "step_00000004"
+    assert manage.pick(run, None).name == "step_00000008"
+    assert manage.pick(run, 4).name == "step_00000004"
 
 
 def test_a_killed_save_is_cleaned_by_the_next_save(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from craken_cli.ckpt import ckpt_ops
+from craken_cli.ckpt import manage
 from craken_cli.train import checkpoint
 
 STEP = 4
@@ -108,14 +108,14 @@ def test_convert_of_a_plain_checkpoint_says_it_needs_none(craken, plain_run, mon
     def no_deepspeed(argv, **kwargs):
         raise AssertionError(f"ran {argv}")
 
-    monkeypatch.setattr(ckpt_ops.subprocess, "run", no_deepspeed)
+    monkeypatch.setattr(manage.subprocess, "run", no_deepspeed)
     result = craken("ckpt", "convert", _ckpt(plain_run))
     assert result.code == 2, result.output
     lines = result.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("craken: cannot convert: "), result.err
     assert "without DeepSpeed" in lines[0] and "needs no conversion" in lines[0]
     assert "Traceback" not in result.output
-    assert not (checkpoint.checkpoint_dir(plain_run) / ckpt_ops.UNIVERSAL_DIR).exists()
+    assert not (checkpoint.checkpoint_dir(plain_run) / manage.UNIVERSAL_DIR).exists()
 
 
 def test_list_shows_a_plain_checkpoint(craken, plain_run):

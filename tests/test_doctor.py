@@ -406,6 +406,9 @@ def test_model_params_from_local_folder_and_builtin(tmp_path):
     assert n == d.params_from_config(LLAMA2_7B) and str(folder) in source
     n, _ = d.model_params("builtin:tiny", {})
     assert 0 < n <= d.BUILTIN_PARAMS_BOUND
+    from craken_cli.plan.modelinfo import model_info
+
+    assert n == model_info("builtin:tiny").num_params  # the planner's count, from the same config
     assert d.model_params("org/not-downloaded", {"HF_HUB_CACHE": str(tmp_path)})[0] is None
 
 

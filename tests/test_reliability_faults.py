@@ -139,7 +139,7 @@ def test_a_resume_that_changes_the_lr_schedule_says_how(tmp_path):
 
 
 def test_export_takes_the_checkpoint_folder_a_refused_resume_names(tmp_path):
-    from craken_cli.ckpt.ckpt_ops import pick
+    from craken_cli.ckpt.manage import pick
     from craken_cli.errors import CrakenError
     from craken_cli.train import checkpoint
 

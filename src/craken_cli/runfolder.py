@@ -292,12 +292,12 @@ def acquire_lock(run_dir: Path, machine_rank: int = 0) -> int:
 # Disk space
 
 
-def human_bytes(n: float) -> str:
+def human_bytes(size: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(size)
 
 
 def existing_parent(path: Path) -> Path:

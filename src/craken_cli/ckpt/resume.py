@@ -45,7 +45,7 @@ def convert_if_world_changed(ckpt: Path, spec, warnings: list[str], run_dir: Pat
     """A checkpoint from another process count, or from the other ZeRO-1 optimizer (fp32 or 16-bit
     gradient accumulation: each reads only its own files): its universal copy (DeepSpeed's
     ds_to_universal), made now unless one exists. With `convert` off (--dry-run) only the path it would have."""
-    from . import ckpt_ops
+    from . import manage
     from ..train import checkpoint
 
     state = checkpoint.read_state(ckpt)
@@ -75,8 +75,8 @@ def convert_if_world_changed(ckpt: Path, spec, warnings: list[str], run_dir: Pat
     reason = " and ".join(why)
     own = ckpt.parent.resolve() == checkpoint.checkpoint_dir(run_dir).resolve()
     # Into this run's folder, never into another run's.
-    out = (ckpt_ops.default_universal_out(ckpt) if own
-           else checkpoint.checkpoint_dir(run_dir) / ckpt_ops.UNIVERSAL_DIR / ckpt.name)
+    out = (manage.default_universal_out(ckpt) if own
+           else checkpoint.checkpoint_dir(run_dir) / manage.UNIVERSAL_DIR / ckpt.name)
     if checkpoint.is_complete(out) and checkpoint.read_state(out).step == state.step:
         warnings.append(f"{ckpt} {reason}: resuming from its universal copy {out}")
         return out
@@ -84,7 +84,7 @@ def convert_if_world_changed(ckpt: Path, spec, warnings: list[str], run_dir: Pat
     if not convert:
         return out
     try:
-        return ckpt_ops.convert(ckpt, out, force=True)
+        return manage.convert(ckpt, out, force=True)
     except CrakenError as exc:
         raise CrakenError(f"{ckpt} {reason}; converting it failed: {exc.problems[0]}; convert it by hand with "
                           f"`craken ckpt convert {ckpt} --out DIR` and resume with --resume DIR, or resume with "

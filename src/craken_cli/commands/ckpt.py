@@ -1,5 +1,5 @@
 """`craken ckpt list|export|convert`: inspect a run's checkpoints, export HF weights, convert for
-another number of processes. The work is in `craken_cli.ckpt.ckpt_ops`; this module parses and prints."""
+another number of processes. The work is in `craken_cli.ckpt.manage`; this module parses and prints."""
 
 from __future__ import annotations
 
@@ -22,12 +22,12 @@ _RUN_OR_CKPT = typer.Argument(metavar="RUN_DIR",
     help="Run folder written by `craken train`, or one of its checkpoints/step_* folders.", show_default=False)
 
 
-def _human(n: int) -> str:
+def _human(size: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(size)
 
 
 @app.command("list", epilog="Example: craken ckpt list runs/default --json")
@@ -36,7 +36,7 @@ def list_(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON array, one object per checkpoint.")] = False,
 ) -> None:
     """List a run's checkpoints: step, processes that wrote it, complete or not (and why), size."""
-    from ..ckpt.ckpt_ops import rows
+    from ..ckpt.manage import rows
 
     found = rows(run_dir)
     if as_json:
@@ -76,8 +76,8 @@ def export(
     """Write a consolidated HF safetensors model (config, weights, tokenizer) from a checkpoint's
     DeepSpeed shards, ZeRO-3 included, or from the model.safetensors of a run without DeepSpeed;
     `AutoModelForCausalLM.from_pretrained(OUT)` loads it."""
-    from ..ckpt.ckpt_ops import export as do_export
-    from ..ckpt.ckpt_ops import pick, require_new_output
+    from ..ckpt.manage import export as do_export
+    from ..ckpt.manage import pick, require_new_output
 
     require_new_output(out, force, "cannot export", reads=(run_dir,))  # before the slow imports
     ckpt = pick(run_dir, step)
@@ -98,7 +98,7 @@ def convert(
 
     `craken train --resume` does this by itself when the number of processes changed. A checkpoint
     of a run without DeepSpeed (ZeRO stage 0) needs no conversion: resume from it directly."""
-    from ..ckpt.ckpt_ops import convert as do_convert
+    from ..ckpt.manage import convert as do_convert
 
     path = do_convert(ckpt, out, force=force)
     typer.echo(f"converted {ckpt} -> {path}\nresume with: craken train --resume {path}")

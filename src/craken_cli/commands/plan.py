@@ -22,11 +22,11 @@ def parse_size(text: str, flag: str) -> int:
     """'80GiB', '80G', '80' (GiB), '80GB' (10^9), '1.5TiB' -> bytes."""
     from ..errors import CrakenError
 
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
+    parsed = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not parsed or parsed.group(2).lower() not in _UNITS:
         raise CrakenError(f"{flag} {text!r} is not a size: write e.g. 80GiB, 80GB or 80 (GiB)",
                           title="invalid argument")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    return int(float(parsed.group(1)) * _UNITS[parsed.group(2).lower()])
 
 
 def hypothetical_hardware(gpus: int, gpu_memory: int, cpu_memory: int | None):
@@ -107,10 +107,10 @@ def _print(result, changes: list[str]) -> None:
 
     from ..console import out
 
-    m = result.model
-    out.print(f"{m.name}: {m.num_params / 1e9:.3f} B parameters ({m.counted_by}), {result.world_size} GPU(s) of "
-              f"{result.gpu_memory_gib:.0f} GiB ({result.usable_gib:.1f} usable), global batch "
-              f"{result.global_batch}, {'compiled layers (--no-compile: eager)' if result.compiled else 'eager'}",
+    model = result.model
+    out.print(f"{model.name}: {model.num_params / 1e9:.3f} B parameters ({model.counted_by}), "
+              f"{result.world_size} GPU(s) of {result.gpu_memory_gib:.0f} GiB ({result.usable_gib:.1f} usable), "
+              f"global batch {result.global_batch}, {'compiled layers (--no-compile: eager)' if result.compiled else 'eager'}",
               markup=False)
     # A pipe gets Rich's 80 columns: print the whole table there. A terminal narrower than the whole
     # table (about 93 columns) gets the totals only, so no column is cut.
@@ -135,9 +135,9 @@ def _print(result, changes: list[str]) -> None:
         for change in changes:
             out.print(f"  {change}", markup=False)
         return
-    c = result.choice
-    out.print(f"choice: {c.name}, micro-batch {c.micro_batch}, grad-accum {c.grad_accum} "
-              f"({c.total_gib:.1f} GiB per GPU)", markup=False)
+    choice = result.choice
+    out.print(f"choice: {choice.name}, micro-batch {choice.micro_batch}, grad-accum {choice.grad_accum} "
+              f"({choice.total_gib:.1f} GiB per GPU)", markup=False)
     for line in result.rejected:
         out.print(f"  not {line}", markup=False)
 
@@ -147,12 +147,12 @@ def _print_other(precision: str, other, result) -> None:
     relative to the spec's own choice."""
     from ..console import out
 
-    c, own = other.choice, result.choice
-    if c is None:
+    choice, own = other.choice, result.choice
+    if choice is None:
         out.print(f"{precision} (--precision {precision}): nothing fits", markup=False)
         return
-    relative = f", {c.speed / own.speed:.2f}x the tokens/s of {own.name}" if own is not None else ""
+    relative = f", {choice.speed / own.speed:.2f}x the tokens/s of {own.name}" if own is not None else ""
     what = "torchao float8 matmuls, which --auto never turns on" if precision == "fp8" else "16-bit matmuls"
-    out.print(f"beside it, {precision} (--precision {precision}: {what}): {c.name}, micro-batch "
-              f"{c.micro_batch}, {c.total_gib:.1f} GiB per GPU{relative}", markup=False)
+    out.print(f"beside it, {precision} (--precision {precision}: {what}): {choice.name}, micro-batch "
+              f"{choice.micro_batch}, {choice.total_gib:.1f} GiB per GPU{relative}", markup=False)
 

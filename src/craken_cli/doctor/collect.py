@@ -57,20 +57,20 @@ def package_versions() -> tuple[dict[str, str | None], dict[str, list[str]], str
     requires: dict[str, list[str]] = {}
     for dist in dict.fromkeys((*STACK, *DECLARERS)):  # ordered, no duplicates
         try:
-            d = md.distribution(dist)
+            distribution = md.distribution(dist)
         except md.PackageNotFoundError:
             versions[dist] = None
             continue
-        versions[dist] = d.version
-        requires[dist] = list(d.requires or [])
+        versions[dist] = distribution.version
+        requires[dist] = list(distribution.requires or [])
     try:
         python_requires = md.metadata("craken").get("Requires-Python")
     except md.PackageNotFoundError:
         python_requires = None
     for declarer in DECLARERS:
-        for r in applicable_requirements(requires.get(declarer, [])):
-            if r.name not in versions and (found := _version(r.name)) is not None:
-                versions[r.name] = found  # a missing one is an unmet requirement: pip would have said so
+        for requirement in applicable_requirements(requires.get(declarer, [])):
+            if requirement.name not in versions and (found := _version(requirement.name)) is not None:
+                versions[requirement.name] = found  # a missing one is an unmet requirement: pip would have said so
     for pkg, _, other, *_ in KNOWN_BAD:
         for name in (pkg, other):
             if name not in versions:
@@ -132,9 +132,9 @@ def path_state(path: str) -> PathState:
     """Can the run write at `path` (created if missing, as DeepSpeed and craken do)? Tested by
     writing a temporary file in the nearest existing folder, since permissions and read-only
     mounts both show only then."""
-    p = Path(path).absolute()
-    exists = p.exists()
-    probe = nearest_existing(p)
+    target = Path(path).absolute()
+    exists = target.exists()
+    probe = nearest_existing(target)
     try:
         free = shutil.disk_usage(probe).free
     except OSError:

@@ -160,7 +160,7 @@ def find_libaio(environ: Mapping[str, str]) -> tuple[str | None, str | None, str
     return library or link, header, link
 
 
-# About how long a first JIT build of each op takes on a 2-core machine (measured: cpu_adam ~70 s).
+# About how long a first JIT build of each op takes on a 2-core machine (measured), for the note before launch.
 BUILD_SECONDS = {"cpu_adam": 70, "fused_adam": 60, "async_io": 40}
 
 

@@ -6,8 +6,8 @@ from ..plan.hardware import GiB, Hardware
 from .model import Check, Facts, RunView, Status, fmt_gib, major_minor
 
 
-def check_gpus(f: Facts, view: RunView | None) -> list[Check]:
-    hw = f.hardware
+def check_gpus(facts: Facts, view: RunView | None) -> list[Check]:
+    hw = facts.hardware
     out = []
     if not hw.gpus:
         why = f" ({hw.nvml_error})" if hw.nvml_error else ""
@@ -32,26 +32,28 @@ def check_gpus(f: Facts, view: RunView | None) -> list[Check]:
             out.append(Check("gpu", "links", "warn" if missing_p2p else "ok", hw.links(),
                              "check `nvidia-smi topo -p2p r`; in VMs and containers enable PCIe ACS/IOMMU "
                              "pass-through so NCCL can use peer-to-peer" if missing_p2p else ""))
-    build = f.torch_build
-    if f.versions.get("torch") is None:
+    build = facts.torch_build
+    if facts.versions.get("torch") is None:
         pass  # reported under packages
     elif build is None:
-        out.append(Check("gpu", "torch build", "ok", f"torch {f.versions['torch']}: CUDA version unknown"))
+        out.append(Check("gpu", "torch build", "ok", f"torch {facts.versions['torch']}: CUDA version unknown"))
     elif build == "cpu":
         if hw.gpus:
-            out.append(Check("gpu", "torch build", "fail", f"torch {f.versions['torch']} is a CPU-only build but "
+            out.append(Check("gpu", "torch build", "fail", f"torch {facts.versions['torch']} is a CPU-only build but "
                              f"{hw.gpu_count} GPU(s) are here", torch_fix(hw)))
         else:
-            out.append(Check("gpu", "torch build", "ok", f"torch {f.versions['torch']}: CPU-only build, no GPU here"))
+            out.append(Check("gpu", "torch build", "ok",
+                             f"torch {facts.versions['torch']}: CPU-only build, no GPU here"))
     elif build.startswith("rocm"):
         out.append(Check("gpu", "torch build", "fail" if hw.gpus else "ok",
-                         f"torch {f.versions['torch']} is a ROCm build" + (" but the GPUs are NVIDIA" if hw.gpus else ""),
+                         f"torch {facts.versions['torch']} is a ROCm build"
+                         + (" but the GPUs are NVIDIA" if hw.gpus else ""),
                          torch_fix(hw) if hw.gpus else ""))
     else:
         tb = major_minor(build)
         drv = hw.cuda_driver_version
         if not hw.gpus:
-            out.append(Check("gpu", "torch build", "ok", f"torch {f.versions['torch']}: CUDA {build} build, no GPU "
+            out.append(Check("gpu", "torch build", "ok", f"torch {facts.versions['torch']}: CUDA {build} build, no GPU "
                              "here (CPU processes)"))
         elif drv is None or tb is None:
             out.append(Check("gpu", "torch build", "ok", f"CUDA {build} build; driver's CUDA version unknown"))
@@ -69,12 +71,12 @@ def check_gpus(f: Facts, view: RunView | None) -> list[Check]:
     return out
 
 
-def check_fp8(f: Facts, view: RunView | None) -> list[Check]:
+def check_fp8(facts: Facts, view: RunView | None) -> list[Check]:
     """FP8 readiness on GPU machines: float8 tensor cores (compute capability >= 8.9) and torchao; a
     failure only where the run asks for fp8 (its refusal on CPU processes is the run area's)."""
     from ..train import fp8
 
-    gpus = f.hardware.gpus
+    gpus = facts.hardware.gpus
     asked = view is not None and view.precision == "fp8"
     if not gpus:
         return []
@@ -84,7 +86,7 @@ def check_fp8(f: Facts, view: RunView | None) -> list[Check]:
         cap = ".".join(map(str, old[0].capability))
         return [] if asked else [Check("gpu", "fp8", "ok", f"not available: {old[0].name} has compute capability "
                                        f"{cap}, float8 matmuls need {need} (bf16 is what this GPU runs)")]
-    torchao = f.versions.get("torchao")
+    torchao = facts.versions.get("torchao")
     if torchao is None:
         return [Check("gpu", "fp8", "fail" if asked else "ok", "float8 tensor cores, but torchao is not installed"
                       + ("" if asked else f" ({fp8.INSTALL_HINT} for --precision fp8)"),

@@ -8,8 +8,8 @@ from .model import Check, Facts, RunView
 
 
 # NCCL/torch variables that slow or break training, with what they do and on which machines.
-def check_env(f: Facts, view: RunView | None) -> list[Check]:
-    env, hw = f.environ, f.hardware
+def check_env(facts: Facts, view: RunView | None) -> list[Check]:
+    env, hw = facts.environ, facts.hardware
     out = []
     multi_gpu = hw.gpu_count > 1
     has_p2p = bool(hw.nvlink_pairs or hw.p2p_pairs)
@@ -42,43 +42,43 @@ def check_env(f: Facts, view: RunView | None) -> list[Check]:
                          "collective and slows training", "unset TORCH_DISTRIBUTED_DEBUG"))
     for var in ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"):
         value = env.get(var)
-        if value and not value.startswith("^") and f.interfaces:
+        if value and not value.startswith("^") and facts.interfaces:
             names = [n.strip() for n in value.split(",") if n.strip()]
-            found = any((n[1:] in f.interfaces) if n.startswith("=") else any(i.startswith(n) for i in f.interfaces)
-                        for n in names)
+            found = any((n[1:] in facts.interfaces) if n.startswith("=")
+                        else any(i.startswith(n) for i in facts.interfaces) for n in names)
             if not found:
                 out.append(Check("network", var, "fail", f"{var}={value} matches no interface here "
-                                 f"({', '.join(f.interfaces)})", f"set {var} to one of them or unset it"))
+                                 f"({', '.join(facts.interfaces)})", f"set {var} to one of them or unset it"))
     return out
 
 
-def check_network(f: Facts, view: RunView | None) -> list[Check]:
-    out = check_env(f, view)
+def check_network(facts: Facts, view: RunView | None) -> list[Check]:
+    out = check_env(facts, view)
     if view is None:
         return out
     cluster = view.spec.cluster
     port = cluster.main_process_port
     if view.machines > 1:
-        if f.address_error:
-            out.append(Check("network", "main address", "fail", f"{cluster.main_process_ip}: {f.address_error}",
+        if facts.address_error:
+            out.append(Check("network", "main address", "fail", f"{cluster.main_process_ip}: {facts.address_error}",
                              "set --main-process-ip to an address of the rank-0 machine that resolves here"))
         else:
-            resolved = f" -> {f.address}" if f.address and f.address != cluster.main_process_ip else ""
+            resolved = f" -> {facts.address}" if facts.address and facts.address != cluster.main_process_ip else ""
             out.append(Check("network", "main address", "ok", f"{cluster.main_process_ip}{resolved}"))
         if cluster.launcher == "deepspeed":
             for tool in ("pdsh", "ssh"):
-                path = f.tools.get(tool)
+                path = facts.tools.get(tool)
                 out.append(Check("network", tool, "ok" if path else "fail",
                                  path or f"not found: the DeepSpeed hostfile launcher needs {tool}",
                                  "" if path else f"apt-get install {'pdsh' if tool == 'pdsh' else 'openssh-client'}, "
                                  "or use --launcher accelerate"))
-    if f.port_checked:
+    if facts.port_checked:
         where = "on this machine (rank 0)" if view.machines > 1 else "for the local rendezvous"
-        if f.port_error and view.machines == 1:  # accelerate moves a one-machine rendezvous to a free port
-            out.append(Check("network", "port", "warn", f"{port} {where}: {f.port_error}; accelerate will "
+        if facts.port_error and view.machines == 1:  # accelerate moves a one-machine rendezvous to a free port
+            out.append(Check("network", "port", "warn", f"{port} {where}: {facts.port_error}; accelerate will "
                              "pick a free port instead", "choose another --main-process-port to silence its warning"))
-        elif f.port_error:  # the other machines connect to this one: it must listen where they look
-            out.append(Check("network", "port", "fail", f"{port} {where}: {f.port_error}",
+        elif facts.port_error:  # the other machines connect to this one: it must listen where they look
+            out.append(Check("network", "port", "fail", f"{port} {where}: {facts.port_error}",
                              "choose another --main-process-port (or stop the run that holds it)"))
         else:
             out.append(Check("network", "port", "ok", f"{port} is free {where}"))
@@ -98,11 +98,11 @@ def resolve_address(host: str) -> tuple[str | None, str | None]:
 def port_error(port: int) -> str | None:
     """Why the rendezvous could not listen on `port` here (None: it can). Bound the way torch's
     TCPStore binds it (all addresses, SO_REUSEADDR), then released at once."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind(("", port))
-            s.listen(1)
+            sock.bind(("", port))
+            sock.listen(1)
         except OSError as exc:
             return "already in use" if exc.errno == 98 else (exc.strerror or str(exc))
     return None

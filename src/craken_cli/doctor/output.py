@@ -10,20 +10,20 @@ from .model import STACK, Check, Facts, verdict
 
 
 def hardware_dict(hw: Hardware) -> dict:
-    d = asdict(hw)
-    d["nvlink_pairs"] = sorted(map(list, hw.nvlink_pairs))
-    d["p2p_pairs"] = sorted(map(list, hw.p2p_pairs))
-    for g, raw in zip(d["gpus"], hw.gpus):
-        g["capability"] = list(raw.capability)
-        g["bf16"], g["fp8"] = raw.bf16, raw.fp8
-    d["links"] = hw.links()
-    return d
+    out = asdict(hw)
+    out["nvlink_pairs"] = sorted(map(list, hw.nvlink_pairs))
+    out["p2p_pairs"] = sorted(map(list, hw.p2p_pairs))
+    for gpu, raw in zip(out["gpus"], hw.gpus):
+        gpu["capability"] = list(raw.capability)
+        gpu["bf16"], gpu["fp8"] = raw.bf16, raw.fp8
+    out["links"] = hw.links()
+    return out
 
 
 def report_dict(checks: list[Check], facts: Facts) -> dict:
-    v = verdict(checks)
+    overall = verdict(checks)
     return {
-        "verdict": v, "exit_code": VERDICT_EXIT[v],
+        "verdict": overall, "exit_code": VERDICT_EXIT[overall],
         "counts": {s: sum(c.status == s for c in checks) for s in VERDICT_EXIT},
         "checks": [asdict(c) for c in checks],
         "hardware": hardware_dict(facts.hardware),
@@ -33,14 +33,14 @@ def report_dict(checks: list[Check], facts: Facts) -> dict:
 
 
 def verdict_line(checks: list[Check]) -> str:
-    v = verdict(checks)
-    n = {s: sum(c.status == s for c in checks) for s in VERDICT_EXIT}
-    if v == "ok":
+    overall = verdict(checks)
+    counts = {s: sum(c.status == s for c in checks) for s in VERDICT_EXIT}
+    if overall == "ok":
         return f"verdict: ok, all {len(checks)} checks passed (exit 0)"
-    parts = [f"{n['fail']} failure(s)"] if n["fail"] else []
-    parts += [f"{n['warn']} warning(s)"] if n["warn"] else []
-    word = "FAIL" if v == "fail" else "WARN"
-    return f"verdict: {word}, {', '.join(parts)} in {len(checks)} checks (exit {VERDICT_EXIT[v]})"
+    parts = [f"{counts['fail']} failure(s)"] if counts["fail"] else []
+    parts += [f"{counts['warn']} warning(s)"] if counts["warn"] else []
+    word = "FAIL" if overall == "fail" else "WARN"
+    return f"verdict: {word}, {', '.join(parts)} in {len(checks)} checks (exit {VERDICT_EXIT[overall]})"
 
 
 def render_plain(checks: list[Check]) -> str:

@@ -11,13 +11,14 @@ from .model import BUILTIN_PARAMS_BOUND, SHM_MIN, Check, Facts, RunView, fmt_cou
 
 
 def model_params(name: str, environ: Mapping[str, str]) -> tuple[int | None, str]:
-    """Approximate parameter count from the model's config.json, where it is on disk."""
+    """Parameter count from the model's config (the built-in one, or a config.json on disk), counted as the
+    planner counts it (plan/modelinfo.config_params)."""
     if name.startswith("builtin:"):
         try:
-            from ..train.builtin import TINY_CONFIG
+            from ..plan.modelinfo import builtin_config
 
-            return params_from_config(TINY_CONFIG), "built-in model"
-        except Exception:  # another engineer's module changed: an upper bound still answers
+            return params_from_config(builtin_config(name)), "built-in model"
+        except Exception:  # an unknown built-in name, or train/builtin.py changed: an upper bound still answers
             return BUILTIN_PARAMS_BOUND, "built-in model (upper bound)"
     candidates = [Path(name) / "config.json"]
     hub = environ.get("HF_HUB_CACHE") or os.path.join(
@@ -28,9 +29,9 @@ def model_params(name: str, environ: Mapping[str, str]) -> tuple[int | None, str
             cfg = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        n = params_from_config(cfg) if isinstance(cfg, dict) else None  # the model check names a bad file
-        if n:
-            return n, f"estimated from {path}"
+        count = params_from_config(cfg) if isinstance(cfg, dict) else None  # the model check names a bad file
+        if count:
+            return count, f"estimated from {path}"
     return None, f"no config.json for {name!r} on this machine"
 
 
@@ -56,8 +57,8 @@ def offload_ram(view: RunView, params: int) -> int:
     return offload_bytes(view, params)[0]
 
 
-def check_memory(f: Facts, view: RunView) -> list[Check]:
-    hw = f.hardware
+def check_memory(facts: Facts, view: RunView) -> list[Check]:
+    hw = facts.hardware
     out = []
     many = view.per_machine > 1 or view.num_workers > 0
     if hw.shm_total is None:
@@ -73,14 +74,15 @@ def check_memory(f: Facts, view: RunView) -> list[Check]:
         out.append(Check("memory", "/dev/shm", "ok", fmt_gib(hw.shm_total)))
     if view.offload_optimizer != "cpu" and view.offload_param != "cpu":
         out.append(Check("memory", "RAM for offload", "ok", "no CPU offload asked for"))
-    elif f.params is None:
-        out.append(Check("memory", "RAM for offload", "warn", f"cannot estimate the model's size: {f.params_source}",
+    elif facts.params is None:
+        out.append(Check("memory", "RAM for offload", "warn",
+                         f"cannot estimate the model's size: {facts.params_source}",
                          "download the model first (or give a local folder) so its size is known"))
     else:
-        need = offload_ram(view, f.params)
+        need = offload_ram(view, facts.params)
         what = "+".join(x for x, on in (("optimizer", view.offload_optimizer == "cpu"),
                                          ("parameters", view.offload_param == "cpu")) if on)
-        detail = (f"{what} offload of ~{fmt_count(f.params)} params needs ~{fmt_gib(need)} per machine; "
+        detail = (f"{what} offload of ~{fmt_count(facts.params)} params needs ~{fmt_gib(need)} per machine; "
                   f"{fmt_gib(hw.ram_available)} available")
         if need > hw.ram_available:
             out.append(Check("memory", "RAM for offload", "fail", detail,
@@ -93,35 +95,39 @@ def check_memory(f: Facts, view: RunView) -> list[Check]:
     return out
 
 
-def check_disk(f: Facts, view: RunView) -> list[Check]:
+def check_disk(facts: Facts, view: RunView) -> list[Check]:
     out = []
-    o = f.paths.get("output")
-    if o is not None:
-        ckpt = None if f.params is None else f.params * 14 * (view.keep_checkpoints + 1) // max(1, view.machines)
-        if not o.writable:
-            out.append(Check("disk", "output folder", "fail", f"{o.path}: not writable ({o.error or 'permission'})",
+    output = facts.paths.get("output")
+    if output is not None:
+        ckpt = (None if facts.params is None
+                else facts.params * 14 * (view.keep_checkpoints + 1) // max(1, view.machines))
+        if not output.writable:
+            out.append(Check("disk", "output folder", "fail",
+                             f"{output.path}: not writable ({output.error or 'permission'})",
                              "choose another folder with --output-dir"))
-        elif ckpt is not None and o.free is not None and ckpt > o.free:
-            out.append(Check("disk", "output folder", "fail", f"{o.path}: {fmt_gib(o.free)} free, "
+        elif ckpt is not None and output.free is not None and ckpt > output.free:
+            out.append(Check("disk", "output folder", "fail", f"{output.path}: {fmt_gib(output.free)} free, "
                              f"{view.keep_checkpoints + 1} checkpoints need ~{fmt_gib(ckpt)}",
                              "free space, use --output-dir elsewhere, or lower --keep-checkpoints"))
         else:
             need = f", checkpoints need ~{fmt_gib(ckpt)}" if ckpt else ""
-            out.append(Check("disk", "output folder", "ok", f"{o.path}: {fmt_gib(o.free)} free{need}"))
-    n = f.paths.get("nvme")
-    if view.nvme_path and n is not None:
-        need = None if f.params is None else offload_bytes(view, f.params)[1]
-        fs = f" ({n.fstype})" if n.fstype else ""
-        if not n.writable:
-            out.append(Check("disk", "NVMe path", "fail", f"{n.path}{fs}: not writable ({n.error or 'permission'})",
-                             f"mkdir -p {n.path} && chown $USER {n.path}, or choose another --nvme-path"))
-        elif need is not None and n.free is not None and need > n.free:
-            out.append(Check("disk", "NVMe path", "fail", f"{n.path}{fs}: {fmt_gib(n.free)} free, offload needs "
+            out.append(Check("disk", "output folder", "ok", f"{output.path}: {fmt_gib(output.free)} free{need}"))
+    nvme = facts.paths.get("nvme")
+    if view.nvme_path and nvme is not None:
+        need = None if facts.params is None else offload_bytes(view, facts.params)[1]
+        fs = f" ({nvme.fstype})" if nvme.fstype else ""
+        if not nvme.writable:
+            out.append(Check("disk", "NVMe path", "fail",
+                             f"{nvme.path}{fs}: not writable ({nvme.error or 'permission'})",
+                             f"mkdir -p {nvme.path} && chown $USER {nvme.path}, or choose another --nvme-path"))
+        elif need is not None and nvme.free is not None and need > nvme.free:
+            out.append(Check("disk", "NVMe path", "fail", f"{nvme.path}{fs}: {fmt_gib(nvme.free)} free, offload needs "
                              f"~{fmt_gib(need)}", "free space or choose another --nvme-path"))
-        elif n.fstype in ("nfs", "nfs4", "cifs", "smb3", "fuse", "fuse.sshfs", "tmpfs", "overlay"):
-            out.append(Check("disk", "NVMe path", "warn", f"{n.path}{fs}: not a local disk; "
-                             f"{fmt_gib(n.free)} free", "point --nvme-path at a local NVMe drive"))
+        elif nvme.fstype in ("nfs", "nfs4", "cifs", "smb3", "fuse", "fuse.sshfs", "tmpfs", "overlay"):
+            out.append(Check("disk", "NVMe path", "warn", f"{nvme.path}{fs}: not a local disk; "
+                             f"{fmt_gib(nvme.free)} free", "point --nvme-path at a local NVMe drive"))
         else:
             need_s = f", offload needs ~{fmt_gib(need)}" if need is not None else ""
-            out.append(Check("disk", "NVMe path", "ok", f"{n.path}{fs}: writable, {fmt_gib(n.free)} free{need_s}"))
+            out.append(Check("disk", "NVMe path", "ok",
+                             f"{nvme.path}{fs}: writable, {fmt_gib(nvme.free)} free{need_s}"))
     return out

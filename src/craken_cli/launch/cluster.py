@@ -59,16 +59,16 @@ def time_problem(value: str) -> str | None:
     D-HH:MM, D-HH:MM:SS, UNLIMITED)."""
     if value.upper() in _UNLIMITED:
         return None
-    m = _TIME.match(value)
+    parsed = _TIME.match(value)
     fix = (f"--time {value!r}: write one of SLURM's formats MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS, "
            "e.g. --time 25:00 or --time 2-00:00:00")
-    if not m:
+    if not parsed:
         return fix
     # b is the minutes of HH:MM:SS or the seconds of MM:SS: at most 59 either way
-    bounded = [(m["dh"], 23), (m["dm"], 59), (m["ds"], 59), (m["b"], 59), (m["c"], 59)]
+    bounded = [(parsed["dh"], 23), (parsed["dm"], 59), (parsed["ds"], 59), (parsed["b"], 59), (parsed["c"], 59)]
     if any(field is not None and int(field) > limit for field, limit in bounded):
         return f"{fix} (minutes and seconds go to 59, hours after a day count to 23)"
-    if not any(int(x) for x in m.groups() if x is not None):
+    if not any(int(x) for x in parsed.groups() if x is not None):
         return f"--time {value!r} is zero: give a positive limit, e.g. --time 01:00:00"
     return None
 
@@ -92,8 +92,8 @@ def slurm_job(nodes: int, gpus_per_node: int, config: Path | None, *, port: int 
                         f"e.g. --port {DEFAULT_PORT}")
     if cpus_per_task is not None and cpus_per_task < 1:
         problems.append(f"--cpus-per-task {cpus_per_task}: give at least 1, or leave it out")
-    if time is not None and (p := time_problem(time)):
-        problems.append(p)
+    if time is not None and (problem := time_problem(time)):
+        problems.append(problem)
     for flag, value in (("--partition", partition), ("--account", account), ("--job-name", job_name)):
         if value is not None and not _SBATCH_VALUE.match(value):
             problems.append(f"{flag} {value!r}: use letters, digits and . _ - , : @ + only (no spaces or quotes)")

@@ -86,15 +86,15 @@ def build(spec, run_dir: str | os.PathLike, base_env: Mapping[str, str], cpu_cou
     """(argv, env) that start every process of this machine: craken's loop, or with `script_args`
     (userscript.Target.host_args) the user's script under the script host."""
     run = Path(run_dir).absolute()
-    c = spec.cluster
-    rank = c.machine_rank
+    cluster = spec.cluster
+    rank = cluster.machine_rank
     argv = [sys.executable, "-m", LAUNCHER_MODULE, "--config_file", str(run / machine_file(ACCELERATE_FILE, rank))]
-    if c.max_restarts:
-        argv += ["--max_restarts", str(c.max_restarts), "--monitor_interval", "1"]
-    if c.rdzv_backend and c.rdzv_backend != "static":
+    if cluster.max_restarts:
+        argv += ["--max_restarts", str(cluster.max_restarts), "--monitor_interval", "1"]
+    if cluster.rdzv_backend and cluster.rdzv_backend != "static":
         # accelerate copies a YAML value only onto flags whose default is None, and --rdzv_backend
         # defaults to "static": `rdzv_backend: c10d` in the YAML alone never reaches torchrun.
-        argv += ["--rdzv_backend", c.rdzv_backend]
+        argv += ["--rdzv_backend", cluster.rdzv_backend]
     argv += list(extra_args)
     if script_args is not None:
         argv += ["-m", SCRIPT_HOST_MODULE, str(run / machine_file(RUN_FILE, rank)), *script_args]
@@ -112,14 +112,14 @@ def build(spec, run_dir: str | os.PathLike, base_env: Mapping[str, str], cpu_cou
     env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
                # accelerate's and transformers' own nags that say nothing about this run
                TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
-    if not c.use_cpu:
+    if not cluster.use_cpu:
         env.update(allocator_env(env))
-    if c.use_cpu:
+    if cluster.use_cpu:
         env["DS_ACCELERATOR"] = "cpu"
-        per_machine = max(1, c.num_processes // c.num_machines)
+        per_machine = max(1, cluster.num_processes // cluster.num_machines)
         # Share the cores between the processes instead of each grabbing all of them.
         env.setdefault("OMP_NUM_THREADS", str(max(1, cpu_count // per_machine)))
-    if c.rdzv_backend == "c10d":
+    if cluster.rdzv_backend == "c10d":
         # torch >= 2.4 shares the c10d rendezvous' TCPStore with the workers and keeps that one
         # server across restarts, so a restarted group reads the previous round's gloo/NCCL
         # addresses ("Connection refused", or a hang in init_process_group; pytorch#135712).
@@ -128,7 +128,7 @@ def build(spec, run_dir: str | os.PathLike, base_env: Mapping[str, str], cpu_cou
         # accelerate passes no rendezvous endpoint to torchrun on one machine (nor with
         # same_network), so c10d would meet at localhost:29400 under run id "none": concurrent
         # runs on a machine would join each other. torchrun reads PET_<ARG> as its flags' defaults.
-        env.setdefault("PET_RDZV_ENDPOINT", f"{c.main_process_ip or '127.0.0.1'}:{c.main_process_port}")
+        env.setdefault("PET_RDZV_ENDPOINT", f"{cluster.main_process_ip or '127.0.0.1'}:{cluster.main_process_port}")
     arch = normalized_arch_list(env.get("TORCH_CUDA_ARCH_LIST"))
     if arch is not None:
         env["TORCH_CUDA_ARCH_LIST"] = arch
@@ -184,9 +184,9 @@ def normalized_arch_list(value: str | None) -> str | None:
     entries = re.split(r"[;\s,]+", value.strip())
     fixed = []
     for e in entries:
-        m = re.fullmatch(r"(\d+\.\d+)[a-z]?(\+PTX)?", e)
-        if m and m.group(1) + (m.group(2) or "") not in fixed:
-            fixed.append(m.group(1) + (m.group(2) or ""))
+        parsed = re.fullmatch(r"(\d+\.\d+)[a-z]?(\+PTX)?", e)
+        if parsed and parsed.group(1) + (parsed.group(2) or "") not in fixed:
+            fixed.append(parsed.group(1) + (parsed.group(2) or ""))
     out = ";".join(fixed)
     return out if out != value else None
 

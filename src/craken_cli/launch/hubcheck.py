@@ -20,8 +20,8 @@ def hub_ids(spec) -> list[tuple[str, str]]:
     from .preflight import looks_like_path
     from ..train import builtin
 
-    m = spec.model
-    names = [("--model", m.name_or_path)] + ([("--tokenizer", m.tokenizer)] if m.tokenizer else [])
+    model = spec.model
+    names = [("--model", model.name_or_path)] + ([("--tokenizer", model.tokenizer)] if model.tokenizer else [])
     return [(flag, name) for flag, name in names
             if not builtin.is_builtin(name) and not looks_like_path(name) and name.count("/") <= 1]
 

@@ -52,33 +52,34 @@ def tokenizer_folder(model, folder: Path) -> tuple[Path | None, str]:
 
 def model_problems(spec) -> list[str]:
     out = []
-    m = spec.model
-    if builtin.is_builtin(m.name_or_path):
-        if m.name_or_path != builtin.BUILTIN_MODEL:
-            out.append(f"--model {m.name_or_path}: the only built-in model is {builtin.BUILTIN_MODEL}")
-    elif looks_like_path(m.name_or_path) or m.name_or_path.count("/") > 1:
-        folder = Path(m.name_or_path).expanduser()
+    model = spec.model
+    if builtin.is_builtin(model.name_or_path):
+        if model.name_or_path != builtin.BUILTIN_MODEL:
+            out.append(f"--model {model.name_or_path}: the only built-in model is {builtin.BUILTIN_MODEL}")
+    elif looks_like_path(model.name_or_path) or model.name_or_path.count("/") > 1:
+        folder = Path(model.name_or_path).expanduser()
         if not folder.is_dir():
-            out.append(f"--model {m.name_or_path}: no such folder; give a folder with config.json or a hub id")
+            out.append(f"--model {model.name_or_path}: no such folder; give a folder with config.json or a hub id")
         elif not (folder / "config.json").is_file():
-            out.append(f"--model {m.name_or_path}: no config.json inside; give the folder that save_pretrained wrote")
-        elif m.tokenizer is None and not any((folder / f).exists() for f in
+            out.append(f"--model {model.name_or_path}: no config.json inside; "
+                       "give the folder that save_pretrained wrote")
+        elif model.tokenizer is None and not any((folder / f).exists() for f in
                                              ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-            out.append(f"--model {m.name_or_path}: no tokenizer files inside; add them or set --tokenizer")
+            out.append(f"--model {model.name_or_path}: no tokenizer files inside; add them or set --tokenizer")
         else:
-            out += modelcheck.folder_problems(f"--model {m.name_or_path}", folder, m.trust_remote_code,
-                                              *tokenizer_folder(m, folder))
-    if m.tokenizer and not builtin.is_builtin(m.tokenizer) and looks_like_path(m.tokenizer) \
-            and not Path(m.tokenizer).expanduser().is_dir():
-        out.append(f"--tokenizer {m.tokenizer}: no such folder")
-    if m.attn_implementation == "flash_attention_2":
+            out += modelcheck.folder_problems(f"--model {model.name_or_path}", folder, model.trust_remote_code,
+                                              *tokenizer_folder(model, folder))
+    if model.tokenizer and not builtin.is_builtin(model.tokenizer) and looks_like_path(model.tokenizer) \
+            and not Path(model.tokenizer).expanduser().is_dir():
+        out.append(f"--tokenizer {model.tokenizer}: no such folder")
+    if model.attn_implementation == "flash_attention_2":
         if spec.cluster.use_cpu:
             out.append("--set model.attn_implementation=flash_attention_2 needs CUDA GPUs (these are CPU "
                        "processes): use sdpa")
         elif importlib.util.find_spec("flash_attn") is None:
             out.append("--set model.attn_implementation=flash_attention_2: the flash-attn package is not installed "
                        "(every process would fail loading the model): pip install flash-attn, or use sdpa")
-    limit = model_max_positions(m.name_or_path)
+    limit = model_max_positions(model.name_or_path)
     if limit is not None and spec.data.seq_len > limit:
         out.append(f"--seq-len {spec.data.seq_len} is beyond the model's maximum of {limit} positions: "
                    f"use --seq-len {limit} or less")
@@ -134,45 +135,45 @@ def data_files(path: Path) -> tuple[list[Path], str | None]:
 
 
 def data_problems(spec) -> list[str]:
-    d = spec.data
-    if builtin.is_builtin(d.dataset):
-        if d.dataset != builtin.BUILTIN_DATA:
-            return [f"--dataset {d.dataset}: the only built-in data set is {builtin.BUILTIN_DATA}"]
-        return template_problems(spec, "text" if d.format == "auto" else d.format) or size_problems(spec)
-    path = Path(d.dataset).expanduser()
+    data = spec.data
+    if builtin.is_builtin(data.dataset):
+        if data.dataset != builtin.BUILTIN_DATA:
+            return [f"--dataset {data.dataset}: the only built-in data set is {builtin.BUILTIN_DATA}"]
+        return template_problems(spec, "text" if data.format == "auto" else data.format) or size_problems(spec)
+    path = Path(data.dataset).expanduser()
     if not path.exists():
-        if looks_like_path(d.dataset) or path.suffix in LOCAL_FORMATS:
-            return [f"--dataset {d.dataset}: no such file or folder"]
+        if looks_like_path(data.dataset) or path.suffix in LOCAL_FORMATS:
+            return [f"--dataset {data.dataset}: no such file or folder"]
         return []  # a hub id: checked when loaded
-    if d.split != "train":
-        return [f"--set data.split={d.split}: splits are read from hub data sets; the local {d.dataset} is read "
+    if data.split != "train":
+        return [f"--set data.split={data.split}: splits are read from hub data sets; the local {data.dataset} is read "
                 "whole: point --dataset at the file of that split instead"]
     files, problem = data_files(path)
     if problem:
         return [problem]
     if all(f.stat().st_size == 0 for f in files):
-        return [f"--dataset {d.dataset}: the data set is empty; add text"]
+        return [f"--dataset {data.dataset}: the data set is empty; add text"]
     try:
         record = first_record(files[0])
     except (ValueError, UnicodeDecodeError, OSError, csv.Error) as exc:
         return [f"--dataset {files[0]}: cannot be read ({exc.__class__.__name__}: {exc}); fix the file"]
     if record == {}:
-        return [f"--dataset {d.dataset}: the data set is empty; add text"]
+        return [f"--dataset {data.dataset}: the data set is empty; add text"]
     return record_problems(spec, files, record)
 
 
 def record_problems(spec, files: list[Path], record: dict | None) -> list[str]:
     """The format against the first record's columns; every record of small files (content_problem);
     the chat template; enough data for one micro-batch per process."""
-    d = spec.data
+    data = spec.data
     if record is None:
         return []
-    problem = formats.format_problem(d.format, list(record), d.text_column, str(files[0]))
+    problem = formats.format_problem(data.format, list(record), data.text_column, str(files[0]))
     if problem:
         return [problem]
-    fmt = d.format if d.format != "auto" else formats.detect(list(record), d.text_column)
+    fmt = data.format if data.format != "auto" else formats.detect(list(record), data.text_column)
     for f in files:
-        problem = content_problem(f, d.text_column if fmt == "text" else None)
+        problem = content_problem(f, data.text_column if fmt == "text" else None)
         if problem:
             return [f"--dataset {f}: {problem}"]
     return template_problems(spec, fmt) or size_problems(spec)
@@ -180,12 +181,12 @@ def record_problems(spec, files: list[Path], record: dict | None) -> list[str]:
 
 def template_problems(spec, fmt: str | None) -> list[str]:
     """A chat data set needs a chat template: --chat-template (text or an existing file), or the tokenizer's own."""
-    d = spec.data
+    data = spec.data
     if fmt != "chat":
         return []
-    if d.chat_template is not None:
-        if "{" not in d.chat_template and not Path(d.chat_template).expanduser().is_file():
-            return [f"--chat-template {d.chat_template}: no such file, and not a Jinja template"]
+    if data.chat_template is not None:
+        if "{" not in data.chat_template and not Path(data.chat_template).expanduser().is_file():
+            return [f"--chat-template {data.chat_template}: no such file, and not a Jinja template"]
         return []
     name = spec.model.tokenizer or spec.model.name_or_path
     if builtin.is_builtin(name):

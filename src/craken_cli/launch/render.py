@@ -31,24 +31,24 @@ def _offload(target) -> dict:
 
 def deepspeed_config(spec: RunSpec) -> dict:
     """The DeepSpeed JSON. Every batch number is written out; nothing is left "auto"."""
-    z, o = spec.zero, spec.optimizer
-    zero: dict = {"stage": z.stage}
-    if z.stage >= 1:
+    zero_spec, optimizer = spec.zero, spec.optimizer
+    zero: dict = {"stage": zero_spec.stage}
+    if zero_spec.stage >= 1:
         zero["offload_optimizer"] = _offload(spec.offload.optimizer)
-    if z.stage == 3:
+    if zero_spec.stage == 3:
         zero["offload_param"] = _offload(spec.offload.param)
-    zero.update(overlap_comm=z.overlap_comm, contiguous_gradients=z.contiguous_gradients,
-                reduce_bucket_size=z.reduce_bucket_size)
-    zero["allgather_bucket_size"] = z.allgather_bucket_size  # DeepSpeed reads it at every stage
-    if z.stage == 3:
+    zero.update(overlap_comm=zero_spec.overlap_comm, contiguous_gradients=zero_spec.contiguous_gradients,
+                reduce_bucket_size=zero_spec.reduce_bucket_size)
+    zero["allgather_bucket_size"] = zero_spec.allgather_bucket_size  # DeepSpeed reads it at every stage
+    if zero_spec.stage == 3:
         for key in STAGE3_FIELDS:
-            zero[key] = getattr(z, key)
-        zero["stage3_gather_16bit_weights_on_model_save"] = z.gather_16bit_weights_on_save
+            zero[key] = getattr(zero_spec, key)
+        zero["stage3_gather_16bit_weights_on_model_save"] = zero_spec.gather_16bit_weights_on_save
     cfg = {
         "train_batch_size": spec.train_batch_size,
         "train_micro_batch_size_per_gpu": spec.batch.micro_batch,
         "gradient_accumulation_steps": spec.grad_accum,
-        "gradient_clipping": o.clip,
+        "gradient_clipping": optimizer.clip,
         "steps_per_print": spec.logging.steps_per_print,
         "wall_clock_breakdown": spec.logging.wall_clock_breakdown,
         # DeepSpeed's throughput timer is on by default and synchronizes the GPU when each forward
@@ -62,8 +62,9 @@ def deepspeed_config(spec: RunSpec) -> dict:
         "bf16": {"enabled": spec.base_precision == "bf16"},
         "fp16": {"enabled": spec.precision == "fp16"},
         "optimizer": {"type": "AdamW", "params": {
-            "lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
-            "torch_adam": not o.fused}},
+            "lr": optimizer.lr, "betas": list(optimizer.betas), "eps": optimizer.eps,
+            "weight_decay": optimizer.weight_decay,
+            "torch_adam": not optimizer.fused}},
         "scheduler": schedule.deepspeed_block(spec),  # the plain engine runs the same block (train/schedule.py)
         "zero_optimization": zero,
     }
@@ -76,10 +77,10 @@ def deepspeed_config(spec: RunSpec) -> dict:
     if spec.precision == "fp16":
         cfg["fp16"].update(loss_scale=0, initial_scale_power=16, loss_scale_window=1000, hysteresis=2,
                            min_loss_scale=1)
-    if not o.fused and not spec.cluster.use_cpu:
+    if not optimizer.fused and not spec.cluster.use_cpu:
         # DeepSpeed hands the remaining params to torch.optim.AdamW: its fused CUDA kernel, no JIT build.
         cfg["optimizer"]["params"]["fused"] = True
-    if spec.offload.optimizer.device != "none" and not o.fused:
+    if spec.offload.optimizer.device != "none" and not optimizer.fused:
         # Offloaded states are stepped by DeepSpeed's CPU Adam; torch_adam would be refused there.
         del cfg["optimizer"]["params"]["torch_adam"]
         cfg["optimizer"]["params"].pop("fused", None)
@@ -109,23 +110,23 @@ def _merge(base: dict, over: dict) -> dict:
 
 def _launch_shape(spec: RunSpec) -> dict:
     """The keys both kinds of accelerate YAML share: processes, machines, rendezvous."""
-    c = spec.cluster
+    cluster = spec.cluster
     shape = {
         "compute_environment": "LOCAL_MACHINE",
         "debug": False,
         "downcast_bf16": "no",
-        "machine_rank": c.machine_rank,
-        "num_machines": c.num_machines,
-        "num_processes": c.num_processes,
-        "main_process_port": c.main_process_port,
-        "rdzv_backend": c.rdzv_backend,
+        "machine_rank": cluster.machine_rank,
+        "num_machines": cluster.num_machines,
+        "num_processes": cluster.num_processes,
+        "main_process_port": cluster.main_process_port,
+        "rdzv_backend": cluster.rdzv_backend,
         "same_network": True,
         # Always false: accelerate's use_cpu switches DeepSpeed off. CPU processes are selected by
         # DS_ACCELERATOR=cpu (command.build) and the gloo backend (train.loop) instead.
         "use_cpu": False,
     }
-    if c.num_machines > 1:
-        shape["main_process_ip"] = c.main_process_ip
+    if cluster.num_machines > 1:
+        shape["main_process_ip"] = cluster.main_process_ip
     return shape
 
 
@@ -143,12 +144,12 @@ def accelerate_config(spec: RunSpec, ds_config_path: str | os.PathLike) -> dict:
     """The accelerate YAML: launch shape plus a pointer to the DeepSpeed JSON, nothing it repeats."""
     if not spec.uses_deepspeed:
         return plain_accelerate_config(spec)
-    c = spec.cluster
+    cluster = spec.cluster
     ds: dict = {"deepspeed_config_file": str(Path(ds_config_path).absolute()),
                 "zero3_init_flag": spec.zero.stage == 3}
-    if c.num_machines > 1:
+    if cluster.num_machines > 1:
         # "standard" = torchrun on each machine; pdsh (DeepSpeed's default) needs ssh everywhere.
-        ds["deepspeed_multinode_launcher"] = "standard" if c.launcher == "accelerate" else "pdsh"
+        ds["deepspeed_multinode_launcher"] = "standard" if cluster.launcher == "accelerate" else "pdsh"
     return {**_launch_shape(spec), "distributed_type": "DEEPSPEED", "deepspeed_config": ds}
 
 

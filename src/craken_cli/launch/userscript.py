@@ -169,16 +169,16 @@ class Planned(NamedTuple):
 def trainer_plan(spec, run_dir: Path, keep_optimizer: bool) -> dict[str, Planned]:
     """TrainingArguments field -> what craken planned for it. The must-agree fields are the ones the HF
     Trainer checks against the DeepSpeed JSON, or that decide what is trained (steps, schedule)."""
-    o, precision = spec.optimizer, spec.base_precision
+    optimizer, precision = spec.optimizer, spec.base_precision
     plan = {
         "per_device_train_batch_size": Planned(spec.batch.micro_batch, "--micro-batch"),
         "gradient_accumulation_steps": Planned(spec.grad_accum, "--grad-accum"),
-        "max_grad_norm": Planned(o.clip, "--clip"),
-        "learning_rate": Planned(o.lr, "--lr"),
-        "weight_decay": Planned(o.weight_decay, "--set optimizer.weight_decay=..."),
-        "adam_beta1": Planned(o.betas[0], "--set optimizer.betas=[b1,b2]"),
-        "adam_beta2": Planned(o.betas[1], "--set optimizer.betas=[b1,b2]"),
-        "adam_epsilon": Planned(o.eps, "--set optimizer.eps=..."),
+        "max_grad_norm": Planned(optimizer.clip, "--clip"),
+        "learning_rate": Planned(optimizer.lr, "--lr"),
+        "weight_decay": Planned(optimizer.weight_decay, "--set optimizer.weight_decay=..."),
+        "adam_beta1": Planned(optimizer.betas[0], "--set optimizer.betas=[b1,b2]"),
+        "adam_beta2": Planned(optimizer.betas[1], "--set optimizer.betas=[b1,b2]"),
+        "adam_epsilon": Planned(optimizer.eps, "--set optimizer.eps=..."),
         "bf16": Planned(precision == "bf16", "--precision"),
         "fp16": Planned(precision == "fp16", "--precision"),
         "max_steps": Planned(spec.train.max_steps, "--max-steps"),

@@ -17,8 +17,7 @@ AUTO_PATHS = ("zero.stage", "offload.optimizer.device", "offload.param.device", 
 
 def auto_compile(resolved: SourcedSpec, info, hw) -> bool:
     """--auto turns on regional compilation unless the user set it: it is the largest measured speed
-    lever (1.1B on one H100: 70,307 tokens/s against 40,101 eager, docs/performance.md), and the
-    planner predicts its memory (where: memory.compiles_by_default)."""
+    lever (docs/performance.md), and the planner predicts its memory (where: memory.compiles_by_default)."""
     from .memory import compiles_by_default
 
     return not resolved.user_set("model.compile") and compiles_by_default(info, hw)

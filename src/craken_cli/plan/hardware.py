@@ -60,12 +60,12 @@ class Hardware:
     def all_bf16(self) -> bool:
         return bool(self.gpus) and all(g.bf16 for g in self.gpus)
 
-    def nvlink_between(self, a: int, b: int) -> bool:
-        return (min(a, b), max(a, b)) in self.nvlink_pairs
+    def nvlink_between(self, first: int, second: int) -> bool:
+        return (min(first, second), max(first, second)) in self.nvlink_pairs
 
     def pairs(self) -> list[tuple[int, int]]:
-        n = self.gpu_count
-        return [(i, j) for i in range(n) for j in range(i + 1, n)]
+        count = self.gpu_count
+        return [(i, j) for i in range(count) for j in range(i + 1, count)]
 
     @property
     def nvlink_all(self) -> bool:
@@ -155,8 +155,8 @@ class FakeProbe:
         return list(self.gpus), set(self.nvlink), set(self.p2p | self.nvlink), self.driver, self.cuda
 
 
-def _text(v) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _meminfo() -> tuple[int, int]:
@@ -175,10 +175,10 @@ def _meminfo() -> tuple[int, int]:
 
 def nearest_existing(path: str | os.PathLike) -> Path:
     """`path` itself if it exists, else its nearest existing parent: where it would be created."""
-    p = Path(path).absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
+    folder = Path(path).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
 
 
 def free_disk(path: str | os.PathLike) -> int:
@@ -240,9 +240,9 @@ def detect(probe: GpuProbe | None = None, paths: tuple[str, ...] = (),
     ram_total, ram_avail = _meminfo()
     shm = shutil.disk_usage("/dev/shm").total if os.path.isdir("/dev/shm") else None
     disk = {}
-    for p in paths:
+    for path in paths:
         try:
-            disk[p] = free_disk(p)
+            disk[path] = free_disk(path)
         except OSError:
             pass
     return Hardware(

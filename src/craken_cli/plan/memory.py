@@ -63,12 +63,11 @@ STAGE3_MULTI_GPU_SLACK = 0.24
 # compiled layers free blocks of inductor's sizes, which the step's flat buffers do not fit).
 STEP_REUSE_OF_ACTIVATIONS = 0.25
 # Fitted: fp32 bytes per logit at the eager loss's peak (transformers' loss) beside the 16-bit logits: the
-# upcast's log-softmax output, and in its backward the incoming and the outgoing gradient (12 derived; 10
-# fitted on the eager large-vocabulary rows, whose buffers are partly freed before the next is made).
+# upcast's log-softmax output, and in its backward the incoming and the outgoing gradient (12 derived; the
+# fit finds fewer: those buffers are partly freed before the next is made).
 UPCAST_LOSS_FP32_BYTES = 10
-# Fitted (derived value kept): bytes per logit beside the 16-bit logits with the loss compiled
-# (modeling.compile_regions): the upcast, log-softmax and NLL fuse, and the backward writes the 16-bit
-# gradient only (2). Measured on H200 rows: about 4 bytes per logit in all (docs/planner.md).
+# Fitted: bytes per logit beside the 16-bit logits with the loss compiled (modeling.compile_regions): the
+# upcast, log-softmax and NLL fuse, and the backward writes the 16-bit gradient only (2 derived).
 COMPILED_LOSS_FP32_BYTES = 2
 # Fitted: intermediate-sized 16-bit tensors a compiled layer's MLP keeps for the backward (gate and up: 2
 # derived; the product, when the partitioner saves it rather than recomputing it: 3).
@@ -92,7 +91,7 @@ NVME_SPEED = 0.5  # on top of CPU offload
 COMPILE_MIN_PARAMS = 100_000_000  # smaller models: compilation costs more time than it saves
 # Compiled layers whose Linears all convert to torchao float8 keep this share of the bf16 layers'
 # reserved activations (the backward's inputs kept as float8 casts); a layer converted in part saves that
-# part of the difference. Fitted on the 1.1B fp8 row and judged on the 3B one (docs/planner.md, "FP8").
+# part of the difference. Not in planner_bench's fit: docs/planner.md, "FP8", gives its rows and errors.
 FP8_ACTIVATION_SHARE = 0.70
 
 
@@ -127,14 +126,15 @@ class Candidate:
 
     def speed(self, world: int) -> float:
         table = SPEED_1GPU if world == 1 else SPEED_NGPU
-        s = table[f"zero{self.stage}"]
+        relative = table[f"zero{self.stage}"]
         if self.offload_optimizer != "none":
-            s = min(s, table["offload_optimizer"]) * (NVME_SPEED if self.offload_optimizer == "nvme" else 1)
+            nvme = NVME_SPEED if self.offload_optimizer == "nvme" else 1
+            relative = min(relative, table["offload_optimizer"]) * nvme
         if self.offload_param != "none":
-            s *= table["offload_param"] * (NVME_SPEED if self.offload_param == "nvme" else 1)
+            relative *= table["offload_param"] * (NVME_SPEED if self.offload_param == "nvme" else 1)
         if self.activation_checkpointing:
-            s *= ACTIVATION_CHECKPOINTING_SPEED
-        return s
+            relative *= ACTIVATION_CHECKPOINTING_SPEED
+        return relative
 
 
 @dataclass
@@ -171,12 +171,12 @@ class Strategy:
                 "batch.micro_batch": self.micro_batch, "batch.grad_accum": self.grad_accum}
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        for k, v in d.items():
+        out = asdict(self)
+        for k, v in out.items():
             if isinstance(v, float):
-                d[k] = round(v, 3)
-        d["detail"] = {k: round(v, 3) for k, v in self.detail.items()}
-        return d
+                out[k] = round(v, 3)
+        out["detail"] = {k: round(v, 3) for k, v in self.detail.items()}
+        return out
 
 
 @dataclass
@@ -223,29 +223,28 @@ def model_state_bytes(params: int, stage: int, world: int, *, offload_optimizer:
     `fp32_grads` (stage 1, DeepSpeed's BF16 optimizer; its estimators do not know it) keeps the
     whole model's gradients in fp32 beside the 16-bit ones.
     """
-    P, N = params, world
     mixed = lp_bytes < 4
     master = 4 if mixed else 0
     fp32_grad = 4 if mixed else 0
     if stage == 0:
         # No ZeRO on GPUs runs without DeepSpeed (spec.uses_deepspeed): fp32 weights under autocast,
         # fp32 gradients, torch AdamW's two fp32 moments.
-        return 4 * P, 4 * P, 8 * P
+        return 4 * params, 4 * params, 8 * params
     if stage in (1, 2):
         if offload_optimizer:
-            return lp_bytes * P, 0.0, 0.0
+            return lp_bytes * params, 0.0, 0.0
         if fp32_grads and stage == 1:
-            return lp_bytes * P, (lp_bytes + 4.0) * P, (master + 8) * P / N
-        lp_grads = lp_bytes * P if (stage == 1 and grad_accum > 1) else lp_bytes * P / N
-        return lp_bytes * P, lp_grads + fp32_grad * P / N, (master + 8) * P / N
+            return lp_bytes * params, (lp_bytes + 4.0) * params, (master + 8) * params / world
+        lp_grads = lp_bytes * params if (stage == 1 and grad_accum > 1) else lp_bytes * params / world
+        return lp_bytes * params, lp_grads + fp32_grad * params / world, (master + 8) * params / world
     live = lp_bytes * largest_layer  # the largest layer's gathered 16-bit params, and its grads
-    p = live + (0 if offload_param else lp_bytes * P / N)
+    own = live + (0 if offload_param else lp_bytes * params / world)
     if offload_optimizer:
-        return p, live, 0.0
-    return p, live + (4 if mixed else lp_bytes) * P / N, (master + 8) * P / N
+        return own, live, 0.0
+    return own, live + (4 if mixed else lp_bytes) * params / world, (master + 8) * params / world
 
 
-def norm_bytes_per_token(m: ModelInfo, lp: int, resid: int | None = None) -> float:
+def norm_bytes_per_token(model: ModelInfo, lp: int, resid: int | None = None) -> float:
     """What one normalization layer saves per token, with the output the next projection saves.
 
     RMSNorm: an fp32 copy of the input (kept by pow and mul), the normalized 16-bit value (kept by
@@ -254,51 +253,52 @@ def norm_bytes_per_token(m: ModelInfo, lp: int, resid: int | None = None) -> flo
     and its output in the projection's dtype (autocast runs layer_norm in fp32 and the matmul saves its
     16-bit cast).
     """
-    h = m.hidden_size
-    return ((resid or lp) + lp) * h if m.family == "gpt" else 4 * h + 2 * lp * h
+    hidden = model.hidden_size
+    return ((resid or lp) + lp) * hidden if model.family == "gpt" else 4 * hidden + 2 * lp * hidden
 
 
-def layer_activation_bytes_per_token(m: ModelInfo, lp: int, compiled: bool = False, resid: int | None = None) -> float:
+def layer_activation_bytes_per_token(model: ModelInfo, lp: int, compiled: bool = False,
+                                     resid: int | None = None) -> float:
     """Bytes one decoder layer saves for the backward pass, per token (SDPA, no s^2 scores). `resid`: bytes
     per element of the residual stream (default lp; 4 on the no-ZeRO engine's fp32 weights under 16-bit
     autocast: the embedding and every residual add run in fp32 there, `residual_bytes`)."""
-    h, f = m.hidden_size, m.intermediate_size
-    q_dim, kv_dim = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
+    hidden, inter = model.hidden_size, model.intermediate_size
+    q_dim, kv_dim = model.num_heads * model.head_dim, model.num_kv_heads * model.head_dim
     # SDPA saves q, k, v and its output (which o_proj also saves: same storage) and an fp32 log-sum-exp.
-    attn = lp * (2 * q_dim + 2 * kv_dim) + 4 * m.num_heads
-    if m.fused_qkv and m.rotary:
+    attn = lp * (2 * q_dim + 2 * kv_dim) + 4 * model.num_heads
+    if model.fused_qkv and model.rotary:
         attn += lp * (q_dim + kv_dim)  # rotary makes new q and k; v stays a view of the fused output
     if compiled:
         # Inductor's partitioner keeps the matmul inputs it cannot cheaply recompute and recomputes the
         # pointwise rest (norms, SiLU) in the backward: the layer input and the residual after attention
         # (in the residual stream's dtype), SDPA's q, k, v, output and log-sum-exp, and the MLP's
         # intermediate-sized tensors (COMPILED_MLP_SAVED: gate and up derived, fitted).
-        return 2 * (resid or lp) * h + attn + COMPILED_MLP_SAVED * lp * f
-    drop = 2 * h if m.dropout > 0 else 0  # two residual-dropout masks (1 byte each)
-    norms = m.norms_per_layer * norm_bytes_per_token(m, lp, resid)
-    if m.parallel_residual:  # both LayerNorms read the layer input: its storage is saved once
-        norms -= (m.norms_per_layer - 1) * (resid or lp) * h
-    autocast_fp32 = m.mlp_autocast_fp32 if (resid or lp) > lp else 0  # an fp32 residual means 16-bit autocast
-    mlp = (m.mlp_saved - autocast_fp32) * lp * f + autocast_fp32 * 4 * f
+        return 2 * (resid or lp) * hidden + attn + COMPILED_MLP_SAVED * lp * inter
+    drop = 2 * hidden if model.dropout > 0 else 0  # two residual-dropout masks (1 byte each)
+    norms = model.norms_per_layer * norm_bytes_per_token(model, lp, resid)
+    if model.parallel_residual:  # both LayerNorms read the layer input: its storage is saved once
+        norms -= (model.norms_per_layer - 1) * (resid or lp) * hidden
+    autocast_fp32 = model.mlp_autocast_fp32 if (resid or lp) > lp else 0  # an fp32 residual means 16-bit autocast
+    mlp = (model.mlp_saved - autocast_fp32) * lp * inter + autocast_fp32 * 4 * inter
     return norms + attn + mlp + drop
 
 
-def loss_bytes(m: ModelInfo, tokens: int, lp: int, compiled: bool = False, loss: str = "upcast") -> float:
+def loss_bytes(model: ModelInfo, tokens: int, lp: int, compiled: bool = False, loss: str = "upcast") -> float:
     """Logits and loss at their peak, for `tokens` tokens: the 16-bit logits and the fp32 loss buffers.
 
     `loss` names the loss implementation: "upcast" (transformers' cross-entropy on fp32 logits) or
     "chunked" (train/loss.py: one chunk of logits at a time, `chunked_loss_bytes`).
     """
     if loss == "chunked":
-        return chunked_loss_bytes(m, tokens, lp, compiled)
+        return chunked_loss_bytes(model, tokens, lp, compiled)
     fp32 = COMPILED_LOSS_FP32_BYTES if compiled else UPCAST_LOSS_FP32_BYTES
     # Gemma-2's soft cap (logits / cap, tanh, * cap, eager in the model's forward): of its three 16-bit
     # tensors only tanh's output is saved for the backward (the scalar divide and multiply save nothing).
-    per_logit = lp + fp32 + (lp if m.logit_softcap else 0)
-    return per_logit * tokens * m.vocab_size
+    per_logit = lp + fp32 + (lp if model.logit_softcap else 0)
+    return per_logit * tokens * model.vocab_size
 
 
-def chunked_loss_bytes(m: ModelInfo, tokens: int, lp: int, compiled: bool) -> float:
+def chunked_loss_bytes(model: ModelInfo, tokens: int, lp: int, compiled: bool) -> float:
     """train/loss.py's chunked loss at the larger of its two peaks; no logits survive their chunk.
 
     In the loss's forward (the chunk loop): one chunk's logits and their gradient (compiled: the 16-bit
@@ -307,8 +307,8 @@ def chunked_loss_bytes(m: ModelInfo, tokens: int, lp: int, compiled: bool) -> fl
     chunk's 16-bit output-weight gradient before it is added into the fp32 sum, that sum, the 16-bit copy
     of the output weight, and the hidden states' gradient. At the start of the backward: the saved fp32
     sum and hidden-state gradient, each beside its copy scaled by the incoming gradient."""
-    chunk = min(tokens, vocab_loss.chunk_tokens(m.vocab_size)) * m.vocab_size
-    weight, hidden = m.vocab_size * m.hidden_size, tokens * m.hidden_size
+    chunk = min(tokens, vocab_loss.chunk_tokens(model.vocab_size)) * model.vocab_size
+    weight, hidden = model.vocab_size * model.hidden_size, tokens * model.hidden_size
     forward = chunk * (2 * lp if compiled else 12 + lp) + weight * (4 + 2 * lp) + hidden * lp
     backward = weight * 2 * 4 + hidden * 2 * lp
     return max(forward, backward)
@@ -321,29 +321,29 @@ def residual_bytes(stage: int, lp: int) -> int:
     return 4 if stage == 0 else lp
 
 
-def activation_bytes(m: ModelInfo, micro_batch: int, seq_len: int, lp: int, checkpointing: bool,
+def activation_bytes(model: ModelInfo, micro_batch: int, seq_len: int, lp: int, checkpointing: bool,
                      compiled: bool = False, loss: str = "upcast",
                      fp8_recipe: str | None = None, resid: int | None = None) -> tuple[float, float]:
     """(decoder layers, logits + loss) bytes at the start of the backward pass, for one micro-batch."""
     tokens = micro_batch * seq_len
-    per_layer = layer_activation_bytes_per_token(m, lp, compiled, resid) * tokens
+    per_layer = layer_activation_bytes_per_token(model, lp, compiled, resid) * tokens
     if fp8_recipe and compiled:
-        per_layer *= 1 - (1 - FP8_ACTIVATION_SHARE) * fp8.converted_share(m, fp8_recipe)
+        per_layer *= 1 - (1 - FP8_ACTIVATION_SHARE) * fp8.converted_share(model, fp8_recipe)
     if checkpointing:
         # Each layer keeps only its input; one layer at a time is recomputed in the backward.
-        layers = m.num_layers * (resid or lp) * m.hidden_size * tokens + per_layer
+        layers = model.num_layers * (resid or lp) * model.hidden_size * tokens + per_layer
     else:
-        layers = m.num_layers * per_layer
-    final_norm = norm_bytes_per_token(m, lp, resid) * tokens
-    return layers + final_norm, loss_bytes(m, tokens, lp, compiled and m.family != "gpt", loss)
+        layers = model.num_layers * per_layer
+    final_norm = norm_bytes_per_token(model, lp, resid) * tokens
+    return layers + final_norm, loss_bytes(model, tokens, lp, compiled and model.family != "gpt", loss)
 
 
-def weight_copy_bytes(m: ModelInfo, lp: int, compiled: bool) -> float:
+def weight_copy_bytes(model: ModelInfo, lp: int, compiled: bool) -> float:
     """16-bit copies of fp32 weights that autocast makes in the forward and the backward needs: every
     projection and the output head (the input embedding is not cast), times the fitted share held."""
     share = COMPILED_WEIGHT_COPY_SHARE if compiled else EAGER_WEIGHT_COPY_SHARE
-    input_embedding = 0 if m.tied_embeddings else m.vocab_size * m.hidden_size
-    return share * lp * (m.num_params - input_embedding)
+    input_embedding = 0 if model.tied_embeddings else model.vocab_size * model.hidden_size
+    return share * lp * (model.num_params - input_embedding)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,87 +392,89 @@ def offload_host_bytes(params: int, world: int, gpus_per_machine: int, offload_o
     return cpu, nvme
 
 
-def engine_buffers(m: ModelInfo, c: Candidate, s: Shape, layers: float, acts: float, fp32_grads: bool
+def engine_buffers(model: ModelInfo, cand: Candidate, shape: Shape, layers: float, acts: float, fp32_grads: bool
                    ) -> dict[str, float]:
     """What the engine allocates beyond model states and activations (bytes), by strategy."""
-    P, N, lp = m.num_params, s.world, s.lp
-    d: dict[str, float] = {}
-    if c.stage == 0:
-        if N > 1:
-            d["ddp_buckets"] = min(P, DS_ALLREDUCE_BUCKET) * lp
+    num_params, world, lp = model.num_params, shape.world, shape.lp
+    buffers: dict[str, float] = {}
+    if cand.stage == 0:
+        if world > 1:
+            buffers["ddp_buckets"] = min(num_params, DS_ALLREDUCE_BUCKET) * lp
         if lp < 4:
-            d["autocast_weight_copies"] = weight_copy_bytes(m, lp, s.compiled)
+            buffers["autocast_weight_copies"] = weight_copy_bytes(model, lp, shape.compiled)
     elif fp32_grads:
         # engine.buffered_allreduce_fallback flattens the fp32 gradients (also on one GPU); its bucket
         # closes after the tensor that passes 5e8 elements, here the whole flat group of the weights
-        d["allreduce_flat_copy"] = 4.0 * P
-    elif c.stage in (1, 2):
-        d["reduce_buckets"] = (2 if s.overlap_comm else 1) * s.reduce_bucket * lp
-        if c.offload_optimizer == "none":
-            d["step_flat_grad_copy"] = lp * P / N  # flatten(averaged_gradients) before the fp32 cast
+        buffers["allreduce_flat_copy"] = 4.0 * num_params
+    elif cand.stage in (1, 2):
+        buffers["reduce_buckets"] = (2 if shape.overlap_comm else 1) * shape.reduce_bucket * lp
+        if cand.offload_optimizer == "none":
+            buffers["step_flat_grad_copy"] = lp * num_params / world  # flatten(averaged_gradients) before the fp32 cast
             # The step's buffers (that flat copy and the fp32 gradient partition counted under grads)
             # are allocated after the backward freed the activations, and the caching allocator
             # serves part of them from those freed blocks, so the peak is less than the sum.
-            step_buffers = (lp + (4 if lp < 4 else 0)) * P / N
-            if not s.compiled:
-                d["step_reuses_freed_activations"] = -min(step_buffers, STEP_REUSE_OF_ACTIVATIONS * layers)
+            step_buffers = (lp + (4 if lp < 4 else 0)) * num_params / world
+            if not shape.compiled:
+                buffers["step_reuses_freed_activations"] = -min(step_buffers, STEP_REUSE_OF_ACTIVATIONS * layers)
         else:
-            d["offload_grad_staging"] = lp * m.largest_layer_params
+            buffers["offload_grad_staging"] = lp * model.largest_layer_params
     else:
-        d["reduce_bucket"] = s.reduce_bucket * lp
-        d["prefetch_bucket"] = s.prefetch_bucket * lp
-        if c.offload_optimizer == "none":
-            d["grad_partition_16bit"] = lp * P / N  # grad_partitions_flat_buffer (on CPU with offload)
-        if N > 1:
-            d["gather_holes"] = STAGE3_MULTI_GPU_SLACK * acts
-    slack = max(FRAGMENTATION[c.stage], COMPILED_FRAGMENTATION) if s.compiled else FRAGMENTATION[c.stage]
-    d["allocator_slack"] = slack * acts
-    return d
+        buffers["reduce_bucket"] = shape.reduce_bucket * lp
+        buffers["prefetch_bucket"] = shape.prefetch_bucket * lp
+        if cand.offload_optimizer == "none":
+            # grad_partitions_flat_buffer (on CPU with offload)
+            buffers["grad_partition_16bit"] = lp * num_params / world
+        if world > 1:
+            buffers["gather_holes"] = STAGE3_MULTI_GPU_SLACK * acts
+    slack = max(FRAGMENTATION[cand.stage], COMPILED_FRAGMENTATION) if shape.compiled else FRAGMENTATION[cand.stage]
+    buffers["allocator_slack"] = slack * acts
+    return buffers
 
 
-def why_not_fits(total: float, cpu: float, nvme: float, micro_batch: int, s: Shape) -> str | None:
+def why_not_fits(total: float, cpu: float, nvme: float, micro_batch: int, shape: Shape) -> str | None:
     """Why an estimate does not fit (GPU, then CPU RAM, then NVMe), or None."""
-    if total * (1 + SAFETY_MARGIN) > s.gpu_memory:
+    if total * (1 + SAFETY_MARGIN) > shape.gpu_memory:
         return (f"needs {total / GiB:.1f} GiB per GPU at micro-batch {micro_batch}, more than "
-                f"{s.gpu_memory / GiB / (1 + SAFETY_MARGIN):.1f} GiB usable "
-                f"({s.gpu_memory / GiB:.0f} GiB less the {SAFETY_MARGIN:.0%} safety margin)")
-    if s.cpu_memory is not None and cpu > s.cpu_memory * 0.9:
-        return f"needs {cpu / GiB:.0f} GiB of CPU RAM per machine, more than 90% of {s.cpu_memory / GiB:.0f} GiB"
-    if s.nvme_free is not None and nvme > s.nvme_free * 0.9:
-        return f"needs {nvme / GiB:.0f} GiB on NVMe, more than 90% of the {s.nvme_free / GiB:.0f} GiB free"
+                f"{shape.gpu_memory / GiB / (1 + SAFETY_MARGIN):.1f} GiB usable "
+                f"({shape.gpu_memory / GiB:.0f} GiB less the {SAFETY_MARGIN:.0%} safety margin)")
+    if shape.cpu_memory is not None and cpu > shape.cpu_memory * 0.9:
+        return f"needs {cpu / GiB:.0f} GiB of CPU RAM per machine, more than 90% of {shape.cpu_memory / GiB:.0f} GiB"
+    if shape.nvme_free is not None and nvme > shape.nvme_free * 0.9:
+        return f"needs {nvme / GiB:.0f} GiB on NVMe, more than 90% of the {shape.nvme_free / GiB:.0f} GiB free"
     return None
 
 
-def estimate(m: ModelInfo, c: Candidate, micro_batch: int, grad_accum: int, s: Shape) -> Strategy:
-    P, N, lp = m.num_params, s.world, s.lp
-    off_opt, off_par = c.offload_optimizer != "none", c.offload_param != "none"
-    fp32_grads = fp32_grad_accum_on(s.fp32_grad_accum, c.stage, "bf16" if s.fp8_recipe else s.precision,
-                                    c.offload_optimizer, N)
-    params, grads, optim = model_state_bytes(P, c.stage, N, offload_optimizer=off_opt, offload_param=off_par,
-                                             largest_layer=m.largest_layer_params, lp_bytes=lp,
-                                             grad_accum=grad_accum, fp32_grads=fp32_grads)
-    loss = "chunked" if vocab_loss.applies(s.loss, m.model_type, m.vocab_size, c.stage, s.compiled) else "upcast"
-    layers, logits = activation_bytes(m, micro_batch, s.seq_len, lp, c.activation_checkpointing, s.compiled,
-                                      loss, s.fp8_recipe, residual_bytes(c.stage, lp))
+def estimate(model: ModelInfo, cand: Candidate, micro_batch: int, grad_accum: int, shape: Shape) -> Strategy:
+    num_params, world, lp = model.num_params, shape.world, shape.lp
+    off_opt, off_par = cand.offload_optimizer != "none", cand.offload_param != "none"
+    fp32_grads = fp32_grad_accum_on(shape.fp32_grad_accum, cand.stage,
+                                    "bf16" if shape.fp8_recipe else shape.precision, cand.offload_optimizer, world)
+    params, grads, optim = model_state_bytes(num_params, cand.stage, world, offload_optimizer=off_opt,
+                                             offload_param=off_par, largest_layer=model.largest_layer_params,
+                                             lp_bytes=lp, grad_accum=grad_accum, fp32_grads=fp32_grads)
+    chunked = vocab_loss.applies(shape.loss, model.model_type, model.vocab_size, cand.stage, shape.compiled)
+    layers, logits = activation_bytes(model, micro_batch, shape.seq_len, lp, cand.activation_checkpointing,
+                                      shape.compiled, "chunked" if chunked else "upcast", shape.fp8_recipe,
+                                      residual_bytes(cand.stage, lp))
     acts = layers + logits
-    d = engine_buffers(m, c, s, layers, acts, fp32_grads)
-    reserved = params + grads + optim + acts + sum(d.values())
-    d["cuda_context"] = CUDA_CONTEXT_GIB * GiB
-    if N > 1:
-        d["nccl"] = NCCL_GIB * GiB
-    total = reserved + d["cuda_context"] + d.get("nccl", 0.0)
+    buffers = engine_buffers(model, cand, shape, layers, acts, fp32_grads)
+    reserved = params + grads + optim + acts + sum(buffers.values())
+    buffers["cuda_context"] = CUDA_CONTEXT_GIB * GiB
+    if world > 1:
+        buffers["nccl"] = NCCL_GIB * GiB
+    total = reserved + buffers["cuda_context"] + buffers.get("nccl", 0.0)
     other = total - params - grads - optim - acts
-    cpu, nvme = offload_host_bytes(P, N, s.gpus_per_machine, c.offload_optimizer, c.offload_param, lp,
-                                   m.largest_layer_params)
-    cpu += s.gpus_per_machine * CPU_PER_PROCESS_GIB * GiB
-    refused = fp8_layout_problems(c.stage, c.offload_optimizer, c.offload_param) if s.fp8_recipe else []
-    why = refused[0].split(": use ")[0] if refused else why_not_fits(total, cpu, nvme, micro_batch, s)
-    detail = {"layer_activations": layers / GiB, "logits_loss": logits / GiB, **{k: v / GiB for k, v in d.items()}}
-    return Strategy(c.name, c.stage, c.offload_optimizer, c.offload_param, c.activation_checkpointing, micro_batch,
-                    grad_accum, params / GiB, grads / GiB, optim / GiB, acts / GiB, other / GiB, total / GiB,
-                    reserved / GiB, cpu / GiB, nvme / GiB, why is None,
-                    c.speed(N) * (fp8.speed(m, s.seq_len, s.fp8_recipe) if s.fp8_recipe else 1.0), why, detail)
-
+    cpu, nvme = offload_host_bytes(num_params, world, shape.gpus_per_machine, cand.offload_optimizer,
+                                   cand.offload_param, lp, model.largest_layer_params)
+    cpu += shape.gpus_per_machine * CPU_PER_PROCESS_GIB * GiB
+    refused = fp8_layout_problems(cand.stage, cand.offload_optimizer, cand.offload_param) if shape.fp8_recipe else []
+    why = refused[0].split(": use ")[0] if refused else why_not_fits(total, cpu, nvme, micro_batch, shape)
+    detail = {"layer_activations": layers / GiB, "logits_loss": logits / GiB,
+              **{k: v / GiB for k, v in buffers.items()}}
+    speed = cand.speed(world) * (fp8.speed(model, shape.seq_len, shape.fp8_recipe) if shape.fp8_recipe else 1.0)
+    return Strategy(cand.name, cand.stage, cand.offload_optimizer, cand.offload_param, cand.activation_checkpointing,
+                    micro_batch, grad_accum, params / GiB, grads / GiB, optim / GiB, acts / GiB, other / GiB,
+                    total / GiB, reserved / GiB, cpu / GiB, nvme / GiB, why is None, speed, why, detail)
 
 # ---------------------------------------------------------------------------------------------
 # the choice
@@ -505,11 +507,11 @@ def compiles_by_default(model: ModelInfo, hardware: Hardware) -> bool:
             and all(g.capability >= (7, 0) for g in hardware.gpus))
 
 
-def compiled_where_measured(s: Strategy) -> bool:
+def compiled_where_measured(strategy: Strategy) -> bool:
     """Compilation is turned on by default only with the strategies craken has run compiled on GPUs
     (no ZeRO, ZeRO-1 and ZeRO-2 without offload, docs/performance.md); stage 3 gathers parameters in
     hooks inside each layer and offload moves the step to the CPU, neither measured compiled."""
-    return s.stage <= 2 and s.offload_optimizer == "none" and s.offload_param == "none"
+    return strategy.stage <= 2 and strategy.offload_optimizer == "none" and strategy.offload_param == "none"
 
 
 def with_compile(spec):
@@ -528,18 +530,18 @@ def plan_by_default(model: ModelInfo, spec, hardware: Hardware, *, search_micro_
 
 
 def shape_of(model: ModelInfo, spec, hardware: Hardware, world: int, gpu_memory: float) -> Shape:
-    z = spec.zero
+    zero = spec.zero
     nvme_path = spec.offload.optimizer.nvme_path or spec.offload.param.nvme_path
     return Shape(
         world=world, gpus_per_machine=max(1, world // spec.cluster.num_machines), seq_len=spec.data.seq_len,
         lp=4 if spec.precision == "fp32" else 2,
         # modeling.compile_regions compiles `model.model.layers` and the loss; GPT-2/NeoX models keep
         # their layers elsewhere and run eagerly whatever the spec says.
-        compiled=spec.model.compile and model.family != "gpt", reduce_bucket=z.reduce_bucket_size,
-        overlap_comm=z.overlap_comm, prefetch_bucket=z.stage3_prefetch_bucket_size or 50_000_000,
+        compiled=spec.model.compile and model.family != "gpt", reduce_bucket=zero.reduce_bucket_size,
+        overlap_comm=zero.overlap_comm, prefetch_bucket=zero.stage3_prefetch_bucket_size or 50_000_000,
         gpu_memory=gpu_memory, cpu_memory=hardware.ram_total or None,
         nvme_free=hardware.disk_free.get(nvme_path) if nvme_path else None,
-        precision=spec.precision, fp32_grad_accum=z.fp32_grad_accum, loss=spec.model.loss,
+        precision=spec.precision, fp32_grad_accum=zero.fp32_grad_accum, loss=spec.model.loss,
         fp8_recipe=spec.fp8.recipe if spec.precision == "fp8" else None)
 
 

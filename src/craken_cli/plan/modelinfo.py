@@ -75,7 +75,7 @@ class ModelInfo:
     parallel_residual: bool = False  # GPT-NeoX: attention and MLP read the same input (both norms save it once)
     mlp_saved: int = 4  # intermediate-sized tensors the MLP saves per token (gated 4, GELU 2, GPT-2's tanh GELU 5)
     # Of those, the ones 16-bit autocast keeps in fp32: gelu_new's torch.pow is on autocast's fp32 list, so
-    # pow's input copy, tanh's output and 1 + tanh are fp32 (saved_tensors.py on an H200: 3 of 5).
+    # pow's input copy, tanh's output and 1 + tanh are fp32, 3 of 5 (found by benchmarks/saved_tensors.py).
     mlp_autocast_fp32: int = 0
     logit_softcap: bool = False  # Gemma-2's tanh cap on the logits: one more vocabulary-sized tensor (tanh's)
 
@@ -93,42 +93,42 @@ def _get(cfg: dict, key: str, family: str):
 
 
 def _llama_like(cfg: dict, model_type: str, name: str) -> ModelInfo:
-    f = model_type
-    h, layers = _get(cfg, "hidden_size", f), _get(cfg, "num_hidden_layers", f)
-    heads = _get(cfg, "num_attention_heads", f)
-    kv = _get(cfg, "num_key_value_heads", f) or heads
-    hd = _get(cfg, "head_dim", f) or h // heads
-    inter, vocab = _get(cfg, "intermediate_size", f), _get(cfg, "vocab_size", f)
-    tied = bool(_get(cfg, "tie_word_embeddings", f))
+    family = model_type
+    h, layers = _get(cfg, "hidden_size", family), _get(cfg, "num_hidden_layers", family)
+    heads = _get(cfg, "num_attention_heads", family)
+    kv = _get(cfg, "num_key_value_heads", family) or heads
+    hd = _get(cfg, "head_dim", family) or h // heads
+    inter, vocab = _get(cfg, "intermediate_size", family), _get(cfg, "vocab_size", family)
+    tied = bool(_get(cfg, "tie_word_embeddings", family))
     # Qwen2 has biases on q/k/v only; Llama has them on all four projections with attention_bias.
-    if f == "qwen2":
+    if family == "qwen2":
         qkv_bias, o_bias, mlp_bias = True, False, False
     else:
         qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
-        mlp_bias = bool(cfg.get("mlp_bias", False)) if f == "llama" else False
+        mlp_bias = bool(cfg.get("mlp_bias", False)) if family == "llama" else False
     q, k = heads * hd, kv * hd
     attn = h * q + 2 * h * k + q * h + (q + 2 * k if qkv_bias else 0) + (h if o_bias else 0)
-    if f == "qwen3":
+    if family == "qwen3":
         attn += 2 * hd  # q_norm and k_norm over head_dim
     mlp = 3 * h * inter + ((2 * inter + h) if mlp_bias else 0)
-    norms = 4 if f == "gemma2" else 2
+    norms = 4 if family == "gemma2" else 2
     per_layer = attn + mlp + norms * h
     embed = vocab * h
     total = embed + layers * per_layer + h + (0 if tied else embed)
     # Phi-3 fuses q/k/v into one projection and gate/up into another.
-    largest = max(embed, h * (q + 2 * k), 2 * h * inter) if f == "phi3" else max(embed, h * inter, h * q)
+    largest = max(embed, h * (q + 2 * k), 2 * h * inter) if family == "phi3" else max(embed, h * inter, h * q)
     return ModelInfo(name, model_type, "llama", total, layers, h, heads, kv, hd, inter, vocab, tied, largest,
                      embed if tied else 2 * embed, dropout=float(cfg.get("resid_pdrop") or 0.0),
-                     norms_per_layer=norms, fused_qkv=f == "phi3",
-                     logit_softcap=bool(_get(cfg, "final_logit_softcapping", f)) if f == "gemma2" else False)
+                     norms_per_layer=norms, fused_qkv=family == "phi3",
+                     logit_softcap=bool(_get(cfg, "final_logit_softcapping", family)) if family == "gemma2" else False)
 
 
 def _gpt2(cfg: dict, name: str) -> ModelInfo:
-    f = "gpt2"
-    h, layers, heads = _get(cfg, "n_embd", f), _get(cfg, "n_layer", f), _get(cfg, "n_head", f)
-    inner = _get(cfg, "n_inner", f) or 4 * h
-    vocab, pos = _get(cfg, "vocab_size", f), _get(cfg, "n_positions", f)
-    tied = bool(_get(cfg, "tie_word_embeddings", f))
+    family = "gpt2"
+    h, layers, heads = _get(cfg, "n_embd", family), _get(cfg, "n_layer", family), _get(cfg, "n_head", family)
+    inner = _get(cfg, "n_inner", family) or 4 * h
+    vocab, pos = _get(cfg, "vocab_size", family), _get(cfg, "n_positions", family)
+    tied = bool(_get(cfg, "tie_word_embeddings", family))
     per_layer = 2 * h + (h * 3 * h + 3 * h) + (h * h + h) + 2 * h + (h * inner + inner) + (inner * h + h)
     embed = vocab * h
     total = embed + pos * h + layers * per_layer + 2 * h + (0 if tied else embed)
@@ -137,25 +137,25 @@ def _gpt2(cfg: dict, name: str) -> ModelInfo:
     activation = cfg.get("activation_function", "gelu_new")
     tanh_gelu = activation in ("gelu_new", "gelu_fast")
     return ModelInfo(name, "gpt2", "gpt", total, layers, h, heads, heads, h // heads, inner, vocab, tied, largest,
-                     embed if tied else 2 * embed, dropout=float(_get(cfg, "resid_pdrop", f)), fused_qkv=True,
+                     embed if tied else 2 * embed, dropout=float(_get(cfg, "resid_pdrop", family)), fused_qkv=True,
                      rotary=False, mlp_saved=5 if tanh_gelu else 2,
                      mlp_autocast_fp32=3 if activation == "gelu_new" else 0)
 
 
 def _gpt_neox(cfg: dict, name: str) -> ModelInfo:
-    f = "gpt_neox"
-    h, layers = _get(cfg, "hidden_size", f), _get(cfg, "num_hidden_layers", f)
-    heads, inter = _get(cfg, "num_attention_heads", f), _get(cfg, "intermediate_size", f)
-    vocab = _get(cfg, "vocab_size", f)
-    tied = bool(_get(cfg, "tie_word_embeddings", f))
-    bias = bool(_get(cfg, "attention_bias", f))
+    family = "gpt_neox"
+    h, layers = _get(cfg, "hidden_size", family), _get(cfg, "num_hidden_layers", family)
+    heads, inter = _get(cfg, "num_attention_heads", family), _get(cfg, "intermediate_size", family)
+    vocab = _get(cfg, "vocab_size", family)
+    tied = bool(_get(cfg, "tie_word_embeddings", family))
+    bias = bool(_get(cfg, "attention_bias", family))
     attn = h * 3 * h + h * h + ((3 * h + h) if bias else 0)
     per_layer = 4 * h + attn + (h * inter + inter) + (inter * h + h)
     embed = vocab * h
     total = embed + layers * per_layer + 2 * h + (0 if tied else embed)
     largest = max(embed, h * inter + inter, 3 * h * h + (3 * h if bias else 0))
     return ModelInfo(name, "gpt_neox", "gpt", total, layers, h, heads, heads, h // heads, inter, vocab, tied,
-                     largest, embed if tied else 2 * embed, dropout=float(_get(cfg, "hidden_dropout", f)),
+                     largest, embed if tied else 2 * embed, dropout=float(_get(cfg, "hidden_dropout", family)),
                      fused_qkv=True, mlp_saved=2, parallel_residual=bool(cfg.get("use_parallel_residual", True)))
 
 

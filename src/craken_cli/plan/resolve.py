@@ -26,20 +26,21 @@ class Decisions:
 
 def hardware_values(spec, hw: Hardware) -> tuple[dict, Decisions]:
     """Dotted path -> value for everything left to craken, with a reason for each."""
-    d = Decisions()
-    c = spec.cluster
-    use_cpu = c.use_cpu
+    decisions = Decisions()
+    cluster = spec.cluster
+    use_cpu = cluster.use_cpu
     if use_cpu is None:
         use_cpu = hw.gpu_count == 0
-        d.made["cluster.use_cpu"] = (use_cpu, "no GPU found" if use_cpu else f"{hw.gpu_count} GPU(s) found")
-    num = c.num_processes
+        decisions.made["cluster.use_cpu"] = (use_cpu, "no GPU found" if use_cpu else f"{hw.gpu_count} GPU(s) found")
+    num = cluster.num_processes
     if num is None and not use_cpu and not hw.gpu_count:
-        return {}, d  # GPUs asked for, none here: hardware_problems says so, nothing to fill from
+        return {}, decisions  # GPUs asked for, none here: hardware_problems says so, nothing to fill from
     if num is None:
         per_machine = CPU_PROCESSES if use_cpu else hw.gpu_count
-        num = per_machine * c.num_machines
-        d.made["cluster.num_processes"] = (
-            num, f"{per_machine} {'CPU process' if use_cpu else 'GPU'}(s) per machine x {c.num_machines} machine(s)")
+        num = per_machine * cluster.num_machines
+        decisions.made["cluster.num_processes"] = (
+            num, f"{per_machine} {'CPU process' if use_cpu else 'GPU'}(s) per machine x {cluster.num_machines} "
+                 "machine(s)")
     precision = spec.precision
     if precision == "auto" and (use_cpu or hw.gpu_count):  # GPUs asked for, none here: hardware_problems says so
         if use_cpu:
@@ -49,21 +50,22 @@ def hardware_values(spec, hw: Hardware) -> tuple[dict, Decisions]:
         else:
             old = next(g for g in hw.gpus if not g.bf16)
             precision, why = "fp16", f"{old.name} (compute capability {old.capability[0]}.{old.capability[1]}) has no bf16"
-            d.warnings.append(f"precision auto -> fp16: {why}; fp16 uses loss scaling and can overflow, "
+            decisions.warnings.append(f"precision auto -> fp16: {why}; fp16 uses loss scaling and can overflow, "
                               "watch for skipped steps")
-        d.made["precision"] = (precision, why)
-    if c.rdzv_backend is None:
-        backend = "c10d" if c.max_restarts else "static"
-        d.made["cluster.rdzv_backend"] = (backend, "restarts need c10d" if c.max_restarts else "one rendezvous")
+        decisions.made["precision"] = (precision, why)
+    if cluster.rdzv_backend is None:
+        backend = "c10d" if cluster.max_restarts else "static"
+        rendezvous = "restarts need c10d" if cluster.max_restarts else "one rendezvous"
+        decisions.made["cluster.rdzv_backend"] = (backend, rendezvous)
     if spec.optimizer.fused is None:
-        d.made["optimizer.fused"] = (False, "torch AdamW (fused kernel on GPU): no DeepSpeed op to build")
+        decisions.made["optimizer.fused"] = (False, "torch AdamW (fused kernel on GPU): no DeepSpeed op to build")
     if spec.zero.stage == 3:
         for key, value in STAGE3_DEFAULTS.items():
             if getattr(spec.zero, key) is None:
-                d.made[f"zero.{key}"] = (value, "stage 3 default")
-    d.made.update(_batch_values(spec.batch, num))
-    d.made.update(bucket_values(spec))
-    return {k: v for k, (v, _) in d.made.items()}, d
+                decisions.made[f"zero.{key}"] = (value, "stage 3 default")
+    decisions.made.update(_batch_values(spec.batch, num))
+    decisions.made.update(bucket_values(spec))
+    return {k: v for k, (v, _) in decisions.made.items()}, decisions
 
 
 def _batch_values(batch, num: int) -> dict[str, tuple[object, str]]:
@@ -88,8 +90,8 @@ def bucket_values(spec) -> dict[str, tuple[object, str]]:
     """ZeRO buckets given as "auto": from the model's hidden size, as the HF Trainer fills them."""
     from ..config.importers import hidden_size_buckets
 
-    z = spec.zero
-    autos = [k for k in AUTO_BUCKETS if getattr(z, k) == "auto"]
+    zero = spec.zero
+    autos = [k for k in AUTO_BUCKETS if getattr(zero, k) == "auto"]
     if not autos:
         return {}
     from .modelinfo import model_info
@@ -112,16 +114,16 @@ def hardware_problems(spec, hw: Hardware) -> list[str]:
     """What the resolved spec asks of this machine that it cannot give."""
     from ..train import fp8
 
-    c = spec.cluster
-    out = fp8.problems(spec.precision, bool(c.use_cpu), hw.gpus)
-    if not c.use_cpu:
+    cluster = spec.cluster
+    out = fp8.problems(spec.precision, bool(cluster.use_cpu), hw.gpus)
+    if not cluster.use_cpu:
         if hw.gpu_count == 0:
             out.append("GPU training was asked for (--cpu false) but no GPU was found: drop it to train on CPU")
         else:
-            per_machine = c.num_processes // c.num_machines
+            per_machine = cluster.num_processes // cluster.num_machines
             if per_machine > hw.gpu_count:
                 out.append(f"{per_machine} processes per machine but only {hw.gpu_count} GPU(s) here: "
-                           f"set --num-processes {hw.gpu_count * c.num_machines} or fewer")
+                           f"set --num-processes {hw.gpu_count * cluster.num_machines} or fewer")
             if spec.precision == "bf16" and not hw.all_bf16:
                 old = next(g for g in hw.gpus if not g.bf16)
                 out.append(f"bf16 was asked for but {old.name} (compute capability "

@@ -249,8 +249,8 @@ def _subtitle(metrics: Metrics) -> str:
     start = metrics.start or {}
     parts = [str(start.get(k)) for k in ("strategy", "precision") if start.get(k)]
     if start.get("device"):
-        n = start.get("num_processes")
-        parts.append(f"{start['device']}" + (f" x {n}" if n else ""))
+        processes = start.get("num_processes")
+        parts.append(f"{start['device']}" + (f" x {processes}" if processes else ""))
     # the run's name first: plots of several runs side by side are told apart by it
     return f"run {metrics.path.parent.name}" + (f": {', '.join(parts)}" if parts else "")
 

@@ -52,11 +52,11 @@ def prepared_summary(prepared) -> list[str]:
     return summary_lines(spec, prepared.resolved.sources, prepared.run_dir, params, prepared.resume_from)
 
 
-def _count(n: int) -> str:
+def _count(number: int) -> str:
     for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if n >= scale:
-            return f"{n / scale:.1f}{unit}"
-    return str(n)
+        if number >= scale:
+            return f"{number / scale:.1f}{unit}"
+    return str(number)
 
 
 def _strategy(spec) -> str:

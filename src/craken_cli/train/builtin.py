@@ -24,12 +24,12 @@ def is_builtin(name: str | None) -> bool:
     return bool(name) and name.startswith("builtin:")
 
 
-def pattern_lines(n: int, seed: int = 1234) -> list[str]:
-    """`n` lines of the pattern language, e.g. 'count 7 by 3 : 7 10 13 16 19 22 25 28'."""
+def pattern_lines(count: int, seed: int = 1234) -> list[str]:
+    """`count` lines of the pattern language, e.g. 'count 7 by 3 : 7 10 13 16 19 22 25 28'."""
     rng = random.Random(seed)
     words = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "fish", "bird"]
     lines = []
-    for _ in range(n):
+    for _ in range(count):
         kind = rng.random()
         if kind < 0.5:
             start, step = rng.randint(0, 50), rng.randint(1, 5)
@@ -44,8 +44,8 @@ def pattern_lines(n: int, seed: int = 1234) -> list[str]:
     return lines
 
 
-def dataset_records(n: int = 4000, seed: int = 1234) -> dict[str, list[str]]:
-    return {"text": pattern_lines(n, seed)}
+def dataset_records(count: int = 4000, seed: int = 1234) -> dict[str, list[str]]:
+    return {"text": pattern_lines(count, seed)}
 
 
 def build_tokenizer():

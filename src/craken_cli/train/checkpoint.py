@@ -84,8 +84,8 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 
 def step_of(path: Path) -> int | None:
-    m = _NAME.match(Path(path).name)
-    return int(m.group(1)) if m else None
+    parsed = _NAME.match(Path(path).name)
+    return int(parsed.group(1)) if parsed else None
 
 
 def manifest(root: Path) -> dict[str, int]:
@@ -183,11 +183,11 @@ def problems(path: Path, verify: bool = False) -> list[str]:
         return [f"{STATE_FILE} has no valid file manifest"]
     out = []
     for rel, size in files.items():
-        f = path / rel
-        if not f.is_file():
+        file = path / rel
+        if not file.is_file():
             out.append(f"{rel} is missing")
-        elif f.stat().st_size != size:
-            out.append(f"{rel} has {f.stat().st_size} bytes, {size} were written")
+        elif file.stat().st_size != size:
+            out.append(f"{rel} has {file.stat().st_size} bytes, {size} were written")
     return out or (content_problems(path, raw) if verify else [])
 
 

@@ -73,13 +73,13 @@ def load_records(spec, streaming: bool = False):
     """The raw records (a `datasets.Dataset`, or IterableDataset when streaming) and their format."""
     import datasets
 
-    d = spec.data
-    if builtin.is_builtin(d.dataset):
-        raw = datasets.Dataset.from_dict(builtin.dataset_records(builtin_lines(d.seq_len), seed=spec.train.seed))
+    data = spec.data
+    if builtin.is_builtin(data.dataset):
+        raw = datasets.Dataset.from_dict(builtin.dataset_records(builtin_lines(data.seq_len), seed=spec.train.seed))
         if streaming:
             raw = raw.to_iterable_dataset(num_shards=8)
     else:
-        path = Path(d.dataset).expanduser()
+        path = Path(data.dataset).expanduser()
         if path.exists():
             builder, files = local_data_files(path)
             try:
@@ -87,18 +87,18 @@ def load_records(spec, streaming: bool = False):
             except Exception as exc:  # datasets names neither file nor line of a corrupt record
                 where = corrupt_json_line(files)
                 raise DataError(f"--dataset {where}: fix or remove that line" if where else
-                                f"--dataset {d.dataset}: cannot be read ({exc.__class__.__name__}: "
+                                f"--dataset {data.dataset}: cannot be read ({exc.__class__.__name__}: "
                                 f"{str(exc).splitlines()[0] if str(exc) else ''}); fix the file") from exc
         else:
-            raw = datasets.load_dataset(d.dataset, split=d.split, streaming=streaming)
-    if d.max_samples is not None:
-        raw = raw.take(d.max_samples) if streaming else raw.select(range(min(d.max_samples, len(raw))))
+            raw = datasets.load_dataset(data.dataset, split=data.split, streaming=streaming)
+    if data.max_samples is not None:
+        raw = raw.take(data.max_samples) if streaming else raw.select(range(min(data.max_samples, len(raw))))
     columns = list(raw.column_names or raw.features or [])
-    fmt = d.format if d.format != "auto" else formats.detect(columns, d.text_column)
-    problem = formats.format_problem(d.format, columns, d.text_column, d.dataset)
+    fmt = data.format if data.format != "auto" else formats.detect(columns, data.text_column)
+    problem = formats.format_problem(data.format, columns, data.text_column, data.dataset)
     if problem:
         raise DataError(problem)
-    return raw.select_columns([c for c in formats.columns_of(fmt, d.text_column) if c in columns]), fmt
+    return raw.select_columns([c for c in formats.columns_of(fmt, data.text_column) if c in columns]), fmt
 
 
 def chat_template(spec, tokenizer) -> str | None:
@@ -141,8 +141,8 @@ class Built:
 
 def encoder_for(spec, tokenizer, fmt: str) -> formats.Encoder:
     template = chat_template(spec, tokenizer) if fmt == "chat" else None
-    d = spec.data
-    return formats.Encoder(tokenizer, fmt, d.seq_len, d.overlong, d.text_column, template)
+    data = spec.data
+    return formats.Encoder(tokenizer, fmt, data.seq_len, data.overlong, data.text_column, template)
 
 
 def build(spec, tokenizer) -> Built:
@@ -220,14 +220,15 @@ def tokenizer_digest(tokenizer) -> str:
 
 def cache_key(spec, tokenizer) -> str | None:
     """The cache entry of this data set, tokenizer and packing; None when not cached (built-in or hub data)."""
-    d = spec.data
-    path = Path(d.dataset).expanduser()
-    if builtin.is_builtin(d.dataset) or not path.exists():
+    data = spec.data
+    path = Path(data.dataset).expanduser()
+    if builtin.is_builtin(data.dataset) or not path.exists():
         return None
     files = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in data_files(spec)]
     fields = {"version": CACHE_VERSION, "files": files, "tokenizer": tokenizer_digest(tokenizer),
-              "format": d.format, "text_column": d.text_column, "template": formats.template_text(d.chat_template),
-              "seq_len": d.seq_len, "overlong": d.overlong, "packing": d.packing, "max_samples": d.max_samples}
+              "format": data.format, "text_column": data.text_column,
+              "template": formats.template_text(data.chat_template), "seq_len": data.seq_len,
+              "overlong": data.overlong, "packing": data.packing, "max_samples": data.max_samples}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
 
 

@@ -69,8 +69,8 @@ def plain_optimizer(spec, param_groups):
     """torch's fused AdamW on the fp32 master weights."""
     import torch
 
-    o = spec.optimizer
-    return torch.optim.AdamW(param_groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=True)
+    settings = spec.optimizer
+    return torch.optim.AdamW(param_groups, lr=settings.lr, betas=settings.betas, eps=settings.eps, fused=True)
 
 
 def materialize_states(optimizer) -> None:

@@ -52,31 +52,31 @@ def converts(out_features: int, in_features: int, recipe: str) -> bool:
     return not (k <= 4096 and n <= 1024)
 
 
-def layer_linears(m) -> list[tuple[int, int]]:
+def layer_linears(model) -> list[tuple[int, int]]:
     """(out, in) features of a Llama-family decoder layer's Linears (`modelinfo.ModelInfo`)."""
-    q, kv = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
-    h, f = m.hidden_size, m.intermediate_size
+    q, kv = model.num_heads * model.head_dim, model.num_kv_heads * model.head_dim
+    h, f = model.hidden_size, model.intermediate_size
     return [(q, h), (kv, h), (kv, h), (h, q), (f, h), (f, h), (h, f)]
 
 
-def converted_share(m, recipe: str) -> float:
+def converted_share(model, recipe: str) -> float:
     """Share of a decoder layer's Linear weights (and FLOPs) that convert; 0 outside the Llama family,
     whose layers `layer_linears` does not describe."""
-    if m.family != "llama":
+    if model.family != "llama":
         return 0.0
-    linears = layer_linears(m)
+    linears = layer_linears(model)
     return sum(n * k for n, k in linears if converts(n, k, recipe)) / sum(n * k for n, k in linears)
 
 
-def speed(m, seq_len: int, recipe: str) -> float:
-    """Predicted tokens/s of FP8 against bf16 for model `m`: the converted FLOPs' share runs GEMM_GAIN
+def speed(model, seq_len: int, recipe: str) -> float:
+    """Predicted tokens/s of FP8 against bf16 for `model`: the converted FLOPs' share runs GEMM_GAIN
     faster (Amdahl), the output layer and the attention scores (FLOPs counted as the loop's MFU counts
     them: 6 per weight and token, 12 L h s for the scores) as in bf16."""
-    weights = converted_share(m, recipe)
+    weights = converted_share(model, recipe)
     if not weights:
         return 1.0
-    layer_flops = m.num_layers * sum(n * k for n, k in layer_linears(m))
-    total = layer_flops + m.vocab_size * m.hidden_size + 2 * m.num_layers * m.hidden_size * seq_len
+    layer_flops = model.num_layers * sum(n * k for n, k in layer_linears(model))
+    total = layer_flops + model.vocab_size * model.hidden_size + 2 * model.num_layers * model.hidden_size * seq_len
     share = weights * layer_flops / total
     return 1.0 / (1.0 - share + share / GEMM_GAIN[recipe])
 
@@ -94,9 +94,9 @@ def problems(precision: str, use_cpu: bool, gpus) -> list[str]:
     else:
         old = [g for g in gpus if not g.fp8]
         if old:
-            g = old[0]
-            out.append(f"precision fp8 needs compute capability {need} or newer; {g.name} has "
-                       f"{g.capability[0]}.{g.capability[1]} (no float8 tensor cores): use --precision bf16")
+            first = old[0]
+            out.append(f"precision fp8 needs compute capability {need} or newer; {first.name} has "
+                       f"{first.capability[0]}.{first.capability[1]} (no float8 tensor cores): use --precision bf16")
     return out
 
 

@@ -91,13 +91,13 @@ def _autograd_function():
         @staticmethod
         def forward(ctx, hidden, weight, labels, chunk, scale, step):
             compute = hidden.dtype
-            w = weight.to(compute)
+            cast_weight = weight.to(compute)
             grad_hidden = torch.empty_like(hidden)
             grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             for start in range(0, hidden.shape[0], chunk):
                 part = slice(start, start + chunk)
-                loss_sum, g_hidden, g_weight = step(hidden[part], w, labels[part], scale)
+                loss_sum, g_hidden, g_weight = step(hidden[part], cast_weight, labels[part], scale)
                 total += loss_sum
                 grad_hidden[part] = g_hidden
                 grad_weight += g_weight
@@ -128,8 +128,9 @@ def chunked_cross_entropy(hidden, weight, labels, *, chunk: int | None = None, n
     grad_step, loss_step = compiled or (_chunk_grads, _chunk_loss)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _autograd_function().apply(hidden, weight, labels, chunk, scale, grad_step)
-    w = weight.to(hidden.dtype)
-    total = sum(loss_step(hidden[s:s + chunk], w, labels[s:s + chunk]) for s in range(0, hidden.shape[0], chunk))
+    cast_weight = weight.to(hidden.dtype)
+    total = sum(loss_step(hidden[start:start + chunk], cast_weight, labels[start:start + chunk])
+                for start in range(0, hidden.shape[0], chunk))
     return total * scale
 
 

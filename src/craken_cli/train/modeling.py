@@ -104,30 +104,31 @@ def load_model(spec, tokenizer, device=None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    m = spec.model
+    model_spec = spec.model
     where = torch.device(device) if device is not None else nullcontext()
     dtype = {"dtype": train_dtype(spec, device)}
-    if builtin.is_builtin(m.name_or_path):
+    if builtin.is_builtin(model_spec.name_or_path):
         with where:
             model = AutoModelForCausalLM.from_config(builtin.model_config(tokenizer),
-                                                     attn_implementation=m.attn_implementation, **dtype)
-    elif has_no_weights(m.name_or_path):
+                                                     attn_implementation=model_spec.attn_implementation, **dtype)
+    elif has_no_weights(model_spec.name_or_path):
         # A folder with only config.json: train from scratch (random weights), e.g. a new shape.
         from transformers import AutoConfig
 
-        cfg = AutoConfig.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
+        cfg = AutoConfig.from_pretrained(model_spec.name_or_path, trust_remote_code=model_spec.trust_remote_code)
         with where:
-            model = AutoModelForCausalLM.from_config(cfg, attn_implementation=m.attn_implementation,
-                                                     trust_remote_code=m.trust_remote_code, **dtype)
+            model = AutoModelForCausalLM.from_config(cfg, attn_implementation=model_spec.attn_implementation,
+                                                     trust_remote_code=model_spec.trust_remote_code, **dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(
-            m.name_or_path, attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code, **dtype)
+            model_spec.name_or_path, attn_implementation=model_spec.attn_implementation,
+            trust_remote_code=model_spec.trust_remote_code, **dtype)
     # Training never reads a KV cache. Left on, transformers builds one in every forward, and each
     # compiled decoder layer then guards on its own cache slot: dynamo recompiles per layer, stops at
     # its recompile limit (8) and runs the remaining layers eagerly (measured on one H100: 50,137
     # instead of the compiled speed, with warnings about past_key_values).
     model.config.use_cache = False
-    if m.activation_checkpointing:
+    if model_spec.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 

@@ -18,16 +18,16 @@ SCHEDULERS = {"cosine": "WarmupCosineLR", "linear": "WarmupDecayLR", "constant":
 def deepspeed_block(spec) -> dict:
     """The `scheduler` block of the DeepSpeed JSON. DeepSpeed refuses 0 warm-up steps, so no warm-up
     is written as one step that starts at the full lr."""
-    s, lr, total = spec.schedule, spec.optimizer.lr, spec.train.max_steps
-    warmup = min(s.warmup_steps, total)
+    schedule, lr, total = spec.schedule, spec.optimizer.lr, spec.train.max_steps
+    warmup = min(schedule.warmup_steps, total)
     start = 0.0 if warmup else 1.0  # share of lr at step 0
     warmup = max(1, warmup)
-    if s.kind == "cosine":
+    if schedule.kind == "cosine":
         return {"type": "WarmupCosineLR", "params": {
             "total_num_steps": total, "warmup_num_steps": warmup, "warmup_min_ratio": start,
-            "cos_min_ratio": s.min_lr_ratio, "warmup_type": "linear"}}
+            "cos_min_ratio": schedule.min_lr_ratio, "warmup_type": "linear"}}
     params = {"warmup_num_steps": warmup, "warmup_min_lr": start * lr, "warmup_max_lr": lr, "warmup_type": "linear"}
-    if s.kind == "linear":
+    if schedule.kind == "linear":
         return {"type": "WarmupDecayLR", "params": {"total_num_steps": total, **params}}
     return {"type": "WarmupLR", "params": params}
 
