@@ -81,3 +81,27 @@ def test_the_builtin_names_are_written_once():
         where = [module for module, tree in modules().items()
                  for node in ast.walk(tree) if isinstance(node, ast.Constant) and node.value == name]
         assert where == ["craken_cli.config.spec"], (name, where)
+
+
+def _checks(node, checking: set[str]) -> bool:
+    """An assert, a `with pytest.raises/warns`, pytest.fail/skip, a call of an assert_* function or of a
+    helper (by name) that checks."""
+    for n in ast.walk(node):
+        if isinstance(n, ast.Assert):
+            return True
+        if isinstance(n, ast.Call):
+            name = getattr(n.func, "attr", getattr(n.func, "id", ""))
+            if name in {"raises", "warns", "fail", "skip"} or name.startswith("assert") or name in checking:
+                return True
+    return False
+
+
+def test_every_test_checks_something():
+    """A test with nothing that can fail passes whatever the code does (issue 22)."""
+    trees = [ast.parse(p.read_text()) for p in sorted(Path(__file__).parent.glob("*.py"))]
+    functions = [n for t in trees for n in ast.walk(t) if isinstance(n, ast.FunctionDef)]
+    checking: set[str] = set()
+    for _ in range(3):  # helpers calling helpers
+        checking |= {f.name for f in functions if not f.name.startswith("test_") and _checks(f, checking)}
+    silent = [f.name for f in functions if f.name.startswith("test_") and not _checks(f, checking)]
+    assert silent == []

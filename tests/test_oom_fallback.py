@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from craken_cli.plan import hardware
+from craken_cli.plan import datasize, hardware
 from craken_cli.launch import command as launch
 from craken_cli.errors import CrakenError
 from craken_cli.config.options import SpecArgs
@@ -95,9 +95,23 @@ def test_no_oom_fallback_reports_the_failure(tmp_path, monkeypatch, one_h100, ll
 
 
 def test_every_strategy_out_of_memory_ends_with_one_message(tmp_path, monkeypatch, one_h100, llama_1b):
+    """Every (strategy, micro-batch) the planner predicts to fit is launched and runs out of memory."""
     monkeypatch.chdir(tmp_path)
+    # Each relaunch counts the built-in data set's blocks twice (--auto's micro-batch cap, preflight),
+    # tokenizing it each time (36 s of this test): counted once per data section here, as it is the same.
+    counted, count = {}, datasize.rows_and_report
+
+    def count_once(spec):
+        key = (spec.data.model_dump_json(), spec.model.tokenizer)
+        if key not in counted:
+            counted[key] = count(spec)
+        return counted[key]
+
+    monkeypatch.setattr(datasize, "rows_and_report", count_once)
+    launched = []
 
     def fake_run(argv, env, keep_fds=()):
+        launched.append(strategy(tmp_path / "runs" / "oom"))
         (tmp_path / "runs" / "oom" / "oom-rank0.json").write_text(json.dumps({"step": 1, "rank": 0}))
         return 4
 
@@ -105,6 +119,8 @@ def test_every_strategy_out_of_memory_ends_with_one_message(tmp_path, monkeypatc
     with pytest.raises(CrakenError) as exc:
         execute(prepare(request(llama_1b), environ={}))
     assert "no slower strategy" in str(exc.value) and "craken plan" in str(exc.value)
+    assert len(set(launched)) == len(launched) > 1  # never the same setting twice
+    assert launched[0][0] == 0 and launched[-1][:3] == (3, "cpu", "cpu")  # the fastest first, the last resort last
 
 
 def compiled_and_micro_batch(run_dir: Path) -> tuple:
