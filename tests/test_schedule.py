@@ -32,8 +32,10 @@ def _deepspeed_scheduler(block: dict, optimizer):
     return getattr(lr_schedules, block["type"])(optimizer, **block["params"])
 
 
-@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
-@pytest.mark.parametrize("warmup, total", [(0, 20), (1, 20), (2, 20), (5, 20), (10, 12), (30, 20), (10, 200)])
+@pytest.mark.parametrize("kind, warmup, total", [  # linear without warm-up is refused (test below)
+    (kind, warmup, total) for kind in ("cosine", "linear", "constant")
+    for warmup, total in [(0, 20), (1, 20), (2, 20), (5, 20), (10, 12), (30, 20), (10, 200)]
+    if (kind, warmup) != ("linear", 0)])
 def test_plain_engine_lr_equals_deepspeeds_at_every_step(kind, warmup, total):
     spec = _spec(kind, warmup, total)
     block = schedule.deepspeed_block(spec)
@@ -98,15 +100,18 @@ def _deepspeeds_scheduler_from_file(path, optimizer):
     return DeepSpeedEngine._scheduler_from_config(holder, optimizer)
 
 
-LINEAR_WITHOUT_WARMUP = pytest.mark.xfail(strict=True, reason=(
-    "schedule.deepspeed_block writes no warm-up as warmup_min_lr = lr, which WarmupDecayLR also decays to: "
-    "linear with warmup_steps 0 keeps the full lr to the end on both engines (src/craken_cli/train/schedule.py)"))
+def test_linear_without_warmup_is_refused_before_anything_is_written(craken, workdir):
+    """DeepSpeed's WarmupDecayLR decays to the lr its warm-up starts from, so linear with no warm-up
+    (start = lr) would keep the full lr to the end on both engines: refused, naming the fix."""
+    result = craken("config", "render", "--cpu", "--set", "schedule.kind=linear", "--set", "schedule.warmup_steps=0",
+                    "--out", "cfg")
+    assert result.code == 2 and "schedule.warmup_steps to 1 or more" in result.output, result.output
+    assert not (workdir / "cfg").exists()
 
 
 @pytest.mark.parametrize("kind, warmup, total", [
-    (kind, warmup, total) if (kind, warmup) != ("linear", 0) else pytest.param(
-        kind, warmup, total, marks=LINEAR_WITHOUT_WARMUP)
-    for kind in ("cosine", "linear") for warmup, total in [(0, 16), (1, 16), (4, 16), (10, 12)]])
+    (kind, warmup, total) for kind in ("cosine", "linear") for warmup, total in [(0, 16), (1, 16), (4, 16), (10, 12)]
+    if (kind, warmup) != ("linear", 0)])
 def test_rendered_ds_config_and_the_plain_engine_step_the_same_lr(craken, workdir, kind, warmup, total):
     """End to end on both sides: `craken config render` writes ds_config.json, DeepSpeed's own config
     parser and scheduler factory build the scheduler from that file; the same run at ZeRO-0 on a GPU (the
@@ -148,3 +153,33 @@ def test_rendered_ds_config_and_the_plain_engine_step_the_same_lr(craken, workdi
         assert engine.lr() == pytest.approx(ds_opt.param_groups[0]["lr"], rel=1e-9, abs=1e-15), step
     # and it is the schedule asked for: cosine ends at min_lr_ratio, linear at 0 (min_lr_ratio is cosine's)
     assert engine.lr() == pytest.approx(0.1 * LR if kind == "cosine" else 0.0, abs=1e-12)
+
+
+def _imported(block: dict, stage: int) -> RunSpec:
+    return RunSpec.model_validate({"optimizer": {"lr": LR}, "train": {"max_steps": 40}, "zero": {"stage": stage},
+                                   "precision": "bf16", "cluster": {"num_processes": 1, "use_cpu": stage != 0},
+                                   "deepspeed": {"extra": {"scheduler": block}}})
+
+
+def test_an_imported_scheduler_block_is_what_both_engines_run():
+    """A user's WarmupDecayLR (imported verbatim, "auto" filled from the run) is the block the rendered
+    file holds and the block the plain engine steps: not craken's own schedule."""
+    block = {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 1e-5, "warmup_max_lr": "auto",
+                                                 "warmup_num_steps": 5, "total_num_steps": "auto",
+                                                 "warmup_type": "linear"}}
+    spec = _imported(block, 0)
+    ran = schedule.run_block(spec)
+    assert ran["params"]["warmup_max_lr"] == LR and ran["params"]["total_num_steps"] == 40
+    assert deepspeed_config(_imported(block, 2))["scheduler"] == ran
+    factor = schedule.lr_lambda(ran, LR)
+    assert factor(1) * LR == pytest.approx(1e-5) and factor(41) * LR == pytest.approx(1e-5)
+    assert ran != schedule.deepspeed_block(spec)
+
+
+def test_an_imported_scheduler_the_plain_engine_cannot_run_is_refused_before_launch():
+    from craken_cli.launch import preflight
+
+    one_cycle = {"type": "OneCycle", "params": {"cycle_min_lr": 1e-5, "cycle_max_lr": 1e-3}}
+    problems = preflight.schedule_problems(_imported(one_cycle, 0))
+    assert len(problems) == 1 and "OneCycle" in problems[0] and "--zero 1" in problems[0]
+    assert preflight.schedule_problems(_imported(one_cycle, 2)) == []  # DeepSpeed runs it itself

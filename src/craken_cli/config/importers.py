@@ -576,8 +576,8 @@ def _deliberate(cfg: dict, stated: dict, parsed, origin: str, fused: bool) -> li
                      "zero.gather_16bit_weights_on_save: false to skip it")
     if stage == 0:
         notes.append(f"{origin}: zero_optimization.stage=0: on GPUs craken trains stage 0 without DeepSpeed (plain "
-                     "Accelerate DDP, measured faster), where deepspeed.extra does not apply; CPU processes keep "
-                     "DeepSpeed (--zero 1 keeps DeepSpeed on GPUs)")
+                     "Accelerate DDP, measured faster), where deepspeed.extra does not apply but for its scheduler "
+                     "block; CPU processes keep DeepSpeed (--zero 1 keeps DeepSpeed on GPUs)")
     if parsed.bfloat16_config.enabled is False and parsed.float16_config.enabled is False and not any(
             stated.get(k) == "auto" for k in ("bf16.enabled", "fp16.enabled")):
         notes.append(f"{origin}: neither bf16 nor fp16 is enabled: DeepSpeed trains in fp32, imported as precision "

@@ -207,7 +207,7 @@ class ZeroSection(Section):
     allgather_bucket_size: Count = Field(500_000_000, ge=0, description="Elements gathered at once (stage 1-2).")
     fp32_grad_accum: bool | None = Field(
         None, description="Accumulate gradients in fp32 through DeepSpeed's BF16 optimizer: exact over any number "
-        "of accumulation steps and faster on one GPU (ZeRO-1 1.07x on one H200, docs/performance.md), for more "
+        "of accumulation steps and faster on one GPU (docs/performance.md), for more "
         "memory: each GPU keeps the whole model's gradients in 16 and 32 bits (6 bytes per parameter, 6/N with the "
         "ZeRO optimizer; 1.3 GiB more for 1.1B on one GPU). ZeRO-1 with bf16 and no optimizer offload only. "
         "Unset: on with one process; with several it all-reduces fp32 gradients after the backward (4x the bytes of the 16-bit "
@@ -337,7 +337,7 @@ DEEPSPEED_FIELDS = {
 class Fp8Section(Section):
     recipe: Literal["tensorwise", "rowwise"] = Field(
         "tensorwise", description="torchao float8 scaling under --precision fp8: tensorwise (one scale per tensor; "
-        "1.22x bf16 on one H200) or rowwise (one per row; more accurate, 1.07x)."
+        "the faster) or rowwise (one per row; more accurate, slower: docs/performance.md)."
     )
 
 
@@ -428,51 +428,56 @@ def fp32_grad_accum_on(setting: bool | None, stage: int, precision: str, offload
 def cross_field_problems(spec: RunSpec) -> list[str]:
     """Every cross-field inconsistency, each phrased as what to change."""
     out: list[str] = []
-    z, off, b, c = spec.zero, spec.offload, spec.batch, spec.cluster
-    for name, target in (("optimizer", off.optimizer), ("param", off.param)):
+    zero, offload, batch, cluster = spec.zero, spec.offload, spec.batch, spec.cluster
+    for name, target in (("optimizer", offload.optimizer), ("param", offload.param)):
         if target.device == "nvme" and not target.nvme_path:
             out.append(f"offload.{name}.device is nvme but offload.{name}.nvme_path is empty: set --nvme-path DIR")
         if target.device != "nvme" and target.nvme_path:
             out.append(f"offload.{name}.nvme_path is set but offload.{name}.device is {target.device}: "
                        f"use --offload-{name} nvme or drop the path")
-    if off.param.device != "none" and z.stage != 3:
-        out.append(f"parameter offload needs ZeRO stage 3, got stage {z.stage}: use --zero 3 or --offload-param none")
-    if off.optimizer.device != "none" and z.stage == 0:
+    if offload.param.device != "none" and zero.stage != 3:
+        out.append(f"parameter offload needs ZeRO stage 3, got stage {zero.stage}: "
+                   "use --zero 3 or --offload-param none")
+    if offload.optimizer.device != "none" and zero.stage == 0:
         out.append("optimizer offload needs ZeRO stage 1, 2 or 3: use --zero 1/2/3 or --offload-optimizer none")
-    if z.stage != 3:
-        set_s3 = [f for f in STAGE3_DEFAULTS if getattr(z, f) is not None]
+    if zero.stage != 3:
+        set_s3 = [f for f in STAGE3_DEFAULTS if getattr(zero, f) is not None]
         if set_s3:
-            out.append(f"zero.{', zero.'.join(set_s3)} only apply at ZeRO stage 3 (stage is {z.stage}): "
+            out.append(f"zero.{', zero.'.join(set_s3)} only apply at ZeRO stage 3 (stage is {zero.stage}): "
                        "remove them or use --zero 3")
-    if z.fp32_grad_accum and not fp32_grad_accum_possible(z.stage, "bf16" if spec.precision == "auto" else
-                                                           spec.base_precision, off.optimizer.device):
-        out.append(f"zero.fp32_grad_accum needs ZeRO-1 with bf16 and no optimizer offload (stage {z.stage}, "
-                   f"precision {spec.precision}, optimizer offload {off.optimizer.device}): use --zero 1, "
+    if zero.fp32_grad_accum and not fp32_grad_accum_possible(zero.stage, "bf16" if spec.precision == "auto" else
+                                                           spec.base_precision, offload.optimizer.device):
+        out.append(f"zero.fp32_grad_accum needs ZeRO-1 with bf16 and no optimizer offload (stage {zero.stage}, "
+                   f"precision {spec.precision}, optimizer offload {offload.optimizer.device}): use --zero 1, "
                    "--precision bf16 and --offload-optimizer none, or drop zero.fp32_grad_accum")
     if spec.precision == "fp8":
-        out += fp8_layout_problems(z.stage, off.optimizer.device, off.param.device)
-    if c.max_restarts and c.rdzv_backend == "static":
+        out += fp8_layout_problems(zero.stage, offload.optimizer.device, offload.param.device)
+    if spec.schedule.kind == "linear" and spec.schedule.warmup_steps == 0:
+        out.append("schedule.kind linear with schedule.warmup_steps 0 would never decay (DeepSpeed's WarmupDecayLR "
+                   "decays to the lr its warm-up starts from): set schedule.warmup_steps to 1 or more, or use "
+                   "schedule.kind cosine or constant")
+    if cluster.max_restarts and cluster.rdzv_backend == "static":
         out.append("restarts (--max-restarts) need the c10d rendezvous: a restarted static group reads stale "
                    "addresses of its dead workers; use --rdzv-backend c10d or leave it unset")
-    if c.machine_rank >= c.num_machines:
-        out.append(f"cluster.machine_rank {c.machine_rank} must be below num_machines {c.num_machines}: "
+    if cluster.machine_rank >= cluster.num_machines:
+        out.append(f"cluster.machine_rank {cluster.machine_rank} must be below num_machines {cluster.num_machines}: "
                    "fix --machine-rank")
-    if c.num_machines > 1 and not c.main_process_ip:
+    if cluster.num_machines > 1 and not cluster.main_process_ip:
         out.append("several machines need the address of rank 0: set --main-process-ip")
-    if b.micro_batch is None and b.global_batch is None:
+    if batch.micro_batch is None and batch.global_batch is None:
         out.append("batch.micro_batch is empty and no global batch derives it: set --micro-batch N or --global-batch N")
-    if c.num_processes is not None:
-        if c.num_processes % c.num_machines:
-            out.append(f"cluster.num_processes {c.num_processes} (total) is not a multiple of num_machines "
-                       f"{c.num_machines}: fix --num-processes")
-        if b.global_batch is not None and b.micro_batch is not None:
-            per_step = b.micro_batch * c.num_processes
-            if b.grad_accum is None and b.global_batch % per_step:
-                out.append(f"global batch {b.global_batch} is not a multiple of micro_batch {b.micro_batch} x "
-                           f"{c.num_processes} processes = {per_step}: change --global-batch or --micro-batch")
-            elif b.grad_accum is not None and b.global_batch != per_step * b.grad_accum:
-                out.append(f"global batch {b.global_batch} != micro_batch {b.micro_batch} x grad_accum "
-                           f"{b.grad_accum} x {c.num_processes} processes = {per_step * b.grad_accum}: "
+    if cluster.num_processes is not None:
+        if cluster.num_processes % cluster.num_machines:
+            out.append(f"cluster.num_processes {cluster.num_processes} (total) is not a multiple of num_machines "
+                       f"{cluster.num_machines}: fix --num-processes")
+        if batch.global_batch is not None and batch.micro_batch is not None:
+            per_step = batch.micro_batch * cluster.num_processes
+            if batch.grad_accum is None and batch.global_batch % per_step:
+                out.append(f"global batch {batch.global_batch} is not a multiple of micro_batch {batch.micro_batch} x "
+                           f"{cluster.num_processes} processes = {per_step}: change --global-batch or --micro-batch")
+            elif batch.grad_accum is not None and batch.global_batch != per_step * batch.grad_accum:
+                out.append(f"global batch {batch.global_batch} != micro_batch {batch.micro_batch} x grad_accum "
+                           f"{batch.grad_accum} x {cluster.num_processes} processes = {per_step * batch.grad_accum}: "
                            "drop one of --global-batch/--grad-accum or make them agree")
     return out
 

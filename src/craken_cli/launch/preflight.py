@@ -334,6 +334,20 @@ def precision_problems(spec) -> list[str]:
     if spec.cluster.use_cpu and spec.precision == "fp16":
         return ["fp16 is not supported by DeepSpeed on CPU processes (it fails after start-up): use "
                 "--precision bf16 or fp32"]
+    return schedule_problems(spec)
+
+
+def schedule_problems(spec) -> list[str]:
+    """An imported scheduler block the engine without DeepSpeed (ZeRO 0 on GPUs) cannot run."""
+    if spec.uses_deepspeed:
+        return []
+    from ..train import schedule
+
+    try:
+        schedule.lr_lambda(schedule.run_block(spec), spec.optimizer.lr)
+    except (ValueError, KeyError, TypeError) as exc:
+        return [f"deepspeed.extra.scheduler: {exc}; or use --zero 1, or drop the imported block to train "
+                "craken's schedule"]
     return []
 
 

@@ -171,7 +171,7 @@ class PlainEngine(Engine):
         from . import schedule
 
         optimizer = plain_optimizer(self.spec, param_groups(model, self.spec))
-        factor = schedule.lr_lambda(schedule.deepspeed_block(self.spec), self.spec.optimizer.lr)
+        factor = schedule.lr_lambda(schedule.run_block(self.spec), self.spec.optimizer.lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         self.accelerator.register_for_checkpointing(scheduler)
         return optimizer, scheduler, False

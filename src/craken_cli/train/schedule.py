@@ -1,7 +1,7 @@
 """The learning-rate schedule, one fact for both engines.
 
-The schedule is the DeepSpeed scheduler block (`deepspeed_block`): DeepSpeed runs it from the
-rendered JSON (or from a block imported verbatim), and the plain engine runs the same block through
+The schedule is one DeepSpeed scheduler block (`run_block`: craken's `deepspeed_block`, or a block
+imported verbatim): DeepSpeed runs it from the rendered JSON, the plain engine the same block through
 `lr_lambda`, a port of DeepSpeed's WarmupLR / WarmupDecayLR / WarmupCosineLR (linear warm-up) that
 gives a torch LambdaLR the factor DeepSpeed's class would set after the same number of optimizer
 steps. tests/test_schedule.py steps DeepSpeed's own classes beside it.
@@ -30,6 +30,18 @@ def deepspeed_block(spec) -> dict:
     if schedule.kind == "linear":
         return {"type": "WarmupDecayLR", "params": {"total_num_steps": total, **params}}
     return {"type": "WarmupLR", "params": params}
+
+
+def run_block(spec) -> dict:
+    """The scheduler block the run trains with, on either engine: a block of deepspeed.extra (imported from
+    the user's DeepSpeed JSON, its "auto" filled from the run) replaces craken's whole, as in the rendered
+    file (launch/render.with_extra)."""
+    extra = spec.deepspeed.extra.get("scheduler") if spec.deepspeed.extra else None
+    if not isinstance(extra, dict):
+        return deepspeed_block(spec)
+    from ..config.importers import AutoFill, fill_auto
+
+    return fill_auto({"scheduler": extra}, AutoFill.of(spec))["scheduler"]
 
 
 def lr_lambda(block: dict, lr: float) -> Callable[[int], float]:
