@@ -22,14 +22,6 @@ _RUN_OR_CKPT = typer.Argument(metavar="RUN_DIR",
     help="Run folder written by `craken train`, or one of its checkpoints/step_* folders.", show_default=False)
 
 
-def _human(size: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return str(size)
-
-
 @app.command("list", epilog="Example: craken ckpt list runs/default --json")
 def list_(
     run_dir: Annotated[Path, _RUN_DIR],
@@ -37,6 +29,7 @@ def list_(
 ) -> None:
     """List a run's checkpoints: step, processes that wrote it, complete or not (and why), size."""
     from ..ckpt.manage import rows
+    from ..runfolder import human_bytes
 
     found = rows(run_dir)
     if as_json:
@@ -55,7 +48,7 @@ def list_(
             state += " (no DeepSpeed)"
         if r["latest"]:
             state += " (latest)"
-        typer.echo(f"{r['step']:>8}  {r['processes'] or '?':>5}  {_human(r['size_bytes']):>9}  {r['path']:<40}  {state}")
+        typer.echo(f"{r['step']:>8}  {r['processes'] or '?':>5}  {human_bytes(r['size_bytes']):>9}  {r['path']:<40}  {state}")
 
 
 @app.command("export", epilog="Examples: craken ckpt export runs/default --out exported/ | "
