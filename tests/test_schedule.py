@@ -183,3 +183,7 @@ def test_an_imported_scheduler_the_plain_engine_cannot_run_is_refused_before_lau
     problems = preflight.schedule_problems(_imported(one_cycle, 0))
     assert len(problems) == 1 and "OneCycle" in problems[0] and "--zero 1" in problems[0]
     assert preflight.schedule_problems(_imported(one_cycle, 2)) == []  # DeepSpeed runs it itself
+    no_total = {"type": "WarmupDecayLR", "params": {"warmup_num_steps": 5, "warmup_type": "linear"}}
+    assert preflight.schedule_problems(_imported(no_total, 0)) == [
+        "deepspeed.extra.scheduler has no params.total_num_steps, which its type needs; or use --zero 1, or drop "
+        "the imported block to train craken's schedule"]

@@ -334,20 +334,23 @@ def precision_problems(spec) -> list[str]:
     if spec.cluster.use_cpu and spec.precision == "fp16":
         return ["fp16 is not supported by DeepSpeed on CPU processes (it fails after start-up): use "
                 "--precision bf16 or fp32"]
-    return schedule_problems(spec)
+    return []
 
 
 def schedule_problems(spec) -> list[str]:
-    """An imported scheduler block the engine without DeepSpeed (ZeRO 0 on GPUs) cannot run."""
-    if spec.uses_deepspeed:
+    """An imported scheduler block the engine without DeepSpeed (ZeRO 0 on GPUs) cannot run; DeepSpeed
+    judges the block itself on every other engine."""
+    if spec.uses_deepspeed or "scheduler" not in spec.deepspeed.extra:
         return []
     from ..train import schedule
 
+    fix = "; or use --zero 1, or drop the imported block to train craken's schedule"
     try:
         schedule.lr_lambda(schedule.run_block(spec), spec.optimizer.lr)
-    except (ValueError, KeyError, TypeError) as exc:
-        return [f"deepspeed.extra.scheduler: {exc}; or use --zero 1, or drop the imported block to train "
-                "craken's schedule"]
+    except KeyError as exc:
+        return [f"deepspeed.extra.scheduler has no params.{exc.args[0]}, which its type needs{fix}"]
+    except (ValueError, TypeError) as exc:
+        return [f"deepspeed.extra.scheduler: {exc}{fix}"]
     return []
 
 

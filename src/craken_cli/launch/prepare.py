@@ -113,7 +113,7 @@ def prepare(request: TrainRequest, environ: Mapping[str, str], hardware=None) ->
         warnings += [f"without --dry-run: {problem}" for problem in folder_problems]
         folder_problems = []
     problems = (preflight.model_problems(spec) + hub_problems(spec, environ) + preflight.data_problems(spec)
-                + preflight.precision_problems(spec)
+                + preflight.precision_problems(spec) + preflight.schedule_problems(spec)
                 + preflight.tracker_problems(spec) + preflight.output_name_problems(spec)
                 + folder_problems
                 + preflight.op_problems(spec, environ) + preflight.nvme_problems(spec, environ)

@@ -65,7 +65,7 @@ def deepspeed_config(spec: RunSpec) -> dict:
             "lr": optimizer.lr, "betas": list(optimizer.betas), "eps": optimizer.eps,
             "weight_decay": optimizer.weight_decay,
             "torch_adam": not optimizer.fused}},
-        "scheduler": schedule.deepspeed_block(spec),  # the plain engine runs the same block (train/schedule.py)
+        "scheduler": schedule.run_block(spec),  # the block the plain engine steps too (train/schedule.py)
         "zero_optimization": zero,
     }
     if spec.fp32_grad_accum:
@@ -89,15 +89,14 @@ def deepspeed_config(spec: RunSpec) -> dict:
 
 def with_extra(cfg: dict, spec: RunSpec) -> dict:
     """The rendered config with the spec's deepspeed.extra keys merged in, their "auto" filled from the
-    run; an extra scheduler block replaces craken's whole (a schedule is one block, never mixed)."""
+    run; an extra scheduler block is already in place, whole (schedule.run_block: never mixed with craken's)."""
     extra = spec.deepspeed.extra
     if not extra:
         return cfg
     from ..config.importers import AutoFill, fill_auto
 
     filled = fill_auto(extra, AutoFill.of(spec))
-    if "scheduler" in filled:
-        cfg.pop("scheduler", None)
+    filled.pop("scheduler", None)
     return _merge(cfg, filled)
 
 

@@ -34,8 +34,8 @@ def deepspeed_block(spec) -> dict:
 
 def run_block(spec) -> dict:
     """The scheduler block the run trains with, on either engine: a block of deepspeed.extra (imported from
-    the user's DeepSpeed JSON, its "auto" filled from the run) replaces craken's whole, as in the rendered
-    file (launch/render.with_extra)."""
+    the user's DeepSpeed JSON, its "auto" filled from the run) replaces craken's whole; render writes
+    this block into ds_config.json."""
     extra = spec.deepspeed.extra.get("scheduler") if spec.deepspeed.extra else None
     if not isinstance(extra, dict):
         return deepspeed_block(spec)
