@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-from ..config.spec import fp8_layout_problems, fp32_grad_accum_on
+from ..config.spec import STAGE3_DEFAULTS, fp8_layout_problems, fp32_grad_accum_on
 from ..train import fp8
 from ..train import loss as vocab_loss
 from .hardware import Hardware
@@ -538,7 +538,8 @@ def shape_of(model: ModelInfo, spec, hardware: Hardware, world: int, gpu_memory:
         # modeling.compile_regions compiles `model.model.layers` and the loss; GPT-2/NeoX models keep
         # their layers elsewhere and run eagerly whatever the spec says.
         compiled=spec.model.compile and model.family != "gpt", reduce_bucket=zero.reduce_bucket_size,
-        overlap_comm=zero.overlap_comm, prefetch_bucket=zero.stage3_prefetch_bucket_size or 50_000_000,
+        overlap_comm=zero.overlap_comm,
+        prefetch_bucket=zero.stage3_prefetch_bucket_size or STAGE3_DEFAULTS["stage3_prefetch_bucket_size"],
         gpu_memory=gpu_memory, cpu_memory=hardware.ram_total or None,
         nvme_free=hardware.disk_free.get(nvme_path) if nvme_path else None,
         precision=spec.precision, fp32_grad_accum=zero.fp32_grad_accum, loss=spec.model.loss,
