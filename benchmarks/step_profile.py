@@ -64,6 +64,9 @@ def profile_row(args) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    for setting in args.inductor:
+        key, _, value = setting.partition("=")
+        setattr(torch._inductor.config, key, json.loads(value))
     model, cfg, record = build(args.model, args.seq, args.micro_batch, args.fp8, args.set, args.device)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     model.train()
@@ -94,11 +97,12 @@ def profile_row(args) -> dict:
         for _ in range(2):
             step()
         sync()
-    by_kind = collections.Counter()
+    by_kind, top = collections.Counter(), []
     for event in prof.key_averages():
         device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
         if (event.device_type == torch.autograd.DeviceType.CUDA or args.device == "cpu") and device_us:
             by_kind[kind_of(event.key)] += device_us / 2 / 1e3  # ms per step
+            top.append((device_us / 2 / 1e3, event.count // 2, event.key))
     label = args.label or f"{args.model} mb{args.micro_batch} {'fp8' if args.fp8 else 'bf16'} {' '.join(args.set)}"
     (args.out / f"kernels-{label.replace(' ', '_').replace('/', '_')}.txt").write_text(
         prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
@@ -107,7 +111,8 @@ def profile_row(args) -> dict:
             "fp8": args.fp8, "sets": args.set, **record, "step_ms": step_s * 1e3,
             "tokens_per_s": args.micro_batch * args.seq / step_s, "loss": float(loss.detach()),
             "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if args.device == "cuda" else 0.0,
-            "kinds_ms": dict(by_kind.most_common()), "idle_ms": max(step_s * 1e3 - busy, 0.0)}
+            "kinds_ms": dict(by_kind.most_common()), "inductor": args.inductor,
+            "top_kernels": sorted(top, reverse=True)[:25], "idle_ms": max(step_s * 1e3 - busy, 0.0)}
 
 
 def table(rows: list[dict]) -> str:
@@ -130,6 +135,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--label", default="")
+    ap.add_argument("--inductor", action="append", default=[], help="torch._inductor.config KEY=JSON (repeatable)")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of the script (with --set model.compile=false)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--table-only", action="store_true", help="print the table of OUT/profile.jsonl")
