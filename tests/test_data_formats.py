@@ -180,7 +180,7 @@ def test_corrupt_jsonl_line_and_mixed_folders_are_named(tmp_path, tok):
     folder.mkdir()
     write_jsonl(folder / "a.jsonl", [{"text": "a"}])
     (folder / "b.csv").write_text("text\nb\n")
-    with pytest.raises(data.DataError, match=r"found \.csv, \.jsonl"):
+    with pytest.raises(data.DataError, match=r"the folder mixes \.csv, \.jsonl files"):
         data.load_raw(spec_for(folder))
 
 
