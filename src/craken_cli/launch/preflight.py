@@ -179,7 +179,30 @@ def record_problems(spec, files: list[Path], record: dict | None) -> list[str]:
         problem = content_problem(f, data.text_column if fmt == "text" else None)
         if problem:
             return [f"--dataset {f}: {problem}"]
-    return [] if fmt is None else template_problems(spec, fmt) or size_problems(spec)
+    return [] if fmt is None else template_problems(spec, fmt) or eos_problems(spec, fmt) or size_problems(spec)
+
+
+def eos_problems(spec, fmt: str) -> list[str]:
+    """Texts and responses end with the tokenizer's EOS token: a local tokenizer folder without one is refused
+    (chat templates end their own turns)."""
+    name = spec.model.tokenizer or spec.model.name_or_path
+    folder = Path(name).expanduser()
+    if fmt == "chat" or builtin.is_builtin(name) or not folder.is_dir() or has_special_token(folder, "eos_token"):
+        return []
+    return [formats.no_eos_message(name, fmt)]
+
+
+def has_special_token(folder: Path, key: str) -> bool:
+    """Whether the tokenizer files of a folder name this special token (tokenizer_config.json or
+    special_tokens_map.json); True when neither can be read (the loading then decides)."""
+    found = []
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        try:
+            config = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            continue
+        found.append(isinstance(config, dict) and bool(config.get(key)))
+    return any(found) or not found
 
 
 def template_problems(spec, fmt: str | None) -> list[str]:

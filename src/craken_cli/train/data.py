@@ -60,7 +60,9 @@ def folder_splits(path: Path) -> dict[str, list[Path]]:
         resolved = DataFilesDict.from_patterns(get_data_patterns(str(path)), str(path))
     except FileNotFoundError:  # no data file at all
         return {}
-    return {str(split): sorted(Path(f) for f in files) for split, files in resolved.items()}
+    splits = {str(split): sorted(p for p in map(Path, files) if data_suffix(p) in LOCAL_FORMATS)
+              for split, files in resolved.items()}
+    return {split: files for split, files in splits.items() if files}
 
 
 def local_data_files(path: Path, split: str = "train") -> tuple[str, list[str]]:
@@ -76,11 +78,11 @@ def local_data_files(path: Path, split: str = "train") -> tuple[str, list[str]]:
     splits = folder_splits(path)
     if split not in splits:
         held = f"holds the splits {', '.join(splits)}" if splits else f"holds no {', '.join(LOCAL_FORMATS)} files"
-        raise DataError(f"--dataset {path}: the folder {held}" + (f": set --set data.split to one of them"
-                                                                    if splits else ""))
+        raise DataError(f"--dataset {path}: the folder {held}" + (": set --set data.split to one of them"
+                                                                   if splits else ""))
     files = splits[split]
     found = {data_suffix(p) for p in files}
-    if len({LOCAL_FORMATS.get(f) for f in found}) > 1 or not found <= set(LOCAL_FORMATS):
+    if len({LOCAL_FORMATS[f] for f in found}) > 1:
         raise DataError(f"--dataset {path}: the folder mixes {', '.join(sorted(found))} files, which are read as one "
                         "data set of one format: keep one format, or point --dataset at one file")
     return LOCAL_FORMATS[found.pop()], [str(p) for p in files]
@@ -229,6 +231,8 @@ class Built:
 
 
 def encoder_for(spec, tokenizer, fmt: str) -> formats.Encoder:
+    if fmt != "chat" and tokenizer.eos_token_id is None:
+        raise DataError(formats.no_eos_message(spec.model.tokenizer or spec.model.name_or_path, fmt))
     template = chat_template(spec, tokenizer) if fmt == "chat" else None
     data = spec.data
     return formats.Encoder(tokenizer, fmt, data.seq_len, data.overlong, data.text_column, template)

@@ -94,6 +94,12 @@ def no_template_message(tokenizer_name: str) -> str:
             "give one with --chat-template (Jinja text or a file), or use a tokenizer that has one (--tokenizer)")
 
 
+def no_eos_message(tokenizer_name: str, fmt: str) -> str:
+    return (f"--data-format {fmt}: the tokenizer {tokenizer_name} has no EOS token, which ends every "
+            f"{'text' if fmt == 'text' else 'response'} (without it the model never learns to stop): use a "
+            "tokenizer that has one (--tokenizer), or chat data, whose template ends the turns")
+
+
 def alpaca_prompt(instruction: str, input_text: str | None) -> str:
     if input_text:
         return ALPACA_PROMPT.format(with_input=", paired with an input that provides further context",
