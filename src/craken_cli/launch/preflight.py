@@ -1,7 +1,8 @@
 """Checks of a run's inputs before any process is launched: each problem found is one message
 naming what to change. Reads config.json, the model's file headers and local data files up to
 CONTENT_SCAN_BYTES; imports neither torch nor transformers, except to count the blocks of a local data
-set small enough that it may not fill one micro-batch per process (datasize, with the run's tokenizer)."""
+set small enough that it may not fill one micro-batch per process (datasize, with the run's tokenizer);
+datasets only for a folder (its split file names) or a save_to_disk folder."""
 
 from __future__ import annotations
 
