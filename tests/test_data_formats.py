@@ -180,7 +180,7 @@ def test_corrupt_jsonl_line_and_mixed_folders_are_named(tmp_path, tok):
     folder.mkdir()
     write_jsonl(folder / "a.jsonl", [{"text": "a"}])
     (folder / "b.csv").write_text("text\nb\n")
-    with pytest.raises(data.DataError, match=r"found \.csv, \.jsonl"):
+    with pytest.raises(data.DataError, match=r"the folder mixes \.csv, \.jsonl files"):
         data.load_raw(spec_for(folder))
 
 
@@ -199,3 +199,144 @@ def test_streaming_rows_are_packed_and_masked_like_the_cached_ones(tmp_path, tok
         assert (labels[pos == 0] == formats.IGNORE).all()  # no token trained to predict the next sample
         trained = trained_text(tok, ids, labels)
         assert "count" not in trained and trained.endswith(builtin.EOS)
+
+
+# --- the chat and file shapes users bring -------------------------------------------------------------
+
+# Llama 3.1's test of a tool-call turn: `'tool_calls' in message`, which a None value passes
+TOOL_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{% if 'tool_calls' in m %}{% for c in m.tool_calls %}"
+                 "call {{ c.function.name }}{% endfor %}{% endif %}{{ m.content }}{{ eos_token }}{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+NO_SYSTEM_TEMPLATE = ("{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}"
+                      "{% endif %}" + TEMPLATE)
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def parts(text):
+    return [{"type": "text", "text": text}]
+
+
+CHAT_SHAPES = {
+    # a `name` on one turn: Arrow gives every turn of the file a name, None where it had none
+    "openai-name": [{"messages": [{"role": "system", "content": "be brief", "name": "rules"}, user("count 1 by 2"),
+                                  assistant("1 3 5")]},
+                    {"messages": [user("reverse 4 5"), assistant("5 4")]}],
+    "openai-tool-calls": [{"messages": [user("count 2 by 2"),
+                                        {"role": "assistant", "content": None, "tool_calls": [
+                                            {"type": "function", "function": {"name": "count", "arguments": "{}"}}]},
+                                        {"role": "tool", "content": "2 4 6"}, assistant("2 4 6")]},
+                          {"messages": [user("reverse 4 5"), assistant("5 4")]}],
+    "content-parts": [{"messages": [user(parts("count 1 by 2")), assistant(parts("1 3 5"))]},
+                      {"messages": [user("reverse 4 5"), assistant("5 4")]}],
+    "sharegpt": [{"conversations": [{"from": "system", "value": "be brief"}, {"from": "human", "value": "count 1 by 2"},
+                                    {"from": "gpt", "value": "1 3 5"}]},
+                 {"conversations": [{"from": "human", "value": "reverse 4 5"}, {"from": "gpt", "value": "5 4"}]}],
+}
+CHAT_ANSWERS = {"openai-name": ["1 3 5", "5 4"], "openai-tool-calls": ["call count", "2 4 6", "5 4"],
+                "content-parts": ["1 3 5", "5 4"], "sharegpt": ["1 3 5", "5 4"]}
+
+
+@pytest.mark.parametrize("shape", list(CHAT_SHAPES))
+def test_real_chat_shapes_train_exactly_the_assistant_turns(shape, tmp_path, tok):
+    """Read from a file as the run reads it (so with Arrow's None-filled keys), packed one sample per row: the
+    trained tokens decode to the assistant turns and their end-of-turn tokens, nothing else."""
+    path = write_jsonl(tmp_path / "chat.jsonl", CHAT_SHAPES[shape])
+    built = data.build(spec_for(path, seq_len=128, packing=False, chat_template=TOOL_TEMPLATE), tok)
+    assert built.format == "chat" and built.skipped == {} and built.samples == 2
+    trained = "".join(trained_text(tok, r["input_ids"], r["labels"]) for r in built.rows.with_format("numpy"))
+    assert trained == "".join(a + builtin.EOS for a in CHAT_ANSWERS[shape])
+
+
+def test_a_conversation_the_template_or_the_text_refuses_is_a_counted_skip(tok):
+    records = [[{"role": "system", "content": "s"}, user("a"), assistant("b")], [user("a"), assistant("b")],
+               [user([{"type": "image_url", "image_url": {"url": "x.png"}}]), assistant("a cat")],
+               [user("a"), assistant(None)]]
+    out = formats.Encoder(tok, "chat", 64, chat_template=NO_SYSTEM_TEMPLATE)({"messages": records})
+    assert out["skip"] == ["chat template refused the conversation (System role not supported)", "",
+                           "a turn with non-text content parts (image, audio, ...)", "a turn without string content"]
+
+
+def test_truncation_that_cuts_every_assistant_token_is_a_counted_skip(tok):
+    long_user = [user("count 1 by 1 " + " ".join(map(str, range(60)))), assistant("1 2")]
+    late_answer = [user("a"), assistant("b"), user("count 1 by 1 " + " ".join(map(str, range(60)))), assistant("c")]
+    out = formats.Encoder(tok, "chat", 32, chat_template=TEMPLATE)({"messages": [long_user, late_answer]})
+    assert out["skip"] == ["prompt fills seq_len: no response token left", "longer than seq_len (truncated, kept)"]
+    assert trained_text(tok, out["input_ids"][1], out["labels"][1]) == "b" + builtin.EOS  # the first answer trains
+
+
+def write_saved(path, records, split=None):
+    import datasets
+
+    rows = datasets.Dataset.from_list(records)
+    (datasets.DatasetDict({split: rows}) if split else rows).save_to_disk(str(path))
+    return path
+
+
+def write_gzip(path, records):
+    import gzip
+
+    with gzip.open(path, "wt", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in records)
+    return path
+
+
+PAIRS = [{"prompt": "what is 1 + 1 =", "completion": "2"}, {"prompt": "say NA", "completion": "NA"}]
+SHAPES = {
+    "csv-numbers-and-NA": lambda d: (d / "d.csv").write_text("prompt,completion\nwhat is 1 + 1 =,2\nsay NA,NA\n")
+    and d / "d.csv",
+    "jsonl-bom-blank-lines": lambda d: (d / "d.jsonl").write_text(
+        "\ufeff" + json.dumps(PAIRS[0]) + "\n\n" + json.dumps(PAIRS[1]) + "\n\n") and d / "d.jsonl",
+    "csv-bom": lambda d: (d / "d.csv").write_text("\ufeffprompt,completion\nwhat is 1 + 1 =,2\nsay NA,NA\n")
+    and d / "d.csv",
+    "json-list": lambda d: (d / "d.json").write_text(json.dumps(PAIRS)) and d / "d.json",
+    "parquet": lambda d: __import__("pandas").DataFrame(PAIRS).to_parquet(d / "d.parquet") or d / "d.parquet",
+    "jsonl-gz": lambda d: write_gzip(d / "d.jsonl.gz", PAIRS),
+    "save-to-disk": lambda d: write_saved(d / "saved", PAIRS),
+    "save-to-disk-dict": lambda d: write_saved(d / "saved", PAIRS, split="train"),
+    "folder-of-files": lambda d: (write_jsonl(d / "a.jsonl", PAIRS[:1]), write_jsonl(d / "b.jsonl", PAIRS[1:]))
+    and d,
+    "folder-of-splits": lambda d: (write_jsonl(d / "train.jsonl", PAIRS), write_jsonl(d / "test.jsonl", [
+        {"prompt": "held out", "completion": "never trained"}])) and d,
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_every_local_shape_gives_the_same_records(shape, tmp_path):
+    """The numbers and the "NA" of a CSV stay text; a BOM, blank lines and compression are read through;
+    a folder of train/test files trains on its train split only; a save_to_disk folder is loaded as saved."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    raw = data.load_raw(spec_for(SHAPES[shape](folder)))
+    assert raw.to_list() == PAIRS
+
+
+def test_other_splits_of_a_folder_or_saved_dict_are_chosen_by_data_split(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", PAIRS)
+    write_jsonl(tmp_path / "validation.jsonl", PAIRS[:1])
+    assert data.load_raw(spec_for(tmp_path, split="validation")).to_list() == PAIRS[:1]
+    with pytest.raises(data.DataError, match="holds the splits train, validation: set --set data.split"):
+        data.load_raw(spec_for(tmp_path, split="test"))
+    saved = write_saved(tmp_path / "saved", PAIRS, split="dev")
+    with pytest.raises(data.DataError, match=r"no split 'train' \(it has dev\)"):
+        data.load_raw(spec_for(saved))
+    assert data.load_raw(spec_for(saved, split="dev")).to_list() == PAIRS
+
+
+def test_a_tokenizer_without_eos_is_refused_for_texts_and_responses_not_for_chat(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    bare = PreTrainedTokenizerFast(tokenizer_object=builtin.build_tokenizer().backend_tokenizer)
+    assert bare.eos_token_id is None and bare.pad_token_id is None
+    pc = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "count 1 by 1 :", "completion": " 1 2"}])
+    with pytest.raises(data.DataError, match="no EOS token.*--tokenizer"):
+        data.build(spec_for(pc), bare)
+    chat = write_jsonl(tmp_path / "chat.jsonl", CHAT)
+    built = data.build(spec_for(chat, seq_len=128, chat_template=TEMPLATE.replace("{{ eos_token }}", "\n")), bare)
+    assert built.samples == 2 and built.rows["input_ids"][0][-1] == 0  # padded with id 0, labels -100 there

@@ -23,6 +23,12 @@ CASES = {
     "chat-without-template": ({"d.jsonl": CHAT + "\n"}, [], ["no chat template", "--chat-template"]),
     "chat-template-file-missing": ({"d.jsonl": CHAT + "\n"}, ["--chat-template", "tmpl.jinja"],
                                    ["--chat-template tmpl.jinja", "no such file"]),
+    # datasets reads one JSON object of columns as one record, whose values are lists: nothing would train
+    "json-object-of-columns": ({"d.json": json.dumps({"text": ["a", "b"]})}, [],
+                               ["one JSON object of columns", "write a list of records", ".jsonl"]),
+    "split-not-in-folder": ({"d/train.jsonl": '{"text": "a"}\n', "d/test.jsonl": '{"text": "b"}\n'},
+                            ["--set", "data.split=validation"], ["holds the splits train, test", "data.split"]),
+    "compressed-unknown-suffix": ({"d.gz": "x"}, [], ["unsupported file type '.gz'", ".jsonl"]),
 }
 
 
@@ -36,7 +42,7 @@ def test_bad_data_is_refused_before_launch(name, craken, workdir):
     for rel, text in files.items():
         (workdir / rel).parent.mkdir(parents=True, exist_ok=True)
         (workdir / rel).write_text(text)
-    dataset = "d" if any(rel.startswith("d/") for rel in files) else "d.jsonl"
+    dataset = "d" if any(rel.startswith("d/") for rel in files) else next(iter(files))
     before = files_under(workdir)
     result = craken("train", "--num-processes", "2", "--dataset", dataset, *flags)
     assert result.code == 2, result.output
@@ -63,3 +69,57 @@ def test_a_chat_set_with_a_template_given_passes_preflight(tmp_path):
     spec = RunSpec.model_validate({"data": {"dataset": str(data), "eval_fraction": 0}, "batch": {"micro_batch": 1},
                                    "model": {"tokenizer": str(tokenizer)}})
     assert preflight.data_problems(spec) == []
+
+
+LINE_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")  # turns end without an EOS token
+
+
+def bare_tokenizer(folder):
+    """The built-in tokenizer's vocabulary saved without any special token (no EOS, no pad)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from craken_cli.train import builtin
+
+    PreTrainedTokenizerFast(tokenizer_object=builtin.build_tokenizer().backend_tokenizer).save_pretrained(folder)
+    return folder
+
+
+def test_a_tokenizer_without_eos_is_refused_before_launch_for_responses_only(tmp_path):
+    from craken_cli.config.spec import RunSpec
+    from craken_cli.launch import preflight
+
+    tokenizer = str(bare_tokenizer(tmp_path / "tok"))
+    pc = tmp_path / "pc.jsonl"
+    pc.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    spec = RunSpec.model_validate({"data": {"dataset": str(pc), "eval_fraction": 0}, "model": {"tokenizer": tokenizer}})
+    (problem,) = preflight.data_problems(spec)
+    assert "no EOS token" in problem and "--tokenizer" in problem
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(CHAT + "\n")
+    spec = RunSpec.model_validate({"data": {"dataset": str(chat), "eval_fraction": 0, "chat_template": LINE_TEMPLATE},
+                                   "model": {"tokenizer": tokenizer}, "batch": {"micro_batch": 1}})
+    assert preflight.data_problems(spec) == []
+
+
+def test_bom_compressed_and_saved_data_pass_preflight(tmp_path):
+    """What the workers read (tests/test_data_formats.py) the preflight reads too: a BOM is no column name,
+    a .jsonl.gz is JSON lines, a save_to_disk folder is its records, not its metadata files."""
+    import gzip
+
+    import datasets
+
+    from craken_cli.config.spec import RunSpec
+    from craken_cli.launch import preflight
+
+    (tmp_path / "bom.csv").write_text("\ufefftext\ncount 1 by 1 : 1 2 3\n")
+    with gzip.open(tmp_path / "d.jsonl.gz", "wt") as fh:
+        fh.write(json.dumps({"text": "count 1 by 1 : 1 2 3"}) + "\n")
+    datasets.Dataset.from_list([{"question": "a"}]).save_to_disk(str(tmp_path / "saved"))
+    for name in ("bom.csv", "d.jsonl.gz"):
+        spec = RunSpec.model_validate({"data": {"dataset": str(tmp_path / name), "eval_fraction": 0, "seq_len": 4},
+                                       "batch": {"micro_batch": 1}})
+        assert preflight.data_problems(spec) == [], name
+    spec = RunSpec.model_validate({"data": {"dataset": str(tmp_path / "saved"), "eval_fraction": 0}})
+    (problem,) = preflight.data_problems(spec)
+    assert "--text-column 'text' is not a column" in problem and "(columns: question)" in problem

@@ -101,11 +101,14 @@ class ModelSection(Section):
 class DataSection(Section):
     dataset: str = Field(
         BUILTIN_DATA,
-        description="Training text: a hub id, a local .json/.jsonl/.csv/.parquet/.txt file or folder, "
+        description="Training text: a hub id, a local .json/.jsonl/.csv/.parquet/.txt file (also .gz/.bz2/.xz "
+        "compressed) or folder of them, a folder datasets' save_to_disk wrote, "
         f"or '{BUILTIN_DATA}' (a generated pattern language, no download).",
     )
     text_column: str = Field("text", description="Column holding the text.")
-    split: str = Field("train", description="Split of a hub data set to read (a local file or folder is read whole).")
+    split: str = Field("train", description="Split to read: of a hub data set, of a saved DatasetDict, or of a folder "
+                       "whose file names name splits (train.jsonl, test.jsonl; else all its files are 'train'); a "
+                       "single local file is read whole.")
     seq_len: int = Field(128, gt=0, description="Tokens per training sequence (texts are packed into blocks).")
     eval_fraction: float = Field(0.05, ge=0, lt=0.5, description="Share of packed blocks held out for evaluation.")
     max_samples: int | None = Field(None, gt=0, description="Read at most this many raw records (unset: all).")
@@ -113,7 +116,8 @@ class DataSection(Section):
     format: Literal["auto", "text", "prompt_completion", "alpaca", "chat"] = Field(
         "auto", description="How records become training samples: 'text' (the text column, packed, every token "
         "trains), 'prompt_completion' (prompt/completion columns), 'alpaca' (instruction/input/output), 'chat' "
-        "(a messages list of {role, content}, rendered with the tokenizer's chat template); the supervised formats "
+        "(a messages list of {role, content}, or ShareGPT's conversations list of {from, value}, rendered with the "
+        "tokenizer's chat template); the supervised formats "
         "train only on the completion / output / assistant tokens. auto: from the columns found.")
     chat_template: str | None = Field(
         None, description="Jinja chat template for format 'chat', as text or the path of a file holding it "

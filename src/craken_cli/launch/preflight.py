@@ -1,7 +1,8 @@
 """Checks of a run's inputs before any process is launched: each problem found is one message
 naming what to change. Reads config.json, the model's file headers and local data files up to
 CONTENT_SCAN_BYTES; imports neither torch nor transformers, except to count the blocks of a local data
-set small enough that it may not fill one micro-batch per process (datasize, with the run's tokenizer)."""
+set small enough that it may not fill one micro-batch per process (datasize, with the run's tokenizer);
+datasets only for a folder (its split file names) or a save_to_disk folder."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from ..plan.hardware import nearest_existing
 from ..runfolder import CHECKPOINTS, FINAL, MARKER, METRICS, metrics_file
 from ..train import builtin
 from ..train import formats
-from ..train.data import LOCAL_FORMATS
+from ..train.data import COMPRESSIONS, LOCAL_FORMATS, DataError, data_suffix, is_saved_dataset, open_text
 from . import modelcheck
 
 
@@ -86,22 +87,28 @@ def model_problems(spec) -> list[str]:
     return out
 
 
-def first_record(path: Path) -> dict | None:
-    """The first record of a local data file (a text file's first line as {'text': ...}), {} when it has
-    none, None when it cannot tell cheaply."""
-    fmt = LOCAL_FORMATS.get(path.suffix)
+def first_record(path: Path, split: str = "train") -> dict | None:
+    """The first record of a local data file or saved data set (a text file's first line as {'text': ...}),
+    {} when it has none, None when it cannot tell cheaply."""
+    if is_saved_dataset(path):
+        from ..train.data import saved_split
+
+        saved = saved_split(path, split)
+        return saved[0] if len(saved) else {}
+    suffix = data_suffix(path)
+    fmt = LOCAL_FORMATS.get(suffix)
     if fmt == "text":
         return {"text": ""}
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        if path.suffix == ".jsonl":
+    with open_text(path, errors="replace") as fh:
+        if suffix == ".jsonl":
             for line in fh:
                 if line.strip():
                     rec = json.loads(line)
                     return rec if isinstance(rec, dict) else None
             return {}
-        if path.suffix == ".csv":
+        if suffix == ".csv":
             return dict.fromkeys(next(csv.reader(fh), []), "")
-        if path.suffix == ".json":
+        if suffix == ".json":
             data = json.load(fh)
             if isinstance(data, list):
                 return data[0] if data and isinstance(data[0], dict) else {}
@@ -119,19 +126,17 @@ def first_record_columns(path: Path) -> list[str] | None:
     return None if record is None else list(record)
 
 
-def data_files(path: Path) -> tuple[list[Path], str | None]:
-    """The data files of --dataset and the problem with them, if any (a folder mixing formats included)."""
-    if path.is_file():
-        if path.suffix not in LOCAL_FORMATS:
-            return [], f"--dataset {path}: unsupported file type '{path.suffix}'; use one of {', '.join(LOCAL_FORMATS)}"
+def data_files(path: Path, split: str = "train") -> tuple[list[Path], str | None]:
+    """The data files of --dataset (of `split` in a folder of split files; a saved data set's folder itself)
+    and the problem with them, if any (a folder mixing formats included)."""
+    from ..train.data import local_data_files
+
+    if is_saved_dataset(path):
         return [path], None
-    files = sorted(p for p in path.iterdir() if p.suffix in LOCAL_FORMATS)
-    if not files:
-        return [], f"--dataset {path}: the folder holds no {', '.join(LOCAL_FORMATS)} files"
-    if len({LOCAL_FORMATS[p.suffix] for p in files}) > 1:
-        return [], (f"--dataset {path}: the folder mixes {', '.join(sorted({p.suffix for p in files}))} files, which "
-                    "are read as one data set of one format: keep one format, or point --dataset at one file")
-    return files, None
+    try:
+        return [Path(f) for f in local_data_files(path, split)[1]], None
+    except DataError as exc:
+        return [], str(exc)
 
 
 def data_problems(spec) -> list[str]:
@@ -142,20 +147,19 @@ def data_problems(spec) -> list[str]:
         return template_problems(spec, "text" if data.format == "auto" else data.format) or size_problems(spec)
     path = Path(data.dataset).expanduser()
     if not path.exists():
-        if looks_like_path(data.dataset) or path.suffix in LOCAL_FORMATS:
+        if looks_like_path(data.dataset) or data_suffix(path) in LOCAL_FORMATS:
             return [f"--dataset {data.dataset}: no such file or folder"]
         return []  # a hub id: checked when loaded
-    if data.split != "train":
-        return [f"--set data.split={data.split}: splits are read from hub data sets; the local {data.dataset} is read "
-                "whole: point --dataset at the file of that split instead"]
-    files, problem = data_files(path)
+    files, problem = data_files(path, data.split)
     if problem:
         return [problem]
-    if all(f.stat().st_size == 0 for f in files):
+    if all(f.is_file() and f.stat().st_size == 0 for f in files):
         return [f"--dataset {data.dataset}: the data set is empty; add text"]
     try:
-        record = first_record(files[0])
-    except (ValueError, UnicodeDecodeError, OSError, csv.Error) as exc:
+        record = first_record(files[0], data.split)
+    except DataError as exc:
+        return [str(exc)]
+    except (ValueError, UnicodeDecodeError, OSError, EOFError, csv.Error) as exc:
         return [f"--dataset {files[0]}: cannot be read ({exc.__class__.__name__}: {exc}); fix the file"]
     if record == {}:
         return [f"--dataset {data.dataset}: the data set is empty; add text"]
@@ -166,17 +170,40 @@ def record_problems(spec, files: list[Path], record: dict | None) -> list[str]:
     """The format against the first record's columns; every record of small files (content_problem);
     the chat template; enough data for one micro-batch per process."""
     data = spec.data
-    if record is None:
-        return []
-    problem = formats.format_problem(data.format, list(record), data.text_column, str(files[0]))
-    if problem:
-        return [problem]
-    fmt = data.format if data.format != "auto" else formats.detect(list(record), data.text_column)
+    fmt = None  # unknown when the first record cannot be told cheaply
+    if record is not None:
+        problem = formats.format_problem(data.format, list(record), data.text_column, str(files[0]))
+        if problem:
+            return [problem]
+        fmt = data.format if data.format != "auto" else formats.detect(list(record), data.text_column)
     for f in files:
         problem = content_problem(f, data.text_column if fmt == "text" else None)
         if problem:
             return [f"--dataset {f}: {problem}"]
-    return template_problems(spec, fmt) or size_problems(spec)
+    return [] if fmt is None else template_problems(spec, fmt) or eos_problems(spec, fmt) or size_problems(spec)
+
+
+def eos_problems(spec, fmt: str) -> list[str]:
+    """Texts and responses end with the tokenizer's EOS token: a local tokenizer folder without one is refused
+    (chat templates end their own turns)."""
+    name = spec.model.tokenizer or spec.model.name_or_path
+    folder = Path(name).expanduser()
+    if fmt == "chat" or builtin.is_builtin(name) or not folder.is_dir() or has_special_token(folder, "eos_token"):
+        return []
+    return [formats.no_eos_message(name, fmt)]
+
+
+def has_special_token(folder: Path, key: str) -> bool:
+    """Whether the tokenizer files of a folder name this special token (tokenizer_config.json or
+    special_tokens_map.json); True when neither can be read (the loading then decides)."""
+    found = []
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        try:
+            config = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            continue
+        found.append(isinstance(config, dict) and bool(config.get(key)))
+    return any(found) or not found
 
 
 def template_problems(spec, fmt: str | None) -> list[str]:
@@ -244,11 +271,13 @@ def content_problem(path: Path, column: str) -> str | None:
     """What in a local text data file would stop every process after start-up: bytes that are not
     UTF-8 (a binary or latin-1 file), a JSON line that does not parse, a text value that is not a
     string; each with its line. Parquet files and files over CONTENT_SCAN_BYTES are left to the workers."""
-    if LOCAL_FORMATS.get(path.suffix) == "parquet" or path.stat().st_size > CONTENT_SCAN_BYTES:
+    suffix = data_suffix(path)
+    if (path.is_dir() or LOCAL_FORMATS.get(suffix) == "parquet" or path.suffix.lower() in COMPRESSIONS
+            or path.stat().st_size > CONTENT_SCAN_BYTES):
         return None
     raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark is no text (datasets drops it too)
     except UnicodeDecodeError as exc:
         line = raw[:exc.start].count(b"\n") + 1
         return (f"line {line} is not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start}; a binary file, "
@@ -256,7 +285,7 @@ def content_problem(path: Path, column: str) -> str | None:
     if "\0" in text:
         line = text[:text.index("\0")].count("\n") + 1
         return f"line {line} holds NUL bytes: a binary file, not text; give a text file"
-    if path.suffix == ".json":
+    if suffix == ".json":
         try:
             records = json.loads(text)
         except ValueError:
@@ -264,9 +293,12 @@ def content_problem(path: Path, column: str) -> str | None:
         if isinstance(records, list):
             return next((f"record {i + 1}: {why}" for i, r in enumerate(records)
                          if (why := record_problem(r, column))), None)
+        if isinstance(records, dict) and len(records) and all(isinstance(v, list) for v in records.values()):
+            return ("one JSON object of columns ({\"column\": [values]}), which datasets reads as one record: "
+                    "write a list of records ([{...}, {...}]) or JSON lines (.jsonl)")
         if records is not None:
-            return None  # one object: datasets' own reading decides
-    if path.suffix in (".json", ".jsonl"):
+            return None  # one object of another shape: datasets' own reading decides
+    if suffix in (".json", ".jsonl"):
         return json_lines_problem(text, column)
     return None
 

@@ -1,7 +1,9 @@
 """Records -> rows of `seq_len` tokens, split into train and eval, cached on disk.
 
 Loading is the real one: `datasets.load_dataset` on a hub id, or on local json/jsonl/csv/parquet/txt
-files; the built-in pattern language is generated in memory. The format (train/formats.py) is the
+files (gzip, bzip2 or xz compressed too; a folder's files split by name as datasets splits them),
+`datasets.load_from_disk` on a folder `save_to_disk` wrote; the built-in pattern language is generated in
+memory. The format (train/formats.py) is the
 one asked for or the one the columns show. Records are encoded by a batched `map` on `num_proc`
 processes, then packed on the Arrow columns as NumPy arrays. The rows of a local data set are saved in
 a cache keyed by the data files (path, size, mtime), the tokenizer, the format, the chat template and
@@ -22,8 +24,9 @@ from pathlib import Path
 
 from . import builtin, formats
 
-CACHE_VERSION = 1  # bump when the rows a given input gives change
+CACHE_VERSION = 2  # bump when the rows a given input gives change
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+COMPRESSIONS = (".gz", ".bz2", ".xz")  # datasets reads them by their suffix, the preflight through the stdlib
 
 
 class DataError(ValueError):
@@ -35,23 +38,108 @@ def builtin_lines(seq_len: int) -> int:
     return max(4000, seq_len * 64 // 16)
 
 
-def local_data_files(path: Path) -> tuple[str, list[str]]:
-    """(builder, files) for a local file or a folder of files of one format."""
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in LOCAL_FORMATS)
-    formats_found = {LOCAL_FORMATS.get(p.suffix) for p in files}
-    if not files or None in formats_found or len(formats_found) != 1:
-        suffixes = sorted({p.suffix or p.name for p in files})
-        raise DataError(f"--dataset {path}: expected {', '.join(LOCAL_FORMATS)} files of one format, found "
-                        f"{', '.join(suffixes) or 'none'}: point --dataset at one file or a folder of one kind")
-    return formats_found.pop(), [str(p) for p in files]
+def data_suffix(path: Path) -> str:
+    """A data file's format suffix, under its compression suffix: a.jsonl.gz -> .jsonl."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes else ""
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """A folder `Dataset.save_to_disk` or `DatasetDict.save_to_disk` wrote."""
+    return path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file())
+
+
+def folder_splits(path: Path) -> dict[str, list[Path]]:
+    """A folder's files by split, as datasets splits them by name (train.jsonl, data/test-0.jsonl, ...):
+    all of them under 'train' when no name is a split's."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    try:
+        resolved = DataFilesDict.from_patterns(get_data_patterns(str(path)), str(path))
+    except FileNotFoundError:  # no data file at all
+        return {}
+    splits = {str(split): sorted(p for p in map(Path, files) if data_suffix(p) in LOCAL_FORMATS)
+              for split, files in resolved.items()}
+    return {split: files for split, files in splits.items() if files}
+
+
+def local_data_files(path: Path, split: str = "train") -> tuple[str, list[str]]:
+    """(builder, files) for a local file, or a folder's files of one format in `split`."""
+    if path.is_file():
+        if data_suffix(path) not in LOCAL_FORMATS:
+            raise DataError(f"--dataset {path}: unsupported file type '{path.suffix}'; use one of "
+                            f"{', '.join(LOCAL_FORMATS)} (or one of them {'/'.join(COMPRESSIONS)} compressed)")
+        if split != "train":
+            raise DataError(f"--set data.split={split}: a single file is read whole: point --dataset at the "
+                            "file of that split, or at the folder that holds the splits")
+        return LOCAL_FORMATS[data_suffix(path)], [str(path)]
+    splits = folder_splits(path)
+    if split not in splits:
+        held = f"holds the splits {', '.join(splits)}" if splits else f"holds no {', '.join(LOCAL_FORMATS)} files"
+        raise DataError(f"--dataset {path}: the folder {held}" + (": set --set data.split to one of them"
+                                                                   if splits else ""))
+    files = splits[split]
+    found = {data_suffix(p) for p in files}
+    if len({LOCAL_FORMATS[f] for f in found}) > 1:
+        raise DataError(f"--dataset {path}: the folder mixes {', '.join(sorted(found))} files, which are read as one "
+                        "data set of one format: keep one format, or point --dataset at one file")
+    return LOCAL_FORMATS[found.pop()], [str(p) for p in files]
+
+
+def csv_options(files: list[str]) -> dict:
+    """Every CSV cell read as text: pandas would read a column of numbers ("42") as int, and "NA", "null" or an
+    empty cell as NaN, which no format trains on. The columns are the first file's header."""
+    import csv
+
+    import datasets
+
+    with open_text(Path(files[0])) as fh:
+        header = next(csv.reader(fh), [])
+    return {"keep_default_na": False,
+            "features": datasets.Features({name: datasets.Value("string") for name in header})}
+
+
+def saved_split(path: Path, split: str):
+    """The Dataset of a `save_to_disk` folder (`split` of a DatasetDict's)."""
+    import datasets
+
+    saved = datasets.load_from_disk(str(path))
+    if isinstance(saved, datasets.DatasetDict):
+        if split not in saved:
+            raise DataError(f"--dataset {path}: the saved DatasetDict has no split {split!r} (it has "
+                            f"{', '.join(saved)}): set --set data.split to one of them")
+        return saved[split]
+    if split != "train":
+        raise DataError(f"--set data.split={split}: {path} is one saved Dataset, without splits: leave data.split")
+    return saved
+
+
+def read_local(path: Path, split: str, streaming: bool):
+    """The records of a local file, folder or saved data set; a file datasets cannot read is named."""
+    import datasets
+
+    if is_saved_dataset(path):
+        raw = saved_split(path, split)
+        return raw.to_iterable_dataset() if streaming else raw
+    builder, files = local_data_files(path, split)
+    try:
+        options = csv_options(files) if builder == "csv" else {}
+        return datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming, **options)
+    except Exception as exc:  # datasets names neither file nor line of a corrupt record
+        where = corrupt_json_line(files)
+        raise DataError(f"--dataset {where}: fix or remove that line" if where else
+                        f"--dataset {path}: cannot be read ({exc.__class__.__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}); fix the file") from exc
 
 
 def corrupt_json_line(files: list[str]) -> str | None:
     """'FILE line N: ...' for the first line of a .jsonl file that is not a JSON object, else None."""
     for name in files:
-        if not name.endswith(".jsonl"):
+        if data_suffix(Path(name)) != ".jsonl":
             continue
-        with open(name, encoding="utf-8", errors="replace") as fh:
+        with open_text(Path(name), errors="replace") as fh:
             for number, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
@@ -62,6 +150,16 @@ def corrupt_json_line(files: list[str]) -> str | None:
                 if not isinstance(record, dict):
                     return f"{name} line {number}: a JSON {type(record).__name__}, not an object"
     return None
+
+
+def open_text(path: Path, errors: str = "strict"):
+    """A data file opened as text, through its compression; a UTF-8 byte-order mark dropped."""
+    import bz2
+    import gzip
+    import lzma
+
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(path.suffix.lower(), open)
+    return opener(path, "rt", encoding="utf-8-sig", errors=errors)
 
 
 def load_raw(spec):
@@ -81,14 +179,7 @@ def load_records(spec, streaming: bool = False):
     else:
         path = Path(data.dataset).expanduser()
         if path.exists():
-            builder, files = local_data_files(path)
-            try:
-                raw = datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming)
-            except Exception as exc:  # datasets names neither file nor line of a corrupt record
-                where = corrupt_json_line(files)
-                raise DataError(f"--dataset {where}: fix or remove that line" if where else
-                                f"--dataset {data.dataset}: cannot be read ({exc.__class__.__name__}: "
-                                f"{str(exc).splitlines()[0] if str(exc) else ''}); fix the file") from exc
+            raw = read_local(path, data.split, streaming)
         else:
             raw = datasets.load_dataset(data.dataset, split=data.split, streaming=streaming)
     if data.max_samples is not None:
@@ -140,6 +231,8 @@ class Built:
 
 
 def encoder_for(spec, tokenizer, fmt: str) -> formats.Encoder:
+    if fmt != "chat" and tokenizer.eos_token_id is None:
+        raise DataError(formats.no_eos_message(spec.model.tokenizer or spec.model.name_or_path, fmt))
     template = chat_template(spec, tokenizer) if fmt == "chat" else None
     data = spec.data
     return formats.Encoder(tokenizer, fmt, data.seq_len, data.overlong, data.text_column, template)
@@ -156,9 +249,13 @@ def build(spec, tokenizer) -> Built:
     features = {"input_ids": datasets.List(datasets.Value("int32")), "skip": datasets.Value("string")}
     if fmt in formats.SUPERVISED:
         features["labels"] = datasets.List(datasets.Value("int32"))
-    encoded = raw.map(encoder, batched=True, batch_size=1000, remove_columns=raw.column_names,
-                      num_proc=num_proc(spec, len(raw)), features=datasets.Features(features),
-                      desc=f"tokenizing ({fmt})")
+    try:
+        encoded = raw.map(encoder, batched=True, batch_size=1000, remove_columns=raw.column_names,
+                          num_proc=num_proc(spec, len(raw)), features=datasets.Features(features),
+                          desc=f"tokenizing ({fmt})")
+    except UnicodeDecodeError as exc:  # Arrow's JSON reader leaves the UTF-8 check to the first read
+        raise DataError(f"--dataset {spec.data.dataset}: holds bytes that are not UTF-8 text ({exc.reason}): "
+                        "convert it to UTF-8 (iconv -f latin1 -t utf-8)") from exc
     table = encoded.data.table
     skip = table.column("skip")
     counts = {str(v["values"]): int(v["counts"]) for v in pc.value_counts(skip).to_pylist() if v["values"]}
@@ -200,7 +297,9 @@ def pack(raw, tokenizer, seq_len: int, num_proc: int | None = None):
 
 def data_files(spec) -> list[Path]:
     path = Path(spec.data.dataset).expanduser()
-    return [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in LOCAL_FORMATS)
+    if is_saved_dataset(path):
+        return sorted(p for p in path.rglob("*") if p.is_file())
+    return [Path(f) for f in local_data_files(path, spec.data.split)[1]]
 
 
 def data_bytes(spec) -> int:
@@ -226,7 +325,7 @@ def cache_key(spec, tokenizer) -> str | None:
         return None
     files = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in data_files(spec)]
     fields = {"version": CACHE_VERSION, "files": files, "tokenizer": tokenizer_digest(tokenizer),
-              "format": data.format, "text_column": data.text_column,
+              "format": data.format, "text_column": data.text_column, "split": data.split,
               "template": formats.template_text(data.chat_template), "seq_len": data.seq_len,
               "overlong": data.overlong, "packing": data.packing, "max_samples": data.max_samples}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]

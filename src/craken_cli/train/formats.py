@@ -3,8 +3,11 @@
 Formats (`data.format`): 'text' (one text column; the texts are joined with EOS and cut into blocks,
 every token trains), and three supervised ones whose loss covers only the response: 'prompt_completion'
 (prompt, completion), 'alpaca' (instruction, input, output; the prompt is the Alpaca template) and
-'chat' (`messages`: a list of {role, content} rendered with the tokenizer's chat template; the
-assistant turns train, labels are -100 on every system/user/tool token).
+'chat' (`messages`: a list of {role, content} rendered with the tokenizer's chat template, or
+ShareGPT's `conversations`: a list of {from, value}; the assistant turns train, labels are -100 on every
+system/user/tool token). The assistant tokens are found by rendering each conversation up to every
+assistant turn (with the generation prompt) and to its end, so any template that renders a conversation's
+beginning the same way in both works; no `{% generation %}` block is needed.
 
 `encode` is a batched `datasets.map` function (picklable, so `num_proc` processes run it): one output
 row per record, with `skip` naming why a record gives no sample (counted and reported, never raised).
@@ -23,11 +26,13 @@ import numpy as np
 
 FORMATS = ("text", "prompt_completion", "alpaca", "chat")
 SUPERVISED = ("prompt_completion", "alpaca", "chat")
-ROLES = ("system", "user", "assistant", "tool")
+ROLES = ("system", "developer", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "tool": "tool"}
+CHAT_COLUMNS = ("messages", "conversations")  # OpenAI/HF {role, content}; ShareGPT {from, value}
 IGNORE = -100  # the label transformers' loss skips
 
 # columns each format reads, in detection order (the most specific first)
-FORMAT_COLUMNS = {"chat": ("messages",), "alpaca": ("instruction", "output"),
+FORMAT_COLUMNS = {"chat": CHAT_COLUMNS, "alpaca": ("instruction", "output"),
                   "prompt_completion": ("prompt", "completion")}
 
 ALPACA_PROMPT = ("Below is an instruction that describes a task{with_input}. Write a response that appropriately "
@@ -35,10 +40,12 @@ ALPACA_PROMPT = ("Below is an instruction that describes a task{with_input}. Wri
 
 
 def detect(columns: list[str], text_column: str) -> str | None:
-    """The format whose columns are all present (chat, then alpaca, then prompt/completion, then the text
-    column), or None."""
+    """The format whose columns are all present (chat: one of its two, then alpaca, then prompt/completion,
+    then the text column), or None."""
+    if any(c in columns for c in CHAT_COLUMNS):
+        return "chat"
     for fmt, needed in FORMAT_COLUMNS.items():
-        if all(c in columns for c in needed):
+        if fmt != "chat" and all(c in columns for c in needed):
             return fmt
     return "text" if text_column in columns else None
 
@@ -57,11 +64,14 @@ def format_problem(fmt: str, columns: list[str], text_column: str, where: str) -
     if fmt == "auto":
         if detect(columns, text_column) is None:
             return (f"--text-column {text_column!r} is not a column of {Path(where).name} (columns: {found}), and no "
-                    "other format fits (messages: chat, instruction/output: alpaca, prompt/completion): set "
-                    "--text-column or --data-format")
+                    "other format fits (messages or conversations: chat, instruction/output: alpaca, "
+                    "prompt/completion): set --text-column or --data-format")
         return None
     needed = columns_of(fmt, text_column)
     missing = [c for c in needed if c not in columns and not (fmt == "alpaca" and c == "input")]
+    if fmt == "chat" and len(missing) < len(CHAT_COLUMNS):
+        missing = []  # one of messages / conversations is enough
+    missing = [" or ".join(missing)] if fmt == "chat" and missing else missing
     if missing:
         flag = "--text-column" if fmt == "text" else "--data-format"
         return (f"--data-format {fmt} reads the column(s) {', '.join(missing)}, not in {where} (columns: {found}): "
@@ -84,6 +94,12 @@ def no_template_message(tokenizer_name: str) -> str:
             "give one with --chat-template (Jinja text or a file), or use a tokenizer that has one (--tokenizer)")
 
 
+def no_eos_message(tokenizer_name: str, fmt: str) -> str:
+    return (f"--data-format {fmt}: the tokenizer {tokenizer_name} has no EOS token, which ends every "
+            f"{'text' if fmt == 'text' else 'response'} (without it the model never learns to stop): use a "
+            "tokenizer that has one (--tokenizer), or chat data, whose template ends the turns")
+
+
 def alpaca_prompt(instruction: str, input_text: str | None) -> str:
     if input_text:
         return ALPACA_PROMPT.format(with_input=", paired with an input that provides further context",
@@ -104,7 +120,8 @@ class Encoder:
         if self.fmt == "text":
             return self.encode_text(batch[self.text_column])
         if self.fmt == "chat":
-            pairs = [self.chat_segments(m) for m in batch["messages"]]
+            column = next(c for c in CHAT_COLUMNS if c in batch)
+            pairs = [self.chat_segments(m) for m in batch[column]]
         elif self.fmt == "alpaca":
             inputs = batch.get("input") or [None] * len(batch["instruction"])
             pairs = [self.alpaca_segments(i, x, o) for i, x, o in zip(batch["instruction"], inputs, batch["output"])]
@@ -136,24 +153,19 @@ class Encoder:
             return [], "empty response"
         return [(alpaca_prompt(instruction, input_text), False), (output, True)], ""
 
-    def chat_segments(self, messages):
-        if not isinstance(messages, list) or not messages:
-            return [], "messages is not a list of turns"
-        for m in messages:
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-                return [], "a turn without string content"
-            if m.get("role") not in ROLES:
-                return [], f"unknown role {m.get('role')!r}"
-        if not any(m["role"] == "assistant" for m in messages):
-            return [], "no assistant turn"
-        if any(m["role"] == "assistant" and not m["content"].strip() for m in messages):
-            return [], "empty response"
+    def chat_segments(self, turns):
+        messages, skip = chat_messages(turns)
+        if skip:
+            return [], skip
         segments, done = [], ""
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            prefix = self.render(messages[:i], generation_prompt=True)
-            full = self.render(messages[:i + 1], generation_prompt=False)
+            try:
+                prefix = self.render(messages[:i], generation_prompt=True)
+                full = self.render(messages[:i + 1], generation_prompt=False)
+            except Exception as exc:  # templates raise what they like: raise_exception, a TypeError on a value
+                return [], f"chat template refused the conversation ({first_line(exc)})"
             if not prefix.startswith(done) or not full.startswith(prefix):
                 return [], "chat template renders a conversation's turns inconsistently"
             segments += [(prefix[len(done):], False), (full[len(prefix):], True)]
@@ -209,6 +221,54 @@ class Encoder:
                 return [], [], "prompt fills seq_len: no response token left"
             return tokens, labels, "longer than seq_len (truncated, kept)"
         return tokens, labels, ""
+
+
+def first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:80] if text else type(exc).__name__
+
+
+def chat_turn(m) -> tuple[dict | None, str]:
+    """One turn as chat templates read it, or why it cannot be one. Keys without a value are dropped:
+    Arrow gives every turn of a file each key any turn has (`name`, `tool_calls`, ...) as None, and
+    templates test `'tool_calls' in message`. ShareGPT's from/value become role/content; a content list of
+    text parts becomes its joined text; an assistant turn of tool calls alone gets an empty content."""
+    if not isinstance(m, dict):
+        return None, "a turn that is not an object"
+    turn = {k: v for k, v in m.items() if v is not None}
+    if "role" not in turn and "from" in turn:
+        role = turn.pop("from")
+        turn["role"] = SHAREGPT_ROLES.get(role, role)
+        if "value" in turn:
+            turn["content"] = turn.pop("value")
+    if turn.get("role") not in ROLES:
+        return None, f"unknown role {turn.get('role')!r}"
+    content = turn.get("content", "" if turn.get("tool_calls") else None)
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        if any(p.get("type") != "text" or not isinstance(p.get("text"), str) for p in content):
+            return None, "a turn with non-text content parts (image, audio, ...)"
+        content = "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        return None, "a turn without string content"
+    return {**turn, "content": content}, ""
+
+
+def chat_messages(turns) -> tuple[list[dict], str]:
+    """A conversation's turns made template-ready (`chat_turn`), or the reason it trains nothing."""
+    if not isinstance(turns, list) or not turns:
+        return [], "messages is not a list of turns"
+    messages = []
+    for m in turns:
+        turn, skip = chat_turn(m)
+        if skip:
+            return [], skip
+        messages.append(turn)
+    assistant = [m for m in messages if m["role"] == "assistant"]
+    if not assistant:
+        return [], "no assistant turn"
+    if any(not m["content"].strip() and not m.get("tool_calls") for m in assistant):
+        return [], "empty response"
+    return messages, ""
 
 
 def kept(skip: str) -> bool:

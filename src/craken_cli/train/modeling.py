@@ -25,9 +25,7 @@ def load_tokenizer(spec):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(name, trust_remote_code=spec.model.trust_remote_code)
-    if tok.eos_token_id is None:
-        raise ValueError(f"tokenizer {name} has no EOS token to separate packed texts; set --tokenizer")
-    if tok.pad_token is None:
+    if tok.pad_token is None and tok.eos_token is not None:  # a tokenizer without EOS: data.encoder_for says
         tok.pad_token = tok.eos_token
     return tok
 
