@@ -32,7 +32,7 @@ def test_decoder_layers_share_one_compiled_graph_and_match_eager():
     ids = torch.randint(0, model.config.vocab_size, (2, 16))
     eager = model(input_ids=ids, labels=ids).loss.item()
     torch._dynamo.reset()
-    assert modeling.compile_regions(model, backend="eager") == model.config.num_hidden_layers >= 2
+    assert modeling.compile_regions(model, tuning=True, backend="eager") == model.config.num_hidden_layers >= 2
     with torch._dynamo.config.patch(error_on_recompile=True):
         for _ in range(2):
             loss = model(input_ids=ids, labels=ids).loss

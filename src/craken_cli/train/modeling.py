@@ -153,7 +153,8 @@ def ready_for_training(model, spec):
     from . import fp8
 
     model, loss_kind = convert_model(model, spec)
-    compiled = compile_regions(model) if spec.model.compile and not spec.cluster.use_cpu else 0
+    compiled = (compile_regions(model, tuning=spec.model.compile_tuning)
+                if spec.model.compile and not spec.cluster.use_cpu else 0)
     return model, {"loss_kind": loss_kind, "float8_linears": fp8.converted_count(model), "compiled_layers": compiled}
 
 
@@ -168,8 +169,11 @@ def has_no_weights(name: str) -> bool:
         (folder / f).exists() for f in WEIGHT_FILES)
 
 
-def compile_regions(model, **compile_kwargs) -> int:
+def compile_regions(model, tuning: bool = False, **compile_kwargs) -> int:
     """Regional compilation: torch.compile each decoder layer and the loss; returns how many layers.
+    `tuning` turns on inductor's coordinate-descent tuning of each generated kernel's block sizes: the
+    default heuristics leave the fused reductions of fp8's scaling casts and of the norms' backward well
+    below the GPU's bandwidth (benchmarks/step_profile.py, docs/performance.md).
 
     The layers share one compiled graph (dynamo inlines the module, so layer 2 reuses layer 1's
     code); the loss (the fp32 upcast of the logits, log-softmax and NLL) compiles to a few fused
@@ -181,6 +185,8 @@ def compile_regions(model, **compile_kwargs) -> int:
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
         return 0
+    if tuning and compile_kwargs.get("backend", "inductor") == "inductor":
+        compile_kwargs["options"] = {**compile_kwargs.get("options", {}), "coordinate_descent_tuning": True}
     for layer in layers:
         layer.compile(**compile_kwargs)
     if hasattr(model, "loss_function"):
