@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -25,8 +26,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import planner_bench  # noqa: E402  (model configs and spec_for: one place for each)
 
-KINDS = (  # (kind, substrings of the kernel name), first match wins
-    ("gemm fp8", ("e4m3", "e5m2", "fp8", "nvjet_qq")),
+FLOAT8_GEMM = re.compile(r"e4m3|e5m2|fp8|nvjet_sm\d+_[qr][qr]")  # cuBLASLt's nvjet names: q/r = e4m3/e5m2 inputs
+KINDS = (  # (kind, substrings of the kernel name), first match wins after FLOAT8_GEMM
     ("attention", ("flash", "fmha", "attention", "cudnn")),
     ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "splitk", "sm90_", "sm80_")),
     ("optimizer", ("adam", "multi_tensor", "foreach")),
@@ -38,6 +39,8 @@ KINDS = (  # (kind, substrings of the kernel name), first match wins
 
 def kind_of(kernel: str) -> str:
     name = kernel.lower()
+    if FLOAT8_GEMM.search(name):
+        return "gemm fp8"
     return next((kind for kind, keys in KINDS if any(key in name for key in keys)), "other")
 
 
@@ -116,7 +119,7 @@ def profile_row(args) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    kinds = [kind for kind, _ in KINDS] + ["other", "idle"]
+    kinds = ["gemm fp8"] + [kind for kind, _ in KINDS] + ["other", "idle"]
     lines = ["run | tok/s | step ms | " + " | ".join(kinds) + " (ms per step, share)"]
     for row in rows:
         ms = {**row["kinds_ms"], "idle": row["idle_ms"]}

@@ -87,3 +87,16 @@ def test_load_model_builds_scratch_weights_on_the_given_device():
     assert modeling.init_dtype(zero2) == torch.bfloat16
     assert {p.dtype for p in modeling.load_model(zero2, tokenizer, torch.device("meta")).parameters()} == {torch.bfloat16}
     assert modeling.init_dtype(_spec(zero={"stage": 2}, precision="fp32", cluster={"use_cpu": False})) is None
+
+
+def test_compile_tuning_is_on_under_fp8_unless_set():
+    """Tuned kernels gained 1.039x under fp8 and 1.006x in bf16 at 3B for 1-2 minutes more of a first
+    compile (benchmarks/results/2026-12-03-fp8-tuning), so unset means fp8 only; a setting wins."""
+    from craken_cli.train import modeling
+
+    assert modeling.compile_tuning_on(_spec(precision="fp8"))
+    assert not modeling.compile_tuning_on(_spec(precision="bf16"))
+    assert modeling.compile_tuning_on(_spec(precision="bf16", model={"name_or_path": "builtin:tiny",
+                                                                     "compile_tuning": True}))
+    assert not modeling.compile_tuning_on(_spec(precision="fp8", model={"name_or_path": "builtin:tiny",
+                                                                       "compile_tuning": False}))
