@@ -418,3 +418,43 @@ def test_script_paths_with_spaces_and_script_flags_named_like_crakens_pass_untou
     assert data["argv"][-5:] == [str(script), "--zero", "3", "--micro-batch", "9"]
     ds = json.loads(data["files"]["ds_config.json"])
     assert ds["zero_optimization"]["stage"] == 1 and ds["train_micro_batch_size_per_gpu"] == 4  # craken's flags only
+
+
+def test_an_accelerate_scripts_loader_and_lr_are_checked_against_the_plan():
+    assert userscript.prepare_problems([4, 16], [[1e-3, 1e-3]], 4, 1e-3) == []  # an eval loader may differ
+    assert userscript.prepare_problems([], [], 4, 1e-3) == []  # a loader of batch_size=None (its own sampler)
+    (batch,) = userscript.prepare_problems([8], [[1e-3]], 4, 1e-3)
+    assert batch.startswith("the script's DataLoader gives batches of 8 against craken's plan, micro-batch 4:")
+    (lr,) = userscript.prepare_problems([4], [[5e-5, 5e-5]], 4, 3e-4)
+    assert "optimizer has lr 5e-05 against craken's plan, lr=0.0003" in lr and lr.endswith("--lr")
+
+
+def test_the_hosts_prepare_check_reads_the_scripts_own_call_only(monkeypatch):
+    """run_clm_no_trainer's shape: its own --per_device_train_batch_size (8) and --learning_rate (5e-5)
+    defaults, which the JSON's micro-batch would never see."""
+    import torch
+    from accelerate.utils import DummyOptim
+
+    from craken_cli.launch.script_host import PlanConflict, patch_accelerator_prepare
+
+    class Accelerator:
+        def prepare(self, *objects):
+            return objects
+
+    patch_accelerator_prepare(Accelerator, micro_batch=4, lr=1e-3)
+    model = torch.nn.Linear(2, 1)
+    data = torch.utils.data.TensorDataset(torch.zeros(16, 2))
+    adamw = torch.optim.AdamW(model.parameters(), lr=5e-5)
+    torch.optim.lr_scheduler.LambdaLR(adamw, lambda s: 0.1)  # warm-up: lr now 5e-6, its base stays 5e-5
+    with pytest.raises(PlanConflict) as info:
+        Accelerator().prepare(model, adamw, torch.utils.data.DataLoader(data, batch_size=8))
+    assert [p.split(" against")[0] for p in info.value.problems] == [
+        "the script's DataLoader gives batches of 8", "the script's optimizer has lr 5e-05"]
+    ok = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    Accelerator().prepare(model, ok, torch.utils.data.DataLoader(data, batch_size=4),
+                          torch.utils.data.DataLoader(data, batch_size=32))
+    Accelerator().prepare(model, DummyOptim(model.parameters()), torch.utils.data.DataLoader(data, batch_size=4))
+    Accelerator().prepare(torch.utils.data.DataLoader(data, batch_size=32))  # an eval loader alone
+    exec("init(model, adamw, loader)", {"__name__": "transformers.trainer", "init": Accelerator().prepare,
+                                       "model": model, "adamw": adamw,
+                                       "loader": torch.utils.data.DataLoader(data, batch_size=8)})  # the Trainer's

@@ -13,6 +13,8 @@ had been started itself):
   its default takes craken's planned value (userscript.trainer_plan) and what it sets against the plan
   stops the run with one message naming the craken flag; the Trainer's DeepSpeed check then finds the
   JSON and the arguments equal.
+- Plain Accelerate scripts: `accelerator.prepare(model, ...)` called from the script stops the run when
+  its DataLoader or its optimizer's lr contradicts the plan (userscript.prepare_problems).
 - Raw DeepSpeed scripts (DeepSpeedExamples' shape, written for the deepspeed launcher): an argparse
   parser that declares `--local_rank` gets `--local_rank=N` as that launcher passes it (torchrun sets
   only LOCAL_RANK), and the script's own `deepspeed.initialize(...)` gets the rendered JSON; a config
@@ -70,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     ds_config = rendered_ds_config(ds_path)
     install_trainer_plan(userscript.trainer_plan(spec, run_dir, "optimizer" in ds_config))
     patch_argparse_local_rank()
+    patch_on_import("accelerate.accelerator", lambda module: patch_accelerator_prepare(
+        module.Accelerator, spec.batch.micro_batch, spec.optimizer.lr))
     if ds_config:
         patch_on_import("deepspeed", lambda module: patch_deepspeed_initialize(module, ds_path, ds_config))
     return run_target(script, module, script_args)
@@ -261,8 +265,45 @@ def patch_argparse_local_rank() -> None:
     argparse.ArgumentParser.parse_known_args = parse_known_args
 
 
-# accelerate's and the Trainer's own calls pass the JSON (as accelerate filled it) and their optimizer
-DS_CALLERS = ("accelerate", "transformers")
+def patch_accelerator_prepare(cls, micro_batch: int, lr: float) -> None:
+    """The script's own `accelerator.prepare(model, ...)` (not the Trainer's, whose values the plan fills)
+    is checked before DeepSpeed is built from it."""
+    import functools
+
+    original = cls.prepare
+    if getattr(original, "_craken_plan", False):
+        return
+
+    @functools.wraps(original)
+    def prepare(self, *objects, **kwargs):
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if caller.split(".")[0] not in LIBRARY_CALLERS:
+            problems = userscript.prepare_problems(*prepared_values(objects), micro_batch, lr)
+            if problems:
+                raise PlanConflict(problems)
+        return original(self, *objects, **kwargs)
+
+    prepare._craken_plan = True
+    cls.prepare = prepare
+
+
+def prepared_values(objects) -> tuple[list[int], list[list[float]]]:
+    """The DataLoaders' batch sizes and the torch optimizers' base lrs of a training prepare call (one with
+    the model; a later call for an eval loader alone is the script's business)."""
+    import torch
+
+    if not any(isinstance(o, torch.nn.Module) for o in objects):
+        return [], []
+    sizes = [o.batch_size for o in objects if isinstance(o, torch.utils.data.DataLoader) and o.batch_size]
+    lrs = [[g.get("initial_lr", g.get("lr")) for g in o.param_groups if isinstance(g.get("lr"), (int, float))]
+           for o in objects if isinstance(o, torch.optim.Optimizer)]  # accelerate's DummyOptim is none
+    return sizes, lrs
+
+
+# Callers left alone: the Trainer's prepare calls carry its TrainingArguments (the plan's already, or
+# stopped), accelerate's deepspeed.initialize the JSON as accelerate filled it; an eval loader of the
+# Trainer may differ from the micro-batch.
+LIBRARY_CALLERS = ("accelerate", "transformers", "trl")
 
 
 def patch_deepspeed_initialize(module, ds_path: Path, ds_config: dict) -> None:
@@ -279,7 +320,7 @@ def patch_deepspeed_initialize(module, ds_path: Path, ds_config: dict) -> None:
     @functools.wraps(original)
     def initialize(*args, **kwargs):
         caller = sys._getframe(1).f_globals.get("__name__", "")
-        if caller.split(".")[0] in DS_CALLERS:
+        if caller.split(".")[0] in LIBRARY_CALLERS:
             return original(*args, **kwargs)
         bound = signature.bind(*args, **kwargs).arguments
         namespace = bound.get("args")

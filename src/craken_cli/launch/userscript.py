@@ -10,6 +10,7 @@
                         bring a DeepSpeed config of their own (`--deepspeed ds.json`, `--deepspeed_config ds.json`)
     engine_without_optimizer   a raw DeepSpeed script whose deepspeed.initialize gets no optimizer (read with ast)
     local_rank_args     the `--local_rank=N` the deepspeed launcher would pass, for a parser that declares it
+    prepare_problems    a plain Accelerate script's DataLoader batch size and optimizer lr against the plan
     initialize_problems a raw DeepSpeed script's deepspeed.initialize call judged against the rendered JSON
 
 The worker side (`script_host`) applies `trainer_plan` to the script's TrainingArguments, `local_rank_args`
@@ -384,4 +385,25 @@ def initialize_problems(configs: dict[str, Any], has_optimizer: bool, ds_path: P
         problems.append("the script gives deepspeed.initialize no optimizer and craken's JSON holds none (a "
                         "script's own optimizer is the default): pass --ds-optimizer to train with DeepSpeed's, "
                         "or hand deepspeed.initialize the script's optimizer=")
+    return problems
+
+
+def prepare_problems(batch_sizes: Sequence[int], lrs: Sequence[Sequence[float]], micro_batch: int,
+                     lr: float) -> list[str]:
+    """What a script hands `accelerator.prepare(model, ...)` against the plan: `batch_sizes` of its
+    DataLoaders, `lrs` the base lrs of each torch optimizer's parameter groups. The JSON's micro-batch
+    is only DeepSpeed's arithmetic (train_batch_size, the schedule): a loader of another batch size
+    trains another run than the one shown, with nothing to warn. One loader at the plan's micro-batch
+    (an eval loader may differ), one group at the plan's lr (others may scale it) is enough."""
+    problems = []
+    if batch_sizes and micro_batch not in batch_sizes:
+        shown = ", ".join(str(b) for b in sorted(set(batch_sizes)))
+        problems.append(f"the script's DataLoader gives batches of {shown} against craken's plan, micro-batch "
+                        f"{micro_batch}: build it with batch_size=int(os.environ['CRAKEN_PLAN_MICRO_BATCH']) or "
+                        f"change the plan with --micro-batch")
+    for groups in lrs:
+        if groups and not any(math.isclose(g, lr, rel_tol=1e-6) for g in groups):
+            shown = ", ".join(f"{g:g}" for g in sorted(set(groups)))
+            problems.append(f"the script's optimizer has lr {shown} against craken's plan, lr={lr:g}: build it with "
+                            "lr=float(os.environ['CRAKEN_PLAN_LR']) or change the plan with --lr")
     return problems
