@@ -404,6 +404,10 @@ def test_a_raw_deepspeed_scripts_initialize_gets_the_rendered_json_and_nothing_e
         bare.initialize(model="model", model_parameters=[])
     bare.initialize(model="model", optimizer="its own")
     assert bare.calls[-1]["config"] == str(ds_path)
+    plain = FakeDeepSpeed()  # ZeRO 0 on GPUs: plain Accelerate, no JSON at all
+    patch_deepspeed_initialize(plain, ds_path, {})
+    with pytest.raises(PlanConflict, match="renders no DeepSpeed config .* pass --zero 1, 2 or 3"):
+        plain.initialize(model="model", optimizer="its own")
     # accelerate's own call (accelerator.prepare) passes the JSON as accelerate filled it: left alone
     exec("engine = init(model='model', config_params={'filled': 1})", {"__name__": "accelerate.accelerator",
                                                                        "init": bare.initialize})

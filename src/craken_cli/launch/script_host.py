@@ -74,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     patch_argparse_local_rank()
     patch_on_import("accelerate.accelerator", lambda module: patch_accelerator_prepare(
         module.Accelerator, spec.batch.micro_batch, spec.optimizer.lr))
-    if ds_config:
-        patch_on_import("deepspeed", lambda module: patch_deepspeed_initialize(module, ds_path, ds_config))
+    patch_on_import("deepspeed", lambda module: patch_deepspeed_initialize(module, ds_path, ds_config))
     return run_target(script, module, script_args)
 
 

@@ -367,6 +367,9 @@ def initialize_problems(configs: dict[str, Any], has_optimizer: bool, ds_path: P
     `configs` maps where a config was given (`config=`, `args.deepspeed_config`, ...) to its value.
     Any other config than craken's would train a run `craken config show` does not describe; an engine
     without an optimizer would not train at all."""
+    if not ds_config:
+        return ["the script runs DeepSpeed itself (deepspeed.initialize), and this plan renders no DeepSpeed config "
+                "(ZeRO stage 0 on GPUs runs plain Accelerate): pass --zero 1, 2 or 3"]
     problems = []
     for where, value in configs.items():
         if isinstance(value, dict):
