@@ -76,7 +76,7 @@ def test_offloaded_optimizer_keeps_deepspeeds_optimizer_which_alone_steps_it():
 
 
 @pytest.mark.parametrize("case", ["missing", "folder", "device", "shell", "syntax", "module", "package", "conflict",
-                                  "conflict_eq", "deepspeed", "auto"])
+                                  "conflict_eq", "deepspeed", "deepspeed_config", "auto"])
 def test_bad_input_is_refused_before_launch_with_exit_2_and_nothing_written(craken, workdir, case):
     (workdir / "pkg").mkdir()
     (workdir / "pkg" / "__init__.py").write_text("")
@@ -94,7 +94,10 @@ def test_bad_input_is_refused_before_launch_with_exit_2_and_nothing_written(crak
         "conflict": (["ok.py", "--per_device_train_batch_size", "8"],
                      "argument --per_device_train_batch_size 8 contradicts craken's plan, per_device_train_batch_size=4"),
         "conflict_eq": (["ok.py", "--max_grad_norm=1.0"], "change the plan with --clip"),
-        "deepspeed": (["ok.py", "--deepspeed", "ds.json"], "drop --deepspeed"),
+        "deepspeed": (["ok.py", "--deepspeed", "ds.json"], "--deepspeed ds.json: craken launch renders the DeepSpeed "
+                      "config itself"),
+        "deepspeed_config": (["ok.py", "--deepspeed", "--deepspeed_config=ds.json"],  # the deepspeed launcher's line
+                             "--deepspeed_config ds.json: craken launch renders"),
         "auto": (["--auto", "ok.py"], "pass --model"),
     }[case]
     before = sorted(p.name for p in workdir.iterdir())
@@ -283,3 +286,179 @@ def test_every_problem_of_a_launch_is_reported_at_once(craken, workdir):
     assert result.code == 2
     for part in ("nope.py does not exist", "already holds a run", "--gradient_accumulation_steps 5 contradicts"):
         assert part in result.output
+
+
+# --- script shapes: raw DeepSpeed, the deepspeed launcher's --local_rank, odd paths ---------------------------
+
+RAW_DEEPSPEED = '''
+import argparse
+import deepspeed
+parser = argparse.ArgumentParser()
+parser.add_argument("--local_rank", type=int, default=-1)
+parser = deepspeed.add_config_arguments(parser)
+args = parser.parse_args()
+engine, optimizer, _, _ = deepspeed.initialize(args=args, model=model, model_parameters=model.parameters())
+'''
+
+
+@pytest.mark.parametrize("source, raw", [
+    (RAW_DEEPSPEED, True),  # DeepSpeedExamples: the optimizer comes from the JSON
+    (RAW_DEEPSPEED.replace("model_parameters=", "optimizer=torch.optim.AdamW(model.parameters()), x="), False),
+    ("import deepspeed\ne, o, _, _ = deepspeed.initialize(args, model, opt, params)\n", False),  # positional optimizer
+    ("import deepspeed\ne, o, _, _ = deepspeed.initialize(**kwargs)\n", False),  # cannot tell: the script's own
+    ("from accelerate import Accelerator\nmodel = Accelerator().prepare(model)\n", False),
+    ("def f(:\n", False),
+])
+def test_a_raw_deepspeed_script_without_an_optimizer_keeps_the_jsons(source, raw):
+    assert userscript.engine_without_optimizer(source) is raw
+    spec = spec_of({"--zero": 1})
+    assert userscript.keeps_ds_optimizer(spec, None, engine_without_optimizer=raw) is raw
+    assert userscript.keeps_ds_optimizer(spec, False, engine_without_optimizer=True) is False  # --no-ds-optimizer
+
+
+def test_a_raw_deepspeed_script_or_module_gets_deepspeeds_optimizer_in_its_json(craken, workdir, monkeypatch):
+    (workdir / "ds_train.py").write_text(RAW_DEEPSPEED)
+    (workdir / "dspkg").mkdir()
+    (workdir / "dspkg" / "__init__.py").write_text("")
+    (workdir / "dspkg" / "__main__.py").write_text(RAW_DEEPSPEED)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    for target in (["ds_train.py"], ["-m", "dspkg"]):
+        data = json.loads(craken("launch", "--dry-run", *RUN_FLAGS, *target, "--deepspeed").out)  # its bare switch
+        assert "optimizer" in json.loads(data["files"]["ds_config.json"]), target
+        assert data["env"]["CRAKEN_PLAN_DS_OPTIMIZER"] == "1"
+
+
+def test_only_script_options_naming_a_deepspeed_file_are_refused():
+    assert userscript.own_config_problems(["--deepspeed", "--steps", "3", "--deepspeed"]) == []
+    for args, shown in ((["--deepspeed", "--deepspeed_config", "ds.json"], "--deepspeed_config ds.json"),
+                        (["--deepspeed=z2.json"], "--deepspeed z2.json"),
+                        (["--deepscale-config", "old.json"], "--deepscale-config old.json")):
+        (problem,) = userscript.own_config_problems(args)
+        assert problem.startswith(f"the script gets {shown}: craken launch renders the DeepSpeed config itself")
+
+
+def test_local_rank_is_passed_as_the_deepspeed_launcher_would_to_a_parser_that_declares_it():
+    assert userscript.local_rank_args(["-h", "--local_rank"], ["--steps", "2"], "1") == ["--local_rank=1"]
+    assert userscript.local_rank_args(["--local-rank"], [], "0") == ["--local-rank=0"]
+    assert userscript.local_rank_args(["--local_rank", "--local-rank"], ["--local-rank=3"], "1") == []  # given
+    assert userscript.local_rank_args(["--steps"], [], "1") == []  # a parser of its own, without the option
+    assert userscript.local_rank_args(["--local_rank"], [], None) == []  # not under a launcher
+
+
+def test_the_hosts_parsers_read_local_rank_from_the_environment(monkeypatch):
+    import argparse
+
+    from craken_cli.launch import script_host
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", argparse.ArgumentParser.parse_known_args)
+    monkeypatch.setattr(sys, "argv", ["train.py", "--steps", "2"])
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    script_host.patch_argparse_local_rank()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--local_rank", type=int, default=-1)
+    parser.add_argument("--steps", type=int)
+    assert vars(parser.parse_args()) == {"local_rank": 1, "steps": 2}
+    assert parser.parse_args(["--steps", "3"]).local_rank == -1  # an explicit list is the script's business
+    plain = argparse.ArgumentParser()
+    plain.add_argument("--steps", type=int)
+    assert vars(plain.parse_args()) == {"steps": 2}
+
+
+class FakeDeepSpeed:
+    """deepspeed's module as far as the host's patch sees it: initialize with DeepSpeed's signature."""
+
+    def __init__(self):
+        self.calls = []
+
+    def initialize(self, args=None, model=None, optimizer=None, model_parameters=None, training_data=None,
+                   lr_scheduler=None, distributed_port=29500, mpu=None, dist_init_required=None, collate_fn=None,
+                   config=None, mesh_param=None, config_params=None):
+        self.calls.append({"args": args, "optimizer": optimizer, "config": config, "config_params": config_params})
+        return "engine"
+
+
+def test_a_raw_deepspeed_scripts_initialize_gets_the_rendered_json_and_nothing_else(tmp_path):
+    from types import SimpleNamespace
+
+    from craken_cli.launch.script_host import PlanConflict, patch_deepspeed_initialize
+
+    ds_path, ds_config = tmp_path / "ds_config.json", {"train_micro_batch_size_per_gpu": 4, "optimizer": {"type": "AdamW"}}
+    fake = FakeDeepSpeed()
+    patch_deepspeed_initialize(fake, ds_path, ds_config)
+    namespace = SimpleNamespace(local_rank=0, deepspeed=True, deepspeed_config=None)
+    assert fake.initialize(namespace, "model", model_parameters=[]) == "engine"
+    assert fake.calls[-1]["config"] == str(ds_path) and fake.calls[-1]["args"] is namespace
+    fake.initialize(model="model", config=str(tmp_path / "." / "ds_config.json"))  # craken's own file, named
+    assert fake.calls[-1]["config"] == str(tmp_path / "." / "ds_config.json")
+    calls = len(fake.calls)
+    with pytest.raises(PlanConflict) as info:
+        fake.initialize(SimpleNamespace(deepspeed_config="user_ds.json"), "model", config_params={"zero": 0})
+    assert [p.split(":")[0] for p in info.value.problems] == [
+        "the script gives deepspeed.initialize its own DeepSpeed config (config_params",
+        "the script gives deepspeed.initialize its own DeepSpeed config (args.deepspeed_config (--deepspeed_config)"]
+    assert "'user_ds.json'" in info.value.problems[1] and len(fake.calls) == calls  # DeepSpeed never called
+
+    bare = FakeDeepSpeed()  # a JSON without DeepSpeed's optimizer (--no-ds-optimizer)
+    patch_deepspeed_initialize(bare, ds_path, {"train_micro_batch_size_per_gpu": 4})
+    with pytest.raises(PlanConflict, match="no optimizer and craken's JSON holds none.*--ds-optimizer"):
+        bare.initialize(model="model", model_parameters=[])
+    bare.initialize(model="model", optimizer="its own")
+    assert bare.calls[-1]["config"] == str(ds_path)
+    plain = FakeDeepSpeed()  # ZeRO 0 on GPUs: plain Accelerate, no JSON at all
+    patch_deepspeed_initialize(plain, ds_path, {})
+    with pytest.raises(PlanConflict, match="renders no DeepSpeed config .* pass --zero 1, 2 or 3"):
+        plain.initialize(model="model", optimizer="its own")
+    # accelerate's own call (accelerator.prepare) passes the JSON as accelerate filled it: left alone
+    exec("engine = init(model='model', config_params={'filled': 1})", {"__name__": "accelerate.accelerator",
+                                                                       "init": bare.initialize})
+    assert bare.calls[-1]["config_params"] == {"filled": 1} and bare.calls[-1]["config"] is None
+
+
+def test_script_paths_with_spaces_and_script_flags_named_like_crakens_pass_untouched(craken, workdir):
+    script = workdir / "my scripts" / "train me.py"
+    script.parent.mkdir()
+    script.write_text("print('training')\n")
+    data = json.loads(craken("launch", "--dry-run", *RUN_FLAGS, str(script), "--zero", "3", "--micro-batch", "9").out)
+    assert data["argv"][-5:] == [str(script), "--zero", "3", "--micro-batch", "9"]
+    ds = json.loads(data["files"]["ds_config.json"])
+    assert ds["zero_optimization"]["stage"] == 1 and ds["train_micro_batch_size_per_gpu"] == 4  # craken's flags only
+
+
+def test_an_accelerate_scripts_loader_and_lr_are_checked_against_the_plan():
+    assert userscript.prepare_problems([4, 16], [[1e-3, 1e-3]], 4, 1e-3) == []  # an eval loader may differ
+    assert userscript.prepare_problems([], [], 4, 1e-3) == []  # a loader of batch_size=None (its own sampler)
+    (batch,) = userscript.prepare_problems([8], [[1e-3]], 4, 1e-3)
+    assert batch.startswith("the script's DataLoader gives batches of 8 against craken's plan, micro-batch 4:")
+    (lr,) = userscript.prepare_problems([4], [[5e-5, 5e-5]], 4, 3e-4)
+    assert "optimizer has lr 5e-05 against craken's plan, lr=0.0003" in lr and lr.endswith("--lr")
+
+
+def test_the_hosts_prepare_check_reads_the_scripts_own_call_only(monkeypatch):
+    """run_clm_no_trainer's shape: its own --per_device_train_batch_size (8) and --learning_rate (5e-5)
+    defaults, which the JSON's micro-batch would never see."""
+    import torch
+    from accelerate.utils import DummyOptim
+
+    from craken_cli.launch.script_host import PlanConflict, patch_accelerator_prepare
+
+    class Accelerator:
+        def prepare(self, *objects):
+            return objects
+
+    patch_accelerator_prepare(Accelerator, micro_batch=4, lr=1e-3)
+    model = torch.nn.Linear(2, 1)
+    data = torch.utils.data.TensorDataset(torch.zeros(16, 2))
+    adamw = torch.optim.AdamW(model.parameters(), lr=5e-5)
+    torch.optim.lr_scheduler.LambdaLR(adamw, lambda s: 0.1)  # warm-up: lr now 5e-6, its base stays 5e-5
+    with pytest.raises(PlanConflict) as info:
+        Accelerator().prepare(model, adamw, torch.utils.data.DataLoader(data, batch_size=8))
+    assert [p.split(" against")[0] for p in info.value.problems] == [
+        "the script's DataLoader gives batches of 8", "the script's optimizer has lr 5e-05"]
+    ok = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    Accelerator().prepare(model, ok, torch.utils.data.DataLoader(data, batch_size=4),
+                          torch.utils.data.DataLoader(data, batch_size=32))
+    Accelerator().prepare(model, DummyOptim(model.parameters()), torch.utils.data.DataLoader(data, batch_size=4))
+    Accelerator().prepare(torch.utils.data.DataLoader(data, batch_size=32))  # an eval loader alone
+    exec("init(model, adamw, loader)", {"__name__": "transformers.trainer", "init": Accelerator().prepare,
+                                       "model": model, "adamw": adamw,
+                                       "loader": torch.utils.data.DataLoader(data, batch_size=8)})  # the Trainer's

@@ -95,6 +95,38 @@ if trainer.is_world_process_zero():
     print("DONE " + json.dumps({"step": trainer.state.global_step}), flush=True)
 '''
 
+RAW_DEEPSPEED_SCRIPT = '''
+"""A raw DeepSpeed script as DeepSpeedExamples writes them, for the deepspeed launcher: its --local_rank,
+add_config_arguments' --deepspeed/--deepspeed_config, the optimizer from the JSON."""
+import argparse, json, os
+import torch
+import deepspeed
+from transformers import AutoModelForCausalLM
+
+parser = argparse.ArgumentParser()
+parser.add_argument("model")
+parser.add_argument("--local_rank", type=int, default=-1, help="local rank passed from distributed launcher")
+parser = deepspeed.add_config_arguments(parser)
+args = parser.parse_args()
+parsed_local_rank = args.local_rank  # deepspeed.initialize later sets it from LOCAL_RANK itself
+model = AutoModelForCausalLM.from_pretrained(args.model)
+engine, optimizer, _, _ = deepspeed.initialize(args=args, model=model, model_parameters=model.parameters())
+inner = getattr(optimizer, "optimizer", optimizer)
+print("DEEPSPEED_RAN " + json.dumps({
+    "world": engine.world_size, "local_rank": parsed_local_rank, "env_local_rank": int(os.environ["LOCAL_RANK"]),
+    "deepspeed_flag": args.deepspeed, "train_batch_size": engine.train_batch_size(),
+    "micro_batch": engine.train_micro_batch_size_per_gpu(), "grad_accum": engine.gradient_accumulation_steps(),
+    "clip": engine.gradient_clipping(), "stage": engine.zero_optimization_stage(), "offload_optimizer": "none",
+    "optimizer": type(inner).__name__, "lr": engine.optimizer_params()["lr"]}), flush=True)
+seq, steps = int(os.environ["CRAKEN_PLAN_SEQ_LEN"]), int(os.environ["CRAKEN_PLAN_MAX_STEPS"])
+while engine.global_steps < steps:
+    batch = torch.randint(0, model.config.vocab_size, (engine.train_micro_batch_size_per_gpu(), seq))
+    engine.backward(engine(input_ids=batch, labels=batch).loss)
+    engine.step()
+if engine.global_rank == 0:
+    print("DONE " + json.dumps({"step": engine.global_steps}), flush=True)
+'''
+
 SLEEPING_SCRIPT = '''
 import time
 from accelerate import Accelerator
@@ -215,6 +247,23 @@ def test_trainer_script_at_zero3_builds_its_own_optimizer_and_schedule_from_the_
     assert line(result, "DONE")["step"] == 2
 
 
+def test_raw_deepspeed_script_trains_with_the_rendered_json_and_its_local_rank(tmp_path, tiny_model_dir, free_port):
+    """The deepspeed launcher's script: no config file given (craken's goes to deepspeed.initialize), its
+    --local_rank filled per process, DeepSpeed's optimizer kept in the JSON because the script brings none."""
+    (tmp_path / "ds_train.py").write_text(RAW_DEEPSPEED_SCRIPT)
+    flags = ["--zero", "1", "--micro-batch", "2", "--grad-accum", "2", "--max-steps", "2", "--lr", "0.002",
+             "--main-process-port", free_port]
+    result = craken("launch", *flags, "ds_train.py", tiny_model_dir, "--deepspeed", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    ran = [json.loads(l.split(" ", 1)[1]) for l in result.stdout.splitlines() if l.startswith("DEEPSPEED_RAN ")]
+    assert sorted(r["local_rank"] for r in ran) == [0, 1] and all(r["local_rank"] == r["env_local_rank"] for r in ran)
+    spec = planned(flags, tmp_path)
+    assert_ran_as_planned(ran[0], spec)
+    assert ran[0]["deepspeed_flag"] is True and ran[0]["optimizer"] == "AdamW"
+    assert ran[0]["lr"] == spec["optimizer"]["lr"] == 0.002
+    assert line(result, "DONE")["step"] == 2
+
+
 def test_a_failing_script_gets_one_message_naming_its_rank_and_error(tmp_path, free_port):
     (tmp_path / "fail.py").write_text(FAILING_SCRIPT)
     result = craken("launch", "--zero", "1", "--main-process-port", free_port, "fail.py", cwd=tmp_path)
@@ -252,5 +301,18 @@ def test_a_trainer_value_set_against_the_plan_stops_before_training_with_exit_2(
     assert result.returncode == 2, result.stderr[-4000:]
     assert ("craken: train.py was stopped before training: the script sets max_grad_norm=0.5 against craken's plan, "
             "max_grad_norm=0.3: drop it (craken fills it) or change the plan with --clip") in result.stderr
+    assert "DEEPSPEED_RAN" not in result.stdout and "Traceback" not in result.stderr
+    assert_no_launcher_traceback(result)
+
+
+def test_an_accelerate_script_with_its_own_batch_size_stops_before_deepspeed_runs(tmp_path, tiny_model_dir, free_port):
+    """run_clm_no_trainer's shape: the loader from the script's own --per_device_train_batch_size default;
+    DeepSpeed would count the JSON's micro-batch and train the loader's."""
+    (tmp_path / "train.py").write_text(ACCELERATE_SCRIPT.replace("batch_size=micro)", "batch_size=8)"))
+    result = craken("launch", "--zero", "1", "--micro-batch", "2", "--main-process-port", free_port, "train.py",
+                    tiny_model_dir, cwd=tmp_path)
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-5000:]
+    assert ("craken: train.py was stopped before training: the script's DataLoader gives batches of 8 against "
+            "craken's plan, micro-batch 2") in result.stderr
     assert "DEEPSPEED_RAN" not in result.stdout and "Traceback" not in result.stderr
     assert_no_launcher_traceback(result)

@@ -95,10 +95,15 @@ def resolve_spec(request: TrainRequest, environ: Mapping[str, str], hardware=Non
     return resolved, decisions.warnings + notes, hw, choice
 
 
+def keeps_ds_optimizer(spec, request: TrainRequest) -> bool:
+    raw = userscript.engine_without_optimizer(userscript.script_source(request.script))
+    return userscript.keeps_ds_optimizer(spec, request.ds_optimizer, engine_without_optimizer=raw)
+
+
 def script_problems(spec, run_dir: Path, request: TrainRequest) -> list[str]:
     if request.script is None:
         return command.launcher_arg_problems(request.launcher_args)
-    keep = userscript.keeps_ds_optimizer(spec, request.ds_optimizer)
+    keep = keeps_ds_optimizer(spec, request)
     return (userscript.target_problems(request.script)
             + userscript.arg_problems(spec, run_dir, request.script, keep))
 
@@ -129,7 +134,7 @@ def prepare(request: TrainRequest, environ: Mapping[str, str], hardware=None) ->
         files = with_universal_load(files, spec.cluster.machine_rank)
     script_args = None
     if request.script is not None:
-        keep = userscript.keeps_ds_optimizer(spec, request.ds_optimizer)
+        keep = keeps_ds_optimizer(spec, request)
         files = userscript.script_files(files, spec.cluster.machine_rank, keep)
         script_args = request.script.host_args
     argv, env = command.build(spec, run_dir, environ, hw.cpu_count, request.launcher_args, resume_from, script_args)

@@ -13,6 +13,12 @@ had been started itself):
   its default takes craken's planned value (userscript.trainer_plan) and what it sets against the plan
   stops the run with one message naming the craken flag; the Trainer's DeepSpeed check then finds the
   JSON and the arguments equal.
+- Plain Accelerate scripts: `accelerator.prepare(model, ...)` called from the script stops the run when
+  its DataLoader or its optimizer's lr contradicts the plan (userscript.prepare_problems).
+- Raw DeepSpeed scripts (DeepSpeedExamples' shape, written for the deepspeed launcher): an argparse
+  parser that declares `--local_rank` gets `--local_rank=N` as that launcher passes it (torchrun sets
+  only LOCAL_RANK), and the script's own `deepspeed.initialize(...)` gets the rendered JSON; a config
+  of its own, or no optimizer on either side, stops the run (userscript.initialize_problems).
 - Failures: the script's exception is printed from the script's own frames and recorded in torchrun's
   per-rank error file (TORCHELASTIC_ERROR_FILE), from which `craken launch` words its one message.
 
@@ -62,17 +68,22 @@ def main(argv: list[str] | None = None) -> int:
         from accelerate import PartialState
 
         PartialState(backend="gloo")
-    install_trainer_plan(userscript.trainer_plan(spec, run_dir, ds_optimizer_in(run_dir, spec)))
+    ds_path = run_dir / machine_file(DS_FILE, spec.cluster.machine_rank)
+    ds_config = rendered_ds_config(ds_path)
+    install_trainer_plan(userscript.trainer_plan(spec, run_dir, "optimizer" in ds_config))
+    patch_argparse_local_rank()
+    patch_on_import("accelerate.accelerator", lambda module: patch_accelerator_prepare(
+        module.Accelerator, spec.batch.micro_batch, spec.optimizer.lr))
+    patch_on_import("deepspeed", lambda module: patch_deepspeed_initialize(module, ds_path, ds_config))
     return run_target(script, module, script_args)
 
 
-def ds_optimizer_in(run_dir: Path, spec) -> bool:
-    """Whether the rendered JSON holds DeepSpeed's optimizer (the one fact: the file DeepSpeed reads)."""
-    path = run_dir / machine_file(DS_FILE, spec.cluster.machine_rank)
+def rendered_ds_config(path: Path) -> dict:
+    """The JSON DeepSpeed reads (the one fact: whether it holds the optimizer); {} without DeepSpeed."""
     try:
-        return "optimizer" in json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
-        return False
+        return {}
 
 
 def run_target(script: str | None, module: str | None, script_args: list[str]) -> int:
@@ -133,20 +144,26 @@ def print_script_traceback(exc: BaseException, name: str) -> None:
 def install_trainer_plan(plan: dict) -> None:
     """Wrap TrainingArguments.__post_init__ once transformers' training_args is imported (a script that
     never imports transformers pays nothing)."""
-    if "transformers.training_args" in sys.modules:
-        patch_training_arguments(sys.modules["transformers.training_args"].TrainingArguments, plan)
+    patch_on_import("transformers.training_args", lambda module: patch_training_arguments(module.TrainingArguments,
+                                                                                          plan))
+
+
+def patch_on_import(name: str, patch) -> None:
+    """`patch(module)` now if `name` is imported, else right after it first executes."""
+    if name in sys.modules:
+        patch(sys.modules[name])
         return
-    sys.meta_path.insert(0, _TrainingArgsFinder(plan))
+    sys.meta_path.insert(0, _PatchOnImport(name, patch))
 
 
-class _TrainingArgsFinder:
-    """Import hook: patches TrainingArguments right after transformers.training_args executes."""
+class _PatchOnImport:
+    """Import hook: runs `patch` on module `name` right after it executes."""
 
-    def __init__(self, plan: dict):
-        self.plan = plan
+    def __init__(self, name: str, patch):
+        self.name, self.patch = name, patch
 
     def find_spec(self, name, path=None, target=None):
-        if name != "transformers.training_args":
+        if name != self.name:
             return None
         import importlib.machinery
 
@@ -154,12 +171,12 @@ class _TrainingArgsFinder:
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is None or spec.loader is None:
             return spec
-        loader, plan = spec.loader, self.plan
+        loader, patch = spec.loader, self.patch
         original = loader.exec_module
 
         def exec_module(module):
             original(module)
-            patch_training_arguments(module.TrainingArguments, plan)
+            patch(module)
 
         loader.exec_module = exec_module
         return spec
@@ -222,6 +239,104 @@ def is_default(value, default) -> bool:
     if default is MISSING:
         return False
     return value == default or str(getattr(value, "value", value)) == str(getattr(default, "value", default))
+
+
+# --- raw DeepSpeed scripts ----------------------------------------------------------------------------
+
+def patch_argparse_local_rank() -> None:
+    """A parser reading the command line that declares `--local_rank` / `--local-rank` gets this process's
+    rank, as the deepspeed launcher and torch.distributed.launch pass it (userscript.local_rank_args)."""
+    import argparse
+
+    original = argparse.ArgumentParser.parse_known_args
+    if getattr(original, "_craken_plan", False):
+        return
+
+    def parse_known_args(self, args=None, namespace=None):
+        if args is None:
+            argv = sys.argv[1:]
+            extra = userscript.local_rank_args(list(self._option_string_actions), argv, os.environ.get("LOCAL_RANK"))
+            if extra:
+                args = [*argv, *extra]
+        return original(self, args, namespace)
+
+    parse_known_args._craken_plan = True
+    argparse.ArgumentParser.parse_known_args = parse_known_args
+
+
+def patch_accelerator_prepare(cls, micro_batch: int, lr: float) -> None:
+    """The script's own `accelerator.prepare(model, ...)` (not the Trainer's, whose values the plan fills)
+    is checked before DeepSpeed is built from it."""
+    import functools
+
+    original = cls.prepare
+    if getattr(original, "_craken_plan", False):
+        return
+
+    @functools.wraps(original)
+    def prepare(self, *objects, **kwargs):
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if caller.split(".")[0] not in LIBRARY_CALLERS:
+            problems = userscript.prepare_problems(*prepared_values(objects), micro_batch, lr)
+            if problems:
+                raise PlanConflict(problems)
+        return original(self, *objects, **kwargs)
+
+    prepare._craken_plan = True
+    cls.prepare = prepare
+
+
+def prepared_values(objects) -> tuple[list[int], list[list[float]]]:
+    """The DataLoaders' batch sizes and the torch optimizers' base lrs of a training prepare call (one with
+    the model; a later call for an eval loader alone is the script's business)."""
+    import torch
+
+    if not any(isinstance(o, torch.nn.Module) for o in objects):
+        return [], []
+    sizes = [o.batch_size for o in objects if isinstance(o, torch.utils.data.DataLoader) and o.batch_size]
+    lrs = [[g.get("initial_lr", g.get("lr")) for g in o.param_groups if isinstance(g.get("lr"), (int, float))]
+           for o in objects if isinstance(o, torch.optim.Optimizer)]  # accelerate's DummyOptim is none
+    return sizes, lrs
+
+
+# Callers left alone: the Trainer's prepare calls carry its TrainingArguments (the plan's already, or
+# stopped), accelerate's deepspeed.initialize the JSON as accelerate filled it; an eval loader of the
+# Trainer may differ from the micro-batch.
+LIBRARY_CALLERS = ("accelerate", "transformers", "trl")
+
+
+def patch_deepspeed_initialize(module, ds_path: Path, ds_config: dict) -> None:
+    """The script's own `deepspeed.initialize(...)` trains with the rendered JSON: given none, it gets that
+    file; given another, or no optimizer where the JSON has none, the run stops (PlanConflict)."""
+    import functools
+    import inspect
+
+    original = module.initialize
+    if getattr(original, "_craken_plan", False):
+        return
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def initialize(*args, **kwargs):
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if caller.split(".")[0] in LIBRARY_CALLERS:
+            return original(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs).arguments
+        namespace = bound.get("args")
+        configs = {name: bound[name] for name in ("config", "config_params") if bound.get(name) is not None}
+        for name in ("deepspeed_config", "deepscale_config"):
+            if getattr(namespace, name, None) is not None:
+                configs[f"args.{name} (--{name})"] = getattr(namespace, name)
+        problems = userscript.initialize_problems(configs, bound.get("optimizer") is not None, ds_path, ds_config)
+        if problems:
+            raise PlanConflict(problems)
+        if not configs:
+            kwargs = {**bound, "config": str(ds_path)}
+            return original(**kwargs)
+        return original(*args, **kwargs)
+
+    initialize._craken_plan = True
+    module.initialize = initialize
 
 
 def leave(code: int) -> None:

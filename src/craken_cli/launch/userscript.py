@@ -6,17 +6,25 @@
                         scheduler blocks, unless DeepSpeed runs the optimizer (offload, --ds-optimizer)
     plan_env            the planned values, as the CRAKEN_PLAN_* variables a plain Accelerate script reads
     trainer_plan        the TrainingArguments fields craken plans (value, and the craken flag that sets it)
-    arg_problems        script arguments that contradict the plan (`--per_device_train_batch_size 8`)
+    arg_problems        script arguments that contradict the plan (`--per_device_train_batch_size 8`) or
+                        bring a DeepSpeed config of their own (`--deepspeed ds.json`, `--deepspeed_config ds.json`)
+    engine_without_optimizer   a raw DeepSpeed script whose deepspeed.initialize gets no optimizer (read with ast)
+    local_rank_args     the `--local_rank=N` the deepspeed launcher would pass, for a parser that declares it
+    prepare_problems    a plain Accelerate script's DataLoader batch size and optimizer lr against the plan
+    initialize_problems a raw DeepSpeed script's deepspeed.initialize call judged against the rendered JSON
 
-The worker side (`script_host`) applies `trainer_plan` to the script's TrainingArguments. Standard
-library only, so the host can import it before torch.
+The worker side (`script_host`) applies `trainer_plan` to the script's TrainingArguments, `local_rank_args`
+to its argparse parsers and `initialize_problems` to its deepspeed.initialize. Standard library only, so
+the host can import it before torch.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
@@ -94,14 +102,57 @@ def module_problems(module: str) -> list[str]:
     return []
 
 
-def keeps_ds_optimizer(spec, requested: bool | None) -> bool:
+def keeps_ds_optimizer(spec, requested: bool | None, engine_without_optimizer: bool = False) -> bool:
     """Whether the JSON keeps craken's optimizer and scheduler blocks for a user script. A script builds
     its own optimizer (torch.optim.AdamW, or the Trainer's), and accelerate refuses one in the code
     beside one in the config; offloaded optimizer states, though, only DeepSpeed's CPU Adam steps (it
-    refuses a torch optimizer there), so then the script takes accelerate's DummyOptim/DummyScheduler."""
+    refuses a torch optimizer there), so then the script takes accelerate's DummyOptim/DummyScheduler.
+    A raw DeepSpeed script that gives deepspeed.initialize no optimizer trains with the JSON's, and
+    without one DeepSpeed would build an engine that never updates the weights."""
     if requested is not None:
         return requested
-    return spec.offload.optimizer.device != "none"
+    return spec.offload.optimizer.device != "none" or engine_without_optimizer
+
+
+def script_source(target: Target) -> str | None:
+    """The text of the script, or of the module's file; None when it cannot be read (target_problems says why)."""
+    path: str | None = target.script
+    if target.module:
+        import sys
+
+        sys.path.insert(0, os.getcwd())
+        try:
+            found = importlib.util.find_spec(target.module)
+        except Exception:
+            return None
+        finally:
+            sys.path.pop(0)
+        if found is None:
+            return None
+        path = found.origin
+        if found.submodule_search_locations is not None:
+            path = next((str(Path(folder) / "__main__.py") for folder in found.submodule_search_locations
+                         if (Path(folder) / "__main__.py").is_file()), None)
+    try:
+        return Path(path).read_text() if path else None
+    except (OSError, ValueError):
+        return None
+
+
+def engine_without_optimizer(source: str | None) -> bool:
+    """Whether the script calls `deepspeed.initialize(...)` without an optimizer (neither `optimizer=` nor
+    the third positional argument): the raw DeepSpeed shape (DeepSpeedExamples), which trains with the
+    optimizer of the JSON it is given."""
+    try:
+        tree = ast.parse(source or "")
+    except (SyntaxError, ValueError):
+        return False
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "initialize"
+                and isinstance(node.func.value, ast.Name) and node.func.value.id == "deepspeed"):
+            if len(node.args) < 3 and not any(k.arg in ("optimizer", None) for k in node.keywords):
+                return True
+    return False
 
 
 def script_ds_config(cfg: dict, keep_optimizer: bool) -> dict:
@@ -221,11 +272,9 @@ def arg_problems(spec, run_dir: Path, target: Target, keep_optimizer: bool) -> l
     the plan, found before launch; what a script sets in its code, the host finds when it runs."""
     plan = trainer_plan(spec, run_dir, keep_optimizer)
     found = parsed_options(target.args)
-    problems = []
+    problems = own_config_problems(target.args)
     for name, raw in found.items():
-        if name == "deepspeed":
-            problems.append(f"the script gets --deepspeed {raw}: craken launch renders the DeepSpeed config "
-                            "itself; drop --deepspeed and set the run with craken's flags")
+        if name in DS_CONFIG_OPTIONS:
             continue
         planned = plan.get(name)
         if planned is None or not planned.must_agree:
@@ -233,6 +282,35 @@ def arg_problems(spec, run_dir: Path, target: Target, keep_optimizer: bool) -> l
         value = read_scalar(raw, planned.value)
         if value is not None and not agrees(value, planned.value):
             problems.append(conflict_message(name, value, planned, argument=f"--{name} {raw}"))
+    return problems
+
+
+# The script options that hand DeepSpeed a config file: the HF Trainer's `--deepspeed FILE`, and the
+# `--deepspeed_config FILE` (`--deepscale_config`, its old name) of deepspeed.add_config_arguments, whose
+# own `--deepspeed` is a bare on/off flag and harmless.
+DS_CONFIG_OPTIONS = ("deepspeed", "deepspeed_config", "deepscale_config")
+
+
+def own_config_problems(args: Sequence[str]) -> list[str]:
+    """Script arguments that would have DeepSpeed read another JSON than the one craken renders and shows."""
+    problems = []
+    items = list(args)
+    for i, item in enumerate(items):
+        if not item.startswith("--"):
+            continue
+        name, sep, value = item[2:].partition("=")
+        name = name.replace("-", "_")
+        if name not in DS_CONFIG_OPTIONS:
+            continue
+        if not sep:
+            following = items[i + 1] if i + 1 < len(items) else None
+            if following is None or following.startswith("-"):
+                continue  # add_config_arguments' bare --deepspeed switch, or an option without a value
+            value = following
+        problems.append(f"the script gets --{item[2:].partition('=')[0]} {value}: craken launch renders the "
+                        "DeepSpeed config itself and the script trains with that one; drop the option and pass "
+                        f"the file to craken instead (craken launch --config {value} ... imports it; craken's flags "
+                        "change it)")
     return problems
 
 
@@ -263,3 +341,72 @@ def read_scalar(raw: str, like: Any) -> Any:
     except (KeyError, ValueError):
         return None
     return None if isinstance(like, dict) else raw
+
+
+# --- the deepspeed launcher's side of a raw DeepSpeed script --------------------------------------------
+
+LOCAL_RANK_OPTIONS = ("--local_rank", "--local-rank")
+
+
+def local_rank_args(option_strings: Sequence[str], argv: Sequence[str], local_rank: str | None) -> list[str]:
+    """What to add to a parser's command line so that a script written for the deepspeed launcher or
+    torch.distributed.launch (which pass `--local_rank=N`) gets its process's rank: torchrun, under
+    accelerate launch, sets only LOCAL_RANK, and the script's `--local_rank` would stay at its default
+    (-1: every process on the first GPU). Nothing when the parser declares no such option, the command
+    line already has it, or no LOCAL_RANK is set."""
+    declared = [o for o in LOCAL_RANK_OPTIONS if o in option_strings]
+    if not declared or local_rank is None:
+        return []
+    if any(a == o or a.startswith(o + "=") for a in argv for o in LOCAL_RANK_OPTIONS):
+        return []
+    return [f"{declared[0]}={local_rank}"]
+
+
+def initialize_problems(configs: dict[str, Any], has_optimizer: bool, ds_path: Path, ds_config: dict) -> list[str]:
+    """A raw DeepSpeed script's `deepspeed.initialize(...)` judged against the JSON craken rendered:
+    `configs` maps where a config was given (`config=`, `args.deepspeed_config`, ...) to its value.
+    Any other config than craken's would train a run `craken config show` does not describe; an engine
+    without an optimizer would not train at all."""
+    if not ds_config:
+        return ["the script runs DeepSpeed itself (deepspeed.initialize), and this plan renders no DeepSpeed config "
+                "(ZeRO stage 0 on GPUs runs plain Accelerate): pass --zero 1, 2 or 3"]
+    problems = []
+    for where, value in configs.items():
+        if isinstance(value, dict):
+            same = value == ds_config
+        else:
+            try:
+                same = Path(os.fspath(value)).resolve() == ds_path.resolve()
+            except TypeError:
+                same = False
+        if not same:
+            shown = "a dict of its own" if isinstance(value, dict) else repr(value)
+            problems.append(f"the script gives deepspeed.initialize its own DeepSpeed config ({where}: {shown}): "
+                            f"craken launch hands it the one it rendered, {ds_path}; drop {where} and set the run "
+                            "with craken's flags (craken launch --config FILE imports a DeepSpeed JSON)")
+    if not has_optimizer and "optimizer" not in ds_config:
+        problems.append("the script gives deepspeed.initialize no optimizer and craken's JSON holds none (a "
+                        "script's own optimizer is the default): pass --ds-optimizer to train with DeepSpeed's, "
+                        "or hand deepspeed.initialize the script's optimizer=")
+    return problems
+
+
+def prepare_problems(batch_sizes: Sequence[int], lrs: Sequence[Sequence[float]], micro_batch: int,
+                     lr: float) -> list[str]:
+    """What a script hands `accelerator.prepare(model, ...)` against the plan: `batch_sizes` of its
+    DataLoaders, `lrs` the base lrs of each torch optimizer's parameter groups. The JSON's micro-batch
+    is only DeepSpeed's arithmetic (train_batch_size, the schedule): a loader of another batch size
+    trains another run than the one shown, with nothing to warn. One loader at the plan's micro-batch
+    (an eval loader may differ), one group at the plan's lr (others may scale it) is enough."""
+    problems = []
+    if batch_sizes and micro_batch not in batch_sizes:
+        shown = ", ".join(str(b) for b in sorted(set(batch_sizes)))
+        problems.append(f"the script's DataLoader gives batches of {shown} against craken's plan, micro-batch "
+                        f"{micro_batch}: build it with batch_size=int(os.environ['CRAKEN_PLAN_MICRO_BATCH']) or "
+                        f"change the plan with --micro-batch")
+    for groups in lrs:
+        if groups and not any(math.isclose(g, lr, rel_tol=1e-6) for g in groups):
+            shown = ", ".join(f"{g:g}" for g in sorted(set(groups)))
+            problems.append(f"the script's optimizer has lr {shown} against craken's plan, lr={lr:g}: build it with "
+                            "lr=float(os.environ['CRAKEN_PLAN_LR']) or change the plan with --lr")
+    return problems
