@@ -518,6 +518,34 @@ def test_each_invalid_setting_is_one_failure_even_with_a_semicolon_in_its_text()
     assert [c.detail for c in checks if c.name == "settings"] == problems
 
 
+def test_refusal_with_a_colon_in_its_text_keeps_its_what_and_its_fix():
+    from craken_cli.config.options import SpecArgs, load_spec
+    from craken_cli.errors import CrakenError
+    from craken_cli.plan.resolve import resolve
+
+    # NVML reports the board's own name, which may hold ": "; the refusal names it
+    named = GPU(0, "Tesla V100: SXM2 32GB", 32 * GiB, 31 * GiB, (7, 0))
+    hw = detect(FakeProbe(gpus=[named]), environ={})
+    row = by_name(d.run_checks(healthy_facts(hw), view(hw, precision="bf16")))["settings vs machine"]
+    assert row.status == "fail"
+    assert row.detail == "bf16 was asked for but Tesla V100: SXM2 32GB (compute capability 7.0) has no bf16"
+    assert row.fix == "use --precision fp16 or auto"
+    # craken train's exit-2 message is the one sentence, as before
+    with pytest.raises(CrakenError) as exc:
+        resolve(load_spec(SpecArgs(flags={"--precision": "bf16"}), environ={}), hw)
+    assert exc.value.problems == [f"{row.detail}: {row.fix}"]
+    assert str(exc.value) == f"craken: this machine cannot run that: {row.detail}: {row.fix}"
+
+
+def test_settings_rule_broken_by_a_filled_value_is_reported_whole():
+    # two CPU processes are filled in, and 4 x 2 does not divide the global batch of 10
+    hw = hw_with(0)
+    row = by_name(d.run_checks(healthy_facts(hw), view(hw, global_batch=10, micro_batch=4)))["settings vs machine"]
+    assert row.status == "fail" and row.fix == "fix the settings named above"
+    assert row.detail.startswith("global batch 10 is not a multiple of micro_batch 4 x 2 processes = 8: ")
+    assert row.detail.endswith("change --global-batch or --micro-batch")
+
+
 def test_verdict_and_plain_rendering():
     checks = [Check("system", "a", "ok", "fine"), Check("gpu", "b", "warn", "meh", "do x"),
               Check("gpu", "c", "fail", "bad", "do y")]
