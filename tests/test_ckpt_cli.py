@@ -98,6 +98,24 @@ def test_failed_convert_leaves_nothing(craken, workdir, monkeypatch):
     assert sorted(p.name for p in (workdir / "run" / "checkpoints").iterdir()) == ["latest", "step_00000008"]
 
 
+def test_convert_on_a_full_disk_says_so_and_leaves_nothing(craken, workdir, monkeypatch):
+    import errno
+
+    src = fake(workdir / "run", 8)
+
+    def full_disk(argv, **kwargs):
+        out = Path(argv[argv.index("--output_folder") + 1])
+        out.mkdir(parents=True)
+        (out / "part").write_bytes(b"\0")  # what the converter wrote before the disk filled
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(manage.subprocess, "run", full_disk)
+    result = craken("ckpt", "convert", str(src))
+    assert result.code == 2 and "the universal checkpoint" in result.err and "(partial files removed)" in result.err
+    assert not (workdir / "run" / "checkpoints" / "universal").exists()
+    assert sorted(p.name for p in (workdir / "run" / "checkpoints").iterdir()) == ["latest", "step_00000008"]
+
+
 def test_export_picks_latest_good_or_named_step(workdir):
     run = workdir / "run"
     fake(run, 4)

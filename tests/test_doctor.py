@@ -427,6 +427,63 @@ def test_ram_for_cpu_offload():
     assert by_name(d.check_memory(f, view(hw, zero=2, offload_optimizer="cpu")))["RAM for offload"].status == "warn"
 
 
+def test_ram_for_nvme_offload_counts_deepspeeds_swap_buffers(tmp_path):
+    """The host buffers DeepSpeed 0.19.8 pins for NVMe offload, recomputed here from its own code and constants:
+    swap_tensor/optimizer_utils.py (OptimizerSwapper: SwapBufferManager of buffer_count fp32 buffers of the
+    largest sub-group's partition, aligned), swap_tensor/partitioned_param_swapper.py (_configure_aio:
+    buffer_count x aligned buffer_size 16-bit elements), zero/stage3.py (grad_partitions_flat_buffer on the CPU,
+    the first max_in_cpu partition elements in RAM, past them reserve_partitioned_swap_space of the largest
+    sub-group's full numel)."""
+    from deepspeed.runtime.swap_tensor.constants import AIO_INTRA_OP_PARALLELISM_DEFAULT
+    from deepspeed.runtime.swap_tensor.utils import AIO_ALIGNED_BYTES
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from deepspeed.runtime.zero.offload_config import (DeepSpeedZeroOffloadOptimizerConfig,
+                                                       DeepSpeedZeroOffloadParamConfig)
+
+    from craken_cli.plan import memory
+
+    # craken's defaults are DeepSpeed's
+    ds_param, ds_opt = DeepSpeedZeroOffloadParamConfig(), DeepSpeedZeroOffloadOptimizerConfig()
+    ds_sub_group = DeepSpeedZeroConfig().sub_group_size
+    assert memory.SwapSettings() == memory.SwapSettings(
+        optimizer_buffer_count=ds_opt.buffer_count, param_buffer_count=ds_param.buffer_count,
+        param_buffer_size=ds_param.buffer_size, max_in_cpu=ds_param.max_in_cpu,
+        sub_group_size=ds_sub_group, intra_op_parallelism=AIO_INTRA_OP_PARALLELISM_DEFAULT)
+    assert memory.AIO_ALIGNED_BYTES == AIO_ALIGNED_BYTES
+
+    def aligned(numel, element_size):  # OptimizerSwapper / AsyncPartitionedParameterSwapper._io_aligned_numel
+        step = AIO_ALIGNED_BYTES * AIO_INTRA_OP_PARALLELISM_DEFAULT // element_size
+        return numel if numel % step == 0 else numel + step - numel % step
+
+    world, partition, buffer_size = 8, 812_345_679, 123_456_789  # neither a multiple of the alignment
+    params = world * partition
+    (tmp_path / "craken.yaml").write_text(
+        "deepspeed:\n  extra:\n    zero_optimization:\n      offload_param:\n"
+        f"        buffer_count: 8\n        buffer_size: {buffer_size}\n")
+    hw = hw_with(world, ram=64 * GiB)
+    v = view(hw, zero=3, offload_optimizer="nvme", offload_param="nvme", nvme_path=str(tmp_path / "swap"))
+    per_process = (ds_opt.buffer_count * aligned(min(partition, ds_sub_group), 4) * 4  # optimizer swap pool, fp32
+                   + 8 * aligned(buffer_size, 2) * 2  # parameter swap buffers, bf16
+                   + min(partition, ds_param.max_in_cpu) * 2  # parameters kept in RAM
+                   + partition * 2)  # the bf16 gradient partition on the CPU
+    assert d.offload_ram(v, params) == world * per_process
+
+    # past max_in_cpu, the buffer for swapping the partitions out (full numel of the largest sub-group)
+    (tmp_path / "craken.yaml").write_text(
+        "deepspeed:\n  extra:\n    zero_optimization:\n      sub_group_size: 300000000\n"
+        "      offload_param:\n        max_in_cpu: 500000000\n")
+    v = view(hw, zero=3, offload_optimizer="nvme", offload_param="nvme", nvme_path=str(tmp_path / "swap"))
+    per_process = (ds_opt.buffer_count * aligned(300_000_000, 4) * 4
+                   + ds_param.buffer_count * aligned(ds_param.buffer_size, 2) * 2
+                   + 500_000_000 * 2 + aligned(world * 300_000_000, 2) * 2
+                   + partition * 2)
+    assert d.offload_ram(v, params) == world * per_process
+
+    # the doctor checks that RAM, where it used to see "no CPU offload"
+    row = by_name(d.check_memory(healthy_facts(hw, params=params), v))["RAM for offload"]
+    assert row.status == "fail" and "swap buffers" in row.detail and "max_in_cpu" in row.fix
+
+
 def test_nvme_path_real_folders(tmp_path):
     ok = d.path_state(str(tmp_path / "new" / "swap"))  # created later by DeepSpeed: parent is writable
     assert ok.writable and not ok.exists and ok.free and ok.free > 0
@@ -516,6 +573,34 @@ def test_each_invalid_setting_is_one_failure_even_with_a_semicolon_in_its_text()
     problems = ["a.b = 1 (from flag): too big; set --b", "c.d = 2 (from flag): too small"]
     checks = d.run_checks(healthy_facts(hw), None, problems)
     assert [c.detail for c in checks if c.name == "settings"] == problems
+
+
+def test_refusal_with_a_colon_in_its_text_keeps_its_what_and_its_fix():
+    from craken_cli.config.options import SpecArgs, load_spec
+    from craken_cli.errors import CrakenError
+    from craken_cli.plan.resolve import resolve
+
+    # NVML reports the board's own name, which may hold ": "; the refusal names it
+    named = GPU(0, "Tesla V100: SXM2 32GB", 32 * GiB, 31 * GiB, (7, 0))
+    hw = detect(FakeProbe(gpus=[named]), environ={})
+    row = by_name(d.run_checks(healthy_facts(hw), view(hw, precision="bf16")))["settings vs machine"]
+    assert row.status == "fail"
+    assert row.detail == "bf16 was asked for but Tesla V100: SXM2 32GB (compute capability 7.0) has no bf16"
+    assert row.fix == "use --precision fp16 or auto"
+    # craken train's exit-2 message is the one sentence, as before
+    with pytest.raises(CrakenError) as exc:
+        resolve(load_spec(SpecArgs(flags={"--precision": "bf16"}), environ={}), hw)
+    assert exc.value.problems == [f"{row.detail}: {row.fix}"]
+    assert str(exc.value) == f"craken: this machine cannot run that: {row.detail}: {row.fix}"
+
+
+def test_settings_rule_broken_by_a_filled_value_is_reported_whole():
+    # two CPU processes are filled in, and 4 x 2 does not divide the global batch of 10
+    hw = hw_with(0)
+    row = by_name(d.run_checks(healthy_facts(hw), view(hw, global_batch=10, micro_batch=4)))["settings vs machine"]
+    assert row.status == "fail" and row.fix == "fix the settings named above"
+    assert row.detail.startswith("global batch 10 is not a multiple of micro_batch 4 x 2 processes = 8: ")
+    assert row.detail.endswith("change --global-batch or --micro-batch")
 
 
 def test_verdict_and_plain_rendering():

@@ -296,6 +296,23 @@ def test_70b_on_8x80_needs_zero3_and_offload():
     assert p.choice.cpu_memory_gib > 8 * 16 * 69e9 / 8 / GiB  # fp32 states of 69 B params on the host
 
 
+def test_nvme_strategies_hold_the_swap_buffers_deepspeed_extra_sets_in_ram():
+    info = analytic_info(LLAMA_7B)
+    nvme = {"device": "nvme", "nvme_path": "/nvme"}
+
+    def cpu_gib(extra: dict) -> float:
+        s = RunSpec.model_validate({"data": {"seq_len": 2048}, "batch": {"micro_batch": 1, "global_batch": 64},
+                                    "cluster": {"num_processes": 8}, "zero": {"stage": 3},
+                                    "offload": {"optimizer": nvme, "param": nvme}, "deepspeed": {"extra": extra}})
+        return next(r for r in plan(info, s, hardware(8)).strategies
+                    if r.name == "zero3+offload_optimizer_nvme+offload_param_nvme").cpu_memory_gib
+
+    more = cpu_gib({"zero_optimization": {"offload_param": {"buffer_count": 15}}})
+    # ten buffers more than DeepSpeed's 5 on each of the 8 processes, of buffer_size 1e8 bf16 elements
+    # padded to the aio alignment (1024 bytes: 512 elements)
+    assert (more - cpu_gib({})) * GiB == pytest.approx(8 * 10 * (-(-100_000_000 // 512) * 512) * 2)
+
+
 def test_cpu_ram_limits_offload():
     p = plan(analytic_info(LLAMA_70B), spec(8, seq=4096, micro=1, global_batch=64), hardware(8, 80, 256))
     offloaded = [s for s in p.strategies if s.offload_optimizer == "cpu"]

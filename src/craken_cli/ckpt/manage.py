@@ -17,6 +17,7 @@ beside the target and renamed into place, so a failure leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -172,38 +173,32 @@ def convert(ckpt: Path, out: Path | None = None, force: bool = False, env=None) 
                           f"from it directly on any number of processes (craken train --resume {ckpt})", title=title)
     out = Path(out) if out is not None else default_universal_out(ckpt)
     require_new_output(out, force, title, reads=(ckpt,))
-    require_space(out, _size(ckpt), "the universal checkpoint", title)
+    needed = _size(ckpt)
+    require_space(out, needed, "the universal checkpoint", title)
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp_{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     ok = False
     try:
-        argv = universal_argv(ckpt, tmp / ck.SHARDS)
-        proc = subprocess.run(argv, env=dict(env if env is not None else os.environ), capture_output=True,
-                              text=True)
-        if proc.returncode != 0:
-            lines = [x.strip() for x in (proc.stdout + proc.stderr).splitlines() if x.strip()]
-            raise CrakenError(f"DeepSpeed's ds_to_universal failed on {ckpt} (exit {proc.returncode}: "
-                              f"{lines[-1] if lines else 'no output'})", title=title)
-        (tmp / "latest_universal").unlink(missing_ok=True)  # written by ds_to_universal beside its output
-        for item in ckpt.iterdir():  # RNG states, model config + tokenizer; the shards were converted
-            if item.name in (ck.SHARDS, ck.STATE_FILE, "latest") or item.name.startswith("zero_to_"):
-                continue
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
-        (tmp / "latest").write_text(ck.SHARDS)
-        ck.write_state(tmp, dataclasses.replace(state, universal=True, converted_from=str(ckpt.absolute())))
-        fsync_tree(tmp)
-        ck.replace_dir(tmp, out)
-        ok = True
-    except OSError as exc:
-        if not is_disk_full(exc):
-            raise
-        raise CrakenError(f"{disk_message(out, _size(ckpt), 'the universal checkpoint')} (partial files removed)",
-                          title=title) from None
+        with _built_beside(out, needed, "the universal checkpoint", title) as tmp:
+            tmp.mkdir()
+            argv = universal_argv(ckpt, tmp / ck.SHARDS)
+            proc = subprocess.run(argv, env=dict(env if env is not None else os.environ), capture_output=True,
+                                  text=True)
+            if proc.returncode != 0:
+                lines = [x.strip() for x in (proc.stdout + proc.stderr).splitlines() if x.strip()]
+                raise CrakenError(f"DeepSpeed's ds_to_universal failed on {ckpt} (exit {proc.returncode}: "
+                                  f"{lines[-1] if lines else 'no output'})", title=title)
+            (tmp / "latest_universal").unlink(missing_ok=True)  # written by ds_to_universal beside its output
+            for item in ckpt.iterdir():  # RNG states, model config + tokenizer; the shards were converted
+                if item.name in (ck.SHARDS, ck.STATE_FILE, "latest") or item.name.startswith("zero_to_"):
+                    continue
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+            (tmp / "latest").write_text(ck.SHARDS)
+            ck.write_state(tmp, dataclasses.replace(state, universal=True, converted_from=str(ckpt.absolute())))
+            fsync_tree(tmp)
+            ck.replace_dir(tmp, out)
+            ok = True
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
         if not ok:
             for folder in created:  # innermost first: leave nothing behind
                 try:
@@ -324,18 +319,25 @@ def export(ckpt: Path, out: Path, dtype: str = "auto", force: bool = False) -> P
     needed = sum(t.numel() * t.element_size() for t in weights.values())
     require_space(out, needed, "the exported model", title)
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    with _built_beside(out, needed, "the exported model", title) as tmp:
+        write_export(model, meta, tmp, out, ckpt, state, torch_dtype)
+    return out
+
+
+@contextlib.contextmanager
+def _built_beside(out: Path, needed: int, what: str, title: str):
+    """The hidden folder beside `out` in which an output is built before its rename into place: removed
+    whatever happens, and a full disk while writing it is one message with the room `what` needs."""
     tmp = out.absolute().with_name(f".tmp_{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        write_export(model, meta, tmp, out, ckpt, state, torch_dtype)
+        yield tmp
     except OSError as exc:
         if not is_disk_full(exc):
             raise
-        raise CrakenError(f"{disk_message(out, needed, 'the exported model')} (partial files removed)",
-                          title=title) from None
+        raise CrakenError(f"{disk_message(out, needed, what)} (partial files removed)", title=title) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def require_space(out: Path, needed: int, what: str, title: str) -> None:

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
+from ..errors import Refusal
 from ..plan.hardware import GiB, Hardware
 from ..runfolder import VERDICT_EXIT
 from .dsops import ops_for
@@ -33,6 +34,8 @@ DS_CUDA_MINOR_OK = {
     12: {"12.0", "12.1", "12.2", "12.3", "12.4", "12.5", "12.6", "12.8", "12.9"},
 }
 SHM_MIN = 1 * GiB  # below this, NCCL and DataLoader workers fail with "Bus error" / "unhandled system error"
+# The fix of a settings problem, whose message already names the setting to change.
+SETTINGS_FIX = "fix the settings named above"
 # Upper bound for the built-in models' parameters (builtin:tiny is ~0.1M) when their config is unreadable.
 BUILTIN_PARAMS_BOUND = 1_000_000
 
@@ -101,7 +104,7 @@ class RunView:
     fused: bool
     decisions: tuple[tuple[str, Any, str], ...] = ()  # (path, value, why) decided from the hardware
     warnings: tuple[str, ...] = ()
-    problems: tuple[str, ...] = ()  # what this machine cannot give the run (resolve's refusals)
+    problems: tuple[Refusal, ...] = ()  # what this machine cannot give the run (resolve's refusals)
 
     # Shorthands for the settings several checks read (the resources checks among them).
     @property
@@ -137,15 +140,19 @@ def run_view(sourced, hw: Hardware) -> RunView:
     """Resolve `sourced` (config.sources.SourcedSpec, as `load_spec` returns it) against `hw` as `craken train`
     would, without raising: refusals become `problems`, so the doctor reports them next to everything else."""
     from ..errors import CrakenError
-    from ..plan.resolve import hardware_values, resolve
+    from ..plan.resolve import fill, hardware_problems, hardware_values
 
     spec = sourced.spec
     values, decisions = hardware_values(spec, hw)
-    problems: tuple[str, ...] = ()
+    problems: tuple[Refusal, ...] = ()
     try:
-        spec = resolve(sourced, hw)[0].spec
-    except CrakenError as exc:
-        problems = tuple(exc.problems)
+        filled = fill(sourced, hw)[0].spec
+    except CrakenError as exc:  # a filled value breaks a settings rule: its message names the fix, kept whole
+        problems = tuple(Refusal(p, SETTINGS_FIX) for p in exc.problems)
+    else:
+        problems = tuple(hardware_problems(filled, hw))
+        if not problems:
+            spec = filled
 
     def get(path: str):
         if path in values:

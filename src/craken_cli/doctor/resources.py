@@ -43,12 +43,13 @@ def params_from_config(cfg: Mapping[str, Any]) -> int | None:
 
 
 def offload_bytes(view: RunView, params: int) -> tuple[int, int]:
-    """(CPU RAM, NVMe) bytes per machine that the offloaded states take: the planner's count
-    (plan.memory.offload_host_bytes), partitioned over all processes."""
-    from ..plan.memory import offload_host_bytes
+    """(CPU RAM, NVMe) bytes per machine that the offloaded states take, NVMe's host buffers included: the
+    planner's count (plan.memory.offload_host_bytes), partitioned over all processes."""
+    from ..plan.memory import SwapSettings, offload_host_bytes
 
     cpu, nvme = offload_host_bytes(params, view.processes, view.per_machine, view.offload_optimizer,
-                                   view.offload_param, 4 if view.precision == "fp32" else 2)
+                                   view.offload_param, 4 if view.precision == "fp32" else 2,
+                                   SwapSettings.from_extra(view.spec.deepspeed.extra))
     return int(cpu), int(nvme)
 
 
@@ -72,27 +73,42 @@ def check_memory(facts: Facts, view: RunView) -> list[Check]:
                          "mounted at /dev/shm"))
     else:
         out.append(Check("memory", "/dev/shm", "ok", fmt_gib(hw.shm_total)))
-    if view.offload_optimizer != "cpu" and view.offload_param != "cpu":
-        out.append(Check("memory", "RAM for offload", "ok", "no CPU offload asked for"))
+    offloads = [(what, device) for what, device in (("optimizer", view.offload_optimizer),
+                                                    ("parameters", view.offload_param)) if device != "none"]
+    if not offloads:
+        out.append(Check("memory", "RAM for offload", "ok", "no offload asked for"))
     elif facts.params is None:
         out.append(Check("memory", "RAM for offload", "warn",
                          f"cannot estimate the model's size: {facts.params_source}",
                          "download the model first (or give a local folder) so its size is known"))
     else:
         need = offload_ram(view, facts.params)
-        what = "+".join(x for x, on in (("optimizer", view.offload_optimizer == "cpu"),
-                                         ("parameters", view.offload_param == "cpu")) if on)
-        detail = (f"{what} offload of ~{fmt_count(facts.params)} params needs ~{fmt_gib(need)} per machine; "
-                  f"{fmt_gib(hw.ram_available)} available")
+        what = "+".join(f"{what} ({device})" for what, device in offloads)
+        buffers = " with NVMe's swap buffers" if any(device == "nvme" for _, device in offloads) else ""
+        detail = (f"{what} offload of ~{fmt_count(facts.params)} params needs ~{fmt_gib(need)} per machine"
+                  f"{buffers}; {fmt_gib(hw.ram_available)} available")
         if need > hw.ram_available:
-            out.append(Check("memory", "RAM for offload", "fail", detail,
-                             "use --offload-optimizer nvme --nvme-path DIR, more machines, or a smaller model"))
+            out.append(Check("memory", "RAM for offload", "fail", detail, _less_ram_fix(view)))
         elif need > 0.8 * hw.ram_available:
             out.append(Check("memory", "RAM for offload", "warn", detail + " (little headroom)",
-                             "close other programs, or offload to nvme"))
+                             "close other programs, or offload to nvme" if view.offload_optimizer == "cpu"
+                             else "close other programs"))
         else:
             out.append(Check("memory", "RAM for offload", "ok", detail))
     return out
+
+
+def _less_ram_fix(view: RunView) -> str:
+    """What lowers the offload's RAM, for the offload asked for (each NVMe buffer named by its DeepSpeed key)."""
+    if view.offload_optimizer == "cpu":
+        return "use --offload-optimizer nvme --nvme-path DIR, more machines, or a smaller model"
+    if view.offload_param != "none":
+        # DeepSpeed keeps up to max_in_cpu parameter elements of each process in RAM even with NVMe
+        how = "--offload-param nvme --nvme-path DIR with" if view.offload_param == "cpu" else "set"
+        return (f"{how} a lower deepspeed.extra zero_optimization.offload_param.max_in_cpu, more machines, "
+                "or a smaller model")
+    # Adam needs offload_optimizer.buffer_count >= 4, so the buffers shrink through the sub-group size
+    return "set a lower deepspeed.extra zero_optimization.sub_group_size, more machines, or a smaller model"
 
 
 def check_disk(facts: Facts, view: RunView) -> list[Check]:

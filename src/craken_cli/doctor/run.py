@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from .model import Check, RunView
+from .model import SETTINGS_FIX, Check, RunView
 
 
 def check_run(view: RunView | None, spec_problems: Sequence[str] = ()) -> list[Check]:
     if view is None:  # one failure per problem of the settings
-        return [Check("run", "settings", "fail", problem, "fix the settings named above")
+        return [Check("run", "settings", "fail", problem, SETTINGS_FIX)
                 for problem in spec_problems or ["invalid settings"]]
     out = []
     where = "CPU processes" if view.use_cpu else "GPU processes"
@@ -28,7 +28,7 @@ def check_run(view: RunView | None, spec_problems: Sequence[str] = ()) -> list[C
         if w not in fp16_warning:
             out.append(Check("run", "decision", "warn", w, ""))
     for p in view.problems:
-        out.append(Check("run", "settings vs machine", "fail", p.split(": ")[0], p.rsplit(": ", 1)[-1]))
+        out.append(Check("run", "settings vs machine", "fail", p.what, p.fix))
     return out + check_model_folder(view.spec.model.name_or_path)
 
 

@@ -16,7 +16,8 @@ from ..plan.hardware import nearest_existing
 from ..runfolder import CHECKPOINTS, FINAL, MARKER, METRICS, metrics_file
 from ..train import builtin
 from ..train import formats
-from ..train.data import COMPRESSIONS, LOCAL_FORMATS, DataError, data_suffix, is_saved_dataset, open_text
+from ..train.data import (COMPRESSIONS, LOCAL_FORMATS, BadJsonLine, DataError, data_suffix, is_saved_dataset,
+                          json_lines, open_text)
 from . import modelcheck
 
 
@@ -304,16 +305,14 @@ def content_problem(path: Path, column: str) -> str | None:
 
 
 def json_lines_problem(text: str, column: str) -> str | None:
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as exc:
-            return f"line {number} is not valid JSON ({exc.msg}, column {exc.colno}): fix or remove that line"
-        why = record_problem(record, column)
-        if why:
-            return f"line {number}: {why}"
+    try:
+        for number, record in json_lines(text.splitlines()):
+            why = record_problem(record, column)
+            if why:
+                return f"line {number}: {why}"
+    except BadJsonLine as bad:
+        return (f"line {bad.number} is not valid JSON ({bad.error.msg}, column {bad.error.colno}): fix or remove "
+                "that line")
     return None
 
 

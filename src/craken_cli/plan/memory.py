@@ -351,6 +351,39 @@ def weight_copy_bytes(model: ModelInfo, lp: int, compiled: bool) -> float:
 
 
 @dataclass(frozen=True)
+class SwapSettings:
+    """DeepSpeed's NVMe swap settings that size its pinned host buffers. craken does not model them as
+    fields; `deepspeed.extra` may set them. The defaults are DeepSpeed 0.19.8's: zero/offload_config.py
+    (buffer_count, buffer_size, max_in_cpu), zero/config.py (sub_group_size), swap_tensor/constants.py
+    (aio.intra_op_parallelism)."""
+
+    optimizer_buffer_count: int = 4  # zero_optimization.offload_optimizer.buffer_count
+    param_buffer_count: int = 5  # zero_optimization.offload_param.buffer_count
+    param_buffer_size: int = 100_000_000  # zero_optimization.offload_param.buffer_size (elements)
+    max_in_cpu: int = 1_000_000_000  # zero_optimization.offload_param.max_in_cpu (elements per process)
+    sub_group_size: int = 1_000_000_000  # zero_optimization.sub_group_size (elements)
+    intra_op_parallelism: int = 1  # aio.intra_op_parallelism
+
+    @classmethod
+    def from_extra(cls, extra: dict) -> SwapSettings:
+        """The settings `deepspeed.extra` gives; absent, or "auto" (which DeepSpeed reads as the default),
+        keeps DeepSpeed's default."""
+        zero = extra.get("zero_optimization") or {}
+        where = {"optimizer_buffer_count": (zero.get("offload_optimizer") or {}, "buffer_count"),
+                 "param_buffer_count": (zero.get("offload_param") or {}, "buffer_count"),
+                 "param_buffer_size": (zero.get("offload_param") or {}, "buffer_size"),
+                 "max_in_cpu": (zero.get("offload_param") or {}, "max_in_cpu"),
+                 "sub_group_size": (zero, "sub_group_size"),
+                 "intra_op_parallelism": (extra.get("aio") or {}, "intra_op_parallelism")}
+        given = {name: int(section[key]) for name, (section, key) in where.items()
+                 if isinstance(section.get(key), (int, float)) and not isinstance(section.get(key), bool)}
+        return cls(**given)
+
+
+AIO_ALIGNED_BYTES = 1024  # swap_tensor/utils.py: every swapped tensor is padded to this times intra_op_parallelism
+
+
+@dataclass(frozen=True)
 class Shape:
     """What the estimate needs from the spec and the hardware."""
 
@@ -369,26 +402,65 @@ class Shape:
     fp32_grad_accum: bool | None = False  # the spec's zero.fp32_grad_accum (None: craken decides)
     loss: str = "auto"  # the spec's model.loss: where train/loss.py's chunked loss applies (vocab_loss.applies)
     fp8_recipe: str | None = None  # torchao float8 recipe under precision fp8
+    swap: SwapSettings = SwapSettings()  # DeepSpeed's NVMe swap settings (deepspeed.extra)
+
+
+def nvme_swap_bytes(partition: float, world: int, offload_optimizer: str, offload_param: str, lp: int,
+                    swap: SwapSettings) -> float:
+    """Host bytes one process holds for NVMe offload beside the swapped states, as DeepSpeed 0.19.8 allocates
+    them (`partition`: the parameters one process owns, params / world):
+
+    * optimizer to NVMe: SwapBufferManager's pool of offload_optimizer.buffer_count pinned fp32 buffers, each
+      the largest sub-group's partition rounded up to the aio alignment (swap_tensor/optimizer_utils.py,
+      OptimizerSwapper.__init__; largest_numel from zero/stage3.py _configure_tensor_swapping). Counted as
+      the whole partition up to sub_group_size: the weight-decay group holds nearly all parameters (the
+      no-decay one only norms and biases), and a sub-group that closes on reaching sub_group_size passes it
+      by at most one parameter's partition. pipeline_read/pipeline_write change no size: PipelinedOptimizerSwapper takes its
+      buffers from the same pool (swap_tensor/pipelined_optimizer_swapper.py), it only needs more of them.
+    * parameters to NVMe: the param swapper's one pinned tensor of offload_param.buffer_count x buffer_size
+      16-bit elements, buffer_size aligned (swap_tensor/partitioned_param_swapper.py, _configure_aio); the
+      first max_in_cpu partition elements stay in a pinned CPU flat buffer (zero/stage3.py
+      _create_param_groups_fp16_flat_cpu_memory); past max_in_cpu, a pinned buffer for swapping the
+      partitions back out, sized by the full (unpartitioned) numel of the largest sub-group's parameters
+      (zero/stage3.py, reserve_partitioned_swap_space(t.ds_numel ...))."""
+    def aligned(numel: float, element: int) -> float:
+        step = AIO_ALIGNED_BYTES * swap.intra_op_parallelism // element
+        return -(-numel // step) * step
+
+    largest_sub_group = min(partition, swap.sub_group_size)
+    out = 0.0
+    if offload_optimizer == "nvme":
+        out += swap.optimizer_buffer_count * aligned(largest_sub_group, 4) * 4  # master weights and grads: fp32
+    if offload_param == "nvme":
+        out += swap.param_buffer_count * aligned(swap.param_buffer_size, lp) * lp
+        out += min(partition, swap.max_in_cpu) * lp
+        if partition > swap.max_in_cpu:
+            out += aligned(world * largest_sub_group, lp) * lp
+    return out
 
 
 def offload_host_bytes(params: int, world: int, gpus_per_machine: int, offload_optimizer: str = "none",
-                       offload_param: str = "none", lp: int = 2, largest_layer: int = 0) -> tuple[float, float]:
-    """(CPU RAM, NVMe) bytes per machine that offloaded states take (pinned): fp32 master weights (with
-    16-bit training), Adam's two moments, fp32 gradients and a 16-bit copy for optimizer offload; the 16-bit
-    weights for parameter offload. NVMe keeps swap buffers in RAM. `craken doctor` checks RAM with it too."""
-    share = gpus_per_machine * params / max(1, world)  # parameters whose states one machine holds
+                       offload_param: str = "none", lp: int = 2,
+                       swap: SwapSettings = SwapSettings()) -> tuple[float, float]:
+    """(CPU RAM, NVMe) bytes per machine that offloaded states take: for optimizer offload the fp32 master
+    weights (with 16-bit training), Adam's two moments and fp32 gradients, and a 16-bit copy (at stage 3 the
+    gradient partition, zero/stage3.py grad_partitions_flat_buffer, on the CPU whether the states go to the
+    CPU or to NVMe); the 16-bit weights for parameter offload; NVMe's host buffers (`nvme_swap_bytes`).
+    `craken doctor` checks RAM with it too."""
+    partition = params / max(1, world)  # parameters whose states one process holds
+    share = gpus_per_machine * partition  # and one machine
     cpu = nvme = 0.0
-    optimizer = ((4 if lp < 4 else 0) + 8 + 4 + lp) * share
+    states = ((4 if lp < 4 else 0) + 8 + 4) * share
     if offload_optimizer == "cpu":
-        cpu += optimizer
+        cpu += states + lp * share
     elif offload_optimizer == "nvme":
-        nvme += optimizer
-        cpu += (4 + 4) * share / 4  # swap buffers: about a quarter of the states in flight
+        nvme += states
+        cpu += lp * share
     if offload_param == "cpu":
         cpu += lp * share
     elif offload_param == "nvme":
         nvme += lp * share
-        cpu += gpus_per_machine * 2 * lp * largest_layer
+    cpu += gpus_per_machine * nvme_swap_bytes(partition, world, offload_optimizer, offload_param, lp, swap)
     return cpu, nvme
 
 
@@ -465,7 +537,7 @@ def estimate(model: ModelInfo, cand: Candidate, micro_batch: int, grad_accum: in
     total = reserved + buffers["cuda_context"] + buffers.get("nccl", 0.0)
     other = total - params - grads - optim - acts
     cpu, nvme = offload_host_bytes(num_params, world, shape.gpus_per_machine, cand.offload_optimizer,
-                                   cand.offload_param, lp, model.largest_layer_params)
+                                   cand.offload_param, lp, shape.swap)
     cpu += shape.gpus_per_machine * CPU_PER_PROCESS_GIB * GiB
     refused = fp8_layout_problems(cand.stage, cand.offload_optimizer, cand.offload_param) if shape.fp8_recipe else []
     why = refused[0].split(": use ")[0] if refused else why_not_fits(total, cpu, nvme, micro_batch, shape)
@@ -543,7 +615,8 @@ def shape_of(model: ModelInfo, spec, hardware: Hardware, world: int, gpu_memory:
         gpu_memory=gpu_memory, cpu_memory=hardware.ram_total or None,
         nvme_free=hardware.disk_free.get(nvme_path) if nvme_path else None,
         precision=spec.precision, fp32_grad_accum=zero.fp32_grad_accum, loss=spec.model.loss,
-        fp8_recipe=spec.fp8.recipe if spec.precision == "fp8" else None)
+        fp8_recipe=spec.fp8.recipe if spec.precision == "fp8" else None,
+        swap=SwapSettings.from_extra(spec.deepspeed.extra))
 
 
 def plan(model: ModelInfo, spec, hardware: Hardware, *, search_micro_batch: bool = True,

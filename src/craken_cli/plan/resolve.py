@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from ..config.sources import Layer, SourcedSpec, build_spec, merge
 from ..config.spec import AUTO_BUCKETS, STAGE3_DEFAULTS, ZeroSection
-from ..errors import CrakenError
+from ..errors import CrakenError, Refusal
 from .hardware import Hardware
 
 CPU_PROCESSES = 2  # processes per machine on a machine without GPUs
@@ -110,7 +110,7 @@ def bucket_values(spec) -> dict[str, tuple[object, str]]:
     return made
 
 
-def hardware_problems(spec, hw: Hardware) -> list[str]:
+def hardware_problems(spec, hw: Hardware) -> list[Refusal]:
     """What the resolved spec asks of this machine that it cannot give."""
     from ..train import fp8
 
@@ -118,21 +118,24 @@ def hardware_problems(spec, hw: Hardware) -> list[str]:
     out = fp8.problems(spec.precision, bool(cluster.use_cpu), hw.gpus)
     if not cluster.use_cpu:
         if hw.gpu_count == 0:
-            out.append("GPU training was asked for (--cpu false) but no GPU was found: drop it to train on CPU")
+            out.append(Refusal("GPU training was asked for (--cpu false) but no GPU was found",
+                               "drop it to train on CPU"))
         else:
             per_machine = cluster.num_processes // cluster.num_machines
             if per_machine > hw.gpu_count:
-                out.append(f"{per_machine} processes per machine but only {hw.gpu_count} GPU(s) here: "
-                           f"set --num-processes {hw.gpu_count * cluster.num_machines} or fewer")
+                out.append(Refusal(f"{per_machine} processes per machine but only {hw.gpu_count} GPU(s) here",
+                                   f"set --num-processes {hw.gpu_count * cluster.num_machines} or fewer"))
             if spec.precision == "bf16" and not hw.all_bf16:
                 old = next(g for g in hw.gpus if not g.bf16)
-                out.append(f"bf16 was asked for but {old.name} (compute capability "
-                           f"{old.capability[0]}.{old.capability[1]}) has no bf16: use --precision fp16 or auto")
+                out.append(Refusal(f"bf16 was asked for but {old.name} (compute capability "
+                                   f"{old.capability[0]}.{old.capability[1]}) has no bf16",
+                                   "use --precision fp16 or auto"))
     return out
 
 
-def resolve(resolved: SourcedSpec, hw: Hardware, extra_layers: tuple[Layer, ...] = ()) -> tuple[SourcedSpec, Decisions]:
-    """Fill the spec's open values from `hw`, revalidate, and check it against the machine."""
+def fill(resolved: SourcedSpec, hw: Hardware, extra_layers: tuple[Layer, ...] = ()) -> tuple[SourcedSpec, Decisions]:
+    """Fill the spec's open values from `hw` and revalidate (CrakenError where a filled value breaks a
+    cross-field rule); what the machine cannot give is `hardware_problems`' to say."""
     from ..config.sources import unflatten
 
     values, decisions = hardware_values(resolved.spec, hw)
@@ -146,7 +149,12 @@ def resolve(resolved: SourcedSpec, hw: Hardware, extra_layers: tuple[Layer, ...]
     for path, label in origin.items():
         if path not in values:
             sources[path] = label
-    out = SourcedSpec(out.spec, sources)
+    return SourcedSpec(out.spec, sources), decisions
+
+
+def resolve(resolved: SourcedSpec, hw: Hardware, extra_layers: tuple[Layer, ...] = ()) -> tuple[SourcedSpec, Decisions]:
+    """Fill the spec's open values from `hw`, revalidate, and check it against the machine."""
+    out, decisions = fill(resolved, hw, extra_layers)
     problems = hardware_problems(out.spec, hw)
     if problems:
         raise CrakenError(problems, title="this machine cannot run that")

@@ -21,6 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Iterable, Iterator
 
 from . import builtin, formats
 
@@ -134,21 +135,40 @@ def read_local(path: Path, split: str, streaming: bool):
                         f"{str(exc).splitlines()[0] if str(exc) else ''}); fix the file") from exc
 
 
+class BadJsonLine(ValueError):
+    """A line of a JSON-lines file that is not JSON: its number (from 1) and the parser's error."""
+
+    def __init__(self, number: int, error: json.JSONDecodeError):
+        super().__init__(f"line {number}: {error}")
+        self.number, self.error = number, error
+
+
+def json_lines(lines: Iterable[str]) -> Iterator[tuple[int, Any]]:
+    """(line number, value) of each record of a JSON-lines text as datasets reads it: one JSON value a line,
+    blank lines skipped; `BadJsonLine` at the first line that does not parse. The pre-launch check
+    (launch/preflight) and the worker's message after datasets fails both read the lines with it."""
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise BadJsonLine(number, exc) from None
+        yield number, record
+
+
 def corrupt_json_line(files: list[str]) -> str | None:
     """'FILE line N: ...' for the first line of a .jsonl file that is not a JSON object, else None."""
     for name in files:
         if data_suffix(Path(name)) != ".jsonl":
             continue
         with open_text(Path(name), errors="replace") as fh:
-            for number, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except ValueError as exc:
-                    return f"{name} line {number}: not valid JSON ({exc})"
-                if not isinstance(record, dict):
-                    return f"{name} line {number}: a JSON {type(record).__name__}, not an object"
+            try:
+                for number, record in json_lines(fh):
+                    if not isinstance(record, dict):
+                        return f"{name} line {number}: a JSON {type(record).__name__}, not an object"
+            except BadJsonLine as bad:
+                return f"{name} line {bad.number}: not valid JSON ({bad.error})"
     return None
 
 

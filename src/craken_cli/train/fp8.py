@@ -26,6 +26,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 
+from ..errors import Refusal
+
 MIN_CAPABILITY = (8, 9)  # float8 tensor cores: Ada (8.9), Hopper (9.0), Blackwell
 RECIPES = ("tensorwise", "rowwise")
 # tokens/s against bf16 with regional compilation, plain Accelerate, fp32 masters, one H200 (issue 19:
@@ -81,7 +83,7 @@ def speed(model, seq_len: int, recipe: str) -> float:
     return 1.0 / (1.0 - share + share / GEMM_GAIN[recipe])
 
 
-def problems(precision: str, use_cpu: bool, gpus) -> list[str]:
+def problems(precision: str, use_cpu: bool, gpus) -> list[Refusal]:
     """Why this machine's processors cannot train `precision: fp8` (empty when they can, or for other
     precisions); `craken plan` asks this of hypothetical GPUs too."""
     if precision != "fp8":
@@ -89,14 +91,15 @@ def problems(precision: str, use_cpu: bool, gpus) -> list[str]:
     need = f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}"
     out = []
     if use_cpu or not gpus:
-        out.append(f"precision fp8 needs NVIDIA GPUs of compute capability {need} or newer (Ada, Hopper, "
-                   "Blackwell); this run uses CPU processes: use --precision bf16")
+        out.append(Refusal(f"precision fp8 needs NVIDIA GPUs of compute capability {need} or newer (Ada, Hopper, "
+                           "Blackwell); this run uses CPU processes", "use --precision bf16"))
     else:
         old = [g for g in gpus if not g.fp8]
         if old:
             first = old[0]
-            out.append(f"precision fp8 needs compute capability {need} or newer; {first.name} has "
-                       f"{first.capability[0]}.{first.capability[1]} (no float8 tensor cores): use --precision bf16")
+            out.append(Refusal(f"precision fp8 needs compute capability {need} or newer; {first.name} has "
+                               f"{first.capability[0]}.{first.capability[1]} (no float8 tensor cores)",
+                               "use --precision bf16"))
     return out
 
 
