@@ -303,7 +303,8 @@ def test_an_op_build_is_announced_before_launch(craken, workdir):
     env = {"TORCH_EXTENSIONS_DIR": str(workdir / "ext")}  # an empty JIT cache
     result = craken("train", "--dry-run", "--zero", "2", "--offload-optimizer", "cpu", env=env)
     assert result.code == 0, result.err
-    assert "craken: DeepSpeed's cpu_adam op is built on first use (about 70 s" in result.err
+    assert "craken: DeepSpeed's cpu_adam op is built on first use (about 70 s" in " ".join(result.err.split())
+    assert max(map(len, result.err.splitlines())) <= 80  # wrapped as the summary above it
     (workdir / "ext" / "cpu_adam").mkdir(parents=True)
     (workdir / "ext" / "cpu_adam" / "cpu_adam.so").write_bytes(b"")
     cached = craken("train", "--dry-run", "--zero", "2", "--offload-optimizer", "cpu", env=env)

@@ -300,7 +300,8 @@ def test_a_trainer_value_set_against_the_plan_stops_before_training_with_exit_2(
                     cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-4000:]
     assert ("craken: train.py was stopped before training: the script sets max_grad_norm=0.5 against craken's plan, "
-            "max_grad_norm=0.3: drop it (craken fills it) or change the plan with --clip") in result.stderr
+            "max_grad_norm=0.3: give it the plan's value, or drop it where the HF "
+            "Trainer reads it (craken fills the Trainer's), or change the plan with --clip") in result.stderr
     assert "DEEPSPEED_RAN" not in result.stdout and "Traceback" not in result.stderr
     assert_no_launcher_traceback(result)
 

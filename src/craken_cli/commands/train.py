@@ -40,7 +40,7 @@ def train(
     from ..launch.process import execute
     from ..launch.prepare import TrainRequest, prepare
     from ..doctor.dsops import build_note, ops_to_build
-    from ..report.summary import dry_run_text, prepared_summary
+    from ..report.summary import WIDTH, dry_run_text, prepared_summary
 
     request = TrainRequest(spec_args=spec_args, auto=auto, test=test, dry_run=dry_run, resume=resume,
                            force=force, launcher_args=list(ctx.args), oom_fallback=oom_fallback)
@@ -50,7 +50,7 @@ def train(
     for line in prepared_summary(prepared):
         err.print(line, highlight=False)
     for op in ops_to_build(prepared.resolved.spec, os.environ):  # a silent minute otherwise
-        err.print(build_note(op), highlight=False)
+        err.print(build_note(op, WIDTH), highlight=False)
     if dry_run:
         out.print("\n".join(dry_run_text(prepared)), highlight=False)
         return

@@ -263,8 +263,8 @@ def agrees(value: Any, planned: Any) -> bool:
 
 def conflict_message(name: str, value: Any, planned: Planned, argument: str | None = None) -> str:
     said = f"the script's argument {argument} contradicts" if argument else f"the script sets {name}={value!r} against"
-    return (f"{said} craken's plan, {name}={planned.value!r}: drop it (craken fills it) or change the plan with "
-            f"{planned.flag}")
+    return (f"{said} craken's plan, {name}={planned.value!r}: give it the plan's value, or drop it where the HF "
+            f"Trainer reads it (craken fills the Trainer's), or change the plan with {planned.flag}")
 
 
 def arg_problems(spec, run_dir: Path, target: Target, keep_optimizer: bool) -> list[str]:
