@@ -833,7 +833,8 @@ def test_pipelined_nvme_optimizer_swap_needs_buffers_for_every_sub_group_it_hold
 ])
 def test_an_imported_json_with_too_few_nvme_swap_buffers_is_refused_before_launch(craken, workdir, offload, refused):
     (workdir / "nvme").mkdir()
-    offload = {k: v for k, v in {"device": "nvme", "nvme_path": str(workdir / "nvme"), **offload}.items() if v is not None}
+    given = {"device": "nvme", "nvme_path": str(workdir / "nvme"), **offload}
+    offload = {k: v for k, v in given.items() if v is not None}
     (workdir / "ds.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto",
                                                  "zero_optimization": {"stage": 3, "offload_optimizer": offload}}))
     before = snapshot(workdir)

@@ -509,7 +509,8 @@ def test_dummy_optim_and_scheduler_built_whatever_the_plan_are_found(source, use
 def test_a_dummy_optim_script_keeps_the_jsons_optimizer_and_a_dummy_scheduler_its_scheduler():
     spec = spec_of({"--zero": 2})
     both, optim_only = userscript.DummyUse(True, True), userscript.DummyUse(True, False)
-    assert userscript.keeps_ds_optimizer(spec, None, dummy=both) and userscript.keeps_ds_scheduler(spec, None, dummy=both)
+    assert userscript.keeps_ds_optimizer(spec, None, dummy=both)
+    assert userscript.keeps_ds_scheduler(spec, None, dummy=both)
     assert userscript.keeps_ds_optimizer(spec, None, dummy=optim_only)
     assert not userscript.keeps_ds_scheduler(spec, None, dummy=optim_only)  # accelerate allows no other beside it
     cfg = {"optimizer": {"type": "AdamW"}, "scheduler": {"type": "WarmupLR"}, "zero_optimization": {"stage": 2}}
@@ -522,7 +523,7 @@ def test_a_dummy_optim_script_keeps_the_jsons_optimizer_and_a_dummy_scheduler_it
     assert "accelerate's DummyOptim whatever the plan" in problem and "drop --no-ds-optimizer" in problem
 
 
-def test_a_dummy_optim_script_or_ds_optimizer_without_a_deepspeed_config_is_refused_before_launch(tmp_path, monkeypatch):
+def test_a_dummy_optim_script_or_ds_optimizer_without_a_deepspeed_json_is_refused_before_launch(tmp_path, monkeypatch):
     from craken_cli.errors import CrakenError
     from craken_cli.launch.prepare import TrainRequest, prepare
     from craken_cli.plan.hardware import GPU

@@ -188,8 +188,8 @@ def dummy_problems(spec, requested: bool | None, dummy: DummyUse) -> list[str]:
     built = " and ".join(f"accelerate's {name}" for name, used in zip(DUMMY_NAMES, dummy) if used)
     if not spec.uses_deepspeed:
         if built:
-            return [f"the script builds {built} whatever the plan, placeholders for the DeepSpeed "
-                    "config's optimizer and schedule, and this plan renders no DeepSpeed config (ZeRO stage 0 on GPUs runs "
+            return [f"the script builds {built} whatever the plan, placeholders for the DeepSpeed config's "
+                    "optimizer and schedule, and this plan renders no DeepSpeed config (ZeRO stage 0 on GPUs runs "
                     "plain Accelerate): pass --zero 1, 2 or 3, or build a torch optimizer in the script when "
                     "CRAKEN_PLAN_DS_OPTIMIZER is 0"]
         if requested:
