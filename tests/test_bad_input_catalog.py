@@ -801,3 +801,56 @@ def test_a_machine_of_rank_above_0_joins_the_run_folder_machine_0_set_up(tmp_pat
     (run / "metrics-machine1.jsonl").write_text("x")
     assert "already holds a run" in output_problems(run, resume=None, force=False, machine_rank=1)[0]
     assert output_problems(run, resume="auto", force=False, machine_rank=1) == []
+
+
+def test_pipelined_nvme_optimizer_swap_needs_buffers_for_every_sub_group_it_holds():
+    """DeepSpeed's offload config accepts any buffer_count >= 0 with pipeline_read/pipeline_write, so
+    craken's DeepSpeed check of the rendered JSON passes; the swapper then runs out of buffers at the
+    first step (swap_tensor/pipelined_optimizer_swapper.py)."""
+    from deepspeed.runtime.zero.offload_config import DeepSpeedZeroOffloadOptimizerConfig
+
+    from craken_cli.plan.memory import SWAP_BUFFERS_PER_SUB_GROUP, SwapSettings
+
+    parsed = DeepSpeedZeroOffloadOptimizerConfig(device="nvme", nvme_path="/nvme", buffer_count=4, pipeline_read=True,
+                                                 pipeline_write=True)
+    assert parsed.pipeline and parsed.buffer_count == 4  # no complaint from DeepSpeed itself
+    # DeepSpeed's default buffer_count is the non-pipelined swapper's need with Adam
+    assert DeepSpeedZeroOffloadOptimizerConfig().buffer_count == SWAP_BUFFERS_PER_SUB_GROUP
+    assert SwapSettings().optimizer_buffers_needed == SWAP_BUFFERS_PER_SUB_GROUP
+    read = SwapSettings.from_extra({"zero_optimization": {"offload_optimizer": {"pipeline_read": True}}})
+    both = SwapSettings.from_extra({"zero_optimization": {"offload_optimizer": {
+        "pipeline_read": True, "pipeline_write": True, "buffer_count": 6}}})
+    assert read.optimizer_buffers_needed == 2 * SWAP_BUFFERS_PER_SUB_GROUP
+    assert (both.optimizer_buffer_count, both.optimizer_buffers_needed) == (6, 3 * SWAP_BUFFERS_PER_SUB_GROUP)
+
+
+@pytest.mark.parametrize("offload, refused", [
+    ({"buffer_count": 4, "pipeline_read": True, "pipeline_write": True}, "to 12 or more"),
+    ({"buffer_count": 4, "pipeline_write": True}, "to 8 or more"),
+    ({"buffer_count": 3}, "to 4 or more"),
+    ({"buffer_count": 12, "pipeline_read": True, "pipeline_write": True}, None),
+    ({"pipeline_read": True, "device": "cpu", "nvme_path": None}, None),  # no NVMe swapper
+])
+def test_an_imported_json_with_too_few_nvme_swap_buffers_is_refused_before_launch(craken, workdir, offload, refused):
+    (workdir / "nvme").mkdir()
+    given = {"device": "nvme", "nvme_path": str(workdir / "nvme"), **offload}
+    offload = {k: v for k, v in given.items() if v is not None}
+    (workdir / "ds.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto",
+                                                 "zero_optimization": {"stage": 3, "offload_optimizer": offload}}))
+    before = snapshot(workdir)
+    result = craken(*train("--dry-run", "--config", "ds.json", "--max-steps", "2"))
+    problems = result.err.partition("craken: cannot start this run")[2] if result.code == 2 else ""  # no notes
+    if refused is None:
+        assert result.code == 0 or ("libaio" in problems and "buffer_count" not in problems), result.output
+        return
+    assert result.code == 2 and "Traceback" not in result.output
+    assert ("zero_optimization.offload_optimizer.buffer_count is " + str(offload["buffer_count"])) in problems
+    assert f"set deepspeed.extra zero_optimization.offload_optimizer.buffer_count {refused}" in problems
+    pipelined = [k for k in offload if k.startswith("pipeline")]  # the other way out: turn them off
+    assert all(f"zero_optimization.offload_optimizer.{k}" in problems for k in pipelined)
+    assert pipelined or "pipeline" not in problems
+    from craken_cli.doctor.dsops import find_libaio
+
+    if None in find_libaio({})[1:]:  # every problem at once: libaio's too
+        assert "libaio" in problems
+    assert snapshot(workdir) == before

@@ -462,3 +462,93 @@ def test_the_hosts_prepare_check_reads_the_scripts_own_call_only(monkeypatch):
     exec("init(model, adamw, loader)", {"__name__": "transformers.trainer", "init": Accelerator().prepare,
                                        "model": model, "adamw": adamw,
                                        "loader": torch.utils.data.DataLoader(data, batch_size=8)})  # the Trainer's
+
+
+# --- accelerate's DummyOptim / DummyScheduler built whatever the plan -----------------------------------------
+
+DUMMY_SCRIPT = '''
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DummyOptim, DummyScheduler
+accelerator = Accelerator()
+optimizer = DummyOptim(model.parameters(), lr=3e-4)
+scheduler = DummyScheduler(optimizer, total_num_steps=100)
+model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+'''
+
+# accelerate's examples/by_feature/deepspeed_with_config_support.py: the placeholders only where the JSON has the block
+ADAPTING_SCRIPT = '''
+from accelerate.utils import DummyOptim, DummyScheduler
+config = accelerator.state.deepspeed_plugin.deepspeed_config
+optimizer_cls = torch.optim.AdamW if "optimizer" not in config else DummyOptim
+optimizer = optimizer_cls(params, lr=lr)
+if "scheduler" not in config:
+    scheduler = get_scheduler("linear", optimizer)
+else:
+    scheduler = DummyScheduler(optimizer, total_num_steps=100)
+scheduler = os.environ["CRAKEN_PLAN_DS_OPTIMIZER"] == "1" and DummyScheduler(optimizer)
+'''
+
+
+@pytest.mark.parametrize("source, use", [
+    (DUMMY_SCRIPT, (True, True)),
+    (ADAPTING_SCRIPT, (False, False)),
+    (DUMMY_SCRIPT.replace("scheduler = DummyScheduler(optimizer, total_num_steps=100)\n", ""), (True, False)),
+    # its own schedule through lr_scheduler_callable: no scheduler block needed
+    (DUMMY_SCRIPT.replace("total_num_steps=100", "lr_scheduler_callable=make"), (True, False)),
+    ("from accelerate.utils import DummyOptim as DO\ndef main():\n    opt = DO(params)\n", (True, False)),
+    ("import accelerate\nopt = accelerate.utils.DummyOptim(params)\n", (True, False)),
+    ("try:\n    import x\nexcept ImportError:\n    opt = DummyOptim(params)\n", (False, False)),
+    ("opt = torch.optim.AdamW(params)\n", (False, False)),
+    ("def f(:\n", (False, False)),
+])
+def test_dummy_optim_and_scheduler_built_whatever_the_plan_are_found(source, use):
+    assert tuple(userscript.dummy_use(source)) == use
+
+
+def test_a_dummy_optim_script_keeps_the_jsons_optimizer_and_a_dummy_scheduler_its_scheduler():
+    spec = spec_of({"--zero": 2})
+    both, optim_only = userscript.DummyUse(True, True), userscript.DummyUse(True, False)
+    assert userscript.keeps_ds_optimizer(spec, None, dummy=both)
+    assert userscript.keeps_ds_scheduler(spec, None, dummy=both)
+    assert userscript.keeps_ds_optimizer(spec, None, dummy=optim_only)
+    assert not userscript.keeps_ds_scheduler(spec, None, dummy=optim_only)  # accelerate allows no other beside it
+    cfg = {"optimizer": {"type": "AdamW"}, "scheduler": {"type": "WarmupLR"}, "zero_optimization": {"stage": 2}}
+    assert set(userscript.script_ds_config(cfg, True, False)) == {"optimizer", "zero_optimization"}
+    assert set(userscript.script_ds_config(cfg, False)) == {"zero_optimization"}
+    env = userscript.plan_env(spec, Path("runs/x"), True, False)
+    assert (env["CRAKEN_PLAN_DS_OPTIMIZER"], env["CRAKEN_PLAN_DS_SCHEDULER"]) == ("1", "0")
+    assert userscript.dummy_problems(spec, None, both) == [] and userscript.dummy_problems(spec, True, both) == []
+    [problem] = userscript.dummy_problems(spec, False, optim_only)
+    assert "accelerate's DummyOptim whatever the plan" in problem and "drop --no-ds-optimizer" in problem
+
+
+def test_a_dummy_optim_script_or_ds_optimizer_without_a_deepspeed_json_is_refused_before_launch(tmp_path, monkeypatch):
+    from craken_cli.errors import CrakenError
+    from craken_cli.launch.prepare import TrainRequest, prepare
+    from craken_cli.plan.hardware import GPU
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.py").write_text(DUMMY_SCRIPT)
+    gpu = detect(FakeProbe(gpus=[GPU(0, "NVIDIA H100 80GB HBM3", 80 * 2**30, 79 * 2**30, (9, 0))]))
+    for script, ds_optimizer, words in (
+            ("train.py", None, "the script builds accelerate's DummyOptim and accelerate's DummyScheduler whatever"),
+            ("plain.py", True, "--ds-optimizer keeps DeepSpeed's optimizer in the DeepSpeed config, and this plan")):
+        (tmp_path / "plain.py").write_text("print('training')\n")
+        request = TrainRequest(spec_args=SpecArgs(flags={"--zero": 0, "--model": "builtin:tiny"}),
+                               script=userscript.Target(script=script), ds_optimizer=ds_optimizer)
+        with pytest.raises(CrakenError) as refused:
+            prepare(request, environ={}, hardware=gpu)
+        [problem] = [p for p in refused.value.problems if "DeepSpeed config" in p]
+        assert problem.startswith(words) and "pass --zero 1, 2 or 3" in problem and refused.value.exit_code == 2
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_dummy_optim_script_gets_the_jsons_optimizer_and_scheduler(craken, workdir):
+    (workdir / "train.py").write_text(DUMMY_SCRIPT)
+    data = json.loads(craken("launch", "--dry-run", *RUN_FLAGS, "train.py").out)
+    assert {"optimizer", "scheduler"} <= set(json.loads(data["files"]["ds_config.json"]))
+    assert (data["env"]["CRAKEN_PLAN_DS_OPTIMIZER"], data["env"]["CRAKEN_PLAN_DS_SCHEDULER"]) == ("1", "1")
+    refused = craken("launch", "--no-ds-optimizer", *RUN_FLAGS, "train.py")
+    assert refused.code == 2 and "drop --no-ds-optimizer" in refused.output and "Traceback" not in refused.output
+    assert not (workdir / "runs").exists()

@@ -44,7 +44,8 @@ report = {"world": accelerator.num_processes, "train_batch_size": engine.train_b
           "micro_batch": engine.train_micro_batch_size_per_gpu(), "grad_accum": engine.gradient_accumulation_steps(),
           "accelerator_grad_accum": accelerator.gradient_accumulation_steps, "clip": engine.gradient_clipping(),
           "stage": engine.zero_optimization_stage(), "offload_optimizer": str(offload.device) if offload else "none",
-          "optimizer": type(inner).__name__, "batches_per_process": len(loader)}
+          "optimizer": type(inner).__name__, "scheduler": type(engine.lr_scheduler).__name__,
+          "batches_per_process": len(loader)}
 if accelerator.is_main_process:
     print("DEEPSPEED_RAN " + json.dumps(report), flush=True)
 losses = []
@@ -206,6 +207,26 @@ def test_accelerate_script_at_zero3_with_offload_takes_deepspeeds_optimizer(tmp_
     ran = line(result, "DEEPSPEED_RAN")
     assert_ran_as_planned(ran, planned(flags, tmp_path))
     assert ran["optimizer"] == "DeepSpeedCPUAdam"
+    assert line(result, "DONE")["step"] == 2
+
+
+def test_accelerate_script_that_always_builds_dummy_optim_trains_with_the_jsons_optimizer(tmp_path, tiny_model_dir,
+                                                                                         free_port):
+    """A script that builds DummyOptim / DummyScheduler whatever the plan (no offload, no --ds-optimizer):
+    the JSON keeps DeepSpeed's optimizer and scheduler, instead of accelerate's "You cannot create a
+    `DummyOptim` without specifying an optimizer in the config file" in every worker."""
+    head, rest = ACCELERATE_SCRIPT.split('if plan["ds_optimizer"] == "1":')
+    tail = rest[rest.index("model, optimizer, loader, scheduler = accelerator.prepare"):]
+    built = "optimizer = DummyOptim(model.parameters())\nscheduler = DummyScheduler(optimizer)\n"
+    (tmp_path / "train.py").write_text(head + built + tail)
+    flags = ["--zero", "1", "--micro-batch", "2", "--grad-accum", "1", "--max-steps", "2", "--main-process-port",
+             free_port]
+    result = craken("launch", *flags, "train.py", tiny_model_dir, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    ran = line(result, "DEEPSPEED_RAN")
+    assert_ran_as_planned(ran, planned(flags, tmp_path))
+    shown = json.loads((tmp_path / "runs" / "default" / "ds_config.json").read_text())
+    assert ran["scheduler"] == shown["scheduler"]["type"]  # DeepSpeed's, built from the JSON's block
     assert line(result, "DONE")["step"] == 2
 
 

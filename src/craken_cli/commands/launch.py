@@ -22,8 +22,10 @@ def launch(
                                        "GPUs for the model your script trains (needs --model).")] = False,
     ds_optimizer: Annotated[Optional[bool], typer.Option(
         "--ds-optimizer/--no-ds-optimizer", help="Keep DeepSpeed's optimizer and scheduler in the JSON (the script "
-        "then takes accelerate's DummyOptim/DummyScheduler; the HF Trainer does so by itself). Default: only "
-        "under optimizer offload, where DeepSpeed steps the states with its CPU Adam.")] = None,
+        "then takes accelerate's DummyOptim/DummyScheduler; the HF Trainer does so by itself). Default: under "
+        "optimizer offload, where DeepSpeed steps the states with its CPU Adam, for a script that builds "
+        "DummyOptim (DummyScheduler) outside any condition, and for a deepspeed.initialize without an "
+        "optimizer.")] = None,
     test: Annotated[bool, typer.Option("--test", help=f"Smoke test: at most {TEST_STEPS} steps of exactly this run "
                                        "(the plan's max_steps) into runs/<name>-test.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the launch command, its environment and the "

@@ -345,19 +345,46 @@ def op_problems(spec, environ) -> list[str]:
 
 def nvme_problems(spec, environ) -> list[str]:
     """NVMe offload loads DeepSpeed's async_io op, built against libaio at first use (or pre-built):
-    without libaio every process fails after start-up ('Unable to JIT load the async_io op')."""
+    without libaio every process fails after start-up ('Unable to JIT load the async_io op'). Its
+    optimizer swapper needs enough swap buffers, which DeepSpeed's config models do not check."""
     from ..doctor.dsops import deepspeed_ops, find_libaio, libaio_missing, nvme_offload_flags
 
     nvme = nvme_offload_flags(spec.offload.optimizer.device, spec.offload.param.device)
     if not nvme or not spec.uses_deepspeed:
         return []
+    problems = swap_buffer_problems(spec)
     prebuilt, _ = deepspeed_ops(environ)
     missing = libaio_missing(bool(prebuilt.get("async_io")), *find_libaio(environ))
     if not missing:
-        return []
+        return problems
     return [f"{' '.join(f + ' nvme' for f in nvme)}: DeepSpeed's async_io op needs libaio, which is not installed here "
             f"({' and '.join(missing)} not found): apt install libaio-dev, or offload to cpu instead "
-            f"({' '.join(f + ' cpu' for f in nvme)})"]
+            f"({' '.join(f + ' cpu' for f in nvme)})", *problems]
+
+
+def swap_buffer_problems(spec) -> list[str]:
+    """Optimizer states on NVMe (ZeRO-3 only: stages 1 and 2 keep NVMe-offloaded states in RAM) with too
+    few offload_optimizer.buffer_count for the sub-groups DeepSpeed holds at once (plan.memory.SwapSettings.
+    optimizer_buffers_needed): every process stops at the first optimizer step. DeepSpeed's
+    DeepSpeedZeroOffloadOptimizerConfig (zero/offload_config.py) only asks buffer_count >= 0."""
+    from ..plan.memory import SWAP_BUFFERS_PER_SUB_GROUP, SwapSettings
+
+    if spec.offload.optimizer.device != "nvme" or spec.zero.stage != 3:
+        return []
+    swap = SwapSettings.from_extra(spec.deepspeed.extra)
+    need = swap.optimizer_buffers_needed
+    if swap.optimizer_buffer_count >= need:
+        return []
+    key = "zero_optimization.offload_optimizer"
+    pipelined = [k for k in ("pipeline_read", "pipeline_write") if getattr(swap, k)]
+    held = (f"with {' and '.join(pipelined)} DeepSpeed's NVMe optimizer swapper holds the swap buffers of up to "
+            f"{need // SWAP_BUFFERS_PER_SUB_GROUP} sub-groups at once, {SWAP_BUFFERS_PER_SUB_GROUP} each"
+            if pipelined else
+            f"DeepSpeed's NVMe optimizer swapper holds {SWAP_BUFFERS_PER_SUB_GROUP} swap buffers per sub-group")
+    undo = f", or set {' and '.join(f'{key}.{k}' for k in pipelined)} to false" if pipelined else ""
+    return [f"{key}.buffer_count is {swap.optimizer_buffer_count}, and {held} (fp32 weights, gradient, Adam's two "
+            f"moments): it would stop at the first step, out of swap buffers; set deepspeed.extra "
+            f"{key}.buffer_count to {need} or more (in an imported DeepSpeed JSON, its own key){undo}"]
 
 
 def precision_problems(spec) -> list[str]:

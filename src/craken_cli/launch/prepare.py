@@ -95,17 +95,22 @@ def resolve_spec(request: TrainRequest, environ: Mapping[str, str], hardware=Non
     return resolved, decisions.warnings + notes, hw, choice
 
 
-def keeps_ds_optimizer(spec, request: TrainRequest) -> bool:
-    raw = userscript.engine_without_optimizer(userscript.script_source(request.script))
-    return userscript.keeps_ds_optimizer(spec, request.ds_optimizer, engine_without_optimizer=raw)
+def kept_ds_blocks(spec, request: TrainRequest) -> tuple[bool, bool, userscript.DummyUse]:
+    """(optimizer kept, scheduler kept, the script's DummyOptim/DummyScheduler) for a user script's JSON."""
+    source = userscript.script_source(request.script)
+    raw, dummy = userscript.engine_without_optimizer(source), userscript.dummy_use(source)
+    return (userscript.keeps_ds_optimizer(spec, request.ds_optimizer, engine_without_optimizer=raw, dummy=dummy),
+            userscript.keeps_ds_scheduler(spec, request.ds_optimizer, engine_without_optimizer=raw, dummy=dummy),
+            dummy)
 
 
 def script_problems(spec, run_dir: Path, request: TrainRequest) -> list[str]:
     if request.script is None:
         return command.launcher_arg_problems(request.launcher_args)
-    keep = keeps_ds_optimizer(spec, request)
+    keep, keep_scheduler, dummy = kept_ds_blocks(spec, request)
     return (userscript.target_problems(request.script)
-            + userscript.arg_problems(spec, run_dir, request.script, keep))
+            + userscript.dummy_problems(spec, request.ds_optimizer, dummy)
+            + userscript.arg_problems(spec, run_dir, request.script, keep, keep_scheduler))
 
 
 def prepare(request: TrainRequest, environ: Mapping[str, str], hardware=None) -> Prepared:
@@ -134,12 +139,12 @@ def prepare(request: TrainRequest, environ: Mapping[str, str], hardware=None) ->
         files = with_universal_load(files, spec.cluster.machine_rank)
     script_args = None
     if request.script is not None:
-        keep = keeps_ds_optimizer(spec, request)
-        files = userscript.script_files(files, spec.cluster.machine_rank, keep)
+        keep, keep_scheduler, _ = kept_ds_blocks(spec, request)
+        files = userscript.script_files(files, spec.cluster.machine_rank, keep, keep_scheduler)
         script_args = request.script.host_args
     argv, env = command.build(spec, run_dir, environ, hw.cpu_count, request.launcher_args, resume_from, script_args)
     if request.script is not None:
-        env.update(userscript.plan_env(spec, run_dir, keep))
+        env.update(userscript.plan_env(spec, run_dir, keep, keep_scheduler))
     if command.uses_pdsh(spec):
         held_back = sorted(k for k, v in environ.items() if command.is_secret(k, v))
         if held_back:

@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         PartialState(backend="gloo")
     ds_path = run_dir / machine_file(DS_FILE, spec.cluster.machine_rank)
     ds_config = rendered_ds_config(ds_path)
-    install_trainer_plan(userscript.trainer_plan(spec, run_dir, "optimizer" in ds_config))
+    install_trainer_plan(userscript.trainer_plan(spec, run_dir, "optimizer" in ds_config,
+                                                 "scheduler" in ds_config))
     patch_argparse_local_rank()
     patch_on_import("accelerate.accelerator", lambda module: patch_accelerator_prepare(
         module.Accelerator, spec.batch.micro_batch, spec.optimizer.lr))

@@ -9,6 +9,8 @@
     arg_problems        script arguments that contradict the plan (`--per_device_train_batch_size 8`) or
                         bring a DeepSpeed config of their own (`--deepspeed ds.json`, `--deepspeed_config ds.json`)
     engine_without_optimizer   a raw DeepSpeed script whose deepspeed.initialize gets no optimizer (read with ast)
+    dummy_use           an Accelerate script that builds accelerate's DummyOptim / DummyScheduler whatever the
+                        plan (read with ast), and `dummy_problems`: where the JSON cannot hold what they need
     local_rank_args     the `--local_rank=N` the deepspeed launcher would pass, for a parser that declares it
     prepare_problems    a plain Accelerate script's DataLoader batch size and optimizer lr against the plan
     initialize_problems a raw DeepSpeed script's deepspeed.initialize call judged against the rendered JSON
@@ -102,16 +104,103 @@ def module_problems(module: str) -> list[str]:
     return []
 
 
-def keeps_ds_optimizer(spec, requested: bool | None, engine_without_optimizer: bool = False) -> bool:
-    """Whether the JSON keeps craken's optimizer and scheduler blocks for a user script. A script builds
-    its own optimizer (torch.optim.AdamW, or the Trainer's), and accelerate refuses one in the code
-    beside one in the config; offloaded optimizer states, though, only DeepSpeed's CPU Adam steps (it
-    refuses a torch optimizer there), so then the script takes accelerate's DummyOptim/DummyScheduler.
+class DummyUse(NamedTuple):
+    """accelerate's placeholders a script builds outside any condition: DummyOptim trains with the JSON's
+    optimizer block, DummyScheduler (without its lr_scheduler_callable) with the JSON's scheduler block."""
+
+    optimizer: bool = False
+    scheduler: bool = False
+
+
+def keeps_ds_optimizer(spec, requested: bool | None, engine_without_optimizer: bool = False,
+                       dummy: DummyUse = DummyUse()) -> bool:
+    """Whether the JSON keeps craken's optimizer block for a user script. A script builds its own
+    optimizer (torch.optim.AdamW, or the Trainer's), and accelerate refuses one in the code beside one
+    in the config; offloaded optimizer states, though, only DeepSpeed's CPU Adam steps (it refuses a
+    torch optimizer there), so then the script takes accelerate's DummyOptim/DummyScheduler.
     A raw DeepSpeed script that gives deepspeed.initialize no optimizer trains with the JSON's, and
-    without one DeepSpeed would build an engine that never updates the weights."""
+    without one DeepSpeed would build an engine that never updates the weights; a script that builds
+    DummyOptim whatever the plan needs the JSON's too (accelerate refuses a DummyOptim without one)."""
     if requested is not None:
         return requested
-    return spec.offload.optimizer.device != "none" or engine_without_optimizer
+    return spec.offload.optimizer.device != "none" or engine_without_optimizer or dummy.optimizer
+
+
+def keeps_ds_scheduler(spec, requested: bool | None, engine_without_optimizer: bool = False,
+                       dummy: DummyUse = DummyUse()) -> bool:
+    """Whether the JSON keeps craken's scheduler block: with the optimizer block (offload, a raw DeepSpeed
+    engine, --ds-optimizer), or for a script that builds DummyScheduler whatever the plan. A DummyOptim
+    script without one keeps no scheduler block: accelerate refuses any other scheduler object beside a
+    DummyOptim, so such a script steps none, and a block would be a schedule it never asked for."""
+    if requested is not None:
+        return requested
+    return spec.offload.optimizer.device != "none" or engine_without_optimizer or dummy.scheduler
+
+
+DUMMY_NAMES = ("DummyOptim", "DummyScheduler")
+# What makes a call run only sometimes: an `if` (the CRAKEN_PLAN_DS_OPTIMIZER test, accelerate's
+# `"optimizer" in deepspeed_config` test), `a if c else b`, `c and f()`, a `match` case, an except branch.
+CONDITIONAL = (ast.If, ast.IfExp, ast.BoolOp, ast.ExceptHandler, ast.match_case)
+
+
+def dummy_use(source: str | None) -> DummyUse:
+    """Which of accelerate's DummyOptim / DummyScheduler the script calls outside any condition (by name,
+    under an `import ... as` alias, or as an attribute: `accelerate.utils.DummyOptim(...)`). A
+    DummyScheduler given its lr_scheduler_callable (keyword or fourth argument) builds its own
+    schedule and needs no scheduler block; one given **kwargs cannot be told and counts as needing it."""
+    try:
+        tree = ast.parse(source or "")
+    except (SyntaxError, ValueError):
+        return DummyUse()
+    aliases = {name: name for name in DUMMY_NAMES}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "accelerate":
+            aliases.update({a.asname: a.name for a in node.names if a.name in DUMMY_NAMES and a.asname})
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+
+    def unconditional(node) -> bool:
+        while node in parents:
+            node = parents[node]
+            if isinstance(node, CONDITIONAL):
+                return False
+        return True
+
+    found = set()
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        name = (aliases.get(func.id) if isinstance(func, ast.Name)
+                else func.attr if isinstance(func, ast.Attribute) and func.attr in DUMMY_NAMES else None)
+        if name is None or not unconditional(node):
+            continue
+        if name == "DummyScheduler" and (len(node.args) >= 4 or any(
+                k.arg == "lr_scheduler_callable" for k in node.keywords)):
+            continue
+        found.add(name)
+    return DummyUse(optimizer="DummyOptim" in found, scheduler="DummyScheduler" in found)
+
+
+def dummy_problems(spec, requested: bool | None, dummy: DummyUse) -> list[str]:
+    """What a DummyOptim / DummyScheduler script (or --ds-optimizer) would meet inside the workers, as
+    accelerate's own error and no hint: no DeepSpeed config at all (ZeRO stage 0 on GPUs runs plain
+    Accelerate), or --no-ds-optimizer dropping the block the script's placeholder needs."""
+    built = " and ".join(f"accelerate's {name}" for name, used in zip(DUMMY_NAMES, dummy) if used)
+    if not spec.uses_deepspeed:
+        if built:
+            return [f"the script builds {built} whatever the plan, placeholders for the DeepSpeed config's "
+                    "optimizer and schedule, and this plan renders no DeepSpeed config (ZeRO stage 0 on GPUs runs "
+                    "plain Accelerate): pass --zero 1, 2 or 3, or build a torch optimizer in the script when "
+                    "CRAKEN_PLAN_DS_OPTIMIZER is 0"]
+        if requested:
+            return ["--ds-optimizer keeps DeepSpeed's optimizer in the DeepSpeed config, and this plan renders none "
+                    "(ZeRO stage 0 on GPUs runs plain Accelerate): pass --zero 1, 2 or 3, or drop --ds-optimizer"]
+        return []
+    if requested is False and built:
+        return [f"the script builds {built} whatever the plan, and --no-ds-optimizer drops the JSON's optimizer "
+                "and scheduler blocks, without which accelerate refuses the placeholders: drop --no-ds-optimizer, "
+                "or build a torch optimizer in the script when CRAKEN_PLAN_DS_OPTIMIZER is 0"]
+    return []
 
 
 def script_source(target: Target) -> str | None:
@@ -155,18 +244,20 @@ def engine_without_optimizer(source: str | None) -> bool:
     return False
 
 
-def script_ds_config(cfg: dict, keep_optimizer: bool) -> dict:
-    if keep_optimizer:
-        return cfg
-    return {k: v for k, v in cfg.items() if k not in ("optimizer", "scheduler")}
+def script_ds_config(cfg: dict, keep_optimizer: bool, keep_scheduler: bool | None = None) -> dict:
+    """The JSON less the blocks the script brings itself (keep_scheduler None: as keep_optimizer)."""
+    kept = {"optimizer": keep_optimizer, "scheduler": keep_optimizer if keep_scheduler is None else keep_scheduler}
+    return {k: v for k, v in cfg.items() if kept.get(k, True)}
 
 
-def script_files(files: dict[str, str], machine_rank: int, keep_optimizer: bool) -> dict[str, str]:
+def script_files(files: dict[str, str], machine_rank: int, keep_optimizer: bool,
+                 keep_scheduler: bool | None = None) -> dict[str, str]:
     """The rendered files of a user-script run (the DeepSpeed JSON rewritten where it has one)."""
     name = machine_file(DS_FILE, machine_rank)
-    if name not in files or keep_optimizer:
+    keep_scheduler = keep_optimizer if keep_scheduler is None else keep_scheduler
+    if name not in files or (keep_optimizer and keep_scheduler):
         return files
-    cfg = script_ds_config(json.loads(files[name]), keep_optimizer)
+    cfg = script_ds_config(json.loads(files[name]), keep_optimizer, keep_scheduler)
     return {**files, name: json.dumps(cfg, indent=2, allow_nan=False) + "\n"}
 
 
@@ -175,7 +266,7 @@ def warmup_steps(spec) -> int:
     return max(1, min(spec.schedule.warmup_steps, spec.train.max_steps))
 
 
-def plan_env(spec, run_dir: Path, keep_optimizer: bool) -> dict[str, str]:
+def plan_env(spec, run_dir: Path, keep_optimizer: bool, keep_scheduler: bool | None = None) -> dict[str, str]:
     """CRAKEN_PLAN_*: the plan, for a plain Accelerate script to size its data loader and loop by."""
     values = {
         "RUN_DIR": str(run_dir.absolute()),
@@ -201,8 +292,9 @@ def plan_env(spec, run_dir: Path, keep_optimizer: bool) -> dict[str, str]:
         "DATASET": spec.data.dataset,
         "SAVE_EVERY": spec.train.save_every,
         "STEPS_PER_PRINT": spec.logging.steps_per_print,
-        # 1: the JSON holds DeepSpeed's optimizer and scheduler; build accelerate's DummyOptim/DummyScheduler
+        # 1: the JSON holds DeepSpeed's optimizer (scheduler); build accelerate's DummyOptim (DummyScheduler)
         "DS_OPTIMIZER": int(keep_optimizer),
+        "DS_SCHEDULER": int(keep_optimizer if keep_scheduler is None else keep_scheduler),
     }
     env = {PLAN_ENV_PREFIX + k: str(v) for k, v in values.items()}
     # accelerate's Accelerator() reads its accumulation default from here: the script's then starts with the
@@ -217,7 +309,7 @@ class Planned(NamedTuple):
     must_agree: bool = True  # False: craken only fills it when the script leaves it unset
 
 
-def trainer_plan(spec, run_dir: Path, keep_optimizer: bool) -> dict[str, Planned]:
+def trainer_plan(spec, run_dir: Path, keep_optimizer: bool, keep_scheduler: bool | None = None) -> dict[str, Planned]:
     """TrainingArguments field -> what craken planned for it. The must-agree fields are the ones the HF
     Trainer checks against the DeepSpeed JSON, or that decide what is trained (steps, schedule)."""
     optimizer, precision = spec.optimizer, spec.base_precision
@@ -240,7 +332,8 @@ def trainer_plan(spec, run_dir: Path, keep_optimizer: bool) -> dict[str, Planned
         "use_cpu": Planned(bool(spec.cluster.use_cpu), "--cpu", must_agree=False),
         "logging_steps": Planned(spec.logging.steps_per_print, "--steps-per-print", must_agree=False),
     }
-    if not keep_optimizer:  # the Trainer builds the schedule itself, from these
+    keep_scheduler = keep_optimizer if keep_scheduler is None else keep_scheduler
+    if not keep_scheduler:  # the Trainer builds the schedule itself, from these
         plan["lr_scheduler_type"] = Planned(HF_SCHEDULERS[spec.schedule.kind], "--set schedule.kind=...")
         if spec.schedule.kind == "cosine":
             plan["lr_scheduler_kwargs"] = Planned({"min_lr_rate": spec.schedule.min_lr_ratio},
@@ -267,10 +360,11 @@ def conflict_message(name: str, value: Any, planned: Planned, argument: str | No
             f"Trainer reads it (craken fills the Trainer's), or change the plan with {planned.flag}")
 
 
-def arg_problems(spec, run_dir: Path, target: Target, keep_optimizer: bool) -> list[str]:
+def arg_problems(spec, run_dir: Path, target: Target, keep_optimizer: bool,
+                 keep_scheduler: bool | None = None) -> list[str]:
     """Script arguments in HfArgumentParser's spelling (`--name value`, `--name=value`) that contradict
     the plan, found before launch; what a script sets in its code, the host finds when it runs."""
-    plan = trainer_plan(spec, run_dir, keep_optimizer)
+    plan = trainer_plan(spec, run_dir, keep_optimizer, keep_scheduler)
     found = parsed_options(target.args)
     problems = own_config_problems(target.args)
     for name, raw in found.items():

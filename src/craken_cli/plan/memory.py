@@ -363,6 +363,8 @@ class SwapSettings:
     max_in_cpu: int = 1_000_000_000  # zero_optimization.offload_param.max_in_cpu (elements per process)
     sub_group_size: int = 1_000_000_000  # zero_optimization.sub_group_size (elements)
     intra_op_parallelism: int = 1  # aio.intra_op_parallelism
+    pipeline_read: bool = False  # zero_optimization.offload_optimizer.pipeline_read
+    pipeline_write: bool = False  # zero_optimization.offload_optimizer.pipeline_write
 
     @classmethod
     def from_extra(cls, extra: dict) -> SwapSettings:
@@ -377,7 +379,28 @@ class SwapSettings:
                  "intra_op_parallelism": (extra.get("aio") or {}, "intra_op_parallelism")}
         given = {name: int(section[key]) for name, (section, key) in where.items()
                  if isinstance(section.get(key), (int, float)) and not isinstance(section.get(key), bool)}
+        optimizer = zero.get("offload_optimizer") or {}
+        given.update({key: optimizer[key] for key in ("pipeline_read", "pipeline_write")
+                      if isinstance(optimizer.get(key), bool)})
         return cls(**given)
+
+    @property
+    def optimizer_buffers_needed(self) -> int:
+        """The offload_optimizer.buffer_count below which DeepSpeed's NVMe optimizer swapper runs out of
+        buffers at the first step: SWAP_BUFFERS_PER_SUB_GROUP for the sub-group being stepped, as many again
+        for the next one pipeline_read reads ahead (swap_in_optimizer_state's async_parameter), and as many
+        again for the previous one pipeline_write is still writing (freed only at the next
+        swap_out_optimizer_state): swap_tensor/pipelined_optimizer_swapper.py, whose allocate() returns None
+        ("ran out of swap buffers, try increasing 'buffer_count'"). Counted for three or more sub-groups:
+        the sub-groups a model splits into are known only once it is loaded."""
+        return SWAP_BUFFERS_PER_SUB_GROUP * (1 + self.pipeline_read + self.pipeline_write)
+
+
+# The swap buffers one optimizer sub-group holds while DeepSpeed steps it: its fp32 weights, Adam's two
+# moments (swap_tensor/optimizer_utils.py, OptimizerStateSwapInfo: the parameter, then the optimizer's
+# state tensors) and its gradient (`required_buffer_count = num_tensors + 1` in _swap_in_optimizer_state of
+# swap_tensor/pipelined_optimizer_swapper.py and swap_in_optimizer_state of partitioned_optimizer_swapper.py).
+SWAP_BUFFERS_PER_SUB_GROUP = 4
 
 
 AIO_ALIGNED_BYTES = 1024  # swap_tensor/utils.py: every swapped tensor is padded to this times intra_op_parallelism
