@@ -117,7 +117,9 @@ def first_record(path: Path, split: str = "train") -> dict | None:
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
-        return dict.fromkeys(pq.read_schema(path).names, "")
+        first = next(pq.ParquetFile(path).iter_batches(batch_size=1), None)
+        return first.to_pylist()[0] if first is not None and first.num_rows else \
+            dict.fromkeys(pq.read_schema(path).names, "")
     return None
 
 
@@ -173,10 +175,10 @@ def record_problems(spec, files: list[Path], record: dict | None) -> list[str]:
     data = spec.data
     fmt = None  # unknown when the first record cannot be told cheaply
     if record is not None:
-        problem = formats.format_problem(data.format, list(record), data.text_column, str(files[0]))
+        problem = formats.format_problem(data.format, list(record), data.text_column, str(files[0]), record)
         if problem:
             return [problem]
-        fmt = data.format if data.format != "auto" else formats.detect(list(record), data.text_column)
+        fmt = formats.resolve(data.format, list(record), data.text_column, record)
     for f in files:
         problem = content_problem(f, data.text_column if fmt == "text" else None)
         if problem:

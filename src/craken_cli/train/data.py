@@ -25,7 +25,7 @@ from typing import Any, Iterable, Iterator
 
 from . import builtin, formats
 
-CACHE_VERSION = 2  # bump when the rows a given input gives change
+CACHE_VERSION = 3  # bump when the rows a given input gives change
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 COMPRESSIONS = (".gz", ".bz2", ".xz")  # datasets reads them by their suffix, the preflight through the stdlib
 
@@ -205,11 +205,19 @@ def load_records(spec, streaming: bool = False):
     if data.max_samples is not None:
         raw = raw.take(data.max_samples) if streaming else raw.select(range(min(data.max_samples, len(raw))))
     columns = list(raw.column_names or raw.features or [])
-    fmt = data.format if data.format != "auto" else formats.detect(columns, data.text_column)
-    problem = formats.format_problem(data.format, columns, data.text_column, data.dataset)
+    record = first_row(raw)
+    problem = formats.format_problem(data.format, columns, data.text_column, data.dataset, record)
     if problem:
         raise DataError(problem)
+    fmt = formats.resolve(data.format, columns, data.text_column, record)
     return raw.select_columns([c for c in formats.columns_of(fmt, data.text_column) if c in columns]), fmt
+
+
+def first_row(raw) -> dict | None:
+    """The first record (whether prompt/completion hold text or chat messages shows in the values), or None."""
+    if hasattr(raw, "__len__"):
+        return raw[0] if len(raw) else None
+    return next(iter(raw.take(1)), None)
 
 
 def chat_template(spec, tokenizer) -> str | None:
