@@ -460,6 +460,100 @@ def stream_rows(spec, tokenizer):
     return rows.shuffle(seed=spec.train.seed, buffer_size=10_000), fmt
 
 
+# --- where the eval rows come from ------------------------------------------------------------------
+
+# a data set's validation split under the names datasets gives one (its SPLIT_KEYWORDS: a folder's files
+# named valid or dev are its 'validation' split, eval its 'test'), validation names before test names
+VALIDATION_SPLITS = ("validation", "valid", "val", "dev", "test", "eval")
+
+
+@dataclass(frozen=True)
+class EvalSource:
+    """The eval rows: a split of the data (all of it, no training row held out), or a share of the training
+    rows (`fraction`; 0: none); `maybe` when the split names of a hub data set were not looked up."""
+    split: str | None
+    fraction: float
+    maybe: bool = False
+
+    def describe(self) -> str:
+        share = f"{self.fraction:.0%} of the training rows" if self.fraction > 0 else "none"
+        if self.split is not None:
+            return f"the {self.split} split"
+        if self.maybe:
+            return f"the data set's validation split if it has one (data.eval_split auto), else {share}"
+        return share
+
+
+def data_splits(spec, look_up: bool = True) -> list[str] | None:
+    """The split names of the run's data set ([] for a single file, a saved Dataset or the built-in data); None
+    when unknown (a hub data set not looked up, or whose names cannot be read: its loading then says why)."""
+    data = spec.data
+    if builtin.is_builtin(data.dataset):
+        return []
+    path = Path(data.dataset).expanduser()
+    if is_saved_dataset(path):
+        try:
+            names = json.loads((path / "dataset_dict.json").read_text()).get("splits")
+        except (OSError, ValueError):  # a saved Dataset (state.json), without splits
+            return []
+        return [str(n) for n in names] if isinstance(names, list) else []
+    if path.is_file():
+        return []
+    if path.exists():
+        return list(folder_splits(path))
+    if not look_up:
+        return None
+    try:
+        import datasets
+
+        return list(datasets.get_dataset_split_names(data.dataset))
+    except Exception:  # offline, gated, a script: load_dataset names the problem when it reads the data
+        return None
+
+
+def eval_source(spec, look_up: bool = True) -> EvalSource:
+    """Where the run's eval rows come from (data.eval_split); a DataError when the split named is not there."""
+    data = spec.data
+    fraction = EvalSource(None, data.eval_fraction)
+    if data.streaming:
+        return EvalSource(None, 0.0)
+    if data.eval_split == "none":
+        return fraction
+    splits = data_splits(spec, look_up)
+    if data.eval_split == "auto":
+        if splits is None:
+            return EvalSource(None, data.eval_fraction, maybe=True)
+        found = next((name for name in VALIDATION_SPLITS if name in splits and name != data.split), None)
+        return EvalSource(found, 0.0) if found else fraction
+    if splits is not None and data.eval_split not in splits:
+        held = f"has the splits {', '.join(splits)}" if splits else "has no splits (a single file, a saved Dataset)"
+        raise DataError(f"--set data.eval_split={data.eval_split}: {data.dataset} {held}: set data.eval_split to "
+                        "another of them, or to none (data.eval_fraction of the training rows)")
+    return EvalSource(data.eval_split, 0.0)
+
+
+def held_out_fraction(spec) -> float:
+    """The share of the training rows held out for evaluation (0 beside an eval split), without looking up a
+    hub data set's splits; a missing eval split counts as none (the pre-launch check names it)."""
+    try:
+        return eval_source(spec, look_up=False).fraction
+    except DataError:
+        return spec.data.eval_fraction
+
+
+def eval_spec(spec, split: str, fmt: str):
+    """The run's spec reading `split` as the data, in the format its training split resolved to."""
+    return spec.model_copy(update={"data": spec.data.model_copy(update={"split": split, "format": fmt})})
+
+
+def prepared_eval(spec, tokenizer, accelerator, source: EvalSource, fmt: str) -> Built | None:
+    """The eval split's rows, built like the training rows (cached under their own key); None when `source`
+    is a share of the training rows."""
+    if source.split is None:
+        return None
+    return prepared(eval_spec(spec, source.split, fmt), tokenizer, accelerator)
+
+
 def train_eval_split(blocks, eval_fraction: float, seed: int):
     """(train, eval) block sets; eval is None when eval_fraction is 0. Indices only: nothing is written."""
     import numpy as np
