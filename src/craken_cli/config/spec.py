@@ -155,15 +155,6 @@ class DataSection(Section):
         "each process its own files when there are at least as many files as processes, else every process reads "
         "all and keeps its own batches), for data larger than memory or disk; no cache, no evaluation.")
 
-    @model_validator(mode="after")
-    def _eval_split_is_another(self) -> DataSection:
-        if self.eval_split == self.split:
-            raise ValueError(f"data.eval_split {self.eval_split!r} is the training split (data.split): name another "
-                             "split, or auto / none")
-        if self.streaming and self.eval_split not in ("auto", "none"):
-            raise ValueError(f"data.eval_split {self.eval_split!r}: a --streaming run does not evaluate: leave "
-                             "data.eval_split, or train without --streaming")
-        return self
 
 
 class BatchSection(Section):
@@ -479,6 +470,13 @@ def cross_field_problems(spec: RunSpec) -> list[str]:
         out.append(f"zero.fp32_grad_accum needs ZeRO-1 with bf16 and no optimizer offload (stage {zero.stage}, "
                    f"precision {spec.precision}, optimizer offload {offload.optimizer.device}): use --zero 1, "
                    "--precision bf16 and --offload-optimizer none, or drop zero.fp32_grad_accum")
+    data = spec.data
+    if data.eval_split == data.split:
+        out.append(f"data.eval_split {data.eval_split} is the training split (data.split): set data.eval_split to "
+                   "another split, or to auto or none")
+    if data.streaming and data.eval_split not in ("auto", "none"):
+        out.append(f"data.eval_split {data.eval_split}: a --streaming run does not evaluate: drop data.eval_split, "
+                   "or train without --streaming")
     if spec.precision == "fp8":
         out += fp8_layout_problems(zero.stage, offload.optimizer.device, offload.param.device)
     if spec.schedule.kind == "linear" and spec.schedule.warmup_steps == 0:

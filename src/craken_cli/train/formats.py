@@ -84,7 +84,7 @@ def trl_shape(columns: list[str], record: dict | None) -> str | None:
 
 def trl_message(shape: str, where: str) -> str:
     needed, why = TRL_SHAPES[shape]
-    return (f"--dataset {where}: these records are TRL's {shape} type ({', '.join(needed)} columns), which "
+    return (f"--dataset {where}: these records are TRL's {shape} type ({'the ' + needed[0] + ' column' if len(needed) == 1 else ', '.join(needed) + ' columns'}), which "
             f"{why}; {SUPPORTED}")
 
 
