@@ -1,5 +1,9 @@
 """Records -> rows of `seq_len` tokens, split into train and eval, cached on disk.
 
+The eval rows (`eval_source`) are the data's own validation split when it has one (data.eval_split
+auto, or the split named), built like the training rows under their own cache key; else
+data.eval_fraction of the training rows, picked by index after the cache (`train_eval_split`).
+
 Loading is the real one: `datasets.load_dataset` on a hub id, or on local json/jsonl/csv/parquet/txt
 files (gzip, bzip2 or xz compressed too; a folder's files split by name as datasets splits them),
 `datasets.load_from_disk` on a folder `save_to_disk` wrote; the built-in pattern language is generated in
