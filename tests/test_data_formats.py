@@ -415,7 +415,8 @@ def test_the_eval_rows_come_from_the_validation_split_when_the_data_has_one(tmp_
     folder.mkdir()
     write_jsonl(folder / "train.jsonl", PAIRS)
     write_jsonl(folder / "dev.jsonl", PAIRS[:1])  # datasets' name for it: validation
-    assert data.eval_source(spec_for(folder)) == data.EvalSource("validation", 0.0)
+    assert data.eval_source(spec_for(folder)) == data.EvalSource("validation", 0.0, files=("dev.jsonl",))
+    assert data.eval_source(spec_for(folder)).describe() == "the validation split (dev.jsonl)"
     assert data.eval_source(spec_for(folder, eval_split="none", eval_fraction=0.1)) == data.EvalSource(None, 0.1)
     with pytest.raises(data.DataError, match="has the splits train, validation: set data.eval_split"):
         data.eval_source(spec_for(folder, eval_split="test"))

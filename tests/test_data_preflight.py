@@ -165,7 +165,7 @@ def test_the_summary_says_where_the_eval_rows_come_from(tmp_path):
     (tmp_path / "valid.jsonl").write_text('{"text": "b"}\n')
     spec = RunSpec.model_validate({"data": {"dataset": str(tmp_path)}, "cluster": {"num_processes": 1}})
     lines = summary_lines(spec, {}, "runs/x", None, eval_from=eval_source(spec).describe())
-    assert "  eval rows   the validation split" in lines
+    assert "  eval rows   the validation split (valid.jsonl)" in lines
     spec = RunSpec.model_validate({"data": {"dataset": str(tmp_path), "eval_split": "none"},
                                    "cluster": {"num_processes": 1}})
     assert "  eval rows   5% of the training rows" in summary_lines(spec, {}, "runs/x", None,

@@ -478,11 +478,13 @@ class EvalSource:
     split: str | None
     fraction: float
     maybe: bool = False
+    files: tuple[str, ...] = ()  # a folder's files of that split (datasets names dev.jsonl 'validation')
 
     def describe(self) -> str:
         share = f"{self.fraction:.0%} of the training rows" if self.fraction > 0 else "none"
         if self.split is not None:
-            return f"the {self.split} split"
+            more = f" and {len(self.files) - 1} more" if len(self.files) > 1 else ""
+            return f"the {self.split} split" + (f" ({self.files[0]}{more})" if self.files else "")
         if self.maybe:
             return f"the data set's validation split if it has one (data.eval_split auto), else {share}"
         return share
@@ -525,15 +527,23 @@ def eval_source(spec, look_up: bool = True) -> EvalSource:
         return fraction
     splits = data_splits(spec, look_up)
     if data.eval_split == "auto":
-        if splits is None:
-            return EvalSource(None, data.eval_fraction, maybe=True)
+        if splits is None:  # not looked up (the CLI): said as such; unreadable: the fraction, as said then
+            return EvalSource(None, data.eval_fraction, maybe=not look_up)
         found = next((name for name in VALIDATION_SPLITS if name in splits and name != data.split), None)
-        return EvalSource(found, 0.0) if found else fraction
+        return EvalSource(found, 0.0, files=split_files(spec, found)) if found else fraction
     if splits is not None and data.eval_split not in splits:
         held = f"has the splits {', '.join(splits)}" if splits else "has no splits (a single file, a saved Dataset)"
         raise DataError(f"--set data.eval_split={data.eval_split}: {data.dataset} {held}: set data.eval_split to "
                         "another of them, or to none (data.eval_fraction of the training rows)")
-    return EvalSource(data.eval_split, 0.0)
+    return EvalSource(data.eval_split, 0.0, files=split_files(spec, data.eval_split))
+
+
+def split_files(spec, split: str) -> tuple[str, ...]:
+    """The file names of a local folder's split, relative to it (none for other data)."""
+    path = Path(spec.data.dataset).expanduser()
+    if not path.is_dir() or is_saved_dataset(path):
+        return ()
+    return tuple(os.path.relpath(f, path) for f in folder_splits(path).get(split, []))
 
 
 def held_out_fraction(spec) -> float:
