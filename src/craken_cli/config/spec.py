@@ -156,7 +156,6 @@ class DataSection(Section):
         "all and keeps its own batches), for data larger than memory or disk; no cache, no evaluation.")
 
 
-
 class BatchSection(Section):
     micro_batch: int | None = Field(
         4, gt=0, description="Sequences per GPU (process) per forward pass. Unset: global_batch / (grad_accum x "

@@ -278,9 +278,7 @@ def size_problems(spec) -> list[str]:
     sound."""
     from ..plan import datasize
     from ..plan.memory import data_problem, train_blocks
-    from ..train.data import builtin_lines
-
-    from ..train.data import held_out_fraction
+    from ..train.data import builtin_lines, held_out_fraction
 
     world = spec.cluster.num_processes or 1
     fraction = held_out_fraction(spec)

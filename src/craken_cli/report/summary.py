@@ -4,8 +4,8 @@
     lines = prepared_summary(prepared)                      # the same for a prepared run (train, launch)
 
 Model and size, strategy with its offloads, precision and the master weights' dtype, the batch
-arithmetic, sequence and steps, where the eval rows come from, the run folder, and every value that is not a default with where it
-came from (a preset, craken.yaml, CRAKEN_*, a flag, the hardware, the planner).
+arithmetic, sequence and steps, where the eval rows come from, the run folder, and every value that is
+not a default with where it came from (a preset, craken.yaml, CRAKEN_*, a flag, the hardware, the planner).
 """
 
 from __future__ import annotations
@@ -48,7 +48,6 @@ def prepared_summary(prepared) -> list[str]:
     import os
 
     from ..doctor.resources import model_params
-
     from ..train.data import DataError, eval_source
 
     spec = prepared.resolved.spec

@@ -8,9 +8,10 @@ ShareGPT's `conversations`: a list of {from, value}; the assistant turns train, 
 system/user/tool token). TRL's conversational prompt-completion records (prompt and completion each a list
 of messages) are chat: prompt + completion rendered as one conversation, the completion's assistant turns
 train (`resolve`). TRL's other types (prompt-only, preference, unpaired preference, stepwise supervision)
-give no supervised target craken trains on and are refused by name (`trl_shape`). The assistant tokens are found by rendering each conversation up to every
-assistant turn (with the generation prompt) and to its end, so any template that renders a conversation's
-beginning the same way in both works; no `{% generation %}` block is needed.
+give no supervised target craken trains on and are refused by name (`trl_shape`). The assistant tokens
+are found by rendering each conversation up to every assistant turn (with the generation prompt) and to
+its end, so any template that renders a conversation's beginning the same way in both works; no
+`{% generation %}` block is needed.
 
 `encode` is a batched `datasets.map` function (picklable, so `num_proc` processes run it): one output
 row per record, with `skip` naming why a record gives no sample (counted and reported, never raised).
@@ -84,7 +85,8 @@ def trl_shape(columns: list[str], record: dict | None) -> str | None:
 
 def trl_message(shape: str, where: str) -> str:
     needed, why = TRL_SHAPES[shape]
-    return (f"--dataset {where}: these records are TRL's {shape} type ({'the ' + needed[0] + ' column' if len(needed) == 1 else ', '.join(needed) + ' columns'}), which "
+    marked = f"the {needed[0]} column" if len(needed) == 1 else f"{', '.join(needed)} columns"
+    return (f"--dataset {where}: these records are TRL's {shape} type ({marked}), which "
             f"{why}; {SUPPORTED}")
 
 
