@@ -340,3 +340,128 @@ def test_a_tokenizer_without_eos_is_refused_for_texts_and_responses_not_for_chat
     chat = write_jsonl(tmp_path / "chat.jsonl", CHAT)
     built = data.build(spec_for(chat, seq_len=128, chat_template=TEMPLATE.replace("{{ eos_token }}", "\n")), bare)
     assert built.samples == 2 and built.rows["input_ids"][0][-1] == 0  # padded with id 0, labels -100 there
+
+
+# --- TRL's conversational prompt-completion, and the TRL types craken does not train -------------------------
+
+def turn(role, content):
+    return {"role": role, "content": content}
+
+
+CONVERSATIONAL = [  # an assistant turn inside the prompt is context: only the completion trains
+    {"prompt": [turn("system", "be brief"), turn("user", "count 1 by 2"), turn("assistant", "1 3 5"),
+                turn("user", "reverse 4 5")],
+     "completion": [turn("assistant", "5 4")]},
+    {"prompt": [turn("user", "repeat red")], "completion": [turn("assistant", "red | red")]},
+]
+
+
+@pytest.mark.parametrize("asked", ["auto", "prompt_completion", "chat"])
+def test_conversational_prompt_completion_trains_the_completion_through_the_template(asked, tmp_path, tok):
+    path = write_jsonl(tmp_path / "pc.jsonl", CONVERSATIONAL)
+    built = data.build(spec_for(path, format=asked, seq_len=256, chat_template=TEMPLATE, packing=False), tok)
+    assert built.format == "chat" and built.samples == 2 and built.skipped == {}
+    eos = builtin.EOS
+    rows = [(r["input_ids"], r["labels"]) for r in built.rows]
+    assert tok.decode(rows[0][0]).startswith(  # padded with EOS after
+        f"<|system|>be brief{eos}<|user|>count 1 by 2{eos}<|assistant|>1 3 5{eos}<|user|>reverse 4 5{eos}"
+        "<|assistant|>5 4")
+    assert [trained_text(tok, ids, labels) for ids, labels in rows] == [f"5 4{eos}", f"red | red{eos}"]
+
+
+def test_a_conversational_record_whose_completion_has_no_assistant_turn_is_a_counted_skip(tok):
+    encoder = formats.Encoder(tok, "chat", 128, chat_template=TEMPLATE)
+    out = encoder({"prompt": [[turn("user", "a"), turn("assistant", "x")], [turn("user", "a")]],
+                   "completion": [[turn("user", "b")], "text"]})
+    assert out["skip"] == ["no assistant turn in the completion", "prompt or completion not a list of messages"]
+
+
+TRL_TYPES = {  # TRL's dataset types without a (prompt, response) pair, standard and conversational
+    "preference": {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."},
+    "preference-implicit-prompt": {"chosen": [turn("user", "sky?"), turn("assistant", "blue")],
+                                   "rejected": [turn("user", "sky?"), turn("assistant", "green")]},
+    "unpaired preference": {"prompt": [turn("user", "sky?")], "completion": [turn("assistant", "green")],
+                            "label": False},
+    "prompt-only": {"prompt": [turn("user", "sky?")]},
+    "stepwise supervision": {"prompt": "1+1?", "completions": ["1+1 is 2", "so 2"], "labels": [True, True]},
+}
+
+
+@pytest.mark.parametrize("name", list(TRL_TYPES))
+@pytest.mark.parametrize("asked", ["auto", "prompt_completion", "chat"])
+def test_trl_types_without_a_response_to_train_are_refused_by_name(name, asked, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [TRL_TYPES[name]])
+    with pytest.raises(data.DataError) as caught:
+        data.load_records(spec_for(path, format=asked))
+    message = str(caught.value)
+    assert f"TRL's {name.split('-implicit')[0]} type" in message and "craken trains text, prompt/completion" in message
+
+
+def test_a_supported_column_beside_trl_columns_trains_and_mixed_kinds_are_refused():
+    ultrafeedback = {"prompt": "sky?", "chosen": [turn("user", "sky?")], "messages": [turn("user", "sky?")]}
+    assert formats.format_problem("auto", list(ultrafeedback), "text", "d", ultrafeedback) is None
+    assert formats.format_problem("auto", ["prompt", "text"], "text", "d", {"prompt": "a", "text": "b"}) is None
+    mixed = {"prompt": [turn("user", "a")], "completion": "b"}
+    assert "make both text, or both lists" in formats.format_problem("auto", list(mixed), "text", "d", mixed)
+    text_pair = {"prompt": "a", "completion": "b"}
+    assert "use --data-format prompt_completion" in formats.format_problem("chat", list(text_pair), "text", "d",
+                                                                           text_pair)
+
+
+# --- eval rows from the data's own validation split ------------------------------------------------------------
+
+def test_the_eval_rows_come_from_the_validation_split_when_the_data_has_one(tmp_path):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", PAIRS)
+    write_jsonl(folder / "dev.jsonl", PAIRS[:1])  # datasets' name for it: validation
+    assert data.eval_source(spec_for(folder)) == data.EvalSource("validation", 0.0, files=("dev.jsonl",))
+    assert data.eval_source(spec_for(folder)).describe() == "the validation split (dev.jsonl)"
+    assert data.eval_source(spec_for(folder, eval_split="none", eval_fraction=0.1)) == data.EvalSource(None, 0.1)
+    with pytest.raises(data.DataError, match="has the splits train, validation: set data.eval_split"):
+        data.eval_source(spec_for(folder, eval_split="test"))
+    saved = write_saved(tmp_path / "saved", PAIRS, split="train")
+    assert data.eval_source(spec_for(saved, eval_fraction=0.1)) == data.EvalSource(None, 0.1)
+    import datasets
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(PAIRS), "validation": datasets.Dataset.from_list(PAIRS),
+                          "test": datasets.Dataset.from_list(PAIRS[:1])}).save_to_disk(str(tmp_path / "dict"))
+    assert data.eval_source(spec_for(tmp_path / "dict")).split == "validation"
+    # training on the validation split: auto takes the next one, test
+    assert data.eval_source(spec_for(tmp_path / "dict", split="validation")).split == "test"
+    single = write_jsonl(tmp_path / "one.jsonl", PAIRS)
+    assert data.eval_source(spec_for(single, eval_fraction=0.2)).describe() == "20% of the training rows"
+    with pytest.raises(data.DataError, match="has no splits"):
+        data.eval_source(spec_for(single, eval_split="validation"))
+    assert data.eval_source(spec_for("org/hub-set"), look_up=False).maybe
+
+
+def test_the_eval_split_is_built_under_its_own_cache_key_and_the_training_rows_stay_whole(tmp_path, tok):
+    import contextlib
+    import types
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", CONVERSATIONAL * 4)
+    write_jsonl(folder / "validation.jsonl", CONVERSATIONAL[1:])
+    spec = spec_for(folder, chat_template=TEMPLATE, seq_len=256, packing=False, eval_fraction=0.25,
+                    cache_dir=str(tmp_path / "cache"))
+    accelerator = types.SimpleNamespace(local_main_process_first=contextlib.nullcontext)
+    built = data.prepared(spec, tok, accelerator)
+    source = data.eval_source(spec)
+    evaluated = data.prepared_eval(spec, tok, accelerator, source, built.format)
+    assert (len(built.rows), built.format, len(evaluated.rows), evaluated.format) == (8, "chat", 1, "chat")
+    assert trained_text(tok, evaluated.rows[0]["input_ids"], evaluated.rows[0]["labels"]) == "red | red" + builtin.EOS
+    assert data.held_out_fraction(spec) == 0.0  # no training row held out beside the validation split
+    keys = {data.cache_key(s, tok) for s in (spec, data.eval_spec(spec, "validation", "chat"),
+                                              spec_for(folder, chat_template=TEMPLATE, seq_len=256, packing=False,
+                                                       eval_fraction=0.25, eval_split="none"))}
+    assert len(keys) == 2  # the eval split its own entry; the training rows' entry whatever eval_split says
+    assert data.prepared_eval(spec_for(folder, eval_split="none"), tok, accelerator,
+                              data.EvalSource(None, 0.05), "chat") is None
+
+
+def test_eval_split_naming_the_training_split_or_under_streaming_is_a_configuration_problem():
+    with pytest.raises(ValueError, match=r"data.eval_split train is the training split \(data.split\)"):
+        RunSpec.model_validate({"data": {"eval_split": "train"}})
+    with pytest.raises(ValueError, match="a --streaming run does not evaluate"):
+        RunSpec.model_validate({"data": {"eval_split": "dev", "streaming": True}})

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+TEXTS = (json.dumps({"text": "count 1 by 1 : 1 2 3 4 5 6 7 8 9 " * 40}) + "\n") * 20  # rows enough for 2 processes
 CHAT = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
 
 CASES = {
@@ -29,6 +30,22 @@ CASES = {
     "split-not-in-folder": ({"d/train.jsonl": '{"text": "a"}\n', "d/test.jsonl": '{"text": "b"}\n'},
                             ["--set", "data.split=validation"], ["holds the splits train, test", "data.split"]),
     "compressed-unknown-suffix": ({"d.gz": "x"}, [], ["unsupported file type '.gz'", ".jsonl"]),
+    "trl-preference": ({"d.jsonl": json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n"}, [],
+                       ["TRL's preference type", "rename chosen to completion", "craken trains text"]),
+    "trl-unpaired-preference": ({"d.jsonl": json.dumps({"prompt": "a", "completion": "b", "label": False}) + "\n"},
+                                [], ["TRL's unpaired preference type", "label is true"]),
+    "trl-conversational-prompt-only": ({"d.jsonl": json.dumps({"prompt": [{"role": "user", "content": "a"}]}) + "\n"},
+                                       [], ["TRL's prompt-only type", "no target to train on"]),
+    # the conversational prompt/completion is chat: rendered with a template, which the built-in tokenizer lacks
+    "trl-conversational-pair-without-template": (
+        {"d.jsonl": json.dumps({"prompt": [{"role": "user", "content": "a"}],
+                                "completion": [{"role": "assistant", "content": "b"}]}) + "\n"},
+        [], ["no chat template", "--chat-template"]),
+    "eval-split-not-in-folder": ({"d/train.jsonl": TEXTS, "d/dev.jsonl": '{"text": "b"}\n'},
+                                 ["--set", "data.eval_split=test"],
+                                 ["data.eval_split=test", "has the splits train, validation", "or to none"]),
+    "eval-split-of-another-format": ({"d/train.jsonl": TEXTS, "d/validation.jsonl": '{"body": "b"}\n'},
+                                     [], ["the eval split 'validation'", "format text", "data.eval_split to none"]),
 }
 
 
@@ -123,3 +140,33 @@ def test_bom_compressed_and_saved_data_pass_preflight(tmp_path):
     spec = RunSpec.model_validate({"data": {"dataset": str(tmp_path / "saved"), "eval_fraction": 0}})
     (problem,) = preflight.data_problems(spec)
     assert "--text-column 'text' is not a column" in problem and "(columns: question)" in problem
+
+
+def test_a_conversational_parquet_file_is_told_from_its_first_row(tmp_path):
+    """Parquet's schema alone does not show whether prompt holds text or messages: the first row does."""
+    import pandas
+
+    from craken_cli.config.spec import RunSpec
+    from craken_cli.launch import preflight
+
+    path = tmp_path / "d.parquet"
+    pandas.DataFrame([{"prompt": [{"role": "user", "content": "a"}],
+                       "completion": [{"role": "assistant", "content": "b"}]}]).to_parquet(path)
+    (problem,) = preflight.data_problems(RunSpec.model_validate({"data": {"dataset": str(path)}}))
+    assert "no chat template" in problem
+
+
+def test_the_summary_says_where_the_eval_rows_come_from(tmp_path):
+    from craken_cli.config.spec import RunSpec
+    from craken_cli.report.summary import summary_lines
+    from craken_cli.train.data import eval_source
+
+    (tmp_path / "train.jsonl").write_text('{"text": "a"}\n')
+    (tmp_path / "valid.jsonl").write_text('{"text": "b"}\n')
+    spec = RunSpec.model_validate({"data": {"dataset": str(tmp_path)}, "cluster": {"num_processes": 1}})
+    lines = summary_lines(spec, {}, "runs/x", None, eval_from=eval_source(spec).describe())
+    assert "  eval rows   the validation split (valid.jsonl)" in lines
+    spec = RunSpec.model_validate({"data": {"dataset": str(tmp_path), "eval_split": "none"},
+                                   "cluster": {"num_processes": 1}})
+    assert "  eval rows   5% of the training rows" in summary_lines(spec, {}, "runs/x", None,
+                                                                 eval_from=eval_source(spec).describe())

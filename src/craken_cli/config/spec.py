@@ -116,7 +116,16 @@ class DataSection(Section):
                        "whose file names name splits (train.jsonl, test.jsonl; else all its files are 'train'); a "
                        "single local file is read whole.")
     seq_len: int = Field(128, gt=0, description="Tokens per training sequence (texts are packed into blocks).")
-    eval_fraction: float = Field(0.05, ge=0, lt=0.5, description="Share of packed blocks held out for evaluation.")
+    eval_fraction: float = Field(
+        0.05, ge=0, lt=0.5, description="Share of the training split's packed blocks held out for evaluation when "
+        "the eval rows do not come from a split of their own (data.eval_split); 0 with eval_split none: no "
+        "evaluation.")
+    eval_split: str = Field(
+        "auto", min_length=1, description="Where the evaluation rows come from. auto: the data's own validation "
+        "split when it has one beside data.split (the first of validation, valid, val, dev, test, eval; a "
+        "folder's files are named for splits as datasets names them: validation.jsonl, dev.jsonl, "
+        "data/test-0.parquet, ...), else data.eval_fraction of the training rows; a split's name: that split, "
+        "whole; none: data.eval_fraction of the training rows, whatever splits the data has.")
     max_samples: int | None = Field(None, gt=0, description="Read at most this many raw records (unset: all).")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     format: Literal["auto", "text", "prompt_completion", "alpaca", "chat"] = Field(
@@ -144,7 +153,7 @@ class DataSection(Section):
     streaming: bool = Field(
         False, description="Read and tokenize the data while training (datasets' IterableDataset; accelerate gives "
         "each process its own files when there are at least as many files as processes, else every process reads "
-        "all and keeps its own batches), for data larger than memory or disk; no cache, no eval split.")
+        "all and keeps its own batches), for data larger than memory or disk; no cache, no evaluation.")
 
 
 class BatchSection(Section):
@@ -460,6 +469,13 @@ def cross_field_problems(spec: RunSpec) -> list[str]:
         out.append(f"zero.fp32_grad_accum needs ZeRO-1 with bf16 and no optimizer offload (stage {zero.stage}, "
                    f"precision {spec.precision}, optimizer offload {offload.optimizer.device}): use --zero 1, "
                    "--precision bf16 and --offload-optimizer none, or drop zero.fp32_grad_accum")
+    data = spec.data
+    if data.eval_split == data.split:
+        out.append(f"data.eval_split {data.eval_split} is the training split (data.split): set data.eval_split to "
+                   "another split, or to auto or none")
+    if data.streaming and data.eval_split not in ("auto", "none"):
+        out.append(f"data.eval_split {data.eval_split}: a --streaming run does not evaluate: drop data.eval_split, "
+                   "or train without --streaming")
     if spec.precision == "fp8":
         out += fp8_layout_problems(zero.stage, offload.optimizer.device, offload.param.device)
     if spec.schedule.kind == "linear" and spec.schedule.warmup_steps == 0:

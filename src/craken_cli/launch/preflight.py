@@ -117,7 +117,9 @@ def first_record(path: Path, split: str = "train") -> dict | None:
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
-        return dict.fromkeys(pq.read_schema(path).names, "")
+        first = next(pq.ParquetFile(path).iter_batches(batch_size=1), None)
+        return first.to_pylist()[0] if first is not None and first.num_rows else \
+            dict.fromkeys(pq.read_schema(path).names, "")
     return None
 
 
@@ -164,7 +166,39 @@ def data_problems(spec) -> list[str]:
         return [f"--dataset {files[0]}: cannot be read ({exc.__class__.__name__}: {exc}); fix the file"]
     if record == {}:
         return [f"--dataset {data.dataset}: the data set is empty; add text"]
-    return record_problems(spec, files, record)
+    return record_problems(spec, files, record) or eval_problems(spec, path, record)
+
+
+def eval_problems(spec, path: Path, record: dict | None) -> list[str]:
+    """The eval split data.eval_split names or auto finds: there, and its first record of the training
+    split's format (its rows are encoded as the training rows are)."""
+    from ..train.data import eval_source
+
+    data = spec.data
+    try:
+        source = eval_source(spec, look_up=False)
+    except DataError as exc:
+        return [str(exc)]
+    if source.split is None or record is None:
+        return []
+    files, problem = data_files(path, source.split)
+    if problem:
+        return [problem]
+    try:
+        first = first_record(files[0], source.split)
+    except (DataError, ValueError, UnicodeDecodeError, OSError, EOFError, csv.Error) as exc:
+        return [f"--dataset {files[0]} (the eval split {source.split}): cannot be read ({exc}); fix the file"]
+    if not first:
+        return []  # an empty eval split: no evaluation, said at start-up
+    fmt = formats.resolve(data.format, list(record), data.text_column, record)
+    problem = formats.format_problem(fmt, list(first), data.text_column, str(files[0]), first)
+    if problem is None and fmt == "chat" and formats.conversational_pair(record) \
+            and not formats.conversational_pair(first):
+        problem = f"{files[0]} holds no prompt/completion lists of chat messages"
+    if problem:
+        return [f"the eval split {source.split!r} (data.eval_split {data.eval_split}) does not fit the training "
+                f"split's format {fmt}: {problem}; or set data.eval_split to none"]
+    return []
 
 
 def record_problems(spec, files: list[Path], record: dict | None) -> list[str]:
@@ -173,10 +207,10 @@ def record_problems(spec, files: list[Path], record: dict | None) -> list[str]:
     data = spec.data
     fmt = None  # unknown when the first record cannot be told cheaply
     if record is not None:
-        problem = formats.format_problem(data.format, list(record), data.text_column, str(files[0]))
+        problem = formats.format_problem(data.format, list(record), data.text_column, str(files[0]), record)
         if problem:
             return [problem]
-        fmt = data.format if data.format != "auto" else formats.detect(list(record), data.text_column)
+        fmt = formats.resolve(data.format, list(record), data.text_column, record)
     for f in files:
         problem = content_problem(f, data.text_column if fmt == "text" else None)
         if problem:
@@ -244,10 +278,11 @@ def size_problems(spec) -> list[str]:
     sound."""
     from ..plan import datasize
     from ..plan.memory import data_problem, train_blocks
-    from ..train.data import builtin_lines
+    from ..train.data import builtin_lines, held_out_fraction
 
     world = spec.cluster.num_processes or 1
-    needed_tokens = spec.batch.micro_batch * world * spec.data.seq_len / max(0.05, 1 - spec.data.eval_fraction)
+    fraction = held_out_fraction(spec)
+    needed_tokens = spec.batch.micro_batch * world * spec.data.seq_len / max(0.05, 1 - fraction)
     path = Path(spec.data.dataset).expanduser()
     if builtin.is_builtin(spec.data.dataset):
         size = sum(len(line) + 1 for line in builtin.pattern_lines(builtin_lines(spec.data.seq_len)))
@@ -258,7 +293,7 @@ def size_problems(spec) -> list[str]:
     blocks, report = datasize.rows_and_report(spec)
     if blocks is None:
         return []
-    problem = data_problem(train_blocks(blocks, spec.data.eval_fraction), world, spec.data.seq_len,
+    problem = data_problem(train_blocks(blocks, fraction), world, spec.data.seq_len,
                            spec.batch.micro_batch)
     if problem and "prompt fills seq_len" in report:
         problem += f" ({report}: raise --seq-len, now {spec.data.seq_len})"

@@ -58,7 +58,9 @@ def micro_batch_cap(spec, fixed_micro_batch: int | None = None) -> int | None:
     blocks = blocks_available(spec)
     if blocks is None:
         return None
-    train = train_blocks(blocks, spec.data.eval_fraction)
+    from ..train.data import held_out_fraction
+
+    train = train_blocks(blocks, held_out_fraction(spec))
     world = spec.cluster.num_processes or 1
     problem = data_problem(train, world, spec.data.seq_len, fixed_micro_batch)
     if problem:

@@ -4,8 +4,8 @@
     lines = prepared_summary(prepared)                      # the same for a prepared run (train, launch)
 
 Model and size, strategy with its offloads, precision and the master weights' dtype, the batch
-arithmetic, sequence and steps, the run folder, and every value that is not a default with where it
-came from (a preset, craken.yaml, CRAKEN_*, a flag, the hardware, the planner).
+arithmetic, sequence and steps, where the eval rows come from, the run folder, and every value that is
+not a default with where it came from (a preset, craken.yaml, CRAKEN_*, a flag, the hardware, the planner).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ LABEL = 12  # width of the label column (after two spaces)
 
 
 def summary_lines(spec, sources: Mapping[str, str], run_dir: Path | str, params: int | None,
-                  resume_from: Path | None = None, width: int = WIDTH) -> list[str]:
+                  resume_from: Path | None = None, width: int = WIDTH, eval_from: str | None = None) -> list[str]:
     size = f" ({_count(params)} parameters)" if params else ""
     rows = [
         ("model", f"{spec.model.name_or_path}{size}"),
@@ -31,6 +31,8 @@ def summary_lines(spec, sources: Mapping[str, str], run_dir: Path | str, params:
         ("sequence", f"{spec.data.seq_len} tokens; {spec.train.max_steps} steps"),
         ("run folder", str(run_dir)),
     ]
+    if eval_from is not None:
+        rows.insert(-1, ("eval rows", eval_from))
     if resume_from is not None:
         rows.append(("resume", f"from {resume_from}"))
     rows += [(label, text) for label, text in _not_defaults(spec, sources)]
@@ -46,10 +48,17 @@ def prepared_summary(prepared) -> list[str]:
     import os
 
     from ..doctor.resources import model_params
+    from ..train.data import DataError, eval_source
 
     spec = prepared.resolved.spec
     params, _ = model_params(spec.model.name_or_path, os.environ)
-    return summary_lines(spec, prepared.resolved.sources, prepared.run_dir, params, prepared.resume_from)
+    try:
+        script = prepared.request is not None and prepared.request.script is not None  # reads its own data
+        eval_from = None if spec.data.streaming or script else eval_source(spec, look_up=False).describe()
+    except DataError:  # the pre-launch check refused it already
+        eval_from = None
+    return summary_lines(spec, prepared.resolved.sources, prepared.run_dir, params, prepared.resume_from,
+                         eval_from=eval_from)
 
 
 def _count(number: int) -> str:

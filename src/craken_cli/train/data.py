@@ -1,5 +1,9 @@
 """Records -> rows of `seq_len` tokens, split into train and eval, cached on disk.
 
+The eval rows (`eval_source`) are the data's own validation split when it has one (data.eval_split
+auto, or the split named), built like the training rows under their own cache key; else
+data.eval_fraction of the training rows, picked by index after the cache (`train_eval_split`).
+
 Loading is the real one: `datasets.load_dataset` on a hub id, or on local json/jsonl/csv/parquet/txt
 files (gzip, bzip2 or xz compressed too; a folder's files split by name as datasets splits them),
 `datasets.load_from_disk` on a folder `save_to_disk` wrote; the built-in pattern language is generated in
@@ -25,7 +29,7 @@ from typing import Any, Iterable, Iterator
 
 from . import builtin, formats
 
-CACHE_VERSION = 2  # bump when the rows a given input gives change
+CACHE_VERSION = 3  # bump when the rows a given input gives change
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 COMPRESSIONS = (".gz", ".bz2", ".xz")  # datasets reads them by their suffix, the preflight through the stdlib
 
@@ -205,11 +209,19 @@ def load_records(spec, streaming: bool = False):
     if data.max_samples is not None:
         raw = raw.take(data.max_samples) if streaming else raw.select(range(min(data.max_samples, len(raw))))
     columns = list(raw.column_names or raw.features or [])
-    fmt = data.format if data.format != "auto" else formats.detect(columns, data.text_column)
-    problem = formats.format_problem(data.format, columns, data.text_column, data.dataset)
+    record = first_row(raw)
+    problem = formats.format_problem(data.format, columns, data.text_column, data.dataset, record)
     if problem:
         raise DataError(problem)
+    fmt = formats.resolve(data.format, columns, data.text_column, record)
     return raw.select_columns([c for c in formats.columns_of(fmt, data.text_column) if c in columns]), fmt
+
+
+def first_row(raw) -> dict | None:
+    """The first record (whether prompt/completion hold text or chat messages shows in the values), or None."""
+    if hasattr(raw, "__len__"):
+        return raw[0] if len(raw) else None
+    return next(iter(raw.take(1)), None)
 
 
 def chat_template(spec, tokenizer) -> str | None:
@@ -450,6 +462,110 @@ def stream_rows(spec, tokenizer):
     columns = ["input_ids", "skip"] + (["labels"] if fmt in formats.SUPERVISED else [])
     rows = encoded.map(packer, batched=True, batch_size=1000, remove_columns=columns)
     return rows.shuffle(seed=spec.train.seed, buffer_size=10_000), fmt
+
+
+# --- where the eval rows come from ------------------------------------------------------------------
+
+# a data set's validation split under the names datasets gives one (its SPLIT_KEYWORDS: a folder's files
+# named valid or dev are its 'validation' split, eval its 'test'), validation names before test names
+VALIDATION_SPLITS = ("validation", "valid", "val", "dev", "test", "eval")
+
+
+@dataclass(frozen=True)
+class EvalSource:
+    """The eval rows: a split of the data (all of it, no training row held out), or a share of the training
+    rows (`fraction`; 0: none); `maybe` when the split names of a hub data set were not looked up."""
+    split: str | None
+    fraction: float
+    maybe: bool = False
+    files: tuple[str, ...] = ()  # a folder's files of that split (datasets names dev.jsonl 'validation')
+
+    def describe(self) -> str:
+        share = f"{self.fraction:.0%} of the training rows" if self.fraction > 0 else "none"
+        if self.split is not None:
+            more = f" and {len(self.files) - 1} more" if len(self.files) > 1 else ""
+            return f"the {self.split} split" + (f" ({self.files[0]}{more})" if self.files else "")
+        if self.maybe:
+            return f"the data set's validation split if it has one (data.eval_split auto), else {share}"
+        return share
+
+
+def data_splits(spec, look_up: bool = True) -> list[str] | None:
+    """The split names of the run's data set ([] for a single file, a saved Dataset or the built-in data); None
+    when unknown (a hub data set not looked up, or whose names cannot be read: its loading then says why)."""
+    data = spec.data
+    if builtin.is_builtin(data.dataset):
+        return []
+    path = Path(data.dataset).expanduser()
+    if is_saved_dataset(path):
+        try:
+            names = json.loads((path / "dataset_dict.json").read_text()).get("splits")
+        except (OSError, ValueError):  # a saved Dataset (state.json), without splits
+            return []
+        return [str(n) for n in names] if isinstance(names, list) else []
+    if path.is_file():
+        return []
+    if path.exists():
+        return list(folder_splits(path))
+    if not look_up:
+        return None
+    try:
+        import datasets
+
+        return list(datasets.get_dataset_split_names(data.dataset))
+    except Exception:  # offline, gated, a script: load_dataset names the problem when it reads the data
+        return None
+
+
+def eval_source(spec, look_up: bool = True) -> EvalSource:
+    """Where the run's eval rows come from (data.eval_split); a DataError when the split named is not there."""
+    data = spec.data
+    fraction = EvalSource(None, data.eval_fraction)
+    if data.streaming:
+        return EvalSource(None, 0.0)
+    if data.eval_split == "none":
+        return fraction
+    splits = data_splits(spec, look_up)
+    if data.eval_split == "auto":
+        if splits is None:  # not looked up (the CLI): said as such; unreadable: the fraction, as said then
+            return EvalSource(None, data.eval_fraction, maybe=not look_up)
+        found = next((name for name in VALIDATION_SPLITS if name in splits and name != data.split), None)
+        return EvalSource(found, 0.0, files=split_files(spec, found)) if found else fraction
+    if splits is not None and data.eval_split not in splits:
+        held = f"has the splits {', '.join(splits)}" if splits else "has no splits (a single file, a saved Dataset)"
+        raise DataError(f"--set data.eval_split={data.eval_split}: {data.dataset} {held}: set data.eval_split to "
+                        "another of them, or to none (data.eval_fraction of the training rows)")
+    return EvalSource(data.eval_split, 0.0, files=split_files(spec, data.eval_split))
+
+
+def split_files(spec, split: str) -> tuple[str, ...]:
+    """The file names of a local folder's split, relative to it (none for other data)."""
+    path = Path(spec.data.dataset).expanduser()
+    if not path.is_dir() or is_saved_dataset(path):
+        return ()
+    return tuple(os.path.relpath(f, path) for f in folder_splits(path).get(split, []))
+
+
+def held_out_fraction(spec) -> float:
+    """The share of the training rows held out for evaluation (0 beside an eval split), without looking up a
+    hub data set's splits; a missing eval split counts as none (the pre-launch check names it)."""
+    try:
+        return eval_source(spec, look_up=False).fraction
+    except DataError:
+        return spec.data.eval_fraction
+
+
+def eval_spec(spec, split: str, fmt: str):
+    """The run's spec reading `split` as the data, in the format its training split resolved to."""
+    return spec.model_copy(update={"data": spec.data.model_copy(update={"split": split, "format": fmt})})
+
+
+def prepared_eval(spec, tokenizer, accelerator, source: EvalSource, fmt: str) -> Built | None:
+    """The eval split's rows, built like the training rows (cached under their own key); None when `source`
+    is a share of the training rows."""
+    if source.split is None:
+        return None
+    return prepared(eval_spec(spec, source.split, fmt), tokenizer, accelerator)
 
 
 def train_eval_split(blocks, eval_fraction: float, seed: int):

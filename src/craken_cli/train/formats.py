@@ -5,9 +5,13 @@ every token trains), and three supervised ones whose loss covers only the respon
 (prompt, completion), 'alpaca' (instruction, input, output; the prompt is the Alpaca template) and
 'chat' (`messages`: a list of {role, content} rendered with the tokenizer's chat template, or
 ShareGPT's `conversations`: a list of {from, value}; the assistant turns train, labels are -100 on every
-system/user/tool token). The assistant tokens are found by rendering each conversation up to every
-assistant turn (with the generation prompt) and to its end, so any template that renders a conversation's
-beginning the same way in both works; no `{% generation %}` block is needed.
+system/user/tool token). TRL's conversational prompt-completion records (prompt and completion each a list
+of messages) are chat: prompt + completion rendered as one conversation, the completion's assistant turns
+train (`resolve`). TRL's other types (prompt-only, preference, unpaired preference, stepwise supervision)
+give no supervised target craken trains on and are refused by name (`trl_shape`). The assistant tokens
+are found by rendering each conversation up to every assistant turn (with the generation prompt) and to
+its end, so any template that renders a conversation's beginning the same way in both works; no
+`{% generation %}` block is needed.
 
 `encode` is a batched `datasets.map` function (picklable, so `num_proc` processes run it): one output
 row per record, with `skip` naming why a record gives no sample (counted and reported, never raised).
@@ -39,6 +43,64 @@ ALPACA_PROMPT = ("Below is an instruction that describes a task{with_input}. Wri
                  "completes the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n")
 
 
+# TRL's dataset types that hold no (prompt, response to train) pair: the columns that mark each, and why
+TRL_SHAPES = {
+    "preference": (("chosen", "rejected"), "pairs a chosen with a rejected response, for preference trainers "
+                   "(DPO, ORPO, reward models); to fine-tune on the chosen responses, rename chosen to completion "
+                   "(beside prompt) or to messages (implicit prompt) and drop rejected"),
+    "stepwise supervision": (("completions", "labels"), "labels reasoning steps, for process reward models"),
+    "unpaired preference": (("completion", "label"), "marks each completion desirable or not, for KTO; training on "
+                            "every completion would teach the undesirable ones too: keep the rows whose label is "
+                            "true and drop the label column"),
+    "prompt-only": (("prompt",), "holds prompts without responses, for online trainers (GRPO, RLOO, PPO): "
+                    "there is no target to train on"),
+}
+SUPPORTED = ("craken trains text, prompt/completion (text, or lists of chat messages), alpaca "
+             "(instruction/output) and chat (messages or conversations) records")
+
+
+def is_messages(value) -> bool:
+    """A list of chat turns (TRL's conversational format): a non-empty list of objects."""
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) for m in value)
+
+
+def conversational_pair(record: dict | None) -> bool:
+    """Whether a record's prompt and completion are lists of messages (TRL's conversational prompt-completion)."""
+    return record is not None and is_messages(record.get("prompt")) and is_messages(record.get("completion"))
+
+
+def trl_shape(columns: list[str], record: dict | None) -> str | None:
+    """The TRL dataset type without a trainable pair these columns are, or None. An unpaired preference set is
+    told from a prompt/completion set by its boolean `label`; prompt-only by having no supported column."""
+    if any(c in columns for c in CHAT_COLUMNS) or all(c in columns for c in FORMAT_COLUMNS["alpaca"]):
+        return None  # a supported format is there (SFT sets often carry preference columns beside messages)
+    if "completion" in columns and "prompt" in columns:
+        label = record.get("label") if record is not None else None
+        return "unpaired preference" if isinstance(label, bool) else None
+    for shape, (needed, _) in TRL_SHAPES.items():
+        if shape != "unpaired preference" and all(c in columns for c in needed):
+            return shape
+    return None
+
+
+def trl_message(shape: str, where: str) -> str:
+    needed, why = TRL_SHAPES[shape]
+    marked = f"the {needed[0]} column" if len(needed) == 1 else f"{', '.join(needed)} columns"
+    return (f"--dataset {where}: these records are TRL's {shape} type ({marked}), which "
+            f"{why}; {SUPPORTED}")
+
+
+def resolve(fmt: str, columns: list[str], text_column: str, record: dict | None) -> str | None:
+    """The format records train as: the one asked for, else the one the columns show; prompt/completion
+    holding lists of messages is chat (rendered with the chat template), whether asked as prompt_completion,
+    chat or auto."""
+    found = fmt if fmt != "auto" else detect(columns, text_column)
+    if found in ("prompt_completion", "chat") and not any(c in columns for c in CHAT_COLUMNS) \
+            and conversational_pair(record):
+        return "chat"
+    return found
+
+
 def detect(columns: list[str], text_column: str) -> str | None:
     """The format whose columns are all present (chat: one of its two, then alpaca, then prompt/completion,
     then the text column), or None."""
@@ -54,24 +116,46 @@ def columns_of(fmt: str, text_column: str) -> tuple[str, ...]:
     """The columns a format reads (alpaca's `input` is optional)."""
     if fmt == "text":
         return (text_column,)
+    if fmt == "chat":  # prompt/completion: TRL's conversational prompt-completion
+        return CHAT_COLUMNS + FORMAT_COLUMNS["prompt_completion"]
     return ("instruction", "input", "output") if fmt == "alpaca" else FORMAT_COLUMNS[fmt]
 
 
-def format_problem(fmt: str, columns: list[str], text_column: str, where: str) -> str | None:
-    """What to change when the columns found do not fit the format asked for (or none fits `auto`)."""
+def format_problem(fmt: str, columns: list[str], text_column: str, where: str,
+                   record: dict | None = None) -> str | None:
+    """What to change when the columns found do not fit the format asked for (or none fits `auto`), or are a
+    TRL type craken does not train; `record` (the first, when known) tells chat messages from text."""
     found = ", ".join(c[:40] for c in columns[:10]) + (f", ... ({len(columns)} in all)" if len(columns) > 10 else "")
     found = found or "none"
+    shape = trl_shape(columns, record)
+    if shape == "unpaired preference" and fmt != "text":
+        return trl_message(shape, where)
+    pair = record is not None and all(c in columns for c in FORMAT_COLUMNS["prompt_completion"]) \
+        and not any(c in columns for c in CHAT_COLUMNS)
+    if pair and fmt in ("auto", "prompt_completion", "chat") \
+            and is_messages(record["prompt"]) != is_messages(record["completion"]):
+        return (f"--dataset {where}: one of prompt and completion is a list of chat messages, the other is not: "
+                "make both text, or both lists of {role, content} messages")
+    if pair and fmt == "chat" and not conversational_pair(record):
+        return (f"--data-format chat reads messages, conversations, or prompt/completion as lists of chat messages; "
+                f"the prompt/completion of {where} are text: use --data-format prompt_completion (or auto)")
     if fmt == "auto":
         if detect(columns, text_column) is None:
+            if shape is not None:
+                return trl_message(shape, where)
             return (f"--text-column {text_column!r} is not a column of {Path(where).name} (columns: {found}), and no "
                     "other format fits (messages or conversations: chat, instruction/output: alpaca, "
                     "prompt/completion): set --text-column or --data-format")
         return None
     needed = columns_of(fmt, text_column)
     missing = [c for c in needed if c not in columns and not (fmt == "alpaca" and c == "input")]
-    if fmt == "chat" and len(missing) < len(CHAT_COLUMNS):
-        missing = []  # one of messages / conversations is enough
-    missing = [" or ".join(missing)] if fmt == "chat" and missing else missing
+    if fmt == "chat":  # one of messages / conversations, or both of prompt / completion, is enough
+        chat_missing = [c for c in CHAT_COLUMNS if c not in columns]
+        pair_missing = [c for c in FORMAT_COLUMNS["prompt_completion"] if c not in columns]
+        missing = [] if len(chat_missing) < len(CHAT_COLUMNS) or not pair_missing else \
+            [" or ".join(chat_missing + ["prompt/completion"])]
+    if missing and shape is not None:
+        return trl_message(shape, where)
     if missing:
         flag = "--text-column" if fmt == "text" else "--data-format"
         return (f"--data-format {fmt} reads the column(s) {', '.join(missing)}, not in {where} (columns: {found}): "
@@ -119,7 +203,9 @@ class Encoder:
     def __call__(self, batch: dict) -> dict:
         if self.fmt == "text":
             return self.encode_text(batch[self.text_column])
-        if self.fmt == "chat":
+        if self.fmt == "chat" and not any(c in batch for c in CHAT_COLUMNS):
+            pairs = [self.conversation_pair_segments(p, c) for p, c in zip(batch["prompt"], batch["completion"])]
+        elif self.fmt == "chat":
             column = next(c for c in CHAT_COLUMNS if c in batch)
             pairs = [self.chat_segments(m) for m in batch[column]]
         elif self.fmt == "alpaca":
@@ -153,13 +239,23 @@ class Encoder:
             return [], "empty response"
         return [(alpaca_prompt(instruction, input_text), False), (output, True)], ""
 
-    def chat_segments(self, turns):
+    def conversation_pair_segments(self, prompt, completion):
+        """TRL's conversational prompt-completion: one conversation, whose completion's assistant turns train
+        (an assistant turn inside the prompt is context, as the prompt of a text pair is)."""
+        if not is_messages(prompt) or not is_messages(completion):
+            return [], "prompt or completion not a list of messages"
+        return self.chat_segments(prompt + completion, trained_from=len(prompt))
+
+    def chat_segments(self, turns, trained_from: int = 0):
+        """Segments of a conversation; the assistant turns from index `trained_from` on train."""
         messages, skip = chat_messages(turns)
         if skip:
             return [], skip
+        if not any(m["role"] == "assistant" for m in messages[trained_from:]):
+            return [], "no assistant turn in the completion"
         segments, done = [], ""
         for i, m in enumerate(messages):
-            if m["role"] != "assistant":
+            if m["role"] != "assistant" or i < trained_from:
                 continue
             try:
                 prefix = self.render(messages[:i], generation_prompt=True)

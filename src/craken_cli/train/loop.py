@@ -259,9 +259,14 @@ class Trainer:
                 print(f"craken: the data set gives no {spec.data.seq_len}-token row ({built.report()}): add data, "
                       "or raise --seq-len when its prompts fill it", file=sys.stderr, flush=True)
             raise SystemExit(EXIT_CODES["bad_input"])
+        source, eval_built = self.build_eval_data(built.format)
         self.data_record = {"format": built.format, "samples": built.samples, "rows": len(built.rows),
-                            "cache": built.cache, "skipped": built.skipped}
-        train_blocks, eval_blocks = data.train_eval_split(built.rows, spec.data.eval_fraction, spec.train.seed)
+                            "cache": built.cache, "skipped": built.skipped, "eval": source.describe()}
+        if eval_built is not None:
+            train_blocks, eval_blocks = built.rows, (eval_built.rows if len(eval_built.rows) else None)
+            self.data_record["eval_rows"] = len(eval_built.rows)
+        else:
+            train_blocks, eval_blocks = data.train_eval_split(built.rows, source.fraction, spec.train.seed)
         train_blocks.set_format("torch")
         gen = torch.Generator().manual_seed(spec.train.seed)
         train_dl = torch.utils.data.DataLoader(
@@ -306,6 +311,23 @@ class Trainer:
         if self.accelerator.is_local_main_process:
             data.print_report(built)
         return built
+
+    def build_eval_data(self, fmt: str):
+        """(where the eval rows come from, the eval split's rows or None); a problem as build_data's."""
+        from . import data
+
+        try:
+            source = data.eval_source(self.spec)
+            built = data.prepared_eval(self.spec, self.tokenizer, self.accelerator, source, fmt)
+        except data.DataError as exc:
+            if self.accelerator.is_main_process:
+                print(f"craken: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_CODES["bad_input"]) from None
+        if self.accelerator.is_local_main_process:
+            print(f"craken: eval rows from {source.describe()}"
+                  + (f" ({built.report().removeprefix('data: ')})" if built is not None else ""),
+                  file=sys.stderr, flush=True)
+        return source, built
 
     def setup_model(self):
         """Build or load the model in the engine's dtype, record what export needs, convert, compile."""
