@@ -459,6 +459,11 @@ def test_the_hosts_prepare_check_reads_the_scripts_own_call_only(monkeypatch):
                           torch.utils.data.DataLoader(data, batch_size=32))
     Accelerator().prepare(model, DummyOptim(model.parameters()), torch.utils.data.DataLoader(data, batch_size=4))
     Accelerator().prepare(torch.utils.data.DataLoader(data, batch_size=32))  # an eval loader alone
+    Accelerator.split_batches, Accelerator.num_processes = True, 2  # a loader batch = both processes' micro-batches
+    Accelerator().prepare(model, ok, torch.utils.data.DataLoader(data, batch_size=8))
+    with pytest.raises(PlanConflict) as info:
+        Accelerator().prepare(model, ok, torch.utils.data.DataLoader(data, batch_size=4))
+    assert "micro-batch 4 x 2 processes (split_batches): build it with batch_size=" in info.value.problems[0]
     exec("init(model, adamw, loader)", {"__name__": "transformers.trainer", "init": Accelerator().prepare,
                                        "model": model, "adamw": adamw,
                                        "loader": torch.utils.data.DataLoader(data, batch_size=8)})  # the Trainer's

@@ -278,7 +278,8 @@ def patch_accelerator_prepare(cls, micro_batch: int, lr: float) -> None:
     def prepare(self, *objects, **kwargs):
         caller = sys._getframe(1).f_globals.get("__name__", "")
         if caller.split(".")[0] not in LIBRARY_CALLERS:
-            problems = userscript.prepare_problems(*prepared_values(objects), micro_batch, lr)
+            split_across = self.num_processes if getattr(self, "split_batches", False) else 1
+            problems = userscript.prepare_problems(*prepared_values(objects), micro_batch, lr, split_across)
             if problems:
                 raise PlanConflict(problems)
         return original(self, *objects, **kwargs)

@@ -486,18 +486,22 @@ def initialize_problems(configs: dict[str, Any], has_optimizer: bool, ds_path: P
 
 
 def prepare_problems(batch_sizes: Sequence[int], lrs: Sequence[Sequence[float]], micro_batch: int,
-                     lr: float) -> list[str]:
+                     lr: float, split_across: int = 1) -> list[str]:
     """What a script hands `accelerator.prepare(model, ...)` against the plan: `batch_sizes` of its
     DataLoaders, `lrs` the base lrs of each torch optimizer's parameter groups. The JSON's micro-batch
     is only DeepSpeed's arithmetic (train_batch_size, the schedule): a loader of another batch size
     trains another run than the one shown, with nothing to warn. One loader at the plan's micro-batch
-    (an eval loader may differ), one group at the plan's lr (others may scale it) is enough."""
+    (an eval loader may differ), one group at the plan's lr (others may scale it) is enough. Under
+    accelerate's split_batches a loader batch is cut across `split_across` processes."""
     problems = []
-    if batch_sizes and micro_batch not in batch_sizes:
+    if batch_sizes and micro_batch * split_across not in batch_sizes:
         shown = ", ".join(str(b) for b in sorted(set(batch_sizes)))
-        problems.append(f"the script's DataLoader gives batches of {shown} against craken's plan, micro-batch "
-                        f"{micro_batch}: build it with batch_size=int(os.environ['CRAKEN_PLAN_MICRO_BATCH']) or "
-                        f"change the plan with --micro-batch")
+        planned, size = (f"micro-batch {micro_batch}", "int(os.environ['CRAKEN_PLAN_MICRO_BATCH'])")
+        if split_across > 1:
+            planned += f" x {split_across} processes (split_batches)"
+            size += f" * {split_across}"
+        problems.append(f"the script's DataLoader gives batches of {shown} against craken's plan, {planned}: "
+                        f"build it with batch_size={size} or change the plan with --micro-batch")
     for groups in lrs:
         if groups and not any(math.isclose(g, lr, rel_tol=1e-6) for g in groups):
             shown = ", ".join(f"{g:g}" for g in sorted(set(groups)))
