@@ -138,6 +138,40 @@ def test_a_resume_that_changes_the_lr_schedule_says_how(tmp_path):
     assert schedule_change(old, spec(300)) is None
 
 
+def test_a_resume_on_other_data_says_so(tmp_path):
+    """The data position counts micro-batches into a shuffled stream: on an edited, grown or other data
+    set it points into another stream. The resume says which files differ before launch."""
+    from craken_cli.ckpt.resume import data_change
+    from craken_cli.config.spec import RunSpec
+    from craken_cli.train import checkpoint
+    from craken_cli.train.data import fingerprint
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(50)))
+    (folder / "b.jsonl").write_text(json.dumps({"text": "b"}) + "\n")
+
+    def spec(dataset=folder) -> RunSpec:
+        return RunSpec.model_validate({"data": {"dataset": str(dataset)}})
+
+    state = checkpoint.TrainState(step=8, epoch=1, batch_in_epoch=3, data=fingerprint(spec()))
+    assert set(state.data["files"]) == {"a.jsonl", "b.jsonl"}
+    assert data_change(state, spec()) is None
+    with open(folder / "a.jsonl", "a") as fh:  # rows appended
+        fh.write(json.dumps({"text": "new"}) + "\n")
+    (folder / "b.jsonl").unlink()
+    (folder / "c.jsonl").write_text(json.dumps({"text": "c"}) + "\n")
+    note = data_change(state, spec())
+    assert note.startswith("the data differs from what it was trained on (a.jsonl changed, b.jsonl removed, "
+                           "c.jsonl added): the run continues at its data position (epoch 1, 3 micro-batches")
+    same_size = checkpoint.TrainState(data=fingerprint(spec()))
+    text = (folder / "c.jsonl").read_text()
+    (folder / "c.jsonl").write_text(text.replace("c", "d"))  # an edit that keeps the size
+    assert "c.jsonl changed" in data_change(same_size, spec())
+    assert "dataset" in data_change(state, spec("builtin:counting"))
+    assert data_change(checkpoint.TrainState(step=8), spec()) is None  # a checkpoint of an older craken
+
+
 def test_export_takes_the_checkpoint_folder_a_refused_resume_names(tmp_path):
     from craken_cli.ckpt.manage import pick
     from craken_cli.errors import CrakenError

@@ -54,9 +54,9 @@ def convert_if_world_changed(ckpt: Path, spec, warnings: list[str], run_dir: Pat
     problems += preflight.resume_problems(ckpt, state, spec)
     if problems:
         raise CrakenError([f"--resume {ckpt}: {p}" for p in problems], title="cannot resume")
-    note = schedule_change(state, spec)
-    if note:
-        warnings.append(f"--resume {ckpt}: {note}")
+    for note in (schedule_change(state, spec), data_change(state, spec)):
+        if note:
+            warnings.append(f"--resume {ckpt}: {note}")
     if state.universal or not state.world_size or checkpoint.is_plain(ckpt):
         # a run without DeepSpeed holds the whole model and optimizer state in every process: any
         # process count loads it as it is
@@ -112,6 +112,29 @@ def schedule_change(state, spec) -> str | None:
     changed = ", ".join(keep) or "the schedule settings (schedule.*) it was trained with"
     return (f"the lr schedule differs from the one it was trained with: the lr of step {state.step + 1} is "
             f"{after:.3g} instead of {before:.3g}; resume with {changed} to keep it")
+
+
+def data_change(state, spec) -> str | None:
+    """How this run's data differs from the data the checkpoint's position counts in (None when it does
+    not, or for a checkpoint of an older craken). Said, not refused: appending rows or fixing a file and
+    continuing is a choice; continuing unaware on another stream is not."""
+    from ..train.data import fingerprint
+
+    if not state.data:
+        return None
+    now = fingerprint(spec)
+    changed = [f"{key} {state.data.get(key)!r} -> {now.get(key)!r}" for key in ("dataset", "split", "eval_split",
+                                                                                  "format")
+               if key in state.data and state.data.get(key) != now.get(key)]
+    before, after = state.data.get("files") or {}, now.get("files") or {}
+    changed += [f"{name} {'added' if name not in before else 'removed' if name not in after else 'changed'}"
+                for name in sorted(set(before) | set(after)) if before.get(name) != after.get(name)]
+    if not changed:
+        return None
+    shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+    return (f"the data differs from what it was trained on ({shown}): the run continues at its data position "
+            f"(epoch {state.epoch}, {state.batch_in_epoch} micro-batches per process into it) in this data, "
+            "another stream than the one it left; resume with the data it was trained on to continue that one")
 
 
 class OptimizerLayout(NamedTuple):

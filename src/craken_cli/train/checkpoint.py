@@ -70,6 +70,7 @@ class TrainState:
     max_steps: int | None = None
     lr: float | None = None
     lr_schedule: dict | None = None  # the DeepSpeed scheduler block (train/schedule.deepspeed_block)
+    data: dict | None = None  # what the data position counts in (train/data.fingerprint)
     files: dict[str, int] = field(default_factory=dict)  # manifest: relative path -> size in bytes
     sha256: dict[str, str] = field(default_factory=dict)  # relative path -> content digest (older craken: none)
 

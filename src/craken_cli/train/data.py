@@ -334,6 +334,34 @@ def data_files(spec) -> list[Path]:
     return [Path(f) for f in local_data_files(path, spec.data.split)[1]]
 
 
+END_BYTES = 1 << 16  # a file's first and last 64 KiB: an edit or an append shows, a large file costs no read
+
+
+def fingerprint(spec) -> dict:
+    """What a checkpoint's data position counts in: the data set, split and format settings, and each
+    local training file's size and a digest of its ends (a resume on other data is said before launch,
+    ckpt/resume.data_change)."""
+    data = spec.data
+    out = {"dataset": data.dataset, "split": data.split, "eval_split": data.eval_split, "format": data.format}
+    path = Path(data.dataset).expanduser()
+    if builtin.is_builtin(data.dataset) or not path.exists():
+        return out
+    base = (path if path.is_dir() else path.parent).resolve()
+    files = {}
+    for file in data_files(spec):
+        try:
+            size = file.stat().st_size
+            with open(file, "rb") as fh:
+                head = fh.read(END_BYTES)
+                fh.seek(max(size - END_BYTES, len(head)))
+                digest = hashlib.sha256(head + fh.read()).hexdigest()[:16]
+        except OSError:
+            continue
+        resolved = file.resolve()
+        files[resolved.relative_to(base).as_posix() if resolved.is_relative_to(base) else str(resolved)] = [size, digest]
+    return {**out, "files": files}
+
+
 def data_bytes(spec) -> int:
     if builtin.is_builtin(spec.data.dataset) or not Path(spec.data.dataset).expanduser().exists():
         return 0

@@ -37,6 +37,12 @@ def peak_flops(device_name: str) -> float | None:
     return None
 
 
+def data_fingerprint(spec) -> dict:
+    from .data import fingerprint
+
+    return fingerprint(spec)
+
+
 def flops_per_token(model_config, params_non_embedding: int, seq_len: int) -> int:
     """6 N (forward + backward matmuls) + 12 L H S (attention scores), as in gpu-baseline.md."""
     layers = getattr(model_config, "num_hidden_layers", 0)
@@ -188,6 +194,7 @@ class Trainer:
         set_seed(spec.train.seed)
         self.tokenizer = modeling.load_tokenizer(spec)
         train_dl, eval_dl = self.setup_data()
+        self.data_fingerprint = data_fingerprint(spec)
         self.startup["data_s"] = _since_start()
         model = self.setup_model()
         self.startup["model_s"] = _since_start()
@@ -572,7 +579,8 @@ class Trainer:
         spec = self.spec
         return checkpoint.TrainState(step=position.step, epoch=position.epoch, batch_in_epoch=position.micro,
                                      fp32_grad_accum=spec.fp32_grad_accum, zero_stage=spec.zero.stage,
-                                     offload_optimizer=spec.offload.optimizer.device, **checkpoint.data_shape(spec))
+                                     offload_optimizer=spec.offload.optimizer.device, data=self.data_fingerprint,
+                                     **checkpoint.data_shape(spec))
 
     def partial_loss(self):
         """(loss sum, micro-batches) since the last log line: saved so a resume logs the same lines."""
