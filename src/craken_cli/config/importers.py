@@ -647,6 +647,7 @@ def from_accelerate(cfg: dict, origin: str = "accelerate.yaml") -> AccelerateImp
     if cfg.get("use_cpu") is True or kind == "MULTI_CPU":
         out.values["cluster.use_cpu"] = True  # craken's own YAMLs write false even on CPU: false is no statement
     precision = _mixed_precision(cfg, origin, out)
+    _dynamo(cfg, origin, out)
     if kind != "DEEPSPEED":
         out.values["zero.stage"] = 0  # DDP / one process: craken's run without ZeRO
         if precision:
@@ -673,6 +674,62 @@ def _mixed_precision(cfg: dict, origin: str, out: Imported) -> str | None:
                             "mixed_precision to bf16, fp16 or no")
         return None
     return _MP[mp]
+
+
+_DYNAMO_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def dynamo_settings(cfg: dict) -> dict:
+    """An accelerate YAML's dynamo_config with each key named as `accelerate launch` reads it (it adds
+    the dynamo_ prefix a key lacks, and reads an old top-level dynamo_backend as this section)."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    section = ClusterConfig.process_config(dict(cfg)).get("dynamo_config") or {}
+    return {key if key.startswith("dynamo_") else f"dynamo_{key}": value for key, value in section.items()}
+
+
+def _dynamo(cfg: dict, origin: str, out: Imported) -> None:
+    """accelerate's torch.compile of the script's model as craken's model.compile: inductor, each decoder
+    layer compiled (train.modeling.compile_regions), the nearest craken has to each other setting noted."""
+    from accelerate.utils import DynamoBackend
+
+    dynamo = dynamo_settings(cfg)
+    backend = str(dynamo.get("dynamo_backend", "NO")).upper()
+    mode = dynamo.get("dynamo_mode", "default") or "default"
+    if backend not in DynamoBackend.list():
+        out.problems.append(f"{origin}: dynamo_config.dynamo_backend {dynamo['dynamo_backend']!r} is not a backend "
+                            "accelerate knows; set it to INDUCTOR, or NO to train eager")
+    if mode not in _DYNAMO_MODES:
+        out.problems.append(f"{origin}: dynamo_config.dynamo_mode {mode!r} is not a torch.compile mode; set it to "
+                            f"one of {', '.join(_DYNAMO_MODES)}")
+    if out.problems or backend == "NO":
+        return
+    out.values["model.compile"] = True
+    if backend != "INDUCTOR":
+        out.notes.append(f"{origin}: dynamo_config.dynamo_backend={backend} is not used: craken compiles with "
+                         "inductor, each decoder layer on its own (model.compile; --no-compile to train eager)")
+    if not _truthy(dynamo.get("dynamo_use_regional_compilation")):
+        out.notes.append(f"{origin}: dynamo_config.dynamo_use_regional_compilation is not set (accelerate: the "
+                         "whole model compiled as one graph): craken compiles each decoder layer (regional "
+                         "compilation), one graph reused by every layer")
+    if mode.startswith("max-autotune"):
+        out.values["model.compile_tuning"] = True
+        out.notes.append(f"{origin}: dynamo_config.dynamo_mode={mode}: imported as model.compile_tuning true, "
+                         "craken's nearest (inductor's coordinate-descent tuning of each kernel's block sizes; no "
+                         "GEMM autotuning, no CUDA graphs); in craken's own loop only, a script launched by "
+                         "`craken launch` is compiled in inductor's default mode")
+    elif mode == "reduce-overhead":
+        out.notes.append(f"{origin}: dynamo_config.dynamo_mode=reduce-overhead is not used: craken compiles in "
+                         "inductor's default mode, without CUDA graphs")
+    for key, what in (("dynamo_use_fullgraph", "each decoder layer is compiled, graph breaks allowed"),
+                      ("dynamo_use_dynamic", "torch.compile's default shapes: static, dynamic once a shape changes")):
+        if dynamo.get(key) is not None and _truthy(dynamo[key]):
+            out.notes.append(f"{origin}: dynamo_config.{key}={dynamo[key]!r} is not used: craken compiles with "
+                             f"inductor, regionally ({what})")
+
+
+def _truthy(value: Any) -> bool:
+    return value is True or str(value).strip().lower() in ("true", "1", "yes")
 
 
 def _plain_notes(cfg: dict, origin: str) -> list[str]:

@@ -134,7 +134,8 @@ def prepare(request: TrainRequest, environ: Mapping[str, str], hardware=None) ->
     warnings += resume_warnings
     if resume_from is not None:
         resume_from = convert_if_world_changed(resume_from, spec, warnings, run_dir, convert=not request.dry_run)
-    files = rendered_files(spec, resolved.sources, run_dir, spec.cluster.machine_rank)
+    files = rendered_files(spec, resolved.sources, run_dir, spec.cluster.machine_rank,
+                           script=request.script is not None)
     if resume_from is not None and is_universal(resume_from):
         files = with_universal_load(files, spec.cluster.machine_rank)
     script_args = None

@@ -139,17 +139,30 @@ def plain_accelerate_config(spec: RunSpec) -> dict:
     }
 
 
-def accelerate_config(spec: RunSpec, ds_config_path: str | os.PathLike) -> dict:
-    """The accelerate YAML: launch shape plus a pointer to the DeepSpeed JSON, nothing it repeats."""
+def dynamo_config(spec: RunSpec) -> dict:
+    """The dynamo_config of a user script's accelerate YAML: under model.compile, accelerate's `prepare`
+    compiles the script's model as craken's loop compiles its own, each repeated block on its own with
+    inductor. compile_tuning has no accelerate setting (its dynamo_mode max-autotune is GEMM autotuning
+    and CUDA graphs, not coordinate-descent tuning): it stays craken's loop's."""
+    if not spec.model.compile or spec.cluster.use_cpu:
+        return {}
+    return {"dynamo_config": {"dynamo_backend": "INDUCTOR", "dynamo_use_regional_compilation": True}}
+
+
+def accelerate_config(spec: RunSpec, ds_config_path: str | os.PathLike, script: bool = False) -> dict:
+    """The accelerate YAML: launch shape plus a pointer to the DeepSpeed JSON, nothing it repeats.
+    `script`: for a user's script (`craken launch`), which accelerate compiles under model.compile;
+    craken's own loop compiles its layers itself, and a dynamo_config would compile the model again."""
+    compiled = dynamo_config(spec) if script else {}
     if not spec.uses_deepspeed:
-        return plain_accelerate_config(spec)
+        return {**plain_accelerate_config(spec), **compiled}
     cluster = spec.cluster
     ds: dict = {"deepspeed_config_file": str(Path(ds_config_path).absolute()),
                 "zero3_init_flag": spec.zero.stage == 3}
     if cluster.num_machines > 1:
         # "standard" = torchrun on each machine; pdsh (DeepSpeed's default) needs ssh everywhere.
         ds["deepspeed_multinode_launcher"] = "standard" if cluster.launcher == "accelerate" else "pdsh"
-    return {**_launch_shape(spec), "distributed_type": "DEEPSPEED", "deepspeed_config": ds}
+    return {**_launch_shape(spec), "distributed_type": "DEEPSPEED", "deepspeed_config": ds, **compiled}
 
 
 def run_file_text(spec: RunSpec, sources: dict[str, str]) -> str:
@@ -162,14 +175,15 @@ def run_file_text(spec: RunSpec, sources: dict[str, str]) -> str:
 
 
 def rendered_files(spec: RunSpec, sources: dict[str, str], out_dir: str | os.PathLike,
-                   machine_rank: int = 0) -> dict[str, str]:
+                   machine_rank: int = 0, script: bool = False) -> dict[str, str]:
     """File name -> text, for everything `config render` writes (`craken train` passes the machine
-    rank: its run folder may be shared by the machines of a job)."""
+    rank: its run folder may be shared by the machines of a job; `craken launch` passes script=True,
+    see accelerate_config)."""
     out = Path(out_dir)
     ds_name, accelerate_name, run_name = (machine_file(n, machine_rank) for n in (DS_FILE, ACCELERATE_FILE, RUN_FILE))
     files = {
         ds_name: json.dumps(deepspeed_config(spec), indent=2, allow_nan=False) + "\n",
-        accelerate_name: yamlio.dumps(accelerate_config(spec, out / ds_name)),
+        accelerate_name: yamlio.dumps(accelerate_config(spec, out / ds_name, script)),
         run_name: run_file_text(spec, sources),
     }
     if not spec.uses_deepspeed:
