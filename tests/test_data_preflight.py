@@ -170,3 +170,14 @@ def test_the_summary_says_where_the_eval_rows_come_from(tmp_path):
                                    "cluster": {"num_processes": 1}})
     assert "  eval rows   5% of the training rows" in summary_lines(spec, {}, "runs/x", None,
                                                                  eval_from=eval_source(spec).describe())
+
+
+def test_a_damaged_compressed_file_is_one_message(tmp_path):
+    """lzma's and zlib's own errors are no OSError: they escaped the check as a traceback."""
+    from craken_cli.config.spec import RunSpec
+    from craken_cli.launch.preflight import data_problems
+
+    data = tmp_path / "rows.jsonl.xz"
+    data.write_bytes(b"not xz at all")
+    (problem,) = data_problems(RunSpec.model_validate({"data": {"dataset": str(data)}}))
+    assert problem.startswith(f"--dataset {data}: cannot be read (LZMAError") and problem.endswith("fix the file")

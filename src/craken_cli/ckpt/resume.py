@@ -122,7 +122,10 @@ def data_change(state, spec) -> str | None:
 
     if not state.data:
         return None
-    now = fingerprint(spec)
+    try:
+        now = fingerprint(spec)
+    except (ValueError, OSError):  # data that cannot be listed: the pre-launch data check names the problem
+        return None
     changed = [f"{key} {state.data.get(key)!r} -> {now.get(key)!r}" for key in ("dataset", "split", "eval_split",
                                                                                   "format")
                if key in state.data and state.data.get(key) != now.get(key)]
