@@ -115,7 +115,7 @@ def test_a_script_argument_that_agrees_with_the_plan_is_accepted(tmp_path):
     spec = spec_of({"--micro-batch": 4, "--lr": 1e-3})
     target = userscript.Target(script="t.py", args=("--per_device_train_batch_size", "4", "--learning_rate=0.001",
                                                     "--bf16", "--output_dir", "elsewhere", "--epochs", "3"))
-    assert userscript.arg_problems(spec, tmp_path, target, False) == []
+    assert userscript.arg_problems(spec, tmp_path, target, False, False) == []
 
 
 # --- the host's TrainingArguments plan --------------------------------------------------------------------
@@ -133,7 +133,7 @@ def args_class():
 
     plan = userscript.trainer_plan(spec_of({"--zero": 2, "--micro-batch": 4, "--grad-accum": 3, "--clip": 0.5,
                                             "--lr": 1e-3, "--max-steps": 7, "--seed": 5, "--precision": "fp32"}),
-                                   Path("/runs/x"), keep_optimizer=False)
+                                   Path("/runs/x"), keep_optimizer=False, keep_scheduler=False)
     script_host.patch_training_arguments(ScriptArgs, plan)
     return ScriptArgs
 
@@ -184,7 +184,8 @@ def test_each_conflict_reaches_craken_launch_as_one_problem_even_with_a_semicolo
 
 
 def test_with_deepspeeds_scheduler_the_trainer_gets_no_schedule_of_its_own():
-    plan = userscript.trainer_plan(spec_of({"--zero": 2, "--offload-optimizer": "cpu"}), Path("r"), keep_optimizer=True)
+    plan = userscript.trainer_plan(spec_of({"--zero": 2, "--offload-optimizer": "cpu"}), Path("r"), keep_optimizer=True,
+                                   keep_scheduler=True)
     assert "lr_scheduler_type" not in plan and plan["warmup_steps"].must_agree
 
 
@@ -520,7 +521,7 @@ def test_a_dummy_optim_script_keeps_the_jsons_optimizer_and_a_dummy_scheduler_it
     assert not userscript.keeps_ds_scheduler(spec, None, dummy=optim_only)  # accelerate allows no other beside it
     cfg = {"optimizer": {"type": "AdamW"}, "scheduler": {"type": "WarmupLR"}, "zero_optimization": {"stage": 2}}
     assert set(userscript.script_ds_config(cfg, True, False)) == {"optimizer", "zero_optimization"}
-    assert set(userscript.script_ds_config(cfg, False)) == {"zero_optimization"}
+    assert set(userscript.script_ds_config(cfg, False, False)) == {"zero_optimization"}
     env = userscript.plan_env(spec, Path("runs/x"), True, False)
     assert (env["CRAKEN_PLAN_DS_OPTIMIZER"], env["CRAKEN_PLAN_DS_SCHEDULER"]) == ("1", "0")
     assert userscript.dummy_problems(spec, None, both) == [] and userscript.dummy_problems(spec, True, both) == []

@@ -104,10 +104,11 @@ def kept_ds_blocks(spec, request: TrainRequest) -> tuple[bool, bool, userscript.
             dummy)
 
 
-def script_problems(spec, run_dir: Path, request: TrainRequest) -> list[str]:
+def script_problems(spec, run_dir: Path, request: TrainRequest, kept) -> list[str]:
+    """`kept`: kept_ds_blocks of the script (None without one)."""
     if request.script is None:
         return command.launcher_arg_problems(request.launcher_args)
-    keep, keep_scheduler, dummy = kept_ds_blocks(spec, request)
+    keep, keep_scheduler, dummy = kept
     return (userscript.target_problems(request.script)
             + userscript.dummy_problems(spec, request.ds_optimizer, dummy)
             + userscript.arg_problems(spec, run_dir, request.script, keep, keep_scheduler))
@@ -122,12 +123,13 @@ def prepare(request: TrainRequest, environ: Mapping[str, str], hardware=None) ->
     if request.dry_run and run_dir.is_dir():  # writes nothing: shows the run, and what the real one would meet
         warnings += [f"without --dry-run: {problem}" for problem in folder_problems]
         folder_problems = []
+    kept = kept_ds_blocks(spec, request) if request.script is not None else None
     problems = (preflight.model_problems(spec) + hub_problems(spec, environ) + preflight.data_problems(spec)
                 + preflight.precision_problems(spec) + preflight.schedule_problems(spec)
                 + preflight.tracker_problems(spec) + preflight.output_name_problems(spec)
                 + folder_problems
                 + preflight.op_problems(spec, environ) + preflight.nvme_problems(spec, environ)
-                + fp8.install_problems(spec.precision) + script_problems(spec, run_dir, request))
+                + fp8.install_problems(spec.precision) + script_problems(spec, run_dir, request, kept))
     if problems:
         raise CrakenError(problems, title="cannot start this run")
     resume_from, resume_warnings = resume_checkpoint(run_dir, request.resume)
@@ -140,7 +142,7 @@ def prepare(request: TrainRequest, environ: Mapping[str, str], hardware=None) ->
         files = with_universal_load(files, spec.cluster.machine_rank)
     script_args = None
     if request.script is not None:
-        keep, keep_scheduler, _ = kept_ds_blocks(spec, request)
+        keep, keep_scheduler, _ = kept
         files = userscript.script_files(files, spec.cluster.machine_rank, keep, keep_scheduler)
         script_args = request.script.host_args
     argv, env = command.build(spec, run_dir, environ, hw.cpu_count, request.launcher_args, resume_from, script_args)

@@ -244,25 +244,38 @@ def is_default(value, default) -> bool:
 
 # --- raw DeepSpeed scripts ----------------------------------------------------------------------------
 
+def wrap_once(owner, name: str, wrap) -> None:
+    """`owner.name = wrap(original)`, marked: a second patch of the same function leaves it as it is."""
+    original = getattr(owner, name)
+    if getattr(original, "_craken_plan", False):
+        return
+    wrapped = wrap(original)
+    wrapped._craken_plan = True
+    setattr(owner, name, wrapped)
+
+
+def called_by_library() -> bool:
+    """Whether the patched function's caller (two frames up) is one of LIBRARY_CALLERS."""
+    return sys._getframe(2).f_globals.get("__name__", "").split(".")[0] in LIBRARY_CALLERS
+
+
 def patch_argparse_local_rank() -> None:
     """A parser reading the command line that declares `--local_rank` / `--local-rank` gets this process's
     rank, as the deepspeed launcher and torch.distributed.launch pass it (userscript.local_rank_args)."""
     import argparse
 
-    original = argparse.ArgumentParser.parse_known_args
-    if getattr(original, "_craken_plan", False):
-        return
+    def wrap(original):
+        def parse_known_args(self, args=None, namespace=None):
+            if args is None:
+                argv = sys.argv[1:]
+                extra = userscript.local_rank_args(list(self._option_string_actions), argv,
+                                                   os.environ.get("LOCAL_RANK"))
+                if extra:
+                    args = [*argv, *extra]
+            return original(self, args, namespace)
+        return parse_known_args
 
-    def parse_known_args(self, args=None, namespace=None):
-        if args is None:
-            argv = sys.argv[1:]
-            extra = userscript.local_rank_args(list(self._option_string_actions), argv, os.environ.get("LOCAL_RANK"))
-            if extra:
-                args = [*argv, *extra]
-        return original(self, args, namespace)
-
-    parse_known_args._craken_plan = True
-    argparse.ArgumentParser.parse_known_args = parse_known_args
+    wrap_once(argparse.ArgumentParser, "parse_known_args", wrap)
 
 
 def patch_accelerator_prepare(cls, micro_batch: int, lr: float) -> None:
@@ -270,22 +283,18 @@ def patch_accelerator_prepare(cls, micro_batch: int, lr: float) -> None:
     is checked before DeepSpeed is built from it."""
     import functools
 
-    original = cls.prepare
-    if getattr(original, "_craken_plan", False):
-        return
+    def wrap(original):
+        @functools.wraps(original)
+        def prepare(self, *objects, **kwargs):
+            if not called_by_library():
+                split_across = self.num_processes if getattr(self, "split_batches", False) else 1
+                problems = userscript.prepare_problems(*prepared_values(objects), micro_batch, lr, split_across)
+                if problems:
+                    raise PlanConflict(problems)
+            return original(self, *objects, **kwargs)
+        return prepare
 
-    @functools.wraps(original)
-    def prepare(self, *objects, **kwargs):
-        caller = sys._getframe(1).f_globals.get("__name__", "")
-        if caller.split(".")[0] not in LIBRARY_CALLERS:
-            split_across = self.num_processes if getattr(self, "split_batches", False) else 1
-            problems = userscript.prepare_problems(*prepared_values(objects), micro_batch, lr, split_across)
-            if problems:
-                raise PlanConflict(problems)
-        return original(self, *objects, **kwargs)
-
-    prepare._craken_plan = True
-    cls.prepare = prepare
+    wrap_once(cls, "prepare", wrap)
 
 
 def prepared_values(objects) -> tuple[list[int], list[list[float]]]:
@@ -313,32 +322,29 @@ def patch_deepspeed_initialize(module, ds_path: Path, ds_config: dict) -> None:
     import functools
     import inspect
 
-    original = module.initialize
-    if getattr(original, "_craken_plan", False):
-        return
-    signature = inspect.signature(original)
+    def wrap(original):
+        signature = inspect.signature(original)
 
-    @functools.wraps(original)
-    def initialize(*args, **kwargs):
-        caller = sys._getframe(1).f_globals.get("__name__", "")
-        if caller.split(".")[0] in LIBRARY_CALLERS:
+        @functools.wraps(original)
+        def initialize(*args, **kwargs):
+            if called_by_library():
+                return original(*args, **kwargs)
+            bound = signature.bind(*args, **kwargs).arguments
+            namespace = bound.get("args")
+            configs = {name: bound[name] for name in ("config", "config_params") if bound.get(name) is not None}
+            for name in ("deepspeed_config", "deepscale_config"):
+                if getattr(namespace, name, None) is not None:
+                    configs[f"args.{name} (--{name})"] = getattr(namespace, name)
+            problems = userscript.initialize_problems(configs, bound.get("optimizer") is not None, ds_path,
+                                                      ds_config)
+            if problems:
+                raise PlanConflict(problems)
+            if not configs:
+                return original(**{**bound, "config": str(ds_path)})
             return original(*args, **kwargs)
-        bound = signature.bind(*args, **kwargs).arguments
-        namespace = bound.get("args")
-        configs = {name: bound[name] for name in ("config", "config_params") if bound.get(name) is not None}
-        for name in ("deepspeed_config", "deepscale_config"):
-            if getattr(namespace, name, None) is not None:
-                configs[f"args.{name} (--{name})"] = getattr(namespace, name)
-        problems = userscript.initialize_problems(configs, bound.get("optimizer") is not None, ds_path, ds_config)
-        if problems:
-            raise PlanConflict(problems)
-        if not configs:
-            kwargs = {**bound, "config": str(ds_path)}
-            return original(**kwargs)
-        return original(*args, **kwargs)
+        return initialize
 
-    initialize._craken_plan = True
-    module.initialize = initialize
+    wrap_once(module, "initialize", wrap)
 
 
 def leave(code: int) -> None:

@@ -244,17 +244,16 @@ def engine_without_optimizer(source: str | None) -> bool:
     return False
 
 
-def script_ds_config(cfg: dict, keep_optimizer: bool, keep_scheduler: bool | None = None) -> dict:
-    """The JSON less the blocks the script brings itself (keep_scheduler None: as keep_optimizer)."""
-    kept = {"optimizer": keep_optimizer, "scheduler": keep_optimizer if keep_scheduler is None else keep_scheduler}
+def script_ds_config(cfg: dict, keep_optimizer: bool, keep_scheduler: bool) -> dict:
+    """The JSON less the blocks the script brings itself."""
+    kept = {"optimizer": keep_optimizer, "scheduler": keep_scheduler}
     return {k: v for k, v in cfg.items() if kept.get(k, True)}
 
 
 def script_files(files: dict[str, str], machine_rank: int, keep_optimizer: bool,
-                 keep_scheduler: bool | None = None) -> dict[str, str]:
+                 keep_scheduler: bool) -> dict[str, str]:
     """The rendered files of a user-script run (the DeepSpeed JSON rewritten where it has one)."""
     name = machine_file(DS_FILE, machine_rank)
-    keep_scheduler = keep_optimizer if keep_scheduler is None else keep_scheduler
     if name not in files or (keep_optimizer and keep_scheduler):
         return files
     cfg = script_ds_config(json.loads(files[name]), keep_optimizer, keep_scheduler)
@@ -266,7 +265,7 @@ def warmup_steps(spec) -> int:
     return max(1, min(spec.schedule.warmup_steps, spec.train.max_steps))
 
 
-def plan_env(spec, run_dir: Path, keep_optimizer: bool, keep_scheduler: bool | None = None) -> dict[str, str]:
+def plan_env(spec, run_dir: Path, keep_optimizer: bool, keep_scheduler: bool) -> dict[str, str]:
     """CRAKEN_PLAN_*: the plan, for a plain Accelerate script to size its data loader and loop by."""
     values = {
         "RUN_DIR": str(run_dir.absolute()),
@@ -294,7 +293,7 @@ def plan_env(spec, run_dir: Path, keep_optimizer: bool, keep_scheduler: bool | N
         "STEPS_PER_PRINT": spec.logging.steps_per_print,
         # 1: the JSON holds DeepSpeed's optimizer (scheduler); build accelerate's DummyOptim (DummyScheduler)
         "DS_OPTIMIZER": int(keep_optimizer),
-        "DS_SCHEDULER": int(keep_optimizer if keep_scheduler is None else keep_scheduler),
+        "DS_SCHEDULER": int(keep_scheduler),
     }
     env = {PLAN_ENV_PREFIX + k: str(v) for k, v in values.items()}
     # accelerate's Accelerator() reads its accumulation default from here: the script's then starts with the
@@ -309,7 +308,7 @@ class Planned(NamedTuple):
     must_agree: bool = True  # False: craken only fills it when the script leaves it unset
 
 
-def trainer_plan(spec, run_dir: Path, keep_optimizer: bool, keep_scheduler: bool | None = None) -> dict[str, Planned]:
+def trainer_plan(spec, run_dir: Path, keep_optimizer: bool, keep_scheduler: bool) -> dict[str, Planned]:
     """TrainingArguments field -> what craken planned for it. The must-agree fields are the ones the HF
     Trainer checks against the DeepSpeed JSON, or that decide what is trained (steps, schedule)."""
     optimizer, precision = spec.optimizer, spec.base_precision
@@ -332,7 +331,6 @@ def trainer_plan(spec, run_dir: Path, keep_optimizer: bool, keep_scheduler: bool
         "use_cpu": Planned(bool(spec.cluster.use_cpu), "--cpu", must_agree=False),
         "logging_steps": Planned(spec.logging.steps_per_print, "--steps-per-print", must_agree=False),
     }
-    keep_scheduler = keep_optimizer if keep_scheduler is None else keep_scheduler
     if not keep_scheduler:  # the Trainer builds the schedule itself, from these
         plan["lr_scheduler_type"] = Planned(HF_SCHEDULERS[spec.schedule.kind], "--set schedule.kind=...")
         if spec.schedule.kind == "cosine":
@@ -360,8 +358,7 @@ def conflict_message(name: str, value: Any, planned: Planned, argument: str | No
             f"Trainer reads it (craken fills the Trainer's), or change the plan with {planned.flag}")
 
 
-def arg_problems(spec, run_dir: Path, target: Target, keep_optimizer: bool,
-                 keep_scheduler: bool | None = None) -> list[str]:
+def arg_problems(spec, run_dir: Path, target: Target, keep_optimizer: bool, keep_scheduler: bool) -> list[str]:
     """Script arguments in HfArgumentParser's spelling (`--name value`, `--name=value`) that contradict
     the plan, found before launch; what a script sets in its code, the host finds when it runs."""
     plan = trainer_plan(spec, run_dir, keep_optimizer, keep_scheduler)
