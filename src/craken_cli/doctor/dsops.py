@@ -173,8 +173,8 @@ def ops_to_build(spec, environ: Mapping[str, str]) -> list[str]:
     return [op for op in ops if not prebuilt.get(op) and op not in cached]
 
 
-def build_note(op: str, width: int = 80) -> str:
-    """Wrapped as the summary it follows is (report/summary.WIDTH)."""
+def build_note(op: str, width: int) -> str:
+    """Wrapped at `width`, as the summary it follows is (report/summary.WIDTH)."""
     import textwrap
 
     return textwrap.fill(f"craken: DeepSpeed's {op} op is built on first use (about {BUILD_SECONDS.get(op, 60)} s, "

@@ -9,17 +9,15 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-import lzma
 import os
-import zlib
 from pathlib import Path
 
 from ..plan.hardware import nearest_existing
 from ..runfolder import CHECKPOINTS, FINAL, MARKER, METRICS, metrics_file
 from ..train import builtin
 from ..train import formats
-from ..train.data import (COMPRESSIONS, LOCAL_FORMATS, BadJsonLine, DataError, data_suffix, is_saved_dataset,
-                          json_lines, open_text)
+from ..train.data import (COMPRESSIONS, LOCAL_FORMATS, READ_ERRORS, BadJsonLine, DataError, data_suffix,
+                          is_saved_dataset, json_lines, open_text)
 from . import modelcheck
 
 
@@ -164,8 +162,7 @@ def data_problems(spec) -> list[str]:
         record = first_record(files[0], data.split)
     except DataError as exc:
         return [str(exc)]
-    except (ValueError, UnicodeDecodeError, OSError, EOFError, csv.Error, zlib.error,
-            lzma.LZMAError) as exc:
+    except READ_ERRORS as exc:
         return [f"--dataset {files[0]}: cannot be read ({exc.__class__.__name__}: {exc}); fix the file"]
     if record == {}:
         return [f"--dataset {data.dataset}: the data set is empty; add text"]
@@ -189,8 +186,7 @@ def eval_problems(spec, path: Path, record: dict | None) -> list[str]:
         return [problem]
     try:
         first = first_record(files[0], source.split)
-    except (DataError, ValueError, UnicodeDecodeError, OSError, EOFError, csv.Error, zlib.error,
-            lzma.LZMAError) as exc:
+    except READ_ERRORS as exc:  # a DataError among them
         return [f"--dataset {files[0]} (the eval split {source.split}): cannot be read ({exc}); fix the file"]
     if not first:
         return []  # an empty eval split: no evaluation, said at start-up

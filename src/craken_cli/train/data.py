@@ -17,12 +17,15 @@ tokenizing; each machine's first process builds them while the others wait (`pre
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
+import lzma
 import os
 import shutil
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -32,6 +35,10 @@ from . import builtin, formats
 CACHE_VERSION = 3  # bump when the rows a given input gives change
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 COMPRESSIONS = (".gz", ".bz2", ".xz")  # datasets reads them by their suffix, the preflight through the stdlib
+# What reading a damaged data file through `open_text` raises: a parser's ValueError (UnicodeDecodeError
+# among them), csv's error, and the decompressors' own, which are no OSError (zlib.error, LZMAError) or
+# an EOFError for a file cut short.
+READ_ERRORS = (ValueError, OSError, EOFError, csv.Error, zlib.error, lzma.LZMAError)
 
 
 class DataError(ValueError):
@@ -96,8 +103,6 @@ def local_data_files(path: Path, split: str = "train") -> tuple[str, list[str]]:
 def csv_options(files: list[str]) -> dict:
     """Every CSV cell read as text: pandas would read a column of numbers ("42") as int, and "NA", "null" or an
     empty cell as NaN, which no format trains on. The columns are the first file's header."""
-    import csv
-
     import datasets
 
     with open_text(Path(files[0])) as fh:

@@ -37,12 +37,6 @@ def peak_flops(device_name: str) -> float | None:
     return None
 
 
-def data_fingerprint(spec) -> dict:
-    from .data import fingerprint
-
-    return fingerprint(spec)
-
-
 def flops_per_token(model_config, params_non_embedding: int, seq_len: int) -> int:
     """6 N (forward + backward matmuls) + 12 L H S (attention scores), as in gpu-baseline.md."""
     layers = getattr(model_config, "num_hidden_layers", 0)
@@ -183,7 +177,7 @@ class Trainer:
     def run(self) -> int:
         from accelerate.utils import set_seed
 
-        from . import modeling
+        from . import data, modeling
         from .engine import make_engine
 
         spec = self.spec
@@ -194,7 +188,7 @@ class Trainer:
         set_seed(spec.train.seed)
         self.tokenizer = modeling.load_tokenizer(spec)
         train_dl, eval_dl = self.setup_data()
-        self.data_fingerprint = data_fingerprint(spec)
+        self.data_fingerprint = data.fingerprint(spec)  # once: each checkpoint records it
         self.startup["data_s"] = _since_start()
         model = self.setup_model()
         self.startup["model_s"] = _since_start()
