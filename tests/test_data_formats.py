@@ -465,3 +465,19 @@ def test_eval_split_naming_the_training_split_or_under_streaming_is_a_configurat
         RunSpec.model_validate({"data": {"eval_split": "train"}})
     with pytest.raises(ValueError, match="a --streaming run does not evaluate"):
         RunSpec.model_validate({"data": {"eval_split": "dev", "streaming": True}})
+
+
+def test_a_compressed_file_cut_short_keeps_the_workers_message(tmp_path):
+    """After datasets fails, the worker looks for the bad line; a .jsonl.gz cut short raised gzip's EOFError
+    from inside that search, a traceback instead of the 'cannot be read' message."""
+    import gzip
+
+    from craken_cli.train.data import corrupt_json_line
+
+    whole = gzip.compress(b"".join(b'{"text": "row %d"}\n' % i for i in range(2000)))
+    cut = tmp_path / "rows.jsonl.gz"
+    cut.write_bytes(whole[:len(whole) // 2])
+    assert corrupt_json_line([str(cut)]) is None
+    bad = tmp_path / "bad.jsonl.gz"
+    bad.write_bytes(gzip.compress(b'{"text": "a"}\nnot json\n'))
+    assert corrupt_json_line([str(bad)]).startswith(f"{bad} line 2: not valid JSON")

@@ -171,13 +171,15 @@ def corrupt_json_line(files: list[str]) -> str | None:
     for name in files:
         if data_suffix(Path(name)) != ".jsonl":
             continue
-        with open_text(Path(name), errors="replace") as fh:
-            try:
+        try:
+            with open_text(Path(name), errors="replace") as fh:
                 for number, record in json_lines(fh):
                     if not isinstance(record, dict):
                         return f"{name} line {number}: a JSON {type(record).__name__}, not an object"
-            except BadJsonLine as bad:
-                return f"{name} line {bad.number}: not valid JSON ({bad.error})"
+        except BadJsonLine as bad:
+            return f"{name} line {bad.number}: not valid JSON ({bad.error})"
+        except READ_ERRORS:  # damaged past what datasets read: its own error is the message
+            return None
     return None
 
 
