@@ -130,15 +130,9 @@ def format_problem(fmt: str, columns: list[str], text_column: str, where: str,
     shape = trl_shape(columns, record)
     if shape == "unpaired preference" and fmt != "text":
         return trl_message(shape, where)
-    pair = record is not None and all(c in columns for c in FORMAT_COLUMNS["prompt_completion"]) \
-        and not any(c in columns for c in CHAT_COLUMNS)
-    if pair and fmt in ("auto", "prompt_completion", "chat") \
-            and is_messages(record["prompt"]) != is_messages(record["completion"]):
-        return (f"--dataset {where}: one of prompt and completion is a list of chat messages, the other is not: "
-                "make both text, or both lists of {role, content} messages")
-    if pair and fmt == "chat" and not conversational_pair(record):
-        return (f"--data-format chat reads messages, conversations, or prompt/completion as lists of chat messages; "
-                f"the prompt/completion of {where} are text: use --data-format prompt_completion (or auto)")
+    problem = pair_problem(fmt, columns, record, where)
+    if problem:
+        return problem
     if fmt == "auto":
         if detect(columns, text_column) is None:
             if shape is not None:
@@ -171,6 +165,21 @@ def template_text(value: str | None) -> str | None:
     if "{" not in value and path.is_file():
         return path.read_text(encoding="utf-8")
     return value
+
+
+def pair_problem(fmt: str, columns: list[str], record: dict | None, where: str) -> str | None:
+    """A prompt/completion record (no chat column beside) whose halves are one messages and one text, or whose
+    text halves --data-format chat was asked to read."""
+    if record is None or not all(c in columns for c in FORMAT_COLUMNS["prompt_completion"]) \
+            or any(c in columns for c in CHAT_COLUMNS):
+        return None
+    if fmt in ("auto", "prompt_completion", "chat") and is_messages(record["prompt"]) != is_messages(record["completion"]):
+        return (f"--dataset {where}: one of prompt and completion is a list of chat messages, the other is not: "
+                "make both text, or both lists of {role, content} messages")
+    if fmt == "chat" and not conversational_pair(record):
+        return (f"--data-format chat reads messages, conversations, or prompt/completion as lists of chat messages; "
+                f"the prompt/completion of {where} are text: use --data-format prompt_completion (or auto)")
+    return None
 
 
 def no_template_message(tokenizer_name: str) -> str:
