@@ -723,7 +723,7 @@ def _dynamo(cfg: dict, origin: str, out: Imported) -> None:
                          "inductor's default mode, without CUDA graphs")
     for key, what in (("dynamo_use_fullgraph", "each decoder layer is compiled, graph breaks allowed"),
                       ("dynamo_use_dynamic", "torch.compile's default shapes: static, dynamic once a shape changes")):
-        if dynamo.get(key) is not None and _truthy(dynamo[key]):
+        if _truthy(dynamo.get(key)):
             out.notes.append(f"{origin}: dynamo_config.{key}={dynamo[key]!r} is not used: craken compiles with "
                              f"inductor, regionally ({what})")
 
