@@ -824,6 +824,79 @@ def test_pipelined_nvme_optimizer_swap_needs_buffers_for_every_sub_group_it_hold
     assert (both.optimizer_buffer_count, both.optimizer_buffers_needed) == (6, 3 * SWAP_BUFFERS_PER_SUB_GROUP)
 
 
+NVME_RUN = {"zero": {"stage": 3}, "offload": {"optimizer": {"device": "nvme", "nvme_path": "nvme"},
+                                             "param": {"device": "nvme", "nvme_path": "nvme"}}}
+
+
+@pytest.mark.parametrize("extra, named", [
+    ({"aio": 5}, "deepspeed.extra.aio is 5: DeepSpeed reads aio as a section"),
+    ({"aio": ["intra_op_parallelism", 2]}, "deepspeed.extra.aio is [\"intra_op_parallelism\", 2]"),
+    ({"zero_optimization": "stage3"}, "deepspeed.extra.zero_optimization is \"stage3\""),
+    ({"zero_optimization": {"offload_optimizer": "nvme"}}, "deepspeed.extra.zero_optimization.offload_optimizer is "
+     "\"nvme\": DeepSpeed reads zero_optimization.offload_optimizer as a section"),
+    ({"zero_optimization": {"offload_param": None}}, "offload.param.device none turns the offload off"),
+    ({"zero_optimization": {"offload_optimizer": {"buffer_count": "2.5"}}},
+     "deepspeed.extra.zero_optimization.offload_optimizer.buffer_count is \"2.5\": DeepSpeed takes a whole number"),
+    ({"zero_optimization": {"offload_optimizer": {"pipeline_read": "sometimes"}}}, "pipeline_read is \"sometimes\": "
+     "DeepSpeed takes true or false"),
+    ({"aio": {"intra_op_parallelism": "4"}}, "deepspeed.extra.aio.intra_op_parallelism is \"4\""),
+])
+@pytest.mark.parametrize("command", [["config", "render"], ["plan", "--gpus", "1", "--gpu-memory", "80GiB"],
+                                     ["doctor"], train("--dry-run", "--max-steps", "2")])
+def test_a_deepspeed_extra_section_that_deepspeed_cannot_read_is_refused_by_key(craken, workdir, extra, named,
+                                                                                command):
+    (workdir / "nvme").mkdir()
+    (workdir / "craken.yaml").write_text(json.dumps({**NVME_RUN, "deepspeed": {"extra": extra}}))
+    before = snapshot(workdir)
+    result = craken(*command)
+    assert result.code == 2 and "Traceback" not in result.output, result.output
+    assert named in result.output
+    assert snapshot(workdir) == before
+
+
+def test_deepspeed_extras_swap_settings_are_read_as_deepspeeds_own_parser_reads_them(craken, workdir):
+    """A quoted or float whole number, true and "auto" are what DeepSpeed's pydantic sections make of
+    them; craken's NVMe checks and memory plan count the same buffers."""
+    from deepspeed.runtime.zero.offload_config import DeepSpeedZeroOffloadOptimizerConfig
+
+    from craken_cli.plan.memory import SwapSettings
+
+    for value in ("3", 3.0, True, "auto", "12"):
+        parsed = DeepSpeedZeroOffloadOptimizerConfig(buffer_count=value, pipeline_read="true")
+        read = SwapSettings.from_extra({"zero_optimization": {"offload_optimizer": {
+            "buffer_count": value, "pipeline_read": "true"}}})
+        assert (read.optimizer_buffer_count, read.pipeline_read) == (parsed.buffer_count, parsed.pipeline_read)
+    (workdir / "nvme").mkdir()
+    extra = {"zero_optimization": {"offload_optimizer": {"buffer_count": "3"}}}
+    (workdir / "craken.yaml").write_text(json.dumps({**NVME_RUN, "deepspeed": {"extra": extra}}))
+    result = craken(*train("--dry-run", "--max-steps", "2"))
+    assert result.code == 2 and "zero_optimization.offload_optimizer.buffer_count is 3, and" in result.err
+
+
+def test_the_sections_deepspeed_extra_must_give_as_mappings_are_deepspeeds():
+    from deepspeed.runtime import constants
+    from deepspeed.runtime.swap_tensor.constants import AIO, AIO_INTRA_OP_PARALLELISM
+    from deepspeed.runtime.zero.config import ZERO_OPTIMIZATION, DeepSpeedZeroConfig
+    from deepspeed.runtime.zero.offload_config import (DeepSpeedZeroOffloadOptimizerConfig,
+                                                       DeepSpeedZeroOffloadParamConfig)
+    from deepspeed.utils.config import TIMERS
+
+    from craken_cli.config.spec import AIO_SETTINGS, DEEPSPEED_SECTIONS, SWAP_SETTINGS
+
+    zero = DeepSpeedZeroConfig.model_fields
+    offloads = {f"{ZERO_OPTIMIZATION}.{name}" for name in zero if name.startswith("offload_")}
+    assert set(DEEPSPEED_SECTIONS) == {ZERO_OPTIMIZATION, *offloads, constants.BFLOAT16, constants.FP16,
+                                       constants.OPTIMIZER, f"{constants.OPTIMIZER}.{constants.OPTIMIZER_PARAMS}",
+                                       constants.DATA_TYPES, TIMERS, AIO}
+    models = {ZERO_OPTIMIZATION: DeepSpeedZeroConfig,
+              f"{ZERO_OPTIMIZATION}.offload_optimizer": DeepSpeedZeroOffloadOptimizerConfig,
+              f"{ZERO_OPTIMIZATION}.offload_param": DeepSpeedZeroOffloadParamConfig}
+    for key, kind in SWAP_SETTINGS.items():
+        section, _, name = key.rpartition(".")
+        assert models[section].model_fields[name].annotation is kind, key
+    assert list(AIO_SETTINGS) == [f"{AIO}.{AIO_INTRA_OP_PARALLELISM}"]
+
+
 @pytest.mark.parametrize("offload, refused", [
     ({"buffer_count": 4, "pipeline_read": True, "pipeline_write": True}, "to 12 or more"),
     ({"buffer_count": 4, "pipeline_write": True}, "to 8 or more"),

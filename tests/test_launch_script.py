@@ -329,6 +329,27 @@ def test_a_raw_deepspeed_script_or_module_gets_deepspeeds_optimizer_in_its_json(
         assert data["env"]["CRAKEN_PLAN_DS_OPTIMIZER"] == "1"
 
 
+def test_a_modules_file_is_read_without_running_its_packages_init(craken, workdir, monkeypatch):
+    # find_spec("sidepkg.train") would import sidepkg: its __init__.py would run inside the CLI process.
+    marker = workdir / "imported"
+    (workdir / "sidepkg" / "tools").mkdir(parents=True)
+    for init in (workdir / "sidepkg" / "__init__.py", workdir / "sidepkg" / "tools" / "__init__.py"):
+        init.write_text(f"open({str(marker)!r}, 'w').close()\nraise RuntimeError('no CUDA here')\n")
+    (workdir / "sidepkg" / "tools" / "train.py").write_text(RAW_DEEPSPEED)
+    (workdir / "sidepkg" / "tools" / "__main__.py").write_text("print('main')\n")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    target = userscript.Target(module="sidepkg.tools.train")
+    assert userscript.target_problems(target) == []
+    assert userscript.script_source(target) == RAW_DEEPSPEED
+    assert userscript.script_source(userscript.Target(module="sidepkg.tools")) == "print('main')\n"
+    assert userscript.target_problems(userscript.Target(module="sidepkg.nope"))[0].startswith(
+        "module sidepkg.nope is not found")
+    assert userscript.target_problems(userscript.Target(module="sidepkg"))[0].endswith("(sidepkg.train?)")
+    data = json.loads(craken("launch", "--dry-run", *RUN_FLAGS, "-m", "sidepkg.tools.train").out)
+    assert "optimizer" in json.loads(data["files"]["ds_config.json"])  # the module's source was read
+    assert not marker.exists() and "sidepkg" not in sys.modules
+
+
 def test_only_script_options_naming_a_deepspeed_file_are_refused():
     assert userscript.own_config_problems(["--deepspeed", "--steps", "3", "--deepspeed"]) == []
     for args, shown in ((["--deepspeed", "--deepspeed_config", "ds.json"], "--deepspeed_config ds.json"),

@@ -11,6 +11,7 @@ fill.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
@@ -319,9 +320,78 @@ class DeepSpeedSection(Section):
 
         taken = [f"deepspeed.extra.{key} is craken's {DEEPSPEED_FIELDS[key]}: set that instead"
                  for key in flatten(self.extra) if key in DEEPSPEED_FIELDS]
-        if taken:
-            raise CrossFieldProblems(taken)
+        problems = taken + extra_shape_problems(self.extra)
+        if problems:
+            raise CrossFieldProblems(problems)
         return self
+
+
+# The keys of deepspeed.extra DeepSpeed reads as sections, mappings of their own keys: its pydantic
+# sub-configs and the blocks craken renders (merged over one of those, anything else would replace
+# craken's values), and aio, which DeepSpeed reads key by key. DeepSpeed reads a null aio as its defaults.
+DEEPSPEED_SECTIONS = ("zero_optimization", "zero_optimization.offload_optimizer", "zero_optimization.offload_param",
+                      "bf16", "fp16", "optimizer", "optimizer.params", "data_types", "timers", "aio")
+NULL_SECTIONS = ("aio",)
+# deepspeed.extra's settings craken reads itself (plan.memory.SwapSettings), read as DeepSpeed reads them: its
+# pydantic sections take a string or float of a whole number ("4", 4.0) as the number, and "auto" as the
+# default; aio's number goes to its async_io op as given, so only a whole number works there.
+SWAP_SETTINGS = {"zero_optimization.offload_optimizer.buffer_count": int,
+                 "zero_optimization.offload_optimizer.pipeline_read": bool,
+                 "zero_optimization.offload_optimizer.pipeline_write": bool,
+                 "zero_optimization.offload_param.buffer_count": int,
+                 "zero_optimization.offload_param.buffer_size": int,
+                 "zero_optimization.offload_param.max_in_cpu": int,
+                 "zero_optimization.sub_group_size": int}
+AIO_SETTINGS = {"aio.intra_op_parallelism": int}
+
+
+def extra_setting(value, key: str):
+    """A setting of deepspeed.extra (SWAP_SETTINGS, AIO_SETTINGS) as DeepSpeed reads it; None for "auto"
+    (DeepSpeed's default). Raises ValueError where DeepSpeed would refuse it."""
+    if key in AIO_SETTINGS:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(key)
+    if value == "auto":
+        return None
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        return TypeAdapter(SWAP_SETTINGS[key]).validate_python(value)  # lax, as DeepSpeed's models validate
+    except ValidationError:
+        raise ValueError(key) from None
+
+
+def extra_shape_problems(extra: dict) -> list[str]:
+    """deepspeed.extra's sections that are not mappings, and the settings craken reads that DeepSpeed would
+    not take, each named with its key."""
+    def stated(key: str):
+        """(the key's value, whether extra states it), through parents that are mappings only."""
+        *parents, leaf = key.split(".")
+        node = extra
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        return (node[leaf], True) if isinstance(node, dict) and leaf in node else (None, False)
+
+    problems = []
+    for key in DEEPSPEED_SECTIONS:
+        value, given = stated(key)
+        if not given or isinstance(value, dict) or (value is None and key in NULL_SECTIONS):
+            continue
+        target = key.removeprefix("zero_optimization.offload_")
+        off = f" (craken's offload.{target}.device none turns the offload off)" if target != key else ""
+        problems.append(f"deepspeed.extra.{key} is {json.dumps(value, default=str)}: DeepSpeed reads {key} as a "
+                        f"section, a mapping of its own keys: write it as one, or remove it{off}")
+    for key, kind in {**SWAP_SETTINGS, **AIO_SETTINGS}.items():
+        value, given = stated(key)
+        try:
+            if given:
+                extra_setting(value, key)
+        except ValueError:
+            wanted = "true or false" if kind is bool else "a whole number"
+            problems.append(f"deepspeed.extra.{key} is {json.dumps(value, default=str)}: DeepSpeed takes {wanted} "
+                            "there: write one (without quotes), or remove it for DeepSpeed's default")
+    return problems
 
 
 # DeepSpeed JSON key -> the spec field render.deepspeed_config writes it from. The importer reads a

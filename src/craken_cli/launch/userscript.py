@@ -1,7 +1,8 @@
 """`craken launch`: what craken knows about a user's own training script, as pure functions.
 
     Target              the script file or module, and the arguments that go to it untouched
-    target_problems     a missing / non-Python script, a module that does not import (before launch)
+    target_problems     a missing / non-Python script, a module that is not found (before launch)
+    find_module         a `-m` module's spec, found without running its packages' __init__.py
     script_files        the rendered files as a user script gets them: without DeepSpeed's optimizer and
                         scheduler blocks, unless DeepSpeed runs the optimizer (offload, --ds-optimizer)
     plan_env            the planned values, as the CRAKEN_PLAN_* variables a plain Accelerate script reads
@@ -23,6 +24,7 @@ the host can import it before torch.
 from __future__ import annotations
 
 import ast
+import importlib.machinery
 import importlib.util
 import json
 import math
@@ -82,24 +84,48 @@ def target_problems(target: Target) -> list[str]:
     return []
 
 
-def module_problems(module: str) -> list[str]:
-    import os
+def find_module(module: str):
+    """The spec of `module` as `python -m` in the current folder would find it, without running any of its
+    code: importlib.util.find_spec imports a dotted name's parent packages (their __init__.py runs in the
+    CLI process), so past the top-level name each part is looked up in its parent's folders alone. None
+    when it is not found (or is no module name). A parent that rewrites its __path__ when imported is not
+    followed; the workers still run the module as Python would."""
     import sys
 
+    parts = module.split(".")
+    if not all(part.isidentifier() for part in parts):
+        return None
     # The workers start as `python -m`, which puts the current folder first on the path.
     sys.path.insert(0, os.getcwd())
     try:
-        found = importlib.util.find_spec(module)
-    except Exception as exc:  # a parent package that is missing or fails to import
-        return [f"module {module} does not import ({type(exc).__name__}: {exc}): install it, or run from the "
-                "folder that holds it"]
+        # A top-level name is found without being imported, by every finder (editable installs' too).
+        found = importlib.util.find_spec(parts[0])
+    except Exception:  # a finder of an installed package's own (an editable install's) failing
+        return None
     finally:
         sys.path.pop(0)
+    for depth in range(1, len(parts)):
+        if found is None or found.submodule_search_locations is None:
+            return None
+        found = importlib.machinery.PathFinder.find_spec(".".join(parts[:depth + 1]),
+                                                         list(found.submodule_search_locations))
+    return found
+
+
+def module_main(found) -> str | None:
+    """The file `python -m` runs for a found module: its own, or a package's __main__.py (None: none)."""
+    if found.submodule_search_locations is None:
+        return found.origin
+    return next((str(Path(folder) / "__main__.py") for folder in found.submodule_search_locations
+                 if (Path(folder) / "__main__.py").is_file()), None)
+
+
+def module_problems(module: str) -> list[str]:
+    found = find_module(module)
     if found is None:
         return [f"module {module} is not found on this Python's path: install it, or run from the folder that "
                 "holds it"]
-    if found.submodule_search_locations is not None and not any(
-            (Path(folder) / "__main__.py").is_file() for folder in found.submodule_search_locations):
+    if module_main(found) is None:
         return [f"module {module} is a package without __main__.py: name the module that trains ({module}.train?)"]
     return []
 
@@ -207,21 +233,8 @@ def script_source(target: Target) -> str | None:
     """The text of the script, or of the module's file; None when it cannot be read (target_problems says why)."""
     path: str | None = target.script
     if target.module:
-        import sys
-
-        sys.path.insert(0, os.getcwd())
-        try:
-            found = importlib.util.find_spec(target.module)
-        except Exception:
-            return None
-        finally:
-            sys.path.pop(0)
-        if found is None:
-            return None
-        path = found.origin
-        if found.submodule_search_locations is not None:
-            path = next((str(Path(folder) / "__main__.py") for folder in found.submodule_search_locations
-                         if (Path(folder) / "__main__.py").is_file()), None)
+        found = find_module(target.module)
+        path = module_main(found) if found is not None else None
     try:
         return Path(path).read_text() if path else None
     except (OSError, ValueError):

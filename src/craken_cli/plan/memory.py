@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-from ..config.spec import STAGE3_DEFAULTS, fp8_layout_problems, fp32_grad_accum_on
+from ..config.spec import STAGE3_DEFAULTS, extra_setting, fp8_layout_problems, fp32_grad_accum_on
 from ..train import fp8
 from ..train import loss as vocab_loss
 from .hardware import Hardware
@@ -368,20 +368,33 @@ class SwapSettings:
 
     @classmethod
     def from_extra(cls, extra: dict) -> SwapSettings:
-        """The settings `deepspeed.extra` gives; absent, or "auto" (which DeepSpeed reads as the default),
-        keeps DeepSpeed's default."""
-        zero = extra.get("zero_optimization") or {}
-        where = {"optimizer_buffer_count": (zero.get("offload_optimizer") or {}, "buffer_count"),
-                 "param_buffer_count": (zero.get("offload_param") or {}, "buffer_count"),
-                 "param_buffer_size": (zero.get("offload_param") or {}, "buffer_size"),
-                 "max_in_cpu": (zero.get("offload_param") or {}, "max_in_cpu"),
-                 "sub_group_size": (zero, "sub_group_size"),
-                 "intra_op_parallelism": (extra.get("aio") or {}, "intra_op_parallelism")}
-        given = {name: int(section[key]) for name, (section, key) in where.items()
-                 if isinstance(section.get(key), (int, float)) and not isinstance(section.get(key), bool)}
-        optimizer = zero.get("offload_optimizer") or {}
-        given.update({key: optimizer[key] for key in ("pipeline_read", "pipeline_write")
-                      if isinstance(optimizer.get(key), bool)})
+        """The settings `deepspeed.extra` gives, each read as DeepSpeed reads it (config.spec.extra_setting:
+        "4" is 4); absent, "auto" (which DeepSpeed reads as the default), or one DeepSpeed refuses
+        (config.spec.extra_shape_problems names it when the spec is built) keeps DeepSpeed's default."""
+
+        def section(node: dict, key: str) -> dict:
+            value = node.get(key)
+            return value if isinstance(value, dict) else {}
+
+        zero = section(extra, "zero_optimization")
+        optimizer, param = section(zero, "offload_optimizer"), section(zero, "offload_param")
+        where = {"optimizer_buffer_count": (optimizer, "zero_optimization.offload_optimizer.buffer_count"),
+                 "pipeline_read": (optimizer, "zero_optimization.offload_optimizer.pipeline_read"),
+                 "pipeline_write": (optimizer, "zero_optimization.offload_optimizer.pipeline_write"),
+                 "param_buffer_count": (param, "zero_optimization.offload_param.buffer_count"),
+                 "param_buffer_size": (param, "zero_optimization.offload_param.buffer_size"),
+                 "max_in_cpu": (param, "zero_optimization.offload_param.max_in_cpu"),
+                 "sub_group_size": (zero, "zero_optimization.sub_group_size"),
+                 "intra_op_parallelism": (section(extra, "aio"), "aio.intra_op_parallelism")}
+        given = {}
+        for name, (node, key) in where.items():
+            leaf = key.rpartition(".")[2]
+            try:
+                value = extra_setting(node[leaf], key) if leaf in node else None
+            except ValueError:
+                value = None
+            if value is not None:
+                given[name] = value
         return cls(**given)
 
     @property
