@@ -397,6 +397,32 @@ def test_trl_types_without_a_response_to_train_are_refused_by_name(name, asked, 
     assert f"TRL's {name.split('-implicit')[0]} type" in message and "craken trains text, prompt/completion" in message
 
 
+CSV_TRL_TYPES = {  # the standard (text) forms as CSV holds them: every cell text, the booleans "True"/"False"
+    "preference": "prompt,chosen,rejected\nThe sky is, blue., green.\n",
+    "preference-implicit-prompt": "chosen,rejected\nthe sky is blue,the sky is green\n",
+    "unpaired preference": "prompt,completion,label\nThe sky is, green.,False\nThe sky is, blue.,True\n",
+    "prompt-only": "prompt\nThe sky is\n",
+    "stepwise supervision": 'prompt,completions,labels\n1+1?,"[\'1+1 is 2\', \'so 2\']","[True, True]"\n',
+}
+
+
+@pytest.mark.parametrize("name", list(CSV_TRL_TYPES))
+@pytest.mark.parametrize("asked", ["auto", "prompt_completion", "chat"])
+def test_trl_types_from_csv_are_refused_as_from_json(name, asked, tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text(CSV_TRL_TYPES[name])
+    with pytest.raises(data.DataError) as caught:
+        data.load_records(spec_for(path, format=asked))
+    message = str(caught.value)
+    assert f"TRL's {name.split('-implicit')[0]} type" in message and "craken trains text, prompt/completion" in message
+
+
+def test_a_csv_label_column_that_is_not_boolean_is_a_prompt_completion_set(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("prompt,completion,label\nThe sky is, blue.,weather\n")
+    assert data.load_records(spec_for(path))[1] == "prompt_completion"
+
+
 def test_a_supported_column_beside_trl_columns_trains_and_mixed_kinds_are_refused():
     ultrafeedback = {"prompt": "sky?", "chosen": [turn("user", "sky?")], "messages": [turn("user", "sky?")]}
     assert formats.format_problem("auto", list(ultrafeedback), "text", "d", ultrafeedback) is None
