@@ -461,6 +461,23 @@ def test_the_eval_rows_come_from_the_validation_split_when_the_data_has_one(tmp_
     assert data.eval_source(spec_for("org/hub-set"), look_up=False).maybe
 
 
+def test_max_samples_caps_the_training_split_and_the_eval_split_each(tmp_path, tok):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", PAIRS * 5)
+    write_jsonl(folder / "dev.jsonl", PAIRS * 3)
+    spec = spec_for(folder, max_samples=4, packing=False)
+    source = data.eval_source(spec)
+    assert source.describe() == "the validation split (dev.jsonl), its first 4 records at most (data.max_samples)"
+    assert data.build(spec, tok).samples == 4
+    assert data.build(data.eval_spec(spec, source.split, "prompt_completion"), tok).samples == 4
+    whole = spec_for(folder, max_samples=100, packing=False)
+    assert data.build(data.eval_spec(whole, "validation", "prompt_completion"), tok).samples == len(PAIRS) * 3
+    # without an eval split the share is held out of the capped training rows; the cap says nothing there
+    assert data.eval_source(spec_for(folder, max_samples=4, eval_split="none", eval_fraction=0.25)).describe() \
+        == "25% of the training rows"
+
+
 def test_the_eval_split_is_built_under_its_own_cache_key_and_the_training_rows_stay_whole(tmp_path, tok):
     import contextlib
     import types

@@ -514,12 +514,14 @@ class EvalSource:
     fraction: float
     maybe: bool = False
     files: tuple[str, ...] = ()  # a folder's files of that split (datasets names dev.jsonl 'validation')
+    cap: int | None = None  # data.max_samples: a split is read up to that many records, as the training split is
 
     def describe(self) -> str:
         share = f"{self.fraction:.0%} of the training rows" if self.fraction > 0 else "none"
         if self.split is not None:
             more = f" and {len(self.files) - 1} more" if len(self.files) > 1 else ""
-            return f"the {self.split} split" + (f" ({self.files[0]}{more})" if self.files else "")
+            return (f"the {self.split} split" + (f" ({self.files[0]}{more})" if self.files else "")
+                    + (f", its first {self.cap} records at most (data.max_samples)" if self.cap else ""))
         if self.maybe:
             return f"the data set's validation split if it has one (data.eval_split auto), else {share}"
         return share
@@ -565,12 +567,12 @@ def eval_source(spec, look_up: bool = True) -> EvalSource:
         if splits is None:  # not looked up (the CLI): said as such; unreadable: the fraction, as said then
             return EvalSource(None, data.eval_fraction, maybe=not look_up)
         found = next((name for name in VALIDATION_SPLITS if name in splits and name != data.split), None)
-        return EvalSource(found, 0.0, files=split_files(spec, found)) if found else fraction
+        return EvalSource(found, 0.0, files=split_files(spec, found), cap=data.max_samples) if found else fraction
     if splits is not None and data.eval_split not in splits:
         held = f"has the splits {', '.join(splits)}" if splits else "has no splits (a single file, a saved Dataset)"
         raise DataError(f"--set data.eval_split={data.eval_split}: {data.dataset} {held}: set data.eval_split to "
                         "another of them, or to none (data.eval_fraction of the training rows)")
-    return EvalSource(data.eval_split, 0.0, files=split_files(spec, data.eval_split))
+    return EvalSource(data.eval_split, 0.0, files=split_files(spec, data.eval_split), cap=data.max_samples)
 
 
 def split_files(spec, split: str) -> tuple[str, ...]:
