@@ -461,6 +461,32 @@ def test_the_eval_rows_come_from_the_validation_split_when_the_data_has_one(tmp_
     assert data.eval_source(spec_for("org/hub-set"), look_up=False).maybe
 
 
+def write_cached_info(cache, folder, splits, version="0.0.0"):
+    """A dataset_info.json where datasets' cache keeps a prepared hub data set's (NAME/CONFIG/VERSION/HASH)."""
+    info = cache / folder / "default" / version / "abc123" / "dataset_info.json"
+    info.parent.mkdir(parents=True)
+    info.write_text(json.dumps({"splits": {name: {"name": name, "num_examples": 1} for name in splits}}))
+
+
+def test_a_hub_sets_eval_split_is_named_from_datasets_cache_without_a_download(tmp_path, monkeypatch):
+    from datasets import config
+
+    monkeypatch.setattr(config, "HF_DATASETS_CACHE", tmp_path)
+    unknown = data.eval_source(spec_for("org/hub-set", eval_fraction=0.05), look_up=False)
+    assert unknown.maybe and unknown.describe() == (
+        "the data set's first split named validation, valid, val, dev, test or eval if the workers can read its "
+        "split names (data.eval_split auto), else 5% of the training rows")
+    write_cached_info(tmp_path, "org___hub_set", ["train", "test"])  # datasets' folder name for org/HubSet
+    source = data.eval_source(spec_for("org/HubSet"), look_up=False)
+    assert source == data.EvalSource("test", 0.0, cached=True)
+    assert source.describe() == "the test split (split names from datasets' cache)"
+    write_cached_info(tmp_path, "org___only_train", ["train"])
+    assert data.eval_source(spec_for("org/only_train", eval_fraction=0.1), look_up=False).describe() == \
+        "10% of the training rows (no validation split among the names in datasets' cache)"
+    write_cached_info(tmp_path, "org___hub_set", ["train", "validation"], version="1.0.0")  # versions disagree
+    assert data.eval_source(spec_for("org/HubSet"), look_up=False).maybe
+
+
 def test_max_samples_caps_the_training_split_and_the_eval_split_each(tmp_path, tok):
     folder = tmp_path / "folder"
     folder.mkdir()
