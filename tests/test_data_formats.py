@@ -397,6 +397,32 @@ def test_trl_types_without_a_response_to_train_are_refused_by_name(name, asked, 
     assert f"TRL's {name.split('-implicit')[0]} type" in message and "craken trains text, prompt/completion" in message
 
 
+CSV_TRL_TYPES = {  # the standard (text) forms as CSV holds them: every cell text, the booleans "True"/"False"
+    "preference": "prompt,chosen,rejected\nThe sky is, blue., green.\n",
+    "preference-implicit-prompt": "chosen,rejected\nthe sky is blue,the sky is green\n",
+    "unpaired preference": "prompt,completion,label\nThe sky is, green.,False\nThe sky is, blue.,True\n",
+    "prompt-only": "prompt\nThe sky is\n",
+    "stepwise supervision": 'prompt,completions,labels\n1+1?,"[\'1+1 is 2\', \'so 2\']","[True, True]"\n',
+}
+
+
+@pytest.mark.parametrize("name", list(CSV_TRL_TYPES))
+@pytest.mark.parametrize("asked", ["auto", "prompt_completion", "chat"])
+def test_trl_types_from_csv_are_refused_as_from_json(name, asked, tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text(CSV_TRL_TYPES[name])
+    with pytest.raises(data.DataError) as caught:
+        data.load_records(spec_for(path, format=asked))
+    message = str(caught.value)
+    assert f"TRL's {name.split('-implicit')[0]} type" in message and "craken trains text, prompt/completion" in message
+
+
+def test_a_csv_label_column_that_is_not_boolean_is_a_prompt_completion_set(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("prompt,completion,label\nThe sky is, blue.,weather\n")
+    assert data.load_records(spec_for(path))[1] == "prompt_completion"
+
+
 def test_a_supported_column_beside_trl_columns_trains_and_mixed_kinds_are_refused():
     ultrafeedback = {"prompt": "sky?", "chosen": [turn("user", "sky?")], "messages": [turn("user", "sky?")]}
     assert formats.format_problem("auto", list(ultrafeedback), "text", "d", ultrafeedback) is None
@@ -433,6 +459,49 @@ def test_the_eval_rows_come_from_the_validation_split_when_the_data_has_one(tmp_
     with pytest.raises(data.DataError, match="has no splits"):
         data.eval_source(spec_for(single, eval_split="validation"))
     assert data.eval_source(spec_for("org/hub-set"), look_up=False).maybe
+
+
+def write_cached_info(cache, folder, splits, version="0.0.0"):
+    """A dataset_info.json where datasets' cache keeps a prepared hub data set's (NAME/CONFIG/VERSION/HASH)."""
+    info = cache / folder / "default" / version / "abc123" / "dataset_info.json"
+    info.parent.mkdir(parents=True)
+    info.write_text(json.dumps({"splits": {name: {"name": name, "num_examples": 1} for name in splits}}))
+
+
+def test_a_hub_sets_eval_split_is_named_from_datasets_cache_without_a_download(tmp_path, monkeypatch):
+    from datasets import config
+
+    monkeypatch.setattr(config, "HF_DATASETS_CACHE", tmp_path)
+    unknown = data.eval_source(spec_for("org/hub-set", eval_fraction=0.05), look_up=False)
+    assert unknown.maybe and unknown.describe() == (
+        "the data set's first split named validation, valid, val, dev, test or eval if the workers can read its "
+        "split names (data.eval_split auto), else 5% of the training rows")
+    write_cached_info(tmp_path, "org___hub_set", ["train", "test"])  # datasets' folder name for org/HubSet
+    source = data.eval_source(spec_for("org/HubSet"), look_up=False)
+    assert source == data.EvalSource("test", 0.0, cached=True)
+    assert source.describe() == "the test split (split names from datasets' cache)"
+    write_cached_info(tmp_path, "org___only_train", ["train"])
+    assert data.eval_source(spec_for("org/only_train", eval_fraction=0.1), look_up=False).describe() == \
+        "10% of the training rows (no validation split among the names in datasets' cache)"
+    write_cached_info(tmp_path, "org___hub_set", ["train", "validation"], version="1.0.0")  # versions disagree
+    assert data.eval_source(spec_for("org/HubSet"), look_up=False).maybe
+
+
+def test_max_samples_caps_the_training_split_and_the_eval_split_each(tmp_path, tok):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", PAIRS * 5)
+    write_jsonl(folder / "dev.jsonl", PAIRS * 3)
+    spec = spec_for(folder, max_samples=4, packing=False)
+    source = data.eval_source(spec)
+    assert source.describe() == "the validation split (dev.jsonl), its first 4 records at most (data.max_samples)"
+    assert data.build(spec, tok).samples == 4
+    assert data.build(data.eval_spec(spec, source.split, "prompt_completion"), tok).samples == 4
+    whole = spec_for(folder, max_samples=100, packing=False)
+    assert data.build(data.eval_spec(whole, "validation", "prompt_completion"), tok).samples == len(PAIRS) * 3
+    # without an eval split the share is held out of the capped training rows; the cap says nothing there
+    assert data.eval_source(spec_for(folder, max_samples=4, eval_split="none", eval_fraction=0.25)).describe() \
+        == "25% of the training rows"
 
 
 def test_the_eval_split_is_built_under_its_own_cache_key_and_the_training_rows_stay_whole(tmp_path, tok):

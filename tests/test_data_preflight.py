@@ -36,6 +36,14 @@ CASES = {
                                 [], ["TRL's unpaired preference type", "label is true"]),
     "trl-conversational-prompt-only": ({"d.jsonl": json.dumps({"prompt": [{"role": "user", "content": "a"}]}) + "\n"},
                                        [], ["TRL's prompt-only type", "no target to train on"]),
+    # CSV cells are text: the same refusals as from JSON, an unpaired set told by its "True"/"False" labels
+    "trl-preference-csv": ({"d.csv": "prompt,chosen,rejected\na,b,c\n"}, [],
+                           ["TRL's preference type", "rename chosen to completion", "craken trains text"]),
+    "trl-unpaired-preference-csv": ({"d.csv": "prompt,completion,label\na,b,False\n"}, [],
+                                    ["TRL's unpaired preference type", "label is true"]),
+    "trl-prompt-only-csv": ({"d.csv": "prompt\na\n"}, [], ["TRL's prompt-only type", "no target to train on"]),
+    "trl-stepwise-csv": ({"d.csv": 'prompt,completions,labels\na,"[\'b\']",[True]\n'}, [],
+                         ["TRL's stepwise supervision type", "process reward models"]),
     # the conversational prompt/completion is chat: rendered with a template, which the built-in tokenizer lacks
     "trl-conversational-pair-without-template": (
         {"d.jsonl": json.dumps({"prompt": [{"role": "user", "content": "a"}],

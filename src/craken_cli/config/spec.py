@@ -126,8 +126,11 @@ class DataSection(Section):
         "split when it has one beside data.split (the first of validation, valid, val, dev, test, eval; a "
         "folder's files are named for splits as datasets names them: validation.jsonl, dev.jsonl, "
         "data/test-0.parquet, ...), else data.eval_fraction of the training rows; a split's name: that split, "
-        "whole; none: data.eval_fraction of the training rows, whatever splits the data has.")
-    max_samples: int | None = Field(None, gt=0, description="Read at most this many raw records (unset: all).")
+        "whole (up to data.max_samples records); none: data.eval_fraction of the training rows, whatever splits the data has.")
+    max_samples: int | None = Field(
+        None, gt=0, description="Read at most this many raw records of each split read (unset: all): the first N "
+        "of data.split, and the first N of the eval split when the eval rows come from a split of their own "
+        "(data.eval_split); else data.eval_fraction of the rows those N training records give is held out.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     format: Literal["auto", "text", "prompt_completion", "alpaca", "chat"] = Field(
         "auto", description="How records become training samples: 'text' (the text column, packed, every token "

@@ -89,8 +89,8 @@ def model_problems(spec) -> list[str]:
 
 
 def first_record(path: Path, split: str = "train") -> dict | None:
-    """The first record of a local data file or saved data set (a text file's first line as {'text': ...}),
-    {} when it has none, None when it cannot tell cheaply."""
+    """The first record of a local data file or saved data set (a text file's first line as {'text': ...}, a CSV
+    file's first row as text), {} when it has none, None when it cannot tell cheaply."""
     if is_saved_dataset(path):
         from ..train.data import saved_split
 
@@ -107,8 +107,11 @@ def first_record(path: Path, split: str = "train") -> dict | None:
                     rec = json.loads(line)
                     return rec if isinstance(rec, dict) else None
             return {}
-        if suffix == ".csv":
-            return dict.fromkeys(next(csv.reader(fh), []), "")
+        if suffix == ".csv":  # cells as text, as the workers read them
+            rows = csv.reader(fh)
+            header = next(rows, [])
+            first = next(rows, None)
+            return dict(zip(header, [*first, *[""] * len(header)])) if first is not None else dict.fromkeys(header, "")
         if suffix == ".json":
             data = json.load(fh)
             if isinstance(data, list):

@@ -509,25 +509,56 @@ VALIDATION_SPLITS = ("validation", "valid", "val", "dev", "test", "eval")
 @dataclass(frozen=True)
 class EvalSource:
     """The eval rows: a split of the data (all of it, no training row held out), or a share of the training
-    rows (`fraction`; 0: none); `maybe` when the split names of a hub data set were not looked up."""
+    rows (`fraction`; 0: none); `maybe` when the split names of a hub data set were not looked up, `cached`
+    when they were read from datasets' cache."""
     split: str | None
     fraction: float
     maybe: bool = False
     files: tuple[str, ...] = ()  # a folder's files of that split (datasets names dev.jsonl 'validation')
+    cap: int | None = None  # data.max_samples: a split is read up to that many records, as the training split is
+    cached: bool = False  # a hub data set's split names as an earlier download left them in datasets' cache
 
     def describe(self) -> str:
         share = f"{self.fraction:.0%} of the training rows" if self.fraction > 0 else "none"
         if self.split is not None:
             more = f" and {len(self.files) - 1} more" if len(self.files) > 1 else ""
-            return f"the {self.split} split" + (f" ({self.files[0]}{more})" if self.files else "")
-        if self.maybe:
-            return f"the data set's validation split if it has one (data.eval_split auto), else {share}"
+            return (f"the {self.split} split" + (f" ({self.files[0]}{more})" if self.files else "")
+                    + (" (split names from datasets' cache)" if self.cached else "")
+                    + (f", its first {self.cap} records at most (data.max_samples)" if self.cap else ""))
+        if self.cached:
+            return f"{share} (no validation split among the names in datasets' cache)"
+        if self.maybe:  # the workers look the names up; unreadable there (offline, gated): the share
+            return (f"the data set's first split named {', '.join(VALIDATION_SPLITS[:-1])} or {VALIDATION_SPLITS[-1]} "
+                    f"if the workers can read its split names (data.eval_split auto), else {share}")
         return share
+
+
+def cached_hub_splits(name: str) -> list[str] | None:
+    """A hub data set's split names from datasets' cache, where an earlier download prepared it (the
+    dataset_info.json under NAMESPACE___NAME/CONFIG/VERSION/HASH, the folders datasets itself reads offline);
+    None when nothing is cached, or its cached versions disagree."""
+    try:
+        from datasets import config
+        from datasets.naming import camelcase_to_snakecase
+    except ImportError:
+        return None
+    parts = name.split("/")
+    folder = Path(config.HF_DATASETS_CACHE).expanduser() / "___".join([*parts[:-1], camelcase_to_snakecase(parts[-1])])
+    found = set()
+    for info in folder.glob("*/*/*/dataset_info.json"):
+        try:
+            splits = json.loads(info.read_text()).get("splits")
+        except (OSError, ValueError, AttributeError):  # unreadable, or not an object
+            continue
+        if isinstance(splits, dict):
+            found.add(tuple(splits))
+    return list(found.pop()) if len(found) == 1 else None
 
 
 def data_splits(spec, look_up: bool = True) -> list[str] | None:
     """The split names of the run's data set ([] for a single file, a saved Dataset or the built-in data); None
-    when unknown (a hub data set not looked up, or whose names cannot be read: its loading then says why)."""
+    when unknown (a hub data set not looked up and not in datasets' cache, or whose names cannot be read: its
+    loading then says why)."""
     data = spec.data
     if builtin.is_builtin(data.dataset):
         return []
@@ -543,7 +574,7 @@ def data_splits(spec, look_up: bool = True) -> list[str] | None:
     if path.exists():
         return list(folder_splits(path))
     if not look_up:
-        return None
+        return cached_hub_splits(data.dataset) if data.dataset.count("/") <= 1 else None
     try:
         import datasets
 
@@ -561,16 +592,20 @@ def eval_source(spec, look_up: bool = True) -> EvalSource:
     if data.eval_split == "none":
         return fraction
     splits = data_splits(spec, look_up)
+    cached = not look_up and splits is not None and not builtin.is_builtin(data.dataset) \
+        and not Path(data.dataset).expanduser().exists()
     if data.eval_split == "auto":
         if splits is None:  # not looked up (the CLI): said as such; unreadable: the fraction, as said then
             return EvalSource(None, data.eval_fraction, maybe=not look_up)
         found = next((name for name in VALIDATION_SPLITS if name in splits and name != data.split), None)
-        return EvalSource(found, 0.0, files=split_files(spec, found)) if found else fraction
-    if splits is not None and data.eval_split not in splits:
+        if not found:
+            return EvalSource(None, data.eval_fraction, cached=cached)
+        return EvalSource(found, 0.0, files=split_files(spec, found), cap=data.max_samples, cached=cached)
+    if splits is not None and data.eval_split not in splits and not cached:  # a stale cache: the workers decide
         held = f"has the splits {', '.join(splits)}" if splits else "has no splits (a single file, a saved Dataset)"
         raise DataError(f"--set data.eval_split={data.eval_split}: {data.dataset} {held}: set data.eval_split to "
                         "another of them, or to none (data.eval_fraction of the training rows)")
-    return EvalSource(data.eval_split, 0.0, files=split_files(spec, data.eval_split))
+    return EvalSource(data.eval_split, 0.0, files=split_files(spec, data.eval_split), cap=data.max_samples)
 
 
 def split_files(spec, split: str) -> tuple[str, ...]:

@@ -69,14 +69,20 @@ def conversational_pair(record: dict | None) -> bool:
     return record is not None and is_messages(record.get("prompt")) and is_messages(record.get("completion"))
 
 
+def is_bool_label(value) -> bool:
+    """A boolean label: True/False, or the text a CSV cell holds it as ("True", "false"; CSV cells are read as
+    text)."""
+    return isinstance(value, bool) or (isinstance(value, str) and value.strip().lower() in ("true", "false"))
+
+
 def trl_shape(columns: list[str], record: dict | None) -> str | None:
     """The TRL dataset type without a trainable pair these columns are, or None. An unpaired preference set is
-    told from a prompt/completion set by its boolean `label`; prompt-only by having no supported column."""
+    told from a prompt/completion set by its boolean `label` (as text in a CSV file); prompt-only by having no supported column."""
     if any(c in columns for c in CHAT_COLUMNS) or all(c in columns for c in FORMAT_COLUMNS["alpaca"]):
         return None  # a supported format is there (SFT sets often carry preference columns beside messages)
     if "completion" in columns and "prompt" in columns:
         label = record.get("label") if record is not None else None
-        return "unpaired preference" if isinstance(label, bool) else None
+        return "unpaired preference" if is_bool_label(label) else None
     for shape, (needed, _) in TRL_SHAPES.items():
         if shape != "unpaired preference" and all(c in columns for c in needed):
             return shape

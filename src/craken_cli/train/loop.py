@@ -265,9 +265,13 @@ class Trainer:
                             "cache": built.cache, "skipped": built.skipped, "eval": source.describe()}
         if eval_built is not None:
             train_blocks, eval_blocks = built.rows, (eval_built.rows if len(eval_built.rows) else None)
-            self.data_record["eval_rows"] = len(eval_built.rows)
+            used = eval_built.report().removeprefix("data: ")
         else:
             train_blocks, eval_blocks = data.train_eval_split(built.rows, source.fraction, spec.train.seed)
+            used = f"{len(eval_blocks) if eval_blocks is not None else 0} of {len(built.rows)} rows"
+        self.data_record["eval_rows"] = len(eval_blocks) if eval_blocks is not None else 0
+        if self.accelerator.is_local_main_process:
+            print(f"craken: eval rows from {source.describe()} ({used})", file=sys.stderr, flush=True)
         train_blocks.set_format("torch")
         gen = torch.Generator().manual_seed(spec.train.seed)
         train_dl = torch.utils.data.DataLoader(
@@ -324,10 +328,6 @@ class Trainer:
             if self.accelerator.is_main_process:
                 print(f"craken: {exc}", file=sys.stderr, flush=True)
             raise SystemExit(EXIT_CODES["bad_input"]) from None
-        if self.accelerator.is_local_main_process:
-            print(f"craken: eval rows from {source.describe()}"
-                  + (f" ({built.report().removeprefix('data: ')})" if built is not None else ""),
-                  file=sys.stderr, flush=True)
         return source, built
 
     def setup_model(self):
