@@ -67,8 +67,8 @@ def test_fp8_keeps_fewer_activations_is_faster_and_refuses_zero3_and_offload(tmp
 
 
 @pytest.mark.parametrize("shape, seq, recipe, measured", [
-    ((2048, 22, 32, 4, 5632), 2048, "tensorwise", 1.22),  # issue 19, one H200, the fit
-    ((2560, 32, 32, 8, 6912), 4096, "tensorwise", 1.23),  # the 2.4B shape: predicted, not fitted
+    ((2048, 22, 32, 4, 5632), 2048, "tensorwise", 1.221),  # issue 19, one H200, tuned kernels: the fit
+    ((2560, 32, 32, 8, 6912), 4096, "tensorwise", 1.240),  # the 2.4B shape, tuned: predicted, not fitted
     ((2560, 32, 32, 8, 6912), 4096, "rowwise", 1.07),
 ])
 def test_fp8_speed_model_against_the_measured_gains(tmp_path, shape, seq, recipe, measured):
