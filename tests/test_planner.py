@@ -171,7 +171,13 @@ def test_every_recorded_benchmark_row_is_predicted_within_10_percent(tmp_path):
 # Held-out rows outside +-10% of the current planner (never fitted on), each with what is known about it:
 # a row that comes within +-10%, or another that leaves it, fails the test above until this list and
 # docs/planner.md say so.
-HELD_OUT_MISSES: dict = {}  # none since GPT-2's fp32 gelu_new tensors (ModelInfo.mlp_autocast_fp32)
+HELD_OUT_MISSES: dict = {
+    # High, the safe side: at 7B the no-ZeRO step's peak is the optimizer step (fp32 weights, gradients and
+    # moments, 108 GiB) and not the backward, so summing gradients and activations counts the activations
+    # that were freed before the step. Measured 111.5 GiB at micro-batch 2 and 113.2 at 4 (+1.7 GiB) where
+    # the planner adds 9.3 GiB (docs/planner.md, "Re-measured on 2026-12-03").
+    ("mistral-7b", 1024, "zero0+compile", 4): "the optimizer step's peak, not the backward's",
+}
 
 
 def test_superseded_rows_are_kept_with_their_reason_and_not_repredicted(tmp_path):
