@@ -54,3 +54,54 @@ def test_resume_on_the_gpu_continues_the_step_count(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     steps = [r["step"] for r in records if "loss" in r]
     assert steps and steps[-1] == 9, steps
+
+
+COMPILED_SCRIPT = '''
+"""A plain Accelerate loop: what accelerate's prepare made of the model, then a few steps."""
+import json, os, sys
+import torch
+from accelerate import Accelerator
+from transformers import AutoModelForCausalLM
+
+accelerator = Accelerator()
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+optimizer = torch.optim.AdamW(model.parameters(), lr=float(os.environ["CRAKEN_PLAN_LR"]))
+model, optimizer = accelerator.prepare(model, optimizer)
+compiled = sum(type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None) is not None
+               for m in model.modules())
+shape = (int(os.environ["CRAKEN_PLAN_MICRO_BATCH"]), int(os.environ["CRAKEN_PLAN_SEQ_LEN"]))
+batch = torch.randint(0, accelerator.unwrap_model(model).config.vocab_size, shape, device=accelerator.device)
+losses = []
+for step in range(4):  # the same batch each step: its loss must fall
+    loss = model(input_ids=batch, labels=batch).loss
+    accelerator.backward(loss)
+    optimizer.step()
+    optimizer.zero_grad()
+    losses.append(loss.item())
+plugin = accelerator.state.dynamo_plugin
+print("RAN " + json.dumps({"backend": str(plugin.backend), "regional": bool(plugin.use_regional_compilation),
+                           "compiled_modules": compiled, "losses": losses,
+                           "master_dtype": str(next(model.parameters()).dtype)}), flush=True)
+'''
+
+
+def test_launch_compiles_a_user_scripts_model_through_accelerate(tmp_path):
+    """`craken launch` with model.compile hands accelerate a dynamo_config, so accelerate's prepare
+    compiles the script's repeated blocks (inductor, regional): this needs a GPU, as CPU runs never compile."""
+    from transformers import AutoModelForCausalLM
+
+    from craken_cli.train import builtin
+
+    model_dir = tmp_path / "tiny"
+    cfg = builtin.model_config(builtin.build_tokenizer())
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(model_dir)
+    (tmp_path / "train.py").write_text(COMPILED_SCRIPT)
+    argv = [sys.executable, "-m", "craken_cli", "launch", "--zero", "0", "--num-processes", "1",
+            "--set", "model.compile=true", "--output-dir", str(tmp_path / "run"), "train.py", str(model_dir)]
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ran = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RAN "))[4:])
+    assert ran["backend"].endswith("INDUCTOR") and ran["regional"], ran
+    assert ran["compiled_modules"] >= cfg.num_hidden_layers, ran  # each decoder layer, as craken's loop does
+    assert ran["master_dtype"] == "torch.float32", ran
+    assert all(loss == loss for loss in ran["losses"]) and ran["losses"][-1] < ran["losses"][0], ran
