@@ -927,3 +927,22 @@ def test_an_imported_json_with_too_few_nvme_swap_buffers_is_refused_before_launc
     if None in find_libaio({})[1:]:  # every problem at once: libaio's too
         assert "libaio" in problems
     assert snapshot(workdir) == before
+
+
+@pytest.mark.parametrize("extra, named", [
+    ({"zero_optimization": {"round_robin_gradients": "maybe"}},
+     "deepspeed.extra.zero_optimization.round_robin_gradients = 'maybe': DeepSpeed's DeepSpeedZeroConfig refuses it"),
+    ({"zero_optimization": {"memory_efficient_linear": "x"}}, "zero_optimization.memory_efficient_linear = 'x'"),
+    ({"bf16": {"immediate_grad_update": "sometimes"}}, "deepspeed.extra.bf16.immediate_grad_update = 'sometimes'"),
+])
+@pytest.mark.parametrize("command", [train("--zero", "2", "--max-steps", "2"),
+                                     train("--zero", "2", "--max-steps", "2", "--dry-run")])
+def test_a_deepspeed_extra_value_deepspeeds_models_refuse_stops_before_launch(craken, workdir, extra, named, command):
+    """Found in review: such a value passed every check and each process stopped at deepspeed.initialize
+    with pydantic's traceback."""
+    (workdir / "craken.yaml").write_text(json.dumps({"deepspeed": {"extra": extra}}))
+    before = snapshot(workdir)
+    result = craken(*command)
+    assert result.code == 2 and "Traceback" not in result.output, result.output
+    assert named in result.output
+    assert snapshot(workdir) == before

@@ -85,7 +85,7 @@ def deepspeed_problems(exc: Exception, cfg: dict, world_size: int) -> list[str]:
     from pydantic import ValidationError
 
     if isinstance(exc, ValidationError):
-        return _pydantic_problems(exc, cfg)
+        return pydantic_problems(exc, cfg)
     said = " ".join(str(exc).split())[:300]
     gb, mb, ga = (cfg.get(k) for k in ("train_batch_size", "train_micro_batch_size_per_gpu",
                                        "gradient_accumulation_steps"))
@@ -105,12 +105,12 @@ def deepspeed_problems(exc: Exception, cfg: dict, world_size: int) -> list[str]:
     return [f"DeepSpeed refuses it: {said}: fix the file"]
 
 
-def _pydantic_problems(exc, cfg: dict) -> list[str]:
+def pydantic_problems(exc, cfg: dict) -> list[str]:
     import difflib
 
-    from .importers import _section_models
+    from .importers import section_models
 
-    models = _section_models()
+    models = section_models()
     section = next((name for name, model in models.items() if model.__name__ == exc.title), None)
     out = []
     for err in exc.errors():

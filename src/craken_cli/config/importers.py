@@ -173,7 +173,7 @@ def fill_auto(cfg: dict, fill: AutoFill) -> dict:
 # DeepSpeed's own names
 
 
-def _section_models() -> dict[str, type]:
+def section_models() -> dict[str, type]:
     """DeepSpeed JSON section -> DeepSpeed's pydantic model of it (imports deepspeed)."""
     from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
@@ -205,7 +205,7 @@ def canonical_keys(cfg: dict) -> dict[str, str]:
 
     from .sources import flatten
 
-    models = _section_models()
+    models = section_models()
     out = {}
     for stated in flatten(cfg):
         parts = stated.split(".")
@@ -226,7 +226,7 @@ def deprecated_keys(cfg: dict) -> list[str]:
 
     from .sources import flatten
 
-    models = _section_models()
+    models = section_models()
     found = [BFLOAT16_OLD] if BFLOAT16_OLD in cfg else []
     for stated in flatten(cfg):
         section, _, key = stated.rpartition(".")

@@ -400,6 +400,30 @@ def nvme_problems(spec, environ) -> list[str]:
             f"({' '.join(f + ' cpu' for f in nvme)})", *problems]
 
 
+def deepspeed_extra_problems(spec) -> list[str]:
+    """Values of `deepspeed.extra` that DeepSpeed's own config models refuse (a boolean given as "maybe",
+    a size as text): without this check every process stops at `deepspeed.initialize` with a pydantic
+    traceback. The rendered JSON's sections are checked, so craken's own values beside them count too."""
+    if not spec.uses_deepspeed or not spec.deepspeed.extra:
+        return []
+    from pydantic import ValidationError
+
+    from ..config import dscheck
+    from ..config.importers import section_models
+    from .render import deepspeed_config
+
+    rendered = deepspeed_config(spec)
+    problems = []
+    for section, model in section_models().items():
+        value = rendered.get(section)
+        if section in spec.deepspeed.extra and isinstance(value, dict):
+            try:
+                model(**value)
+            except ValidationError as exc:
+                problems += [f"deepspeed.extra.{problem}" for problem in dscheck.pydantic_problems(exc, rendered)]
+    return problems
+
+
 def swap_buffer_problems(spec) -> list[str]:
     """Optimizer states on NVMe (ZeRO-3 only: stages 1 and 2 keep NVMe-offloaded states in RAM) with too
     few offload_optimizer.buffer_count for the sub-groups DeepSpeed holds at once (plan.memory.SwapSettings.
