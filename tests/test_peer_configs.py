@@ -210,6 +210,10 @@ def test_peer_config(name, verdicts, craken, workdir):
     assert result.code == 0, result.output
     assert (workdir / "craken.yaml").is_file()
     assert verdict.unexplained == [], f"{name}: DeepSpeed reads these differently, no note says why"
+    if _original_deepspeed(verdict.files) is not None:  # and the launch's check of deepspeed.extra lets it run
+        from craken_cli.launch import preflight
+
+        assert preflight.deepspeed_extra_problems(_imported_spec(verdict.files, verdict.imported)) == []
 
 
 def test_the_guides_verdict_table_is_the_count(verdicts):
