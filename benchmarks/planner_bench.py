@@ -57,6 +57,7 @@ class Row:
     compiled: bool | None  # None: as --auto decides
     split: str  # "train" (the fit may use it) or "held-out" (reported only)
     extra: tuple[str, ...] = ()  # --set values of the row (e.g. "model.loss=model")
+    grad_accum: int = 1  # micro-batches per optimizer step
 
 
 # Held-out first, the one the issue names at the top: the call may end before the last rows.
@@ -80,11 +81,29 @@ GRID = [
     Row("llama-3.2-1b", 1024, "zero3", "auto", False, "train"),
     Row("gemma-2-2b", 2048, "zero0", "auto", False, "train"),
 ]
+# Where the gradients outweigh what the backward frees (7-8B on one GPU), the crossing between the backward's
+# start and end (phi-3-mini at small micro-batches), and accumulation, which holds the gradients through each
+# backward: every row held out from the fit that gave the plain engine's gradients their own peak.
+GRADIENT_GRID = [
+    Row("mistral-7b", 1024, "auto", "auto", None, "held-out"),  # what --auto picks now
+    Row("llama-3.1-8b", 1024, "auto", "auto", None, "held-out"),  # 128k vocabulary, 8B
+    Row("qwen2.5-7b", 1024, "auto", "auto", None, "held-out"),  # 152k vocabulary, biased q/k/v
+    Row("mistral-7b", 2048, "zero0", "auto", True, "held-out"),
+    Row("mistral-7b", 1024, "zero0", 1, True, "held-out", grad_accum=2),  # gradients held through the backward
+    Row("mistral-7b", 1024, "zero0", 2, False, "held-out"),  # eager at 7B
+    Row("phi-3-mini", 2048, "zero0", 2, True, "held-out"),
+    Row("phi-3-mini", 2048, "zero0", 4, True, "held-out"),
+    Row("llama-3.2-1b", 2048, "zero0", 8, True, "held-out", grad_accum=2),
+    Row("mistral-7b", 1024, "zero0", 2, True, "held-out", grad_accum=2),
+    Row("mistral-7b", 1024, "zero0", 8, True, "held-out"),
+]
+GRIDS = {"families": GRID, "gradients": GRADIENT_GRID}
 if os.environ.get("PLANNER_BENCH_SMOKE"):  # a CPU run of the code path (gloo, DS_ACCELERATOR=cpu): no numbers
     SHAPES = {"llama-160m": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                  num_key_value_heads=2)}
     GRID = [Row("llama-160m", 64, "zero0", 2, False, "held-out"),
             Row("llama-160m", 64, "zero2", 2, False, "train", ("model.loss=chunked",))]
+    GRIDS = {"families": GRID, "gradients": [Row("llama-160m", 64, "zero0", 2, False, "held-out", grad_accum=2)]}
 
 
 def model_config(name: str) -> dict:
@@ -103,7 +122,7 @@ def write_config(folder: Path, name: str) -> Path:
 
 
 def spec_for(folder: Path, seq: int, strategy: str, micro: int, compiled: bool, world: int, extra=(), hw=None,
-             global_batch: int | None = None):
+             global_batch: int | None = None, grad_accum: int = 1):
     """The spec `craken train --model F --seq-len S --zero N --micro-batch M ...` resolves to, with exactly
     the offloads the strategy name holds (the presets' own offloads never leak into a row)."""
     from craken_cli.config.options import SpecArgs, load_run
@@ -116,7 +135,7 @@ def spec_for(folder: Path, seq: int, strategy: str, micro: int, compiled: bool, 
     if global_batch:
         flags["--global-batch"] = global_batch
     else:
-        flags["--grad-accum"] = 1
+        flags["--grad-accum"] = grad_accum
     sets = [f"offload.optimizer.device={offload}", f"offload.param.device={param_offload}",
             f"model.compile={str(compiled).lower()}", *extra]
     resolved, _ = load_run(SpecArgs(flags=flags, sets=sets), hardware=hw, environ={})
@@ -296,6 +315,7 @@ def row_record(row: Row, strategy: str, micro: int, compiled: bool, pred, hw, wo
     return {"gpus": world, "model": row.model, "seq": row.seq, "strategy": strategy + ("+compile" if compiled else ""),
             "base_strategy": strategy.split("+")[0], "compiled": compiled, "extra": list(row.extra), "micro_batch": micro,
             "split": row.split, "asked": {"strategy": row.strategy, "micro_batch": row.micro_batch},
+            "grad_accum": row.grad_accum, "allocator": "grown segments" if hw.grown_segments else "fixed segments",
             "predicted_gib": round(pred.reserved_gib, 3), "predicted_total_gib": round(pred.total_gib, 3),
             "device": hw.gpus[0].name if hw.gpus else "cpu", "commit": head, "measured_on": time.strftime("%Y-%m-%d")}
 
@@ -323,10 +343,10 @@ def worker(args) -> int:
     hw, head, began = detect(), commit(), time.time()
     card = min((g.memory_total for g in hw.gpus), default=2**40) / 2**30
     log = open(Path(args.out) / "planner_bench.jsonl", "a") if rank == 0 else None
-    for i, row in enumerate(GRID):
+    for i, row in enumerate(GRIDS[args.grid]):
         folder = write_config(Path(args.models) / row.model, row.model)
         strategy, micro, compiled = resolve_row(row, folder, hw, world)
-        spec = spec_for(folder, row.seq, strategy, micro, compiled, world, row.extra, hw=hw)
+        spec = spec_for(folder, row.seq, strategy, micro, compiled, world, row.extra, hw=hw, grad_accum=row.grad_accum)
         pred = predict(spec, folder, hw)
         rec = row_record(row, strategy, micro, compiled, pred, hw, world, head)
         rec["loss"] = spec.model.loss  # the setting; rec["ran"]["loss_kind"]: the loss that trained
@@ -396,20 +416,29 @@ def prepared(rows: list[dict], root: Path, hw) -> list[tuple[dict, object]]:
     from craken_cli.plan.modelinfo import model_info
     from craken_cli.plan.memory import Candidate, estimate, shape_of
 
+    from dataclasses import replace
+
     out = []
     for r in rows:
+        hw_row = replace(hw, grown_segments=grew_segments(r))
         folder = write_config(root / r["model"], r["model"])
         extra = (*r.get("extra", ()), f"model.loss={ran_loss(r)}")
         spec = spec_for(folder, r["seq"], r["strategy"].replace("+compile", ""), r["micro_batch"], r["compiled"],
-                        r["gpus"], extra, hw)
+                        r["gpus"], extra, hw_row, grad_accum=r.get("grad_accum", 1))
         info = model_info(str(folder))
-        shape = shape_of(info, spec, hw, r["gpus"], hw.gpus[0].memory_total)
+        shape = shape_of(info, spec, hw_row, r["gpus"], hw.gpus[0].memory_total)
         cand = Candidate(spec.zero.stage, spec.offload.optimizer.device, spec.offload.param.device,
                          spec.model.activation_checkpointing)
         accum = spec.batch.accumulation(r["gpus"])
         out.append((r, lambda info=info, cand=cand, micro=r["micro_batch"], accum=accum, shape=shape:
                     estimate(info, cand, micro, accum, shape).reserved_gib))
     return out
+
+
+def grew_segments(row: dict) -> bool:
+    """Whether a recorded row ran with grown allocator segments: rows measured before craken's GPU workers
+    started with them (8cd7a28, 2026-12-02) say "allocator": "fixed segments"."""
+    return row.get("allocator", "grown segments") == "grown segments"
 
 
 def errors(pairs) -> list[tuple[dict, float]]:
@@ -692,7 +721,7 @@ def run_grid(args) -> int:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(allocator_env(os.environ) if hw.gpus else {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}",
            __file__, "--worker", "--out", str(out), "--models", str(args.models), "--row-timeout",
-           str(args.row_timeout), "--port", str(args.port), "--budget", str(args.budget),
+           str(args.row_timeout), "--port", str(args.port), "--budget", str(args.budget), "--grid", args.grid,
            "--min-row-s", str(args.min_row_s)]
     with open(out / "worker.log", "w") as fh:
         try:
@@ -709,12 +738,13 @@ def dry_run(args) -> int:
     from craken_cli.plan.hardware import GPU, GiB, Hardware
 
     hw = Hardware(gpus=(GPU(0, "H200 (assumed)", int(139.8 * GiB), int(139.8 * GiB), (9, 0)),), ram_total=128 * GiB)
-    for row in GRID:
+    for row in GRIDS[args.grid]:
         folder = write_config(Path(args.models) / row.model, row.model)
         strategy, micro, compiled = resolve_row(row, folder, hw)
-        pred = predict(spec_for(folder, row.seq, strategy, micro, compiled, 1, row.extra, hw=hw), folder, hw)
+        spec = spec_for(folder, row.seq, strategy, micro, compiled, 1, row.extra, hw=hw, grad_accum=row.grad_accum)
+        pred = predict(spec, folder, hw)
         print(f"{row.split:8} {row.model:14} seq {row.seq:5} {strategy + ('+compile' if compiled else ''):34} "
-              f"mb {micro:3}: {pred.reserved_gib:7.2f} GiB reserved, {pred.total_gib:7.2f} total")
+              f"mb {micro:3} x {row.grad_accum}: {pred.reserved_gib:7.2f} GiB reserved, {pred.total_gib:7.2f} total")
     return 0
 
 
@@ -722,6 +752,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     ap.add_argument("--gpus", type=int, default=1, help="processes (GPUs) per row")
+    ap.add_argument("--grid", choices=sorted(GRIDS), default="families", help="which rows to measure (or --dry-run)")
     ap.add_argument("--budget", type=int, default=440, help="seconds for the whole grid, model builds included")
     ap.add_argument("--min-row-s", type=int, default=25, help="a row starts only with this many seconds left")
     ap.add_argument("--row-timeout", type=int, default=150, help="seconds one row may take")

@@ -50,6 +50,13 @@ def allocator_env(environ: Mapping[str, str]) -> dict[str, str]:
     return {} if any(environ.get(name) for name in ALLOCATOR_VARS) else dict(GPU_ALLOCATOR_ENV)
 
 
+def grows_segments(environ: Mapping[str, str]) -> bool:
+    """Whether a GPU run's caching allocator grows its segments: craken's default, or the user's own setting."""
+    conf = {**environ, **allocator_env(environ)}
+    values = ",".join(conf.get(name) or "" for name in ALLOCATOR_VARS).replace(" ", "")
+    return "expandable_segments:True" in values
+
+
 INHERITED_DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
                        "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "TORCHELASTIC_RESTART_COUNT",
                        "TORCHELASTIC_RUN_ID")

@@ -51,6 +51,9 @@ class Hardware:
     disk_free: dict[str, int] = field(default_factory=dict)  # path -> free bytes at its nearest existing parent
     nvml_error: str | None = None  # why NVML gave nothing (no driver, no library): informational
     hidden_gpus: int = 0  # GPUs NVML sees that CUDA_VISIBLE_DEVICES hides from the training processes
+    # the training processes' caching allocator grows segments in place (launch.command.grows_segments),
+    # so the gradients a backward makes can take the blocks its freed activations leave (plan/memory.py)
+    grown_segments: bool = True
 
     @property
     def gpu_count(self) -> int:
@@ -224,7 +227,9 @@ def visible(gpus: list[GPU], nvlink: set, p2p: set, spec: str | None) -> tuple[l
 def detect(probe: GpuProbe | None = None, paths: tuple[str, ...] = (),
            environ: Mapping[str, str] | None = None) -> Hardware:
     """What this machine gives a training process. `environ` (default os.environ) is read for
-    CUDA_VISIBLE_DEVICES only."""
+    CUDA_VISIBLE_DEVICES and the allocator's setting only."""
+    from ..launch.command import grows_segments
+
     probe = NvmlProbe() if probe is None else probe
     environ = os.environ if environ is None else environ
     gpus: list[GPU] = []
@@ -249,4 +254,5 @@ def detect(probe: GpuProbe | None = None, paths: tuple[str, ...] = (),
         gpus=tuple(gpus), nvlink_pairs=frozenset(nvlink), p2p_pairs=frozenset(p2p), driver_version=driver,
         cuda_driver_version=cuda, cpu_count=os.cpu_count() or 1, ram_total=ram_total, ram_available=ram_avail,
         shm_total=shm, disk_free=disk, nvml_error=error, hidden_gpus=seen - len(gpus),
+        grown_segments=grows_segments(environ),
     )

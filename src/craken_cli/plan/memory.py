@@ -76,7 +76,7 @@ COMPILED_MLP_SAVED = 3
 # only (DeepSpeed trains a 16-bit module); compiled layers keep fewer (the partitioner may recompute the
 # cast of an fp32 weight in the backward rather than save it).
 EAGER_WEIGHT_COPY_SHARE = 0.5
-COMPILED_WEIGHT_COPY_SHARE = 0.0
+COMPILED_WEIGHT_COPY_SHARE = 1.0
 CPU_PER_PROCESS_GIB = 3.0  # Python, torch, CUDA host allocations and the data loader of one process
 ACTIVATION_CHECKPOINTING_SPEED = 0.75  # about 1/3 more compute for the recomputed forward
 
@@ -92,7 +92,7 @@ COMPILE_MIN_PARAMS = 100_000_000  # smaller models: compilation costs more time 
 # Compiled layers whose Linears all convert to torchao float8 keep this share of the bf16 layers'
 # reserved activations (the backward's inputs kept as float8 casts); a layer converted in part saves that
 # part of the difference. Not in planner_bench's fit: docs/planner.md, "FP8", gives its rows and errors.
-FP8_ACTIVATION_SHARE = 0.70
+FP8_ACTIVATION_SHARE = 0.75
 
 
 def strategy_name(stage: int, offload_optimizer: str = "none", offload_param: str = "none",
@@ -439,6 +439,7 @@ class Shape:
     loss: str = "auto"  # the spec's model.loss: where train/loss.py's chunked loss applies (vocab_loss.applies)
     fp8_recipe: str | None = None  # torchao float8 recipe under precision fp8
     swap: SwapSettings = SwapSettings()  # DeepSpeed's NVMe swap settings (deepspeed.extra)
+    grown_segments: bool = True  # the allocator grows segments (Hardware.grown_segments)
 
 
 def nvme_swap_bytes(partition: float, world: int, offload_optimizer: str, offload_param: str, lp: int,
@@ -539,6 +540,15 @@ def engine_buffers(model: ModelInfo, cand: Candidate, shape: Shape, layers: floa
     return buffers
 
 
+# The plain engine's gradients start from nothing at every step (zero_grad sets them to None) and each
+# layer's backward makes its gradients as it frees what that layer saved. With grown segments the freed
+# blocks merge and the gradients are served from them, so without accumulation the peak is the larger of
+# the backward's start (activations, logits, weight copies) and its end (every gradient), not their sum:
+# `estimate` subtracts the smaller ("gradients_replace_freed_activations"). Fixed segments keep the freed
+# blocks apart (a layer's activations are smaller pieces than its fp32 gradients), and with accumulation
+# the earlier micro-batches' gradients are held through each backward: there both add up.
+
+
 def why_not_fits(total: float, cpu: float, nvme: float, micro_batch: int, shape: Shape) -> str | None:
     """Why an estimate does not fit (GPU, then CPU RAM, then NVMe), or None."""
     if total * (1 + SAFETY_MARGIN) > shape.gpu_memory:
@@ -566,6 +576,9 @@ def estimate(model: ModelInfo, cand: Candidate, micro_batch: int, grad_accum: in
                                       residual_bytes(cand.stage, lp))
     acts = layers + logits
     buffers = engine_buffers(model, cand, shape, layers, acts, fp32_grads)
+    if cand.stage == 0 and grad_accum == 1 and shape.grown_segments:
+        held = acts + buffers.get("autocast_weight_copies", 0.0)
+        buffers["gradients_replace_freed_activations"] = -min(grads, held)
     reserved = params + grads + optim + acts + sum(buffers.values())
     buffers["cuda_context"] = CUDA_CONTEXT_GIB * GiB
     if world > 1:
@@ -652,7 +665,7 @@ def shape_of(model: ModelInfo, spec, hardware: Hardware, world: int, gpu_memory:
         nvme_free=hardware.disk_free.get(nvme_path) if nvme_path else None,
         precision=spec.precision, fp32_grad_accum=zero.fp32_grad_accum, loss=spec.model.loss,
         fp8_recipe=spec.fp8.recipe if spec.precision == "fp8" else None,
-        swap=SwapSettings.from_extra(spec.deepspeed.extra))
+        swap=SwapSettings.from_extra(spec.deepspeed.extra), grown_segments=hardware.grown_segments)
 
 
 def plan(model: ModelInfo, spec, hardware: Hardware, *, search_micro_batch: bool = True,
