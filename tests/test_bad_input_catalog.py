@@ -887,6 +887,7 @@ def test_the_sections_deepspeed_extra_must_give_as_mappings_are_deepspeeds():
     offloads = {f"{ZERO_OPTIMIZATION}.{name}" for name in zero if name.startswith("offload_")}
     assert set(DEEPSPEED_SECTIONS) == {ZERO_OPTIMIZATION, *offloads, constants.BFLOAT16, constants.FP16,
                                        constants.OPTIMIZER, f"{constants.OPTIMIZER}.{constants.OPTIMIZER_PARAMS}",
+                                       constants.SCHEDULER,
                                        constants.DATA_TYPES, TIMERS, AIO}
     models = {ZERO_OPTIMIZATION: DeepSpeedZeroConfig,
               f"{ZERO_OPTIMIZATION}.offload_optimizer": DeepSpeedZeroOffloadOptimizerConfig,
