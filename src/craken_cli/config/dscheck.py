@@ -186,10 +186,8 @@ def unknown_class_problems(parsed) -> list[str]:
 
     out = []
     optimizer = parsed.optimizer_name
-    if optimizer is not None and optimizer not in DEEPSPEED_OPTIMIZERS and not _is_class(torch.optim, optimizer,
-                                                                                           torch.optim.Optimizer):
-        out.append(f"deepspeed.extra.optimizer.type {optimizer!r}: DeepSpeed knows no such optimizer (its own: "
-                   f"{', '.join(DEEPSPEED_OPTIMIZERS)}; else a class of torch.optim): fix the name")
+    if optimizer is not None and optimizer not in DEEPSPEED_OPTIMIZERS:
+        out += torch_optimizer_problems(optimizer, parsed.optimizer_params or {}, DEEPSPEED_OPTIMIZERS)
     scheduler = parsed.scheduler_name
     if scheduler is not None and not hasattr(lr_schedules, scheduler) \
             and not hasattr(torch.optim.lr_scheduler, scheduler):
@@ -199,6 +197,18 @@ def unknown_class_problems(parsed) -> list[str]:
     return out
 
 
-def _is_class(module, name, base: type) -> bool:
-    found = getattr(module, str(name), None)
-    return isinstance(found, type) and issubclass(found, base)
+def torch_optimizer_problems(name, params: dict, own: list[str]) -> list[str]:
+    """A torch.optim class the engine would build as torch_optimizer(parameters, **params): built here on
+    one parameter, so that torch itself says which parameter it does not take."""
+    import torch
+
+    found = getattr(torch.optim, str(name), None)
+    if not (isinstance(found, type) and issubclass(found, torch.optim.Optimizer)):
+        return [f"deepspeed.extra.optimizer.type {name!r}: DeepSpeed knows no such optimizer (its own: "
+                f"{', '.join(own)}; else a class of torch.optim): fix the name"]
+    try:
+        found([torch.nn.Parameter(torch.zeros(1))], **params)
+    except (TypeError, ValueError) as exc:
+        return [f"deepspeed.extra.optimizer.type {name!r}: torch.optim.{name} refuses the optimizer.params craken "
+                f"writes with it ({exc}): use one of DeepSpeed's own optimizers ({', '.join(own)})"]
+    return []

@@ -444,17 +444,18 @@ def parser_problems(spec, rendered: dict, skip: set[str]) -> list[str]:
     for key in spec.deepspeed.extra:
         if key in skip or key not in rendered:
             continue
-        try:
-            dscheck.parse_unlaunched({**plain, key: rendered[key]})
+        try:  # craken's own JSON parses, so whatever fails here is this key's
+            problems += dscheck.unknown_class_problems(dscheck.parse_unlaunched({**plain, key: rendered[key]}))
         except Exception as exc:  # DeepSpeed raises assorted types; its words are what the user needs
             problems += dscheck.refusal_problems(exc, key, rendered[key], spec.deepspeed.extra[key])
     if problems or skip:
         return problems
     try:
-        return dscheck.unknown_class_problems(dscheck.parse_unlaunched(rendered))
+        dscheck.parse_unlaunched(rendered)
     except Exception as exc:
         return [f"deepspeed.extra: DeepSpeed refuses these keys together ({exc.__class__.__name__}: "
                 f"{' '.join(str(exc).split())[:300]}): fix them"]
+    return []
 
 
 def swap_buffer_problems(spec) -> list[str]:
