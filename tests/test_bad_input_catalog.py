@@ -887,6 +887,7 @@ def test_the_sections_deepspeed_extra_must_give_as_mappings_are_deepspeeds():
     offloads = {f"{ZERO_OPTIMIZATION}.{name}" for name in zero if name.startswith("offload_")}
     assert set(DEEPSPEED_SECTIONS) == {ZERO_OPTIMIZATION, *offloads, constants.BFLOAT16, constants.FP16,
                                        constants.OPTIMIZER, f"{constants.OPTIMIZER}.{constants.OPTIMIZER_PARAMS}",
+                                       constants.SCHEDULER,
                                        constants.DATA_TYPES, TIMERS, AIO}
     models = {ZERO_OPTIMIZATION: DeepSpeedZeroConfig,
               f"{ZERO_OPTIMIZATION}.offload_optimizer": DeepSpeedZeroOffloadOptimizerConfig,
@@ -946,3 +947,77 @@ def test_a_deepspeed_extra_value_deepspeeds_models_refuse_stops_before_launch(cr
     assert result.code == 2 and "Traceback" not in result.output, result.output
     assert named in result.output
     assert snapshot(workdir) == before
+
+
+@pytest.mark.parametrize("extra, named", [
+    ({"tensorboard": {"enabled": "maybe"}},
+     "deepspeed.extra.tensorboard.enabled = 'maybe': DeepSpeed's DeepSpeedMonitorConfig refuses it"),
+    ({"csv_monitor": {"enabled": True, "job_name": ["a"]}}, "deepspeed.extra.csv_monitor.job_name = ['a']"),
+    ({"comms_logger": {"enabled": "x"}}, "deepspeed.extra.comms_logger.enabled = 'x': DeepSpeed's CommsLoggerConfig"),
+    ({"flops_profiler": {"enabled": "x"}}, "deepspeed.extra.flops_profiler = {\"enabled\": \"x\"}: DeepSpeed refuses"),
+    ({"activation_checkpointing": 5}, "deepspeed.extra.activation_checkpointing is 5: DeepSpeed reads "
+     "activation_checkpointing as a section"),
+    ({"compile": {"deepcompile": "x"}}, "deepspeed.extra.compile.deepcompile = 'x'"),
+    ({"checkpoint": {"tag_validation": "Sometimes"}}, "invalid tag_validation value of SOMETIMES"),
+    ({"timers": {"throughput": {"enabled": "x"}}}, "deepspeed.extra.timers.throughput.enabled = 'x'"),
+    ({"tensor_parallel": {"autotp_size": "x"}}, "deepspeed.extra.tensor_parallel.autotp_size = 'x'"),
+    ({"communication_data_type": "fp8"}, "deepspeed.extra.communication_data_type = \"fp8\": DeepSpeed refuses it"),
+    ({"gradient_allreduce_op": "x"}, "deepspeed.extra.gradient_allreduce_op = \"x\""),
+    ({"torch_autocast": {"enabled": True, "dtype": "float99"}}, "'float99' is not a valid DtypeEnum"),
+    ({"optimizer": {"type": "NoSuchOpt"}}, "deepspeed.extra.optimizer.type 'NoSuchOpt': DeepSpeed knows no such"),
+    ({"optimizer": {"type": 5}}, "deepspeed.extra.optimizer = {\"type\": 5}: DeepSpeed refuses it"),
+    ({"optimizer": {"type": "Adamax"}}, "torch.optim.Adamax refuses the optimizer.params craken writes with it"),
+    ({"scheduler": {"type": "Nope", "params": {}}}, "deepspeed.extra.scheduler.type 'Nope': DeepSpeed knows no such"),
+    ({"scheduler": 5}, "deepspeed.extra.scheduler is 5: DeepSpeed reads scheduler as a section"),
+])
+@pytest.mark.parametrize("command", [train("--zero", "2", "--max-steps", "2"),
+                                     train("--zero", "2", "--max-steps", "2", "--dry-run")])
+def test_a_deepspeed_extra_key_deepspeeds_parser_refuses_stops_before_launch(craken, workdir, extra, named, command):
+    """Found by real 2-process CPU runs: each of these passed every check and every process stopped at
+    deepspeed.initialize with a traceback (scheduler 5 was dropped without a word and craken's own schedule ran)."""
+    (workdir / "craken.yaml").write_text(json.dumps({"deepspeed": {"extra": extra}}))
+    before = snapshot(workdir)
+    result = craken(*command)
+    assert result.code == 2 and "Traceback" not in result.output, result.output
+    assert named in result.output
+    assert snapshot(workdir) == before
+
+
+def test_every_deepspeed_extra_key_deepspeed_refuses_is_named_at_once(craken, workdir):
+    extra = {"tensorboard": {"enabled": "maybe"}, "checkpoint": {"tag_validation": "Sometimes"},
+             "optimizer": {"type": "NoSuchOpt"}, "zero_optimization": {"round_robin_gradients": "maybe"}}
+    (workdir / "craken.yaml").write_text(json.dumps({"deepspeed": {"extra": extra}}))
+    result = craken(*train("--zero", "2", "--max-steps", "2"))
+    assert result.code == 2 and "(4 problems)" in result.err, result.output
+    for key in ("tensorboard.enabled", "checkpoint", "optimizer.type", "zero_optimization.round_robin_gradients"):
+        assert f"deepspeed.extra.{key} " in result.err
+    assert not (workdir / RUN).exists()
+
+
+@pytest.mark.parametrize("extra", [
+    {"tensorboard": {"enabled": False, "output_path": "tb", "job_name": "x"}},
+    {"comms_logger": {"enabled": False, "verbose": True}},
+    {"flops_profiler": {"enabled": False, "profile_step": 2}},
+    {"activation_checkpointing": {"partition_activations": False}},
+    {"checkpoint": {"tag_validation": "warn"}},
+    {"optimizer": {"type": "Adam"}},
+    {"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 2}}},
+    {"communication_data_type": "fp32", "gradient_allreduce_op": "sum"},
+])
+def test_the_deepspeed_extra_keys_deepspeeds_parser_takes_are_accepted(craken, workdir, extra):
+    (workdir / "craken.yaml").write_text(json.dumps({"deepspeed": {"extra": extra}}))
+    result = craken(*train("--zero", "2", "--max-steps", "2", "--dry-run"))
+    assert result.code == 0, result.output
+
+
+def test_the_launchs_deepspeed_check_leaves_the_environment_the_workers_inherit_alone(monkeypatch):
+    """The launching process passes os.environ on: a one-process group's MASTER_PORT, RANK or WORLD_SIZE
+    set there would reach every worker."""
+    import os
+
+    from craken_cli.config.dscheck import parse_unlaunched
+
+    before = dict(os.environ)
+    parse_unlaunched({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2,
+                      "tensorboard": {"enabled": False}})
+    assert dict(os.environ) == before

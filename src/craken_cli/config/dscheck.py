@@ -124,3 +124,91 @@ def pydantic_problems(exc, cfg: dict) -> list[str]:
         out.append(f"{'.'.join([where, *loc])} = {err.get('input')!r}: DeepSpeed's {exc.title} refuses it "
                    f"({err['msg']}): {fix}")
     return out
+
+
+def parse_unlaunched(cfg: dict):
+    """DeepSpeed's parsed config in the process that launches the run: no process group and no
+    environment variable set (the launch passes os.environ on to the workers). Without a group DeepSpeed
+    counts one process, so train_batch_size is left for it to work out from the micro-batch and
+    accumulation steps (craken renders the three consistent for the run's process count)."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    return DeepSpeedConfig({k: v for k, v in cfg.items() if k != "train_batch_size"})
+
+
+def refusal_problems(exc: Exception, key: str, value, stated) -> list[str]:
+    """What DeepSpeed's parser said about the top-level key `key` of deepspeed.extra (`value` as rendered,
+    `stated` as the user gave it), one problem per pydantic error, each naming the dotted key."""
+    from pydantic import ValidationError
+
+    name = f"deepspeed.extra.{key}"
+    if isinstance(exc, ValidationError):
+        return [f"deepspeed.extra.{'.'.join(error_path({key: value}, [str(p) for p in err['loc']]))} = "
+                f"{err.get('input')!r}: DeepSpeed's {exc.title} refuses it ({err['msg']}): fix the value"
+                for err in exc.errors()]
+    shown = json.dumps(stated, default=str)
+    if not isinstance(value, dict) and isinstance(exc, (AttributeError, TypeError)):
+        # DeepSpeed calls .get() on a section; its error names neither the key nor the fix
+        return [f"{name} is {shown[:80]}: DeepSpeed reads {key} as a section, a mapping of its own keys: write it as "
+                "one, or remove it"]
+    said = " ".join(str(exc).split())[:300]
+    return [f"{name} = {shown[:120]}: DeepSpeed refuses it ({exc.__class__.__name__}: {said}): fix or remove it"]
+
+
+def error_path(root: dict, loc: list[str]) -> list[str]:
+    """The key path in `root` of a pydantic error's location: DeepSpeed builds its models from sections
+    at different depths (the monitor model from the whole file, the throughput timer's from
+    timers.throughput), so the location is looked for under each mapping, the shallowest first."""
+    queue = [[]]
+    while queue:
+        prefix = queue.pop(0)
+        node = _at(root, prefix)
+        parent = _at(node, loc[:-1])
+        if loc and isinstance(parent, dict) and loc[-1] in parent:
+            return prefix + loc
+        queue += [prefix + [k] for k, v in node.items() if isinstance(v, dict)]
+    return [*root, *loc]
+
+
+def _at(node, path: list[str]):
+    for part in path:
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def unknown_class_problems(parsed) -> list[str]:
+    """The optimizer and scheduler types the engine cannot build: DeepSpeedConfig keeps any name, and
+    deepspeed.initialize looks it up among its own classes, then torch's (engine._configure_basic_optimizer,
+    _scheduler_from_config), failing in every process."""
+    import torch
+    from deepspeed.runtime import lr_schedules
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+
+    out = []
+    optimizer = parsed.optimizer_name
+    if optimizer is not None and optimizer not in DEEPSPEED_OPTIMIZERS:
+        out += torch_optimizer_problems(optimizer, parsed.optimizer_params or {}, DEEPSPEED_OPTIMIZERS)
+    scheduler = parsed.scheduler_name
+    if scheduler is not None and not hasattr(lr_schedules, scheduler) \
+            and not hasattr(torch.optim.lr_scheduler, scheduler):
+        out.append(f"deepspeed.extra.scheduler.type {scheduler!r}: DeepSpeed knows no such scheduler (its own: "
+                   f"{', '.join(lr_schedules.VALID_LR_SCHEDULES)}; else a class of torch.optim.lr_scheduler): fix "
+                   "the name")
+    return out
+
+
+def torch_optimizer_problems(name, params: dict, own: list[str]) -> list[str]:
+    """A torch.optim class the engine would build as torch_optimizer(parameters, **params): built here on
+    one parameter, so that torch itself says which parameter it does not take."""
+    import torch
+
+    found = getattr(torch.optim, str(name), None)
+    if not (isinstance(found, type) and issubclass(found, torch.optim.Optimizer)):
+        return [f"deepspeed.extra.optimizer.type {name!r}: DeepSpeed knows no such optimizer (its own: "
+                f"{', '.join(own)}; else a class of torch.optim): fix the name"]
+    try:
+        found([torch.nn.Parameter(torch.zeros(1))], **params)
+    except (TypeError, ValueError) as exc:
+        return [f"deepspeed.extra.optimizer.type {name!r}: torch.optim.{name} refuses the optimizer.params craken "
+                f"writes with it ({exc}): use one of DeepSpeed's own optimizers ({', '.join(own)})"]
+    return []

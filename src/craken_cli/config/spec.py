@@ -332,8 +332,10 @@ class DeepSpeedSection(Section):
 # The keys of deepspeed.extra DeepSpeed reads as sections, mappings of their own keys: its pydantic
 # sub-configs and the blocks craken renders (merged over one of those, anything else would replace
 # craken's values), and aio, which DeepSpeed reads key by key. DeepSpeed reads a null aio as its defaults.
+# A scheduler block replaces craken's whole (train/schedule.run_block), so one that is no mapping would be
+# dropped without a word.
 DEEPSPEED_SECTIONS = ("zero_optimization", "zero_optimization.offload_optimizer", "zero_optimization.offload_param",
-                      "bf16", "fp16", "optimizer", "optimizer.params", "data_types", "timers", "aio")
+                      "bf16", "fp16", "optimizer", "optimizer.params", "scheduler", "data_types", "timers", "aio")
 NULL_SECTIONS = ("aio",)
 # deepspeed.extra's settings craken reads itself (plan.memory.SwapSettings), read as DeepSpeed reads them: its
 # pydantic sections take a string or float of a whole number ("4", 4.0) as the number, and "auto" as the

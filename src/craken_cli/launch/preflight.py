@@ -401,27 +401,61 @@ def nvme_problems(spec, environ) -> list[str]:
 
 
 def deepspeed_extra_problems(spec) -> list[str]:
-    """Values of `deepspeed.extra` that DeepSpeed's own config models refuse (a boolean given as "maybe",
-    a size as text): without this check every process stops at `deepspeed.initialize` with a pydantic
-    traceback. The rendered JSON's sections are checked, so craken's own values beside them count too."""
+    """Values of `deepspeed.extra` that DeepSpeed's own config models and parser refuse (a boolean given as
+    "maybe", a size as text, a monitor or profiler section of the wrong type, an optimizer it cannot build):
+    without this check every process stops at `deepspeed.initialize` with a traceback. The rendered JSON is
+    checked, so craken's own values beside them count too."""
     if not spec.uses_deepspeed or not spec.deepspeed.extra:
         return []
+    from .render import deepspeed_config
+
+    rendered = deepspeed_config(spec)
+    refused = section_model_problems(spec, rendered)
+    return [p for found in refused.values() for p in found] + parser_problems(spec, rendered, skip=set(refused))
+
+
+def section_model_problems(spec, rendered: dict) -> dict[str, list[str]]:
+    """Every error of DeepSpeed's pydantic sections (zero_optimization, bf16, fp16), at once, by the
+    top-level key of deepspeed.extra they are in."""
     from pydantic import ValidationError
 
     from ..config import dscheck
     from ..config.importers import section_models
-    from .render import deepspeed_config
 
-    rendered = deepspeed_config(spec)
-    problems = []
+    refused = {}
     for section, model in section_models().items():
         value = rendered.get(section)
         if section in spec.deepspeed.extra and isinstance(value, dict):
             try:
                 model(**value)
             except ValidationError as exc:
-                problems += [f"deepspeed.extra.{problem}" for problem in dscheck.pydantic_problems(exc, rendered)]
-    return problems
+                refused[section] = [f"deepspeed.extra.{problem}" for problem in dscheck.pydantic_problems(exc, rendered)]
+    return refused
+
+
+def parser_problems(spec, rendered: dict, skip: set[str]) -> list[str]:
+    """DeepSpeedConfig itself on craken's JSON with one extra key at a time (it stops at its first error,
+    and each key should get its own message), then on the whole JSON for what keys refuse together."""
+    from ..config import dscheck
+    from .render import deepspeed_config
+
+    plain = deepspeed_config(spec.model_copy(update={"deepspeed": spec.deepspeed.model_copy(update={"extra": {}})}))
+    problems = []
+    for key in spec.deepspeed.extra:
+        if key in skip or key not in rendered:
+            continue
+        try:  # craken's own JSON parses, so whatever fails here is this key's
+            problems += dscheck.unknown_class_problems(dscheck.parse_unlaunched({**plain, key: rendered[key]}))
+        except Exception as exc:  # DeepSpeed raises assorted types; its words are what the user needs
+            problems += dscheck.refusal_problems(exc, key, rendered[key], spec.deepspeed.extra[key])
+    if problems or skip:
+        return problems
+    try:
+        dscheck.parse_unlaunched(rendered)
+    except Exception as exc:
+        return [f"deepspeed.extra: DeepSpeed refuses these keys together ({exc.__class__.__name__}: "
+                f"{' '.join(str(exc).split())[:300]}): fix them"]
+    return []
 
 
 def swap_buffer_problems(spec) -> list[str]:
