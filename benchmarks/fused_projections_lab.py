@@ -1,6 +1,6 @@
 """Would fusing q/k/v and gate/up into one GEMM each speed up fp8 training? (issue 19's last lever)
 
-    python3 benchmarks/fused_projections_lab.py --out $OUT [--shape llama-3b] [--layers 4]
+    python3 benchmarks/fused_projections_lab.py --out $OUT [--shape llama-3b] [--layers 4] [--tunings coordinate,max-autotune]
 
 A stack of Llama-style decoder layers at a benchmarks/ shape (RMSNorm, q/k/v, rotary, SDPA with GQA,
 o, gate/up, SiLU, down), fp32 weights under bf16 autocast, each layer compiled on its own as craken's
@@ -117,7 +117,14 @@ class Layer(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def build(shape: str, layers: int, mode: str, fp8: bool):
+# Inductor options per --tunings name: craken's fp8 default (coordinate-descent tuning of each generated
+# kernel's block sizes), and that plus GEMM autotuning (max-autotune without CUDA graphs: inductor times its
+# Triton matmul templates, the float8 _scaled_mm among them, against cuBLAS and keeps the fastest).
+TUNINGS = {"coordinate": {"coordinate_descent_tuning": True},
+           "max-autotune": {"coordinate_descent_tuning": True, "max_autotune": True}}
+
+
+def build(shape: str, layers: int, mode: str, fp8: bool, tuning: str = "coordinate"):
     hidden, _, heads, kv, mlp, _ = gpu_bench.SHAPES[shape]
     with torch.device("cuda"):
         stack = nn.ModuleList(Layer(hidden, heads, kv, mlp) for _ in range(layers))
@@ -131,12 +138,12 @@ def build(shape: str, layers: int, mode: str, fp8: bool):
             from torchao.float8 import convert_to_float8_training
 
             convert_to_float8_training(layer)
-        layer.compile(options={"coordinate_descent_tuning": True})
+        layer.compile(options=dict(TUNINGS[tuning]))
     return stack, hidden, hidden // heads
 
 
-def measure(args, mode: str, fp8: bool) -> dict:
-    stack, hidden, head_dim = build(args.shape, args.layers, mode, fp8)
+def measure(args, mode: str, fp8: bool, tuning: str = "coordinate") -> dict:
+    stack, hidden, head_dim = build(args.shape, args.layers, mode, fp8, tuning)
     positions = torch.arange(args.seq, device="cuda", dtype=torch.float32)
     freqs = positions[:, None] / (10000.0 ** (torch.arange(0, head_dim, 2, device="cuda") / head_dim))[None]
     angles = torch.cat((freqs, freqs), dim=-1)
@@ -161,7 +168,7 @@ def measure(args, mode: str, fp8: bool) -> dict:
         step()
     torch.cuda.synchronize()
     ms = (time.time() - t0) * 1000 / args.steps / args.layers
-    row = {"shape": args.shape, "mode": mode, "precision": "fp8" if fp8 else "bf16", "master": "float32",
+    row = {"shape": args.shape, "mode": mode, "tuning": tuning, "precision": "fp8" if fp8 else "bf16", "master": "float32",
            "micro_batch": args.micro_batch, "seq": args.seq, "ms_per_layer": ms, "warmup_s": compile_s,
            "peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30}
     del stack, x, grad
@@ -179,24 +186,25 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--modes", default="fused,cat,separate")
     ap.add_argument("--precisions", default="fp8,bf16")
+    ap.add_argument("--tunings", default="coordinate", help=f"comma-separated, of {sorted(TUNINGS)}")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for precision in args.precisions.split(","):
-        for mode in args.modes.split(","):
-            row = measure(args, mode, precision == "fp8")
+        for mode, tuning in [(m, t) for m in args.modes.split(",") for t in args.tunings.split(",")]:
+            row = measure(args, mode, precision == "fp8", tuning)
             rows.append(row)
             with open(out / "fused_projections.jsonl", "a") as fh:
                 fh.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.shape} mb {args.micro_batch} x "
           f"{args.seq}, {args.layers} layers, fp32 master weights, bf16 autocast")
-    print("precision | mode | ms/layer | vs separate | warm-up s | peak GiB")
+    print("precision | mode | tuning | ms/layer | vs separate, first tuning | warm-up s | peak GiB")
     for row in rows:
         base = next(r for r in rows if r["precision"] == row["precision"] and r["mode"] == "separate")
-        print(f"{row['precision']} | {row['mode']} | {row['ms_per_layer']:.2f} | "
+        print(f"{row['precision']} | {row['mode']} | {row['tuning']} | {row['ms_per_layer']:.2f} | "
               f"{base['ms_per_layer'] / row['ms_per_layer']:.3f}x | {row['warmup_s']:.0f} | {row['peak_alloc_gib']:.1f}")
 
 
