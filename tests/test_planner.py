@@ -204,6 +204,39 @@ def test_peak_is_far_above_the_16_bytes_per_parameter_count():
     assert z2.activations_gib > 16.4  # more than all model states of the ZeRO paper's count
 
 
+def test_plain_engine_gradients_replace_the_freed_activations_only_with_grown_segments_and_no_accumulation():
+    """At 7B on one GPU the no-ZeRO peak is the backward's end (every fp32 gradient), not gradients plus
+    activations: measured 131.7 GiB at micro-batch 8 where the sum says 145.8 (docs/planner.md, "The
+    gradient grid of 2026-12-04"). Accumulation and fixed allocator segments keep the sum."""
+    from dataclasses import replace
+
+    info = analytic_info(json.loads((CONFIGS / "mistral-7b.json").read_text()), "mistral-7b")
+    shape = Shape(world=1, gpus_per_machine=1, seq_len=1024, lp=2, compiled=True, reduce_bucket=500_000_000,
+                  overlap_comm=True, prefetch_bucket=50_000_000, gpu_memory=139.8 * GiB, cpu_memory=None,
+                  nvme_free=None)
+    zero0 = Candidate(0, "none", "none", False)
+    grown, fixed = estimate(info, zero0, 8, 1, shape), estimate(info, zero0, 8, 1, replace(shape, grown_segments=False))
+    held = estimate(info, zero0, 8, 2, shape)
+    replaced = -grown.detail["gradients_replace_freed_activations"]
+    assert replaced == pytest.approx(grown.grads_gib)  # the start (activations + copies) is the larger here
+    assert grown.reserved_gib == pytest.approx(131.72, rel=0.03)  # measured, one H200
+    assert fixed.reserved_gib == pytest.approx(grown.reserved_gib + replaced)
+    assert "gradients_replace_freed_activations" not in held.detail and held.reserved_gib == pytest.approx(fixed.reserved_gib)
+    small = estimate(info, zero0, 1, 1, shape)  # the end is the larger: gradients, no activations left
+    assert small.reserved_gib == pytest.approx(small.params_gib + small.grads_gib + small.optimizer_gib, rel=0.01)
+
+
+def test_detect_reads_whether_the_workers_allocator_grows_segments():
+    from craken_cli.launch.command import grows_segments
+    from craken_cli.plan.hardware import FakeProbe, detect
+
+    assert grows_segments({}) and grows_segments({"PYTORCH_ALLOC_CONF": "expandable_segments:True"})
+    assert not grows_segments({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"})
+    assert not grows_segments({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"})
+    assert detect(FakeProbe(), environ={}).grown_segments
+    assert not detect(FakeProbe(), environ={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}).grown_segments
+
+
 # ---------------------------------------------------------------------------------------------
 # activations
 

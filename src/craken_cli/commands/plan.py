@@ -130,6 +130,9 @@ def _print(result, changes: list[str]) -> None:
                       f"{s.total_gib:.1f}", f"{s.cpu_memory_gib:.0f}", f"{s.speed:.2f}",
                       "yes" if s.fits else "no", style=style)
     wide.print(table)
+    if whole and any("gradients_replace_freed_activations" in s.detail for s in result.strategies):
+        out.print("zero0 rows: the gradients are made in the blocks the backward frees, so 'other' subtracts the "
+                  "smaller of the gradients and what the backward starts with", markup=False)
     if result.choice is None:
         out.print("nothing fits; any one of these would:" if changes else "nothing fits", markup=False)
         for change in changes:
