@@ -10,6 +10,8 @@
     python3 benchmarks/gpu_bench.py --grid two-gpu-zero1 --out $OUT  # ZeRO-1 with/without fp32 accumulation, 2 GPUs
     python3 benchmarks/gpu_bench.py --grid masters --out $OUT        # 1.1B, 350M, 3B: --auto vs hand eager vs
                                                                      # the expert's compiled row, at craken's mb
+    python3 benchmarks/gpu_bench.py --grid seven-b --out $OUT        # Mistral-7B, global batch 32: --auto's
+                                                                     # mb 1 x 32 against AC 8 x 4 and 2 x 16
 
 Every run is a real launch (`craken train ...` or `accelerate launch benchmarks/handwritten_train.py`)
 on a Llama-shaped model built from a config (random weights, nothing downloaded). The configs name
@@ -248,6 +250,22 @@ def main() -> int:
             craken_run("craken-zero2-compile-mb8-2gpu", m11, out, 2048, 30, "--zero", "2", "--micro-batch", "8",
                        "--grad-accum", "1", "--compile", "--set", "offload.optimizer.device=none", gpus=2,
                        port=29612),
+        ]
+    elif args.grid == "seven-b":
+        # What --auto's micro-batch costs at 7B on one GPU (docs/planner.md, "The gradient grid"): with the
+        # gradients held through each backward of an accumulation window, a global batch of 32 fits only
+        # micro-batch 1 x 32 without checkpointing; against it, checkpointed micro-batch 8 x 4 and the
+        # 2 x 16 that ran at 131 GiB (outside the planner's 10% margin, so launched without --auto).
+        m7b = ROOT / "benchmarks" / "model_configs" / "mistral-7b.json"
+        folder = work / "mistral-7b"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(m7b.read_text())
+        runs += [
+            craken_run("craken-auto-gb32-7b", folder, out, 1024, 15, "--auto", "--global-batch", "32"),
+            craken_run("craken-auto-ac-mb8-gb32-7b", folder, out, 1024, 15, "--auto", "--global-batch", "32",
+                       "--micro-batch", "8", "--activation-checkpointing"),
+            craken_run("craken-zero0-compile-mb2x16-7b", folder, out, 1024, 15, "--zero", "0", "--compile",
+                       "--micro-batch", "2", "--grad-accum", "16"),
         ]
     elif args.grid != "masters":
         ap.error(f"unknown --grid {args.grid}")
