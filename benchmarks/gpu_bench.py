@@ -261,10 +261,10 @@ def main() -> int:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(m7b.read_text())
         runs += [
-            craken_run("craken-auto-gb32-7b", folder, out, 1024, 15, "--auto", "--global-batch", "32"),
-            craken_run("craken-auto-ac-mb8-gb32-7b", folder, out, 1024, 15, "--auto", "--global-batch", "32",
+            craken_run("craken-auto-gb32-7b", folder, out, 1024, 11, "--auto", "--global-batch", "32"),
+            craken_run("craken-auto-ac-mb8-gb32-7b", folder, out, 1024, 11, "--auto", "--global-batch", "32",
                        "--micro-batch", "8", "--activation-checkpointing"),
-            craken_run("craken-zero0-compile-mb2x16-7b", folder, out, 1024, 15, "--zero", "0", "--compile",
+            craken_run("craken-zero0-compile-mb2x16-7b", folder, out, 1024, 11, "--zero", "0", "--compile",
                        "--micro-batch", "2", "--grad-accum", "16"),
         ]
     elif args.grid != "masters":
