@@ -465,6 +465,8 @@ FITTED = {
     "COMPILED_MLP_SAVED": [2, 3, 4],
     "EAGER_WEIGHT_COPY_SHARE": [0.0, 0.25, 0.5, 0.75, 1.0],
     "COMPILED_WEIGHT_COPY_SHARE": [0.0, 0.25, 0.5, 0.75, 1.0],
+    # moves with the compiled terms above (its one training row is compiled): fitted with them, not after
+    "FP8_ACTIVATION_SHARE": [round(0.6 + 0.025 * i, 3) for i in range(13)],
 }
 
 
@@ -494,7 +496,7 @@ def objective(pairs) -> tuple[float, float]:
 # Where a second descent starts: each constant's derived value (docs/planner.md), no slack.
 DERIVED = {"FRAGMENTATION": 0.0, "COMPILED_FRAGMENTATION": 0.0, "STEP_REUSE_OF_ACTIVATIONS": 0.25,
            "UPCAST_LOSS_FP32_BYTES": 12, "COMPILED_LOSS_FP32_BYTES": 2, "COMPILED_MLP_SAVED": 2,
-           "EAGER_WEIGHT_COPY_SHARE": 1.0, "COMPILED_WEIGHT_COPY_SHARE": 1.0}
+           "EAGER_WEIGHT_COPY_SHARE": 1.0, "COMPILED_WEIGHT_COPY_SHARE": 1.0, "FP8_ACTIVATION_SHARE": 0.75}
 
 
 def descend(train_pairs, rounds: int, start: dict) -> tuple[tuple[float, float], dict]:

@@ -76,7 +76,7 @@ COMPILED_MLP_SAVED = 3
 # only (DeepSpeed trains a 16-bit module); compiled layers keep fewer (the partitioner may recompute the
 # cast of an fp32 weight in the backward rather than save it).
 EAGER_WEIGHT_COPY_SHARE = 0.5
-COMPILED_WEIGHT_COPY_SHARE = 1.0
+COMPILED_WEIGHT_COPY_SHARE = 0.75
 CPU_PER_PROCESS_GIB = 3.0  # Python, torch, CUDA host allocations and the data loader of one process
 ACTIVATION_CHECKPOINTING_SPEED = 0.75  # about 1/3 more compute for the recomputed forward
 
@@ -92,7 +92,7 @@ COMPILE_MIN_PARAMS = 100_000_000  # smaller models: compilation costs more time 
 # Compiled layers whose Linears all convert to torchao float8 keep this share of the bf16 layers'
 # reserved activations (the backward's inputs kept as float8 casts); a layer converted in part saves that
 # part of the difference. Not in planner_bench's fit: docs/planner.md, "FP8", gives its rows and errors.
-FP8_ACTIVATION_SHARE = 0.75
+FP8_ACTIVATION_SHARE = 0.775
 
 
 def strategy_name(stage: int, offload_optimizer: str = "none", offload_param: str = "none",
