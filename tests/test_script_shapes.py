@@ -110,3 +110,13 @@ def test_a_local_rank_on_the_scripts_command_line_is_refused(args):
     assert problem in userscript.arg_problems(spec, Path(spec.output.run_dir()), userscript.Target("x.py", args=args),
                                               False, False)
     assert userscript.local_rank_problems(("--rank", "0", "--local_ranks")) == []
+
+
+def test_a_trainers_own_deepspeed_file_is_refused_with_how_to_import_it():
+    """Before: "drop it and set the run with craken's flags", without the --config import the same file on the
+    script's command line is told, and a dict printed whole."""
+    message = userscript.trainer_deepspeed_message("own_ds.json")
+    assert "TrainingArguments(deepspeed='own_ds.json')" in message
+    assert "craken launch --config own_ds.json ... imports it" in message
+    shown = userscript.trainer_deepspeed_message({"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}})
+    assert "a dict of its own" in shown and "zero_optimization" not in shown

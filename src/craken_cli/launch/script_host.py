@@ -222,8 +222,7 @@ def reconcile(args, plan: dict) -> None:
         elif planned.must_agree and not userscript.agrees(value, planned.value):
             conflicts.append(userscript.conflict_message(name, value, planned))
     if getattr(args, "deepspeed", None):
-        conflicts.append(f"the script sets TrainingArguments(deepspeed={args.deepspeed!r}): craken launch renders "
-                         "the DeepSpeed config itself; drop it and set the run with craken's flags")
+        conflicts.append(userscript.trainer_deepspeed_message(args.deepspeed))
     if conflicts:
         raise PlanConflict(conflicts)
 

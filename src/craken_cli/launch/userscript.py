@@ -443,6 +443,18 @@ def local_rank_problems(args: Sequence[str]) -> list[str]:
             "(each process gets its own --local_rank=N from craken, where the script's parser declares the option)"]
 
 
+def trainer_deepspeed_message(value: Any) -> str:
+    """TrainingArguments(deepspeed=...) in the script's code: a file is shown with how to import it (as
+    `--deepspeed FILE` on its command line is, own_config_problems), a dict only as one."""
+    if isinstance(value, (str, os.PathLike)):
+        return (f"the script sets TrainingArguments(deepspeed={os.fspath(value)!r}): craken launch renders the "
+                "DeepSpeed config itself and the script trains with that one; drop it and pass the file to craken "
+                f"instead (craken launch --config {os.fspath(value)} ... imports it; craken's flags change it)")
+    return ("the script sets TrainingArguments(deepspeed=) to a dict of its own: craken launch renders the DeepSpeed "
+            "config itself and the script trains with that one; drop it and set the run with craken's flags "
+            "(craken launch --config FILE imports a DeepSpeed JSON)")
+
+
 def parsed_options(args: Sequence[str]) -> dict[str, str]:
     """`--name value` / `--name=value` pairs (a bare boolean flag reads as "true")."""
     out: dict[str, str] = {}
