@@ -467,7 +467,7 @@ def test_the_hosts_prepare_check_reads_the_scripts_own_call_only(monkeypatch):
         def prepare(self, *objects):
             return objects
 
-    patch_accelerator_prepare(Accelerator, micro_batch=4, lr=1e-3)
+    patch_accelerator_prepare(Accelerator, micro_batch=4, lr=1e-3, ds_config={})
     model = torch.nn.Linear(2, 1)
     data = torch.utils.data.TensorDataset(torch.zeros(16, 2))
     adamw = torch.optim.AdamW(model.parameters(), lr=5e-5)

@@ -338,3 +338,36 @@ def test_an_accelerate_script_with_its_own_batch_size_stops_before_deepspeed_run
             "craken's plan, micro-batch 2") in result.stderr
     assert "DEEPSPEED_RAN" not in result.stdout and "Traceback" not in result.stderr
     assert_no_launcher_traceback(result)
+
+
+def always_building(optimizer_lines: str) -> str:
+    """ACCELERATE_SCRIPT building `optimizer_lines` whatever CRAKEN_PLAN_DS_OPTIMIZER says."""
+    head, rest = ACCELERATE_SCRIPT.split('if plan["ds_optimizer"] == "1":')
+    return head + optimizer_lines + rest[rest.index("model, optimizer, loader, scheduler = accelerator.prepare"):]
+
+
+def test_an_always_adamw_script_under_offload_stops_before_training_with_the_fix(tmp_path, tiny_model_dir, free_port):
+    """Before: accelerate's "You cannot specify an optimizer in the config file and in the code" in every worker."""
+    (tmp_path / "train.py").write_text(always_building(
+        "optimizer = torch.optim.AdamW(model.parameters(), lr=float(plan['lr']))\n"
+        "scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)\n"))
+    result = craken("launch", "--zero", "2", "--offload-optimizer", "cpu", "--main-process-port", free_port,
+                    "train.py", tiny_model_dir, cwd=tmp_path)
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-5000:]
+    assert ("the script hands accelerator.prepare its own optimizer (AdamW) and craken's DeepSpeed JSON holds "
+            "DeepSpeed's (AdamW") in result.stderr
+    assert "DEEPSPEED_RAN" not in result.stdout and "Traceback" not in result.stderr
+    assert_no_launcher_traceback(result)
+
+
+def test_deepspeeds_adagrad_from_deepspeed_extra_trains_a_dummy_optim_script(tmp_path, tiny_model_dir, free_port):
+    """Before: craken's Adam params (betas, torch_adam) went to torch's Adagrad, which refused them in every worker."""
+    (tmp_path / "train.py").write_text(always_building(
+        "optimizer = DummyOptim(model.parameters())\nscheduler = DummyScheduler(optimizer)\n"))
+    flags = ["--zero", "2", "--micro-batch", "2", "--grad-accum", "1", "--max-steps", "2",
+             "--set", 'deepspeed.extra.optimizer={"type":"Adagrad"}', "--main-process-port", free_port]
+    result = craken("launch", *flags, "train.py", tiny_model_dir, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    ran = line(result, "DEEPSPEED_RAN")
+    assert_ran_as_planned(ran, planned(flags, tmp_path))
+    assert ran["optimizer"] == "Adagrad" and line(result, "DONE")["step"] == 2

@@ -313,7 +313,8 @@ class DeepSpeedSection(Section):
     extra: dict[str, Any] = Field(
         default_factory=dict, description="DeepSpeed keys craken does not model, written into ds_config.json as "
         "given: nested sections merge key by key into what craken renders, and \"auto\" is filled as the HF Trainer "
-        "fills it. `craken config import` keeps a file's other keys here (activation_checkpointing, tensor_parallel, "
+        "fills it. An optimizer block of DeepSpeed's Lamb, Lion or Adagrad gets only the optimizer.* params it takes "
+        "(no betas for Adagrad, no eps for Lion). `craken config import` keeps a file's other keys here (activation_checkpointing, tensor_parallel, "
         "zero_optimization.sub_group_size, fp16 loss scaling, its scheduler block, ...)."
     )
 

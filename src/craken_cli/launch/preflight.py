@@ -414,6 +414,26 @@ def deepspeed_extra_problems(spec) -> list[str]:
     return [p for found in refused.values() for p in found] + parser_problems(spec, rendered, skip=set(refused))
 
 
+def cpu_optimizer_problems(spec) -> list[str]:
+    """DeepSpeed's Lamb is a CUDA kernel alone (FusedLamb), and its Lion one too unless the states are
+    offloaded (DeepSpeedCPULion): on CPU processes every process stops at deepspeed.initialize ("This op
+    had not been implemented on CPU backend"), which DeepSpeedConfig does not foresee."""
+    from .render import extra_optimizer_type
+
+    if not spec.uses_deepspeed or not spec.cluster.use_cpu:
+        return []
+    kind, offloaded = extra_optimizer_type(spec), spec.offload.optimizer.device != "none"
+    if kind == "lamb":
+        return ["deepspeed.extra.optimizer.type 'Lamb' is DeepSpeed's FusedLamb, a CUDA kernel with no CPU version, "
+                "and this run has CPU processes: use Lion with --offload-optimizer cpu, Adagrad, or craken's AdamW "
+                "(drop deepspeed.extra.optimizer)"]
+    if kind == "lion" and not offloaded:
+        return ["deepspeed.extra.optimizer.type 'Lion' is DeepSpeed's FusedLion, a CUDA kernel, on states that are not "
+                "offloaded, and this run has CPU processes: pass --offload-optimizer cpu (DeepSpeed's CPU Lion), or "
+                "drop deepspeed.extra.optimizer"]
+    return []
+
+
 def section_model_problems(spec, rendered: dict) -> dict[str, list[str]]:
     """Every error of DeepSpeed's pydantic sections (zero_optimization, bf16, fp16), at once, by the
     top-level key of deepspeed.extra they are in."""

@@ -128,7 +128,7 @@ def prepare(request: TrainRequest, environ: Mapping[str, str], hardware=None) ->
                 + preflight.precision_problems(spec) + preflight.schedule_problems(spec)
                 + preflight.tracker_problems(spec) + preflight.output_name_problems(spec)
                 + folder_problems
-                + preflight.deepspeed_extra_problems(spec)
+                + preflight.deepspeed_extra_problems(spec) + preflight.cpu_optimizer_problems(spec)
                 + preflight.op_problems(spec, environ) + preflight.nvme_problems(spec, environ)
                 + fp8.install_problems(spec.precision) + script_problems(spec, run_dir, request, kept))
     if problems:

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  "scheduler" in ds_config))
     patch_argparse_local_rank()
     patch_on_import("accelerate.accelerator", lambda module: patch_accelerator_prepare(
-        module.Accelerator, spec.batch.micro_batch, spec.optimizer.lr))
+        module.Accelerator, spec.batch.micro_batch, spec.optimizer.lr, ds_config))
     patch_on_import("deepspeed", lambda module: patch_deepspeed_initialize(module, ds_path, ds_config))
     return run_target(script, module, script_args)
 
@@ -222,8 +222,7 @@ def reconcile(args, plan: dict) -> None:
         elif planned.must_agree and not userscript.agrees(value, planned.value):
             conflicts.append(userscript.conflict_message(name, value, planned))
     if getattr(args, "deepspeed", None):
-        conflicts.append(f"the script sets TrainingArguments(deepspeed={args.deepspeed!r}): craken launch renders "
-                         "the DeepSpeed config itself; drop it and set the run with craken's flags")
+        conflicts.append(userscript.trainer_deepspeed_message(args.deepspeed))
     if conflicts:
         raise PlanConflict(conflicts)
 
@@ -278,9 +277,10 @@ def patch_argparse_local_rank() -> None:
     wrap_once(argparse.ArgumentParser, "parse_known_args", wrap)
 
 
-def patch_accelerator_prepare(cls, micro_batch: int, lr: float) -> None:
+def patch_accelerator_prepare(cls, micro_batch: int, lr: float, ds_config: dict) -> None:
     """The script's own `accelerator.prepare(model, ...)` (not the Trainer's, whose values the plan fills)
-    is checked before DeepSpeed is built from it."""
+    is checked before DeepSpeed is built from it: its loader and lr against the plan, its torch optimizer
+    and scheduler against the JSON's blocks."""
     import functools
 
     def wrap(original):
@@ -288,7 +288,8 @@ def patch_accelerator_prepare(cls, micro_batch: int, lr: float) -> None:
         def prepare(self, *objects, **kwargs):
             if not called_by_library():
                 split_across = self.num_processes if getattr(self, "split_batches", False) else 1
-                problems = userscript.prepare_problems(*prepared_values(objects), micro_batch, lr, split_across)
+                problems = (userscript.prepare_problems(*prepared_values(objects), micro_batch, lr, split_across)
+                            + userscript.client_block_problems(*client_classes(objects), ds_config))
                 if problems:
                     raise PlanConflict(problems)
             return original(self, *objects, **kwargs)
@@ -308,6 +309,17 @@ def prepared_values(objects) -> tuple[list[int], list[list[float]]]:
     lrs = [[g.get("initial_lr", g.get("lr")) for g in o.param_groups if isinstance(g.get("lr"), (int, float))]
            for o in objects if isinstance(o, torch.optim.Optimizer)]  # accelerate's DummyOptim is none
     return sizes, lrs
+
+
+def client_classes(objects) -> tuple[list[str], list[str]]:
+    """The class names of the torch optimizers and schedulers among a prepare call's objects (accelerate's
+    DummyOptim / DummyScheduler are neither)."""
+    import torch
+
+    if not any(isinstance(o, torch.nn.Module) for o in objects):  # as prepared_values: the training call
+        return [], []
+    return ([type(o).__name__ for o in objects if isinstance(o, torch.optim.Optimizer)],
+            [type(o).__name__ for o in objects if isinstance(o, torch.optim.lr_scheduler.LRScheduler)])
 
 
 # Callers left alone: the Trainer's prepare calls carry its TrainingArguments (the plan's already, or

@@ -149,7 +149,17 @@ def keeps_ds_optimizer(spec, requested: bool | None, engine_without_optimizer: b
     DummyOptim whatever the plan needs the JSON's too (accelerate refuses a DummyOptim without one)."""
     if requested is not None:
         return requested
-    return spec.offload.optimizer.device != "none" or engine_without_optimizer or dummy.optimizer
+    return (spec.offload.optimizer.device != "none" or engine_without_optimizer or dummy.optimizer
+            or asks_ds_optimizer(spec))
+
+
+def asks_ds_optimizer(spec) -> bool:
+    """deepspeed.extra names an optimizer other than the Adam a script builds itself (Lamb, Lion, Adagrad,
+    a torch.optim class): the user asked for DeepSpeed's, which dropping the block would replace by the
+    script's without a word. An Adam/AdamW type only restates craken's own optimizer."""
+    block = spec.deepspeed.extra.get("optimizer")
+    kind = block.get("type") if isinstance(block, dict) else None
+    return spec.uses_deepspeed and isinstance(kind, str) and kind.lower() not in ("adam", "adamw")
 
 
 def keeps_ds_scheduler(spec, requested: bool | None, engine_without_optimizer: bool = False,
@@ -160,7 +170,8 @@ def keeps_ds_scheduler(spec, requested: bool | None, engine_without_optimizer: b
     DummyOptim, so such a script steps none, and a block would be a schedule it never asked for."""
     if requested is not None:
         return requested
-    return spec.offload.optimizer.device != "none" or engine_without_optimizer or dummy.scheduler
+    return (spec.offload.optimizer.device != "none" or engine_without_optimizer or dummy.scheduler
+            or asks_ds_optimizer(spec) or "scheduler" in spec.deepspeed.extra)  # a schedule the user wrote
 
 
 DUMMY_NAMES = ("DummyOptim", "DummyScheduler")
@@ -222,6 +233,10 @@ def dummy_problems(spec, requested: bool | None, dummy: DummyUse) -> list[str]:
             return ["--ds-optimizer keeps DeepSpeed's optimizer in the DeepSpeed config, and this plan renders none "
                     "(ZeRO stage 0 on GPUs runs plain Accelerate): pass --zero 1, 2 or 3, or drop --ds-optimizer"]
         return []
+    if requested is False and asks_ds_optimizer(spec):
+        return [f"deepspeed.extra.optimizer asks for DeepSpeed's {spec.deepspeed.extra['optimizer']['type']}, and "
+                "--no-ds-optimizer drops the JSON's optimizer block (the script's own optimizer would train "
+                "instead): drop one of them"]
     if requested is False and built:
         return [f"the script builds {built} whatever the plan, and --no-ds-optimizer drops the JSON's optimizer "
                 "and scheduler blocks, without which accelerate refuses the placeholders: drop --no-ds-optimizer, "
@@ -376,7 +391,7 @@ def arg_problems(spec, run_dir: Path, target: Target, keep_optimizer: bool, keep
     the plan, found before launch; what a script sets in its code, the host finds when it runs."""
     plan = trainer_plan(spec, run_dir, keep_optimizer, keep_scheduler)
     found = parsed_options(target.args)
-    problems = own_config_problems(target.args)
+    problems = own_config_problems(target.args) + local_rank_problems(target.args)
     for name, raw in found.items():
         if name in DS_CONFIG_OPTIONS:
             continue
@@ -416,6 +431,28 @@ def own_config_problems(args: Sequence[str]) -> list[str]:
                         f"the file to craken instead (craken launch --config {value} ... imports it; craken's flags "
                         "change it)")
     return problems
+
+
+def local_rank_problems(args: Sequence[str]) -> list[str]:
+    """A `--local_rank N` the user wrote would reach every process alike (each then takes the same GPU):
+    the rank is each process's own, which the host adds where the script's parser declares it."""
+    given = [a for a in args if any(a == o or a.startswith(o + "=") for o in LOCAL_RANK_OPTIONS)]
+    if not given:
+        return []
+    return [f"the script gets {given[0].partition('=')[0]} on its command line, the same in every process: drop it "
+            "(each process gets its own --local_rank=N from craken, where the script's parser declares the option)"]
+
+
+def trainer_deepspeed_message(value: Any) -> str:
+    """TrainingArguments(deepspeed=...) in the script's code: a file is shown with how to import it (as
+    `--deepspeed FILE` on its command line is, own_config_problems), a dict only as one."""
+    if isinstance(value, (str, os.PathLike)):
+        return (f"the script sets TrainingArguments(deepspeed={os.fspath(value)!r}): craken launch renders the "
+                "DeepSpeed config itself and the script trains with that one; drop it and pass the file to craken "
+                f"instead (craken launch --config {os.fspath(value)} ... imports it; craken's flags change it)")
+    return ("the script sets TrainingArguments(deepspeed=) to a dict of its own: craken launch renders the DeepSpeed "
+            "config itself and the script trains with that one; drop it and set the run with craken's flags "
+            "(craken launch --config FILE imports a DeepSpeed JSON)")
 
 
 def parsed_options(args: Sequence[str]) -> dict[str, str]:
@@ -517,4 +554,23 @@ def prepare_problems(batch_sizes: Sequence[int], lrs: Sequence[Sequence[float]],
             shown = ", ".join(f"{g:g}" for g in sorted(set(groups)))
             problems.append(f"the script's optimizer has lr {shown} against craken's plan, lr={lr:g}: build it with "
                             "lr=float(os.environ['CRAKEN_PLAN_LR']) or change the plan with --lr")
+    return problems
+
+
+def client_block_problems(optimizers: Sequence[str], schedulers: Sequence[str], ds_config: dict) -> list[str]:
+    """The torch optimizer / scheduler classes a script hands `accelerator.prepare(model, ...)`, beside the
+    JSON's optimizer / scheduler block: accelerate refuses the pair in every process ("You cannot specify
+    an optimizer in the config file and in the code at the same time"). The JSON keeps the blocks where
+    DeepSpeed must step (optimizer offload, a deepspeed.extra optimizer, --ds-optimizer), and says so in
+    CRAKEN_PLAN_DS_OPTIMIZER / CRAKEN_PLAN_DS_SCHEDULER."""
+    problems = []
+    for kind, names, placeholder, told in (("optimizer", optimizers, "DummyOptim(model.parameters())", "OPTIMIZER"),
+                                          ("scheduler", schedulers, "DummyScheduler(optimizer)", "SCHEDULER")):
+        block = ds_config.get(kind)
+        if not names or not isinstance(block, dict):
+            continue
+        problems.append(f"the script hands accelerator.prepare its own {kind} ({', '.join(sorted(set(names)))}) and "
+                        f"craken's DeepSpeed JSON holds DeepSpeed's ({block.get('type')}: kept under optimizer "
+                        "offload, a deepspeed.extra optimizer or --ds-optimizer), which accelerate refuses together: "
+                        f"build accelerate.utils.{placeholder} when CRAKEN_PLAN_DS_{told} is 1, or change the plan")
     return problems

@@ -1,0 +1,122 @@
+"""User-script shapes found by real 2-process CPU launches (each failed inside every worker before):
+DeepSpeed's own non-Adam optimizers given craken's Adam params, a deepspeed.extra optimizer dropped for a
+script, a torch optimizer beside the JSON's block, a --local_rank written on the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from craken_cli.config.options import SpecArgs, load_run
+from craken_cli.launch import preflight, render, userscript
+from craken_cli.plan.hardware import FakeProbe, detect
+
+
+def spec_of(flags: dict, sets: tuple = ()):
+    args = SpecArgs(flags={"--cpu": True, "--zero": 2, **flags}, sets=list(sets))
+    resolved, _ = load_run(args, hardware=detect(FakeProbe()), environ={})
+    return resolved.spec
+
+
+def extra_optimizer(kind: str) -> tuple:
+    return (f"deepspeed.extra.optimizer={json.dumps({'type': kind})}",)
+
+
+@pytest.mark.parametrize("kind, taken", [("Lamb", {"lr", "betas", "eps", "weight_decay"}),
+                                         ("Lion", {"lr", "betas", "weight_decay"}),
+                                         ("adagrad", {"lr", "eps", "weight_decay"})])
+def test_deepspeeds_own_optimizers_get_only_the_params_they_take(kind, taken):
+    """Before: torch_adam, betas, eps went to every type, and FusedLamb / FusedLion / torch's Adagrad
+    stopped every worker with "unexpected keyword argument"."""
+    params = render.deepspeed_config(spec_of({}, extra_optimizer(kind)))["optimizer"]["params"]
+    assert set(params) == taken
+
+
+def test_adam_types_keep_craken_params():
+    params = render.deepspeed_config(spec_of({}, extra_optimizer("Adam")))["optimizer"]["params"]
+    assert "torch_adam" in params and "betas" in params
+
+
+def test_the_cuda_only_optimizers_are_refused_on_cpu_processes_before_launch():
+    """DeepSpeed has no CPU FusedLamb, and a CPU Lion only for offloaded states ("This op had not been
+    implemented on CPU backend" in every worker)."""
+    [lamb] = preflight.cpu_optimizer_problems(spec_of({}, extra_optimizer("Lamb")))
+    assert lamb.startswith("deepspeed.extra.optimizer.type 'Lamb' is DeepSpeed's FusedLamb")
+    [lion] = preflight.cpu_optimizer_problems(spec_of({}, extra_optimizer("Lion")))
+    assert "pass --offload-optimizer cpu" in lion
+    assert preflight.cpu_optimizer_problems(spec_of({"--offload-optimizer": "cpu"}, extra_optimizer("Lion"))) == []
+    assert preflight.cpu_optimizer_problems(spec_of({}, extra_optimizer("Adagrad"))) == []
+
+
+def test_a_lamb_run_is_refused_with_exit_2_and_nothing_written(craken, workdir):
+    (workdir / "x.py").write_text("print(1)\n")
+    result = craken("launch", "--cpu", "--zero", "2", "--set", 'deepspeed.extra.optimizer={"type":"Lamb"}', "x.py")
+    assert result.code == 2 and "Traceback" not in result.output
+    assert "FusedLamb, a CUDA kernel" in result.err and not (workdir / "runs").exists()
+
+
+def test_a_deepspeed_extra_optimizer_keeps_its_block_for_a_script():
+    """Before: the script's JSON lost the Lamb/Adagrad block without a word, and the script's own AdamW
+    trained instead of the optimizer the user asked for."""
+    spec = spec_of({}, extra_optimizer("Adagrad"))
+    assert userscript.keeps_ds_optimizer(spec, None) and userscript.keeps_ds_scheduler(spec, None)
+    plain = spec_of({}, extra_optimizer("AdamW"))  # restates craken's own: the script's AdamW is that
+    assert not userscript.keeps_ds_optimizer(plain, None)
+    schedule = spec_of({}, ('deepspeed.extra.scheduler={"type":"WarmupLR","params":{"warmup_num_steps":3}}',))
+    assert userscript.keeps_ds_scheduler(schedule, None) and not userscript.keeps_ds_optimizer(schedule, None)
+    [problem] = userscript.dummy_problems(spec, False, userscript.DummyUse())
+    assert problem.startswith("deepspeed.extra.optimizer asks for DeepSpeed's Adagrad, and --no-ds-optimizer drops")
+
+
+def test_a_torch_optimizer_beside_the_jsons_block_is_named_with_the_fix():
+    """Before: accelerate's "You cannot specify an optimizer in the config file and in the code at the same
+    time" in every worker, exit 1 (an always-AdamW script under --offload-optimizer cpu)."""
+    ds = {"optimizer": {"type": "AdamW"}, "scheduler": {"type": "WarmupCosineLR"}}
+    opt, sched = userscript.client_block_problems(["AdamW"], ["LambdaLR"], ds)
+    assert opt.startswith("the script hands accelerator.prepare its own optimizer (AdamW) and craken's DeepSpeed "
+                          "JSON holds DeepSpeed's (AdamW")
+    assert "accelerate.utils.DummyOptim(model.parameters()) when CRAKEN_PLAN_DS_OPTIMIZER is 1" in opt
+    assert "DummyScheduler(optimizer) when CRAKEN_PLAN_DS_SCHEDULER is 1" in sched
+    assert userscript.client_block_problems(["AdamW"], ["LambdaLR"], {}) == []
+    assert userscript.client_block_problems([], [], ds) == []  # DummyOptim / DummyScheduler
+
+
+def test_the_hosts_prepare_check_finds_a_torch_optimizer_beside_the_jsons():
+    import torch
+    from accelerate.utils import DummyOptim
+
+    from craken_cli.launch.script_host import PlanConflict, patch_accelerator_prepare
+
+    class Accelerator:
+        def prepare(self, *objects):
+            return objects
+
+    patch_accelerator_prepare(Accelerator, micro_batch=4, lr=1e-3, ds_config={"optimizer": {"type": "AdamW"}})
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(PlanConflict) as info:
+        Accelerator().prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+    assert "its own optimizer (AdamW)" in info.value.problems[0]
+    Accelerator().prepare(model, DummyOptim(model.parameters()))
+
+
+@pytest.mark.parametrize("args", [("--local_rank", "0"), ("--local_rank=0",), ("--model", "m", "--local-rank", "1")])
+def test_a_local_rank_on_the_scripts_command_line_is_refused(args):
+    """Before: `craken launch ... old.py --local_rank 0` gave both processes local_rank 0 (one GPU for all)."""
+    spec = spec_of({})
+    [problem] = userscript.local_rank_problems(args)
+    assert problem.startswith("the script gets --local") and "drop it" in problem
+    assert problem in userscript.arg_problems(spec, Path(spec.output.run_dir()), userscript.Target("x.py", args=args),
+                                              False, False)
+    assert userscript.local_rank_problems(("--rank", "0", "--local_ranks")) == []
+
+
+def test_a_trainers_own_deepspeed_file_is_refused_with_how_to_import_it():
+    """Before: "drop it and set the run with craken's flags", without the --config import the same file on the
+    script's command line is told, and a dict printed whole."""
+    message = userscript.trainer_deepspeed_message("own_ds.json")
+    assert "TrainingArguments(deepspeed='own_ds.json')" in message
+    assert "craken launch --config own_ds.json ... imports it" in message
+    shown = userscript.trainer_deepspeed_message({"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}})
+    assert "a dict of its own" in shown and "zero_optimization" not in shown
