@@ -105,3 +105,15 @@ def test_launch_compiles_a_user_scripts_model_through_accelerate(tmp_path):
     assert ran["compiled_modules"] >= cfg.num_hidden_layers, ran  # each decoder layer, as craken's loop does
     assert ran["master_dtype"] == "torch.float32", ran
     assert all(loss == loss for loss in ran["losses"]) and ran["losses"][-1] < ran["losses"][0], ran
+
+
+def test_deepspeed_extra_monitor_section_passes_the_check_and_writes_on_the_gpu(tmp_path):
+    """A valid deepspeed.extra section (DeepSpeed's CSV monitor) passes the pre-launch parse of
+    DeepSpeedConfig and reaches the engine: ZeRO-2 on the GPU writes its CSV files."""
+    monitor = tmp_path / "monitor"
+    proc, records = train(tmp_path, "monitored", "--zero", "2", "--precision", "bf16", "--set",
+                          f"deepspeed.extra.csv_monitor={{enabled: true, output_path: '{monitor}/', job_name: mon}}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert start_line(records)["strategy"].startswith("zero2")
+    written = sorted(p.name for p in monitor.rglob("*.csv"))
+    assert written, f"no CSV under {monitor}: {sorted(str(p) for p in monitor.rglob('*'))}"
