@@ -26,6 +26,11 @@ def looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
 
 
+def names_local_data(name: str) -> bool:
+    """--dataset NAME is a local file or folder (so spelled, or there), not a hub id."""
+    return looks_like_path(name) or data_suffix(Path(name).expanduser()) in LOCAL_FORMATS
+
+
 def model_max_positions(name: str) -> int | None:
     if builtin.is_builtin(name):
         return builtin.TINY_CONFIG["max_position_embeddings"]
@@ -153,9 +158,9 @@ def data_problems(spec) -> list[str]:
         return template_problems(spec, "text" if data.format == "auto" else data.format) or size_problems(spec)
     path = Path(data.dataset).expanduser()
     if not path.exists():
-        if looks_like_path(data.dataset) or data_suffix(path) in LOCAL_FORMATS:
+        if names_local_data(data.dataset):
             return [f"--dataset {data.dataset}: no such file or folder"]
-        return []  # a hub id: checked when loaded
+        return []  # a hub id: hubcheck's
     files, problem = data_files(path, data.split)
     if problem:
         return [problem]
