@@ -642,6 +642,25 @@ CASES.update({
 })
 
 
+PLAN1 = ("--gpus", "1", "--gpu-memory", "80GiB")
+
+CASES.update({
+    # --- found in a first-contact audit (each failed before its fix)
+    "plan-model-folder-missing": Case(["plan", "--model", "./nomodel", *PLAN1],
+                                      ["--model ./nomodel: no such folder", "a hub id"]),  # was hub id-syntax talk
+    "plan-model-nested-missing": Case(["plan", "--model", "a/b/c", *PLAN1], ["--model a/b/c: no such folder"]),
+    "plan-model-a-file": Case(["plan", "--model", "./weights.bin", *PLAN1], ["--model ./weights.bin: is a file"],
+                              write("weights.bin", b"\0" * 8)),
+    "plan-gpu-memory-zero": Case(["plan", "--gpus", "1", "--gpu-memory", "0GiB"],  # was exit 0, "nothing fits"
+                                 ["--gpu-memory '0GiB' is no memory", "80GiB"]),
+    "plan-cpu-memory-zero": Case(["plan", *PLAN1, "--cpu-memory", "0"], ["--cpu-memory '0' is no memory"]),
+    "doctor-model-folder-missing": Case(["doctor", "--model", "./nomodel"], ["--model ./nomodel: no such folder"],
+                                        doctor=True),  # was "all checks passed"
+    "doctor-model-folder-without-config": Case(["doctor", "--model", "./mymodel"], ["no config.json inside"],
+                                               model_dir(config=False), doctor=True),
+})
+
+
 def snapshot(root: Path) -> dict[str, tuple]:
     """Every file (mtime, size) and folder under root. A folder's own mtime is left out: a failed
     conversion creates and removes its temporary folder, which leaves the content as it was."""

@@ -57,25 +57,29 @@ def tokenizer_folder(model, folder: Path) -> tuple[Path | None, str]:
     return (local if local.is_dir() else None), f"--tokenizer {model.tokenizer}"
 
 
+def model_folder_problems(model) -> list[str]:
+    """--model as a local folder (so spelled, or there; [] for a hub id or built-in): there, with a config,
+    a tokenizer and files modelcheck can read. `craken doctor` reports the same."""
+    name = model.name_or_path
+    if builtin.is_builtin(name) or not (looks_like_path(name) or name.count("/") > 1):
+        return []
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        return [f"--model {name}: no such folder; give a folder with config.json or a hub id"]
+    if not (folder / "config.json").is_file():
+        return [f"--model {name}: no config.json inside; give the folder that save_pretrained wrote"]
+    if model.tokenizer is None and not any((folder / f).exists() for f in
+                                           ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return [f"--model {name}: no tokenizer files inside; add them or set --tokenizer"]
+    return modelcheck.folder_problems(f"--model {name}", folder, model.trust_remote_code,
+                                      *tokenizer_folder(model, folder))
+
+
 def model_problems(spec) -> list[str]:
-    out = []
     model = spec.model
-    if builtin.is_builtin(model.name_or_path):
-        if model.name_or_path != builtin.BUILTIN_MODEL:
-            out.append(f"--model {model.name_or_path}: the only built-in model is {builtin.BUILTIN_MODEL}")
-    elif looks_like_path(model.name_or_path) or model.name_or_path.count("/") > 1:
-        folder = Path(model.name_or_path).expanduser()
-        if not folder.is_dir():
-            out.append(f"--model {model.name_or_path}: no such folder; give a folder with config.json or a hub id")
-        elif not (folder / "config.json").is_file():
-            out.append(f"--model {model.name_or_path}: no config.json inside; "
-                       "give the folder that save_pretrained wrote")
-        elif model.tokenizer is None and not any((folder / f).exists() for f in
-                                             ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-            out.append(f"--model {model.name_or_path}: no tokenizer files inside; add them or set --tokenizer")
-        else:
-            out += modelcheck.folder_problems(f"--model {model.name_or_path}", folder, model.trust_remote_code,
-                                              *tokenizer_folder(model, folder))
+    out = model_folder_problems(model)
+    if builtin.is_builtin(model.name_or_path) and model.name_or_path != builtin.BUILTIN_MODEL:
+        out.append(f"--model {model.name_or_path}: the only built-in model is {builtin.BUILTIN_MODEL}")
     if model.tokenizer and not builtin.is_builtin(model.tokenizer) and looks_like_path(model.tokenizer) \
             and not Path(model.tokenizer).expanduser().is_dir():
         out.append(f"--tokenizer {model.tokenizer}: no such folder")
