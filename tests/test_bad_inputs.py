@@ -129,6 +129,13 @@ CASES = {
                "accelerate.yaml": js({**ACCEL_WITH_FILE, "deepspeed_config": {"gradient_accumulation_steps": 4}})}),
     "render-over-existing-files": Case(render(), ["already exist", "--force"],
                                        files={"out/ds_config.json": "{}\n"}),
+    # found in a first-contact audit: pydantic's "Field required" / "valid array" named no fix
+    "betas-one-value": Case(render("--set", "optimizer.betas=[0.9]"), ["optimizer.betas = [0.9]",
+                                                                      "takes a list of 2 values",
+                                                                      "optimizer.betas=[0.9, 0.95]"]),
+    "betas-a-number-in-yaml": Case(render(), ["optimizer.betas = 0.9 (from file", "takes a list of 2 values"],
+                                   files={"craken.yaml": "optimizer:\n  betas: 0.9\n"}),
+    "betas-three-values": Case(render("--set", "optimizer.betas=[0.9, 0.9, 0.9]"), ["takes a list of 2 values"]),
 }
 
 
