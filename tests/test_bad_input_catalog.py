@@ -656,6 +656,13 @@ CASES.update({
     "plan-cpu-memory-zero": Case(["plan", *PLAN1, "--cpu-memory", "0"], ["--cpu-memory '0' is no memory"]),
     "doctor-model-folder-missing": Case(["doctor", "--model", "./nomodel"], ["--model ./nomodel: no such folder"],
                                         doctor=True),  # was "all checks passed"
+    "tokenizer-folder-without-tokenizer-files": Case(train("--tokenizer", "./tok"),  # workers blamed sentencepiece
+                                                     ["--tokenizer ./tok: no tokenizer files inside",
+                                                      "tokenizer.json", "save_pretrained"], write("tok/notes.txt", "x")),
+    "tokenizer-empty-folder-beside-a-model": Case(train(*M, "--tokenizer", "./tok"), ["--tokenizer ./tok: no tokenizer"],
+                                                  both(model(), write("tok/readme.md", "x"))),
+    "model-is-a-file": Case(train("--model", "./mymodel/config.json"), ["--model ./mymodel/config.json: is a file"],
+                            model()),
     "doctor-model-folder-without-config": Case(["doctor", "--model", "./mymodel"], ["no config.json inside"],
                                                model_dir(config=False), doctor=True),
 })

@@ -47,6 +47,13 @@ def model_max_positions(name: str) -> int | None:
     return None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")  # any one lets AutoTokenizer load
+
+
+def has_tokenizer_files(folder: Path) -> bool:
+    return any((folder / name).exists() for name in TOKENIZER_FILES)
+
+
 def tokenizer_folder(model, folder: Path) -> tuple[Path | None, str]:
     """The local folder the run's tokenizer comes from (None: a hub id or built-in), and its flag."""
     if model.tokenizer is None:
@@ -65,11 +72,11 @@ def model_folder_problems(model) -> list[str]:
         return []
     folder = Path(name).expanduser()
     if not folder.is_dir():
-        return [f"--model {name}: no such folder; give a folder with config.json or a hub id"]
+        what = "is a file, not a folder" if folder.exists() else "no such folder"
+        return [f"--model {name}: {what}; give a folder with config.json or a hub id"]
     if not (folder / "config.json").is_file():
         return [f"--model {name}: no config.json inside; give the folder that save_pretrained wrote"]
-    if model.tokenizer is None and not any((folder / f).exists() for f in
-                                           ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+    if model.tokenizer is None and not has_tokenizer_files(folder):
         return [f"--model {name}: no tokenizer files inside; add them or set --tokenizer"]
     return modelcheck.folder_problems(f"--model {name}", folder, model.trust_remote_code,
                                       *tokenizer_folder(model, folder))
@@ -80,9 +87,13 @@ def model_problems(spec) -> list[str]:
     out = model_folder_problems(model)
     if builtin.is_builtin(model.name_or_path) and model.name_or_path != builtin.BUILTIN_MODEL:
         out.append(f"--model {model.name_or_path}: the only built-in model is {builtin.BUILTIN_MODEL}")
-    if model.tokenizer and not builtin.is_builtin(model.tokenizer) and looks_like_path(model.tokenizer) \
-            and not Path(model.tokenizer).expanduser().is_dir():
-        out.append(f"--tokenizer {model.tokenizer}: no such folder")
+    if model.tokenizer and not builtin.is_builtin(model.tokenizer) and looks_like_path(model.tokenizer):
+        local = Path(model.tokenizer).expanduser()
+        if not local.is_dir():
+            out.append(f"--tokenizer {model.tokenizer}: no such folder")
+        elif not has_tokenizer_files(local):  # every worker died in AutoTokenizer, blaming sentencepiece
+            out.append(f"--tokenizer {model.tokenizer}: no tokenizer files inside ({', '.join(TOKENIZER_FILES)}); "
+                       "give the folder the tokenizer's save_pretrained wrote")
     if model.attn_implementation == "flash_attention_2":
         if spec.cluster.use_cpu:
             out.append("--set model.attn_implementation=flash_attention_2 needs CUDA GPUs (these are CPU "
