@@ -663,6 +663,10 @@ CASES.update({
                                                   both(model(), write("tok/readme.md", "x"))),
     "model-is-a-file": Case(train("--model", "./mymodel/config.json"), ["--model ./mymodel/config.json: is a file"],
                             model()),
+    "ckpt-list-the-checkpoints-folder": Case(["ckpt", "list", f"{RUN}/checkpoints"],
+                                             ["run/checkpoints is inside the run folder run",
+                                              "give the run folder itself (run)"], ckpt()),
+    "ckpt-list-a-checkpoint-folder": Case(["ckpt", "list", CKPT4], ["is inside the run folder run"], ckpt()),
     "doctor-model-folder-without-config": Case(["doctor", "--model", "./mymodel"], ["no config.json inside"],
                                                model_dir(config=False), doctor=True),
 })
