@@ -126,7 +126,6 @@ def spec_for(folder: Path, seq: int, strategy: str, micro: int, compiled: bool, 
     """The spec `craken train --model F --seq-len S --zero N --micro-batch M ...` resolves to, with exactly
     the offloads the strategy name holds (the presets' own offloads never leak into a row)."""
     from craken_cli.config.options import SpecArgs, load_run
-    from craken_cli.config.sources import FLAGS
 
     stage = int(strategy.split("+")[0].removeprefix("zero"))
     offload = "cpu" if "offload_optimizer_cpu" in strategy else "none"
@@ -139,8 +138,6 @@ def spec_for(folder: Path, seq: int, strategy: str, micro: int, compiled: bool, 
         flags["--grad-accum"] = grad_accum
     sets = [f"offload.optimizer.device={offload}", f"offload.param.device={param_offload}",
             f"model.compile={str(compiled).lower()}", *extra]
-    overridden = {item.partition("=")[0] for item in extra}  # a row's own precision=fp8 replaces --precision bf16
-    flags = {flag: value for flag, value in flags.items() if FLAGS[flag] not in overridden}
     resolved, _ = load_run(SpecArgs(flags=flags, sets=sets), hardware=hw, environ={})
     return resolved.spec
 
