@@ -136,9 +136,6 @@ CASES = {
     "betas-a-number-in-yaml": Case(render(), ["optimizer.betas = 0.9 (from file", "takes a list of 2 values"],
                                    files={"craken.yaml": "optimizer:\n  betas: 0.9\n"}),
     "betas-three-values": Case(render("--set", "optimizer.betas=[0.9, 0.9, 0.9]"), ["takes a list of 2 values"]),
-    # two values for one field on one command line: the --set silently won over the flag
-    "set-and-flag-disagree": Case(render("--zero", "3", "--set", "zero.stage=2"),
-                                  ["--set zero.stage=2 and --zero 3 both set zero.stage", "keep one"]),
     # a file's batch triple written for 2 processes, read where 4 are: the process count is the way out
     "batch-of-another-process-count": Case(render("--num-processes", "4"),
                                            ["global batch 64 != micro_batch 4 x grad_accum 8 x 4 processes",

@@ -186,12 +186,7 @@ def flag_layer(flags: Mapping[str, Any], sets: Iterable[str] = ()) -> Layer:
         if not sep or not path.strip():
             problems.append(f"--set {item!r}: write it as --set section.field=value, e.g. --set zero.stage=3")
             continue
-        path = path.strip()
-        value = yamlio.loads(raw, origin=f"--set {path}") if raw.strip() else None
-        by_flag = [f for f, v in flags.items() if v is not None and FLAGS.get(f) == path and v != value]
-        if by_flag:  # which one wins would depend on craken's order of layers, not on the command line
-            problems.append(f"--set {item} and {by_flag[0]} {flags[by_flag[0]]} both set {path}: keep one")
-        flat[path] = value
+        flat[path.strip()] = yamlio.loads(raw, origin=f"--set {path}") if raw.strip() else None
     if problems:
         raise CrakenError(problems)
     return Layer("flag", "flag", unflatten(flat))
