@@ -642,6 +642,36 @@ CASES.update({
 })
 
 
+PLAN1 = ("--gpus", "1", "--gpu-memory", "80GiB")
+
+CASES.update({
+    # --- found in a first-contact audit (each failed before its fix)
+    "plan-model-folder-missing": Case(["plan", "--model", "./nomodel", *PLAN1],
+                                      ["--model ./nomodel: no such folder", "a hub id"]),  # was hub id-syntax talk
+    "plan-model-nested-missing": Case(["plan", "--model", "a/b/c", *PLAN1], ["--model a/b/c: no such folder"]),
+    "plan-model-a-file": Case(["plan", "--model", "./weights.bin", *PLAN1], ["--model ./weights.bin: is a file"],
+                              write("weights.bin", b"\0" * 8)),
+    "plan-gpu-memory-zero": Case(["plan", "--gpus", "1", "--gpu-memory", "0GiB"],  # was exit 0, "nothing fits"
+                                 ["--gpu-memory '0GiB' is no memory", "80GiB"]),
+    "plan-cpu-memory-zero": Case(["plan", *PLAN1, "--cpu-memory", "0"], ["--cpu-memory '0' is no memory"]),
+    "doctor-model-folder-missing": Case(["doctor", "--model", "./nomodel"], ["--model ./nomodel: no such folder"],
+                                        doctor=True),  # was "all checks passed"
+    "tokenizer-folder-without-tokenizer-files": Case(train("--tokenizer", "./tok"),  # workers blamed sentencepiece
+                                                     ["--tokenizer ./tok: no tokenizer files inside",
+                                                      "tokenizer.json", "save_pretrained"], write("tok/notes.txt", "x")),
+    "tokenizer-empty-folder-beside-a-model": Case(train(*M, "--tokenizer", "./tok"), ["--tokenizer ./tok: no tokenizer"],
+                                                  both(model(), write("tok/readme.md", "x"))),
+    "model-is-a-file": Case(train("--model", "./mymodel/config.json"), ["--model ./mymodel/config.json: is a file"],
+                            model()),
+    "ckpt-list-the-checkpoints-folder": Case(["ckpt", "list", f"{RUN}/checkpoints"],
+                                             ["run/checkpoints is inside the run folder run",
+                                              "give the run folder itself (run)"], ckpt()),
+    "ckpt-list-a-checkpoint-folder": Case(["ckpt", "list", CKPT4], ["is inside the run folder run"], ckpt()),
+    "doctor-model-folder-without-config": Case(["doctor", "--model", "./mymodel"], ["no config.json inside"],
+                                               model_dir(config=False), doctor=True),
+})
+
+
 def snapshot(root: Path) -> dict[str, tuple]:
     """Every file (mtime, size) and folder under root. A folder's own mtime is left out: a failed
     conversion creates and removes its temporary folder, which leaves the content as it was."""
@@ -1021,3 +1051,37 @@ def test_the_launchs_deepspeed_check_leaves_the_environment_the_workers_inherit_
     parse_unlaunched({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2,
                       "tensorboard": {"enabled": False}})
     assert dict(os.environ) == before
+
+
+FAKE_PASSWORD = "FAKEpw0123"
+FAKE_TOKEN = "hf_" + "FAKE" * 8 + "xy"
+
+
+@pytest.mark.parametrize("args, env, shown", [
+    (train("--dataset", f"https://bob:{FAKE_PASSWORD}@example.com/d.jsonl"), {},
+     "--dataset https://***@example.com/d.jsonl: no such file"),
+    (train("--model", f"https://bob:{FAKE_PASSWORD}@example.com/m"), {}, "--model https://***@example.com/m: no such"),
+    (train("--model", f"./{FAKE_TOKEN}"), {}, "--model ./hf_***: no such folder"),
+    (train("--resume", f"./{FAKE_TOKEN}"), {}, "--resume ./hf_***: no such checkpoint folder"),
+    (train("--model", "org/m"), {"HF_ENDPOINT": f"http://bob:{FAKE_PASSWORD}@127.0.0.1:9", "HF_HUB_OFFLINE": "",
+                                 "HF_HUB_CACHE": "hub"}, "http://***@127.0.0.1:9 cannot be reached"),
+    (["ckpt", "list", f"s3://bob:{FAKE_PASSWORD}@bucket/run"], {}, "s3:/***@bucket/run: no such run folder"),
+    (["report", f"s3://bob:{FAKE_PASSWORD}@bucket/run"], {}, "s3:/***@bucket/run does not exist"),
+], ids=["dataset-url", "model-url", "model-token-path", "resume-token-path", "hf-endpoint", "ckpt-list-url",
+        "report-url"])
+def test_a_refusal_masks_the_credentials_in_the_values_it_names(craken, workdir, args, env, shown):
+    """Found in a first-contact audit: a refusal names the user's value, and with it the password of a URL
+    or a hub token inside a path (HF_ENDPOINT's credentials too), into terminals and CI logs."""
+    result = craken(*args, env=env)
+    assert result.code == 2 and "Traceback" not in result.output, result.output
+    assert shown in result.err, result.err
+    assert FAKE_PASSWORD not in result.output and FAKE_TOKEN not in result.output
+    assert list(workdir.iterdir()) == []
+
+
+def test_a_hub_token_inside_any_variable_is_shown_masked():
+    from craken_cli.launch import command
+
+    assert command.redact_env({"CACHE": f"/x/{FAKE_TOKEN}/y", "PATH": "/usr/bin"}) == {"CACHE": "/x/hf_***/y",
+                                                                                       "PATH": "/usr/bin"}
+    assert command.is_secret("CACHE", f"/x/{FAKE_TOKEN}") and not command.is_secret("CACHE", "/x/hf_cache")

@@ -129,6 +129,19 @@ CASES = {
                "accelerate.yaml": js({**ACCEL_WITH_FILE, "deepspeed_config": {"gradient_accumulation_steps": 4}})}),
     "render-over-existing-files": Case(render(), ["already exist", "--force"],
                                        files={"out/ds_config.json": "{}\n"}),
+    # found in a first-contact audit: pydantic's "Field required" / "valid array" named no fix
+    "betas-one-value": Case(render("--set", "optimizer.betas=[0.9]"), ["optimizer.betas = [0.9]",
+                                                                      "takes a list of 2 values",
+                                                                      "optimizer.betas=[0.9, 0.95]"]),
+    "betas-a-number-in-yaml": Case(render(), ["optimizer.betas = 0.9 (from file", "takes a list of 2 values"],
+                                   files={"craken.yaml": "optimizer:\n  betas: 0.9\n"}),
+    "betas-three-values": Case(render("--set", "optimizer.betas=[0.9, 0.9, 0.9]"), ["takes a list of 2 values"]),
+    # a file's batch triple written for 2 processes, read where 4 are: the process count is the way out
+    "batch-of-another-process-count": Case(render("--num-processes", "4"),
+                                           ["global batch 64 != micro_batch 4 x grad_accum 8 x 4 processes",
+                                            "or run it on --num-processes 2"],
+                                           files={"craken.yaml": "batch:\n  micro_batch: 4\n  grad_accum: 8\n"
+                                                                 "  global_batch: 64\n"}),
 }
 
 

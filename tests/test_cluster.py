@@ -214,6 +214,12 @@ BAD_SLURM = [
     (["--", "--machine-rank", "1"], "--machine-rank"),
     (["--", "--main-process-ip=10.0.0.1"], "--main-process-ip"),
     (["--", "-c", "other.yaml"], "-c"),
+    # found in a first-contact audit: each was written into the job script, to fail on every node once queued
+    (["--", "--zero", "7"], "--zero"),
+    (["--", "--bogus-flag"], "No such option: --bogus-flag"),
+    (["--", "--max-steps", "ten"], "the craken train arguments after --: Invalid value for '--max-steps'"),
+    (["--", "--micro-batch", "3", "--global-batch", "100"], "micro_batch 3 x 8 processes"),
+    (["--", "--set", "zero.stgae=3"], "did you mean 'zero.stage'"),
 ]
 
 

@@ -144,7 +144,7 @@ def test_hub_model_without_hub_access_is_one_line_before_launch(craken, workdir)
         message = result.err.strip()
         assert len(message.splitlines()) == 1, message
         assert message.startswith("craken: cannot start this run: --model gpt2: not in the local hub cache and ")
-        assert cause in message and "huggingface-cli download gpt2" in message
+        assert cause in message and "(hf download gpt2)" in message  # huggingface_hub 1.x has no huggingface-cli
         assert time.monotonic() - started < 20
         assert not (workdir / "runs").exists()
 
@@ -164,6 +164,48 @@ def test_hub_check_passes_a_cached_or_reachable_model(workdir, cpu_only):
     (workdir / "hub" / "models--org--m" / "refs").mkdir()
     (workdir / "hub" / "models--org--m" / "refs" / "main").write_text("abc")
     assert hub_problems(resolved.spec, {**env, "HF_HUB_OFFLINE": "1"}, reach=lambda endpoint: "refused") == []
+
+
+@pytest.mark.parametrize("env, cause", [
+    ({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
+    ({"HF_HUB_OFFLINE": "", "HF_DATASETS_OFFLINE": "1"}, "HF_DATASETS_OFFLINE is set"),
+    ({"HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9"}, "cannot be reached"),
+])
+def test_hub_dataset_without_hub_access_is_one_line_before_launch(craken, workdir, env, cause):
+    """Found in a first-contact audit: `--dataset org/d` offline passed every check, was written into a run
+    folder and launched, and every worker died in load_dataset with a traceback (45 s without HF_HUB_OFFLINE)."""
+    result = craken("train", "--dataset", "org/d", "--max-steps", "1", "--num-processes", "2",
+                    env={"HF_HUB_CACHE": str(workdir / "hub"), **env})
+    assert result.code == 2 and "Traceback" not in result.output, result.output
+    message = result.err.strip()
+    assert len(message.splitlines()) == 1, message
+    assert message.startswith("craken: cannot start this run: --dataset org/d: not in the local hub cache and ")
+    assert cause in message and "(hf download org/d --repo-type dataset)" in message
+    assert list(workdir.iterdir()) == []
+
+
+def test_hub_check_passes_a_data_set_in_either_cache(workdir, cpu_only, monkeypatch):
+    """A data set is loadable offline from the hub cache (a download) or datasets' own (a prepared version)."""
+    import datasets.config
+
+    from craken_cli.config.options import SpecArgs, load_run
+    from craken_cli.config.sources import FLAGS
+    from craken_cli.launch.hubcheck import hub_problems
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", workdir / "ds-cache")
+    resolved, _ = load_run(SpecArgs(flags={f: None for f in FLAGS} | {"--dataset": "org/My_Data"}), hardware=cpu_only)
+    env = {"HF_HUB_CACHE": str(workdir / "hub"), "HF_HUB_OFFLINE": "1"}
+    assert hub_problems(resolved.spec, env)[0].startswith("--dataset org/My_Data: ")
+    assert hub_problems(resolved.spec, {**env, "HF_DATASETS_OFFLINE": "0"}, reach=lambda endpoint: None) == []
+    prepared = workdir / "ds-cache" / "org___my_data" / "default" / "0.0.0" / "abc"
+    prepared.mkdir(parents=True)
+    (prepared / "dataset_info.json").write_text("{}")
+    assert hub_problems(resolved.spec, env) == []
+    snapshot = workdir / "hub" / "datasets--org--My_Data" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "train.parquet").write_text("x")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", workdir / "elsewhere")
+    assert hub_problems(resolved.spec, env) == []
 
 
 def test_config_render_then_train_into_the_same_folder(craken, workdir):

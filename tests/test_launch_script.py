@@ -45,6 +45,22 @@ def test_the_workers_run_the_script_under_the_host_after_the_run_file(tmp_path):
     assert told[1:5] == ["-m", launch.LAUNCHER_MODULE, "--failure-file", "/tmp/f.json"] and told[5:] == argv[3:]
 
 
+
+FAKE_TOKEN = "hf_" + "FAKE" * 8 + "xy"
+
+
+def test_dry_run_masks_the_credentials_in_the_scripts_arguments(craken, workdir, script):
+    """Found in a first-contact audit: `craken launch --dry-run train.py --hub_token hf_...` printed the token
+    (and a URL's password) in the argv it shows; the launched argv keeps them, the script needs them."""
+    args = [str(script), "--hub_token", FAKE_TOKEN, f"--db=postgres://u:FAKEpw0123@db/x"]
+    result = craken("launch", "--dry-run", *RUN_FLAGS, *args)
+    assert result.code == 0, result.output
+    assert json.loads(result.out)["argv"][-3:] == ["--hub_token", "hf_***", "--db=postgres://***@db/x"]
+    train = craken("train", "--dry-run", "--cpu", "--", f"--some_launcher_arg={FAKE_TOKEN}")
+    assert train.code == 0 and "--some_launcher_arg=hf_***" in train.out, train.output
+    assert FAKE_TOKEN not in result.output + train.output and "FAKEpw0123" not in result.output
+    assert list(workdir.iterdir()) == [script]
+
 def test_dry_run_shows_the_plan_the_script_gets_and_writes_nothing(craken, workdir, script):
     shown = json.loads(craken("config", "show", "--json", *RUN_FLAGS).out)["spec"]
     result = craken("launch", "--dry-run", *RUN_FLAGS, str(script), "--my-flag", "1", "--lr", "5", "--dry-run",

@@ -25,8 +25,10 @@ class CrakenError(Exception):
     exit_code = 2
 
     def __init__(self, problems: str | Refusal | list[str | Refusal], title: str = "invalid configuration"):
+        from .launch.command import redact_text
+
         listed = [problems] if isinstance(problems, (str, Refusal)) else list(problems)
-        self.problems = [str(p) for p in listed]
+        self.problems = [redact_text(str(p)) for p in listed]
         self.title = title
         super().__init__(self.render())
 

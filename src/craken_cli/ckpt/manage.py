@@ -50,6 +50,11 @@ def require_run_dir(run_dir: Path) -> Path:
         raise CrakenError(f"{run_dir}: no such run folder; give the folder `craken train` wrote (runs/<name>)",
                           title="cannot read checkpoints")
     if not ck.checkpoint_dir(run_dir).is_dir():
+        # RUN/checkpoints or RUN/checkpoints/step_N given for RUN: name the run folder around it
+        above = next((p for p in list(run_dir.parents)[:3] if ck.checkpoint_dir(p).is_dir()), None)
+        if above is not None:
+            raise CrakenError(f"{run_dir} is inside the run folder {above}: give the run folder itself ({above})",
+                              title="cannot read checkpoints")
         raise CrakenError(f"{run_dir} holds no checkpoints/ folder: is it a run folder? Checkpoints are "
                           "written every --save-every steps and at the end", title="cannot read checkpoints")
     return run_dir

@@ -57,8 +57,26 @@ def slurm(
         config = Path(PROJECT_FILE)
     job = slurm_job(nodes, gpus_per_node, config, port=port, partition=partition, time=time, account=account,
                     job_name=job_name, cpus_per_task=cpus_per_task, train_args=train_args or [])
-    check_run_file(job)
+    check_run_file(job, _train_spec_args(job.train_args))
     _emit(slurm_script(job), out, force)
+
+
+def _train_spec_args(train_args: list[str]):
+    """The run flags among the arguments after `--`, parsed by craken train's own parser: a flag it does not
+    know, or a value it refuses, stops here instead of on every node once the job has queued."""
+    from typer._click.exceptions import UsageError
+
+    from ..app import LAZY_COMMANDS, _build
+    from ..config.options import spec_args_of
+    from ..errors import CrakenError
+
+    command = _build("train", *LAZY_COMMANDS["train"])
+    try:
+        params = command.make_context("craken train", list(train_args)).params
+    except UsageError as exc:
+        raise CrakenError(f"the craken train arguments after --: {exc.format_message()}",
+                          title="invalid cluster job") from None
+    return spec_args_of(dict(params))
 
 
 @app.command(epilog="Example: craken cluster hostfile node1:8 node2:8 --out hostfile")

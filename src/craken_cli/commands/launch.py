@@ -56,6 +56,6 @@ def launch(
     for line in prepared_summary(prepared):
         err.print(line, highlight=False)
     if dry_run:
-        out.print_json(data={"argv": prepared.argv, "env": prepared.env_shown, "files": prepared.files_shown})
+        out.print_json(data={"argv": prepared.argv_shown, "env": prepared.env_shown, "files": prepared.files_shown})
         return
     raise typer.Exit(execute(prepared))

@@ -26,7 +26,10 @@ def parse_size(text: str, flag: str) -> int:
     if not parsed or parsed.group(2).lower() not in _UNITS:
         raise CrakenError(f"{flag} {text!r} is not a size: write e.g. 80GiB, 80GB or 80 (GiB)",
                           title="invalid argument")
-    return int(float(parsed.group(1)) * _UNITS[parsed.group(2).lower()])
+    size = int(float(parsed.group(1)) * _UNITS[parsed.group(2).lower()])
+    if size == 0:  # every strategy would print "no" and the plan exit 0, as if the model were too big
+        raise CrakenError(f"{flag} {text!r} is no memory at all: give the size, e.g. 80GiB", title="invalid argument")
+    return size
 
 
 def hypothetical_hardware(gpus: int, gpu_memory: int, cpu_memory: int | None):

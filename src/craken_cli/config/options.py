@@ -130,6 +130,17 @@ def _spec_parameters() -> list[inspect.Parameter]:
     return params
 
 
+def spec_args_of(params: dict) -> SpecArgs:
+    """The run flags' values, taken out of a command's parsed parameters (the ones `spec_flags` adds)."""
+    return SpecArgs(
+        flags={flag: params.pop(_param_name(flag), None) for flag in FLAGS},
+        config=params.pop("spec_config", None),
+        sets=list(params.pop("spec_set", None) or []),
+        nvme_path=params.pop("spec_nvme_path", None),
+        preset=params.pop("spec_preset", None),
+    )
+
+
 def spec_flags(func):
     """Decorator: `func(..., spec_args: SpecArgs)` gains every run flag as a Typer option."""
     # eval_str: the command's string annotations must be resolved in its own module, not here.
@@ -140,14 +151,7 @@ def spec_flags(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        spec_args = SpecArgs(
-            flags={flag: kwargs.pop(_param_name(flag), None) for flag in FLAGS},
-            config=kwargs.pop("spec_config", None),
-            sets=list(kwargs.pop("spec_set", None) or []),
-            nvme_path=kwargs.pop("spec_nvme_path", None),
-            preset=kwargs.pop("spec_preset", None),
-        )
-        return func(*args, spec_args=spec_args, **kwargs)
+        return func(*args, spec_args=spec_args_of(kwargs), **kwargs)
 
     wrapper.__signature__ = sig.replace(parameters=own + extra)
     wrapper.__annotations__ = {p.name: p.annotation for p in own + extra}

@@ -277,8 +277,22 @@ def format_validation_errors(exc: ValidationError, flat: Mapping[str, Any], orig
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"].endswith("_type") and isinstance(given, str) and _reads_as_scalar(given):
             msg += " (numbers and booleans must not be quoted)"  # '3' in a file: a quoted number
+        msg, hint = _sequence_problem(err, path) or (msg, hint)
         problems.append(f"{path} = {given!r} (from {where}): {msg}{hint}")
     return problems
+
+
+def _sequence_problem(err: Mapping[str, Any], path: str) -> tuple[str, str] | None:
+    """A fixed-length setting (optimizer.betas) given too few, too many or not a list: pydantic says
+    "Field required" for a missing item; say how many values it takes, like its default."""
+    from .spec import RunSpec
+
+    if not (err["type"] in ("tuple_type", "too_long") or (err["type"] == "missing" and isinstance(err["loc"][-1], int))):
+        return None
+    default = flatten(RunSpec().model_dump(mode="json")).get(path)
+    if not isinstance(default, list):
+        return None
+    return f"takes a list of {len(default)} values", f"; write it like its default, {path}={json.dumps(default)}"
 
 
 def _reads_as_scalar(text: str) -> bool:

@@ -580,8 +580,17 @@ def cross_field_problems(spec: RunSpec) -> list[str]:
             elif batch.grad_accum is not None and batch.global_batch != per_step * batch.grad_accum:
                 out.append(f"global batch {batch.global_batch} != micro_batch {batch.micro_batch} x grad_accum "
                            f"{batch.grad_accum} x {cluster.num_processes} processes = {per_step * batch.grad_accum}: "
-                           "drop one of --global-batch/--grad-accum or make them agree")
+                           "drop one of --global-batch/--grad-accum or make them agree"
+                           + agreeing_processes(batch.global_batch, batch.micro_batch * batch.grad_accum))
     return out
+
+
+def agreeing_processes(global_batch: int, per_process: int) -> str:
+    """The other way out, where one exists: the process count the three batch values were written for (a
+    DeepSpeed JSON of a 1-GPU run, read on a machine that detects 2)."""
+    if global_batch % per_process:
+        return ""
+    return f", or run it on --num-processes {global_batch // per_process}"
 
 
 def fp8_layout_problems(stage: int, offload_optimizer: str, offload_param: str) -> list[str]:

@@ -29,18 +29,18 @@ def check_run(view: RunView | None, spec_problems: Sequence[str] = ()) -> list[C
             out.append(Check("run", "decision", "warn", w, ""))
     for p in view.problems:
         out.append(Check("run", "settings vs machine", "fail", p.what, p.fix))
-    return out + check_model_folder(view.spec.model.name_or_path)
+    return out + check_model_folder(view.spec.model)
 
 
-def check_model_folder(name: str) -> list[Check]:
-    """A local model folder's files, as `craken train` checks them before launch (modelcheck)."""
-    from ..launch import modelcheck
+def check_model_folder(model) -> list[Check]:
+    """A local model folder, as `craken train` checks it before launch (preflight); none for a hub id or built-in."""
+    from ..launch import preflight
 
-    folder = Path(name).expanduser()
+    problems = preflight.model_folder_problems(model)
+    if problems:
+        return [Check("run", "model files", "fail", p, "fix the file named, or choose another --model")
+                for p in problems]
+    folder = Path(model.name_or_path).expanduser()
     if not (folder / "config.json").is_file():
         return []
-    tokenizer = folder if (folder / "tokenizer.json").is_file() else None
-    problems = modelcheck.folder_problems(f"--model {name}", folder, False, tokenizer, f"--model {name}")
-    if not problems:
-        return [Check("run", "model files", "ok", f"{folder}: config.json, tokenizer and weights headers read")]
-    return [Check("run", "model files", "fail", p, "fix the file named, or choose another --model") for p in problems]
+    return [Check("run", "model files", "ok", f"{folder}: config.json, tokenizer and weights headers read")]

@@ -165,26 +165,25 @@ def slurm_script(job: SlurmJob) -> str:
     return "\n".join(lines)
 
 
-def check_run_file(job: SlurmJob) -> None:
-    """The run file exists and, when no extra train arguments could change it, validates for this
-    job's world size (so a wrong batch triple fails here, not after the job has queued)."""
-    if job.config is None:
-        return  # a flags-only run: the flags after `--` are checked by each node's craken train
-    if not job.config.is_file():
-        raise CrakenError(f"--config {job.config}: no such file; write the run file (a craken.yaml) on a "
-                          "file system all nodes share and pass its path", title="invalid cluster job")
+def check_run_file(job: SlurmJob, train=None) -> None:
+    """The run file exists, and it with the train flags after `--` (`train`: their SpecArgs) validates for
+    this job's world size, so a wrong batch triple or a --zero 7 fails here, not after the job has queued."""
     from ..config import sources
     from ..config.options import SpecArgs, load_spec
 
-    layer = sources.file_layer(job.config)  # a readable YAML mapping at least
-    if (layer.values.get("cluster") or {}).get("use_cpu") is True:
-        raise CrakenError(f"{job.config} sets cluster.use_cpu: true, but the job asks for GPUs: remove it (a run.yaml "
-                          "rendered on a machine without GPUs carries it)", title="invalid cluster job")
-    if job.train_args:
-        return
-    load_spec(SpecArgs(config=job.config, flags={
+    if job.config is not None:
+        if not job.config.is_file():
+            raise CrakenError(f"--config {job.config}: no such file; write the run file (a craken.yaml) on a "
+                              "file system all nodes share and pass its path", title="invalid cluster job")
+        layer = sources.file_layer(job.config)  # a readable YAML mapping at least
+        if (layer.values.get("cluster") or {}).get("use_cpu") is True:
+            raise CrakenError(f"{job.config} sets cluster.use_cpu: true, but the job asks for GPUs: remove it (a "
+                              "run.yaml rendered on a machine without GPUs carries it)", title="invalid cluster job")
+    train = train or SpecArgs(flags={})
+    given = {flag: value for flag, value in train.flags.items() if value is not None}
+    load_spec(SpecArgs(config=job.config, sets=train.sets, nvme_path=train.nvme_path, preset=train.preset, flags={
         "--num-machines": job.nodes, "--num-processes": job.num_processes, "--machine-rank": 0,
-        "--main-process-ip": "first-node", "--main-process-port": job.port, "--launcher": "accelerate"}))
+        "--main-process-ip": "first-node", "--main-process-port": job.port, "--launcher": "accelerate", **given}))
 
 
 # ---------------------------------------------------------------------------------------------

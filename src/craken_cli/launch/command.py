@@ -25,9 +25,10 @@ LAUNCHER_MODULE = "craken_cli.launch.launcher"
 SECRET_MARKERS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS", "AUTHORIZATION",
                   "COOKIE")
 # Credentials inside a value, whatever the variable's name: URL user-info (postgres://u:pw@host,
-# https://bob:pw@host) and HTTP authorization headers.
-URL_USERINFO = r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]+@"
+# https://bob:pw@host; s3:/bob:pw@host as pathlib leaves a URL given for a folder) and HTTP authorization headers.
+URL_USERINFO = r"(?i)\b([a-z][a-z0-9+.-]*:/{1,2})[^/\s@]+@"
 AUTH_HEADER = r"(?i)\b(authorization\s*[:=]|bearer\s+\S|basic\s+[a-z0-9+/=]{8,})"
+HF_TOKEN_VALUE = r"\bhf_[A-Za-z0-9]{20,}"  # a Hugging Face access token (hf_ and 34 letters or digits)
 # torchrun relays Ctrl-C and SIGTERM to the workers, then SIGKILLs them after this many seconds
 # (its default is 30): the stopped run must have time to write its checkpoint, seconds per GB of
 # weights and optimizer state.
@@ -69,18 +70,27 @@ def is_secret(name: str, value: str | None = None) -> bool:
     words = re.split(r"[^A-Z0-9]+", name.upper())
     if any(w.endswith(m) for w in words for m in SECRET_MARKERS):  # not TOKENIZERS_PARALLELISM
         return True
-    return value is not None and bool(re.search(URL_USERINFO, value) or re.search(AUTH_HEADER, value))
+    return value is not None and any(re.search(p, value) for p in (URL_USERINFO, AUTH_HEADER, HF_TOKEN_VALUE))
 
 
 def redacted(name: str, value: str) -> str:
-    """The value as craken may show it: a URL keeps its scheme and host (postgres://***@db:5432/x)."""
+    """The value as craken may show it: a URL keeps its scheme and host (postgres://***@db:5432/x), a path
+    around a token the rest of it (/cache/hf_***/x)."""
     import re
 
     if not is_secret(name, value):
         return value
     if not is_secret(name) and not re.search(AUTH_HEADER, value):
-        return re.sub(URL_USERINFO, r"\1***@", value)
+        return redact_text(value)
     return "***"
+
+
+def redact_text(text: str) -> str:
+    """A message as craken may print it: it echoes the user's own values (a --dataset URL, HF_ENDPOINT), so
+    URL credentials and hub tokens inside them are masked."""
+    import re
+
+    return re.sub(HF_TOKEN_VALUE, "hf_***", re.sub(URL_USERINFO, r"\1***@", text))
 
 
 def redact_env(env: Mapping[str, str]) -> dict[str, str]:

@@ -26,6 +26,11 @@ def looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
 
 
+def names_local_data(name: str) -> bool:
+    """--dataset NAME is a local file or folder (so spelled, or there), not a hub id."""
+    return looks_like_path(name) or data_suffix(Path(name).expanduser()) in LOCAL_FORMATS
+
+
 def model_max_positions(name: str) -> int | None:
     if builtin.is_builtin(name):
         return builtin.TINY_CONFIG["max_position_embeddings"]
@@ -42,6 +47,13 @@ def model_max_positions(name: str) -> int | None:
     return None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")  # any one lets AutoTokenizer load
+
+
+def has_tokenizer_files(folder: Path) -> bool:
+    return any((folder / name).exists() for name in TOKENIZER_FILES)
+
+
 def tokenizer_folder(model, folder: Path) -> tuple[Path | None, str]:
     """The local folder the run's tokenizer comes from (None: a hub id or built-in), and its flag."""
     if model.tokenizer is None:
@@ -52,28 +64,36 @@ def tokenizer_folder(model, folder: Path) -> tuple[Path | None, str]:
     return (local if local.is_dir() else None), f"--tokenizer {model.tokenizer}"
 
 
+def model_folder_problems(model) -> list[str]:
+    """--model as a local folder (so spelled, or there; [] for a hub id or built-in): there, with a config,
+    a tokenizer and files modelcheck can read. `craken doctor` reports the same."""
+    name = model.name_or_path
+    if builtin.is_builtin(name) or not (looks_like_path(name) or name.count("/") > 1):
+        return []
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "no such folder"
+        return [f"--model {name}: {what}; give a folder with config.json or a hub id"]
+    if not (folder / "config.json").is_file():
+        return [f"--model {name}: no config.json inside; give the folder that save_pretrained wrote"]
+    if model.tokenizer is None and not has_tokenizer_files(folder):
+        return [f"--model {name}: no tokenizer files inside; add them or set --tokenizer"]
+    return modelcheck.folder_problems(f"--model {name}", folder, model.trust_remote_code,
+                                      *tokenizer_folder(model, folder))
+
+
 def model_problems(spec) -> list[str]:
-    out = []
     model = spec.model
-    if builtin.is_builtin(model.name_or_path):
-        if model.name_or_path != builtin.BUILTIN_MODEL:
-            out.append(f"--model {model.name_or_path}: the only built-in model is {builtin.BUILTIN_MODEL}")
-    elif looks_like_path(model.name_or_path) or model.name_or_path.count("/") > 1:
-        folder = Path(model.name_or_path).expanduser()
-        if not folder.is_dir():
-            out.append(f"--model {model.name_or_path}: no such folder; give a folder with config.json or a hub id")
-        elif not (folder / "config.json").is_file():
-            out.append(f"--model {model.name_or_path}: no config.json inside; "
-                       "give the folder that save_pretrained wrote")
-        elif model.tokenizer is None and not any((folder / f).exists() for f in
-                                             ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-            out.append(f"--model {model.name_or_path}: no tokenizer files inside; add them or set --tokenizer")
-        else:
-            out += modelcheck.folder_problems(f"--model {model.name_or_path}", folder, model.trust_remote_code,
-                                              *tokenizer_folder(model, folder))
-    if model.tokenizer and not builtin.is_builtin(model.tokenizer) and looks_like_path(model.tokenizer) \
-            and not Path(model.tokenizer).expanduser().is_dir():
-        out.append(f"--tokenizer {model.tokenizer}: no such folder")
+    out = model_folder_problems(model)
+    if builtin.is_builtin(model.name_or_path) and model.name_or_path != builtin.BUILTIN_MODEL:
+        out.append(f"--model {model.name_or_path}: the only built-in model is {builtin.BUILTIN_MODEL}")
+    if model.tokenizer and not builtin.is_builtin(model.tokenizer) and looks_like_path(model.tokenizer):
+        local = Path(model.tokenizer).expanduser()
+        if not local.is_dir():
+            out.append(f"--tokenizer {model.tokenizer}: no such folder")
+        elif not has_tokenizer_files(local):  # every worker died in AutoTokenizer, blaming sentencepiece
+            out.append(f"--tokenizer {model.tokenizer}: no tokenizer files inside ({', '.join(TOKENIZER_FILES)}); "
+                       "give the folder the tokenizer's save_pretrained wrote")
     if model.attn_implementation == "flash_attention_2":
         if spec.cluster.use_cpu:
             out.append("--set model.attn_implementation=flash_attention_2 needs CUDA GPUs (these are CPU "
@@ -153,9 +173,9 @@ def data_problems(spec) -> list[str]:
         return template_problems(spec, "text" if data.format == "auto" else data.format) or size_problems(spec)
     path = Path(data.dataset).expanduser()
     if not path.exists():
-        if looks_like_path(data.dataset) or data_suffix(path) in LOCAL_FORMATS:
+        if names_local_data(data.dataset):
             return [f"--dataset {data.dataset}: no such file or folder"]
-        return []  # a hub id: checked when loaded
+        return []  # a hub id: hubcheck's
     files, problem = data_files(path, data.split)
     if problem:
         return [problem]

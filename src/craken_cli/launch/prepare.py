@@ -66,6 +66,11 @@ class Prepared:
         return command.redact_env(changed)
 
     @property
+    def argv_shown(self) -> list[str]:
+        """The command as --dry-run prints it: a script's own arguments may carry a token or a URL's password."""
+        return [command.redact_text(arg) for arg in self.argv]
+
+    @property
     def files_shown(self) -> dict[str, str]:
         return self.files
 

@@ -242,6 +242,12 @@ def read_config(name_or_path: str, trust_remote_code: bool = False) -> dict:
             raise CrakenError(f"{file} holds no JSON object: re-save the model with save_pretrained",
                               title="cannot read the model")
         return config
+    from ..launch.preflight import looks_like_path
+
+    if looks_like_path(name_or_path) or name_or_path.count("/") > 1:  # a folder's name, not a hub id
+        what = "is a file, not a folder" if path.exists() else "no such folder"
+        raise CrakenError(f"--model {name_or_path}: {what}; give a folder with config.json or a hub id",
+                          title="cannot read the model")
     try:
         from transformers import AutoConfig
 

@@ -114,7 +114,8 @@ def dry_run_text(prepared) -> list[str]:
     import shlex
 
     env = [f"{k}={shlex.quote(v)}" for k, v in sorted(prepared.env_shown.items())]
-    command = " ".join(["env", *env, shlex.join(prepared.argv)]) if env else shlex.join(prepared.argv)
+    argv = shlex.join(prepared.argv_shown)
+    command = " ".join(["env", *env, argv]) if env else argv
     lines = ["# the launch command (run from this folder):", command]
     for name, text in prepared.files_shown.items():
         lines += ["", f"# {Path(prepared.run_dir) / name}", text.rstrip("\n")]

@@ -533,19 +533,25 @@ class EvalSource:
         return share
 
 
-def cached_hub_splits(name: str) -> list[str] | None:
-    """A hub data set's split names from datasets' cache, where an earlier download prepared it (the
-    dataset_info.json under NAMESPACE___NAME/CONFIG/VERSION/HASH, the folders datasets itself reads offline);
-    None when nothing is cached, or its cached versions disagree."""
+def prepared_hub_infos(name: str) -> list[Path]:
+    """The dataset_info.json of each version of hub data set `name` that datasets prepared in its cache
+    (NAMESPACE___NAME/CONFIG/VERSION/HASH, the folders datasets itself reads offline)."""
     try:
         from datasets import config
         from datasets.naming import camelcase_to_snakecase
     except ImportError:
-        return None
+        return []
     parts = name.split("/")
     folder = Path(config.HF_DATASETS_CACHE).expanduser() / "___".join([*parts[:-1], camelcase_to_snakecase(parts[-1])])
+    return list(folder.glob("*/*/*/dataset_info.json"))
+
+
+def cached_hub_splits(name: str) -> list[str] | None:
+    """A hub data set's split names from datasets' cache, where an earlier download prepared it (the
+    dataset_info.json under NAMESPACE___NAME/CONFIG/VERSION/HASH, the folders datasets itself reads offline);
+    None when nothing is cached, or its cached versions disagree."""
     found = set()
-    for info in folder.glob("*/*/*/dataset_info.json"):
+    for info in prepared_hub_infos(name):
         try:
             splits = json.loads(info.read_text()).get("splits")
         except (OSError, ValueError, AttributeError):  # unreadable, or not an object
