@@ -80,3 +80,33 @@ def test_the_lock_dies_with_its_holder(tmp_path):
     assert runfolder.lock_holder(run) is None
     runfolder.acquire_lock(run)
     assert runfolder.lock_holder(run) is None  # held by this process: not a conflict for itself
+
+
+def test_starting_over_keeps_files_someone_else_put_in_the_folders_craken_writes(tmp_path):
+    """final/, model_meta/ and report/ list what craken wrote there: --force removes those files only."""
+    run = tmp_path / "run"
+    runfolder.write_marker(run)
+    make(run, ["final/model.safetensors", "final/config.json", "model_meta/config.json", "report/loss.png"])
+    for name in ("final", "model_meta", "report"):
+        runfolder.note_written(run / name)
+    make(run, ["final/README.md", "report/notes/review.txt"])  # the user's, after the run
+    clear_previous_run(run)
+    assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()) == [
+        runfolder.MARKER, "final/README.md", "report/notes/review.txt"]
+    assert not (run / "model_meta").exists()
+
+
+def test_a_new_save_over_final_keeps_the_users_files(tmp_path):
+    from craken_cli.train.checkpoint import replace_dir
+
+    out, tmp = tmp_path / "final", tmp_path / ".final.tmp"
+    make(tmp_path, [".final.tmp/model.safetensors"])
+    replace_dir(tmp, out)
+    make(tmp_path, ["final/README.md", "final/sub/eval.json", "final/tokenizer.json"])  # the user's
+    make(tmp_path, [".final.tmp/model.safetensors", ".final.tmp/tokenizer.json"])
+    replace_dir(tmp, out)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        runfolder.WRITTEN_LIST, "README.md", "model.safetensors", "sub/eval.json", "tokenizer.json",
+        "tokenizer.json.user"]
+    assert runfolder.written_files(out) == {"model.safetensors", "tokenizer.json"}
+    assert not tmp.exists()

@@ -38,6 +38,9 @@ LOCK = ".craken.lock"
 
 # Everything a run writes into its folder: --force clears these (each only if this run wrote it).
 OUTPUT_DIRS = (CHECKPOINTS, MODEL_META, FINAL, REPORT, TENSORBOARD)
+# In a folder craken writes (final/, model_meta/, report/, an export): the files it wrote there, so that
+# replacing or clearing the folder keeps what someone else put in it.
+WRITTEN_LIST = ".craken-written"
 OUTPUT_FILES = (METRICS, FINAL_CHECK)
 
 # The exit codes of `craken` and of its training processes.
@@ -177,9 +180,59 @@ def foreign_outputs(run_dir: Path) -> list[str]:
     return sorted(name for name in names if (run_dir / name).exists())
 
 
+def note_written(folder: Path, paths=None) -> None:
+    """Add `paths` (default: every file under `folder`) to the folder's list of what craken wrote."""
+    folder = Path(folder)
+    names = set(written_files(folder) or ())
+    found = (p for p in folder.rglob("*") if p.is_file()) if paths is None else map(Path, paths)
+    names |= {Path(p).resolve().relative_to(folder.resolve()).as_posix() for p in found}
+    names.discard(WRITTEN_LIST)
+    atomic_write(folder / WRITTEN_LIST, "".join(f"{name}\n" for name in sorted(names)))
+
+
+def written_files(folder: Path) -> set[str] | None:
+    """What craken wrote in `folder` (relative paths), or None where it kept no list (before 2026-12-04)."""
+    listed = Path(folder) / WRITTEN_LIST
+    return set(listed.read_text(encoding="utf-8").splitlines()) if listed.is_file() else None
+
+
+def foreign_files(folder: Path) -> list[str]:
+    """Files under `folder` craken did not write (none where it kept no list: it wrote the folder whole)."""
+    written = written_files(folder)
+    if written is None:
+        return []
+    return sorted(rel for rel in (p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if p.is_file())
+                  if rel not in written and rel != WRITTEN_LIST)
+
+
+def remove_written(folder: Path) -> None:
+    """What craken wrote in `folder` goes, then the folders left empty; anything else stays."""
+    import shutil
+
+    folder = Path(folder)
+    written = written_files(folder)
+    if written is None:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for rel in written:
+        (folder / rel).unlink(missing_ok=True)
+    (folder / WRITTEN_LIST).unlink(missing_ok=True)
+    for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        _remove_if_empty(sub)
+    _remove_if_empty(folder)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
 def clear(run_dir: Path, machine_rank: int = 0) -> None:
     """--force: remove the outputs of the earlier run in this (craken) run folder, nothing else: what
-    was there before the run (the marker's list) stays, and in checkpoints/ only checkpoint folders go.
+    was there before the run (the marker's list) stays, in checkpoints/ only checkpoint folders go, and in
+    final/, model_meta/ and report/ only the files craken wrote (their WRITTEN_LIST).
     A machine of rank > 0 shares machine 0's folder and removes only its own log."""
     import shutil
 
@@ -202,8 +255,10 @@ def clear(run_dir: Path, machine_rank: int = 0) -> None:
             continue
         if name == CHECKPOINTS:
             clear_checkpoints(run_dir / CHECKPOINTS)
-        else:
+        elif name == TENSORBOARD:
             shutil.rmtree(run_dir / name, ignore_errors=True)
+        else:
+            remove_written(run_dir / name)
 
 
 def is_checkpoint_name(name: str) -> bool:

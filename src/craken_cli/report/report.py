@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CrakenError
-from ..runfolder import METRICS, REPORT
+from ..runfolder import METRICS, REPORT, note_written
 
 
 @dataclass
@@ -377,4 +377,7 @@ def write_report(run: str | Path, out_dir: str | Path | None = None) -> tuple[Me
     metrics = read_metrics(run)
     summary = summarize(metrics)
     target = Path(out_dir) if out_dir is not None else metrics.path.parent / REPORT
-    return metrics, summary, write_plots(metrics, target)
+    written = write_plots(metrics, target)
+    if out_dir is None:  # the run's own report/: `train --force` removes these and leaves its other files
+        note_written(target, written)
+    return metrics, summary, written

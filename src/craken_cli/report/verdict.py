@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from ..config.sources import Layer
-from ..runfolder import REPORT
+from ..runfolder import REPORT, note_written
 
 TEST_STEPS = 20
 
@@ -32,7 +32,7 @@ def write_report(run_dir: Path) -> None:
         return
     try:
         metrics = read_metrics(run_dir)
-        write_plots(metrics, run_dir / REPORT)
+        note_written(run_dir / REPORT, write_plots(metrics, run_dir / REPORT))
         summary = summarize(metrics)
         err.print(f"report: {run_dir / REPORT} ({summary.get('steps')} steps)")
     except Exception as exc:  # a plotting failure must not fail a finished training

@@ -27,8 +27,8 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..runfolder import (CHECKPOINTS, FINAL, FINAL_CHECK, MODEL_META, atomic_write, disk_message, free_bytes,
-                         fsync_tree, is_disk_full)
+from ..runfolder import (CHECKPOINTS, FINAL, FINAL_CHECK, MODEL_META, atomic_write, disk_message, foreign_files,
+                         free_bytes, fsync_tree, is_disk_full, note_written)
 
 STATE_FILE = "craken_state.json"
 LATEST = "latest"
@@ -277,8 +277,7 @@ def write_model_meta(accelerator, run_dir: Path, model, tokenizer, dtype) -> Non
     config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     fsync_tree(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    replace_dir(tmp, target)
 
 
 class DiskFull(Exception):
@@ -450,7 +449,16 @@ def replay_cpu_adam_steps(optimizer) -> None:
 
 
 def replace_dir(tmp: Path, out: Path) -> None:
-    """Put the finished folder `tmp` at `out`; an existing `out` is swapped out, never half-replaced."""
+    """Put the finished folder `tmp` at `out`; an existing `out` is swapped out, never half-replaced. The
+    new folder lists what craken wrote in it; files of an existing `out` that craken did not write move into
+    the new one (a name the new folder also has keeps the other file as NAME.user)."""
+    note_written(tmp)
+    for rel in foreign_files(out) if out.is_dir() else []:
+        dest = tmp / rel
+        if dest.exists():
+            dest = dest.with_name(f"{dest.name}.user")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(out / rel, dest)
     if out.exists():
         old = out.with_name(f".{out.name}.old")
         shutil.rmtree(old, ignore_errors=True)
