@@ -181,10 +181,13 @@ def foreign_outputs(run_dir: Path) -> list[str]:
 
 
 def note_written(folder: Path, paths=None) -> None:
-    """Add `paths` (default: every file under `folder`) to the folder's list of what craken wrote."""
+    """Add `paths` to the folder's list of what craken wrote; without `paths` the list is every file under
+    `folder` (one craken has just written whole)."""
     folder = Path(folder)
-    names = set(written_files(folder) or ())
-    found = (p for p in folder.rglob("*") if p.is_file()) if paths is None else map(Path, paths)
+    if paths is None:
+        names, found = set(), (p for p in folder.rglob("*") if p.is_file())
+    else:
+        names, found = set(written_files(folder) or ()), map(Path, paths)
     names |= {Path(p).resolve().relative_to(folder.resolve()).as_posix() for p in found}
     names.discard(WRITTEN_LIST)
     atomic_write(folder / WRITTEN_LIST, "".join(f"{name}\n" for name in sorted(names)))

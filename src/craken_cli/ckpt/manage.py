@@ -28,7 +28,8 @@ from pathlib import Path
 
 from ..errors import CrakenError
 from ..plan.hardware import nearest_existing
-from ..runfolder import CHECKPOINTS, FINAL, disk_message, free_bytes, fsync_tree, is_disk_full, protected
+from ..runfolder import (CHECKPOINTS, FINAL, WRITTEN_LIST, disk_message, free_bytes, fsync_tree, is_disk_full,
+                         protected)
 from ..train import checkpoint as ck
 
 UNIVERSAL_DIR = "universal"  # RUN/checkpoints/universal/step_N: converted copies
@@ -354,7 +355,7 @@ def write_export(model, meta: Path, tmp: Path, out: Path, ckpt: Path, state, tor
     """The export's files into `tmp`, then `tmp` renamed to `out`."""
     model.save_pretrained(tmp, safe_serialization=True)
     for item in meta.iterdir():  # the tokenizer files
-        if item.is_file() and item.name not in _MODEL_FILES and not (tmp / item.name).exists():
+        if item.is_file() and item.name not in (*_MODEL_FILES, WRITTEN_LIST) and not (tmp / item.name).exists():
             shutil.copy2(item, tmp / item.name)
     (tmp / EXPORT_MARKER).write_text(json.dumps(
         {"checkpoint": str(ckpt.absolute()), "step": state.step, "dtype": str(torch_dtype).split(".")[-1]},
