@@ -26,12 +26,29 @@ def extra_optimizer(kind: str) -> tuple:
 
 @pytest.mark.parametrize("kind, taken", [("Lamb", {"lr", "betas", "eps", "weight_decay"}),
                                          ("Lion", {"lr", "betas", "weight_decay"}),
-                                         ("adagrad", {"lr", "eps", "weight_decay"})])
+                                         ("adagrad", {"lr", "eps", "weight_decay"}),
+                                         ("MuAdamW", {"lr", "betas", "eps", "weight_decay"}),
+                                         ("MuSGD", {"lr", "weight_decay"})])
 def test_deepspeeds_own_optimizers_get_only_the_params_they_take(kind, taken):
     """Before: torch_adam, betas, eps went to every type, and FusedLamb / FusedLion / torch's Adagrad
     stopped every worker with "unexpected keyword argument"."""
     params = render.deepspeed_config(spec_of({}, extra_optimizer(kind)))["optimizer"]["params"]
     assert set(params) == taken
+
+
+def test_deepspeeds_mup_optimizers_without_mup_are_refused_before_launch(monkeypatch):
+    """Before: DeepSpeed's MuAdam branch logs "Install mup" and every worker stopped on an UnboundLocalError
+    (a real 2-process CPU run)."""
+    import importlib.util
+
+    from craken_cli.config import dscheck
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mup" else real(name, *a))
+    [problem] = preflight.deepspeed_extra_problems(spec_of({}, extra_optimizer("MuAdam")))
+    assert problem.startswith("deepspeed.extra.optimizer.type 'muadam' is DeepSpeed's wrapper of mup's MuAdam,")
+    assert "pip install mup" in problem
+    assert dscheck.MUP_OPTIMIZERS == {"muadam": "MuAdam", "muadamw": "MuAdamW", "musgd": "MuSGD"}
 
 
 def test_adam_types_keep_craken_params():

@@ -8,6 +8,7 @@ deepspeed: only `config validate` and the tests call it.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import logging
@@ -176,6 +177,11 @@ def _at(node, path: list[str]):
     return node
 
 
+# DeepSpeed's optimizer names whose classes come from the mup package (engine._configure_basic_optimizer
+# logs "Install mup" without it, then fails on the missing class in every process).
+MUP_OPTIMIZERS = {"muadam": "MuAdam", "muadamw": "MuAdamW", "musgd": "MuSGD"}
+
+
 def unknown_class_problems(parsed) -> list[str]:
     """The optimizer and scheduler types the engine cannot build: DeepSpeedConfig keeps any name, and
     deepspeed.initialize looks it up among its own classes, then torch's (engine._configure_basic_optimizer,
@@ -188,6 +194,10 @@ def unknown_class_problems(parsed) -> list[str]:
     optimizer = parsed.optimizer_name
     if optimizer is not None and optimizer not in DEEPSPEED_OPTIMIZERS:
         out += torch_optimizer_problems(optimizer, parsed.optimizer_params or {}, DEEPSPEED_OPTIMIZERS)
+    if optimizer in MUP_OPTIMIZERS and importlib.util.find_spec("mup") is None:
+        out.append(f"deepspeed.extra.optimizer.type {optimizer!r} is DeepSpeed's wrapper of mup's "
+                   f"{MUP_OPTIMIZERS[optimizer]}, and mup is not installed here: pip install mup (its optimizers "
+                   "also need mup.set_base_shapes on the model), or use another optimizer")
     scheduler = parsed.scheduler_name
     if scheduler is not None and not hasattr(lr_schedules, scheduler) \
             and not hasattr(torch.optim.lr_scheduler, scheduler):

@@ -418,11 +418,9 @@ def cpu_optimizer_problems(spec) -> list[str]:
     """DeepSpeed's Lamb is a CUDA kernel alone (FusedLamb), and its Lion one too unless the states are
     offloaded (DeepSpeedCPULion): on CPU processes every process stops at deepspeed.initialize ("This op
     had not been implemented on CPU backend"), which DeepSpeedConfig does not foresee."""
-    from .render import extra_optimizer_type
-
     if not spec.uses_deepspeed or not spec.cluster.use_cpu:
         return []
-    kind, offloaded = extra_optimizer_type(spec), spec.offload.optimizer.device != "none"
+    kind, offloaded = spec.deepspeed.optimizer_type(), spec.offload.optimizer.device != "none"
     if kind == "lamb":
         return ["deepspeed.extra.optimizer.type 'Lamb' is DeepSpeed's FusedLamb, a CUDA kernel with no CPU version, "
                 "and this run has CPU processes: use Lion with --offload-optimizer cpu, Adagrad, or craken's AdamW "

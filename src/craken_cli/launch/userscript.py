@@ -157,9 +157,8 @@ def asks_ds_optimizer(spec) -> bool:
     """deepspeed.extra names an optimizer other than the Adam a script builds itself (Lamb, Lion, Adagrad,
     a torch.optim class): the user asked for DeepSpeed's, which dropping the block would replace by the
     script's without a word. An Adam/AdamW type only restates craken's own optimizer."""
-    block = spec.deepspeed.extra.get("optimizer")
-    kind = block.get("type") if isinstance(block, dict) else None
-    return spec.uses_deepspeed and isinstance(kind, str) and kind.lower() not in ("adam", "adamw")
+    kind = spec.deepspeed.optimizer_type()
+    return spec.uses_deepspeed and kind is not None and kind not in ("adam", "adamw")
 
 
 def keeps_ds_scheduler(spec, requested: bool | None, engine_without_optimizer: bool = False,
