@@ -87,6 +87,17 @@ def test_a_deepspeed_extra_optimizer_keeps_its_block_for_a_script():
     assert problem.startswith("deepspeed.extra.optimizer asks for DeepSpeed's Adagrad, and --no-ds-optimizer drops")
 
 
+def test_a_deepspeed_extra_scheduler_under_no_ds_optimizer_is_refused_as_an_extra_optimizer_is():
+    """Before: --no-ds-optimizer dropped the scheduler block the user wrote (or `config import` kept) without a
+    word, and the script's own schedule (or none) ran."""
+    schedule = spec_of({}, ('deepspeed.extra.scheduler={"type":"WarmupLR","params":{"warmup_num_steps":3}}',))
+    [problem] = userscript.dummy_problems(schedule, False, userscript.DummyUse())
+    assert problem.startswith("deepspeed.extra.scheduler is a schedule for DeepSpeed to step, and --no-ds-optimizer")
+    assert userscript.dummy_problems(schedule, None, userscript.DummyUse()) == []
+    both = spec_of({}, (*extra_optimizer("Adagrad"), 'deepspeed.extra.scheduler={"type":"WarmupLR","params":{}}'))
+    assert len(userscript.dummy_problems(both, False, userscript.DummyUse())) == 2
+
+
 def test_a_torch_optimizer_beside_the_jsons_block_is_named_with_the_fix():
     """Before: accelerate's "You cannot specify an optimizer in the config file and in the code at the same
     time" in every worker, exit 1 (an always-AdamW script under --offload-optimizer cpu)."""
@@ -96,6 +107,7 @@ def test_a_torch_optimizer_beside_the_jsons_block_is_named_with_the_fix():
                           "JSON holds DeepSpeed's (AdamW")
     assert "accelerate.utils.DummyOptim(model.parameters()) when CRAKEN_PLAN_DS_OPTIMIZER is 1" in opt
     assert "DummyScheduler(optimizer) when CRAKEN_PLAN_DS_SCHEDULER is 1" in sched
+    assert "a deepspeed.extra scheduler" in sched and "a deepspeed.extra scheduler" not in opt  # why each is kept
     assert userscript.client_block_problems(["AdamW"], ["LambdaLR"], {}) == []
     assert userscript.client_block_problems([], [], ds) == []  # DummyOptim / DummyScheduler
 

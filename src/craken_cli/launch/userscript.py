@@ -232,10 +232,14 @@ def dummy_problems(spec, requested: bool | None, dummy: DummyUse) -> list[str]:
             return ["--ds-optimizer keeps DeepSpeed's optimizer in the DeepSpeed config, and this plan renders none "
                     "(ZeRO stage 0 on GPUs runs plain Accelerate): pass --zero 1, 2 or 3, or drop --ds-optimizer"]
         return []
-    if requested is False and asks_ds_optimizer(spec):
-        return [f"deepspeed.extra.optimizer asks for DeepSpeed's {spec.deepspeed.extra['optimizer']['type']}, and "
-                "--no-ds-optimizer drops the JSON's optimizer block (the script's own optimizer would train "
-                "instead): drop one of them"]
+    asked = [f"deepspeed.extra.optimizer asks for DeepSpeed's {spec.deepspeed.extra['optimizer']['type']}, and "
+             "--no-ds-optimizer drops the JSON's optimizer block (the script's own optimizer would train instead): "
+             "drop one of them"] if asks_ds_optimizer(spec) else []
+    if "scheduler" in spec.deepspeed.extra:  # a schedule the user wrote (or `config import` kept)
+        asked.append("deepspeed.extra.scheduler is a schedule for DeepSpeed to step, and --no-ds-optimizer drops the "
+                     "JSON's scheduler block (the script's own schedule, or none, would run instead): drop one of them")
+    if requested is False and asked:
+        return asked
     if requested is False and built:
         return [f"the script builds {built} whatever the plan, and --no-ds-optimizer drops the JSON's optimizer "
                 "and scheduler blocks, without which accelerate refuses the placeholders: drop --no-ds-optimizer, "
@@ -563,13 +567,16 @@ def client_block_problems(optimizers: Sequence[str], schedulers: Sequence[str], 
     DeepSpeed must step (optimizer offload, a deepspeed.extra optimizer, --ds-optimizer), and says so in
     CRAKEN_PLAN_DS_OPTIMIZER / CRAKEN_PLAN_DS_SCHEDULER."""
     problems = []
-    for kind, names, placeholder, told in (("optimizer", optimizers, "DummyOptim(model.parameters())", "OPTIMIZER"),
-                                          ("scheduler", schedulers, "DummyScheduler(optimizer)", "SCHEDULER")):
+    kept_by = "optimizer offload, a deepspeed.extra optimizer, --ds-optimizer"
+    for kind, names, placeholder, told, why in (
+            ("optimizer", optimizers, "DummyOptim(model.parameters())", "OPTIMIZER", kept_by),
+            ("scheduler", schedulers, "DummyScheduler(optimizer)", "SCHEDULER", f"{kept_by}, a deepspeed.extra scheduler")):
         block = ds_config.get(kind)
         if not names or not isinstance(block, dict):
             continue
         problems.append(f"the script hands accelerator.prepare its own {kind} ({', '.join(sorted(set(names)))}) and "
-                        f"craken's DeepSpeed JSON holds DeepSpeed's ({block.get('type')}: kept under optimizer "
-                        "offload, a deepspeed.extra optimizer or --ds-optimizer), which accelerate refuses together: "
-                        f"build accelerate.utils.{placeholder} when CRAKEN_PLAN_DS_{told} is 1, or change the plan")
+                        f"craken's DeepSpeed JSON holds DeepSpeed's ({block.get('type')}: kept for {why} or an "
+                        "unconditional placeholder), which accelerate refuses together: build "
+                        f"accelerate.utils.{placeholder} when CRAKEN_PLAN_DS_{told} is 1, or drop what keeps the "
+                        f"block (--no-ds-optimizer drops both)")
     return problems
