@@ -540,13 +540,8 @@ def engine_buffers(model: ModelInfo, cand: Candidate, shape: Shape, layers: floa
     return buffers
 
 
-# The plain engine's gradients start from nothing at every step (zero_grad sets them to None) and each
-# layer's backward makes its gradients as it frees what that layer saved. With grown segments the freed
-# blocks merge and the gradients are served from them, so without accumulation the peak is the larger of
-# the backward's start (activations, logits, weight copies) and its end (every gradient), not their sum:
-# `estimate` subtracts the smaller ("gradients_replace_freed_activations"). Fixed segments keep the freed
-# blocks apart (a layer's activations are smaller pieces than its fp32 gradients), and with accumulation
-# the earlier micro-batches' gradients are held through each backward: there both add up.
+# The detail key of that saving in `estimate` (craken plan says why it makes 'other' negative).
+GRADIENTS_IN_FREED_BLOCKS = "gradients_replace_freed_activations"
 
 
 def why_not_fits(total: float, cpu: float, nvme: float, micro_batch: int, shape: Shape) -> str | None:
@@ -577,8 +572,15 @@ def estimate(model: ModelInfo, cand: Candidate, micro_batch: int, grad_accum: in
     acts = layers + logits
     buffers = engine_buffers(model, cand, shape, layers, acts, fp32_grads)
     if cand.stage == 0 and grad_accum == 1 and shape.grown_segments:
+        # The plain engine's gradients start from nothing at every step (zero_grad sets them to None), and
+        # each layer's backward makes its gradients as it frees what that layer saved. Grown segments merge
+        # the freed blocks and serve the gradients from them, so the peak is the larger of the backward's
+        # start (activations, logits, weight copies) and its end (every gradient), not their sum. Fixed
+        # segments keep the freed blocks apart (a layer's activations are smaller pieces than its fp32
+        # gradients), and with accumulation the earlier micro-batches' gradients are held through each
+        # backward: there both add up.
         held = acts + buffers.get("autocast_weight_copies", 0.0)
-        buffers["gradients_replace_freed_activations"] = -min(grads, held)
+        buffers[GRADIENTS_IN_FREED_BLOCKS] = -min(grads, held)
     reserved = params + grads + optim + acts + sum(buffers.values())
     buffers["cuda_context"] = CUDA_CONTEXT_GIB * GiB
     if world > 1:
