@@ -89,9 +89,10 @@ SPEED_NGPU = {"zero0": 1.0, "zero1": 0.98, "zero2": 0.98, "zero3": 0.51, "offloa
               "offload_param": 0.5}
 NVME_SPEED = 0.5  # on top of CPU offload
 COMPILE_MIN_PARAMS = 100_000_000  # smaller models: compilation costs more time than it saves
-# Compiled layers whose Linears all convert to torchao float8 keep this share of the bf16 layers'
-# reserved activations (the backward's inputs kept as float8 casts); a layer converted in part saves that
-# part of the difference. Not in planner_bench's fit: docs/planner.md, "FP8", gives its rows and errors.
+# Fitted (with the compiled terms, on its one training row, the 1.1B fp8 run): compiled layers whose Linears
+# all convert to torchao float8 keep this share of the bf16 layers' reserved activations (the backward's
+# inputs kept as float8 casts); a layer converted in part saves that part of the difference. docs/planner.md,
+# "FP8", gives its rows and errors.
 FP8_ACTIVATION_SHARE = 0.775
 
 
