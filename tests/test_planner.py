@@ -233,6 +233,11 @@ def test_detect_reads_whether_the_workers_allocator_grows_segments():
     assert grows_segments({}) and grows_segments({"PYTORCH_ALLOC_CONF": "expandable_segments:True"})
     assert not grows_segments({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"})
     assert not grows_segments({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"})
+    # torch reads PYTORCH_ALLOC_CONF first (before: either variable's True counted), and the last mention wins
+    assert not grows_segments({"PYTORCH_ALLOC_CONF": "expandable_segments:False",
+                               "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
+    assert not grows_segments({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True,expandable_segments:False"})
+    assert grows_segments({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128, expandable_segments:True"})
     assert detect(FakeProbe(), environ={}).grown_segments
     assert not detect(FakeProbe(), environ={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}).grown_segments
 
