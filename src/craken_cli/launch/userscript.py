@@ -146,7 +146,8 @@ def keeps_ds_optimizer(spec, requested: bool | None, engine_without_optimizer: b
     torch optimizer there), so then the script takes accelerate's DummyOptim/DummyScheduler.
     A raw DeepSpeed script that gives deepspeed.initialize no optimizer trains with the JSON's, and
     without one DeepSpeed would build an engine that never updates the weights; a script that builds
-    DummyOptim whatever the plan needs the JSON's too (accelerate refuses a DummyOptim without one)."""
+    DummyOptim whatever the plan needs the JSON's too (accelerate refuses a DummyOptim without one), and
+    so does a deepspeed.extra optimizer the user asked for (asks_ds_optimizer)."""
     if requested is not None:
         return requested
     return (spec.offload.optimizer.device != "none" or engine_without_optimizer or dummy.optimizer
@@ -163,8 +164,9 @@ def asks_ds_optimizer(spec) -> bool:
 
 def keeps_ds_scheduler(spec, requested: bool | None, engine_without_optimizer: bool = False,
                        dummy: DummyUse = DummyUse()) -> bool:
-    """Whether the JSON keeps craken's scheduler block: with the optimizer block (offload, a raw DeepSpeed
-    engine, --ds-optimizer), or for a script that builds DummyScheduler whatever the plan. A DummyOptim
+    """Whether the JSON keeps its scheduler block (craken's, or the one deepspeed.extra gives): with the
+    optimizer block (offload, a raw DeepSpeed engine, --ds-optimizer, a deepspeed.extra optimizer), for a
+    script that builds DummyScheduler whatever the plan, or for a deepspeed.extra scheduler. A DummyOptim
     script without one keeps no scheduler block: accelerate refuses any other scheduler object beside a
     DummyOptim, so such a script steps none, and a block would be a schedule it never asked for."""
     if requested is not None:
