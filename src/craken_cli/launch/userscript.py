@@ -572,7 +572,8 @@ def client_block_problems(optimizers: Sequence[str], schedulers: Sequence[str], 
     kept_by = "optimizer offload, a deepspeed.extra optimizer, --ds-optimizer"
     for kind, names, placeholder, told, why in (
             ("optimizer", optimizers, "DummyOptim(model.parameters())", "OPTIMIZER", kept_by),
-            ("scheduler", schedulers, "DummyScheduler(optimizer)", "SCHEDULER", f"{kept_by}, a deepspeed.extra scheduler")):
+            ("scheduler", schedulers, "DummyScheduler(optimizer)", "SCHEDULER",
+             f"{kept_by}, a deepspeed.extra scheduler")):
         block = ds_config.get(kind)
         if not names or not isinstance(block, dict):
             continue
