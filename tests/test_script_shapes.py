@@ -51,6 +51,22 @@ def test_deepspeeds_mup_optimizers_without_mup_are_refused_before_launch(monkeyp
     assert dscheck.MUP_OPTIMIZERS == {"muadam": "MuAdam", "muadamw": "MuAdamW", "musgd": "MuSGD"}
 
 
+@pytest.mark.parametrize("sets, refused", [
+    ((*extra_optimizer("Lamb"),), "'lamb' is DeepSpeed's FusedLamb, which DeepSpeed has not tested with ZeRO"),
+    ((*extra_optimizer("Lamb"), "deepspeed.extra.zero_allow_untested_optimizer=true"), None),
+    ((*extra_optimizer("Lion"),), None),
+    ((*extra_optimizer("Adagrad"),), None),
+    ((*extra_optimizer("Adam"),), None),
+])
+def test_an_optimizer_deepspeed_has_not_tested_with_zero_needs_its_switch_before_launch(sets, refused):
+    """Before: every worker stopped at deepspeed.initialize on 'You are using an untested ZeRO Optimizer'
+    (engine._do_optimizer_sanity_check: FusedLamb is not in zero.utils.ZERO_SUPPORTED_OPTIMIZERS)."""
+    problems = preflight.deepspeed_extra_problems(spec_of({}, sets))
+    assert (problems == []) if refused is None else (len(problems) == 1 and refused in problems[0]), problems
+    if refused:
+        assert "set deepspeed.extra.zero_allow_untested_optimizer to true" in problems[0]
+
+
 def test_adam_types_keep_craken_params():
     params = render.deepspeed_config(spec_of({}, extra_optimizer("Adam")))["optimizer"]["params"]
     assert "torch_adam" in params and "betas" in params

@@ -453,7 +453,8 @@ def section_model_problems(spec, rendered: dict) -> dict[str, list[str]]:
 
 def parser_problems(spec, rendered: dict, skip: set[str]) -> list[str]:
     """DeepSpeedConfig itself on craken's JSON with one extra key at a time (it stops at its first error,
-    and each key should get its own message), then on the whole JSON for what keys refuse together."""
+    and each key should get its own message), then on the whole JSON for what keys refuse together (an
+    optimizer DeepSpeed has not tested with ZeRO, unless zero_allow_untested_optimizer allows it)."""
     from ..config import dscheck
     from .render import deepspeed_config
 
@@ -469,11 +470,11 @@ def parser_problems(spec, rendered: dict, skip: set[str]) -> list[str]:
     if problems or skip:
         return problems
     try:
-        dscheck.parse_unlaunched(rendered)
+        parsed = dscheck.parse_unlaunched(rendered)
     except Exception as exc:
         return [f"deepspeed.extra: DeepSpeed refuses these keys together ({exc.__class__.__name__}: "
                 f"{' '.join(str(exc).split())[:300]}): fix them"]
-    return []
+    return dscheck.untested_optimizer_problems(parsed)
 
 
 def swap_buffer_problems(spec) -> list[str]:
