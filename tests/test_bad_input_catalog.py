@@ -959,6 +959,7 @@ def test_an_imported_json_with_too_few_nvme_swap_buffers_is_refused_before_launc
     ({"optimizer": {"type": "NoSuchOpt"}}, "deepspeed.extra.optimizer.type 'NoSuchOpt': DeepSpeed knows no such"),
     ({"optimizer": {"type": 5}}, "deepspeed.extra.optimizer = {\"type\": 5}: DeepSpeed refuses it"),
     ({"optimizer": {"type": "Adamax"}}, "torch.optim.Adamax refuses the optimizer.params craken writes with it"),
+    ({"optimizer": {"type": "Lamb"}}, "'lamb' is DeepSpeed's FusedLamb, which DeepSpeed has not tested with ZeRO"),
     ({"scheduler": {"type": "Nope", "params": {}}}, "deepspeed.extra.scheduler.type 'Nope': DeepSpeed knows no such"),
     ({"scheduler": 5}, "deepspeed.extra.scheduler is 5: DeepSpeed reads scheduler as a section"),
 ])
