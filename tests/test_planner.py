@@ -233,6 +233,11 @@ def test_detect_reads_whether_the_workers_allocator_grows_segments():
     assert grows_segments({}) and grows_segments({"PYTORCH_ALLOC_CONF": "expandable_segments:True"})
     assert not grows_segments({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"})
     assert not grows_segments({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"})
+    # torch reads PYTORCH_ALLOC_CONF first (before: either variable's True counted), and the last mention wins
+    assert not grows_segments({"PYTORCH_ALLOC_CONF": "expandable_segments:False",
+                               "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
+    assert not grows_segments({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True,expandable_segments:False"})
+    assert grows_segments({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128, expandable_segments:True"})
     assert detect(FakeProbe(), environ={}).grown_segments
     assert not detect(FakeProbe(), environ={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}).grown_segments
 
@@ -534,3 +539,13 @@ def test_fit_apply_writes_the_fitted_constants_into_a_planner_file(tmp_path):
     assert [c.split(":")[0] for c in changed] == ["FRAGMENTATION", "COMPILED_LOSS_FP32_BYTES"]
     text = target.read_text()
     assert "\nCOMPILED_LOSS_FP32_BYTES = 6\n" in text and "\nFRAGMENTATION = {0: 0.04, 1: 0.04, 2: 0.04, 3: 0.04}\n" in text
+
+
+def test_craken_plan_says_why_other_is_negative_only_where_gradients_take_the_freed_blocks(craken, workdir, monkeypatch):
+    """The note under the table follows the planner's term: grown segments and accumulation 1 only."""
+    note = "zero0 rows: the gradients are made in the blocks the backward frees"
+    result = craken("plan", "--gpus", "1", "--gpu-memory", "80GiB", "--grad-accum", "1")
+    assert result.code == 0 and note in result.out, result.output
+    assert note not in craken("plan", "--gpus", "1", "--gpu-memory", "80GiB", "--grad-accum", "2").out
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")
+    assert note not in craken("plan", "--gpus", "1", "--gpu-memory", "80GiB", "--grad-accum", "1").out

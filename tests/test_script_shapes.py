@@ -26,12 +26,45 @@ def extra_optimizer(kind: str) -> tuple:
 
 @pytest.mark.parametrize("kind, taken", [("Lamb", {"lr", "betas", "eps", "weight_decay"}),
                                          ("Lion", {"lr", "betas", "weight_decay"}),
-                                         ("adagrad", {"lr", "eps", "weight_decay"})])
+                                         ("adagrad", {"lr", "eps", "weight_decay"}),
+                                         ("MuAdamW", {"lr", "betas", "eps", "weight_decay"}),
+                                         ("MuSGD", {"lr", "weight_decay"})])
 def test_deepspeeds_own_optimizers_get_only_the_params_they_take(kind, taken):
     """Before: torch_adam, betas, eps went to every type, and FusedLamb / FusedLion / torch's Adagrad
     stopped every worker with "unexpected keyword argument"."""
     params = render.deepspeed_config(spec_of({}, extra_optimizer(kind)))["optimizer"]["params"]
     assert set(params) == taken
+
+
+def test_deepspeeds_mup_optimizers_without_mup_are_refused_before_launch(monkeypatch):
+    """Before: DeepSpeed's MuAdam branch logs "Install mup" and every worker stopped on an UnboundLocalError
+    (a real 2-process CPU run)."""
+    import importlib.util
+
+    from craken_cli.config import dscheck
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mup" else real(name, *a))
+    [problem] = preflight.deepspeed_extra_problems(spec_of({}, extra_optimizer("MuAdam")))
+    assert problem.startswith("deepspeed.extra.optimizer.type 'muadam' is DeepSpeed's wrapper of mup's MuAdam,")
+    assert "pip install mup" in problem
+    assert dscheck.MUP_OPTIMIZERS == {"muadam": "MuAdam", "muadamw": "MuAdamW", "musgd": "MuSGD"}
+
+
+@pytest.mark.parametrize("sets, refused", [
+    ((*extra_optimizer("Lamb"),), "'lamb' is DeepSpeed's FusedLamb, which DeepSpeed has not tested with ZeRO"),
+    ((*extra_optimizer("Lamb"), "deepspeed.extra.zero_allow_untested_optimizer=true"), None),
+    ((*extra_optimizer("Lion"),), None),
+    ((*extra_optimizer("Adagrad"),), None),
+    ((*extra_optimizer("Adam"),), None),
+])
+def test_an_optimizer_deepspeed_has_not_tested_with_zero_needs_its_switch_before_launch(sets, refused):
+    """Before: every worker stopped at deepspeed.initialize on 'You are using an untested ZeRO Optimizer'
+    (engine._do_optimizer_sanity_check: FusedLamb is not in zero.utils.ZERO_SUPPORTED_OPTIMIZERS)."""
+    problems = preflight.deepspeed_extra_problems(spec_of({}, sets))
+    assert (problems == []) if refused is None else (len(problems) == 1 and refused in problems[0]), problems
+    if refused:
+        assert "set deepspeed.extra.zero_allow_untested_optimizer to true" in problems[0]
 
 
 def test_adam_types_keep_craken_params():
@@ -70,6 +103,17 @@ def test_a_deepspeed_extra_optimizer_keeps_its_block_for_a_script():
     assert problem.startswith("deepspeed.extra.optimizer asks for DeepSpeed's Adagrad, and --no-ds-optimizer drops")
 
 
+def test_a_deepspeed_extra_scheduler_under_no_ds_optimizer_is_refused_as_an_extra_optimizer_is():
+    """Before: --no-ds-optimizer dropped the scheduler block the user wrote (or `config import` kept) without a
+    word, and the script's own schedule (or none) ran."""
+    schedule = spec_of({}, ('deepspeed.extra.scheduler={"type":"WarmupLR","params":{"warmup_num_steps":3}}',))
+    [problem] = userscript.dummy_problems(schedule, False, userscript.DummyUse())
+    assert problem.startswith("deepspeed.extra.scheduler is a schedule for DeepSpeed to step, and --no-ds-optimizer")
+    assert userscript.dummy_problems(schedule, None, userscript.DummyUse()) == []
+    both = spec_of({}, (*extra_optimizer("Adagrad"), 'deepspeed.extra.scheduler={"type":"WarmupLR","params":{}}'))
+    assert len(userscript.dummy_problems(both, False, userscript.DummyUse())) == 2
+
+
 def test_a_torch_optimizer_beside_the_jsons_block_is_named_with_the_fix():
     """Before: accelerate's "You cannot specify an optimizer in the config file and in the code at the same
     time" in every worker, exit 1 (an always-AdamW script under --offload-optimizer cpu)."""
@@ -79,6 +123,7 @@ def test_a_torch_optimizer_beside_the_jsons_block_is_named_with_the_fix():
                           "JSON holds DeepSpeed's (AdamW")
     assert "accelerate.utils.DummyOptim(model.parameters()) when CRAKEN_PLAN_DS_OPTIMIZER is 1" in opt
     assert "DummyScheduler(optimizer) when CRAKEN_PLAN_DS_SCHEDULER is 1" in sched
+    assert "a deepspeed.extra scheduler" in sched and "a deepspeed.extra scheduler" not in opt  # why each is kept
     assert userscript.client_block_problems(["AdamW"], ["LambdaLR"], {}) == []
     assert userscript.client_block_problems([], [], ds) == []  # DummyOptim / DummyScheduler
 

@@ -109,6 +109,7 @@ def _print(result, changes: list[str]) -> None:
     from rich.table import Table
 
     from ..console import out
+    from ..plan.memory import GRADIENTS_IN_FREED_BLOCKS
 
     model = result.model
     out.print(f"{model.name}: {model.num_params / 1e9:.3f} B parameters ({model.counted_by}), "
@@ -133,7 +134,7 @@ def _print(result, changes: list[str]) -> None:
                       f"{s.total_gib:.1f}", f"{s.cpu_memory_gib:.0f}", f"{s.speed:.2f}",
                       "yes" if s.fits else "no", style=style)
     wide.print(table)
-    if whole and any("gradients_replace_freed_activations" in s.detail for s in result.strategies):
+    if whole and any(GRADIENTS_IN_FREED_BLOCKS in s.detail for s in result.strategies):
         out.print("zero0 rows: the gradients are made in the blocks the backward frees, so 'other' subtracts the "
                   "smaller of the gradients and what the backward starts with", markup=False)
     if result.choice is None:

@@ -8,6 +8,8 @@ deepspeed: only `config validate` and the tests call it.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import io
 import json
 import logging
@@ -176,6 +178,11 @@ def _at(node, path: list[str]):
     return node
 
 
+# DeepSpeed's optimizer names whose classes come from the mup package (engine._configure_basic_optimizer
+# logs "Install mup" without it, then fails on the missing class in every process).
+MUP_OPTIMIZERS = {"muadam": "MuAdam", "muadamw": "MuAdamW", "musgd": "MuSGD"}
+
+
 def unknown_class_problems(parsed) -> list[str]:
     """The optimizer and scheduler types the engine cannot build: DeepSpeedConfig keeps any name, and
     deepspeed.initialize looks it up among its own classes, then torch's (engine._configure_basic_optimizer,
@@ -188,6 +195,10 @@ def unknown_class_problems(parsed) -> list[str]:
     optimizer = parsed.optimizer_name
     if optimizer is not None and optimizer not in DEEPSPEED_OPTIMIZERS:
         out += torch_optimizer_problems(optimizer, parsed.optimizer_params or {}, DEEPSPEED_OPTIMIZERS)
+    if optimizer in MUP_OPTIMIZERS and importlib.util.find_spec("mup") is None:
+        out.append(f"deepspeed.extra.optimizer.type {optimizer!r} is DeepSpeed's wrapper of mup's "
+                   f"{MUP_OPTIMIZERS[optimizer]}, and mup is not installed here: pip install mup (its optimizers "
+                   "also need mup.set_base_shapes on the model), or use another optimizer")
     scheduler = parsed.scheduler_name
     if scheduler is not None and not hasattr(lr_schedules, scheduler) \
             and not hasattr(torch.optim.lr_scheduler, scheduler):
@@ -195,6 +206,39 @@ def unknown_class_problems(parsed) -> list[str]:
                    f"{', '.join(lr_schedules.VALID_LR_SCHEDULES)}; else a class of torch.optim.lr_scheduler): fix "
                    "the name")
     return out
+
+
+def untested_optimizer_problems(parsed) -> list[str]:
+    """An optimizer class DeepSpeed has not tested with ZeRO (FusedLamb, mup's, most of torch.optim): at ZeRO
+    stage 1-3 engine._do_optimizer_sanity_check refuses it in every process unless
+    zero_allow_untested_optimizer is true (a key of its own: judged on the whole JSON). The class is the one
+    the engine builds for the name, imported without building any op; one that cannot be imported is named
+    by the other checks."""
+    import torch
+    from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS
+
+    name = parsed.optimizer_name
+    if name is None or not parsed.zero_enabled or parsed.zero_allow_untested_optimizer:
+        return []
+    if name == "lamb":
+        from deepspeed.ops.lamb import FusedLamb as built
+
+        shown = "DeepSpeed's FusedLamb"
+    elif name in MUP_OPTIMIZERS:
+        try:
+            built = getattr(importlib.import_module("mup"), MUP_OPTIMIZERS[name])
+        except (ImportError, AttributeError):
+            return []
+        shown = f"mup's {MUP_OPTIMIZERS[name]}"
+    else:
+        built, shown = getattr(torch.optim, str(name), None), f"torch.optim.{name}"
+        if not isinstance(built, type):  # DeepSpeed's Adam, Lion, Adagrad, Muon, or no class at all
+            return []
+    if issubclass(built, tuple(ZERO_SUPPORTED_OPTIMIZERS)):
+        return []
+    return [f"deepspeed.extra.optimizer.type {name!r} is {shown}, which DeepSpeed has not tested with ZeRO and "
+            f"refuses at ZeRO stage {parsed.zero_optimization_stage}: set deepspeed.extra.zero_allow_untested_optimizer "
+            "to true to run it anyway, or use Adam, AdamW, Adagrad or Lion"]
 
 
 def torch_optimizer_problems(name, params: dict, own: list[str]) -> list[str]:

@@ -313,9 +313,10 @@ class DeepSpeedSection(Section):
     extra: dict[str, Any] = Field(
         default_factory=dict, description="DeepSpeed keys craken does not model, written into ds_config.json as "
         "given: nested sections merge key by key into what craken renders, and \"auto\" is filled as the HF Trainer "
-        "fills it. An optimizer block of DeepSpeed's Lamb, Lion or Adagrad gets only the optimizer.* params it takes "
-        "(no betas for Adagrad, no eps for Lion). `craken config import` keeps a file's other keys here (activation_checkpointing, tensor_parallel, "
-        "zero_optimization.sub_group_size, fp16 loss scaling, its scheduler block, ...)."
+        "fills it. An optimizer block of DeepSpeed's Lamb, Lion, Adagrad, MuAdam, MuAdamW or MuSGD gets only the "
+        "optimizer.* params it takes (no betas for Adagrad, no eps for Lion). `craken config import` keeps a file's "
+        "other keys here (activation_checkpointing, tensor_parallel, zero_optimization.sub_group_size, fp16 loss "
+        "scaling, its scheduler block, ...)."
     )
 
     @model_validator(mode="after")
@@ -328,6 +329,12 @@ class DeepSpeedSection(Section):
         if problems:
             raise CrossFieldProblems(problems)
         return self
+
+    def optimizer_type(self) -> str | None:
+        """The optimizer type `extra` names, lower-cased as DeepSpeed matches its own names (None: none)."""
+        block = self.extra.get("optimizer")
+        kind = block.get("type") if isinstance(block, dict) else None
+        return kind.lower() if isinstance(kind, str) else None
 
 
 # The keys of deepspeed.extra DeepSpeed reads as sections, mappings of their own keys: its pydantic

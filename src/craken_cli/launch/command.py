@@ -42,8 +42,10 @@ STOP_GRACE_S = 600
 # The caching allocator grows segments in place instead of cutting fixed ones: without it a run whose
 # big blocks (the logits of a large vocabulary) are held across micro-steps reserved 18 GiB more than it
 # allocated (Qwen2.5-0.5B, accumulation 2, one H200). torchtitan sets the same. A value the user set wins.
-GPU_ALLOCATOR_ENV = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
-ALLOCATOR_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")  # torch >= 2.9 reads either name
+GROWN_SEGMENTS = ("expandable_segments", "True")
+GPU_ALLOCATOR_ENV = {"PYTORCH_CUDA_ALLOC_CONF": ":".join(GROWN_SEGMENTS)}
+# torch >= 2.9 reads either name, PYTORCH_ALLOC_CONF first (c10/core/AllocatorConfig.h)
+ALLOCATOR_VARS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
 
 
 def allocator_env(environ: Mapping[str, str]) -> dict[str, str]:
@@ -52,10 +54,16 @@ def allocator_env(environ: Mapping[str, str]) -> dict[str, str]:
 
 
 def grows_segments(environ: Mapping[str, str]) -> bool:
-    """Whether a GPU run's caching allocator grows its segments: craken's default, or the user's own setting."""
+    """Whether a GPU run's caching allocator grows its segments: craken's default, or the user's own setting
+    as torch reads it (the first variable of ALLOCATOR_VARS that names the key decides, its last mention)."""
     conf = {**environ, **allocator_env(environ)}
-    values = ",".join(conf.get(name) or "" for name in ALLOCATOR_VARS).replace(" ", "")
-    return "expandable_segments:True" in values
+    key, on = GROWN_SEGMENTS
+    for name in ALLOCATOR_VARS:
+        said = [value for item in (conf.get(name) or "").replace(" ", "").split(",")
+                for k, _, value in [item.partition(":")] if k == key]
+        if said:
+            return said[-1] == on
+    return False
 
 
 INHERITED_DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",

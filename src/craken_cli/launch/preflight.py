@@ -438,11 +438,9 @@ def cpu_optimizer_problems(spec) -> list[str]:
     """DeepSpeed's Lamb is a CUDA kernel alone (FusedLamb), and its Lion one too unless the states are
     offloaded (DeepSpeedCPULion): on CPU processes every process stops at deepspeed.initialize ("This op
     had not been implemented on CPU backend"), which DeepSpeedConfig does not foresee."""
-    from .render import extra_optimizer_type
-
     if not spec.uses_deepspeed or not spec.cluster.use_cpu:
         return []
-    kind, offloaded = extra_optimizer_type(spec), spec.offload.optimizer.device != "none"
+    kind, offloaded = spec.deepspeed.optimizer_type(), spec.offload.optimizer.device != "none"
     if kind == "lamb":
         return ["deepspeed.extra.optimizer.type 'Lamb' is DeepSpeed's FusedLamb, a CUDA kernel with no CPU version, "
                 "and this run has CPU processes: use Lion with --offload-optimizer cpu, Adagrad, or craken's AdamW "
@@ -475,7 +473,8 @@ def section_model_problems(spec, rendered: dict) -> dict[str, list[str]]:
 
 def parser_problems(spec, rendered: dict, skip: set[str]) -> list[str]:
     """DeepSpeedConfig itself on craken's JSON with one extra key at a time (it stops at its first error,
-    and each key should get its own message), then on the whole JSON for what keys refuse together."""
+    and each key should get its own message), then on the whole JSON for what keys refuse together (an
+    optimizer DeepSpeed has not tested with ZeRO, unless zero_allow_untested_optimizer allows it)."""
     from ..config import dscheck
     from .render import deepspeed_config
 
@@ -491,11 +490,11 @@ def parser_problems(spec, rendered: dict, skip: set[str]) -> list[str]:
     if problems or skip:
         return problems
     try:
-        dscheck.parse_unlaunched(rendered)
+        parsed = dscheck.parse_unlaunched(rendered)
     except Exception as exc:
         return [f"deepspeed.extra: DeepSpeed refuses these keys together ({exc.__class__.__name__}: "
                 f"{' '.join(str(exc).split())[:300]}): fix them"]
-    return []
+    return dscheck.untested_optimizer_problems(parsed)
 
 
 def swap_buffer_problems(spec) -> list[str]:

@@ -84,21 +84,16 @@ def deepspeed_config(spec: RunSpec) -> dict:
         # Offloaded states are stepped by DeepSpeed's CPU Adam; torch_adam would be refused there.
         del cfg["optimizer"]["params"]["torch_adam"]
         cfg["optimizer"]["params"].pop("fused", None)
-    return with_extra(for_optimizer_type(cfg, extra_optimizer_type(spec)), spec)
+    return with_extra(for_optimizer_type(cfg, spec.deepspeed.optimizer_type()), spec)
 
 
 # What DeepSpeed's own non-Adam optimizers take of craken's Adam params (FusedLamb; FusedLion and
-# DeepSpeedCPULion; torch.optim.Adagrad and DeepSpeedCPUAdagrad): the engine passes the whole params
-# block as keyword arguments, and each rejects the rest (torch_adam, betas, eps) in every process.
+# DeepSpeedCPULion; torch.optim.Adagrad and DeepSpeedCPUAdagrad; mup's MuAdam(W) and MuSGD, which pass
+# them on to torch's Adam(W) and SGD): the engine passes the whole params block as keyword arguments, and
+# each rejects the rest (torch_adam, fused, betas, eps) in every process.
 OWN_OPTIMIZER_PARAMS = {"lamb": ("lr", "betas", "eps", "weight_decay"), "lion": ("lr", "betas", "weight_decay"),
-                        "adagrad": ("lr", "eps", "weight_decay")}
-
-
-def extra_optimizer_type(spec: RunSpec) -> str | None:
-    """The optimizer type deepspeed.extra names, lower-cased as DeepSpeed matches its own (None: none)."""
-    block = spec.deepspeed.extra.get("optimizer")
-    kind = block.get("type") if isinstance(block, dict) else None
-    return kind.lower() if isinstance(kind, str) else None
+                        "adagrad": ("lr", "eps", "weight_decay"), "muadam": ("lr", "betas", "eps", "weight_decay"),
+                        "muadamw": ("lr", "betas", "eps", "weight_decay"), "musgd": ("lr", "weight_decay")}
 
 
 def for_optimizer_type(cfg: dict, kind: str | None) -> dict:

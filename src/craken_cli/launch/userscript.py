@@ -146,7 +146,8 @@ def keeps_ds_optimizer(spec, requested: bool | None, engine_without_optimizer: b
     torch optimizer there), so then the script takes accelerate's DummyOptim/DummyScheduler.
     A raw DeepSpeed script that gives deepspeed.initialize no optimizer trains with the JSON's, and
     without one DeepSpeed would build an engine that never updates the weights; a script that builds
-    DummyOptim whatever the plan needs the JSON's too (accelerate refuses a DummyOptim without one)."""
+    DummyOptim whatever the plan needs the JSON's too (accelerate refuses a DummyOptim without one), and
+    so does a deepspeed.extra optimizer the user asked for (asks_ds_optimizer)."""
     if requested is not None:
         return requested
     return (spec.offload.optimizer.device != "none" or engine_without_optimizer or dummy.optimizer
@@ -157,15 +158,15 @@ def asks_ds_optimizer(spec) -> bool:
     """deepspeed.extra names an optimizer other than the Adam a script builds itself (Lamb, Lion, Adagrad,
     a torch.optim class): the user asked for DeepSpeed's, which dropping the block would replace by the
     script's without a word. An Adam/AdamW type only restates craken's own optimizer."""
-    block = spec.deepspeed.extra.get("optimizer")
-    kind = block.get("type") if isinstance(block, dict) else None
-    return spec.uses_deepspeed and isinstance(kind, str) and kind.lower() not in ("adam", "adamw")
+    kind = spec.deepspeed.optimizer_type()
+    return spec.uses_deepspeed and kind is not None and kind not in ("adam", "adamw")
 
 
 def keeps_ds_scheduler(spec, requested: bool | None, engine_without_optimizer: bool = False,
                        dummy: DummyUse = DummyUse()) -> bool:
-    """Whether the JSON keeps craken's scheduler block: with the optimizer block (offload, a raw DeepSpeed
-    engine, --ds-optimizer), or for a script that builds DummyScheduler whatever the plan. A DummyOptim
+    """Whether the JSON keeps its scheduler block (craken's, or the one deepspeed.extra gives): with the
+    optimizer block (offload, a raw DeepSpeed engine, --ds-optimizer, a deepspeed.extra optimizer), for a
+    script that builds DummyScheduler whatever the plan, or for a deepspeed.extra scheduler. A DummyOptim
     script without one keeps no scheduler block: accelerate refuses any other scheduler object beside a
     DummyOptim, so such a script steps none, and a block would be a schedule it never asked for."""
     if requested is not None:
@@ -233,10 +234,14 @@ def dummy_problems(spec, requested: bool | None, dummy: DummyUse) -> list[str]:
             return ["--ds-optimizer keeps DeepSpeed's optimizer in the DeepSpeed config, and this plan renders none "
                     "(ZeRO stage 0 on GPUs runs plain Accelerate): pass --zero 1, 2 or 3, or drop --ds-optimizer"]
         return []
-    if requested is False and asks_ds_optimizer(spec):
-        return [f"deepspeed.extra.optimizer asks for DeepSpeed's {spec.deepspeed.extra['optimizer']['type']}, and "
-                "--no-ds-optimizer drops the JSON's optimizer block (the script's own optimizer would train "
-                "instead): drop one of them"]
+    asked = [f"deepspeed.extra.optimizer asks for DeepSpeed's {spec.deepspeed.extra['optimizer']['type']}, and "
+             "--no-ds-optimizer drops the JSON's optimizer block (the script's own optimizer would train instead): "
+             "drop one of them"] if asks_ds_optimizer(spec) else []
+    if "scheduler" in spec.deepspeed.extra:  # a schedule the user wrote (or `config import` kept)
+        asked.append("deepspeed.extra.scheduler is a schedule for DeepSpeed to step, and --no-ds-optimizer drops the "
+                     "JSON's scheduler block (the script's own schedule, or none, would run instead): drop one of them")
+    if requested is False and asked:
+        return asked
     if requested is False and built:
         return [f"the script builds {built} whatever the plan, and --no-ds-optimizer drops the JSON's optimizer "
                 "and scheduler blocks, without which accelerate refuses the placeholders: drop --no-ds-optimizer, "
@@ -564,13 +569,17 @@ def client_block_problems(optimizers: Sequence[str], schedulers: Sequence[str], 
     DeepSpeed must step (optimizer offload, a deepspeed.extra optimizer, --ds-optimizer), and says so in
     CRAKEN_PLAN_DS_OPTIMIZER / CRAKEN_PLAN_DS_SCHEDULER."""
     problems = []
-    for kind, names, placeholder, told in (("optimizer", optimizers, "DummyOptim(model.parameters())", "OPTIMIZER"),
-                                          ("scheduler", schedulers, "DummyScheduler(optimizer)", "SCHEDULER")):
+    kept_by = "optimizer offload, a deepspeed.extra optimizer, --ds-optimizer"
+    for kind, names, placeholder, told, why in (
+            ("optimizer", optimizers, "DummyOptim(model.parameters())", "OPTIMIZER", kept_by),
+            ("scheduler", schedulers, "DummyScheduler(optimizer)", "SCHEDULER",
+             f"{kept_by}, a deepspeed.extra scheduler")):
         block = ds_config.get(kind)
         if not names or not isinstance(block, dict):
             continue
         problems.append(f"the script hands accelerator.prepare its own {kind} ({', '.join(sorted(set(names)))}) and "
-                        f"craken's DeepSpeed JSON holds DeepSpeed's ({block.get('type')}: kept under optimizer "
-                        "offload, a deepspeed.extra optimizer or --ds-optimizer), which accelerate refuses together: "
-                        f"build accelerate.utils.{placeholder} when CRAKEN_PLAN_DS_{told} is 1, or change the plan")
+                        f"craken's DeepSpeed JSON holds DeepSpeed's ({block.get('type')}: kept for {why} or an "
+                        "unconditional placeholder), which accelerate refuses together: build "
+                        f"accelerate.utils.{placeholder} when CRAKEN_PLAN_DS_{told} is 1, or drop what keeps the "
+                        f"block (--no-ds-optimizer drops both)")
     return problems

@@ -89,9 +89,10 @@ SPEED_NGPU = {"zero0": 1.0, "zero1": 0.98, "zero2": 0.98, "zero3": 0.51, "offloa
               "offload_param": 0.5}
 NVME_SPEED = 0.5  # on top of CPU offload
 COMPILE_MIN_PARAMS = 100_000_000  # smaller models: compilation costs more time than it saves
-# Compiled layers whose Linears all convert to torchao float8 keep this share of the bf16 layers'
-# reserved activations (the backward's inputs kept as float8 casts); a layer converted in part saves that
-# part of the difference. Not in planner_bench's fit: docs/planner.md, "FP8", gives its rows and errors.
+# Fitted (with the compiled terms, on its one training row, the 1.1B fp8 run): compiled layers whose Linears
+# all convert to torchao float8 keep this share of the bf16 layers' reserved activations (the backward's
+# inputs kept as float8 casts); a layer converted in part saves that part of the difference. docs/planner.md,
+# "FP8", gives its rows and errors.
 FP8_ACTIVATION_SHARE = 0.775
 
 
@@ -540,13 +541,8 @@ def engine_buffers(model: ModelInfo, cand: Candidate, shape: Shape, layers: floa
     return buffers
 
 
-# The plain engine's gradients start from nothing at every step (zero_grad sets them to None) and each
-# layer's backward makes its gradients as it frees what that layer saved. With grown segments the freed
-# blocks merge and the gradients are served from them, so without accumulation the peak is the larger of
-# the backward's start (activations, logits, weight copies) and its end (every gradient), not their sum:
-# `estimate` subtracts the smaller ("gradients_replace_freed_activations"). Fixed segments keep the freed
-# blocks apart (a layer's activations are smaller pieces than its fp32 gradients), and with accumulation
-# the earlier micro-batches' gradients are held through each backward: there both add up.
+# The detail key of that saving in `estimate` (craken plan says why it makes 'other' negative).
+GRADIENTS_IN_FREED_BLOCKS = "gradients_replace_freed_activations"
 
 
 def why_not_fits(total: float, cpu: float, nvme: float, micro_batch: int, shape: Shape) -> str | None:
@@ -577,8 +573,15 @@ def estimate(model: ModelInfo, cand: Candidate, micro_batch: int, grad_accum: in
     acts = layers + logits
     buffers = engine_buffers(model, cand, shape, layers, acts, fp32_grads)
     if cand.stage == 0 and grad_accum == 1 and shape.grown_segments:
+        # The plain engine's gradients start from nothing at every step (zero_grad sets them to None), and
+        # each layer's backward makes its gradients as it frees what that layer saved. Grown segments merge
+        # the freed blocks and serve the gradients from them, so the peak is the larger of the backward's
+        # start (activations, logits, weight copies) and its end (every gradient), not their sum. Fixed
+        # segments keep the freed blocks apart (a layer's activations are smaller pieces than its fp32
+        # gradients), and with accumulation the earlier micro-batches' gradients are held through each
+        # backward: there both add up.
         held = acts + buffers.get("autocast_weight_copies", 0.0)
-        buffers["gradients_replace_freed_activations"] = -min(grads, held)
+        buffers[GRADIENTS_IN_FREED_BLOCKS] = -min(grads, held)
     reserved = params + grads + optim + acts + sum(buffers.values())
     buffers["cuda_context"] = CUDA_CONTEXT_GIB * GiB
     if world > 1:
