@@ -549,3 +549,13 @@ def test_craken_plan_says_why_other_is_negative_only_where_gradients_take_the_fr
     assert note not in craken("plan", "--gpus", "1", "--gpu-memory", "80GiB", "--grad-accum", "2").out
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")
     assert note not in craken("plan", "--gpus", "1", "--gpu-memory", "80GiB", "--grad-accum", "1").out
+
+
+def test_gradients_in_freed_blocks_only_where_measured_on_one_gpu():
+    """The term was measured on one GPU; with DDP on several the planner keeps the sum (the safe side)."""
+    info = analytic_info(json.loads((CONFIGS / "mistral-7b.json").read_text()), "mistral-7b")
+    shape = Shape(world=2, gpus_per_machine=2, seq_len=1024, lp=2, compiled=True, reduce_bucket=500_000_000,
+                  overlap_comm=True, prefetch_bucket=50_000_000, gpu_memory=139.8 * GiB, cpu_memory=None,
+                  nvme_free=None)
+    assert planner.GRADIENTS_IN_FREED_BLOCKS not in estimate(info, Candidate(0, "none", "none", False), 4, 1,
+                                                             shape).detail

@@ -572,14 +572,15 @@ def estimate(model: ModelInfo, cand: Candidate, micro_batch: int, grad_accum: in
                                       residual_bytes(cand.stage, lp))
     acts = layers + logits
     buffers = engine_buffers(model, cand, shape, layers, acts, fp32_grads)
-    if cand.stage == 0 and grad_accum == 1 and shape.grown_segments:
+    if cand.stage == 0 and grad_accum == 1 and shape.grown_segments and world == 1:
         # The plain engine's gradients start from nothing at every step (zero_grad sets them to None), and
         # each layer's backward makes its gradients as it frees what that layer saved. Grown segments merge
         # the freed blocks and serve the gradients from them, so the peak is the larger of the backward's
         # start (activations, logits, weight copies) and its end (every gradient), not their sum. Fixed
         # segments keep the freed blocks apart (a layer's activations are smaller pieces than its fp32
         # gradients), and with accumulation the earlier micro-batches' gradients are held through each
-        # backward: there both add up.
+        # backward: there both add up. Measured on one GPU only: with several, DDP's reducer copies each
+        # gradient into its buckets as the backward goes, which no row has measured, so the sum stays.
         held = acts + buffers.get("autocast_weight_copies", 0.0)
         buffers[GRADIENTS_IN_FREED_BLOCKS] = -min(grads, held)
     reserved = params + grads + optim + acts + sum(buffers.values())
