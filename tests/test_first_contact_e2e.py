@@ -31,7 +31,8 @@ def test_the_export_a_refused_resume_suggests_runs(tmp_path):
     common = ["--name", "s", "--max-steps", "2", "--save-every", "2", "--eval-every", "0", "--steps-per-print", "1"]
     first = craken("train", *common, "--seq-len", "32", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    for noise in ("Attempting to get learning rate from scheduler before it has started", "No CUDA runtime is found"):
+    for noise in ("Attempting to get learning rate from scheduler before it has started", "No CUDA runtime is found",
+                  "Failed to load", "is an Enum subclass"):  # the last two: torchao's import, where it is installed
         assert noise not in first.stdout + first.stderr  # issue 21 point 7: once per process before
     refused = craken("train", *common, "--seq-len", "16", "--resume", "auto", cwd=tmp_path)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]

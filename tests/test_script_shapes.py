@@ -36,6 +36,28 @@ def test_deepspeeds_own_optimizers_get_only_the_params_they_take(kind, taken):
     assert set(params) == taken
 
 
+@pytest.mark.parametrize("kind, taken", [("SGD", {"lr", "weight_decay"}), ("Adamax", {"lr", "betas", "eps", "weight_decay"}),
+                                         ("RMSprop", {"lr", "eps", "weight_decay"})])
+def test_a_torch_optimizer_gets_the_params_of_its_own_signature(kind, taken):
+    """DeepSpeed builds a type it does not know from torch.optim with the whole params block; before, craken's
+    torch_adam and fused went with it and every torch class refused them."""
+    params = render.deepspeed_config(spec_of({}, extra_optimizer(kind)))["optimizer"]["params"]
+    assert set(params) == taken
+    import torch
+
+    getattr(torch.optim, kind)([torch.nn.Parameter(torch.zeros(1))], **params)  # the class takes them
+
+
+def test_a_torch_optimizer_with_the_zero_switch_passes_every_check_before_launch():
+    from craken_cli.launch import preflight
+
+    sets = (f"deepspeed.extra.optimizer={json.dumps({'type': 'SGD', 'params': {'momentum': 0.9}})}",
+            "deepspeed.extra.zero_allow_untested_optimizer=true")
+    spec = spec_of({}, sets)
+    assert render.deepspeed_config(spec)["optimizer"]["params"]["momentum"] == 0.9
+    assert preflight.deepspeed_extra_problems(spec) == []
+
+
 def test_deepspeeds_mup_optimizers_without_mup_are_refused_before_launch(monkeypatch):
     """Before: DeepSpeed's MuAdam branch logs "Install mup" and every worker stopped on an UnboundLocalError
     (a real 2-process CPU run)."""

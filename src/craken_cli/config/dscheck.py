@@ -253,6 +253,7 @@ def torch_optimizer_problems(name, params: dict, own: list[str]) -> list[str]:
     try:
         found([torch.nn.Parameter(torch.zeros(1))], **params)
     except (TypeError, ValueError) as exc:
-        return [f"deepspeed.extra.optimizer.type {name!r}: torch.optim.{name} refuses the optimizer.params craken "
-                f"writes with it ({exc}): use one of DeepSpeed's own optimizers ({', '.join(own)})"]
+        return [f"deepspeed.extra.optimizer.type {name!r}: torch.optim.{name} refuses these optimizer.params "
+                f"({exc}; craken passes it those of its own it takes, and deepspeed.extra.optimizer.params): fix "
+                f"deepspeed.extra.optimizer.params, or use one of DeepSpeed's own optimizers ({', '.join(own)})"]
     return []

@@ -330,11 +330,14 @@ class DeepSpeedSection(Section):
             raise CrossFieldProblems(problems)
         return self
 
-    def optimizer_type(self) -> str | None:
-        """The optimizer type `extra` names, lower-cased as DeepSpeed matches its own names (None: none)."""
+    def optimizer_type(self, raw: bool = False) -> str | None:
+        """The optimizer type `extra` names, lower-cased as DeepSpeed matches its own names (None: none);
+        `raw`: as written (DeepSpeed looks a name it does not know up in torch.optim as written)."""
         block = self.extra.get("optimizer")
         kind = block.get("type") if isinstance(block, dict) else None
-        return kind.lower() if isinstance(kind, str) else None
+        if not isinstance(kind, str):
+            return None
+        return kind if raw else kind.lower()
 
 
 # The keys of deepspeed.extra DeepSpeed reads as sections, mappings of their own keys: its pydantic

@@ -84,7 +84,8 @@ def deepspeed_config(spec: RunSpec) -> dict:
         # Offloaded states are stepped by DeepSpeed's CPU Adam; torch_adam would be refused there.
         del cfg["optimizer"]["params"]["torch_adam"]
         cfg["optimizer"]["params"].pop("fused", None)
-    return with_extra(for_optimizer_type(cfg, spec.deepspeed.optimizer_type()), spec)
+    return with_extra(for_optimizer_type(cfg, spec.deepspeed.optimizer_type(), spec.deepspeed.optimizer_type(raw=True)),
+                      spec)
 
 
 # What DeepSpeed's own non-Adam optimizers take of craken's Adam params (FusedLamb; FusedLion and
@@ -96,13 +97,30 @@ OWN_OPTIMIZER_PARAMS = {"lamb": ("lr", "betas", "eps", "weight_decay"), "lion": 
                         "muadamw": ("lr", "betas", "eps", "weight_decay"), "musgd": ("lr", "weight_decay")}
 
 
-def for_optimizer_type(cfg: dict, kind: str | None) -> dict:
-    """craken's optimizer params cut to what DeepSpeed's optimizer `kind` takes (other types: unchanged)."""
-    taken = OWN_OPTIMIZER_PARAMS.get(kind or "")
+def for_optimizer_type(cfg: dict, kind: str | None, name: str | None = None) -> dict:
+    """craken's optimizer params cut to what DeepSpeed's optimizer `kind` takes, or torch.optim's class `name`
+    (a type DeepSpeed does not know it builds from torch.optim); other types: unchanged."""
+    taken = OWN_OPTIMIZER_PARAMS.get(kind or "") or torch_optimizer_keywords(kind, name)
     if taken is None:
         return cfg
     params = {k: v for k, v in cfg["optimizer"]["params"].items() if k in taken}
     return {**cfg, "optimizer": {**cfg["optimizer"], "params": params}}
+
+
+def torch_optimizer_keywords(kind: str | None, name: str | None) -> tuple[str, ...] | None:
+    """The keyword arguments of torch.optim's class `name` (SGD, RMSprop, Adamax, ...), which DeepSpeed's
+    engine builds with the whole params block for a type it does not know; None for DeepSpeed's own Adam
+    and AdamW (every param craken writes is theirs) and for a name that is no torch.optim class."""
+    if not name or kind in ("adam", "adamw"):
+        return None
+    import inspect
+
+    import torch
+
+    found = getattr(torch.optim, name, None)
+    if not (isinstance(found, type) and issubclass(found, torch.optim.Optimizer)):
+        return None
+    return tuple(p for p in inspect.signature(found.__init__).parameters if p not in ("self", "params"))
 
 
 def with_extra(cfg: dict, spec: RunSpec) -> dict:

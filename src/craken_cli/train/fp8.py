@@ -24,7 +24,6 @@ before launch.
 from __future__ import annotations
 
 import importlib.util
-import logging
 
 from ..errors import Refusal
 
@@ -125,17 +124,12 @@ def recommendation(precision: str, gpus, choice, model, seq_len: int) -> list[st
             f"{gain:.2f}x as fast for this model (1.22x measured at 1.1B on one H200), with other numerics"]
 
 
-def _not_torchaos_enum_note(record: logging.LogRecord) -> bool:
-    return "is an Enum subclass" not in str(record.msg)
-
-
 def _quiet_import():
     """torchao.float8, without the deprecation note torch logs for each enum torchao registers with
-    pytree (a note about torchao's code, not the run, on every process). A filter, since importing
-    torch's compiler resets the levels of torch's loggers."""
-    pytree_log = logging.getLogger("torch.utils._pytree")
-    if _not_torchaos_enum_note not in pytree_log.filters:
-        pytree_log.addFilter(_not_torchaos_enum_note)
+    pytree (a note about torchao's code, not the run, on every process: noise.KNOWN)."""
+    from ..noise import quiet_logger
+
+    quiet_logger("torch.utils._pytree")
     import torchao.float8 as float8
 
     return float8
