@@ -1,8 +1,10 @@
 """Hand a rendered DeepSpeed config to DeepSpeed's own parser, as the engine would see it.
 
 `DeepSpeedConfig` takes its world size from an initialised process group, so this sets up a
-one-process gloo group once and states the data-parallel size through a minimal `mpu`. Imports
-deepspeed: only `config validate` and the tests call it.
+one-process gloo group once and states the data-parallel size through a minimal `mpu`
+(`parse_deepspeed_config`: `config validate`), or parses without a group in the launching process
+(`parse_unlaunched`: the pre-launch checks of deepspeed.extra). deepspeed and torch are imported inside
+the functions that need them.
 """
 
 from __future__ import annotations
@@ -231,8 +233,8 @@ def untested_optimizer_problems(parsed) -> list[str]:
             return []
         shown = f"mup's {MUP_OPTIMIZERS[name]}"
     else:
-        built, shown = getattr(torch.optim, str(name), None), f"torch.optim.{name}"
-        if not isinstance(built, type):  # DeepSpeed's Adam, Lion, Adagrad, Muon, or no class at all
+        built, shown = torch_optimizer_class(name), f"torch.optim.{name}"
+        if built is None:  # DeepSpeed's Adam, Lion, Adagrad, Muon, or no class at all
             return []
     if issubclass(built, tuple(ZERO_SUPPORTED_OPTIMIZERS)):
         return []
@@ -241,13 +243,22 @@ def untested_optimizer_problems(parsed) -> list[str]:
             "to true to run it anyway, or use Adam, AdamW, Adagrad or Lion"]
 
 
+def torch_optimizer_class(name) -> type | None:
+    """The torch.optim class DeepSpeed's engine builds for an optimizer type it does not know (looked up by
+    the name as written), or None where torch.optim has no such optimizer class."""
+    import torch
+
+    found = getattr(torch.optim, str(name), None)
+    return found if isinstance(found, type) and issubclass(found, torch.optim.Optimizer) else None
+
+
 def torch_optimizer_problems(name, params: dict, own: list[str]) -> list[str]:
     """A torch.optim class the engine would build as torch_optimizer(parameters, **params): built here on
     one parameter, so that torch itself says which parameter it does not take."""
     import torch
 
-    found = getattr(torch.optim, str(name), None)
-    if not (isinstance(found, type) and issubclass(found, torch.optim.Optimizer)):
+    found = torch_optimizer_class(name)
+    if found is None:
         return [f"deepspeed.extra.optimizer.type {name!r}: DeepSpeed knows no such optimizer (its own: "
                 f"{', '.join(own)}; else a class of torch.optim): fix the name"]
     try:

@@ -340,6 +340,10 @@ class DeepSpeedSection(Section):
         return kind if raw else kind.lower()
 
 
+# The deepspeed.extra optimizer types (as DeepSpeed matches them, lower-cased) that restate craken's own
+# optimizer: every param craken writes is theirs, and a script's own AdamW stands in for them.
+ADAM_TYPES = ("adam", "adamw")
+
 # The keys of deepspeed.extra DeepSpeed reads as sections, mappings of their own keys: its pydantic
 # sub-configs and the blocks craken renders (merged over one of those, anything else would replace
 # craken's values), and aio, which DeepSpeed reads key by key. DeepSpeed reads a null aio as its defaults.

@@ -18,13 +18,13 @@ CONNECT_TIMEOUT_S = 3.0
 
 def hub_ids(spec) -> list[tuple[str, str, str]]:
     """(flag, hub id, repo type) of the model, tokenizer and data set the workers would load from the hub."""
-    from .preflight import looks_like_path, names_local_data
+    from .preflight import names_local_data, names_local_folder
     from ..train import builtin
 
     model, dataset = spec.model, spec.data.dataset
     names = [("--model", model.name_or_path)] + ([("--tokenizer", model.tokenizer)] if model.tokenizer else [])
     ids = [(flag, name, "model") for flag, name in names
-           if not builtin.is_builtin(name) and not looks_like_path(name) and name.count("/") <= 1]
+           if not builtin.is_builtin(name) and not names_local_folder(name)]
     if not builtin.is_builtin(dataset) and not names_local_data(dataset) and dataset.count("/") <= 1:
         ids.append(("--dataset", dataset, "dataset"))
     return ids

@@ -26,6 +26,17 @@ def looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
 
 
+def names_local_folder(name: str) -> bool:
+    """--model/--tokenizer NAME is a local folder (so spelled, there, or deeper than a hub id's org/name)."""
+    return looks_like_path(name) or name.count("/") > 1
+
+
+def missing_model_folder(name: str) -> str:
+    """--model NAME names a local folder that is not one."""
+    what = "is a file, not a folder" if Path(name).expanduser().exists() else "no such folder"
+    return f"--model {name}: {what}; give a folder with config.json or a hub id"
+
+
 def names_local_data(name: str) -> bool:
     """--dataset NAME is a local file or folder (so spelled, or there), not a hub id."""
     return looks_like_path(name) or data_suffix(Path(name).expanduser()) in LOCAL_FORMATS
@@ -68,12 +79,11 @@ def model_folder_problems(model) -> list[str]:
     """--model as a local folder (so spelled, or there; [] for a hub id or built-in): there, with a config,
     a tokenizer and files modelcheck can read. `craken doctor` reports the same."""
     name = model.name_or_path
-    if builtin.is_builtin(name) or not (looks_like_path(name) or name.count("/") > 1):
+    if builtin.is_builtin(name) or not names_local_folder(name):
         return []
     folder = Path(name).expanduser()
     if not folder.is_dir():
-        what = "is a file, not a folder" if folder.exists() else "no such folder"
-        return [f"--model {name}: {what}; give a folder with config.json or a hub id"]
+        return [missing_model_folder(name)]
     if not (folder / "config.json").is_file():
         return [f"--model {name}: no config.json inside; give the folder that save_pretrained wrote"]
     if model.tokenizer is None and not has_tokenizer_files(folder):

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from ..config import yamlio
-from ..config.spec import STAGE3_FIELDS, RunSpec
+from ..config.spec import ADAM_TYPES, STAGE3_FIELDS, RunSpec
 from ..errors import CrakenError
 from ..runfolder import ACCELERATE_FILE, DS_FILE, RUN_FILE, atomic_write, disk_message, is_disk_full, machine_file
 from ..train import schedule
@@ -84,8 +84,7 @@ def deepspeed_config(spec: RunSpec) -> dict:
         # Offloaded states are stepped by DeepSpeed's CPU Adam; torch_adam would be refused there.
         del cfg["optimizer"]["params"]["torch_adam"]
         cfg["optimizer"]["params"].pop("fused", None)
-    return with_extra(for_optimizer_type(cfg, spec.deepspeed.optimizer_type(), spec.deepspeed.optimizer_type(raw=True)),
-                      spec)
+    return with_extra(for_optimizer_type(cfg, spec.deepspeed.optimizer_type(raw=True)), spec)
 
 
 # What DeepSpeed's own non-Adam optimizers take of craken's Adam params (FusedLamb; FusedLion and
@@ -97,28 +96,29 @@ OWN_OPTIMIZER_PARAMS = {"lamb": ("lr", "betas", "eps", "weight_decay"), "lion": 
                         "muadamw": ("lr", "betas", "eps", "weight_decay"), "musgd": ("lr", "weight_decay")}
 
 
-def for_optimizer_type(cfg: dict, kind: str | None, name: str | None = None) -> dict:
-    """craken's optimizer params cut to what DeepSpeed's optimizer `kind` takes, or torch.optim's class `name`
-    (a type DeepSpeed does not know it builds from torch.optim); other types: unchanged."""
-    taken = OWN_OPTIMIZER_PARAMS.get(kind or "") or torch_optimizer_keywords(kind, name)
+def for_optimizer_type(cfg: dict, name: str | None) -> dict:
+    """craken's optimizer params cut to what optimizer type `name` takes: DeepSpeed's own (matched
+    lower-cased), or the torch.optim class DeepSpeed builds for a type it does not know; Adam, AdamW and
+    other types: unchanged."""
+    taken = OWN_OPTIMIZER_PARAMS.get((name or "").lower()) or torch_optimizer_keywords(name)
     if taken is None:
         return cfg
     params = {k: v for k, v in cfg["optimizer"]["params"].items() if k in taken}
     return {**cfg, "optimizer": {**cfg["optimizer"], "params": params}}
 
 
-def torch_optimizer_keywords(kind: str | None, name: str | None) -> tuple[str, ...] | None:
+def torch_optimizer_keywords(name: str | None) -> tuple[str, ...] | None:
     """The keyword arguments of torch.optim's class `name` (SGD, RMSprop, Adamax, ...), which DeepSpeed's
     engine builds with the whole params block for a type it does not know; None for DeepSpeed's own Adam
     and AdamW (every param craken writes is theirs) and for a name that is no torch.optim class."""
-    if not name or kind in ("adam", "adamw"):
+    if not name or name.lower() in ADAM_TYPES:
         return None
     import inspect
 
-    import torch
+    from ..config.dscheck import torch_optimizer_class
 
-    found = getattr(torch.optim, name, None)
-    if not (isinstance(found, type) and issubclass(found, torch.optim.Optimizer)):
+    found = torch_optimizer_class(name)
+    if found is None:
         return None
     return tuple(p for p in inspect.signature(found.__init__).parameters if p not in ("self", "params"))
 

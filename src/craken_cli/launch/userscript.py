@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
+from ..config.spec import ADAM_TYPES
 from ..runfolder import DS_FILE, machine_file
 
 PLAN_ENV_PREFIX = "CRAKEN_PLAN_"
@@ -159,7 +160,7 @@ def asks_ds_optimizer(spec) -> bool:
     a torch.optim class): the user asked for DeepSpeed's, which dropping the block would replace by the
     script's without a word. An Adam/AdamW type only restates craken's own optimizer."""
     kind = spec.deepspeed.optimizer_type()
-    return spec.uses_deepspeed and kind is not None and kind not in ("adam", "adamw")
+    return spec.uses_deepspeed and kind is not None and kind not in ADAM_TYPES
 
 
 def keeps_ds_scheduler(spec, requested: bool | None, engine_without_optimizer: bool = False,

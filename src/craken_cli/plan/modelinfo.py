@@ -242,12 +242,10 @@ def read_config(name_or_path: str, trust_remote_code: bool = False) -> dict:
             raise CrakenError(f"{file} holds no JSON object: re-save the model with save_pretrained",
                               title="cannot read the model")
         return config
-    from ..launch.preflight import looks_like_path
+    from ..launch.preflight import missing_model_folder, names_local_folder
 
-    if looks_like_path(name_or_path) or name_or_path.count("/") > 1:  # a folder's name, not a hub id
-        what = "is a file, not a folder" if path.exists() else "no such folder"
-        raise CrakenError(f"--model {name_or_path}: {what}; give a folder with config.json or a hub id",
-                          title="cannot read the model")
+    if names_local_folder(name_or_path):
+        raise CrakenError(missing_model_folder(name_or_path), title="cannot read the model")
     try:
         from transformers import AutoConfig
 
